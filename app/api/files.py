@@ -1,0 +1,63 @@
+"""/v1/files: upload, list, read and delete dataset files."""
+
+from __future__ import annotations
+
+from typing import Annotated, Any
+
+from fastapi import APIRouter, Form, Query, UploadFile
+from fastapi.responses import Response
+
+from adapters.store import ArtifactStore
+from app.api.deps import SessionDep, SettingsDep, TenantDep
+from app.errors import ApiError
+from app.schemas.common import paged
+from app.schemas.files import FileDeleted, FileObject, file_object
+from app.services import datasets
+
+router = APIRouter(prefix="/v1/files", tags=["files"])
+CHUNK = 1 << 20
+
+
+def _read_limited(upload: UploadFile, limit_mb: int) -> bytes:
+    limit = limit_mb * 1024 * 1024
+    parts, size = [], 0
+    while chunk := upload.file.read(CHUNK):
+        size += len(chunk)
+        if size > limit:
+            raise ApiError(413, f"The file is larger than the {limit_mb} MB upload limit.", param="file",
+                           code="file_too_large")
+        parts.append(chunk)
+    return b"".join(parts)
+
+
+@router.post("", response_model=FileObject)
+def upload_file(session: SessionDep, settings: SettingsDep, tenant: TenantDep, file: UploadFile,
+                purpose: Annotated[str, Form()]) -> dict[str, Any]:
+    content = _read_limited(file, settings.max_upload_mb)
+    row = datasets.create_file(session, tenant_id=tenant, settings=settings, filename=file.filename,
+                               purpose=purpose, content=content)
+    return file_object(row)
+
+
+@router.get("")
+def list_files(session: SessionDep, tenant: TenantDep, purpose: str | None = None,
+               limit: Annotated[int, Query(ge=1, le=10000)] = 10000, after: str | None = None) -> dict[str, Any]:
+    rows, has_more = datasets.list_files(session, tenant_id=tenant, purpose=purpose, limit=limit, after=after)
+    return paged([file_object(r) for r in rows], has_more)
+
+
+@router.get("/{file_id}", response_model=FileObject)
+def get_file(file_id: str, session: SessionDep, tenant: TenantDep) -> dict[str, Any]:
+    return file_object(datasets.get_file(session, tenant_id=tenant, file_id=file_id))
+
+
+@router.get("/{file_id}/content")
+def get_file_content(file_id: str, session: SessionDep, settings: SettingsDep, tenant: TenantDep) -> Response:
+    row = datasets.get_file(session, tenant_id=tenant, file_id=file_id)
+    return Response(ArtifactStore(settings.data_dir).read_file(row.id), media_type="application/jsonl")
+
+
+@router.delete("/{file_id}", response_model=FileDeleted)
+def delete_file(file_id: str, session: SessionDep, settings: SettingsDep, tenant: TenantDep) -> dict[str, Any]:
+    row = datasets.delete_file(session, tenant_id=tenant, settings=settings, file_id=file_id)
+    return {"id": row.id, "object": "file", "deleted": True}

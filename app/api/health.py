@@ -1,0 +1,53 @@
+"""/health (the process is up) and /ready (database, broker and a worker all answer)."""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+from fastapi import APIRouter
+from fastapi.responses import JSONResponse
+from sqlalchemy import func, select, text
+
+from app.api.deps import SessionDep, SettingsDep
+from app.db.models import WorkerHeartbeat
+
+router = APIRouter(tags=["health"])
+WORKER_FRESH_SECONDS = 30
+
+
+@router.get("/health")
+def health() -> dict[str, str]:
+    return {"status": "ok"}
+
+
+def _check_broker(url: str) -> str | None:
+    from kombu import Connection
+
+    try:
+        with Connection(url, connect_timeout=2) as connection:
+            connection.ensure_connection(max_retries=1, timeout=2)
+        return None
+    except Exception as exc:  # any failure to connect means not ready
+        return f"{type(exc).__name__}: {exc}"
+
+
+@router.get("/ready")
+def ready(session: SessionDep, settings: SettingsDep) -> JSONResponse:
+    checks: dict[str, Any] = {}
+    try:
+        session.execute(text("SELECT 1"))
+        checks["database"] = {"ok": True}
+    except Exception as exc:  # reported, not raised: readiness is a report
+        checks["database"] = {"ok": False, "error": str(exc)[:300]}
+    broker_error = _check_broker(settings.resolved_broker_url)
+    checks["broker"] = {"ok": broker_error is None, **({"error": broker_error} if broker_error else {})}
+    try:
+        newest = session.scalar(select(func.max(WorkerHeartbeat.last_seen)))
+        age = time.time() - newest if newest else None
+        checks["worker"] = {"ok": age is not None and age < WORKER_FRESH_SECONDS,
+                            "last_heartbeat_seconds_ago": round(age, 1) if age is not None else None}
+    except Exception as exc:  # reported, not raised
+        checks["worker"] = {"ok": False, "error": str(exc)[:300]}
+    ok = all(c["ok"] for c in checks.values())
+    return JSONResponse({"status": "ready" if ok else "not_ready", "checks": checks}, status_code=200 if ok else 503)

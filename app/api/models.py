@@ -1,0 +1,47 @@
+"""/v1/models: the base models and the caller's fine-tuned adapters, as OpenAI model objects."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from fastapi import APIRouter
+from sqlalchemy import select
+
+from app.api.deps import SessionDep, SettingsDep, TenantDep
+from app.db.models import Adapter, AdapterStatus
+from app.errors import ApiError
+
+router = APIRouter(prefix="/v1/models", tags=["models"])
+BOOT_TIME = 0
+
+
+def _base_objects(settings: Any) -> list[dict[str, Any]]:
+    from adapters import base_models
+
+    return [{"id": model_id, "object": "model", "created": BOOT_TIME, "owned_by": "system", "parent": None}
+            for model_id in base_models.registry(settings)]
+
+
+def _adapter_object(adapter: Adapter) -> dict[str, Any]:
+    return {"id": adapter.name, "object": "model", "created": adapter.created_at, "owned_by": adapter.tenant_id,
+            "parent": adapter.base_model, "method": adapter.method, "job_id": adapter.job_id}
+
+
+@router.get("")
+def list_models(session: SessionDep, settings: SettingsDep, tenant: TenantDep) -> dict[str, Any]:
+    adapters = session.scalars(select(Adapter).where(Adapter.tenant_id == tenant,
+                                                     Adapter.status == AdapterStatus.ready)
+                               .order_by(Adapter.created_at, Adapter.name))
+    return {"object": "list", "data": _base_objects(settings) + [_adapter_object(a) for a in adapters]}
+
+
+@router.get("/{model_id:path}")
+def get_model(model_id: str, session: SessionDep, settings: SettingsDep, tenant: TenantDep) -> dict[str, Any]:
+    for obj in _base_objects(settings):
+        if obj["id"] == model_id:
+            return obj
+    adapter = session.scalar(select(Adapter).where(Adapter.name == model_id, Adapter.tenant_id == tenant,
+                                                   Adapter.status == AdapterStatus.ready))
+    if adapter is None:
+        raise ApiError(404, f"The model '{model_id}' does not exist.", param="model", code="model_not_found")
+    return _adapter_object(adapter)

@@ -1,0 +1,111 @@
+"""The `adaptery` command: prepare the default model, run the API with a worker, or a worker alone."""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+
+import typer
+from rich.console import Console
+
+cli = typer.Typer(help="Adaptery: self-hosted parameter-efficient fine-tuning.", no_args_is_help=True)
+console = Console()
+
+
+def worker_command(concurrency: int) -> list[str]:
+    return [sys.executable, "-m", "celery", "-A", "workers.celery_app:celery_app", "worker", "--loglevel=INFO",
+            "--pool=prefork", f"--concurrency={concurrency}", "-Q", "training", "-n", f"worker-{os.getpid()}@%h"]
+
+
+@cli.command("prepare-model")
+def prepare_model() -> None:
+    """Convert the packaged default base model to safetensors in the data dir (once)."""
+    from adapters import base_models
+    from app.settings import get_settings
+
+    settings = get_settings()
+    spec = base_models.resolve(settings, settings.default_base_model)
+    started = time.monotonic()
+    path = base_models.local_path(settings, spec)
+    console.print(f"[green]base model {spec.id} ready[/] at {path} ({time.monotonic() - started:.1f} s)")
+
+
+@cli.command("migrate")
+def migrate() -> None:
+    """Bring the database schema to the latest revision."""
+    from app.db.session import migrate_to_head
+
+    migrate_to_head()
+    console.print("[green]database schema is up to date[/]")
+
+
+class WorkerSupervisor:
+    """Keeps one Celery worker process running: a worker that dies is started again."""
+
+    def __init__(self, concurrency: int):
+        self.command = worker_command(concurrency)
+        self.process: subprocess.Popen[bytes] | None = None
+        self.stopping = threading.Event()
+
+    def start(self) -> None:
+        self.process = subprocess.Popen(self.command)
+        threading.Thread(target=self._watch, daemon=True, name="worker-supervisor").start()
+
+    def _watch(self) -> None:
+        while not self.stopping.wait(2.0):
+            if self.process is not None and self.process.poll() is not None:
+                console.print(f"[yellow]worker exited with {self.process.returncode}; starting a new one[/]")
+                self.process = subprocess.Popen(self.command)
+
+    def stop(self) -> None:
+        self.stopping.set()
+        if self.process is not None and self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+            try:
+                self.process.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+
+
+@cli.command("serve")
+def serve(with_worker: bool = typer.Option(True, help="also run a Celery worker process")) -> None:
+    """Run the API (and a supervised Celery worker) on the configured host and port."""
+    import uvicorn
+
+    from app.db.session import migrate_to_head
+    from app.settings import get_settings
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    settings = get_settings()
+    migrate_to_head()
+    prepare_model()
+    supervisor = WorkerSupervisor(settings.worker_concurrency) if with_worker else None
+    if supervisor:
+        supervisor.start()
+    base = f"http://{settings.host}:{settings.port}"
+    broker = "embedded (SQLite, no server)" if settings.uses_embedded_broker else settings.resolved_broker_url
+    console.print(f"[bold green]Adaptery[/] API on {base}  ·  docs {base}/docs  ·  broker: {broker}")
+    try:
+        uvicorn.run("app.main:app", host=settings.host, port=settings.port, log_level="info")
+    finally:
+        if supervisor:
+            supervisor.stop()
+
+
+@cli.command("worker")
+def worker(concurrency: int = typer.Option(1, help="training processes in this worker")) -> None:
+    """Run a Celery training worker in the foreground."""
+    os.execv(sys.executable, worker_command(concurrency))
+
+
+def main() -> None:
+    cli()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,150 @@
+"""SQLAlchemy models: the database rows are the truth about files, jobs and adapters.
+
+Every row that belongs to someone carries tenant_id from the first migration, so multi-tenancy later
+is a matter of passing the tenant, not of migrating data.
+"""
+
+from __future__ import annotations
+
+import enum
+import time
+from typing import Any
+
+from sqlalchemy import JSON, BigInteger, Boolean, Float, ForeignKey, Index, Integer, String, Text
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
+
+DEFAULT_TENANT = "default"
+
+
+def now() -> int:
+    return int(time.time())
+
+
+class Base(DeclarativeBase):
+    type_annotation_map = {dict[str, Any]: JSON, list[Any]: JSON}
+
+
+class FileStatus(enum.StrEnum):
+    uploaded = "uploaded"
+    processed = "processed"
+    error = "error"
+
+
+class JobStatus(enum.StrEnum):
+    validating_files = "validating_files"
+    queued = "queued"
+    running = "running"
+    succeeded = "succeeded"
+    failed = "failed"
+    cancelled = "cancelled"
+
+
+TERMINAL_JOB_STATUSES = frozenset({JobStatus.succeeded, JobStatus.failed, JobStatus.cancelled})
+
+
+class AdapterStatus(enum.StrEnum):
+    ready = "ready"
+    deleted = "deleted"
+
+
+class File(Base):
+    __tablename__ = "files"
+
+    id: Mapped[str] = mapped_column(String(64), primary_key=True)
+    tenant_id: Mapped[str] = mapped_column(String(64), index=True, default=DEFAULT_TENANT)
+    filename: Mapped[str] = mapped_column(String(255))
+    purpose: Mapped[str] = mapped_column(String(32))
+    bytes: Mapped[int] = mapped_column(BigInteger)
+    created_at: Mapped[int] = mapped_column(BigInteger, default=now)
+    status: Mapped[str] = mapped_column(String(16))
+    status_details: Mapped[str | None] = mapped_column(Text, nullable=True)
+    format: Mapped[str | None] = mapped_column(String(16), nullable=True)
+    n_examples: Mapped[int | None] = mapped_column(Integer, nullable=True)
+    n_tokens: Mapped[int | None] = mapped_column(BigInteger, nullable=True)
+    deleted: Mapped[bool] = mapped_column(Boolean, default=False)
+
+
+class FineTuningJob(Base):
+    __tablename__ = "fine_tuning_jobs"
+
+    id: Mapped[str] = mapped_column(String(64), primary_key=True)
+    tenant_id: Mapped[str] = mapped_column(String(64), index=True, default=DEFAULT_TENANT)
+    # Monotonic sequence for stable cursor pagination (ids are random).
+    seq: Mapped[int] = mapped_column(BigInteger, index=True)
+    model: Mapped[str] = mapped_column(String(255))
+    status: Mapped[str] = mapped_column(String(32), index=True)
+    created_at: Mapped[int] = mapped_column(BigInteger, default=now)
+    started_at: Mapped[int | None] = mapped_column(BigInteger, nullable=True)
+    finished_at: Mapped[int | None] = mapped_column(BigInteger, nullable=True)
+    training_file: Mapped[str] = mapped_column(String(64))
+    validation_file: Mapped[str | None] = mapped_column(String(64), nullable=True)
+    suffix: Mapped[str | None] = mapped_column(String(64), nullable=True)
+    seed: Mapped[int] = mapped_column(BigInteger)
+    # {"type": ..., <type>: {"hyperparameters": {...resolved values...}}}
+    method: Mapped[dict[str, Any]] = mapped_column(JSON)
+    job_metadata: Mapped[dict[str, Any] | None] = mapped_column("metadata", JSON, nullable=True)
+    fine_tuned_model: Mapped[str | None] = mapped_column(String(255), nullable=True)
+    trained_tokens: Mapped[int | None] = mapped_column(BigInteger, nullable=True)
+    error_code: Mapped[str | None] = mapped_column(String(64), nullable=True)
+    error_message: Mapped[str | None] = mapped_column(Text, nullable=True)
+    error_param: Mapped[str | None] = mapped_column(String(255), nullable=True)
+    cancel_requested: Mapped[bool] = mapped_column(Boolean, default=False)
+    progress_step: Mapped[int] = mapped_column(Integer, default=0)
+    progress_total_steps: Mapped[int | None] = mapped_column(Integer, nullable=True)
+    progress_epoch: Mapped[float] = mapped_column(Float, default=0.0)
+    eta_seconds: Mapped[float | None] = mapped_column(Float, nullable=True)
+
+
+class JobEvent(Base):
+    __tablename__ = "job_events"
+    __table_args__ = (Index("ix_job_events_job_seq", "job_id", "id"),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    public_id: Mapped[str] = mapped_column(String(64), unique=True)
+    job_id: Mapped[str] = mapped_column(String(64), ForeignKey("fine_tuning_jobs.id", ondelete="CASCADE"))
+    tenant_id: Mapped[str] = mapped_column(String(64), default=DEFAULT_TENANT)
+    created_at: Mapped[int] = mapped_column(BigInteger, default=now)
+    level: Mapped[str] = mapped_column(String(8), default="info")
+    message: Mapped[str] = mapped_column(Text)
+    type: Mapped[str] = mapped_column(String(16), default="message")
+    data: Mapped[dict[str, Any] | None] = mapped_column(JSON, nullable=True)
+
+
+class Checkpoint(Base):
+    __tablename__ = "checkpoints"
+
+    id: Mapped[str] = mapped_column(String(64), primary_key=True)
+    job_id: Mapped[str] = mapped_column(String(64), ForeignKey("fine_tuning_jobs.id", ondelete="CASCADE"))
+    tenant_id: Mapped[str] = mapped_column(String(64), default=DEFAULT_TENANT)
+    created_at: Mapped[int] = mapped_column(BigInteger, default=now)
+    step_number: Mapped[int] = mapped_column(Integer)
+    metrics: Mapped[dict[str, Any]] = mapped_column(JSON)
+    # The checkpoint is itself a servable adapter (an Adapter row with this name).
+    fine_tuned_model_checkpoint: Mapped[str] = mapped_column(String(255))
+
+
+class Adapter(Base):
+    """A servable adapter: a job's final result, one of its checkpoints, or (later) an import."""
+
+    __tablename__ = "adapters"
+
+    id: Mapped[str] = mapped_column(String(64), primary_key=True)
+    tenant_id: Mapped[str] = mapped_column(String(64), index=True, default=DEFAULT_TENANT)
+    # The public model name clients pass as `model` (ft:...).
+    name: Mapped[str] = mapped_column(String(255), unique=True)
+    base_model: Mapped[str] = mapped_column(String(255))
+    method: Mapped[str] = mapped_column(String(32))
+    job_id: Mapped[str | None] = mapped_column(String(64), nullable=True)
+    created_at: Mapped[int] = mapped_column(BigInteger, default=now)
+    size_bytes: Mapped[int] = mapped_column(BigInteger, default=0)
+    status: Mapped[str] = mapped_column(String(16), default=AdapterStatus.ready)
+
+
+class WorkerHeartbeat(Base):
+    """Each Celery worker writes here every few seconds; /ready uses it to know a worker is alive."""
+
+    __tablename__ = "worker_heartbeats"
+
+    hostname: Mapped[str] = mapped_column(String(255), primary_key=True)
+    last_seen: Mapped[float] = mapped_column(Float)
+    pid: Mapped[int] = mapped_column(Integer)

@@ -1,0 +1,117 @@
+"""Fine-tuning job requests and objects, in OpenAI's shape."""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+from app.db.models import Checkpoint, FineTuningJob, JobEvent
+from app.schemas.common import Request
+
+SUFFIX_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,39}$"
+
+
+class MethodSpec(BaseModel):
+    """{"type": "lora", "lora": {"hyperparameters": {...}}}; the key named by type is optional."""
+
+    model_config = ConfigDict(extra="allow")
+
+    type: str = Field(description="lora, adalora, prefix_tuning, or OpenAI's 'supervised' (trains lora)")
+
+
+class JobCreate(Request):
+    model: str = Field(min_length=1, max_length=255)
+    training_file: str = Field(min_length=1, max_length=64)
+    validation_file: str | None = Field(default=None, max_length=64)
+    suffix: str | None = Field(default=None, pattern=SUFFIX_PATTERN,
+                               description="up to 40 characters: letters, digits, '.', '_' and '-'")
+    seed: int | None = Field(default=None, ge=0, le=2**31 - 1)
+    metadata: dict[str, str] | None = None
+    method: MethodSpec | None = None
+    # OpenAI's older top-level hyperparameters (n_epochs, batch_size, learning_rate_multiplier).
+    hyperparameters: dict[str, Any] | None = None
+    integrations: list[Any] | None = None
+
+    @field_validator("metadata")
+    @classmethod
+    def _metadata_limits(cls, value: dict[str, str] | None) -> dict[str, str] | None:
+        if value is None:
+            return value
+        if len(value) > 16:
+            raise ValueError("at most 16 metadata keys")
+        for key, item in value.items():
+            if not key or len(key) > 64 or len(item) > 512:
+                raise ValueError("metadata keys must be 1-64 characters and values at most 512 characters")
+        return value
+
+    @field_validator("integrations")
+    @classmethod
+    def _no_integrations(cls, value: list[Any] | None) -> list[Any] | None:
+        if value:
+            raise ValueError("integrations are not supported by this server")
+        return value
+
+
+class JobError(BaseModel):
+    code: str | None
+    message: str | None
+    param: str | None
+
+
+class Progress(BaseModel):
+    step: int
+    total_steps: int | None
+    epoch: float
+    eta_seconds: float | None
+
+
+class JobObject(BaseModel):
+    id: str
+    object: Literal["fine_tuning.job"] = "fine_tuning.job"
+    model: str
+    status: str
+    created_at: int
+    finished_at: int | None
+    fine_tuned_model: str | None
+    trained_tokens: int | None
+    training_file: str
+    validation_file: str | None
+    method: dict[str, Any]
+    hyperparameters: dict[str, Any]
+    error: JobError | None
+    seed: int
+    metadata: dict[str, str] | None
+    progress: Progress
+    suffix: str | None = Field(default=None, serialization_alias="user_provided_suffix")
+    organization_id: str
+    result_files: list[str] = Field(default_factory=list)
+    integrations: list[Any] = Field(default_factory=list)
+    estimated_finish: int | None = None
+
+
+def job_object(job: FineTuningJob) -> dict[str, Any]:
+    hyperparameters = job.method.get(job.method["type"], {}).get("hyperparameters", {})
+    error = JobError(code=job.error_code, message=job.error_message, param=job.error_param) \
+        if job.error_code else None
+    estimated = int(job.created_at + (job.eta_seconds or 0)) if job.status == "running" and job.eta_seconds else None
+    return JobObject(
+        id=job.id, model=job.model, status=job.status, created_at=job.created_at, finished_at=job.finished_at,
+        fine_tuned_model=job.fine_tuned_model, trained_tokens=job.trained_tokens, training_file=job.training_file,
+        validation_file=job.validation_file, method=job.method, hyperparameters=hyperparameters, error=error,
+        seed=job.seed, metadata=job.job_metadata,
+        progress=Progress(step=job.progress_step, total_steps=job.progress_total_steps,
+                          epoch=job.progress_epoch, eta_seconds=job.eta_seconds),
+        suffix=job.suffix, organization_id=job.tenant_id, estimated_finish=estimated,
+    ).model_dump(by_alias=True)
+
+
+def event_object(event: JobEvent) -> dict[str, Any]:
+    return {"id": event.public_id, "object": "fine_tuning.job.event", "created_at": event.created_at,
+            "level": event.level, "message": event.message, "type": event.type, "data": event.data or {}}
+
+
+def checkpoint_object(checkpoint: Checkpoint) -> dict[str, Any]:
+    return {"id": checkpoint.id, "object": "fine_tuning.job.checkpoint", "created_at": checkpoint.created_at,
+            "fine_tuning_job_id": checkpoint.job_id, "step_number": checkpoint.step_number,
+            "metrics": checkpoint.metrics, "fine_tuned_model_checkpoint": checkpoint.fine_tuned_model_checkpoint}

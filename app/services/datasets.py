@@ -1,0 +1,102 @@
+"""Dataset uploads: check every line, count tokens, and store the file only when all of it is usable."""
+
+from __future__ import annotations
+
+import re
+import threading
+import unicodedata
+from typing import Any
+
+from sqlalchemy import select
+from sqlalchemy.orm import Session
+
+from adapters.store import ArtifactStore
+from app.db.models import File, FileStatus, FineTuningJob, JobStatus, now
+from app.errors import ApiError, not_found
+from app.services.jobs import new_id
+from app.settings import Settings
+from workers.training.data import DatasetError, check_lengths, describe_problems, encode_dataset, parse_jsonl
+
+PURPOSES = ("fine-tune",)
+
+
+_tokenizers: dict[str, Any] = {}
+_tokenizer_lock = threading.Lock()
+
+
+def default_tokenizer(settings: Settings) -> Any:
+    """The default base model's tokenizer, loaded once per process (token counts use it)."""
+    from adapters import base_models
+
+    with _tokenizer_lock:
+        if settings.default_base_model not in _tokenizers:
+            spec = base_models.resolve(settings, settings.default_base_model)
+            _tokenizers[settings.default_base_model] = base_models.load_tokenizer(settings, spec)
+        return _tokenizers[settings.default_base_model]
+
+
+def clean_filename(name: str | None) -> str:
+    """A display name only (never a path): last path component, printable, at most 255 characters."""
+    name = (name or "upload.jsonl").replace("\\", "/").rsplit("/", 1)[-1]
+    name = "".join(ch for ch in name if unicodedata.category(ch)[0] != "C")
+    name = re.sub(r"\s+", " ", name).strip() or "upload.jsonl"
+    return name[:255]
+
+
+def create_file(session: Session, *, tenant_id: str, settings: Settings, filename: str | None, purpose: str,
+                content: bytes) -> File:
+    if purpose not in PURPOSES:
+        raise ApiError(400, f"purpose '{purpose}' is not supported; accepted: {', '.join(PURPOSES)}.",
+                       param="purpose", code="invalid_purpose")
+    try:
+        dataset = parse_jsonl(content, max_examples=settings.max_examples_per_file)
+        examples = encode_dataset(default_tokenizer(settings), dataset)
+    except DatasetError as exc:
+        raise ApiError(400, f"Invalid training file: {exc}", param="file", code="invalid_file") from None
+    problems = check_lengths(examples, dataset.line_numbers, max_tokens=settings.max_example_tokens)
+    if problems:
+        raise ApiError(400, f"Invalid training file: {describe_problems(problems)}", param="file",
+                       code="invalid_file")
+    file_id = new_id("file")
+    # The bytes are on disk before the row exists, so a crash never leaves a row without its file.
+    ArtifactStore(settings.data_dir).write_file(file_id, content)
+    row = File(id=file_id, tenant_id=tenant_id, filename=clean_filename(filename), purpose=purpose,
+               bytes=len(content), created_at=now(), status=FileStatus.processed.value, format=dataset.format,
+               n_examples=len(examples), n_tokens=sum(len(e.input_ids) for e in examples))
+    session.add(row)
+    session.commit()
+    return row
+
+
+def get_file(session: Session, *, tenant_id: str, file_id: str) -> File:
+    row = session.get(File, file_id)
+    if row is None or row.tenant_id != tenant_id or row.deleted:
+        raise not_found("file", file_id, param="file_id")
+    return row
+
+
+def list_files(session: Session, *, tenant_id: str, purpose: str | None, limit: int,
+               after: str | None) -> tuple[list[File], bool]:
+    query = select(File).where(File.tenant_id == tenant_id, File.deleted.is_(False))
+    if purpose:
+        query = query.where(File.purpose == purpose)
+    if after:
+        anchor = get_file(session, tenant_id=tenant_id, file_id=after)
+        query = query.where((File.created_at < anchor.created_at)
+                            | ((File.created_at == anchor.created_at) & (File.id < anchor.id)))
+    rows = list(session.scalars(query.order_by(File.created_at.desc(), File.id.desc()).limit(limit + 1)))
+    return rows[:limit], len(rows) > limit
+
+
+def delete_file(session: Session, *, tenant_id: str, settings: Settings, file_id: str) -> File:
+    row = get_file(session, tenant_id=tenant_id, file_id=file_id)
+    active = session.scalar(select(FineTuningJob.id).where(
+        (FineTuningJob.training_file == file_id) | (FineTuningJob.validation_file == file_id),
+        FineTuningJob.status.in_([JobStatus.validating_files, JobStatus.queued, JobStatus.running])))
+    if active:
+        raise ApiError(409, f"File '{file_id}' is used by fine-tuning job '{active}', which has not finished; "
+                            "cancel the job or wait for it first.", param="file_id", code="file_in_use")
+    row.deleted = True
+    session.commit()
+    ArtifactStore(settings.data_dir).delete_file(file_id)
+    return row

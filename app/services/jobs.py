@@ -1,0 +1,250 @@
+"""Fine-tuning jobs: creation (validated at submit time), the status state machine, events, checkpoints.
+
+Every status change is one function here and one guarded UPDATE (`... WHERE status IN (expected)`),
+so two processes racing on the same job cannot both win. Workers and the API share these functions.
+"""
+
+from __future__ import annotations
+
+import secrets
+import time
+from typing import Any
+
+from sqlalchemy import select, update
+from sqlalchemy.orm import Session
+
+from app.db.models import (
+    TERMINAL_JOB_STATUSES,
+    Adapter,
+    AdapterStatus,
+    Checkpoint,
+    File,
+    FileStatus,
+    FineTuningJob,
+    JobEvent,
+    JobStatus,
+    now,
+)
+from app.errors import ApiError, not_found
+from app.settings import Settings
+
+
+def new_id(prefix: str) -> str:
+    return f"{prefix}-{secrets.token_hex(12)}"
+
+
+# ---------------------------------------------------------------- transitions
+
+
+def _transition(session: Session, job_id: str, expected: set[JobStatus], new: JobStatus, **values: Any) -> bool:
+    result = session.execute(
+        update(FineTuningJob)
+        .where(FineTuningJob.id == job_id, FineTuningJob.status.in_([s.value for s in expected]))
+        .values(status=new.value, **values)
+    )
+    session.commit()
+    return result.rowcount == 1  # type: ignore[attr-defined]
+
+
+def mark_queued(session: Session, job_id: str) -> bool:
+    return _transition(session, job_id, {JobStatus.validating_files}, JobStatus.queued)
+
+
+def claim(session: Session, job_id: str) -> bool:
+    """queued → running. Exactly one worker wins; a duplicate delivery gets False."""
+    return _transition(session, job_id, {JobStatus.queued}, JobStatus.running, started_at=now())
+
+
+def mark_succeeded(session: Session, job_id: str, *, fine_tuned_model: str, trained_tokens: int) -> bool:
+    return _transition(session, job_id, {JobStatus.running}, JobStatus.succeeded, finished_at=now(),
+                       fine_tuned_model=fine_tuned_model, trained_tokens=trained_tokens, eta_seconds=0.0)
+
+
+def mark_failed(session: Session, job_id: str, *, code: str, message: str, param: str | None = None) -> bool:
+    return _transition(session, job_id, {JobStatus.validating_files, JobStatus.queued, JobStatus.running},
+                       JobStatus.failed, finished_at=now(), error_code=code, error_message=message[:2000],
+                       error_param=param)
+
+
+def mark_cancelled(session: Session, job_id: str, *, from_statuses: set[JobStatus]) -> bool:
+    return _transition(session, job_id, from_statuses, JobStatus.cancelled, finished_at=now())
+
+
+def request_cancel(session: Session, job: FineTuningJob) -> FineTuningJob:
+    """Queued jobs are cancelled at once; running ones stop at the next step boundary."""
+    if job.status in TERMINAL_JOB_STATUSES:
+        raise ApiError(409, f"Job {job.id} has already finished with status '{job.status}' and cannot be "
+                            "cancelled.", code="job_not_cancellable")
+    if mark_cancelled(session, job.id, from_statuses={JobStatus.validating_files, JobStatus.queued}):
+        add_event(session, job.id, "Job cancelled before it started.")
+    else:
+        session.execute(update(FineTuningJob).where(FineTuningJob.id == job.id,
+                                                    FineTuningJob.status == JobStatus.running.value)
+                        .values(cancel_requested=True))
+        session.commit()
+        add_event(session, job.id, "Cancellation requested; training stops at the next step.")
+    session.refresh(job)
+    return job
+
+
+def is_cancel_requested(session: Session, job_id: str) -> bool:
+    return bool(session.scalar(select(FineTuningJob.cancel_requested).where(FineTuningJob.id == job_id)))
+
+
+def record_progress(session: Session, job_id: str, *, step: int, total_steps: int, epoch: float,
+                    eta_seconds: float | None) -> None:
+    session.execute(update(FineTuningJob).where(FineTuningJob.id == job_id).values(
+        progress_step=step, progress_total_steps=total_steps, progress_epoch=epoch, eta_seconds=eta_seconds))
+    session.commit()
+
+
+# ---------------------------------------------------------------- events and checkpoints
+
+
+def add_event(session: Session, job_id: str, message: str, *, level: str = "info", type: str = "message",
+              data: dict[str, Any] | None = None) -> None:
+    tenant = session.scalar(select(FineTuningJob.tenant_id).where(FineTuningJob.id == job_id))
+    session.add(JobEvent(public_id=new_id("ftevent"), job_id=job_id, tenant_id=tenant or "default",
+                         message=message, level=level, type=type, data=data, created_at=now()))
+    session.commit()
+
+
+def list_events(session: Session, job: FineTuningJob, *, after: str | None, limit: int) -> tuple[list[JobEvent], bool]:
+    """Newest first, as OpenAI lists them; `after` is an event id from a previous page."""
+    query = select(JobEvent).where(JobEvent.job_id == job.id)
+    if after:
+        anchor = session.scalar(select(JobEvent.id).where(JobEvent.public_id == after, JobEvent.job_id == job.id))
+        if anchor is None:
+            raise not_found("event", after, param="after")
+        query = query.where(JobEvent.id < anchor)
+    rows = list(session.scalars(query.order_by(JobEvent.id.desc()).limit(limit + 1)))
+    return rows[:limit], len(rows) > limit
+
+
+def add_checkpoint(session: Session, job: FineTuningJob, *, adapter: Adapter, step: int,
+                   metrics: dict[str, Any]) -> Checkpoint:
+    checkpoint = Checkpoint(id=new_id("ftckpt"), job_id=job.id, tenant_id=job.tenant_id, step_number=step,
+                            metrics=metrics, fine_tuned_model_checkpoint=adapter.name, created_at=now())
+    session.add(checkpoint)
+    session.commit()
+    return checkpoint
+
+
+def list_checkpoints(session: Session, job: FineTuningJob) -> list[Checkpoint]:
+    return list(session.scalars(select(Checkpoint).where(Checkpoint.job_id == job.id)
+                                .order_by(Checkpoint.step_number.desc())))
+
+
+# ---------------------------------------------------------------- reads
+
+
+def get_job(session: Session, *, tenant_id: str, job_id: str) -> FineTuningJob:
+    job = session.get(FineTuningJob, job_id)
+    if job is None or job.tenant_id != tenant_id:
+        raise not_found("fine-tuning job", job_id, param="fine_tuning_job_id")
+    return job
+
+
+def list_jobs(session: Session, *, tenant_id: str, after: str | None, limit: int,
+              metadata: dict[str, str] | None = None) -> tuple[list[FineTuningJob], bool]:
+    query = select(FineTuningJob).where(FineTuningJob.tenant_id == tenant_id)
+    if after:
+        anchor = session.get(FineTuningJob, after)
+        if anchor is None or anchor.tenant_id != tenant_id:
+            raise not_found("fine-tuning job", after, param="after")
+        query = query.where(FineTuningJob.seq < anchor.seq)
+    rows = list(session.scalars(query.order_by(FineTuningJob.seq.desc()).limit(limit + 1)))
+    return rows[:limit], len(rows) > limit
+
+
+def fine_tuned_model_name(base: str, suffix: str | None, job_id: str) -> str:
+    short = job_id.split("-", 1)[-1][:8]
+    return f"ft:{base}:{suffix}:{short}" if suffix else f"ft:{base}:{short}"
+
+
+# ---------------------------------------------------------------- creation
+
+
+def _processed_file(session: Session, tenant_id: str, file_id: str, param: str) -> File:
+    file = session.get(File, file_id)
+    if file is None or file.tenant_id != tenant_id or file.deleted:
+        raise ApiError(400, f"File '{file_id}' does not exist.", param=param, code="invalid_file")
+    if file.purpose != "fine-tune":
+        raise ApiError(400, f"File '{file_id}' has purpose '{file.purpose}'; fine-tuning needs purpose 'fine-tune'.",
+                       param=param, code="invalid_file")
+    if file.status != FileStatus.processed:
+        raise ApiError(400, f"File '{file_id}' is not processed (status '{file.status}'); only processed "
+                            "files can be used.", param=param, code="invalid_file")
+    return file
+
+
+def create_job(session: Session, *, tenant_id: str, settings: Settings, model: str, training_file: str,
+               validation_file: str | None, suffix: str | None, seed: int | None,
+               metadata: dict[str, str] | None, method_type: str, raw_hyperparameters: dict[str, Any],
+               hyperparameter_param: str) -> FineTuningJob:
+    """Validate everything a worker will need, then store the job as queued (caller enqueues it)."""
+    from adapters import base_models
+    from adapters.methods import METHODS, HyperparameterError
+
+    try:
+        spec = base_models.resolve(settings, model)
+    except base_models.UnknownBaseModel:
+        available = ", ".join(sorted(base_models.registry(settings)))
+        raise ApiError(404, f"Model '{model}' does not exist or cannot be fine-tuned. Base models: {available}.",
+                       param="model", code="model_not_found") from None
+    train = _processed_file(session, tenant_id, training_file, "training_file")
+    if validation_file:
+        valid = _processed_file(session, tenant_id, validation_file, "validation_file")
+        if valid.format != train.format:
+            raise ApiError(400, f"validation_file is in the {valid.format} format but training_file is in the "
+                                f"{train.format} format; both must use the same format.",
+                           param="validation_file", code="invalid_file")
+    method = METHODS.get(method_type)
+    if method is None:
+        raise ApiError(400, f"method.type '{method_type}' is not supported; accepted: "
+                            f"{', '.join(sorted(METHODS))} (or 'supervised', which uses lora).",
+                       param="method.type", code="invalid_method")
+    try:
+        resolved = method.resolve(raw_hyperparameters, n_examples=train.n_examples or 0, settings=settings,
+                                  base_info=base_models.base_info(settings, spec))
+    except HyperparameterError as exc:
+        raise ApiError(400, str(exc), param=f"{hyperparameter_param}.{exc.param}",
+                       code="invalid_hyperparameter") from None
+    except ValueError as exc:  # pydantic's ValidationError (unknown field, wrong type)
+        raise ApiError(400, _hyperparameter_message(exc, method_type), param=hyperparameter_param,
+                       code="invalid_hyperparameter") from None
+    job = FineTuningJob(
+        id=new_id("ftjob"), tenant_id=tenant_id, seq=time.time_ns(), model=spec.id,
+        status=JobStatus.validating_files.value, created_at=now(), training_file=train.id,
+        validation_file=validation_file, suffix=suffix, seed=seed if seed is not None else secrets.randbelow(2**31),
+        method={"type": method_type, method_type: {"hyperparameters": resolved}}, job_metadata=metadata,
+    )
+    session.add(job)
+    session.commit()
+    add_event(session, job.id, f"Validating training file: {train.id}")
+    mark_queued(session, job.id)
+    add_event(session, job.id, f"Fine-tuning job created ({method_type} on {spec.id}); queued.")
+    session.refresh(job)
+    return job
+
+
+def _hyperparameter_message(exc: ValueError, method_type: str) -> str:
+    errors = getattr(exc, "errors", None)
+    if not callable(errors):
+        return str(exc)
+    parts = []
+    for err in errors()[:10]:
+        field = ".".join(str(p) for p in err.get("loc", ()) if not isinstance(p, int)) or "hyperparameters"
+        field = field.split(".")[0]
+        if err.get("type") == "extra_forbidden":
+            parts.append(f"'{field}' is not a hyperparameter of {method_type}")
+        else:
+            parts.append(f"{field}: {err.get('msg')}")
+    return "Invalid hyperparameters: " + "; ".join(dict.fromkeys(parts))
+
+
+def adapter_by_name(session: Session, *, tenant_id: str, name: str) -> Adapter | None:
+    adapter = session.scalar(select(Adapter).where(Adapter.name == name, Adapter.status == AdapterStatus.ready))
+    if adapter is None or adapter.tenant_id != tenant_id:
+        return None
+    return adapter

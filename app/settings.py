@@ -1,0 +1,68 @@
+"""Adaptery's one Settings object: every knob comes from the environment (prefix ADAPTERY_)."""
+
+from __future__ import annotations
+
+from functools import lru_cache
+from pathlib import Path
+
+from pydantic import Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+DEFAULT_BASE_MODEL = "SmolLM2-135M-Instruct"
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="ADAPTERY_", extra="ignore")
+
+    host: str = "127.0.0.1"
+    port: int = 8000
+    data_dir: Path = Path("data")
+    # Empty means a SQLite file in the data dir.
+    database_url: str = ""
+    # Empty means the embedded broker: kombu's SQLAlchemy transport on a SQLite file, no server needed.
+    broker_url: str = ""
+
+    default_base_model: str = DEFAULT_BASE_MODEL
+    # Extra base models: {"id": "hub-id-or-local-path"}. The default is always present.
+    base_models: dict[str, str] = Field(default_factory=dict)
+
+    # On 2-core machines one torch thread per process is often faster than two.
+    torch_threads: int = 1
+    # Adapters kept loaded in a serving process (least recently used is evicted first).
+    adapter_cache_size: int = 8
+    # Load the default base model into the API process at start-up rather than on first request.
+    preload_inference: bool = False
+
+    max_upload_mb: int = 512
+    max_examples_per_file: int = 100_000
+    # Longest example (in tokens, chat template applied) a dataset may contain.
+    max_example_tokens: int = 4096
+    max_seq_length_limit: int = 4096
+    max_lora_rank: int = 256
+    max_tokens_limit: int = 4096
+
+    # Training cadence: a metrics event every N steps, evaluation on the validation file every N steps.
+    log_every_steps: int = 1
+    eval_every_steps: int = 0  # 0: about four evaluations per job, plus one at the end
+    worker_concurrency: int = 1
+
+    @property
+    def resolved_database_url(self) -> str:
+        if self.database_url:
+            return self.database_url
+        return f"sqlite:///{(self.data_dir / 'adaptery.db').resolve()}"
+
+    @property
+    def resolved_broker_url(self) -> str:
+        if self.broker_url:
+            return self.broker_url
+        return f"sqla+sqlite:///{(self.data_dir / 'broker.db').resolve()}"
+
+    @property
+    def uses_embedded_broker(self) -> bool:
+        return self.resolved_broker_url.startswith("sqla+")
+
+
+@lru_cache
+def get_settings() -> Settings:
+    return Settings()

@@ -1,0 +1,46 @@
+"""The Celery application, configured from Settings. Messages carry job ids only, as JSON."""
+
+from __future__ import annotations
+
+from celery import Celery
+
+from app.settings import get_settings
+
+TRAIN_TASK = "adaptery.train"
+TRAINING_QUEUE = "training"
+
+
+def transport_options(broker_url: str) -> dict[str, object]:
+    if broker_url.startswith(("redis://", "rediss://")):
+        # Redis redelivers unacknowledged messages after the visibility timeout; training can run for
+        # hours, and the guarded claim makes a redelivery harmless, so keep it above a job's length.
+        return {"visibility_timeout": 12 * 3600}
+    # kombu's SQLAlchemy transport hands its options to create_engine; it polls every second by default.
+    return {}
+
+
+def make_celery() -> Celery:
+    settings = get_settings()
+    settings.data_dir.mkdir(parents=True, exist_ok=True)
+    app = Celery("adaptery", broker=settings.resolved_broker_url, include=["workers.tasks"])
+    app.conf.update(
+        task_serializer="json",
+        accept_content=["json"],
+        result_serializer="json",
+        # The database row is the truth about a job; Celery's result backend is not used.
+        task_ignore_result=True,
+        # Long jobs: acknowledge after the task ends and take one message at a time, so a message is
+        # never parked behind a running job in another worker's prefetch buffer.
+        task_acks_late=True,
+        worker_prefetch_multiplier=1,
+        task_default_queue=TRAINING_QUEUE,
+        task_routes={TRAIN_TASK: {"queue": TRAINING_QUEUE}},
+        broker_connection_retry_on_startup=True,
+        broker_transport_options=transport_options(settings.resolved_broker_url),
+        worker_hijack_root_logger=False,
+        worker_send_task_events=False,
+    )
+    return app
+
+
+celery_app = make_celery()

@@ -1,0 +1,179 @@
+"""The training loop: a frozen base model plus one PEFT method, trained on masked token losses.
+
+A plain loop rather than transformers.Trainer, so that method hooks (AdaLoRA's budget allocation),
+cancellation at step boundaries, events and checkpoints are explicit and cheap.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from adapters.methods import AdapterMethod, total_steps
+from workers.training.data import EncodedExample
+
+IGNORE_INDEX = -100
+
+
+class Cancelled(Exception):
+    """The job was cancelled; training stopped at a step boundary."""
+
+
+@dataclass
+class TrainingCallbacks:
+    """How the loop talks to the outside world (the job row, the event log, the artifact store)."""
+
+    on_metrics: Callable[[dict[str, Any]], None]
+    on_progress: Callable[[int, int, float, float | None], None]
+    should_stop: Callable[[], bool]
+    # Called at the end of each epoch with (step, epoch, metrics); saves a checkpoint adapter.
+    on_epoch_end: Callable[[Any, int, int, dict[str, Any]], None]
+    on_message: Callable[[str], None] = field(default=lambda _: None)
+
+
+@dataclass
+class TrainingResult:
+    steps: int
+    trained_tokens: int
+    final_train_loss: float | None
+    final_valid_loss: float | None
+
+
+def make_batch(examples: list[EncodedExample], pad_id: int, max_len: int) -> dict[str, torch.Tensor]:
+    """Right-padded tensors; labels are -100 on padding and on tokens not trained on."""
+    rows = [(e.input_ids[:max_len], e.loss_mask[:max_len]) for e in examples]
+    width = max(len(ids) for ids, _ in rows)
+    input_ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+    labels = torch.full((len(rows), width), IGNORE_INDEX, dtype=torch.long)
+    attention = torch.zeros((len(rows), width), dtype=torch.long)
+    for i, (ids, mask) in enumerate(rows):
+        n = len(ids)
+        input_ids[i, :n] = torch.tensor(ids)
+        attention[i, :n] = 1
+        labels[i, :n] = torch.tensor([t if m else IGNORE_INDEX for t, m in zip(ids, mask, strict=True)])
+    return {"input_ids": input_ids, "attention_mask": attention, "labels": labels}
+
+
+def trainable_examples(examples: list[EncodedExample], max_len: int) -> list[EncodedExample]:
+    """Drop examples that have nothing left to learn from after truncation to max_len."""
+    # The label of token t is predicted at t-1, so a trained token at position 0 teaches nothing.
+    return [e for e in examples if any(e.loss_mask[1:max_len])]
+
+
+@torch.no_grad()
+def evaluate(model: Any, examples: list[EncodedExample], *, pad_id: int, max_len: int, batch_size: int) -> float:
+    """Mean loss per trained token over the examples."""
+    was_training = model.training
+    model.eval()
+    total_loss, total_tokens = 0.0, 0
+    for start in range(0, len(examples), batch_size):
+        batch = make_batch(examples[start:start + batch_size], pad_id, max_len)
+        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        shift_logits = logits[:, :-1].reshape(-1, logits.shape[-1])
+        shift_labels = batch["labels"][:, 1:].reshape(-1)
+        loss = torch.nn.functional.cross_entropy(shift_logits, shift_labels, ignore_index=IGNORE_INDEX,
+                                                 reduction="sum")
+        total_loss += float(loss)
+        total_tokens += int((shift_labels != IGNORE_INDEX).sum())
+    if was_training:
+        model.train()
+    return total_loss / max(1, total_tokens)
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    torch.manual_seed(seed)
+    try:
+        import numpy
+
+        numpy.random.seed(seed % (2**32))
+    except ImportError:
+        pass
+
+
+def train(*, base_model: Any, method: AdapterMethod, hyperparameters: dict[str, Any], seed: int,
+          train_examples: list[EncodedExample], valid_examples: list[EncodedExample], pad_id: int,
+          eval_every_steps: int, log_every_steps: int, callbacks: TrainingCallbacks) -> tuple[Any, TrainingResult]:
+    """Train a PEFT adapter on `base_model` (modified in place); returns the PeftModel and a summary."""
+    from peft import get_peft_model
+    from transformers import get_scheduler
+
+    seed_everything(seed)
+    hp = hyperparameters
+    max_len = hp["max_seq_length"]
+    examples = trainable_examples(train_examples, max_len)
+    if not examples:
+        raise ValueError(f"no example has trainable tokens within max_seq_length={max_len}")
+    if len(examples) < len(train_examples):
+        callbacks.on_message(f"{len(train_examples) - len(examples)} example(s) have no trainable tokens "
+                             f"within max_seq_length={max_len} and were skipped.")
+    valid = trainable_examples(valid_examples, max_len)
+    steps_total = total_steps(len(examples), hp)
+    model = get_peft_model(base_model, method.peft_config(hp, total_steps=steps_total))
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=hp["learning_rate"], weight_decay=hp["weight_decay"])
+    scheduler = get_scheduler("linear", optimizer, num_warmup_steps=int(hp["warmup_ratio"] * steps_total),
+                              num_training_steps=steps_total)
+    eval_every = eval_every_steps or max(1, math.ceil(steps_total / 4))
+    generator = torch.Generator().manual_seed(seed)
+    batch_size = hp["batch_size"]
+    steps_per_epoch = math.ceil(len(examples) / batch_size)
+
+    model.train()
+    step, trained_tokens = 0, 0
+    last_train_loss: float | None = None
+    last_valid_loss: float | None = None
+    started = time.monotonic()
+    for epoch in range(hp["n_epochs"]):
+        order = torch.randperm(len(examples), generator=generator).tolist()
+        for start in range(0, len(order), batch_size):
+            if step >= steps_total:
+                break
+            if callbacks.should_stop():
+                raise Cancelled()
+            chunk = [examples[i] for i in order[start:start + batch_size]]
+            batch = make_batch(chunk, pad_id, max_len)
+            loss = model(**batch).loss
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(params, 1.0)
+            optimizer.step()
+            step += 1
+            method.after_optimizer_step(model, step)
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+            trained_tokens += int(batch["attention_mask"].sum())
+            last_train_loss = float(loss.detach())
+            epoch_float = epoch + (start // batch_size + 1) / steps_per_epoch
+            metrics: dict[str, Any] = {"step": step, "train_loss": round(last_train_loss, 6),
+                                       "learning_rate": scheduler.get_last_lr()[0], "epoch": round(epoch_float, 4),
+                                       "total_steps": steps_total}
+            if valid and (step % eval_every == 0 or step == steps_total):
+                last_valid_loss = evaluate(model, valid, pad_id=pad_id, max_len=max_len, batch_size=batch_size)
+                metrics["valid_loss"] = round(last_valid_loss, 6)
+            if step % log_every_steps == 0 or step == steps_total or "valid_loss" in metrics:
+                callbacks.on_metrics(metrics)
+            elapsed = time.monotonic() - started
+            callbacks.on_progress(step, steps_total, epoch_float, elapsed / step * (steps_total - step))
+        epoch_metrics = {"train_loss": last_train_loss}
+        if valid:
+            epoch_metrics["valid_loss"] = last_valid_loss
+        callbacks.on_epoch_end(model, step, epoch + 1, epoch_metrics)
+        if step >= steps_total:
+            break
+    return model, TrainingResult(steps=step, trained_tokens=trained_tokens, final_train_loss=last_train_loss,
+                                 final_valid_loss=last_valid_loss)
+
+
+def save_adapter(model: Any, directory: Path) -> None:
+    """Write adapter_model.safetensors + adapter_config.json (and nothing pickled)."""
+    model.save_pretrained(str(directory), safe_serialization=True)
+    for extra in directory.iterdir():
+        if extra.name not in ("adapter_model.safetensors", "adapter_config.json") and extra.is_file():
+            extra.unlink()
