@@ -153,7 +153,7 @@ def base_info(settings: Settings, spec: BaseModelSpec) -> dict[str, Any]:
     linear: set[str] = set()
     for file in files:
         with safe_open(str(file), framework="numpy") as handle:
-            for name in handle:
+            for name in handle.keys():  # noqa: SIM118 (safe_open is not iterable)
                 if not name.endswith(".weight") or "embed" in name or name.startswith("lm_head"):
                     continue
                 if len(handle.get_slice(name).get_shape()) == 2:

@@ -127,6 +127,7 @@ def train(*, base_model: Any, method: AdapterMethod, hyperparameters: dict[str, 
     steps_per_epoch = math.ceil(len(examples) / batch_size)
 
     model.train()
+    callbacks.on_progress(0, steps_total, 0.0, None)
     step, trained_tokens = 0, 0
     last_train_loss: float | None = None
     last_valid_loss: float | None = None

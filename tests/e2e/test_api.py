@@ -1,0 +1,322 @@
+"""End to end through real HTTP, a real Celery worker on Redis, PostgreSQL, and a tiny real model."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+import sqlalchemy as sa
+import torch
+
+from tests.conftest import Stack, all_events, chat_lines, upload, wait_for_status
+from tests.tiny_model import TINY_MODEL_ID
+
+# Learning rates high enough that a tiny random model visibly learns the answer in a few epochs.
+METHOD_HYPERPARAMETERS: dict[str, dict[str, Any]] = {
+    "lora": {"learning_rate": 0.02, "n_epochs": 4, "batch_size": 4},
+    "adalora": {"learning_rate": 0.05, "n_epochs": 4, "batch_size": 4},
+    "prefix_tuning": {"learning_rate": 0.1, "n_epochs": 4, "batch_size": 4},
+}
+
+
+@pytest.fixture(scope="module")
+def client(stack: Stack) -> httpx.Client:
+    with stack.client() as c:
+        yield c
+
+
+@pytest.fixture(scope="module")
+def training_file(client: httpx.Client) -> str:
+    response = upload(client, chat_lines(32))
+    assert response.status_code == 200, response.text
+    return response.json()["id"]
+
+
+def create_job(client: httpx.Client, body: dict[str, Any]) -> httpx.Response:
+    return client.post("/v1/fine_tuning/jobs", json=body)
+
+
+def chat(client: httpx.Client, model: str, content: str = "Say hi 999", max_tokens: int = 8) -> dict[str, Any]:
+    response = client.post("/v1/chat/completions", json={
+        "model": model, "messages": [{"role": "user", "content": content}], "max_tokens": max_tokens,
+        "temperature": 0})
+    assert response.status_code == 200, response.text
+    return response.json()
+
+
+# ------------------------------------------------------------------ health and files
+
+
+def test_health_and_ready(client: httpx.Client) -> None:
+    assert client.get("/health").json() == {"status": "ok"}
+    ready = client.get("/ready")
+    assert ready.status_code == 200
+    checks = ready.json()["checks"]
+    assert checks["database"]["ok"] and checks["broker"]["ok"] and checks["worker"]["ok"]
+
+
+def test_file_lifecycle(client: httpx.Client, stack: Stack) -> None:
+    content = chat_lines(3) + "\n\n"
+    created = upload(client, content, filename="../../etc/my data.jsonl")
+    assert created.status_code == 200, created.text
+    file = created.json()
+    assert file["object"] == "file" and file["status"] == "processed" and file["purpose"] == "fine-tune"
+    assert file["format"] == "chat" and file["n_examples"] == 3 and file["n_tokens"] > 30
+    assert file["bytes"] == len(content.encode())
+    assert file["filename"] == "my data.jsonl"  # a display name only: no path survives
+    assert client.get(f"/v1/files/{file['id']}").json() == file
+    assert file["id"] in [f["id"] for f in client.get("/v1/files").json()["data"]]
+    assert client.get(f"/v1/files/{file['id']}/content").content == content.encode()
+    deleted = client.delete(f"/v1/files/{file['id']}")
+    assert deleted.json() == {"id": file["id"], "object": "file", "deleted": True}
+    assert client.get(f"/v1/files/{file['id']}").status_code == 404
+    assert not (stack.data_dir / "files" / f"{file['id']}.jsonl").exists()
+
+
+BAD_FILES = [
+    ("not utf-8", b'{"text": "ok"}\n{"text": "\xff\xfe"}\n', ["line 2", "UTF-8"]),
+    ("not json", b'{"text": "ok"}\n{"text": \n', ["line 2", "not valid JSON"]),
+    ("empty", b"\n\n", ["empty"]),
+    ("mixed formats", b'{"text": "a"}\n{"prompt": "p", "completion": "c"}\n', ["mixed formats", "line 2"]),
+    ("wrong role", b'{"messages": [{"role": "bot", "content": "x"}]}\n', ["line 1", "accepted roles"]),
+    ("missing field", b'{"prompt": "p", "completion": ""}\n{"prompt": "p", "completion": "c"}\n',
+     ["line 1", "completion"]),
+    ("no assistant", b'{"messages": [{"role": "user", "content": "x"}]}\n', ["line 1", "assistant"]),
+    ("too many tokens", ('{"text": "ok"}\n' + json.dumps({"text": "word " * 5000}) + "\n").encode(),
+     ["line 2", "tokens", "limit"]),
+]
+
+
+@pytest.mark.parametrize(("case", "content", "expected"), BAD_FILES, ids=[c[0] for c in BAD_FILES])
+def test_bad_files_are_refused_and_nothing_is_stored(client: httpx.Client, stack: Stack, case: str,
+                                                     content: bytes, expected: list[str]) -> None:
+    before = {f["id"] for f in client.get("/v1/files").json()["data"]}
+    stored_before = set((stack.data_dir / "files").glob("*")) if (stack.data_dir / "files").exists() else set()
+    response = upload(client, content)
+    assert response.status_code == 400, response.text
+    error = response.json()["error"]
+    assert error["param"] == "file" and error["type"] == "invalid_request_error"
+    for fragment in expected:
+        assert fragment in error["message"], error["message"]
+    assert {f["id"] for f in client.get("/v1/files").json()["data"]} == before
+    stored_after = set((stack.data_dir / "files").glob("*")) if (stack.data_dir / "files").exists() else set()
+    assert stored_after == stored_before
+
+
+def test_many_bad_lines_are_listed_up_to_twenty(client: httpx.Client) -> None:
+    content = "".join('{"text": ""}\n' for _ in range(25)).encode()
+    error = upload(client, content).json()["error"]
+    assert "line 1:" in error["message"] and "line 20:" in error["message"]
+    assert "line 21:" not in error["message"] and "and 5 more problem(s)" in error["message"]
+
+
+def test_upload_with_wrong_purpose(client: httpx.Client) -> None:
+    response = client.post("/v1/files", data={"purpose": "assistants"},
+                           files={"file": ("a.jsonl", chat_lines(2).encode())})
+    assert response.status_code == 400 and response.json()["error"]["param"] == "purpose"
+
+
+# ------------------------------------------------------------------ job validation
+
+
+@pytest.mark.parametrize(("body", "status", "param"), [
+    ({"model": "no-such-model"}, 404, "model"),
+    ({"training_file": "file-missing"}, 400, "training_file"),
+    ({"validation_file": "file-missing"}, 400, "validation_file"),
+    ({"method": {"type": "lora", "lora": {"hyperparameters": {"r": 0}}}}, 400, "method.lora.hyperparameters.r"),
+    ({"method": {"type": "lora", "lora": {"hyperparameters": {"learning_rate": 5}}}}, 400,
+     "method.lora.hyperparameters.learning_rate"),
+    ({"method": {"type": "lora", "lora": {"hyperparameters": {"target_modules": ["nope"]}}}}, 400,
+     "method.lora.hyperparameters.target_modules"),
+    ({"method": {"type": "adalora", "adalora": {"hyperparameters": {"init_r": 4, "target_r": 8}}}}, 400,
+     "method.adalora.hyperparameters.target_r"),
+    ({"method": {"type": "lora", "lora": {"hyperparameters": {"rank": 8}}}}, 400, "method.lora.hyperparameters"),
+    ({"method": {"type": "dpo"}}, 400, "method.type"),
+    ({"suffix": "../../etc"}, 400, "suffix"),
+    ({"surprise": True}, 400, "surprise"),
+])
+def test_job_validation_names_the_field(client: httpx.Client, training_file: str, body: dict[str, Any],
+                                        status: int, param: str) -> None:
+    full = {"model": TINY_MODEL_ID, "training_file": training_file, **body}
+    before = client.get("/v1/fine_tuning/jobs", params={"limit": 100}).json()["data"]
+    response = create_job(client, full)
+    assert response.status_code == status, response.text
+    assert response.json()["error"]["param"] == param
+    after = client.get("/v1/fine_tuning/jobs", params={"limit": 100}).json()["data"]
+    assert len(after) == len(before)
+
+
+def test_unknown_ids_are_404(client: httpx.Client) -> None:
+    for path in ("/v1/fine_tuning/jobs/ftjob-nope", "/v1/fine_tuning/jobs/ftjob-nope/events",
+                 "/v1/files/file-nope", "/v1/models/ft:nope"):
+        response = client.get(path)
+        assert response.status_code == 404, path
+        assert response.json()["error"]["code"] in ("not_found", "model_not_found")
+    assert client.post("/v1/fine_tuning/jobs/ftjob-nope/cancel").status_code == 404
+
+
+# ------------------------------------------------------------------ training end to end, per method
+
+
+def adapter_folder(stack: Stack, name: str) -> Path:
+    engine = sa.create_engine(stack.env["ADAPTERY_DATABASE_URL"])
+    with engine.connect() as conn:
+        adapter_id = conn.execute(sa.text("SELECT id FROM adapters WHERE name = :n"), {"n": name}).scalar_one()
+    engine.dispose()
+    return stack.data_dir / "adapters" / adapter_id
+
+
+def peft_reference(tiny_model_dir: Path, folder: Path) -> Any:
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    base = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    model = PeftModel.from_pretrained(base, str(folder))
+    model.eval()
+    return model
+
+
+@pytest.mark.parametrize("method", sorted(METHOD_HYPERPARAMETERS))
+def test_train_and_serve_each_method(client: httpx.Client, stack: Stack, tiny_model_dir: Path, method: str) -> None:
+    train = upload(client, chat_lines(32)).json()["id"]
+    valid = upload(client, chat_lines(6, start=100)).json()["id"]
+    response = create_job(client, {
+        "model": TINY_MODEL_ID, "training_file": train, "validation_file": valid, "suffix": f"e2e-{method}",
+        "seed": 7, "metadata": {"case": method},
+        "method": {"type": method, method: {"hyperparameters": METHOD_HYPERPARAMETERS[method]}}})
+    assert response.status_code == 200, response.text
+    job = response.json()
+    assert job["status"] in ("queued", "running") and job["method"]["type"] == method
+    assert job["method"][method]["hyperparameters"]["learning_rate"] == METHOD_HYPERPARAMETERS[method]["learning_rate"]
+
+    job = wait_for_status(client, job["id"], {"succeeded", "failed", "cancelled"})
+    assert job["status"] == "succeeded", f"{job}\n{stack.log_tail('worker')}"
+    name = job["fine_tuned_model"]
+    assert name.startswith(f"ft:{TINY_MODEL_ID}:e2e-{method}:")
+    assert job["trained_tokens"] > 0 and job["finished_at"] >= job["created_at"]
+    assert job["progress"]["step"] == job["progress"]["total_steps"] == 32 // 4 * 4
+    assert job["metadata"] == {"case": method} and job["seed"] == 7
+
+    events = all_events(client, job["id"])
+    metrics = [e["data"] for e in events if e["type"] == "metrics"]
+    assert len(metrics) == job["progress"]["total_steps"]
+    losses = [m["train_loss"] for m in metrics]
+    assert sum(losses[-4:]) / 4 < sum(losses[:4]) / 4, losses
+    valid_losses = [m["valid_loss"] for m in metrics if "valid_loss" in m]
+    assert len(valid_losses) >= 2 and valid_losses[-1] < valid_losses[0]
+    assert {"step", "train_loss", "learning_rate", "epoch"} <= set(metrics[-1])
+    assert events[-1]["message"] == "The job has successfully completed."
+
+    checkpoints = client.get(f"/v1/fine_tuning/jobs/{job['id']}/checkpoints").json()["data"]
+    assert [c["step_number"] for c in checkpoints] == [32, 24, 16, 8]
+    assert all("train_loss" in c["metrics"] and "valid_loss" in c["metrics"] for c in checkpoints)
+
+    models = {m["id"]: m for m in client.get("/v1/models").json()["data"]}
+    assert models[name]["parent"] == TINY_MODEL_ID
+    assert checkpoints[-1]["fine_tuned_model_checkpoint"] in models
+
+    base_reply = chat(client, TINY_MODEL_ID)["choices"][0]["message"]["content"]
+    tuned = chat(client, name)
+    tuned_reply = tuned["choices"][0]["message"]["content"]
+    assert tuned_reply != base_reply
+    # A checkpoint is servable too.
+    chat(client, checkpoints[-1]["fine_tuned_model_checkpoint"])
+
+    # This test process never loaded the adapter: reload it here and compare with PEFT's own loader.
+    from adapters.engine.engine import AdapterRef, BaseRuntime
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    folder = adapter_folder(stack, name)
+    assert sorted(p.name for p in folder.iterdir()) == ["adapter_config.json", "adapter_model.safetensors"]
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
+    runtime = BaseRuntime(AutoModelForCausalLM.from_pretrained(tiny_model_dir), tokenizer, cache_size=2, max_rank=64)
+    adapter = runtime.ensure_adapter(AdapterRef(key="x", folder=folder, base_model=TINY_MODEL_ID))
+    prompt = tokenizer.apply_chat_template([{"role": "user", "content": "Say hi 999"}], tokenize=False,
+                                           add_generation_prompt=True)
+    ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
+    reference = peft_reference(tiny_model_dir, folder)
+    with torch.no_grad():
+        expected = reference(input_ids=torch.tensor([ids]), attention_mask=torch.ones(1, len(ids), dtype=torch.long))
+    assert torch.allclose(runtime.logits(ids, adapter), expected.logits[0], atol=1e-4)
+    # Greedy decoding with PEFT (full forward each step) gives the text the API returned.
+    sequence = list(ids)
+    with torch.no_grad():
+        for _ in range(tuned["usage"]["completion_tokens"]):
+            logits = reference(input_ids=torch.tensor([sequence])).logits[0, -1]
+            sequence.append(int(logits.argmax()))
+    assert tokenizer.decode(sequence[len(ids):], skip_special_tokens=True) == tuned_reply
+
+
+def test_openai_request_shapes_train_lora(client: httpx.Client, training_file: str) -> None:
+    shapes = [
+        {"method": {"type": "supervised", "supervised": {"hyperparameters": {"n_epochs": 1, "batch_size": 16}}}},
+        {"hyperparameters": {"n_epochs": 1, "batch_size": 16, "learning_rate_multiplier": 2}},
+        {},
+    ]
+    job_ids = []
+    for shape in shapes:
+        response = create_job(client, {"model": TINY_MODEL_ID, "training_file": training_file, **shape})
+        assert response.status_code == 200, response.text
+        assert response.json()["method"]["type"] == "lora"
+        job_ids.append(response.json()["id"])
+    assert create_job(client, {"model": TINY_MODEL_ID, "training_file": training_file}).json()[
+        "hyperparameters"]["n_epochs"] == 3
+    lr = client.get(f"/v1/fine_tuning/jobs/{job_ids[1]}").json()["hyperparameters"]["learning_rate"]
+    assert lr == pytest.approx(2e-3)
+    for job_id in job_ids[:2]:
+        assert wait_for_status(client, job_id, {"succeeded", "failed"})["status"] == "succeeded"
+    listed = client.get("/v1/fine_tuning/jobs", params={"limit": 2}).json()
+    assert listed["has_more"] is True and len(listed["data"]) == 2
+    following = client.get("/v1/fine_tuning/jobs", params={"limit": 2, "after": listed["last_id"]}).json()
+    assert not {j["id"] for j in following["data"]} & {j["id"] for j in listed["data"]}
+    for job in client.get("/v1/fine_tuning/jobs", params={"limit": 100}).json()["data"]:
+        if job["status"] in ("queued", "running"):
+            client.post(f"/v1/fine_tuning/jobs/{job['id']}/cancel")
+
+
+def test_cancel_queued_running_twice_and_finished(client: httpx.Client) -> None:
+    long_file = upload(client, chat_lines(200)).json()["id"]
+    long_hp = {"method": {"type": "lora", "lora": {"hyperparameters": {"n_epochs": 50, "batch_size": 1}}}}
+    running = create_job(client, {"model": TINY_MODEL_ID, "training_file": long_file, **long_hp}).json()
+    queued = create_job(client, {"model": TINY_MODEL_ID, "training_file": long_file, **long_hp}).json()
+    wait_for_status(client, running["id"], {"running"}, timeout=60)
+
+    # The file is in use by unfinished jobs: deleting it is refused, not silently breaking them.
+    assert client.delete(f"/v1/files/{long_file}").status_code == 409
+
+    cancelled = client.post(f"/v1/fine_tuning/jobs/{queued['id']}/cancel")
+    assert cancelled.status_code == 200 and cancelled.json()["status"] == "cancelled"
+
+    assert client.post(f"/v1/fine_tuning/jobs/{running['id']}/cancel").status_code == 200
+    done = wait_for_status(client, running["id"], {"cancelled", "succeeded", "failed"}, timeout=30)
+    assert done["status"] == "cancelled" and done["fine_tuned_model"] is None
+    assert done["progress"]["total_steps"] == 200 * 50
+    assert done["progress"]["step"] < done["progress"]["total_steps"]
+
+    again = client.post(f"/v1/fine_tuning/jobs/{running['id']}/cancel")
+    assert again.status_code == 409 and again.json()["error"]["code"] == "job_not_cancellable"
+    # The cancelled queued job is never trained when its message reaches the worker.
+    assert client.get(f"/v1/fine_tuning/jobs/{queued['id']}").json()["status"] == "cancelled"
+    assert client.delete(f"/v1/files/{long_file}").status_code == 200
+
+
+def test_inference_errors(client: httpx.Client) -> None:
+    unknown = client.post("/v1/chat/completions", json={"model": "ft:nope:x", "messages": [
+        {"role": "user", "content": "hi"}]})
+    assert unknown.status_code == 404 and unknown.json()["error"]["code"] == "model_not_found"
+    bad_role = client.post("/v1/chat/completions", json={"model": TINY_MODEL_ID, "messages": [
+        {"role": "robot", "content": "hi"}]})
+    assert bad_role.status_code == 400 and bad_role.json()["error"]["param"] == "messages[0].role"
+    too_long = client.post("/v1/completions", json={"model": TINY_MODEL_ID, "prompt": "hi", "max_tokens": 10**6})
+    assert too_long.status_code == 400 and too_long.json()["error"]["param"] == "max_tokens"
+    completion = client.post("/v1/completions", json={"model": TINY_MODEL_ID, "prompt": "Once upon", "max_tokens": 5,
+                                                      "temperature": 0.8, "top_p": 0.9, "seed": 3})
+    assert completion.status_code == 200
+    body = completion.json()
+    assert body["object"] == "text_completion" and body["usage"]["completion_tokens"] <= 5
+    again = client.post("/v1/completions", json={"model": TINY_MODEL_ID, "prompt": "Once upon", "max_tokens": 5,
+                                                 "temperature": 0.8, "top_p": 0.9, "seed": 3}).json()
+    assert again["choices"][0]["text"] == body["choices"][0]["text"]  # same seed, same sample
