@@ -226,8 +226,9 @@ def test_train_and_serve_each_method(client: httpx.Client, stack: Stack, tiny_mo
     chat(client, checkpoints[-1]["fine_tuned_model_checkpoint"])
 
     # This test process never loaded the adapter: reload it here and compare with PEFT's own loader.
-    from adapters.engine.engine import AdapterRef, BaseRuntime
     from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from adapters.engine.engine import AdapterRef, BaseRuntime
 
     folder = adapter_folder(stack, name)
     assert sorted(p.name for p in folder.iterdir()) == ["adapter_config.json", "adapter_model.safetensors"]
