@@ -44,26 +44,49 @@ def migrate() -> None:
     console.print("[green]database schema is up to date[/]")
 
 
+def _die_with_parent() -> None:
+    """In the child before exec: get SIGTERM if the supervisor dies, even by kill -9 (Linux only)."""
+    if sys.platform.startswith("linux"):
+        import ctypes
+
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+
+
 class WorkerSupervisor:
-    """Keeps one Celery worker process running: a worker that dies is started again."""
+    """Keeps one Celery worker process running: a worker that crashes (killed, OOM) is started again.
+
+    A clean exit (status 0, e.g. a warm shutdown after SIGTERM) means someone stopped it on purpose.
+    """
 
     def __init__(self, concurrency: int):
         self.command = worker_command(concurrency)
         self.process: subprocess.Popen[bytes] | None = None
         self.stopping = threading.Event()
+        self.lock = threading.Lock()
+
+    def _spawn(self) -> subprocess.Popen[bytes]:
+        # Its own process group: a Ctrl-C or group SIGTERM must reach only the worker's main process
+        # (through stop()); billiard deadlocks if its pool children are signalled directly.
+        return subprocess.Popen(self.command, start_new_session=True, preexec_fn=_die_with_parent)
 
     def start(self) -> None:
-        self.process = subprocess.Popen(self.command)
+        self.process = self._spawn()
         threading.Thread(target=self._watch, daemon=True, name="worker-supervisor").start()
 
     def _watch(self) -> None:
         while not self.stopping.wait(2.0):
-            if self.process is not None and self.process.poll() is not None:
+            with self.lock:
+                if self.stopping.is_set() or self.process is None or self.process.poll() is None:
+                    continue
+                if self.process.returncode == 0:
+                    console.print("[yellow]worker stopped; not restarting it[/]")
+                    return
                 console.print(f"[yellow]worker exited with {self.process.returncode}; starting a new one[/]")
-                self.process = subprocess.Popen(self.command)
+                self.process = self._spawn()
 
     def stop(self) -> None:
-        self.stopping.set()
+        with self.lock:
+            self.stopping.set()
         if self.process is not None and self.process.poll() is None:
             self.process.send_signal(signal.SIGTERM)
             try:
@@ -90,6 +113,8 @@ def serve(with_worker: bool = typer.Option(True, help="also run a Celery worker 
     base = f"http://{settings.host}:{settings.port}"
     broker = "embedded (SQLite, no server)" if settings.uses_embedded_broker else settings.resolved_broker_url
     console.print(f"[bold green]Adaptery[/] API on {base}  ·  docs {base}/docs  ·  broker: {broker}")
+    # uvicorn re-raises SIGTERM after its shutdown; exiting through SystemExit lets `finally` stop the worker.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
     try:
         uvicorn.run("app.main:app", host=settings.host, port=settings.port, log_level="info")
     finally:

@@ -134,11 +134,16 @@ class Stack:
         if process is None or process.poll() is not None:
             return
         try:
-            os.killpg(process.pid, sig)
+            # Signal the main process only: Celery's pool children must be stopped by their parent.
+            process.send_signal(sig)
             process.wait(timeout=30)
-        except (ProcessLookupError, subprocess.TimeoutExpired):
-            os.killpg(process.pid, signal.SIGKILL)
-            process.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            pass
+        try:
+            os.killpg(process.pid, signal.SIGKILL)  # whatever is left of its process group
+        except ProcessLookupError:
+            pass
+        process.wait(timeout=10)
 
     def stop_all(self) -> None:
         for name in list(self.processes):

@@ -1,0 +1,188 @@
+"""The serving engine against PEFT's own reference, per method, plus the adapter cache and load errors."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from peft import PeftModel
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from adapters.engine.adapter_loader import AdapterLoadError
+from adapters.engine.engine import AdapterRef, BaseRuntime, SamplingParams
+from adapters.methods import METHODS
+from tests.conftest import chat_lines
+from workers.training.data import encode_dataset, parse_jsonl
+from workers.training.loop import TrainingCallbacks, save_adapter, train
+
+BASE_INFO = {"linear_modules": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
+             "default_target_modules": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]}
+PROMPT = "Say hi 12345, please, and then tell me a long story."
+
+
+class _Settings:
+    max_lora_rank = 64
+    max_seq_length_limit = 4096
+
+
+def quiet_callbacks() -> TrainingCallbacks:
+    return TrainingCallbacks(on_metrics=lambda _: None, on_progress=lambda *_: None, should_stop=lambda: False,
+                             on_epoch_end=lambda *_: None)
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory: pytest.TempPathFactory, tiny_model_dir: Path) -> dict[str, Path]:
+    """One adapter per registered method, trained briefly with a high learning rate (non-trivial weights)."""
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
+    examples = encode_dataset(tokenizer, parse_jsonl(chat_lines(8).encode(), max_examples=100))
+    out: dict[str, Path] = {}
+    for name, method in METHODS.items():
+        hp = method.resolve({"learning_rate": 0.05, "n_epochs": 2, "batch_size": 4}, n_examples=8,
+                            settings=_Settings(), base_info=BASE_INFO)
+        model, _ = train(base_model=AutoModelForCausalLM.from_pretrained(tiny_model_dir), method=method,
+                         hyperparameters=hp, seed=3, train_examples=examples, valid_examples=[],
+                         pad_id=tokenizer.pad_token_id, eval_every_steps=0, log_every_steps=1,
+                         callbacks=quiet_callbacks())
+        folder = tmp_path_factory.mktemp(name)
+        save_adapter(model, folder)
+        out[name] = folder
+    return out
+
+
+@pytest.fixture()
+def runtime(tiny_model_dir: Path) -> BaseRuntime:
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
+    return BaseRuntime(AutoModelForCausalLM.from_pretrained(tiny_model_dir), tokenizer, cache_size=2, max_rank=64)
+
+
+def reference(tiny_model_dir: Path, folder: Path) -> Any:
+    model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_model_dir), str(folder))
+    return model.eval()
+
+
+def prompt_ids(runtime: BaseRuntime) -> list[int]:
+    return runtime.tokenizer(PROMPT, add_special_tokens=False)["input_ids"]
+
+
+@pytest.mark.parametrize("method", sorted(METHODS))
+def test_logits_and_greedy_tokens_match_peft(method: str, trained: dict[str, Path], runtime: BaseRuntime,
+                                             tiny_model_dir: Path) -> None:
+    ids = prompt_ids(runtime)
+    adapter = runtime.ensure_adapter(AdapterRef(key=method, folder=trained[method], base_model="tiny"))
+    peft_model = reference(tiny_model_dir, trained[method])
+    with torch.no_grad():
+        expected = peft_model(input_ids=torch.tensor([ids]), attention_mask=torch.ones(1, len(ids), dtype=torch.long))
+    ours = runtime.logits(ids, adapter)
+    assert torch.allclose(ours, expected.logits[0], atol=1e-4), (ours - expected.logits[0]).abs().max()
+    base = runtime.logits(ids, None)
+    assert (ours - base).abs().max() > 1e-3, "the adapter must actually change the model"
+
+    generated = runtime.generate(ids, adapter, SamplingParams(max_tokens=6, temperature=0)).token_ids
+    sequence = list(ids)
+    with torch.no_grad():
+        for _ in range(len(generated)):
+            sequence.append(int(peft_model(input_ids=torch.tensor([sequence])).logits[0, -1].argmax()))
+    assert generated == sequence[len(ids):]
+
+
+def test_rows_of_one_batch_use_their_own_adapters(trained: dict[str, Path], runtime: BaseRuntime) -> None:
+    """The hooked projections route adapters per row: base, LoRA and AdaLoRA rows in one forward pass."""
+    ids = prompt_ids(runtime)
+    runtime.cache_size = 4
+    keys: list[str | None] = [None, "lora", "adalora", "lora"]
+    for key in ("lora", "adalora"):
+        runtime.ensure_adapter(AdapterRef(key=key, folder=trained[key], base_model="tiny"))
+    batch = torch.tensor([ids] * len(keys))
+    with torch.no_grad(), runtime.lora.route(keys):
+        mixed = runtime.model(input_ids=batch).logits
+    for row, key in enumerate(keys):
+        with torch.no_grad(), runtime.lora.route([key]):
+            single = runtime.model(input_ids=torch.tensor([ids])).logits[0]
+        assert torch.allclose(mixed[row], single, atol=1e-5), row
+
+
+def test_lru_evicts_and_reloads(trained: dict[str, Path], runtime: BaseRuntime, tmp_path: Path) -> None:
+    ids = prompt_ids(runtime)
+    copies = []
+    for i in range(3):
+        folder = tmp_path / f"copy{i}"
+        shutil.copytree(trained["lora"], folder)
+        copies.append(AdapterRef(key=f"a{i}", folder=folder, base_model="tiny"))
+    first = runtime.logits(ids, runtime.ensure_adapter(copies[0]))
+    runtime.ensure_adapter(copies[1])
+    runtime.ensure_adapter(copies[0])  # touch: a1 is now the least recently used
+    runtime.ensure_adapter(copies[2])
+    assert list(runtime.adapters) == ["a0", "a2"]
+    assert all("a1" not in m.factors for m in runtime.lora.modules.values())
+    reloaded = runtime.ensure_adapter(copies[1])
+    assert list(runtime.adapters) == ["a2", "a1"]
+    assert torch.allclose(runtime.logits(ids, reloaded), first, atol=1e-6)
+    assert runtime.unload("a1") and not runtime.unload("a1")
+
+
+def _broken_copy(source: Path, target: Path, *, config: dict[str, Any] | None = None,
+                 weights: dict[str, torch.Tensor] | None = None, drop: str | None = None) -> Path:
+    from safetensors.torch import load_file, save_file
+
+    shutil.copytree(source, target)
+    if config is not None:
+        merged = {**json.loads((target / "adapter_config.json").read_text()), **config}
+        (target / "adapter_config.json").write_text(json.dumps(merged))
+    if weights is not None:
+        tensors = load_file(str(target / "adapter_model.safetensors"))
+        tensors.update(weights)
+        save_file(tensors, str(target / "adapter_model.safetensors"))
+    if drop:
+        (target / drop).unlink()
+    return target
+
+
+def test_load_failures_are_clear_and_leave_the_server_serving(trained: dict[str, Path], runtime: BaseRuntime,
+                                                              tmp_path: Path) -> None:
+    lora = trained["lora"]
+    key_a = "base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight"
+    key_b = "base_model.model.model.layers.0.self_attn.q_proj.lora_B.weight"
+    cases = {
+        "missing weights": (_broken_copy(lora, tmp_path / "m", drop="adapter_model.safetensors"),
+                            "adapter_model.safetensors"),
+        "unsupported type": (_broken_copy(lora, tmp_path / "t", config={"peft_type": "IA3"}), "not supported"),
+        "rank too large": (_broken_copy(lora, tmp_path / "r", weights={
+            key_a: torch.randn(128, 64), key_b: torch.randn(64, 128)}), "exceeds"),
+        "wrong shapes": (_broken_copy(lora, tmp_path / "s", weights={
+            key_a: torch.randn(8, 99), key_b: torch.randn(64, 8)}), "do not fit"),
+        "unknown module": (_broken_copy(lora, tmp_path / "u", weights={
+            "base_model.model.model.layers.9.self_attn.q_proj.lora_A.weight": torch.randn(8, 64),
+            "base_model.model.model.layers.9.self_attn.q_proj.lora_B.weight": torch.randn(64, 8)}),
+            "does not have"),
+    }
+    corrupt = _broken_copy(lora, tmp_path / "c")
+    (corrupt / "adapter_model.safetensors").write_bytes(b"not a safetensors file")
+    cases["corrupt weights"] = (corrupt, "safetensors")
+
+    ids = prompt_ids(runtime)
+    base_before = runtime.logits(ids, None)
+    for case, (folder, fragment) in cases.items():
+        with pytest.raises(AdapterLoadError, match=fragment):
+            runtime.ensure_adapter(AdapterRef(key=case, folder=folder, base_model="tiny"))
+        assert case not in runtime.adapters
+    # Nothing half-attached: the base model's outputs are untouched and a good adapter still loads.
+    assert all(not m.factors for m in runtime.lora.modules.values())
+    assert torch.equal(runtime.logits(ids, None), base_before)
+    runtime.ensure_adapter(AdapterRef(key="good", folder=lora, base_model="tiny"))
+
+
+def test_sampling_is_seeded_and_stops(runtime: BaseRuntime) -> None:
+    ids = prompt_ids(runtime)
+    params = SamplingParams(max_tokens=12, temperature=1.0, top_p=0.9, seed=11)
+    first = runtime.generate(ids, None, params)
+    assert first.token_ids == runtime.generate(ids, None, params).token_ids
+    assert len(first.token_ids) == 12 and first.finish_reason == "length"
+    stop_at = runtime.tokenizer.decode(first.token_ids[3:5])
+    if stop_at.strip():
+        stopped = runtime.generate(ids, None, SamplingParams(max_tokens=12, temperature=1.0, top_p=0.9, seed=11,
+                                                             stop=[stop_at]))
+        assert stopped.finish_reason == "stop" and stop_at not in stopped.text

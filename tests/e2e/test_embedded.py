@@ -1,0 +1,59 @@
+"""`adaptery serve` on its embedded defaults (what `make run` starts): SQLite, no broker server, a real
+Celery worker process it supervises, and the whole upload → train → serve path over HTTP."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+
+from tests.conftest import ROOT, chat_lines, free_port, stack_env, upload, wait_for_status
+from tests.tiny_model import TINY_MODEL_ID
+
+
+def test_serve_with_embedded_broker(tmp_path: Path, tiny_model_dir: Path) -> None:
+    port = free_port()
+    env = stack_env(tmp_path / "data", database_url="", broker_url="", tiny_model_dir=tiny_model_dir, port=port)
+    del env["ADAPTERY_DATABASE_URL"], env["ADAPTERY_BROKER_URL"]
+    log = open(tmp_path / "serve.log", "wb")  # noqa: SIM115
+    process = subprocess.Popen([sys.executable, "-m", "app.cli", "serve"], cwd=ROOT, env=env, stdout=log,
+                               stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=60) as client:
+            deadline = time.monotonic() + 90
+            while time.monotonic() < deadline:
+                assert process.poll() is None, (tmp_path / "serve.log").read_text()
+                try:
+                    if client.get("/ready").status_code == 200:
+                        break
+                except httpx.HTTPError:
+                    pass
+                time.sleep(0.5)
+            else:
+                raise AssertionError((tmp_path / "serve.log").read_text()[-3000:])
+            assert (tmp_path / "data" / "adaptery.db").exists() and (tmp_path / "data" / "broker.db").exists()
+
+            file_id = upload(client, chat_lines(16)).json()["id"]
+            job = client.post("/v1/fine_tuning/jobs", json={
+                "model": TINY_MODEL_ID, "training_file": file_id,
+                "hyperparameters": {"n_epochs": 2, "batch_size": 4}}).json()
+            done = wait_for_status(client, job["id"], {"succeeded", "failed", "cancelled"}, timeout=120)
+            assert done["status"] == "succeeded", (tmp_path / "serve.log").read_text()[-3000:]
+            reply = client.post("/v1/chat/completions", json={
+                "model": done["fine_tuned_model"], "messages": [{"role": "user", "content": "hi"}], "max_tokens": 4})
+            assert reply.status_code == 200 and reply.json()["usage"]["completion_tokens"] >= 1
+        output = (tmp_path / "serve.log").read_text()
+        assert f"http://127.0.0.1:{port}/docs" in output and "embedded" in output
+    finally:
+        process.send_signal(signal.SIGTERM)  # serve stops its worker, then exits
+        try:
+            process.wait(timeout=40)
+        except subprocess.TimeoutExpired:
+            os.killpg(process.pid, signal.SIGKILL)
+        log.close()
+    assert process.returncode is not None
