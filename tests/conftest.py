@@ -6,6 +6,7 @@ checkout); most tests use a tiny randomly initialised Llama with SmolLM2's real 
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import secrets
@@ -139,10 +140,8 @@ class Stack:
             process.wait(timeout=30)
         except subprocess.TimeoutExpired:
             pass
-        try:
+        with contextlib.suppress(ProcessLookupError):
             os.killpg(process.pid, signal.SIGKILL)  # whatever is left of its process group
-        except ProcessLookupError:
-            pass
         process.wait(timeout=10)
 
     def stop_all(self) -> None:
