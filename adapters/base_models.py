@@ -114,11 +114,20 @@ def load_tokenizer(settings: Settings, spec: BaseModelSpec) -> Any:
     return tokenizer
 
 
+def resolve_device(setting: str) -> str:
+    import torch
+
+    if setting == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    return setting
+
+
 def load_model(settings: Settings, spec: BaseModelSpec) -> Any:
     import torch
     from transformers import AutoModelForCausalLM
 
     model = AutoModelForCausalLM.from_pretrained(local_path(settings, spec), dtype=torch.float32)
+    model.to(torch.device(resolve_device(settings.device)))
     model.requires_grad_(False)
     model.eval()
     return model

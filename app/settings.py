@@ -28,6 +28,8 @@ class Settings(BaseSettings):
 
     # On 2-core machines one torch thread per process is often faster than two.
     torch_threads: int = 1
+    # "auto": the first CUDA GPU when there is one, else the CPU. Or "cpu", "cuda", "cuda:1", ...
+    device: str = "auto"
     # Adapters kept loaded in a serving process (least recently used is evicted first).
     adapter_cache_size: int = 8
     # Load the default base model into the API process at start-up rather than on first request.

@@ -43,7 +43,7 @@ class LoadedAdapter:
     size_bytes: int = 0
 
 
-def _read(folder: Path) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+def _read(folder: Path, device: torch.device | str) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
     config_path, weights_path = folder / ADAPTER_CONFIG, folder / ADAPTER_WEIGHTS
     if not config_path.is_file() or not weights_path.is_file():
         raise AdapterLoadError(f"adapter folder must hold {ADAPTER_CONFIG} and {ADAPTER_WEIGHTS}")
@@ -54,7 +54,7 @@ def _read(folder: Path) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
     if not isinstance(config, dict):
         raise AdapterLoadError(f"{ADAPTER_CONFIG} must be a JSON object")
     try:
-        weights = load_file(str(weights_path), device="cpu")
+        weights = load_file(str(weights_path), device=str(device))
     except Exception as exc:  # safetensors raises its own error types for corrupt files
         raise AdapterLoadError(f"{ADAPTER_WEIGHTS} is not a valid safetensors file: {exc}") from exc
     return config, weights
@@ -133,9 +133,10 @@ def _prefix(config: dict[str, Any], weights: dict[str, torch.Tensor], model_conf
     return [(kv[2 * i], kv[2 * i + 1]) for i in range(layers)]
 
 
-def load_adapter(folder: Path, *, key: str, model_config: Any, max_rank: int) -> LoadedAdapter:
+def load_adapter(folder: Path, *, key: str, model_config: Any, max_rank: int,
+                 device: torch.device | str = "cpu") -> LoadedAdapter:
     started = time.perf_counter()
-    config, weights = _read(folder)
+    config, weights = _read(folder, device)
     peft_type = config.get("peft_type")
     if peft_type not in SUPPORTED_PEFT_TYPES:
         supported = ", ".join(SUPPORTED_PEFT_TYPES)

@@ -61,6 +61,7 @@ class BaseRuntime:
         self.max_rank = max_rank
         suffixes = {n.rsplit(".", 1)[-1] for n, m in model.named_modules()
                     if isinstance(m, torch.nn.Linear) and n != "lm_head"}
+        self.device = next(model.parameters()).device
         self.lora = LoraRegistry(model, suffixes)
         self.adapters: OrderedDict[str, LoadedAdapter] = OrderedDict()
         self.lock = threading.RLock()
@@ -87,7 +88,7 @@ class BaseRuntime:
                 return loaded
             try:
                 loaded = load_adapter(ref.folder, key=ref.key, model_config=self.model.config,
-                                      max_rank=self.max_rank)
+                                      max_rank=self.max_rank, device=self.device)
                 if loaded.kind == "lora":
                     self.lora.attach(ref.key, loaded.lora)
             except (KeyError, ValueError, OSError) as exc:
@@ -115,7 +116,7 @@ class BaseRuntime:
 
         cache = DynamicCache(config=self.model.config)
         if adapter is not None and adapter.kind == "prefix":
-            positions = torch.arange(adapter.num_virtual_tokens)
+            positions = torch.arange(adapter.num_virtual_tokens, device=self.device)
             for layer, (k, v) in enumerate(adapter.prefix):
                 cache.update(k.unsqueeze(0).expand(batch, -1, -1, -1), v.unsqueeze(0).expand(batch, -1, -1, -1),
                              layer, cache_kwargs={"cache_position": positions})
@@ -125,9 +126,9 @@ class BaseRuntime:
     def logits(self, input_ids: list[int], adapter: LoadedAdapter | None) -> torch.Tensor:
         """Logits for every position of one sequence (used by tests and evaluation)."""
         with self.lock:
-            ids = torch.tensor([input_ids])
+            ids = torch.tensor([input_ids], device=self.device)
             prefix = adapter.num_virtual_tokens if adapter is not None and adapter.kind == "prefix" else 0
-            mask = torch.ones(1, prefix + len(input_ids), dtype=torch.long)
+            mask = torch.ones(1, prefix + len(input_ids), dtype=torch.long, device=self.device)
             key = adapter.key if adapter is not None and adapter.kind == "lora" else None
             with self.lora.route([key]):
                 out = self.model(input_ids=ids, attention_mask=mask,
@@ -143,18 +144,18 @@ class BaseRuntime:
 
     def _generate(self, input_ids: list[int], adapter: LoadedAdapter | None, params: SamplingParams,
                   on_token: Callable[[int], bool] | None) -> Generation:
-        generator = torch.Generator()
+        generator = torch.Generator(device=self.device)
         generator.manual_seed(params.seed if params.seed is not None else int(time.time_ns() % (2**63)))
         prefix = adapter.num_virtual_tokens if adapter is not None and adapter.kind == "prefix" else 0
         cache = self._prefix_cache(adapter, 1)
         key = adapter.key if adapter is not None and adapter.kind == "lora" else None
         produced: list[int] = []
         finish = "length"
-        step_input = torch.tensor([input_ids])
+        step_input = torch.tensor([input_ids], device=self.device)
         total = prefix + len(input_ids)
         with self.lora.route([key]):
             for _ in range(params.max_tokens):
-                mask = torch.ones(1, total, dtype=torch.long)
+                mask = torch.ones(1, total, dtype=torch.long, device=self.device)
                 out = self.model(input_ids=step_input, attention_mask=mask, past_key_values=cache, use_cache=True)
                 cache = out.past_key_values
                 token = sample(out.logits[0, -1], params, generator)
@@ -171,7 +172,7 @@ class BaseRuntime:
                     if cut is not None:
                         return Generation(text=text[:cut], token_ids=produced, finish_reason="stop",
                                           prompt_tokens=len(input_ids))
-                step_input = torch.tensor([[token]])
+                step_input = torch.tensor([[token]], device=self.device)
                 total += 1
         text = self.tokenizer.decode(produced, skip_special_tokens=True)
         return Generation(text=text, token_ids=produced, finish_reason=finish, prompt_tokens=len(input_ids))

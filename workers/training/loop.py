@@ -73,8 +73,9 @@ def evaluate(model: Any, examples: list[EncodedExample], *, pad_id: int, max_len
     was_training = model.training
     model.eval()
     total_loss, total_tokens = 0.0, 0
+    device = next(model.parameters()).device
     for start in range(0, len(examples), batch_size):
-        batch = make_batch(examples[start:start + batch_size], pad_id, max_len)
+        batch = {k: v.to(device) for k, v in make_batch(examples[start:start + batch_size], pad_id, max_len).items()}
         logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
         shift_logits = logits[:, :-1].reshape(-1, logits.shape[-1])
         shift_labels = batch["labels"][:, 1:].reshape(-1)
@@ -117,6 +118,7 @@ def train(*, base_model: Any, method: AdapterMethod, hyperparameters: dict[str, 
     valid = trainable_examples(valid_examples, max_len)
     steps_total = total_steps(len(examples), hp)
     model = get_peft_model(base_model, method.peft_config(hp, total_steps=steps_total))
+    device = next(base_model.parameters()).device
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=hp["learning_rate"], weight_decay=hp["weight_decay"])
     scheduler = get_scheduler("linear", optimizer, num_warmup_steps=int(hp["warmup_ratio"] * steps_total),
@@ -140,7 +142,7 @@ def train(*, base_model: Any, method: AdapterMethod, hyperparameters: dict[str, 
             if callbacks.should_stop():
                 raise Cancelled()
             chunk = [examples[i] for i in order[start:start + batch_size]]
-            batch = make_batch(chunk, pad_id, max_len)
+            batch = {k: v.to(device) for k, v in make_batch(chunk, pad_id, max_len).items()}
             loss = model(**batch).loss
             loss.backward()
             torch.nn.utils.clip_grad_norm_(params, 1.0)
