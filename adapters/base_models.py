@@ -127,7 +127,7 @@ def load_model(settings: Settings, spec: BaseModelSpec) -> Any:
     from transformers import AutoModelForCausalLM
 
     model = AutoModelForCausalLM.from_pretrained(local_path(settings, spec), dtype=torch.float32)
-    model.to(torch.device(resolve_device(settings.device)))
+    model.to(resolve_device(settings.device))  # type: ignore[arg-type]
     model.requires_grad_(False)
     model.eval()
     return model
