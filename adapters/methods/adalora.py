@@ -21,6 +21,8 @@ from adapters.methods.base import (
 )
 from adapters.methods.lora import check_lora_family, lora_family_defaults
 
+DEFAULT_INIT_R = 12
+
 
 class AdaLoraHyperparameters(TrainingHyperparameters):
     init_r: int | Auto | None = Field(default=None, description="starting rank of every module")
@@ -41,11 +43,13 @@ class AdaLora(AdapterMethod):
         check_range("init_r", hp.init_r, 1, settings.max_lora_rank)
         check_range("target_r", hp.target_r, 1, settings.max_lora_rank)
         check_lora_family(hp, settings, base_info)
-        if given(hp.init_r) and given(hp.target_r) and hp.target_r > hp.init_r:
-            raise HyperparameterError("target_r", f"target_r ({hp.target_r}) must not exceed init_r ({hp.init_r})")
+        init_r = hp.init_r if given(hp.init_r) else DEFAULT_INIT_R
+        if given(hp.target_r) and hp.target_r > init_r:
+            raise HyperparameterError("target_r", f"target_r ({hp.target_r}) must not exceed init_r ({init_r}"
+                                                  f"{'' if given(hp.init_r) else ', the default'})")
 
     def method_defaults(self, hp, *, settings, base_info):  # type: ignore[no-untyped-def,override]
-        init_r = hp.init_r if given(hp.init_r) else 12
+        init_r = hp.init_r if given(hp.init_r) else DEFAULT_INIT_R
         target_r = hp.target_r if given(hp.target_r) else max(1, min(8, init_r))
         return {"init_r": init_r, "target_r": target_r, **lora_family_defaults(hp, base_info, init_r)}
 

@@ -210,10 +210,6 @@ def test_exactly_twenty_problems_have_no_summary() -> None:
     assert len(re.findall(r"\bline \d+:", str(info.value))) == MAX_REPORTED_PROBLEMS
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: parse_jsonl splits lines with str.splitlines(), which also breaks on "
-                                       "U+2028/U+2029/U+0085; JSON allows these unescaped inside strings "
-                                       "(json.dumps(..., ensure_ascii=False) writes them raw), so a valid line "
-                                       "is reported as two broken ones")
 @pytest.mark.parametrize("separator", ["\u2028", "\u2029", "\x85"])
 def test_unicode_line_separators_inside_json_strings(separator: str) -> None:
     raw = (json.dumps({"text": f"one{separator}two"}, ensure_ascii=False) + "\n"
@@ -383,17 +379,15 @@ def test_check_lengths_requires_matching_line_numbers() -> None:
         check_lengths([EncodedExample([1], [1])], [1, 2], max_tokens=10)
 
 
-@pytest.mark.xfail(strict=True, raises=ValueError,
-                   reason="BUG: a chat example whose first message is the assistant passes parse_jsonl, but "
-                          "encode_example renders the empty conversation before it and raises a plain ValueError "
-                          "(not DatasetError), so the upload endpoint (app/services/datasets.py) answers 500 "
-                          "instead of naming the line, and a worker given such a file would fail")
-def test_chat_starting_with_assistant_is_rejected_or_encodable(tokenizer: Any) -> None:
+def test_chat_starting_with_assistant_is_rejected_at_validation() -> None:
     raw = jsonl(chat(("user", "q"), ("assistant", "a")), chat(("assistant", "Hello, how can I help?")))
-    try:
-        dataset = parse_jsonl(raw, max_examples=100)
-    except DatasetError as exc:  # acceptable fix: rejected at validation, naming the line
-        assert "line 2:" in str(exc)
-        return
-    examples = encode_dataset(tokenizer, dataset)  # otherwise it must be encodable
-    assert trained_runs(tokenizer, examples[1]) == [_assistant_turn("Hello, how can I help?")]
+    with pytest.raises(DatasetError, match=r"line 2: messages\[0\]: an assistant message needs a user message"):
+        parse_jsonl(raw, max_examples=100)
+
+
+@pytest.mark.parametrize("weight", [True, False])
+def test_boolean_weights_are_refused(weight: bool) -> None:
+    raw = json.dumps({"messages": [{"role": "user", "content": "q"},
+                                   {"role": "assistant", "content": "a", "weight": weight}]}).encode()
+    with pytest.raises(DatasetError, match="weight must be 0 or 1"):
+        parse_jsonl(raw, max_examples=100)

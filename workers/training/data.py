@@ -81,10 +81,13 @@ def check_record(record: dict[str, Any], fmt: Format) -> str | None:
                 return f"messages[{i}].role is {role!r}; accepted roles: {', '.join(CHAT_ROLES)}"
             if not _nonempty_str(message.get("content")):
                 return f"messages[{i}].content must be a non-empty string"
-            if "weight" in message and message["weight"] not in (0, 1):
+            weight = message.get("weight", 1)
+            if isinstance(weight, bool) or weight not in (0, 1):
                 return f"messages[{i}].weight must be 0 or 1"
             if role == "system" and i != 0:
                 return f"messages[{i}]: a system message may only come first"
+            if role == "assistant" and (i == 0 or messages[i - 1].get("role") == "system"):
+                return f"messages[{i}]: an assistant message needs a user message before it"
             has_assistant = has_assistant or (role == "assistant" and message.get("weight", 1) == 1)
         if not has_assistant:
             return "'messages' needs at least one assistant message to learn from"
@@ -127,7 +130,9 @@ def parse_jsonl(raw: bytes, *, max_examples: int) -> ParsedDataset:
         text = text[1:]
     problems: list[tuple[int, str]] = []
     records: list[tuple[int, dict[str, Any]]] = []
-    for number, text_line in enumerate(text.splitlines(), start=1):
+    # Split on "\n" only: str.splitlines() would also break inside JSON strings at U+2028 and friends.
+    for number, text_line in enumerate(text.split("\n"), start=1):
+        text_line = text_line.removesuffix("\r")
         if not text_line.strip():
             continue
         try:
@@ -230,7 +235,16 @@ def encode_example(tokenizer: ChatTokenizer, record: dict[str, Any], fmt: Format
 
 
 def encode_dataset(tokenizer: ChatTokenizer, dataset: ParsedDataset) -> list[EncodedExample]:
-    return [encode_example(tokenizer, record, dataset.format) for record in dataset.records]
+    """Encode every record; a record the tokenizer or chat template rejects is a DatasetError for its line."""
+    encoded, problems = [], []
+    for number, record in zip(dataset.line_numbers, dataset.records, strict=True):
+        try:
+            encoded.append(encode_example(tokenizer, record, dataset.format))
+        except Exception as exc:  # templates raise assorted errors (jinja, ValueError, TypeError)
+            problems.append((number, f"cannot be encoded with the model's chat template: {exc}"))
+    if problems:
+        raise DatasetError(problems)
+    return encoded
 
 
 def check_lengths(examples: Iterable[EncodedExample], line_numbers: Iterable[int], *,
