@@ -1,18 +1,24 @@
-"""The serving engine: one copy of each base model in memory, adapters attached per request.
+"""The serving engine: one copy of each base model in memory, many adapters, continuous batching.
 
-Adapters are loaded on first use and kept in a bounded LRU; evicting one detaches its tensors and
-nothing else, so a newly trained adapter is served without restarting or rebuilding anything.
-Requests on one base model run one at a time for now (a lock); the projections already route
-adapters per batch row, which is what continuous batching will build on.
+A scheduler thread per base model runs the decode loop. New requests are prefilled one at a time
+and join the running batch at the next step boundary; each row keeps its own adapter, sampling
+parameters and stop conditions, and leaves the batch as soon as it finishes. LoRA and AdaLoRA rows
+share one forward pass through the slot bank (lora_layers); prefix-tuning rows carry their prefix in
+their own KV rows, so they batch with everything else too.
+
+Adapter tiers: active (in a slot), cpu (weights loaded, no slot), on_disk. Loading from disk happens
+in the caller's thread, so a slow disk never stalls the batch; moving into a slot is an in-place copy.
 """
 
 from __future__ import annotations
 
+import itertools
 import logging
+import queue
 import threading
 import time
 from collections import OrderedDict
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -20,7 +26,7 @@ from typing import Any
 import torch
 
 from adapters.engine.adapter_loader import AdapterLoadError, LoadedAdapter, load_adapter
-from adapters.engine.lora_layers import LoraRegistry
+from adapters.engine.lora_layers import LoraBank
 
 log = logging.getLogger("adaptery.engine")
 
@@ -38,7 +44,7 @@ class SamplingParams:
 class Generation:
     text: str
     token_ids: list[int]
-    finish_reason: str  # "stop" | "length"
+    finish_reason: str  # "stop" | "length" | "cancelled"
     prompt_tokens: int
 
 
@@ -49,133 +55,114 @@ class AdapterRef:
     key: str
     folder: Path
     base_model: str
+    method: str | None = None
 
 
-class BaseRuntime:
-    """One loaded base model with its tokenizer, hooked projections and resident adapters."""
+@dataclass
+class Residency:
+    """What a serving process knows about one adapter it has seen."""
 
-    def __init__(self, model: Any, tokenizer: Any, *, cache_size: int, max_rank: int):
-        self.model = model
+    key: str
+    state: str  # "on_disk" | "cpu" | "active" | "failed"
+    pinned: bool = False
+    last_used_at: float | None = None
+    load_ms: float | None = None
+    rank: int | None = None
+    method: str | None = None
+    size_bytes: int | None = None
+    error: str | None = None
+
+
+class Sequence:
+    """One request in flight: its prompt, adapter, sampling state, and the channel back to the caller."""
+
+    _ids = itertools.count()
+
+    def __init__(self, prompt_ids: list[int], adapter: LoadedAdapter | None, params: SamplingParams,
+                 tokenizer: Any, *, device: torch.device | str = "cpu", record_logits: bool = False):
+        self.id = next(self._ids)
+        self.prompt_ids = prompt_ids
+        self.adapter = adapter
+        self.params = params
         self.tokenizer = tokenizer
-        self.cache_size = cache_size
-        self.max_rank = max_rank
-        suffixes = {n.rsplit(".", 1)[-1] for n, m in model.named_modules()
-                    if isinstance(m, torch.nn.Linear) and n != "lm_head"}
-        self.device = next(model.parameters()).device
-        self.lora = LoraRegistry(model, suffixes)
-        self.adapters: OrderedDict[str, LoadedAdapter] = OrderedDict()
-        self.lock = threading.RLock()
-        self.eos_ids = self._eos_ids()
+        self.generator = torch.Generator(device=device)
+        self.generator.manual_seed(params.seed if params.seed is not None else int(time.time_ns() % (2**63)))
+        self.produced: list[int] = []
+        self.length = 0  # KV entries for this row (prefix tokens included)
+        self.slot = 0
+        self.text = ""
+        self.sent = 0  # characters of text already streamed
+        self.finish_reason: str | None = None
+        self.cancelled = threading.Event()
+        self.events: queue.Queue[tuple[str, Any]] = queue.Queue()
+        self.logits: list[torch.Tensor] | None = [] if record_logits else None
 
-    def _eos_ids(self) -> set[int]:
-        ids: set[int] = set()
-        configured = getattr(self.model.generation_config, "eos_token_id", None)
-        if isinstance(configured, int):
-            ids.add(configured)
-        elif configured:
-            ids.update(configured)
-        if self.tokenizer.eos_token_id is not None:
-            ids.add(self.tokenizer.eos_token_id)
-        return ids
+    @property
+    def prefix(self) -> int:
+        return self.adapter.num_virtual_tokens if self.adapter is not None and self.adapter.kind == "prefix" else 0
 
-    # ------------------------------------------------------------ adapters
+    def cancel(self) -> None:
+        self.cancelled.set()
 
-    def ensure_adapter(self, ref: AdapterRef) -> LoadedAdapter:
-        with self.lock:
-            loaded = self.adapters.get(ref.key)
-            if loaded is not None:
-                self.adapters.move_to_end(ref.key)
-                return loaded
-            try:
-                loaded = load_adapter(ref.folder, key=ref.key, model_config=self.model.config,
-                                      max_rank=self.max_rank, device=self.device)
-                if loaded.kind == "lora":
-                    self.lora.attach(ref.key, loaded.lora)
-            except (KeyError, ValueError, OSError) as exc:
-                if isinstance(exc, AdapterLoadError):
-                    raise
-                raise AdapterLoadError(f"adapter {ref.key} could not be loaded: {exc}") from exc
-            self.adapters[ref.key] = loaded
-            while len(self.adapters) > self.cache_size:
-                evicted, _ = self.adapters.popitem(last=False)
-                self.lora.detach(evicted)
-                log.info("evicted adapter %s", evicted)
-            return loaded
+    def accept(self, token: int, eos_ids: set[int]) -> None:
+        """Record a sampled token, decide whether the sequence is done, and stream the new text."""
+        if token in eos_ids:
+            self.finish("stop")
+            return
+        self.produced.append(token)
+        self.text = self.tokenizer.decode(self.produced, skip_special_tokens=True)
+        if self.params.stop:
+            cut = first_stop(self.text, self.params.stop)
+            if cut is not None:
+                self.text = self.text[:cut]
+                self.finish("stop")
+                return
+        if len(self.produced) >= self.params.max_tokens:
+            self.finish("length")
+            return
+        self._stream(final=False)
 
-    def unload(self, key: str) -> bool:
-        with self.lock:
-            if self.adapters.pop(key, None) is None:
-                return False
-            self.lora.detach(key)
-            return True
+    def _stream(self, final: bool) -> None:
+        # Hold back a partly decoded character and anything that may still become a stop string.
+        hold = 0 if final else max((len(s) - 1 for s in self.params.stop), default=0)
+        end = len(self.text) - hold
+        if not final and self.text.endswith("\ufffd"):
+            end = min(end, len(self.text) - 1)
+        if end > self.sent:
+            self.events.put(("delta", self.text[self.sent:end]))
+            self.sent = end
 
-    # ------------------------------------------------------------ forward passes
+    def finish(self, reason: str) -> None:
+        if self.finish_reason is not None:
+            return
+        self.finish_reason = reason
+        self._stream(final=True)
+        self.events.put(("done", Generation(text=self.text, token_ids=list(self.produced), finish_reason=reason,
+                                            prompt_tokens=len(self.prompt_ids))))
 
-    def _prefix_cache(self, adapter: LoadedAdapter | None, batch: int) -> Any:
-        from transformers import DynamicCache
+    def fail(self, error: Exception) -> None:
+        if self.finish_reason is None:
+            self.finish_reason = "error"
+            self.events.put(("error", error))
 
-        cache = DynamicCache(config=self.model.config)
-        if adapter is not None and adapter.kind == "prefix":
-            positions = torch.arange(adapter.num_virtual_tokens, device=self.device)
-            for layer, (k, v) in enumerate(adapter.prefix):
-                cache.update(k.unsqueeze(0).expand(batch, -1, -1, -1), v.unsqueeze(0).expand(batch, -1, -1, -1),
-                             layer, cache_kwargs={"cache_position": positions})
-        return cache
+    def wait(self) -> Generation:
+        while True:
+            kind, value = self.events.get()
+            if kind == "done":
+                return value
+            if kind == "error":
+                raise value
 
-    @torch.inference_mode()
-    def logits(self, input_ids: list[int], adapter: LoadedAdapter | None) -> torch.Tensor:
-        """Logits for every position of one sequence (used by tests and evaluation)."""
-        with self.lock:
-            ids = torch.tensor([input_ids], device=self.device)
-            prefix = adapter.num_virtual_tokens if adapter is not None and adapter.kind == "prefix" else 0
-            mask = torch.ones(1, prefix + len(input_ids), dtype=torch.long, device=self.device)
-            key = adapter.key if adapter is not None and adapter.kind == "lora" else None
-            with self.lora.route([key]):
-                out = self.model(input_ids=ids, attention_mask=mask,
-                                 past_key_values=self._prefix_cache(adapter, 1), use_cache=True)
-            return out.logits[0]
-
-    @torch.inference_mode()
-    def generate(self, input_ids: list[int], adapter: LoadedAdapter | None, params: SamplingParams,
-                 on_token: Callable[[int], bool] | None = None) -> Generation:
-        """Sample up to max_tokens; on_token may return False to stop early (client went away)."""
-        with self.lock:
-            return self._generate(input_ids, adapter, params, on_token)
-
-    def _generate(self, input_ids: list[int], adapter: LoadedAdapter | None, params: SamplingParams,
-                  on_token: Callable[[int], bool] | None) -> Generation:
-        generator = torch.Generator(device=self.device)
-        generator.manual_seed(params.seed if params.seed is not None else int(time.time_ns() % (2**63)))
-        prefix = adapter.num_virtual_tokens if adapter is not None and adapter.kind == "prefix" else 0
-        cache = self._prefix_cache(adapter, 1)
-        key = adapter.key if adapter is not None and adapter.kind == "lora" else None
-        produced: list[int] = []
-        finish = "length"
-        step_input = torch.tensor([input_ids], device=self.device)
-        total = prefix + len(input_ids)
-        with self.lora.route([key]):
-            for _ in range(params.max_tokens):
-                mask = torch.ones(1, total, dtype=torch.long, device=self.device)
-                out = self.model(input_ids=step_input, attention_mask=mask, past_key_values=cache, use_cache=True)
-                cache = out.past_key_values
-                token = sample(out.logits[0, -1], params, generator)
-                if token in self.eos_ids:
-                    finish = "stop"
-                    break
-                produced.append(token)
-                if on_token is not None and on_token(token) is False:
-                    finish = "stop"
-                    break
-                if params.stop:
-                    text = self.tokenizer.decode(produced, skip_special_tokens=True)
-                    cut = first_stop(text, params.stop)
-                    if cut is not None:
-                        return Generation(text=text[:cut], token_ids=produced, finish_reason="stop",
-                                          prompt_tokens=len(input_ids))
-                step_input = torch.tensor([[token]], device=self.device)
-                total += 1
-        text = self.tokenizer.decode(produced, skip_special_tokens=True)
-        return Generation(text=text, token_ids=produced, finish_reason=finish, prompt_tokens=len(input_ids))
+    def stream(self) -> Iterator[str]:
+        """Text deltas as they are produced; the final Generation is the StopIteration value."""
+        while True:
+            kind, value = self.events.get()
+            if kind == "delta":
+                yield value
+            elif kind == "done":
+                return value
+            else:
+                raise value
 
 
 def first_stop(text: str, stops: list[str]) -> int | None:
@@ -198,13 +185,358 @@ def sample(logits: torch.Tensor, params: SamplingParams, generator: torch.Genera
     return int(torch.multinomial(probs, 1, generator=generator))
 
 
+class BatchCache:
+    """The running batch's KV cache: per layer [rows, kv_heads, length, head_dim], left-padded."""
+
+    def __init__(self, config: Any):
+        self.config = config
+        self.keys: list[torch.Tensor] = []
+        self.values: list[torch.Tensor] = []
+        self.mask: torch.Tensor | None = None  # [rows, length], 1 for real entries
+
+    @property
+    def rows(self) -> int:
+        return 0 if self.mask is None else self.mask.shape[0]
+
+    def as_dynamic_cache(self) -> Any:
+        from transformers import DynamicCache
+
+        cache = DynamicCache(config=self.config)
+        for layer, (k, v) in enumerate(zip(self.keys, self.values, strict=True)):
+            cache.update(k, v, layer)
+        return cache
+
+    def absorb(self, cache: Any) -> None:
+        """Take the tensors back from a DynamicCache after a forward step appended to it."""
+        self.keys = [layer.keys for layer in cache.layers]
+        self.values = [layer.values for layer in cache.layers]
+
+    def add(self, keys: list[torch.Tensor], values: list[torch.Tensor]) -> None:
+        """Append one sequence (its own [1, kv_heads, len, head_dim] tensors), padding on the left."""
+        new_len = keys[0].shape[2]
+        new_mask = torch.ones(1, new_len, dtype=torch.long, device=keys[0].device)
+        if self.mask is None:
+            self.keys, self.values, self.mask = list(keys), list(values), new_mask
+            return
+        length = self.mask.shape[1]
+        width = max(length, new_len)
+
+        def pad(t: torch.Tensor, to: int) -> torch.Tensor:
+            if t.shape[2] == to:
+                return t
+            return torch.cat([t.new_zeros(t.shape[0], t.shape[1], to - t.shape[2], t.shape[3]), t], dim=2)
+
+        def pad_mask(m: torch.Tensor, to: int) -> torch.Tensor:
+            return m if m.shape[1] == to else torch.cat([m.new_zeros(m.shape[0], to - m.shape[1]), m], dim=1)
+
+        self.keys = [torch.cat([pad(a, width), pad(b, width)]) for a, b in zip(self.keys, keys, strict=True)]
+        self.values = [torch.cat([pad(a, width), pad(b, width)]) for a, b in zip(self.values, values, strict=True)]
+        self.mask = torch.cat([pad_mask(self.mask, width), pad_mask(new_mask, width)])
+
+    def keep(self, rows: list[int]) -> None:
+        """Keep only these rows, and drop leading columns that are padding in every remaining row."""
+        if not rows:
+            self.keys, self.values, self.mask = [], [], None
+            return
+        assert self.mask is not None
+        index = torch.tensor(rows, dtype=torch.long, device=self.mask.device)
+        mask = self.mask.index_select(0, index)
+        used = mask.any(dim=0).nonzero()
+        start = int(used[0]) if len(used) else 0
+        self.mask = mask[:, start:]
+        self.keys = [k.index_select(0, index)[:, :, start:] for k in self.keys]
+        self.values = [v.index_select(0, index)[:, :, start:] for v in self.values]
+
+
+class BaseRuntime:
+    """One loaded base model with its tokenizer, adapter slots, adapter cache and scheduler thread."""
+
+    def __init__(self, model: Any, tokenizer: Any, *, cache_size: int, max_rank: int, cpu_cache_size: int = 0,
+                 max_batch: int = 32):
+        self.model = model
+        self.tokenizer = tokenizer
+        self.max_rank = max_rank
+        self.max_batch = max_batch
+        self.device = next(model.parameters()).device
+        suffixes = {n.rsplit(".", 1)[-1] for n, m in model.named_modules()
+                    if isinstance(m, torch.nn.Linear) and n != "lm_head"}
+        self.bank = LoraBank(model, suffixes, n_slots=cache_size)
+        self.cache_size = cache_size
+        self.cpu_cache_size = max(cpu_cache_size, cache_size)
+        self.loaded: OrderedDict[str, LoadedAdapter] = OrderedDict()  # cpu tier, LRU order
+        self.slot_of: dict[str, int] = {}  # active tier
+        self.residency: dict[str, Residency] = {}
+        self.eos_ids = self._eos_ids()
+        self.lock = threading.RLock()  # adapters, slots and residency
+        self.model_lock = threading.Lock()  # one forward pass at a time
+        self.wakeup = threading.Condition(self.lock)
+        self.pending: list[Sequence] = []
+        self.active: list[Sequence] = []
+        self.batch = BatchCache(model.config)
+        self.stopping = False
+        self.scheduler = threading.Thread(target=self._run, name="adaptery-scheduler", daemon=True)
+        self.scheduler.start()
+
+    def _eos_ids(self) -> set[int]:
+        ids: set[int] = set()
+        configured = getattr(self.model.generation_config, "eos_token_id", None)
+        if isinstance(configured, int):
+            ids.add(configured)
+        elif configured:
+            ids.update(configured)
+        if self.tokenizer.eos_token_id is not None:
+            ids.add(self.tokenizer.eos_token_id)
+        return ids
+
+    # ------------------------------------------------------------ adapter tiers
+
+    @property
+    def adapters(self) -> OrderedDict[str, LoadedAdapter]:
+        """Adapters whose weights are in memory (cpu or active), least recently used first."""
+        return self.loaded
+
+    def ensure_adapter(self, ref: AdapterRef) -> LoadedAdapter:
+        """The adapter's weights in memory (from disk if needed), checked against this base model."""
+        with self.lock:
+            loaded = self.loaded.get(ref.key)
+            if loaded is not None:
+                self.loaded.move_to_end(ref.key)
+                self._touch(ref.key)
+                return loaded
+        try:
+            loaded = load_adapter(ref.folder, key=ref.key, model_config=self.model.config, max_rank=self.max_rank,
+                                  device=self.device)
+            if loaded.kind == "lora":
+                self.bank.check(loaded.lora)
+        except (KeyError, ValueError, OSError) as exc:
+            error = exc if isinstance(exc, AdapterLoadError) else AdapterLoadError(
+                f"adapter {ref.key} could not be loaded: {exc}")
+            with self.lock:
+                self.residency[ref.key] = Residency(key=ref.key, state="failed", method=ref.method, error=str(error))
+            raise error from exc
+        with self.lock:
+            if ref.key not in self.loaded:
+                self.loaded[ref.key] = loaded
+                state = self.residency.get(ref.key)
+                self.residency[ref.key] = Residency(
+                    key=ref.key, state="cpu", pinned=bool(state and state.pinned), load_ms=round(loaded.load_ms, 3),
+                    rank=loaded.rank, method=ref.method or loaded.peft_type.lower(), size_bytes=loaded.size_bytes)
+                self._evict_cpu()
+            self._touch(ref.key)
+            return self.loaded[ref.key]
+
+    def _touch(self, key: str) -> None:
+        if key in self.residency:
+            self.residency[key].last_used_at = time.time()
+
+    def _evict_cpu(self) -> None:
+        for key in list(self.loaded):
+            if len(self.loaded) <= self.cpu_cache_size:
+                return
+            if key in self.slot_of or self.residency[key].pinned:
+                continue
+            del self.loaded[key]
+            self.residency[key].state = "on_disk"
+
+    def activate(self, key: str) -> int:
+        """Give an in-memory adapter a slot (copying it in) and return the slot; -1 when none is free now."""
+        with self.lock:
+            loaded = self.loaded[key]
+            if loaded.kind != "lora":
+                return 0
+            if key in self.slot_of:
+                return self.slot_of[key]
+            busy = {s.slot for s in self.active} | {s.slot for s in self.pending if s.slot}
+            free = [s for s in range(1, self.bank.n_slots) if s not in self.slot_of.values()]
+            if not free:
+                victims = [k for k, s in self.slot_of.items()
+                           if s not in busy and not self.residency[k].pinned]
+                if not victims:
+                    return -1
+                victim = min(victims, key=lambda k: self.residency[k].last_used_at or 0)
+                free = [self.slot_of.pop(victim)]
+                self.residency[victim].state = "cpu"
+                log.info("adapter %s left its slot", victim)
+            slot = free[0]
+            started = time.perf_counter()
+            with self.model_lock:
+                self.bank.write(slot, loaded.lora)
+            self.slot_of[key] = slot
+            self.residency[key].state = "active"
+            log.debug("adapter %s into slot %d in %.2f ms", key, slot, (time.perf_counter() - started) * 1000)
+            self._evict_cpu()
+            return slot
+
+    def unload(self, key: str) -> bool:
+        """Drop an adapter from memory (slot and weights); False if it was not loaded or is in use."""
+        with self.lock:
+            if key not in self.loaded:
+                return False
+            slot = self.slot_of.get(key)
+            if slot is not None and any(s.slot == slot for s in self.active + self.pending):
+                return False
+            if slot is not None:
+                with self.model_lock:
+                    self.bank.clear(slot)
+                del self.slot_of[key]
+            del self.loaded[key]
+            self.residency[key].state = "on_disk"
+            return True
+
+    def pin(self, key: str, pinned: bool) -> None:
+        with self.lock:
+            if key in self.residency:
+                self.residency[key].pinned = pinned
+
+    # ------------------------------------------------------------ requests
+
+    def submit(self, prompt_ids: list[int], adapter: LoadedAdapter | None, params: SamplingParams, *,
+               record_logits: bool = False) -> Sequence:
+        sequence = Sequence(prompt_ids, adapter, params, self.tokenizer, device=self.device,
+                            record_logits=record_logits)
+        with self.wakeup:
+            self.pending.append(sequence)
+            self.wakeup.notify()
+        return sequence
+
+    def generate(self, input_ids: list[int], adapter: LoadedAdapter | None, params: SamplingParams) -> Generation:
+        return self.submit(input_ids, adapter, params).wait()
+
+    @torch.inference_mode()
+    def logits(self, input_ids: list[int], adapter: LoadedAdapter | None) -> torch.Tensor:
+        """Logits for every position of one sequence, outside the batch (tests and evaluation)."""
+        slot = self.activate(adapter.key) if adapter is not None and adapter.kind == "lora" else 0
+        with self.model_lock:
+            cache = self._prefix_cache(adapter)
+            prefix = adapter.num_virtual_tokens if adapter is not None and adapter.kind == "prefix" else 0
+            mask = torch.ones(1, prefix + len(input_ids), dtype=torch.long, device=self.device)
+            with self.bank.route([max(slot, 0)]):
+                out = self.model(input_ids=torch.tensor([input_ids], device=self.device), attention_mask=mask,
+                                 past_key_values=cache, use_cache=True)
+            return out.logits[0]
+
+    def close(self) -> None:
+        with self.wakeup:
+            self.stopping = True
+            self.wakeup.notify()
+
+    # ------------------------------------------------------------ the scheduler
+
+    def _prefix_cache(self, adapter: LoadedAdapter | None) -> Any:
+        from transformers import DynamicCache
+
+        cache = DynamicCache(config=self.model.config)
+        if adapter is not None and adapter.kind == "prefix":
+            positions = torch.arange(adapter.num_virtual_tokens, device=self.device)
+            for layer, (k, v) in enumerate(adapter.prefix):
+                cache.update(k.unsqueeze(0), v.unsqueeze(0), layer, cache_kwargs={"cache_position": positions})
+        return cache
+
+    def _run(self) -> None:
+        while True:
+            with self.wakeup:
+                while not self.stopping and not self.active and not self._admissible():
+                    self.wakeup.wait(timeout=1.0)
+                if self.stopping:
+                    return
+            try:
+                self._admit()
+                if self.active:
+                    self._step()
+            except Exception as exc:  # a broken step fails the requests in it, never the thread
+                log.exception("scheduler step failed")
+                for sequence in self.active:
+                    sequence.fail(exc)
+                self.active = []
+                self.batch = BatchCache(self.model.config)
+
+    def _admissible(self) -> bool:
+        return bool(self.pending) and len(self.active) < self.max_batch
+
+    def _admit(self) -> None:
+        with self.lock:
+            waiting = list(self.pending)
+        for sequence in waiting:
+            if len(self.active) >= self.max_batch:
+                return
+            if sequence.cancelled.is_set():
+                self._dequeue(sequence)
+                sequence.finish("cancelled")
+                continue
+            if sequence.adapter is not None and sequence.adapter.kind == "lora":
+                slot = self.activate(sequence.adapter.key)
+                if slot < 0:
+                    continue  # every slot is serving a running request; try again next step
+                sequence.slot = slot
+            self._dequeue(sequence)
+            try:
+                self._prefill(sequence)
+            except Exception as exc:  # one bad request must not take the batch down
+                log.exception("prefill failed")
+                sequence.fail(exc)
+
+    def _dequeue(self, sequence: Sequence) -> None:
+        with self.lock:
+            self.pending.remove(sequence)
+
+    @torch.inference_mode()
+    def _prefill(self, sequence: Sequence) -> None:
+        with self.model_lock:
+            cache = self._prefix_cache(sequence.adapter)
+            total = sequence.prefix + len(sequence.prompt_ids)
+            mask = torch.ones(1, total, dtype=torch.long, device=self.device)
+            with self.bank.route([sequence.slot]):
+                out = self.model(input_ids=torch.tensor([sequence.prompt_ids], device=self.device),
+                                 attention_mask=mask, past_key_values=cache, use_cache=True)
+        logits = out.logits[0, -1]
+        if sequence.logits is not None:
+            sequence.logits.append(out.logits[0].clone())
+        sequence.length = total
+        sequence.accept(sample(logits, sequence.params, sequence.generator), self.eos_ids)
+        if sequence.finish_reason is not None:
+            return
+        cache = out.past_key_values
+        self.batch.add([layer.keys for layer in cache.layers], [layer.values for layer in cache.layers])
+        self.active.append(sequence)
+
+    @torch.inference_mode()
+    def _step(self) -> None:
+        rows = self.active
+        assert self.batch.mask is not None
+        last = torch.tensor([[s.produced[-1]] for s in rows], device=self.device)
+        positions = torch.tensor([[s.length] for s in rows], device=self.device)
+        mask = torch.cat([self.batch.mask, self.batch.mask.new_ones(len(rows), 1)], dim=1)
+        with self.model_lock:
+            cache = self.batch.as_dynamic_cache()
+            with self.bank.route([s.slot for s in rows]):
+                out = self.model(input_ids=last, attention_mask=mask, position_ids=positions,
+                                 past_key_values=cache, use_cache=True)
+        self.batch.absorb(out.past_key_values)
+        self.batch.mask = mask
+        keep = []
+        for row, sequence in enumerate(rows):
+            sequence.length += 1
+            if sequence.logits is not None:
+                sequence.logits.append(out.logits[row, -1:].clone())
+            if sequence.cancelled.is_set():
+                sequence.finish("cancelled")
+            else:
+                sequence.accept(sample(out.logits[row, -1], sequence.params, sequence.generator), self.eos_ids)
+            if sequence.finish_reason is None:
+                keep.append(row)
+        if len(keep) < len(rows):
+            self.active = [rows[i] for i in keep]
+            self.batch.keep(keep)
+
+
 class InferenceEngine:
     """Base runtimes by base-model id, created on first use."""
 
-    def __init__(self, *, load_base: Callable[[str], tuple[Any, Any]], cache_size: int, max_rank: int):
+    def __init__(self, *, load_base: Callable[[str], tuple[Any, Any]], cache_size: int, max_rank: int,
+                 cpu_cache_size: int = 0, max_batch: int = 32):
         self._load_base = load_base
-        self._cache_size = cache_size
-        self._max_rank = max_rank
+        self._options = {"cache_size": cache_size, "max_rank": max_rank, "cpu_cache_size": cpu_cache_size,
+                         "max_batch": max_batch}
         self._runtimes: dict[str, BaseRuntime] = {}
         self._lock = threading.Lock()
 
@@ -213,9 +545,9 @@ class InferenceEngine:
             runtime = self._runtimes.get(base_model)
             if runtime is None:
                 model, tokenizer = self._load_base(base_model)
-                runtime = BaseRuntime(model, tokenizer, cache_size=self._cache_size, max_rank=self._max_rank)
+                runtime = BaseRuntime(model, tokenizer, **self._options)  # type: ignore[arg-type]
                 self._runtimes[base_model] = runtime
             return runtime
 
-    def loaded_bases(self) -> list[str]:
-        return list(self._runtimes)
+    def loaded_bases(self) -> dict[str, BaseRuntime]:
+        return dict(self._runtimes)

@@ -1,15 +1,17 @@
 """Many LoRA adapters on one set of frozen projections, chosen per batch row.
 
-The base model's nn.Linear modules stay as they are; a forward hook adds each row's low-rank
-correction (x·Aᵀ)·Bᵀ·scale after the base matmul, which runs once for the whole batch. AdaLoRA
-adapters arrive here already folded into the same A/B form (see adapter_loader).
+Each hooked nn.Linear keeps preallocated adapter slots, A [slots, r, in] and B [slots, out, r] with
+the scale folded into B; loading an adapter into a slot is an in-place copy. The base matmul runs
+once for the whole batch; a forward hook then adds every row's low-rank correction. Rows are
+grouped by slot once per step (a RoutingPlan), and every layer reuses that grouping: two batched
+matmuls per projection whatever the mix of adapters, with no per-row copies of adapter weights.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -24,59 +26,102 @@ class LoraFactors:
 
 
 @dataclass
-class BatchRouting:
-    """Which adapter each row of the current forward pass uses (None: the base model)."""
+class RoutingPlan:
+    """How the rows of one forward pass map onto slots (slot 0 means the base model)."""
 
-    row_adapters: list[str | None] = field(default_factory=list)
+    single_slot: int | None  # every row uses this one slot (the common fast path)
+    rows: torch.Tensor | None = None  # rows that use an adapter
+    group: torch.Tensor | None = None  # for each such row, its group index
+    position: torch.Tensor | None = None  # and its position within the group
+    groups: int = 0
+    group_size: int = 0
+    slots: torch.Tensor | None = None  # the slot of each group
+    uses_all_slots: bool = False
 
-    def groups(self) -> dict[str, list[int]]:
-        out: dict[str, list[int]] = {}
-        for row, key in enumerate(self.row_adapters):
-            if key is not None:
-                out.setdefault(key, []).append(row)
+    @staticmethod
+    def build(row_slots: list[int], n_slots: int, device: torch.device) -> RoutingPlan:
+        distinct = sorted(set(row_slots))
+        if len(distinct) == 1:
+            return RoutingPlan(single_slot=distinct[0])
+        used = [s for s in distinct if s != 0]
+        # Grouping by the slot number itself lets the matmuls read the slot tensors without a copy;
+        # worth it once a good share of the slots is in use.
+        uses_all = len(used) * 2 >= n_slots
+        index_of = {s: (s if uses_all else i) for i, s in enumerate(used)}
+        rows, group, position, fill = [], [], [], dict.fromkeys(used, 0)
+        for row, slot in enumerate(row_slots):
+            if slot == 0:
+                continue
+            rows.append(row)
+            group.append(index_of[slot])
+            position.append(fill[slot])
+            fill[slot] += 1
+        as_tensor = lambda values: torch.tensor(values, dtype=torch.long, device=device)  # noqa: E731
+        return RoutingPlan(single_slot=None, rows=as_tensor(rows), group=as_tensor(group),
+                           position=as_tensor(position), groups=n_slots if uses_all else len(used),
+                           group_size=max(fill.values()), slots=None if uses_all else as_tensor(used),
+                           uses_all_slots=uses_all)
+
+
+class SlotLinear:
+    """The slot tensors and forward hook of one projection."""
+
+    def __init__(self, module: nn.Linear, bank: LoraBank):
+        self.module = module
+        self.bank = bank
+        self.a = torch.zeros(bank.n_slots, bank.rank, module.in_features, device=module.weight.device,
+                             dtype=module.weight.dtype)
+        self.b = torch.zeros(bank.n_slots, module.out_features, bank.rank, device=module.weight.device,
+                             dtype=module.weight.dtype)
+        self.handle = module.register_forward_hook(self._hook)
+
+    def grow_rank(self, rank: int) -> None:
+        a = self.a.new_zeros(self.a.shape[0], rank, self.a.shape[2])
+        b = self.b.new_zeros(self.b.shape[0], self.b.shape[1], rank)
+        a[:, : self.a.shape[1]] = self.a
+        b[:, :, : self.b.shape[2]] = self.b
+        self.a, self.b = a, b
+
+    def _hook(self, _module: nn.Module, args: tuple[Any, ...], output: torch.Tensor) -> torch.Tensor:
+        plan = self.bank.plan
+        if plan is None or plan.single_slot == 0 or not self.bank.occupied:
+            return output
+        x = args[0]
+        if plan.single_slot is not None:
+            slot = plan.single_slot
+            return output + (x @ self.a[slot].transpose(0, 1)) @ self.b[slot].transpose(0, 1)
+        assert plan.rows is not None and plan.group is not None and plan.position is not None
+        # x is [batch, tokens, in]; rows of one group are stacked so each group is one matmul.
+        grouped = x.new_zeros(plan.groups, plan.group_size * x.shape[1], x.shape[2])
+        flat = x[plan.rows]  # [n, tokens, in]
+        tokens = x.shape[1]
+        for t in range(tokens):  # tokens is 1 when decoding; prefill runs one sequence at a time
+            grouped[plan.group, plan.position * tokens + t] = flat[:, t]
+        a = self.a if plan.uses_all_slots else self.a.index_select(0, plan.slots)  # type: ignore[arg-type]
+        b = self.b if plan.uses_all_slots else self.b.index_select(0, plan.slots)  # type: ignore[arg-type]
+        delta = torch.bmm(torch.bmm(grouped, a.transpose(1, 2)), b.transpose(1, 2))
+        out = output.clone()
+        for t in range(tokens):
+            out[plan.rows, t] += delta[plan.group, plan.position * tokens + t]
         return out
 
 
-class MultiLoraLinear:
-    """The per-module state and hook: adapter key → factors for this module."""
+class LoraBank:
+    """All hooked projections of one base model, with `n_slots - 1` adapter slots (slot 0: none)."""
 
-    def __init__(self, module: nn.Linear, routing: BatchRouting):
-        self.module = module
-        self.routing = routing
-        self.factors: dict[str, LoraFactors] = {}
-        self.handle = module.register_forward_hook(self._hook)
-
-    def _hook(self, _module: nn.Module, args: tuple[Any, ...], output: torch.Tensor) -> torch.Tensor:
-        if not self.factors:
-            return output
-        groups = {k: rows for k, rows in self.routing.groups().items() if k in self.factors}
-        if not groups:
-            return output
-        x = args[0]
-        if len(groups) == 1:
-            key, rows = next(iter(groups.items()))
-            if len(rows) == x.shape[0]:
-                f = self.factors[key]
-                return output + (x @ f.a.T) @ f.b.T * f.scale
-        output = output.clone()
-        for key, rows in groups.items():
-            f = self.factors[key]
-            index = torch.tensor(rows, device=x.device)
-            output[index] += (x[index] @ f.a.T) @ f.b.T * f.scale
-        return output
-
-
-class LoraRegistry:
-    """All hooked projections of one base model, and the adapters currently attached to them."""
-
-    def __init__(self, model: nn.Module, module_suffixes: set[str]):
-        self.routing = BatchRouting()
-        self.modules: dict[str, MultiLoraLinear] = {}
+    def __init__(self, model: nn.Module, module_suffixes: set[str], *, n_slots: int, rank: int = 8):
+        self.n_slots = n_slots + 1
+        self.rank = rank
+        self.plan: RoutingPlan | None = None
+        self.occupied: set[int] = set()
+        self.device = next(model.parameters()).device
+        self.modules: dict[str, SlotLinear] = {}
         for name, module in model.named_modules():
             if isinstance(module, nn.Linear) and name.rsplit(".", 1)[-1] in module_suffixes:
-                self.modules[name] = MultiLoraLinear(module, self.routing)
+                self.modules[name] = SlotLinear(module, self)
 
-    def attach(self, key: str, factors: dict[str, LoraFactors]) -> None:
+    def check(self, factors: dict[str, LoraFactors]) -> None:
+        """Raise KeyError/ValueError if these factors do not fit this base model (before any copy)."""
         missing = [name for name in factors if name not in self.modules]
         if missing:
             raise KeyError(f"adapter targets modules the base model does not have: {missing[:5]}")
@@ -85,18 +130,39 @@ class LoraRegistry:
             if f.a.shape[1] != module.in_features or f.b.shape[0] != module.out_features:
                 raise ValueError(f"adapter weights for {name} have shapes {tuple(f.a.shape)}/{tuple(f.b.shape)}, "
                                  f"which do not fit the base projection {module.in_features}→{module.out_features}")
-        for name, f in factors.items():
-            self.modules[name].factors[key] = f
 
-    def detach(self, key: str) -> None:
-        for hooked in self.modules.values():
-            hooked.factors.pop(key, None)
+    def write(self, slot: int, factors: dict[str, LoraFactors]) -> None:
+        """Copy an adapter into a slot, in place; projections it does not target get zeros."""
+        self.check(factors)
+        rank = max(f.a.shape[0] for f in factors.values())
+        if rank > self.rank:
+            for hooked in self.modules.values():
+                hooked.grow_rank(rank)
+            self.rank = rank
+        with torch.no_grad():
+            for name, hooked in self.modules.items():
+                hooked.a[slot].zero_()
+                hooked.b[slot].zero_()
+                f = factors.get(name)
+                if f is None:
+                    continue
+                r = f.a.shape[0]
+                hooked.a[slot, :r].copy_(f.a)
+                hooked.b[slot, :, :r].copy_(f.b * f.scale)
+        self.occupied.add(slot)
+
+    def clear(self, slot: int) -> None:
+        with torch.no_grad():
+            for hooked in self.modules.values():
+                hooked.a[slot].zero_()
+                hooked.b[slot].zero_()
+        self.occupied.discard(slot)
 
     @contextmanager
-    def route(self, row_adapters: list[str | None]) -> Iterator[None]:
-        previous = self.routing.row_adapters
-        self.routing.row_adapters = row_adapters
+    def route(self, row_slots: list[int]) -> Iterator[None]:
+        previous = self.plan
+        self.plan = RoutingPlan.build(row_slots, self.n_slots, self.device)
         try:
             yield
         finally:
-            self.routing.row_adapters = previous
+            self.plan = previous
