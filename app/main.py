@@ -8,7 +8,7 @@ from contextlib import asynccontextmanager
 
 from fastapi import FastAPI
 
-from app.api import files, fine_tuning, health, inference, models
+from app.api import adapters, files, fine_tuning, health, inference, models
 from app.db.session import migrate_to_head
 from app.errors import install_error_handlers
 from app.settings import get_settings
@@ -31,7 +31,7 @@ def create_app() -> FastAPI:
     app = FastAPI(title="Adaptery", version="0.1.0", lifespan=lifespan,
                   description="Self-hosted parameter-efficient fine-tuning with an OpenAI-shaped API.")
     install_error_handlers(app)
-    for module in (health, files, fine_tuning, inference, models):
+    for module in (health, files, fine_tuning, inference, models, adapters):
         app.include_router(module.router)
     return app
 

@@ -30,8 +30,13 @@ class Settings(BaseSettings):
     torch_threads: int = 1
     # "auto": the first CUDA GPU when there is one, else the CPU. Or "cpu", "cuda", "cuda:1", ...
     device: str = "auto"
-    # Adapters kept loaded in a serving process (least recently used is evicted first).
-    adapter_cache_size: int = 8
+    # Adapter slots per base model in a serving process: adapters served in the same batch at once.
+    # The least recently used adapter not serving a request gives up its slot first.
+    adapter_cache_size: int = 16
+    # Adapters whose weights stay in memory (slots included), so re-activating one is a copy, not a load.
+    adapter_cpu_cache_size: int = 128
+    # Sequences decoded together in one forward pass.
+    max_batch_size: int = 32
     # Load the default base model into the API process at start-up rather than on first request.
     preload_inference: bool = False
 
@@ -40,7 +45,7 @@ class Settings(BaseSettings):
     # Longest example (in tokens, chat template applied) a dataset may contain.
     max_example_tokens: int = 4096
     max_seq_length_limit: int = 4096
-    max_lora_rank: int = 256
+    max_lora_rank: int = 64
     max_tokens_limit: int = 4096
 
     # Training cadence: a metrics event every N steps, evaluation on the validation file every N steps.

@@ -95,6 +95,8 @@ class Sequence:
         self.finish_reason: str | None = None
         self.cancelled = threading.Event()
         self.events: queue.Queue[tuple[str, Any]] = queue.Queue()
+        # Called (from the scheduler thread) after each event; an asyncio caller uses it to wake up.
+        self.notify: Callable[[], None] | None = None
         self.logits: list[torch.Tensor] | None = [] if record_logits else None
 
     @property
@@ -129,21 +131,26 @@ class Sequence:
         if not final and self.text.endswith("\ufffd"):
             end = min(end, len(self.text) - 1)
         if end > self.sent:
-            self.events.put(("delta", self.text[self.sent:end]))
+            self._put("delta", self.text[self.sent:end])
             self.sent = end
+
+    def _put(self, kind: str, value: Any) -> None:
+        self.events.put((kind, value))
+        if self.notify is not None:
+            self.notify()
 
     def finish(self, reason: str) -> None:
         if self.finish_reason is not None:
             return
         self.finish_reason = reason
         self._stream(final=True)
-        self.events.put(("done", Generation(text=self.text, token_ids=list(self.produced), finish_reason=reason,
-                                            prompt_tokens=len(self.prompt_ids))))
+        self._put("done", Generation(text=self.text, token_ids=list(self.produced), finish_reason=reason,
+                                     prompt_tokens=len(self.prompt_ids)))
 
     def fail(self, error: Exception) -> None:
         if self.finish_reason is None:
             self.finish_reason = "error"
-            self.events.put(("error", error))
+            self._put("error", error)
 
     def wait(self) -> Generation:
         while True:
@@ -338,10 +345,16 @@ class BaseRuntime:
             del self.loaded[key]
             self.residency[key].state = "on_disk"
 
-    def activate(self, key: str) -> int:
-        """Give an in-memory adapter a slot (copying it in) and return the slot; -1 when none is free now."""
+    def activate(self, adapter: LoadedAdapter | str) -> int:
+        """Give a loaded adapter a slot (copying it in) and return the slot; -1 when none is free now."""
         with self.lock:
-            loaded = self.loaded[key]
+            if isinstance(adapter, str):
+                adapter = self.loaded[adapter]
+            key, loaded = adapter.key, adapter
+            if key not in self.loaded:  # its weights left the cpu tier while the request waited
+                self.loaded[key] = loaded
+                self.residency[key].state = "cpu"
+            self.loaded.move_to_end(key)
             if loaded.kind != "lora":
                 return 0
             if key in self.slot_of:
@@ -405,7 +418,7 @@ class BaseRuntime:
     @torch.inference_mode()
     def logits(self, input_ids: list[int], adapter: LoadedAdapter | None) -> torch.Tensor:
         """Logits for every position of one sequence, outside the batch (tests and evaluation)."""
-        slot = self.activate(adapter.key) if adapter is not None and adapter.kind == "lora" else 0
+        slot = self.activate(adapter) if adapter is not None and adapter.kind == "lora" else 0
         with self.model_lock:
             cache = self._prefix_cache(adapter)
             prefix = adapter.num_virtual_tokens if adapter is not None and adapter.kind == "prefix" else 0
@@ -464,7 +477,7 @@ class BaseRuntime:
                 sequence.finish("cancelled")
                 continue
             if sequence.adapter is not None and sequence.adapter.kind == "lora":
-                slot = self.activate(sequence.adapter.key)
+                slot = self.activate(sequence.adapter)
                 if slot < 0:
                     continue  # every slot is serving a running request; try again next step
                 sequence.slot = slot

@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 from fastapi import APIRouter
+from sse_starlette.sse import EventSourceResponse
 
 from app.api.deps import SessionDep, SettingsDep, TenantDep
 from app.schemas.inference import ChatCompletionRequest, CompletionRequest
@@ -13,17 +14,23 @@ from app.services import inference
 router = APIRouter(prefix="/v1", tags=["inference"])
 
 
-@router.post("/chat/completions")
-def chat_completions(body: ChatCompletionRequest, session: SessionDep, settings: SettingsDep,
-                     tenant: TenantDep) -> dict[str, Any]:
+def _respond(body: Any, session: Any, settings: Any, tenant: str, *, chat: bool) -> Any:
     target = inference.resolve_model(session, tenant_id=tenant, settings=settings, name=body.model)
     session.close()  # generation can take seconds; don't hold a connection meanwhile
-    return inference.chat_completion(settings, target, body)
+    sequence = inference.start(settings, target, body, chat=chat)
+    if body.stream:
+        include_usage = bool(body.stream_options and body.stream_options.include_usage)
+        return EventSourceResponse(inference.stream_chunks(target, sequence, chat=chat, include_usage=include_usage),
+                                   ping=15)
+    return inference.response_body(target, sequence.wait(), chat=chat)
+
+
+@router.post("/chat/completions")
+def chat_completions(body: ChatCompletionRequest, session: SessionDep, settings: SettingsDep,
+                     tenant: TenantDep) -> Any:
+    return _respond(body, session, settings, tenant, chat=True)
 
 
 @router.post("/completions")
-def completions(body: CompletionRequest, session: SessionDep, settings: SettingsDep,
-                tenant: TenantDep) -> dict[str, Any]:
-    target = inference.resolve_model(session, tenant_id=tenant, settings=settings, name=body.model)
-    session.close()
-    return inference.completion(settings, target, body)
+def completions(body: CompletionRequest, session: SessionDep, settings: SettingsDep, tenant: TenantDep) -> Any:
+    return _respond(body, session, settings, tenant, chat=False)

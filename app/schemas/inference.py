@@ -29,6 +29,12 @@ class ChatMessage(BaseModel):
         return "".join(part.text for part in self.content)
 
 
+class StreamOptions(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    include_usage: bool = False
+
+
 class SamplingFields(Request):
     model: str = Field(min_length=1, max_length=255)
     max_tokens: int | None = Field(default=None, ge=1)
@@ -37,7 +43,8 @@ class SamplingFields(Request):
     stop: str | list[str] | None = None
     seed: int | None = None
     n: int = Field(default=1, ge=1, le=1, description="only n=1 is supported")
-    stream: Literal[False] = Field(default=False, description="streaming is not available on this server yet")
+    stream: bool = False
+    stream_options: StreamOptions | None = None
     user: str | None = None
 
     def stop_list(self) -> list[str]:

@@ -6,13 +6,18 @@ manages files and jobs starts in about a second.
 
 from __future__ import annotations
 
+import asyncio
+import json
 import threading
 import time
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from typing import Any
 
+from sqlalchemy import select
 from sqlalchemy.orm import Session
 
+from app.db.models import Adapter, AdapterStatus
 from app.errors import ApiError
 from app.services.jobs import adapter_by_name, new_id
 from app.settings import Settings
@@ -37,14 +42,19 @@ def get_engine(settings: Settings) -> Any:
                 return base_models.load_model(settings, spec), base_models.load_tokenizer(settings, spec)
 
             _engine = InferenceEngine(load_base=load_base, cache_size=settings.adapter_cache_size,
-                                      max_rank=settings.max_lora_rank)
+                                      max_rank=settings.max_lora_rank, cpu_cache_size=settings.adapter_cpu_cache_size,
+                                      max_batch=settings.max_batch_size)
         return _engine
+
+
+def engine_if_started() -> Any:
+    return _engine
 
 
 @dataclass
 class Target:
     base_model: str
-    adapter_id: str | None
+    adapter: Adapter | None
     name: str
 
 
@@ -52,30 +62,33 @@ def resolve_model(session: Session, *, tenant_id: str, settings: Settings, name:
     from adapters import base_models
 
     try:
-        return Target(base_model=base_models.resolve(settings, name).id, adapter_id=None, name=name)
+        return Target(base_model=base_models.resolve(settings, name).id, adapter=None, name=name)
     except base_models.UnknownBaseModel:
         pass
     adapter = adapter_by_name(session, tenant_id=tenant_id, name=name)
     if adapter is None:
         raise ApiError(404, f"The model '{name}' does not exist. GET /v1/models lists the base models and "
                             "fine-tuned models you can use.", param="model", code="model_not_found")
-    return Target(base_model=adapter.base_model, adapter_id=adapter.id, name=name)
+    return Target(base_model=adapter.base_model, adapter=adapter, name=name)
 
 
-def _runtime_and_adapter(settings: Settings, target: Target) -> tuple[Any, Any]:
-    from adapters.engine.adapter_loader import AdapterLoadError
+def adapter_ref(settings: Settings, adapter: Adapter) -> Any:
     from adapters.engine.engine import AdapterRef
     from adapters.store import ArtifactStore
 
-    runtime = get_engine(settings).runtime(target.base_model)
-    if target.adapter_id is None:
-        return runtime, None
-    ref = AdapterRef(key=target.adapter_id, folder=ArtifactStore(settings.data_dir).adapter_dir(target.adapter_id),
-                     base_model=target.base_model)
+    return AdapterRef(key=adapter.id, folder=ArtifactStore(settings.data_dir).adapter_dir(adapter.id),
+                      base_model=adapter.base_model, method=adapter.method)
+
+
+def load_into_memory(settings: Settings, adapter: Adapter) -> tuple[Any, Any]:
+    """The adapter's runtime and loaded weights; a broken adapter is a 422 naming the reason."""
+    from adapters.engine.adapter_loader import AdapterLoadError
+
+    runtime = get_engine(settings).runtime(adapter.base_model)
     try:
-        return runtime, runtime.ensure_adapter(ref)
+        return runtime, runtime.ensure_adapter(adapter_ref(settings, adapter))
     except AdapterLoadError as exc:
-        raise ApiError(422, f"The model '{target.name}' could not be loaded: {exc}", param="model",
+        raise ApiError(422, f"The model '{adapter.name}' could not be loaded: {exc}", param="model",
                        code="adapter_load_failed") from None
 
 
@@ -98,24 +111,26 @@ def _check_budget(settings: Settings, runtime: Any, prompt_tokens: int, max_toke
     return wanted
 
 
-def _run(settings: Settings, target: Target, prompt_ids_fn: Any, request: Any) -> tuple[Any, int]:
+def _submit(settings: Settings, target: Target, prompt_ids_fn: Callable[[Any], list[int]], request: Any) -> Any:
     from adapters.engine.engine import SamplingParams
 
-    runtime, adapter = _runtime_and_adapter(settings, target)
+    if target.adapter is not None:
+        runtime, adapter = load_into_memory(settings, target.adapter)
+    else:
+        runtime, adapter = get_engine(settings).runtime(target.base_model), None
     prompt_ids = prompt_ids_fn(runtime.tokenizer)
-    max_tokens = request.max_completion_tokens if getattr(request, "max_completion_tokens", None) \
-        else request.max_tokens
+    max_tokens = getattr(request, "max_completion_tokens", None) or request.max_tokens
     budget = _check_budget(settings, runtime, len(prompt_ids), max_tokens)
     params = SamplingParams(max_tokens=budget, temperature=request.temperature, top_p=request.top_p,
                             stop=request.stop_list(), seed=request.seed)
-    return runtime.generate(prompt_ids, adapter, params), len(prompt_ids)
+    return runtime.submit(prompt_ids, adapter, params)
 
 
 def _usage(prompt: int, completion: int) -> dict[str, int]:
     return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
 
 
-def chat_completion(settings: Settings, target: Target, request: Any) -> dict[str, Any]:
+def _chat_prompt(request: Any) -> Callable[[Any], list[int]]:
     messages = [{"role": "system" if m.role == "developer" else m.role, "content": m.text()}
                 for m in request.messages]
 
@@ -123,20 +138,14 @@ def chat_completion(settings: Settings, target: Target, request: Any) -> dict[st
         text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
         return tokenizer(text, add_special_tokens=False)["input_ids"]
 
-    result, n_prompt = _run(settings, target, prompt_ids, request)
-    return {
-        "id": new_id("chatcmpl"), "object": "chat.completion", "created": int(time.time()), "model": target.name,
-        "choices": [{"index": 0, "message": {"role": "assistant", "content": result.text},
-                     "finish_reason": result.finish_reason, "logprobs": None}],
-        "usage": _usage(n_prompt, len(result.token_ids)),
-    }
+    return prompt_ids
 
 
-def completion(settings: Settings, target: Target, request: Any) -> dict[str, Any]:
-    prompt = request.prompt if isinstance(request.prompt, str) else "".join(request.prompt[:1])
+def _completion_prompt(request: Any) -> Callable[[Any], list[int]]:
     if isinstance(request.prompt, list) and len(request.prompt) != 1:
         raise ApiError(400, "prompt must be a string or a list of exactly one string.", param="prompt",
                        code="invalid_value")
+    prompt = request.prompt if isinstance(request.prompt, str) else request.prompt[0]
 
     def prompt_ids(tokenizer: Any) -> list[int]:
         ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
@@ -144,9 +153,135 @@ def completion(settings: Settings, target: Target, request: Any) -> dict[str, An
             raise ApiError(400, "prompt must not be empty.", param="prompt", code="invalid_value")
         return ids
 
-    result, n_prompt = _run(settings, target, prompt_ids, request)
+    return prompt_ids
+
+
+def start(settings: Settings, target: Target, request: Any, *, chat: bool) -> Any:
+    """Validate and queue a request; returns the engine Sequence (its .wait() or events give the result)."""
+    return _submit(settings, target, _chat_prompt(request) if chat else _completion_prompt(request), request)
+
+
+def response_body(target: Target, result: Any, *, chat: bool) -> dict[str, Any]:
+    if chat:
+        choice: dict[str, Any] = {"index": 0, "message": {"role": "assistant", "content": result.text},
+                                  "finish_reason": result.finish_reason, "logprobs": None}
+    else:
+        choice = {"index": 0, "text": result.text, "finish_reason": result.finish_reason, "logprobs": None}
+    return {"id": new_id("chatcmpl" if chat else "cmpl"), "object": "chat.completion" if chat else "text_completion",
+            "created": int(time.time()), "model": target.name, "choices": [choice],
+            "usage": _usage(result.prompt_tokens, len(result.token_ids))}
+
+
+async def stream_chunks(target: Target, sequence: Any, *, chat: bool, include_usage: bool) -> AsyncIterator[str]:
+    """OpenAI-style SSE data payloads, ending with [DONE]; leaving early (client gone) frees the sequence."""
+    loop = asyncio.get_running_loop()
+    woken = asyncio.Event()
+    sequence.notify = lambda: loop.call_soon_threadsafe(woken.set)
+    chunk_id, created = new_id("chatcmpl" if chat else "cmpl"), int(time.time())
+    kind = "chat.completion.chunk" if chat else "text_completion"
+
+    def chunk(delta: str | None, finish: str | None, role: bool = False) -> str:
+        if chat:
+            body: dict[str, Any] = {"role": "assistant", "content": ""} if role else (
+                {"content": delta} if delta is not None else {})
+            choice: dict[str, Any] = {"index": 0, "delta": body, "finish_reason": finish, "logprobs": None}
+        else:
+            choice = {"index": 0, "text": delta or "", "finish_reason": finish, "logprobs": None}
+        return json.dumps({"id": chunk_id, "object": kind, "created": created, "model": target.name,
+                           "choices": [choice]})
+
+    try:
+        if chat:
+            yield chunk(None, None, role=True)
+        while True:
+            await woken.wait()
+            woken.clear()
+            while not sequence.events.empty():
+                event, value = sequence.events.get_nowait()
+                if event == "delta":
+                    yield chunk(value, None)
+                elif event == "error":
+                    yield json.dumps({"error": {"message": f"generation failed: {value}", "type": "server_error",
+                                                "param": None, "code": None}})
+                    return
+                else:
+                    finish = "stop" if value.finish_reason == "cancelled" else value.finish_reason
+                    yield chunk(None, finish)
+                    if include_usage:
+                        yield json.dumps({"id": chunk_id, "object": kind, "created": created, "model": target.name,
+                                          "choices": [], "usage": _usage(value.prompt_tokens, len(value.token_ids))})
+                    yield "[DONE]"
+                    return
+    finally:
+        sequence.cancel()  # a no-op when it already finished; frees the row when the client left
+
+
+# ------------------------------------------------------------------ adapter residency
+
+
+def adapter_object(adapter: Adapter) -> dict[str, Any]:
+    engine = engine_if_started()
+    runtime = engine.loaded_bases().get(adapter.base_model) if engine is not None else None
+    residency = runtime.residency.get(adapter.id) if runtime is not None else None
     return {
-        "id": new_id("cmpl"), "object": "text_completion", "created": int(time.time()), "model": target.name,
-        "choices": [{"index": 0, "text": result.text, "finish_reason": result.finish_reason, "logprobs": None}],
-        "usage": _usage(n_prompt, len(result.token_ids)),
+        "id": adapter.id, "object": "adapter", "name": adapter.name, "base_model": adapter.base_model,
+        "method": adapter.method, "job_id": adapter.job_id, "created_at": adapter.created_at,
+        "size_bytes": adapter.size_bytes,
+        "state": residency.state if residency else "on_disk",
+        "pinned": residency.pinned if residency else False,
+        "last_used_at": residency.last_used_at if residency else None,
+        "load_ms": residency.load_ms if residency else None,
+        "rank": residency.rank if residency else None,
+        "error": residency.error if residency else None,
     }
+
+
+def get_adapter(session: Session, *, tenant_id: str, adapter_id: str) -> Adapter:
+    """By id, or by the model name clients use (ft:...)."""
+    adapter = session.get(Adapter, adapter_id)
+    if adapter is None or adapter.tenant_id != tenant_id or adapter.status != AdapterStatus.ready:
+        adapter = adapter_by_name(session, tenant_id=tenant_id, name=adapter_id)
+    if adapter is None:
+        raise ApiError(404, f"No adapter found with id '{adapter_id}'.", param="adapter_id", code="not_found")
+    return adapter
+
+
+def list_adapters(session: Session, *, tenant_id: str) -> list[Adapter]:
+    return list(session.scalars(select(Adapter).where(Adapter.tenant_id == tenant_id,
+                                                      Adapter.status == AdapterStatus.ready)
+                                .order_by(Adapter.created_at.desc(), Adapter.name)))
+
+
+def preload(settings: Settings, adapter: Adapter) -> None:
+    runtime, loaded = load_into_memory(settings, adapter)
+    if loaded.kind == "lora" and runtime.activate(adapter.id) < 0:
+        raise ApiError(409, "Every adapter slot is serving a request or pinned; try again shortly.",
+                       code="no_free_slot", headers={"Retry-After": "1"})
+
+
+def pin(settings: Settings, adapter: Adapter, pinned: bool) -> None:
+    if pinned:
+        runtime = get_engine(settings).runtime(adapter.base_model)
+        pinned_count = sum(r.pinned for r in runtime.residency.values())
+        if pinned_count >= runtime.cache_size - 1 and not getattr(runtime.residency.get(adapter.id), "pinned", False):
+            raise ApiError(409, f"At most {runtime.cache_size - 1} adapters may be pinned per base model "
+                                "(one slot stays free for the rest).", code="too_many_pinned")
+        preload(settings, adapter)
+        runtime.pin(adapter.id, True)
+    else:
+        engine = engine_if_started()
+        runtime = engine.loaded_bases().get(adapter.base_model) if engine is not None else None
+        if runtime is not None:
+            runtime.pin(adapter.id, False)
+
+
+def unload(adapter: Adapter) -> None:
+    engine = engine_if_started()
+    runtime = engine.loaded_bases().get(adapter.base_model) if engine is not None else None
+    if runtime is None or adapter.id not in runtime.loaded:
+        return
+    if getattr(runtime.residency.get(adapter.id), "pinned", False):
+        raise ApiError(409, "The adapter is pinned; unpin it first.", code="adapter_pinned")
+    if not runtime.unload(adapter.id):
+        raise ApiError(409, "The adapter is serving a request; try again shortly.", code="adapter_in_use",
+                       headers={"Retry-After": "1"})

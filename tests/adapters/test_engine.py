@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import shutil
+import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -53,10 +55,17 @@ def trained(tmp_path_factory: pytest.TempPathFactory, tiny_model_dir: Path) -> d
     return out
 
 
-@pytest.fixture()
-def runtime(tiny_model_dir: Path) -> BaseRuntime:
+def make_runtime(tiny_model_dir: Path, slots: int) -> BaseRuntime:
     tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
-    return BaseRuntime(AutoModelForCausalLM.from_pretrained(tiny_model_dir), tokenizer, cache_size=2, max_rank=64)
+    return BaseRuntime(AutoModelForCausalLM.from_pretrained(tiny_model_dir), tokenizer, cache_size=slots,
+                       max_rank=64)
+
+
+@pytest.fixture()
+def runtime(tiny_model_dir: Path) -> Iterator[BaseRuntime]:
+    runtime = make_runtime(tiny_model_dir, slots=4)
+    yield runtime
+    runtime.close()
 
 
 def reference(tiny_model_dir: Path, folder: Path) -> Any:
@@ -92,7 +101,6 @@ def test_logits_and_greedy_tokens_match_peft(method: str, trained: dict[str, Pat
 def test_rows_of_one_batch_use_their_own_adapters(trained: dict[str, Path], runtime: BaseRuntime) -> None:
     """The hooked projections route adapters per row: base, LoRA and AdaLoRA rows in one forward pass."""
     ids = prompt_ids(runtime)
-    runtime.cache_size = 4
     keys: list[str | None] = [None, "lora", "adalora", "lora"]
     for key in ("lora", "adalora"):
         runtime.ensure_adapter(AdapterRef(key=key, folder=trained[key], base_model="tiny"))
@@ -106,7 +114,8 @@ def test_rows_of_one_batch_use_their_own_adapters(trained: dict[str, Path], runt
         assert torch.allclose(mixed[row], single, atol=1e-5), row
 
 
-def test_lru_evicts_and_reloads(trained: dict[str, Path], runtime: BaseRuntime, tmp_path: Path) -> None:
+def test_lru_evicts_and_reloads(trained: dict[str, Path], tiny_model_dir: Path, tmp_path: Path) -> None:
+    runtime = make_runtime(tiny_model_dir, slots=2)
     ids = prompt_ids(runtime)
     copies = []
     for i in range(3):
@@ -189,3 +198,76 @@ def test_sampling_is_seeded_and_stops(runtime: BaseRuntime) -> None:
         stopped = runtime.generate(ids, None, SamplingParams(max_tokens=12, temperature=1.0, top_p=0.9, seed=11,
                                                              stop=[stop_at]))
         assert stopped.finish_reason == "stop" and stop_at not in stopped.text
+
+
+def peft_greedy(model: Any, ids: list[int], n: int) -> tuple[list[int], list[torch.Tensor]]:
+    """Greedy tokens and per-step last-position logits, by a full forward pass each step (no cache)."""
+    sequence, logits = list(ids), []
+    with torch.no_grad():
+        for _ in range(n):
+            step = model(input_ids=torch.tensor([sequence])).logits[0, -1]
+            logits.append(step)
+            sequence.append(int(step.argmax()))
+    return sequence[len(ids):], logits
+
+
+def test_continuous_batch_of_mixed_adapters_matches_peft(trained: dict[str, Path], runtime: BaseRuntime,
+                                                         tiny_model_dir: Path) -> None:
+    """Base, LoRA, AdaLoRA and prefix-tuning requests of different lengths decode in one batch; each row's
+    logits at every step equal PEFT's for that adapter alone, and its greedy tokens match."""
+    prompts = ["Hi", "Say hi 12345, please, and then tell me a long story.", "One two three four five six",
+               "A much longer prompt than the others, so that the batch has rows of quite different lengths."]
+    plan = [(None, prompts[0], 9), ("lora", prompts[1], 12), ("adalora", prompts[2], 7),
+            ("prefix_tuning", prompts[3], 10), ("lora", prompts[3], 5), (None, prompts[1], 11)]
+    loaded = {key: runtime.ensure_adapter(AdapterRef(key=key, folder=trained[key], base_model="tiny"))
+              for key in ("lora", "adalora", "prefix_tuning")}
+    sequences = []
+    with runtime.model_lock:  # hold the model so every request is admitted into the same running batch
+        for key, prompt, n in plan:
+            ids = runtime.tokenizer(prompt, add_special_tokens=False)["input_ids"]
+            sequences.append((key, ids, runtime.submit(ids, loaded.get(key) if key else None,
+                                                       SamplingParams(max_tokens=n, temperature=0),
+                                                       record_logits=True)))
+    results = [(key, ids, seq, seq.wait()) for key, ids, seq in sequences]
+    references = {key: reference(tiny_model_dir, trained[key]) for key in loaded}
+    references[None] = AutoModelForCausalLM.from_pretrained(tiny_model_dir).eval()  # type: ignore[index]
+    for key, ids, seq, result in results:
+        expected_tokens, expected_logits = peft_greedy(references[key], ids, len(result.token_ids))
+        assert result.token_ids == expected_tokens, key
+        assert seq.logits is not None
+        ours = [seq.logits[0][-1]] + [step[-1] for step in seq.logits[1:]]
+        for step, (a, b) in enumerate(zip(ours, expected_logits, strict=False)):
+            assert torch.allclose(a, b, atol=1e-4), (key, step, (a - b).abs().max())
+
+
+def test_a_request_joins_a_running_batch_and_cancelled_rows_leave(trained: dict[str, Path],
+                                                                   runtime: BaseRuntime) -> None:
+    ids = prompt_ids(runtime)
+    lora = runtime.ensure_adapter(AdapterRef(key="lora", folder=trained["lora"], base_model="tiny"))
+    alone = runtime.generate(ids, lora, SamplingParams(max_tokens=30, temperature=0)).token_ids
+    long_running = runtime.submit(ids, None, SamplingParams(max_tokens=400, temperature=0))
+    first = long_running.events.get(timeout=30)  # the long request is decoding now
+    assert first[0] == "delta"
+    joined = runtime.submit(ids, lora, SamplingParams(max_tokens=30, temperature=0))
+    assert joined.wait().token_ids == alone  # joined mid-flight, same result as alone
+    assert long_running.finish_reason is None  # still running when the joiner finished
+    long_running.cancel()
+    assert long_running.wait().finish_reason == "cancelled"
+    deadline = time.monotonic() + 10
+    while runtime.active and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert runtime.active == [] and runtime.batch.rows == 0
+
+
+def test_streamed_text_equals_the_final_text(runtime: BaseRuntime) -> None:
+    ids = prompt_ids(runtime)
+    sequence = runtime.submit(ids, None, SamplingParams(max_tokens=20, temperature=0.7, seed=5))
+    pieces = []
+    stream = sequence.stream()
+    while True:
+        try:
+            pieces.append(next(stream))
+        except StopIteration as done:
+            result = done.value
+            break
+    assert "".join(pieces) == result.text and len(result.token_ids) == 20
