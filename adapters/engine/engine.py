@@ -193,13 +193,18 @@ def sample(logits: torch.Tensor, params: SamplingParams, generator: torch.Genera
 
 
 class BatchCache:
-    """The running batch's KV cache: per layer [rows, kv_heads, length, head_dim], left-padded."""
+    """The running batch's KV cache: per layer [rows, kv_heads, length, head_dim], left-padded.
+
+    The same DynamicCache object serves step after step (the model appends to it); it is rebuilt
+    only when rows join or leave.
+    """
 
     def __init__(self, config: Any):
         self.config = config
         self.keys: list[torch.Tensor] = []
         self.values: list[torch.Tensor] = []
         self.mask: torch.Tensor | None = None  # [rows, length], 1 for real entries
+        self._cache: Any = None
 
     @property
     def rows(self) -> int:
@@ -208,18 +213,23 @@ class BatchCache:
     def as_dynamic_cache(self) -> Any:
         from transformers import DynamicCache
 
-        cache = DynamicCache(config=self.config)
-        for layer, (k, v) in enumerate(zip(self.keys, self.values, strict=True)):
-            cache.update(k, v, layer)
-        return cache
+        if self._cache is None:
+            cache = DynamicCache(config=self.config)
+            for layer, (k, v) in zip(cache.layers, zip(self.keys, self.values, strict=True), strict=True):
+                layer.lazy_initialization(k, v)
+                layer.keys, layer.values = k, v  # install without the copy update() would make
+            self._cache = cache
+        return self._cache
 
     def absorb(self, cache: Any) -> None:
-        """Take the tensors back from a DynamicCache after a forward step appended to it."""
+        """Take the tensors back from the DynamicCache after a forward step appended to it."""
+        self._cache = cache
         self.keys = [layer.keys for layer in cache.layers]
         self.values = [layer.values for layer in cache.layers]
 
     def add(self, keys: list[torch.Tensor], values: list[torch.Tensor]) -> None:
         """Append one sequence (its own [1, kv_heads, len, head_dim] tensors), padding on the left."""
+        self._cache = None
         new_len = keys[0].shape[2]
         new_mask = torch.ones(1, new_len, dtype=torch.long, device=keys[0].device)
         if self.mask is None:
@@ -242,6 +252,7 @@ class BatchCache:
 
     def keep(self, rows: list[int]) -> None:
         """Keep only these rows, and drop leading columns that are padding in every remaining row."""
+        self._cache = None
         if not rows:
             self.keys, self.values, self.mask = [], [], None
             return

@@ -100,10 +100,10 @@ class SlotLinear:
         a = self.a if plan.uses_all_slots else self.a.index_select(0, plan.slots)  # type: ignore[arg-type]
         b = self.b if plan.uses_all_slots else self.b.index_select(0, plan.slots)  # type: ignore[arg-type]
         delta = torch.bmm(torch.bmm(grouped, a.transpose(1, 2)), b.transpose(1, 2))
-        out = output.clone()
+        # The projection's output is a fresh tensor nobody else holds yet: add in place.
         for t in range(tokens):
-            out[plan.rows, t] += delta[plan.group, plan.position * tokens + t]
-        return out
+            output[plan.rows, t] += delta[plan.group, plan.position * tokens + t]
+        return output
 
 
 class LoraBank:
