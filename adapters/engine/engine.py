@@ -12,6 +12,7 @@ in the caller's thread, so a slow disk never stalls the batch; moving into a slo
 
 from __future__ import annotations
 
+import atexit
 import itertools
 import logging
 import queue
@@ -38,6 +39,8 @@ class SamplingParams:
     top_p: float = 1.0
     stop: list[str] = field(default_factory=list)
     seed: int | None = None
+    # Benchmarks: always produce max_tokens (as vLLM's ignore_eos), so compared runs do the same work.
+    ignore_eos: bool = False
 
 
 @dataclass
@@ -108,7 +111,7 @@ class Sequence:
 
     def accept(self, token: int, eos_ids: set[int]) -> None:
         """Record a sampled token, decide whether the sequence is done, and stream the new text."""
-        if token in eos_ids:
+        if token in eos_ids and not self.params.ignore_eos:
             self.finish("stop")
             return
         self.produced.append(token)
@@ -294,6 +297,8 @@ class BaseRuntime:
         self.stopping = False
         self.scheduler = threading.Thread(target=self._run, name="adaptery-scheduler", daemon=True)
         self.scheduler.start()
+        # A daemon thread still inside torch when the interpreter exits aborts the process.
+        atexit.register(self.close)
 
     def _eos_ids(self) -> set[int]:
         ids: set[int] = set()
@@ -440,9 +445,14 @@ class BaseRuntime:
             return out.logits[0]
 
     def close(self) -> None:
+        """Stop the scheduler thread (requests still queued are failed)."""
         with self.wakeup:
             self.stopping = True
             self.wakeup.notify()
+        if threading.current_thread() is not self.scheduler:
+            self.scheduler.join(timeout=30)
+        for sequence in self.pending + self.active:
+            sequence.fail(RuntimeError("the serving engine stopped"))
 
     # ------------------------------------------------------------ the scheduler
 
@@ -480,6 +490,16 @@ class BaseRuntime:
     def _admit(self) -> None:
         with self.lock:
             waiting = list(self.pending)
+        before = len(self.active)
+        self._admit_waiting(waiting)
+        if len(self.active) != before:
+            # Rows sorted by slot let a batch of distinct adapters read consecutive slots as views.
+            order = sorted(range(len(self.active)), key=lambda i: self.active[i].slot)
+            if order != list(range(len(self.active))):
+                self.active = [self.active[i] for i in order]
+                self.batch.keep(order)
+
+    def _admit_waiting(self, waiting: list[Sequence]) -> None:
         for sequence in waiting:
             if len(self.active) >= self.max_batch:
                 return

@@ -2,9 +2,9 @@
 
 Each hooked nn.Linear keeps preallocated adapter slots, A [slots, r, in] and B [slots, out, r] with
 the scale folded into B; loading an adapter into a slot is an in-place copy. The base matmul runs
-once for the whole batch; a forward hook then adds every row's low-rank correction. Rows are
-grouped by slot once per step (a RoutingPlan), and every layer reuses that grouping: two batched
-matmuls per projection whatever the mix of adapters, with no per-row copies of adapter weights.
+once for the whole batch; a forward hook then adds every row's low-rank correction with two
+batched matmuls, whatever the mix of adapters. Which slot each row reads is decided once per step
+(a RoutingPlan) and reused by every projection.
 """
 
 from __future__ import annotations
@@ -27,40 +27,24 @@ class LoraFactors:
 
 @dataclass
 class RoutingPlan:
-    """How the rows of one forward pass map onto slots (slot 0 means the base model)."""
+    """How the rows of one forward pass map onto slots (slot 0 holds zeros: the base model).
 
-    single_slot: int | None  # every row uses this one slot (the common fast path)
-    rows: torch.Tensor | None = None  # rows that use an adapter
-    group: torch.Tensor | None = None  # for each such row, its group index
-    position: torch.Tensor | None = None  # and its position within the group
-    groups: int = 0
-    group_size: int = 0
-    slots: torch.Tensor | None = None  # the slot of each group
-    uses_all_slots: bool = False
+    Built once per step and reused by every projection. The scheduler keeps rows sorted by slot,
+    so a batch of distinct adapters usually covers consecutive slots and reads them as views.
+    """
+
+    single_slot: int | None = None  # every row uses this slot
+    first_slot: int | None = None  # row i uses slot first_slot + i: slice views, no copy
+    slots: torch.Tensor | None = None  # otherwise each row's slot, gathered per projection
 
     @staticmethod
-    def build(row_slots: list[int], n_slots: int, device: torch.device) -> RoutingPlan:
-        distinct = sorted(set(row_slots))
-        if len(distinct) == 1:
-            return RoutingPlan(single_slot=distinct[0])
-        used = [s for s in distinct if s != 0]
-        # Grouping by the slot number itself lets the matmuls read the slot tensors without a copy;
-        # worth it once a good share of the slots is in use.
-        uses_all = len(used) * 2 >= n_slots
-        index_of = {s: (s if uses_all else i) for i, s in enumerate(used)}
-        rows, group, position, fill = [], [], [], dict.fromkeys(used, 0)
-        for row, slot in enumerate(row_slots):
-            if slot == 0:
-                continue
-            rows.append(row)
-            group.append(index_of[slot])
-            position.append(fill[slot])
-            fill[slot] += 1
-        as_tensor = lambda values: torch.tensor(values, dtype=torch.long, device=device)  # noqa: E731
-        return RoutingPlan(single_slot=None, rows=as_tensor(rows), group=as_tensor(group),
-                           position=as_tensor(position), groups=n_slots if uses_all else len(used),
-                           group_size=max(fill.values()), slots=None if uses_all else as_tensor(used),
-                           uses_all_slots=uses_all)
+    def build(row_slots: list[int], device: torch.device) -> RoutingPlan:
+        if len(set(row_slots)) == 1:
+            return RoutingPlan(single_slot=row_slots[0])
+        first = row_slots[0]
+        if first > 0 and row_slots == list(range(first, first + len(row_slots))):
+            return RoutingPlan(first_slot=first)
+        return RoutingPlan(slots=torch.tensor(row_slots, dtype=torch.long, device=device))
 
 
 class SlotLinear:
@@ -86,24 +70,18 @@ class SlotLinear:
         plan = self.bank.plan
         if plan is None or plan.single_slot == 0 or not self.bank.occupied:
             return output
-        x = args[0]
+        x = args[0]  # [rows, tokens, in]
         if plan.single_slot is not None:
             slot = plan.single_slot
             return output + (x @ self.a[slot].transpose(0, 1)) @ self.b[slot].transpose(0, 1)
-        assert plan.rows is not None and plan.group is not None and plan.position is not None
-        # x is [batch, tokens, in]; rows of one group are stacked so each group is one matmul.
-        grouped = x.new_zeros(plan.groups, plan.group_size * x.shape[1], x.shape[2])
-        flat = x[plan.rows]  # [n, tokens, in]
-        tokens = x.shape[1]
-        for t in range(tokens):  # tokens is 1 when decoding; prefill runs one sequence at a time
-            grouped[plan.group, plan.position * tokens + t] = flat[:, t]
-        a = self.a if plan.uses_all_slots else self.a.index_select(0, plan.slots)  # type: ignore[arg-type]
-        b = self.b if plan.uses_all_slots else self.b.index_select(0, plan.slots)  # type: ignore[arg-type]
-        delta = torch.bmm(torch.bmm(grouped, a.transpose(1, 2)), b.transpose(1, 2))
+        if plan.first_slot is not None:
+            a = self.a[plan.first_slot: plan.first_slot + x.shape[0]]
+            b = self.b[plan.first_slot: plan.first_slot + x.shape[0]]
+        else:
+            assert plan.slots is not None
+            a, b = self.a.index_select(0, plan.slots), self.b.index_select(0, plan.slots)
         # The projection's output is a fresh tensor nobody else holds yet: add in place.
-        for t in range(tokens):
-            output[plan.rows, t] += delta[plan.group, plan.position * tokens + t]
-        return output
+        return output.add_(torch.bmm(torch.bmm(x, a.transpose(1, 2)), b.transpose(1, 2)))
 
 
 class LoraBank:
@@ -161,7 +139,7 @@ class LoraBank:
     @contextmanager
     def route(self, row_slots: list[int]) -> Iterator[None]:
         previous = self.plan
-        self.plan = RoutingPlan.build(row_slots, self.n_slots, self.device)
+        self.plan = RoutingPlan.build(row_slots, self.device)
         try:
             yield
         finally:
