@@ -218,7 +218,8 @@ class BatchCache:
 
         if self._cache is None:
             cache = DynamicCache(config=self.config)
-            for layer, (k, v) in zip(cache.layers, zip(self.keys, self.values, strict=True), strict=True):
+            layers: list[Any] = list(cache.layers)
+            for layer, (k, v) in zip(layers, zip(self.keys, self.values, strict=True), strict=True):
                 layer.lazy_initialization(k, v)
                 layer.keys, layer.values = k, v  # install without the copy update() would make
             self._cache = cache
