@@ -34,6 +34,10 @@ class ArtifactStore:
     def adapter_dir(self, adapter_id: str) -> Path:
         return self.root / "adapters" / _checked(adapter_id)
 
+    def checkpoint_dir(self, job_id: str) -> Path:
+        """Resumable training state of one job (see workers.training.checkpoints)."""
+        return self.root / "checkpoints" / _checked(job_id)
+
     def write_file(self, file_id: str, content: bytes) -> Path:
         """Write atomically: a crash leaves either no file or the whole file."""
         path = self.file_path(file_id)

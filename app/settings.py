@@ -53,6 +53,18 @@ class Settings(BaseSettings):
     eval_every_steps: int = 0  # 0: about four evaluations per job, plus one at the end
     worker_concurrency: int = 1
 
+    # Reliability: a worker owns a job through a lease it renews while training; a job whose lease
+    # expired is re-queued (up to max_attempts) and resumes from its latest complete checkpoint.
+    lease_seconds: float = 60.0
+    max_attempts: int = 3
+    # A resumable checkpoint every N optimiser steps (and at each epoch end).
+    checkpoint_steps: int = 100
+    reaper_interval_seconds: float = 10.0
+    # A queued job nobody claimed within this long is handed to the broker again (duplicates are harmless).
+    requeue_after_seconds: float = 120.0
+    # Test-only fault injection for the worker, e.g. "step_delay=0.1,exit_at_step=7". Never set in production.
+    fault_injection: str = ""
+
     @property
     def resolved_database_url(self) -> str:
         if self.database_url:

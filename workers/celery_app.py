@@ -33,6 +33,9 @@ def make_celery() -> Celery:
         # never parked behind a running job in another worker's prefetch buffer.
         task_acks_late=True,
         worker_prefetch_multiplier=1,
+        # A training process killed mid-task (OOM, kill -9) puts its message back; the job's lease decides
+        # whether the redelivery may train (it may not while the lease is live; the reaper re-queues later).
+        task_reject_on_worker_lost=True,
         task_default_queue=TRAINING_QUEUE,
         task_routes={TRAIN_TASK: {"queue": TRAINING_QUEUE}},
         broker_connection_retry_on_startup=True,

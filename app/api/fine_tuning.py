@@ -52,10 +52,12 @@ def create_job(body: JobCreate, session: SessionDep, settings: SettingsDep, tena
                           raw_hyperparameters=raw, hyperparameter_param=param)
     try:
         enqueue_training(job.id)
-    except BrokerUnavailable as exc:
-        jobs.mark_failed(session, job.id, code="broker_unavailable", message=f"could not queue the job: {exc}")
-        raise ApiError(503, "The job queue is unavailable; the job was not started. Try again shortly.",
-                       type="server_error", code="broker_unavailable", headers={"Retry-After": "5"}) from None
+        jobs.mark_enqueued(session, job.id)
+    except BrokerUnavailable:
+        # Accepted all the same: the job row is committed as queued, and the workers' reaper hands queued
+        # jobs that never reached a worker to the broker once it is back (an outbox in all but name).
+        jobs.add_event(session, job.id, "The job queue is unreachable right now; the job stays queued and "
+                                        "will be handed to a worker when the queue is back.", level="warn")
     return job_object(job)
 
 

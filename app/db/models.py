@@ -89,10 +89,29 @@ class FineTuningJob(Base):
     error_message: Mapped[str | None] = mapped_column(Text, nullable=True)
     error_param: Mapped[str | None] = mapped_column(String(255), nullable=True)
     cancel_requested: Mapped[bool] = mapped_column(Boolean, default=False)
+    # Ownership by lease: the worker holding an unexpired lease is the only one training the job.
+    attempts: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
+    lease_owner: Mapped[str | None] = mapped_column(String(128), nullable=True)
+    lease_expires_at: Mapped[float | None] = mapped_column(Float, nullable=True)
+    # Last time the job was handed to the broker (the reaper re-sends queued jobs nobody claimed).
+    enqueued_at: Mapped[float | None] = mapped_column(Float, nullable=True)
     progress_step: Mapped[int] = mapped_column(Integer, default=0)
     progress_total_steps: Mapped[int | None] = mapped_column(Integer, nullable=True)
     progress_epoch: Mapped[float] = mapped_column(Float, default=0.0)
     eta_seconds: Mapped[float | None] = mapped_column(Float, nullable=True)
+
+
+class IdempotencyKey(Base):
+    """The first response to a POST sent with an Idempotency-Key, replayed for repeats."""
+
+    __tablename__ = "idempotency_keys"
+
+    tenant_id: Mapped[str] = mapped_column(String(64), primary_key=True)
+    key: Mapped[str] = mapped_column(String(255), primary_key=True)
+    request_hash: Mapped[str] = mapped_column(String(64))
+    status_code: Mapped[int | None] = mapped_column(Integer, nullable=True)
+    response: Mapped[dict[str, Any] | None] = mapped_column(JSON, nullable=True)
+    created_at: Mapped[int] = mapped_column(BigInteger, default=now)
 
 
 class JobEvent(Base):

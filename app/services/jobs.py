@@ -10,7 +10,7 @@ import secrets
 import time
 from typing import Any
 
-from sqlalchemy import select, update
+from sqlalchemy import func, select, update
 from sqlalchemy.orm import Session
 
 from app.db.models import (
@@ -36,12 +36,14 @@ def new_id(prefix: str) -> str:
 # ---------------------------------------------------------------- transitions
 
 
-def _transition(session: Session, job_id: str, expected: set[JobStatus], new: JobStatus, **values: Any) -> bool:
-    result = session.execute(
-        update(FineTuningJob)
-        .where(FineTuningJob.id == job_id, FineTuningJob.status.in_([s.value for s in expected]))
-        .values(status=new.value, **values)
-    )
+def _transition(session: Session, job_id: str, expected: set[JobStatus], new: JobStatus, *,
+                owner: str | None = None, **values: Any) -> bool:
+    """One guarded UPDATE; with `owner`, only the worker holding the job's lease can make it."""
+    query = update(FineTuningJob).where(FineTuningJob.id == job_id,
+                                        FineTuningJob.status.in_([s.value for s in expected]))
+    if owner is not None:
+        query = query.where(FineTuningJob.lease_owner == owner)
+    result = session.execute(query.values(status=new.value, **values))
     session.commit()
     return result.rowcount == 1  # type: ignore[attr-defined]
 
@@ -50,24 +52,90 @@ def mark_queued(session: Session, job_id: str) -> bool:
     return _transition(session, job_id, {JobStatus.validating_files}, JobStatus.queued)
 
 
-def claim(session: Session, job_id: str) -> bool:
-    """queued → running. Exactly one worker wins; a duplicate delivery gets False."""
-    return _transition(session, job_id, {JobStatus.queued}, JobStatus.running, started_at=now())
+def mark_enqueued(session: Session, job_id: str) -> None:
+    session.execute(update(FineTuningJob).where(FineTuningJob.id == job_id).values(enqueued_at=time.time()))
+    session.commit()
 
 
-def mark_succeeded(session: Session, job_id: str, *, fine_tuned_model: str, trained_tokens: int) -> bool:
-    return _transition(session, job_id, {JobStatus.running}, JobStatus.succeeded, finished_at=now(),
-                       fine_tuned_model=fine_tuned_model, trained_tokens=trained_tokens, eta_seconds=0.0)
+def claim(session: Session, job_id: str, *, owner: str, lease_seconds: float, max_attempts: int) -> int | None:
+    """queued (or running with an expired lease) → running, owned by `owner`.
+
+    Exactly one worker wins; a duplicate delivery, or one racing a live lease, gets None. Returns the
+    attempt number.
+    """
+    moment = time.time()
+    result = session.execute(
+        update(FineTuningJob)
+        .where(FineTuningJob.id == job_id, FineTuningJob.attempts < max_attempts,
+               (FineTuningJob.status == JobStatus.queued.value)
+               | ((FineTuningJob.status == JobStatus.running.value) & (FineTuningJob.lease_expires_at < moment)))
+        .values(status=JobStatus.running.value, lease_owner=owner, lease_expires_at=moment + lease_seconds,
+                attempts=FineTuningJob.attempts + 1, started_at=func.coalesce(FineTuningJob.started_at, now()))
+    )
+    session.commit()
+    if result.rowcount != 1:  # type: ignore[attr-defined]
+        return None
+    return int(session.scalar(select(FineTuningJob.attempts).where(FineTuningJob.id == job_id)) or 0)
 
 
-def mark_failed(session: Session, job_id: str, *, code: str, message: str, param: str | None = None) -> bool:
+def renew_lease(session: Session, job_id: str, *, owner: str, lease_seconds: float) -> bool:
+    """Extend the lease; False means another worker owns the job now (or it left `running`)."""
+    result = session.execute(
+        update(FineTuningJob)
+        .where(FineTuningJob.id == job_id, FineTuningJob.lease_owner == owner,
+               FineTuningJob.status == JobStatus.running.value)
+        .values(lease_expires_at=time.time() + lease_seconds))
+    session.commit()
+    return result.rowcount == 1  # type: ignore[attr-defined]
+
+
+def release(session: Session, job_id: str, *, owner: str) -> bool:
+    """running → queued, handing the job back (worker shutdown); it resumes from its checkpoint."""
+    return _transition(session, job_id, {JobStatus.running}, JobStatus.queued, owner=owner, lease_owner=None,
+                       lease_expires_at=None, enqueued_at=None)
+
+
+def mark_succeeded(session: Session, job_id: str, *, fine_tuned_model: str, trained_tokens: int,
+                   owner: str | None = None) -> bool:
+    return _transition(session, job_id, {JobStatus.running}, JobStatus.succeeded, owner=owner, finished_at=now(),
+                       fine_tuned_model=fine_tuned_model, trained_tokens=trained_tokens, eta_seconds=0.0,
+                       lease_expires_at=None)
+
+
+def mark_failed(session: Session, job_id: str, *, code: str, message: str, param: str | None = None,
+                owner: str | None = None) -> bool:
     return _transition(session, job_id, {JobStatus.validating_files, JobStatus.queued, JobStatus.running},
-                       JobStatus.failed, finished_at=now(), error_code=code, error_message=message[:2000],
-                       error_param=param)
+                       JobStatus.failed, owner=owner, finished_at=now(), error_code=code,
+                       error_message=message[:2000], error_param=param, lease_expires_at=None)
 
 
-def mark_cancelled(session: Session, job_id: str, *, from_statuses: set[JobStatus]) -> bool:
-    return _transition(session, job_id, from_statuses, JobStatus.cancelled, finished_at=now())
+def mark_cancelled(session: Session, job_id: str, *, from_statuses: set[JobStatus], owner: str | None = None) -> bool:
+    return _transition(session, job_id, from_statuses, JobStatus.cancelled, owner=owner, finished_at=now(),
+                       lease_expires_at=None)
+
+
+def reap(session: Session, *, max_attempts: int, requeue_after_seconds: float) -> list[str]:
+    """Recover from workers that vanished: jobs whose lease expired go back to the queue (or fail once out
+    of attempts), and queued jobs nobody claimed for a while are handed out again. Returns the job ids to
+    send to the broker."""
+    moment = time.time()
+    expired = list(session.scalars(select(FineTuningJob).where(
+        FineTuningJob.status == JobStatus.running.value, FineTuningJob.lease_expires_at < moment)))
+    for job in expired:
+        if job.attempts >= max_attempts:
+            if _transition(session, job.id, {JobStatus.running}, JobStatus.failed, owner=job.lease_owner,
+                           finished_at=now(), error_code="worker_lost", lease_expires_at=None,
+                           error_message=f"the worker running this job was lost {job.attempts} times; giving up"):
+                add_event(session, job.id, f"Worker lost on attempt {job.attempts} of {max_attempts}; the job "
+                                           "failed.", level="error")
+        elif _transition(session, job.id, {JobStatus.running}, JobStatus.queued, owner=job.lease_owner,
+                         lease_owner=None, lease_expires_at=None, enqueued_at=None):
+            add_event(session, job.id, f"Worker lost during attempt {job.attempts}; the job was re-queued and "
+                                       "will resume from its latest checkpoint.", level="warn")
+    stale = moment - requeue_after_seconds
+    return list(session.scalars(select(FineTuningJob.id).where(
+        FineTuningJob.status == JobStatus.queued.value,
+        (FineTuningJob.enqueued_at.is_(None)) | (FineTuningJob.enqueued_at < stale))))
 
 
 def request_cancel(session: Session, job: FineTuningJob) -> FineTuningJob:

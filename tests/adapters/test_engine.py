@@ -32,8 +32,8 @@ class _Settings:
 
 
 def quiet_callbacks() -> TrainingCallbacks:
-    return TrainingCallbacks(on_metrics=lambda _: None, on_progress=lambda *_: None, should_stop=lambda: False,
-                             on_epoch_end=lambda *_: None)
+    return TrainingCallbacks(on_metrics=lambda _: None, on_progress=lambda *_: None, should_stop=lambda: None,
+                             on_checkpoint=lambda *_: None)
 
 
 @pytest.fixture(scope="module")

@@ -26,16 +26,33 @@ class Cancelled(Exception):
     """The job was cancelled; training stopped at a step boundary."""
 
 
+class LeaseLost(Exception):
+    """Another worker owns the job now; stop without writing anything."""
+
+
+class HandBack(Exception):
+    """The worker is shutting down: checkpoint, then give the job back to the queue."""
+
+
 @dataclass
 class TrainingCallbacks:
     """How the loop talks to the outside world (the job row, the event log, the artifact store)."""
 
     on_metrics: Callable[[dict[str, Any]], None]
     on_progress: Callable[[int, int, float, float | None], None]
-    should_stop: Callable[[], bool]
-    # Called at the end of each epoch with (step, epoch, metrics); saves a checkpoint adapter.
-    on_epoch_end: Callable[[Any, int, int, dict[str, Any]], None]
+    # None to go on; an exception instance to stop with (Cancelled, LeaseLost, ...), checked every step.
+    should_stop: Callable[[], Exception | None]
+    # (model, optimizer, scheduler, position, metrics, epoch_end): save a checkpoint.
+    on_checkpoint: Callable[..., None]
     on_message: Callable[[str], None] = field(default=lambda _: None)
+
+
+@dataclass
+class Position:
+    step: int
+    epoch: int  # the epoch in progress
+    batch: int  # batches of that epoch already done
+    trained_tokens: int
 
 
 @dataclass
@@ -99,12 +116,24 @@ def seed_everything(seed: int) -> None:
         pass
 
 
+def epoch_order(n: int, seed: int, epoch: int) -> list[int]:
+    """The shuffle of one epoch, a function of (seed, epoch) alone: a resumed run sees the same order."""
+    return torch.randperm(n, generator=torch.Generator().manual_seed(seed * 1_000_003 + epoch)).tolist()
+
+
 def train(*, base_model: Any, method: AdapterMethod, hyperparameters: dict[str, Any], seed: int,
           train_examples: list[EncodedExample], valid_examples: list[EncodedExample], pad_id: int,
-          eval_every_steps: int, log_every_steps: int, callbacks: TrainingCallbacks) -> tuple[Any, TrainingResult]:
-    """Train a PEFT adapter on `base_model` (modified in place); returns the PeftModel and a summary."""
+          eval_every_steps: int, log_every_steps: int, callbacks: TrainingCallbacks, checkpoint_steps: int = 0,
+          resume: Any = None, after_step: Callable[[int], None] | None = None) -> tuple[Any, TrainingResult]:
+    """Train a PEFT adapter on `base_model` (modified in place); returns the PeftModel and a summary.
+
+    `resume` (a checkpoints.ResumeState) continues from a checkpoint: same weights, optimiser,
+    scheduler, RNG and data position, so the result matches an uninterrupted run.
+    """
     from peft import get_peft_model
     from transformers import get_scheduler
+
+    from workers.training import checkpoints
 
     seed_everything(seed)
     hp = hyperparameters
@@ -112,7 +141,7 @@ def train(*, base_model: Any, method: AdapterMethod, hyperparameters: dict[str, 
     examples = trainable_examples(train_examples, max_len)
     if not examples:
         raise ValueError(f"no example has trainable tokens within max_seq_length={max_len}")
-    if len(examples) < len(train_examples):
+    if len(examples) < len(train_examples) and resume is None:
         callbacks.on_message(f"{len(train_examples) - len(examples)} example(s) have no trainable tokens "
                              f"within max_seq_length={max_len} and were skipped.")
     valid = trainable_examples(valid_examples, max_len)
@@ -124,54 +153,67 @@ def train(*, base_model: Any, method: AdapterMethod, hyperparameters: dict[str, 
     scheduler = get_scheduler("linear", optimizer, num_warmup_steps=int(hp["warmup_ratio"] * steps_total),
                               num_training_steps=steps_total)
     eval_every = eval_every_steps or max(1, math.ceil(steps_total / 4))
-    generator = torch.Generator().manual_seed(seed)
     batch_size = hp["batch_size"]
     steps_per_epoch = math.ceil(len(examples) / batch_size)
+    position = Position(step=0, epoch=0, batch=0, trained_tokens=0)
+    if resume is not None:
+        checkpoints.restore(resume, model=model, optimizer=optimizer, scheduler=scheduler)
+        position = Position(step=resume.step, epoch=resume.epoch, batch=resume.batch,
+                            trained_tokens=resume.trained_tokens)
 
     model.train()
-    callbacks.on_progress(0, steps_total, 0.0, None)
-    step, trained_tokens = 0, 0
+    callbacks.on_progress(position.step, steps_total, position.epoch + position.batch / steps_per_epoch, None)
     last_train_loss: float | None = None
     last_valid_loss: float | None = None
-    started = time.monotonic()
-    for epoch in range(hp["n_epochs"]):
-        order = torch.randperm(len(examples), generator=generator).tolist()
-        for start in range(0, len(order), batch_size):
-            if step >= steps_total:
-                break
-            if callbacks.should_stop():
-                raise Cancelled()
-            chunk = [examples[i] for i in order[start:start + batch_size]]
+    started, started_step = time.monotonic(), position.step
+    while position.epoch < hp["n_epochs"] and position.step < steps_total:
+        order = epoch_order(len(examples), seed, position.epoch)
+        batches = [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
+        while position.batch < len(batches) and position.step < steps_total:
+            stop = callbacks.should_stop()
+            if stop is not None:
+                if isinstance(stop, HandBack) and position.step > 0:
+                    callbacks.on_checkpoint(model, optimizer, scheduler, position,
+                                            {"step": position.step, "train_loss": last_train_loss}, False)
+                raise stop
+            chunk = [examples[i] for i in batches[position.batch]]
             batch = {k: v.to(device) for k, v in make_batch(chunk, pad_id, max_len).items()}
             loss = model(**batch).loss
             loss.backward()
             torch.nn.utils.clip_grad_norm_(params, 1.0)
             optimizer.step()
-            step += 1
-            method.after_optimizer_step(model, step)
+            position.step += 1
+            position.batch += 1
+            method.after_optimizer_step(model, position.step)
             scheduler.step()
             optimizer.zero_grad(set_to_none=True)
-            trained_tokens += int(batch["attention_mask"].sum())
+            position.trained_tokens += int(batch["attention_mask"].sum())
             last_train_loss = float(loss.detach())
-            epoch_float = epoch + (start // batch_size + 1) / steps_per_epoch
-            metrics: dict[str, Any] = {"step": step, "train_loss": round(last_train_loss, 6),
-                                       "learning_rate": scheduler.get_last_lr()[0], "epoch": round(epoch_float, 4),
-                                       "total_steps": steps_total}
+            step = position.step
+            epoch_float = position.epoch + position.batch / steps_per_epoch
+            metrics: dict[str, Any] = {"step": step, "train_loss": round(last_train_loss, 6), "epoch": round(
+                epoch_float, 4), "learning_rate": scheduler.get_last_lr()[0], "total_steps": steps_total}
             if valid and (step % eval_every == 0 or step == steps_total):
                 last_valid_loss = evaluate(model, valid, pad_id=pad_id, max_len=max_len, batch_size=batch_size)
                 metrics["valid_loss"] = round(last_valid_loss, 6)
             if step % log_every_steps == 0 or step == steps_total or "valid_loss" in metrics:
                 callbacks.on_metrics(metrics)
             elapsed = time.monotonic() - started
-            callbacks.on_progress(step, steps_total, epoch_float, elapsed / step * (steps_total - step))
-        epoch_metrics = {"train_loss": last_train_loss}
-        if valid:
-            epoch_metrics["valid_loss"] = last_valid_loss
-        callbacks.on_epoch_end(model, step, epoch + 1, epoch_metrics)
-        if step >= steps_total:
-            break
-    return model, TrainingResult(steps=step, trained_tokens=trained_tokens, final_train_loss=last_train_loss,
-                                 final_valid_loss=last_valid_loss)
+            callbacks.on_progress(step, steps_total, epoch_float,
+                                  elapsed / (step - started_step) * (steps_total - step))
+            epoch_done = position.batch == len(batches) or step == steps_total
+            if epoch_done:
+                position.epoch += 1
+                position.batch = 0
+            if epoch_done or (checkpoint_steps and step % checkpoint_steps == 0):
+                checkpoint_metrics: dict[str, Any] = {"step": step, "train_loss": last_train_loss}
+                if valid:
+                    checkpoint_metrics["valid_loss"] = last_valid_loss
+                callbacks.on_checkpoint(model, optimizer, scheduler, position, checkpoint_metrics, epoch_done)
+            if after_step is not None:
+                after_step(step)
+    return model, TrainingResult(steps=position.step, trained_tokens=position.trained_tokens,
+                                 final_train_loss=last_train_loss, final_valid_loss=last_valid_loss)
 
 
 def save_adapter(model: Any, directory: Path) -> None:
