@@ -112,23 +112,29 @@ class Stack:
     def client(self, timeout: float = 120.0) -> httpx.Client:
         return httpx.Client(base_url=self.base_url, timeout=timeout)
 
-    def start_worker(self, name: str = "worker") -> subprocess.Popen[bytes]:
+    def start_worker(self, name: str = "worker", env: dict[str, str] | None = None) -> subprocess.Popen[bytes]:
         command = [sys.executable, "-m", "celery", "-A", "workers.celery_app:celery_app", "worker",
                    "--loglevel=INFO", "--pool=prefork", "--concurrency=1", "-Q", "training",
                    "-n", f"{name}-{secrets.token_hex(3)}@%h"]
-        return self._spawn(name, command)
+        return self._spawn(name, command, env)
 
     def start_api(self) -> subprocess.Popen[bytes]:
         port = self.base_url.rsplit(":", 1)[1]
         return self._spawn("api", [sys.executable, "-m", "uvicorn", "app.main:app", "--host", "127.0.0.1",
                                    "--port", port, "--log-level", "warning"])
 
-    def _spawn(self, name: str, command: list[str]) -> subprocess.Popen[bytes]:
+    def _spawn(self, name: str, command: list[str], env: dict[str, str] | None = None) -> subprocess.Popen[bytes]:
         log = open(self.logs / f"{name}.log", "ab")  # noqa: SIM115 (kept open for the process's life)
-        process = subprocess.Popen(command, cwd=ROOT, env=self.env, stdout=log, stderr=subprocess.STDOUT,
-                                   start_new_session=True)
+        process = subprocess.Popen(command, cwd=ROOT, env={**self.env, **(env or {})}, stdout=log,
+                                   stderr=subprocess.STDOUT, start_new_session=True)
         self.processes[name] = process
         return process
+
+    def kill(self, name: str) -> None:
+        """kill -9 a process and everything in its process group (a Celery worker and its pool)."""
+        process = self.processes.pop(name)
+        os.killpg(process.pid, signal.SIGKILL)
+        process.wait(timeout=10)
 
     def stop(self, name: str, sig: int = signal.SIGTERM) -> None:
         process = self.processes.pop(name, None)

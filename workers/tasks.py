@@ -18,7 +18,7 @@ import uuid
 from dataclasses import dataclass
 from typing import Any
 
-from celery.signals import worker_ready, worker_shutdown, worker_shutting_down
+from celery.signals import worker_process_init, worker_ready, worker_shutdown, worker_shutting_down
 from sqlalchemy import select
 
 from app.db.models import Adapter, AdapterStatus, Checkpoint, FineTuningJob, JobStatus, WorkerHeartbeat
@@ -71,6 +71,15 @@ def _start_worker_threads(sender: Any = None, **_: Any) -> None:
 
     _every(HEARTBEAT_SECONDS, beat, "adaptery-heartbeat")
     _every(get_settings().reaper_interval_seconds, reap_once, "adaptery-reaper")
+
+
+@worker_process_init.connect
+def _fresh_connections_after_fork(**_: Any) -> None:
+    # The pool forks from the main process, whose heartbeat and reaper threads hold database connections;
+    # a child must never share those sockets, so it starts its own pool.
+    from app.db.session import get_engine
+
+    get_engine().dispose(close=False)
 
 
 @worker_shutting_down.connect

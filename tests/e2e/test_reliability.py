@@ -1,0 +1,207 @@
+"""Fault injection with real processes: kill -9 of workers, crashes mid-checkpoint, duplicate deliveries,
+poison jobs, a Redis restart. Every accepted job must end succeeded, failed (with a reason) or cancelled,
+and no job may train twice at once."""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+import sqlalchemy as sa
+import torch
+from safetensors.torch import load_file
+
+from tests.conftest import Stack, all_events, chat_lines, free_port, make_stack, upload, wait_for_status
+from tests.tiny_model import TINY_MODEL_ID
+
+FAST_RECOVERY = {"ADAPTERY_LEASE_SECONDS": "3", "ADAPTERY_REAPER_INTERVAL_SECONDS": "0.5",
+                 "ADAPTERY_CHECKPOINT_STEPS": "5", "ADAPTERY_REQUEUE_AFTER_SECONDS": "4"}
+SLOW_STEPS = {"ADAPTERY_FAULT_INJECTION": "step_delay=0.15"}
+TERMINAL = {"succeeded", "failed", "cancelled"}
+
+
+@pytest.fixture(scope="module")
+def stack(tmp_path_factory: pytest.TempPathFactory, tiny_model_dir: Path, redis_url: str,
+          postgres_url: str) -> Iterator[Stack]:
+    """An API with no worker yet; each test starts (and kills) its own workers."""
+    tmp = tmp_path_factory.mktemp("reliability")
+    running = make_stack(tmp, database_url=postgres_url, broker_url=redis_url, tiny_model_dir=tiny_model_dir,
+                         extra=FAST_RECOVERY)
+    running.start_api()
+    try:
+        _wait_http(running.base_url)
+        yield running
+    finally:
+        running.stop_all()
+
+
+def _wait_http(base_url: str, timeout: float = 60) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            if httpx.get(f"{base_url}/health", timeout=2).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.3)
+    raise TimeoutError(base_url)
+
+
+@pytest.fixture()
+def client(stack: Stack) -> Iterator[httpx.Client]:
+    with stack.client() as c:
+        yield c
+    for name in [n for n in stack.processes if n != "api"]:
+        stack.stop(name)
+
+
+def create(client: httpx.Client, file_id: str, **hyperparameters: Any) -> dict[str, Any]:
+    hp = {"n_epochs": 1, "batch_size": 2, "learning_rate": 0.01, **hyperparameters}
+    response = client.post("/v1/fine_tuning/jobs", json={
+        "model": TINY_MODEL_ID, "training_file": file_id, "seed": 42,
+        "method": {"type": "lora", "lora": {"hyperparameters": hp}}})
+    assert response.status_code == 200, response.text
+    return response.json()
+
+
+def wait_step(client: httpx.Client, job_id: str, step: int, timeout: float = 60) -> dict[str, Any]:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        job = client.get(f"/v1/fine_tuning/jobs/{job_id}").json()
+        if job["progress"]["step"] >= step or job["status"] in TERMINAL:
+            return job
+        time.sleep(0.1)
+    raise TimeoutError(f"{job_id} did not reach step {step}")
+
+
+def adapter_tensors(stack: Stack, name: str) -> dict[str, torch.Tensor]:
+    engine = sa.create_engine(stack.env["ADAPTERY_DATABASE_URL"])
+    with engine.connect() as conn:
+        adapter_id = conn.execute(sa.text("SELECT id FROM adapters WHERE name = :n"), {"n": name}).scalar_one()
+    engine.dispose()
+    return load_file(str(stack.data_dir / "adapters" / adapter_id / "adapter_model.safetensors"))
+
+
+def resumed_from(client: httpx.Client, job_id: str) -> list[int]:
+    return [e["data"]["resumed_from_step"] for e in all_events(client, job_id)
+            if "resumed_from_step" in (e.get("data") or {})]
+
+
+def test_kill_9_mid_training_resumes_and_matches_an_uninterrupted_run(stack: Stack, client: httpx.Client) -> None:
+    file_id = upload(client, chat_lines(40)).json()["id"]  # 20 steps, a checkpoint every 5
+    stack.start_worker("doomed", env=SLOW_STEPS)
+    job = create(client, file_id)
+    progress = wait_step(client, job["id"], 12)
+    assert progress["status"] == "running"
+    stack.kill("doomed")  # kill -9 the whole worker, pool and all
+    at_kill = client.get(f"/v1/fine_tuning/jobs/{job['id']}").json()["progress"]["step"]
+    checkpoint_root = stack.data_dir / "checkpoints" / job["id"]
+    complete = sorted(int(p.name.split("-")[1]) for p in checkpoint_root.glob("step-*") if (p / "COMPLETE").exists())
+
+    stack.start_worker("rescuer")
+    done = wait_for_status(client, job["id"], TERMINAL, timeout=120)
+    assert done["status"] == "succeeded", f"{done}\n{stack.log_tail('rescuer')}"
+    resumed = resumed_from(client, job["id"])
+    assert resumed == [complete[-1]] and resumed[0] >= 10 and resumed[0] <= at_kill
+    messages = [e["message"] for e in all_events(client, job["id"])]
+    assert any("Worker lost during attempt 1" in m for m in messages)
+    assert any("attempt 2 of 3" in m for m in messages)
+
+    # The same job, uninterrupted, ends with the same adapter.
+    twin = create(client, file_id)
+    twin_done = wait_for_status(client, twin["id"], TERMINAL, timeout=120)
+    assert twin_done["status"] == "succeeded"
+    ours = adapter_tensors(stack, done["fine_tuned_model"])
+    theirs = adapter_tensors(stack, twin_done["fine_tuned_model"])
+    assert ours.keys() == theirs.keys()
+    for key in ours:
+        assert torch.allclose(ours[key], theirs[key], atol=1e-5), key
+
+
+def test_kill_during_a_checkpoint_write_resumes_from_the_previous_one(stack: Stack, client: httpx.Client) -> None:
+    file_id = upload(client, chat_lines(40)).json()["id"]
+    stack.start_worker("dies-writing", env={"ADAPTERY_FAULT_INJECTION": "exit_in_checkpoint_at_step=10"})
+    job = create(client, file_id)
+    root = stack.data_dir / "checkpoints" / job["id"]
+    deadline = time.monotonic() + 60
+    while not list(root.glob(".writing-step-00000010-*")) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert list(root.glob(".writing-step-00000010-*")), "the worker should have died half-way through step 10"
+    assert not (root / "step-00000010").exists()
+    stack.stop("dies-writing")
+    stack.start_worker("rescuer")
+    done = wait_for_status(client, job["id"], TERMINAL, timeout=120)
+    assert done["status"] == "succeeded"
+    assert resumed_from(client, job["id"]) == [5]
+
+
+def test_a_duplicate_delivery_is_refused_by_the_lease(stack: Stack, client: httpx.Client) -> None:
+    from celery import Celery
+
+    from workers.celery_app import TRAIN_TASK, TRAINING_QUEUE
+
+    file_id = upload(client, chat_lines(30)).json()["id"]
+    stack.start_worker("first", env=SLOW_STEPS)
+    job = create(client, file_id)
+    wait_step(client, job["id"], 2)
+    stack.start_worker("second", env=SLOW_STEPS)  # idle, so it takes the duplicate at once
+    Celery(broker=stack.env["ADAPTERY_BROKER_URL"]).send_task(TRAIN_TASK, args=[job["id"]], queue=TRAINING_QUEUE)
+    done = wait_for_status(client, job["id"], TERMINAL, timeout=120)
+    assert done["status"] == "succeeded"
+    started = [e for e in all_events(client, job["id"]) if e["message"].startswith("Fine-tuning job started")]
+    assert len(started) == 1
+    deadline = time.monotonic() + 20
+    while "not claimed" not in stack.log_tail("second", 100_000) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert "not claimed" in stack.log_tail("second", 100_000)
+    steps = [e["data"]["step"] for e in all_events(client, job["id"]) if e["type"] == "metrics"]
+    assert steps == sorted(set(steps)), "each step trained exactly once"
+
+
+def test_a_poison_job_fails_after_the_attempt_cap(stack: Stack, client: httpx.Client) -> None:
+    file_id = upload(client, chat_lines(8)).json()["id"]
+    stack.start_worker("poisoned", env={"ADAPTERY_FAULT_INJECTION": "exit_at_step=1"})
+    job = create(client, file_id)
+    done = wait_for_status(client, job["id"], TERMINAL, timeout=120)
+    assert done["status"] == "failed" and done["error"]["code"] == "worker_lost", done
+    started = [e for e in all_events(client, job["id"]) if e["message"].startswith("Fine-tuning job started")]
+    assert len(started) == 3  # the attempt cap, not a redelivery loop
+
+
+def test_jobs_survive_a_redis_restart(tmp_path: Path, tiny_model_dir: Path, postgres_url: str) -> None:
+    port = free_port()
+    redis_cmd = ["redis-server", "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"]
+    redis = subprocess.Popen(redis_cmd, stdout=subprocess.DEVNULL)
+    own = make_stack(tmp_path, database_url=postgres_url, broker_url=f"redis://127.0.0.1:{port}/0",
+                     tiny_model_dir=tiny_model_dir, extra={**FAST_RECOVERY, **SLOW_STEPS})
+    try:
+        own.start_api()
+        own.start_worker()
+        own.wait_ready()
+        with own.client() as client:
+            file_id = upload(client, chat_lines(12)).json()["id"]
+            job_ids = [create(client, file_id)["id"] for _ in range(3)]
+            wait_step(client, job_ids[0], 2)
+            redis.terminate()  # the broker goes away with a job running and two queued (their messages with it)
+            redis.wait(timeout=10)
+            time.sleep(2)
+            during = client.get(f"/v1/fine_tuning/jobs/{job_ids[1]}")  # reads still work
+            assert during.status_code == 200
+            accepted = client.post("/v1/fine_tuning/jobs", json={"model": TINY_MODEL_ID, "training_file": file_id,
+                                                                 "hyperparameters": {"n_epochs": 1}})
+            assert accepted.status_code == 200, accepted.text  # accepted while the broker is down
+            job_ids.append(accepted.json()["id"])
+            redis = subprocess.Popen(redis_cmd, stdout=subprocess.DEVNULL)  # back, and empty
+            finals = [wait_for_status(client, job_id, TERMINAL, timeout=180) for job_id in job_ids]
+        assert [f["status"] for f in finals] == ["succeeded"] * 4, finals
+    finally:
+        own.stop_all()
+        redis.terminate()
+        redis.wait(timeout=10)
+        shutil.rmtree(tmp_path / "data", ignore_errors=True)
