@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Annotated, Any
 
-from fastapi import APIRouter, Form, Query, UploadFile
+from fastapi import APIRouter, Form, Header, Query, UploadFile
 from fastapi.responses import Response
 
 from adapters.store import ArtifactStore
@@ -12,7 +12,7 @@ from app.api.deps import SessionDep, SettingsDep, TenantDep
 from app.errors import ApiError
 from app.schemas.common import paged
 from app.schemas.files import FileDeleted, FileObject, file_object
-from app.services import datasets
+from app.services import datasets, idempotency
 
 router = APIRouter(prefix="/v1/files", tags=["files"])
 CHUNK = 1 << 20
@@ -32,11 +32,16 @@ def _read_limited(upload: UploadFile, limit_mb: int) -> bytes:
 
 @router.post("", response_model=FileObject)
 def upload_file(session: SessionDep, settings: SettingsDep, tenant: TenantDep, file: UploadFile,
-                purpose: Annotated[str, Form()]) -> dict[str, Any]:
+                purpose: Annotated[str, Form()], idempotency_key: Annotated[str | None, Header()] = None) -> Any:
     content = _read_limited(file, settings.max_upload_mb)
-    row = datasets.create_file(session, tenant_id=tenant, settings=settings, filename=file.filename,
-                               purpose=purpose, content=content)
-    return file_object(row)
+
+    def create() -> dict[str, Any]:
+        row = datasets.create_file(session, tenant_id=tenant, settings=settings, filename=file.filename,
+                                   purpose=purpose, content=content)
+        return file_object(row)
+
+    return idempotency.run_once(session, tenant_id=tenant, key=idempotency_key, create=create,
+                                request_hash=idempotency.body_hash("file", purpose, file.filename, content))
 
 
 @router.get("")

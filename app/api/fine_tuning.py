@@ -4,13 +4,13 @@ from __future__ import annotations
 
 from typing import Annotated, Any
 
-from fastapi import APIRouter, Query
+from fastapi import APIRouter, Header, Query
 
 from app.api.deps import SessionDep, SettingsDep, TenantDep
 from app.errors import ApiError
 from app.schemas.common import paged
 from app.schemas.fine_tuning import JobCreate, checkpoint_object, event_object, job_object
-from app.services import jobs
+from app.services import idempotency, jobs
 from app.services.queue import BrokerUnavailable, enqueue_training
 
 router = APIRouter(prefix="/v1/fine_tuning/jobs", tags=["fine-tuning"])
@@ -44,7 +44,14 @@ def _method_and_hyperparameters(body: JobCreate) -> tuple[str, dict[str, Any], s
 
 
 @router.post("")
-def create_job(body: JobCreate, session: SessionDep, settings: SettingsDep, tenant: TenantDep) -> dict[str, Any]:
+def create_job(body: JobCreate, session: SessionDep, settings: SettingsDep, tenant: TenantDep,
+               idempotency_key: Annotated[str | None, Header()] = None) -> Any:
+    return idempotency.run_once(session, tenant_id=tenant, key=idempotency_key,
+                                request_hash=idempotency.body_hash("fine_tuning.job", body.model_dump()),
+                                create=lambda: _create_job(body, session, settings, tenant))
+
+
+def _create_job(body: JobCreate, session: Any, settings: Any, tenant: str) -> dict[str, Any]:
     method_type, raw, param = _method_and_hyperparameters(body)
     job = jobs.create_job(session, tenant_id=tenant, settings=settings, model=body.model,
                           training_file=body.training_file, validation_file=body.validation_file,

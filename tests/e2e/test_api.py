@@ -321,3 +321,39 @@ def test_inference_errors(client: httpx.Client) -> None:
     again = client.post("/v1/completions", json={"model": TINY_MODEL_ID, "prompt": "Once upon", "max_tokens": 5,
                                                  "temperature": 0.8, "top_p": 0.9, "seed": 3}).json()
     assert again["choices"][0]["text"] == body["choices"][0]["text"]  # same seed, same sample
+
+
+def test_idempotency_key_replays_and_refuses_another_body(client: httpx.Client, training_file: str) -> None:
+    body = {"model": TINY_MODEL_ID, "training_file": training_file, "hyperparameters": {"n_epochs": 1}}
+    key = {"Idempotency-Key": "job-key-1"}
+    first = client.post("/v1/fine_tuning/jobs", json=body, headers=key)
+    again = client.post("/v1/fine_tuning/jobs", json=body, headers=key)
+    assert first.status_code == again.status_code == 200
+    assert again.json()["id"] == first.json()["id"] and again.headers.get("idempotent-replayed") == "true"
+    other = client.post("/v1/fine_tuning/jobs", json={**body, "suffix": "other"}, headers=key)
+    assert other.status_code == 409 and other.json()["error"]["code"] == "idempotency_key_reused"
+    files_key = {"Idempotency-Key": "file-key-1"}
+    uploads = [client.post("/v1/files", data={"purpose": "fine-tune"}, headers=files_key,
+                           files={"file": ("a.jsonl", chat_lines(2).encode())}) for _ in range(2)]
+    assert uploads[0].json()["id"] == uploads[1].json()["id"]
+    wait_for_status(client, first.json()["id"], {"succeeded", "failed", "cancelled"})
+
+
+def test_concurrent_requests_with_one_idempotency_key_create_one_job(client: httpx.Client,
+                                                                    training_file: str) -> None:
+    from concurrent.futures import ThreadPoolExecutor
+
+    body = {"model": TINY_MODEL_ID, "training_file": training_file, "hyperparameters": {"n_epochs": 1}}
+    before = {j["id"] for j in client.get("/v1/fine_tuning/jobs", params={"limit": 100}).json()["data"]}
+
+    def send(_: int) -> httpx.Response:
+        with httpx.Client(base_url=str(client.base_url), timeout=60) as own:
+            return own.post("/v1/fine_tuning/jobs", json=body, headers={"Idempotency-Key": "concurrent-key"})
+
+    with ThreadPoolExecutor(max_workers=6) as pool:
+        responses = list(pool.map(send, range(6)))
+    assert all(r.status_code == 200 for r in responses), [r.text for r in responses]
+    assert len({r.json()["id"] for r in responses}) == 1
+    after = {j["id"] for j in client.get("/v1/fine_tuning/jobs", params={"limit": 100}).json()["data"]}
+    assert len(after - before) == 1
+    wait_for_status(client, responses[0].json()["id"], {"succeeded", "failed", "cancelled"})
