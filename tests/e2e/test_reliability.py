@@ -205,3 +205,22 @@ def test_jobs_survive_a_redis_restart(tmp_path: Path, tiny_model_dir: Path, post
         redis.terminate()
         redis.wait(timeout=10)
         shutil.rmtree(tmp_path / "data", ignore_errors=True)
+
+
+def test_a_worker_asked_to_stop_checkpoints_and_hands_the_job_back(stack: Stack, client: httpx.Client) -> None:
+    file_id = upload(client, chat_lines(40)).json()["id"]
+    stack.start_worker("leaving", env=SLOW_STEPS)
+    job = create(client, file_id)
+    wait_step(client, job["id"], 3)
+    stack.stop("leaving")  # SIGTERM: Celery's warm shutdown
+    handed_back = client.get(f"/v1/fine_tuning/jobs/{job['id']}").json()
+    assert handed_back["status"] == "queued", handed_back
+    messages = [e["message"] for e in all_events(client, job["id"])]
+    handed = [m for m in messages if "Worker shutting down" in m]
+    assert len(handed) == 1
+    stack.start_worker("next")
+    done = wait_for_status(client, job["id"], TERMINAL, timeout=120)
+    assert done["status"] == "succeeded"
+    resumed = resumed_from(client, job["id"])
+    # It resumes exactly where it stopped: the checkpoint written on the way out.
+    assert len(resumed) == 1 and resumed[0] >= 3 and handed[0].endswith(f"resume from step {resumed[0]}.")
