@@ -62,6 +62,8 @@ class Settings(BaseSettings):
     reaper_interval_seconds: float = 10.0
     # A queued job nobody claimed within this long is handed to the broker again (duplicates are harmless).
     requeue_after_seconds: float = 120.0
+    # Cap on a job's time_limit_seconds (the soft limit); the hard limit adds a grace period to it.
+    max_time_limit_seconds: float = 7 * 24 * 3600
     # Test-only fault injection for the worker, e.g. "step_delay=0.1,exit_at_step=7". Never set in production.
     fault_injection: str = ""
 

@@ -192,7 +192,16 @@ def run_job(job_id: str, *, owner: str, lease: Lease) -> str:
     from adapters.store import ArtifactStore
     from workers.training import checkpoints
     from workers.training.data import encode_dataset, parse_jsonl
-    from workers.training.loop import Cancelled, HandBack, LeaseLost, TrainingCallbacks, save_adapter, train
+    from workers.training.loop import (
+        Cancelled,
+        HandBack,
+        LeaseLost,
+        Paused,
+        TimeLimit,
+        TrainingCallbacks,
+        save_adapter,
+        train,
+    )
 
     settings = get_settings()
     torch.set_num_threads(settings.torch_threads)
@@ -239,8 +248,13 @@ def run_job(job_id: str, *, owner: str, lease: Lease) -> str:
         if lease.lost.is_set():
             return LeaseLost()
         with session_scope() as session:
-            if jobs.is_cancel_requested(session, job_id):
-                return Cancelled()
+            cancel, pause = jobs.stop_requests(session, job_id)
+        if cancel:
+            return Cancelled()
+        if pause:
+            return Paused()
+        if job.soft_time_limit is not None and time.time() - (job.started_at or time.time()) > job.soft_time_limit:
+            return TimeLimit()
         if _shutting_down.is_set():
             return HandBack()
         return None
@@ -297,6 +311,20 @@ def run_job(job_id: str, *, owner: str, lease: Lease) -> str:
     except LeaseLost:
         log.warning("job %s: lease lost to another worker; stopping without writing", job_id)
         return "lease_lost"
+    except Paused:
+        with session_scope() as session:
+            if jobs.mark_paused(session, job_id, owner=owner):
+                jobs.add_event(session, job_id, f"Job paused at step {last_checkpoint.get('step', 0)}; resume it "
+                                                "to continue from there.")
+        return "paused"
+    except TimeLimit:
+        with session_scope() as session:
+            if jobs.mark_failed(session, job_id, code="timeout", owner=owner,
+                                message=f"the job reached its time limit of {job.soft_time_limit:.0f} s; the "
+                                        f"checkpoint at step {last_checkpoint.get('step', 0)} was kept"):
+                jobs.add_event(session, job_id, "Time limit reached; the job failed after saving a checkpoint.",
+                               level="error")
+        return "timeout"
     except HandBack:
         with session_scope() as session:
             if jobs.release(session, job_id, owner=owner):

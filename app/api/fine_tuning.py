@@ -56,7 +56,8 @@ def _create_job(body: JobCreate, session: Any, settings: Any, tenant: str) -> di
     job = jobs.create_job(session, tenant_id=tenant, settings=settings, model=body.model,
                           training_file=body.training_file, validation_file=body.validation_file,
                           suffix=body.suffix, seed=body.seed, metadata=body.metadata, method_type=method_type,
-                          raw_hyperparameters=raw, hyperparameter_param=param)
+                          raw_hyperparameters=raw, hyperparameter_param=param,
+                          time_limit_seconds=body.time_limit_seconds)
     try:
         enqueue_training(job.id)
         jobs.mark_enqueued(session, job.id)
@@ -83,6 +84,23 @@ def get_job(fine_tuning_job_id: str, session: SessionDep, tenant: TenantDep) -> 
 def cancel_job(fine_tuning_job_id: str, session: SessionDep, tenant: TenantDep) -> dict[str, Any]:
     job = jobs.get_job(session, tenant_id=tenant, job_id=fine_tuning_job_id)
     return job_object(jobs.request_cancel(session, job))
+
+
+@router.post("/{fine_tuning_job_id}/pause")
+def pause_job(fine_tuning_job_id: str, session: SessionDep, tenant: TenantDep) -> dict[str, Any]:
+    job = jobs.get_job(session, tenant_id=tenant, job_id=fine_tuning_job_id)
+    return job_object(jobs.request_pause(session, job))
+
+
+@router.post("/{fine_tuning_job_id}/resume")
+def resume_job(fine_tuning_job_id: str, session: SessionDep, tenant: TenantDep) -> dict[str, Any]:
+    job = jobs.resume(session, jobs.get_job(session, tenant_id=tenant, job_id=fine_tuning_job_id))
+    try:
+        enqueue_training(job.id)
+        jobs.mark_enqueued(session, job.id)
+    except BrokerUnavailable:
+        pass  # queued in the database; the reaper hands it to the broker when it is back
+    return job_object(job)
 
 
 @router.get("/{fine_tuning_job_id}/events")

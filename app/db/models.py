@@ -10,7 +10,7 @@ import enum
 import time
 from typing import Any
 
-from sqlalchemy import JSON, BigInteger, Boolean, Float, ForeignKey, Index, Integer, String, Text
+from sqlalchemy import JSON, BigInteger, Boolean, Float, ForeignKey, Index, Integer, String, Text, false
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
 DEFAULT_TENANT = "default"
@@ -34,6 +34,7 @@ class JobStatus(enum.StrEnum):
     validating_files = "validating_files"
     queued = "queued"
     running = "running"
+    paused = "paused"
     succeeded = "succeeded"
     failed = "failed"
     cancelled = "cancelled"
@@ -89,6 +90,11 @@ class FineTuningJob(Base):
     error_message: Mapped[str | None] = mapped_column(Text, nullable=True)
     error_param: Mapped[str | None] = mapped_column(String(255), nullable=True)
     cancel_requested: Mapped[bool] = mapped_column(Boolean, default=False)
+    pause_requested: Mapped[bool] = mapped_column(Boolean, default=False, server_default=false())
+    # Wall-clock limits for the training itself: at the soft one the job checkpoints and fails with
+    # code "timeout"; past the hard one the reaper fails it whatever the worker is doing.
+    soft_time_limit: Mapped[float | None] = mapped_column(Float, nullable=True)
+    hard_time_limit: Mapped[float | None] = mapped_column(Float, nullable=True)
     # Ownership by lease: the worker holding an unexpired lease is the only one training the job.
     attempts: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
     lease_owner: Mapped[str | None] = mapped_column(String(128), nullable=True)

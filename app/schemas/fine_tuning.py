@@ -32,6 +32,8 @@ class JobCreate(Request):
     # OpenAI's older top-level hyperparameters (n_epochs, batch_size, learning_rate_multiplier).
     hyperparameters: dict[str, Any] | None = None
     integrations: list[Any] | None = None
+    # Adaptery's own: stop training after this many seconds (checkpoint, then fail with code "timeout").
+    time_limit_seconds: float | None = Field(default=None, gt=0)
 
     @field_validator("metadata")
     @classmethod

@@ -119,6 +119,14 @@ def reap(session: Session, *, max_attempts: int, requeue_after_seconds: float) -
     of attempts), and queued jobs nobody claimed for a while are handed out again. Returns the job ids to
     send to the broker."""
     moment = time.time()
+    overdue = list(session.scalars(select(FineTuningJob).where(
+        FineTuningJob.status == JobStatus.running.value, FineTuningJob.hard_time_limit.is_not(None),
+        FineTuningJob.started_at + FineTuningJob.hard_time_limit < moment)))
+    for job in overdue:
+        if _transition(session, job.id, {JobStatus.running}, JobStatus.failed, finished_at=now(), error_code="timeout",
+                       error_message=f"the job passed its hard time limit of {job.hard_time_limit:.0f} s",
+                       lease_expires_at=None):
+            add_event(session, job.id, "Hard time limit reached; the job failed.", level="error")
     expired = list(session.scalars(select(FineTuningJob).where(
         FineTuningJob.status == JobStatus.running.value, FineTuningJob.lease_expires_at < moment)))
     for job in expired:
@@ -143,7 +151,8 @@ def request_cancel(session: Session, job: FineTuningJob) -> FineTuningJob:
     if job.status in TERMINAL_JOB_STATUSES:
         raise ApiError(409, f"Job {job.id} has already finished with status '{job.status}' and cannot be "
                             "cancelled.", code="job_not_cancellable")
-    if mark_cancelled(session, job.id, from_statuses={JobStatus.validating_files, JobStatus.queued}):
+    if mark_cancelled(session, job.id, from_statuses={JobStatus.validating_files, JobStatus.queued,
+                                                      JobStatus.paused}):
         add_event(session, job.id, "Job cancelled before it started.")
     else:
         session.execute(update(FineTuningJob).where(FineTuningJob.id == job.id,
@@ -155,8 +164,43 @@ def request_cancel(session: Session, job: FineTuningJob) -> FineTuningJob:
     return job
 
 
-def is_cancel_requested(session: Session, job_id: str) -> bool:
-    return bool(session.scalar(select(FineTuningJob.cancel_requested).where(FineTuningJob.id == job_id)))
+def stop_requests(session: Session, job_id: str) -> tuple[bool, bool]:
+    """(cancel requested, pause requested) for a running job."""
+    row = session.execute(select(FineTuningJob.cancel_requested, FineTuningJob.pause_requested)
+                          .where(FineTuningJob.id == job_id)).one()
+    return bool(row[0]), bool(row[1])
+
+
+def request_pause(session: Session, job: FineTuningJob) -> FineTuningJob:
+    """Queued jobs pause at once; running ones checkpoint at the next step and release their worker."""
+    if job.status in TERMINAL_JOB_STATUSES or job.status == JobStatus.paused:
+        raise ApiError(409, f"Job {job.id} is '{job.status}' and cannot be paused.", code="job_not_pausable")
+    if _transition(session, job.id, {JobStatus.validating_files, JobStatus.queued}, JobStatus.paused):
+        add_event(session, job.id, "Job paused before it started.")
+    else:
+        session.execute(update(FineTuningJob).where(FineTuningJob.id == job.id,
+                                                    FineTuningJob.status == JobStatus.running.value)
+                        .values(pause_requested=True))
+        session.commit()
+        add_event(session, job.id, "Pause requested; training checkpoints and stops at the next step.")
+    session.refresh(job)
+    return job
+
+
+def resume(session: Session, job: FineTuningJob) -> FineTuningJob:
+    """paused → queued; the caller hands it to the broker. Training resumes from the checkpoint."""
+    if not _transition(session, job.id, {JobStatus.paused}, JobStatus.queued, pause_requested=False,
+                       enqueued_at=None, lease_owner=None, lease_expires_at=None):
+        raise ApiError(409, f"Job {job.id} is '{job.status}'; only paused jobs can be resumed.",
+                       code="job_not_paused")
+    add_event(session, job.id, "Job resumed; queued to continue from its latest checkpoint.")
+    session.refresh(job)
+    return job
+
+
+def mark_paused(session: Session, job_id: str, *, owner: str) -> bool:
+    return _transition(session, job_id, {JobStatus.running}, JobStatus.paused, owner=owner, pause_requested=False,
+                       lease_owner=None, lease_expires_at=None)
 
 
 def record_progress(session: Session, job_id: str, *, step: int, total_steps: int, epoch: float,
@@ -249,7 +293,7 @@ def _processed_file(session: Session, tenant_id: str, file_id: str, param: str) 
 def create_job(session: Session, *, tenant_id: str, settings: Settings, model: str, training_file: str,
                validation_file: str | None, suffix: str | None, seed: int | None,
                metadata: dict[str, str] | None, method_type: str, raw_hyperparameters: dict[str, Any],
-               hyperparameter_param: str) -> FineTuningJob:
+               hyperparameter_param: str, time_limit_seconds: float | None = None) -> FineTuningJob:
     """Validate everything a worker will need, then store the job as queued (caller enqueues it)."""
     from adapters import base_models
     from adapters.methods import METHODS, HyperparameterError
@@ -281,7 +325,13 @@ def create_job(session: Session, *, tenant_id: str, settings: Settings, model: s
     except ValueError as exc:  # pydantic's ValidationError (unknown field, wrong type)
         raise ApiError(400, _hyperparameter_message(exc, method_type), param=hyperparameter_param,
                        code="invalid_hyperparameter") from None
+    if time_limit_seconds is not None and time_limit_seconds > settings.max_time_limit_seconds:
+        cap = settings.max_time_limit_seconds
+        raise ApiError(400, f"time_limit_seconds is {time_limit_seconds}; at most {cap:.0f} is allowed.",
+                       param="time_limit_seconds", code="invalid_value")
+    soft = time_limit_seconds
     job = FineTuningJob(
+        soft_time_limit=soft, hard_time_limit=None if soft is None else soft + max(60.0, soft * 0.1),
         id=new_id("ftjob"), tenant_id=tenant_id, seq=time.time_ns(), model=spec.id,
         status=JobStatus.validating_files.value, created_at=now(), training_file=train.id,
         validation_file=validation_file, suffix=suffix, seed=seed if seed is not None else secrets.randbelow(2**31),

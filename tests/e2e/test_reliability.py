@@ -224,3 +224,37 @@ def test_a_worker_asked_to_stop_checkpoints_and_hands_the_job_back(stack: Stack,
     resumed = resumed_from(client, job["id"])
     # It resumes exactly where it stopped: the checkpoint written on the way out.
     assert len(resumed) == 1 and resumed[0] >= 3 and handed[0].endswith(f"resume from step {resumed[0]}.")
+
+
+def test_pause_checkpoints_and_resume_continues_from_there(stack: Stack, client: httpx.Client) -> None:
+    file_id = upload(client, chat_lines(40)).json()["id"]
+    stack.start_worker("worker", env=SLOW_STEPS)
+    job = create(client, file_id)
+    wait_step(client, job["id"], 3)
+    assert client.post(f"/v1/fine_tuning/jobs/{job['id']}/pause").status_code == 200
+    paused = wait_for_status(client, job["id"], {"paused", *TERMINAL}, timeout=30)
+    assert paused["status"] == "paused"
+    assert client.post(f"/v1/fine_tuning/jobs/{job['id']}/pause").status_code == 409
+    time.sleep(1.5)
+    assert client.get(f"/v1/fine_tuning/jobs/{job['id']}").json()["progress"]["step"] == paused["progress"]["step"]
+    resumed = client.post(f"/v1/fine_tuning/jobs/{job['id']}/resume")
+    assert resumed.status_code == 200 and resumed.json()["status"] == "queued"
+    done = wait_for_status(client, job["id"], TERMINAL, timeout=120)
+    assert done["status"] == "succeeded"
+    assert resumed_from(client, job["id"]) == [paused["progress"]["step"]]
+    assert client.post(f"/v1/fine_tuning/jobs/{job['id']}/resume").status_code == 409
+
+
+def test_soft_time_limit_checkpoints_and_fails_with_timeout(stack: Stack, client: httpx.Client) -> None:
+    file_id = upload(client, chat_lines(200)).json()["id"]  # 100 steps of 0.15 s: longer than the limit
+    stack.start_worker("worker", env=SLOW_STEPS)
+    response = client.post("/v1/fine_tuning/jobs", json={
+        "model": TINY_MODEL_ID, "training_file": file_id, "time_limit_seconds": 8,
+        "hyperparameters": {"n_epochs": 1, "batch_size": 2}})
+    assert response.status_code == 200, response.text
+    done = wait_for_status(client, response.json()["id"], TERMINAL, timeout=60)
+    assert done["status"] == "failed" and done["error"]["code"] == "timeout", done
+    assert 0 < done["progress"]["step"] < done["progress"]["total_steps"]
+    too_long = client.post("/v1/fine_tuning/jobs", json={"model": TINY_MODEL_ID, "training_file": file_id,
+                                                         "time_limit_seconds": 10**9})
+    assert too_long.status_code == 400 and too_long.json()["error"]["param"] == "time_limit_seconds"

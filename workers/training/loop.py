@@ -34,6 +34,14 @@ class HandBack(Exception):
     """The worker is shutting down: checkpoint, then give the job back to the queue."""
 
 
+class Paused(HandBack):
+    """The client paused the job: checkpoint, then release the worker."""
+
+
+class TimeLimit(HandBack):
+    """The job reached its soft time limit: checkpoint, then fail with code "timeout"."""
+
+
 @dataclass
 class TrainingCallbacks:
     """How the loop talks to the outside world (the job row, the event log, the artifact store)."""
@@ -172,7 +180,7 @@ def train(*, base_model: Any, method: AdapterMethod, hyperparameters: dict[str, 
         while position.batch < len(batches) and position.step < steps_total:
             stop = callbacks.should_stop()
             if stop is not None:
-                if isinstance(stop, HandBack) and position.step > 0:
+                if isinstance(stop, HandBack) and position.step > 0:  # Paused and TimeLimit too
                     callbacks.on_checkpoint(model, optimizer, scheduler, position,
                                             {"step": position.step, "train_loss": last_train_loss}, False)
                 raise stop

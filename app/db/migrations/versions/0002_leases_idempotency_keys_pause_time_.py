@@ -1,4 +1,4 @@
-"""leases, idempotency keys
+"""leases, idempotency keys, pause, time limits
 
 Revision ID: 0002
 Revises: 0001
@@ -29,6 +29,9 @@ def upgrade() -> None:
     sa.PrimaryKeyConstraint('tenant_id', 'key')
     )
     with op.batch_alter_table('fine_tuning_jobs', schema=None) as batch_op:
+        batch_op.add_column(sa.Column('pause_requested', sa.Boolean(), server_default=sa.false(), nullable=False))
+        batch_op.add_column(sa.Column('soft_time_limit', sa.Float(), nullable=True))
+        batch_op.add_column(sa.Column('hard_time_limit', sa.Float(), nullable=True))
         batch_op.add_column(sa.Column('attempts', sa.Integer(), server_default='0', nullable=False))
         batch_op.add_column(sa.Column('lease_owner', sa.String(length=128), nullable=True))
         batch_op.add_column(sa.Column('lease_expires_at', sa.Float(), nullable=True))
@@ -44,6 +47,9 @@ def downgrade() -> None:
         batch_op.drop_column('lease_expires_at')
         batch_op.drop_column('lease_owner')
         batch_op.drop_column('attempts')
+        batch_op.drop_column('hard_time_limit')
+        batch_op.drop_column('soft_time_limit')
+        batch_op.drop_column('pause_requested')
 
     op.drop_table('idempotency_keys')
     # ### end Alembic commands ###
