@@ -7,7 +7,7 @@ STAMP := $(VENV)/.installed
 # CPU machines: this pin takes the CPU build; an unpinned torch pulls a multi-GB CUDA build.
 TORCH_SPEC ?= torch==2.13.0
 
-.PHONY: install run test lint bench clean
+.PHONY: install run test lint bench soak clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -28,6 +28,12 @@ lint: install
 
 test: lint
 	$(BIN)/pytest
+
+soak: install
+	$(BIN)/pytest -m soak -s tests/soak
+
+bench: install
+	$(BIN)/python -m bench.serving --save
 
 clean:
 	rm -rf $(VENV) .cache .pytest_cache .mypy_cache .ruff_cache
