@@ -60,6 +60,8 @@ class Settings(BaseSettings):
     # A resumable checkpoint every N optimiser steps (and at each epoch end).
     checkpoint_steps: int = 100
     reaper_interval_seconds: float = 10.0
+    # Redis redelivers a message not acknowledged within this long; the lease makes that harmless.
+    broker_visibility_timeout: float = 12 * 3600
     # A queued job nobody claimed within this long is handed to the broker again (duplicates are harmless).
     requeue_after_seconds: float = 120.0
     # Cap on a job's time_limit_seconds (the soft limit); the hard limit adds a grace period to it.

@@ -10,11 +10,15 @@ TRAIN_TASK = "adaptery.train"
 TRAINING_QUEUE = "training"
 
 
-def transport_options(broker_url: str) -> dict[str, object]:
+def transport_options(broker_url: str, visibility_timeout: float) -> dict[str, object]:
     if broker_url.startswith(("redis://", "rediss://")):
         # Redis redelivers unacknowledged messages after the visibility timeout; training can run for
-        # hours, and the guarded claim makes a redelivery harmless, so keep it above a job's length.
-        return {"visibility_timeout": 12 * 3600}
+        # hours, and the job lease makes a redelivery harmless, so by default keep it above a job's length.
+        return {"visibility_timeout": visibility_timeout,
+                # kombu sweeps for overdue messages every interval × throttle seconds; keep that well
+                # under a short timeout so redelivery happens when the timeout says.
+                "unacked_restore_interval": max(1, min(10, int(visibility_timeout // 4))),
+                "unacked_restore_throttle": 1 if visibility_timeout < 600 else 10}
     # kombu's SQLAlchemy transport hands its options to create_engine; it polls every second by default.
     return {}
 
@@ -39,7 +43,8 @@ def make_celery() -> Celery:
         task_default_queue=TRAINING_QUEUE,
         task_routes={TRAIN_TASK: {"queue": TRAINING_QUEUE}},
         broker_connection_retry_on_startup=True,
-        broker_transport_options=transport_options(settings.resolved_broker_url),
+        broker_transport_options=transport_options(settings.resolved_broker_url,
+                                                   settings.broker_visibility_timeout),
         worker_hijack_root_logger=False,
         worker_send_task_events=False,
     )

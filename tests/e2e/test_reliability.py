@@ -164,6 +164,22 @@ def test_a_duplicate_delivery_is_refused_by_the_lease(stack: Stack, client: http
     assert steps == sorted(set(steps)), "each step trained exactly once"
 
 
+def test_a_visibility_timeout_shorter_than_the_job_trains_it_once(stack: Stack, client: httpx.Client) -> None:
+    short = {**SLOW_STEPS, "ADAPTERY_BROKER_VISIBILITY_TIMEOUT": "2"}
+    file_id = upload(client, chat_lines(80)).json()["id"]  # 40 steps of 0.15 s, well past the timeout
+    stack.start_worker("first", env=short)
+    job = create(client, file_id)
+    wait_step(client, job["id"], 1)
+    stack.start_worker("second", env=short)  # Redis hands it the overdue message
+    done = wait_for_status(client, job["id"], TERMINAL, timeout=120)
+    assert done["status"] == "succeeded"
+    assert "not claimed (status running)" in stack.log_tail("second", 100_000), "Redis did not redeliver"
+    events = all_events(client, job["id"])
+    assert len([e for e in events if e["message"].startswith("Fine-tuning job started")]) == 1
+    steps = [e["data"]["step"] for e in events if e["type"] == "metrics"]
+    assert steps == list(range(1, 41)), "each step trained exactly once"
+
+
 def test_a_poison_job_fails_after_the_attempt_cap(stack: Stack, client: httpx.Client) -> None:
     file_id = upload(client, chat_lines(8)).json()["id"]
     stack.start_worker("poisoned", env={"ADAPTERY_FAULT_INJECTION": "exit_at_step=1"})
