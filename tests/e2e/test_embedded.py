@@ -8,6 +8,8 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import httpx
@@ -16,18 +18,23 @@ from tests.conftest import ROOT, chat_lines, free_port, stack_env, upload, wait_
 from tests.tiny_model import TINY_MODEL_ID
 
 
-def test_serve_with_embedded_broker(tmp_path: Path, tiny_model_dir: Path) -> None:
+@contextmanager
+def serving(tmp_path: Path, tiny_model_dir: Path, extra: dict[str, str] | None = None
+            ) -> Iterator[tuple[httpx.Client, subprocess.Popen[bytes], Path]]:
+    """`python -m app.cli serve` on embedded defaults, ready; stopped with SIGTERM as a user would."""
     port = free_port()
-    env = stack_env(tmp_path / "data", database_url="", broker_url="", tiny_model_dir=tiny_model_dir, port=port)
+    env = stack_env(tmp_path / "data", database_url="", broker_url="", tiny_model_dir=tiny_model_dir, port=port,
+                    extra=extra)
     del env["ADAPTERY_DATABASE_URL"], env["ADAPTERY_BROKER_URL"]
-    log = open(tmp_path / "serve.log", "wb")  # noqa: SIM115
+    log_path = tmp_path / "serve.log"
+    log = open(log_path, "wb")  # noqa: SIM115
     process = subprocess.Popen([sys.executable, "-m", "app.cli", "serve"], cwd=ROOT, env=env, stdout=log,
                                stderr=subprocess.STDOUT, start_new_session=True)
     try:
         with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=60) as client:
             deadline = time.monotonic() + 90
             while time.monotonic() < deadline:
-                assert process.poll() is None, (tmp_path / "serve.log").read_text()
+                assert process.poll() is None, log_path.read_text()
                 try:
                     if client.get("/ready").status_code == 200:
                         break
@@ -35,20 +42,8 @@ def test_serve_with_embedded_broker(tmp_path: Path, tiny_model_dir: Path) -> Non
                     pass
                 time.sleep(0.5)
             else:
-                raise AssertionError((tmp_path / "serve.log").read_text()[-3000:])
-            assert (tmp_path / "data" / "adaptery.db").exists() and (tmp_path / "data" / "broker.db").exists()
-
-            file_id = upload(client, chat_lines(16)).json()["id"]
-            job = client.post("/v1/fine_tuning/jobs", json={
-                "model": TINY_MODEL_ID, "training_file": file_id,
-                "hyperparameters": {"n_epochs": 2, "batch_size": 4}}).json()
-            done = wait_for_status(client, job["id"], {"succeeded", "failed", "cancelled"}, timeout=120)
-            assert done["status"] == "succeeded", (tmp_path / "serve.log").read_text()[-3000:]
-            reply = client.post("/v1/chat/completions", json={
-                "model": done["fine_tuned_model"], "messages": [{"role": "user", "content": "hi"}], "max_tokens": 4})
-            assert reply.status_code == 200 and reply.json()["usage"]["completion_tokens"] >= 1
-        output = (tmp_path / "serve.log").read_text()
-        assert f"http://127.0.0.1:{port}/docs" in output and "embedded" in output
+                raise AssertionError(log_path.read_text()[-3000:])
+            yield client, process, log_path
     finally:
         process.send_signal(signal.SIGTERM)  # serve stops its worker, then exits
         try:
@@ -59,47 +54,42 @@ def test_serve_with_embedded_broker(tmp_path: Path, tiny_model_dir: Path) -> Non
     assert process.returncode is not None
 
 
+def test_serve_with_embedded_broker(tmp_path: Path, tiny_model_dir: Path) -> None:
+    with serving(tmp_path, tiny_model_dir) as (client, _, log_path):
+        assert (tmp_path / "data" / "adaptery.db").exists() and (tmp_path / "data" / "broker.db").exists()
+        file_id = upload(client, chat_lines(16)).json()["id"]
+        job = client.post("/v1/fine_tuning/jobs", json={
+            "model": TINY_MODEL_ID, "training_file": file_id,
+            "hyperparameters": {"n_epochs": 2, "batch_size": 4}}).json()
+        done = wait_for_status(client, job["id"], {"succeeded", "failed", "cancelled"}, timeout=120)
+        assert done["status"] == "succeeded", log_path.read_text()[-3000:]
+        reply = client.post("/v1/chat/completions", json={
+            "model": done["fine_tuned_model"], "messages": [{"role": "user", "content": "hi"}], "max_tokens": 4})
+        assert reply.status_code == 200 and reply.json()["usage"]["completion_tokens"] >= 1
+        output = log_path.read_text()
+        assert f"{str(client.base_url).rstrip('/')}/docs" in output and "embedded" in output
+
+
 def test_serve_replaces_a_killed_worker_and_the_job_resumes(tmp_path: Path, tiny_model_dir: Path) -> None:
     """`make run` supervises its worker: kill -9 it mid-job, and the job finishes without anyone stepping in."""
-    port = free_port()
-    env = stack_env(tmp_path / "data", database_url="", broker_url="", tiny_model_dir=tiny_model_dir, port=port,
-                    extra={"ADAPTERY_LEASE_SECONDS": "3", "ADAPTERY_REAPER_INTERVAL_SECONDS": "0.5",
-                           "ADAPTERY_CHECKPOINT_STEPS": "5", "ADAPTERY_FAULT_INJECTION": "step_delay=0.15"})
-    del env["ADAPTERY_DATABASE_URL"], env["ADAPTERY_BROKER_URL"]
-    log = open(tmp_path / "serve.log", "wb")  # noqa: SIM115
-    process = subprocess.Popen([sys.executable, "-m", "app.cli", "serve"], cwd=ROOT, env=env, stdout=log,
-                               stderr=subprocess.STDOUT, start_new_session=True)
-    try:
-        with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=60) as client:
-            deadline = time.monotonic() + 90
-            while time.monotonic() < deadline:
-                try:
-                    if client.get("/ready").status_code == 200:
-                        break
-                except httpx.HTTPError:
-                    pass
-                time.sleep(0.5)
-            file_id = upload(client, chat_lines(40)).json()["id"]
-            job = client.post("/v1/fine_tuning/jobs", json={
-                "model": TINY_MODEL_ID, "training_file": file_id,
-                "hyperparameters": {"n_epochs": 1, "batch_size": 2}}).json()
-            while client.get(f"/v1/fine_tuning/jobs/{job['id']}").json()["progress"]["step"] < 7:
-                assert time.monotonic() < deadline + 60
-                time.sleep(0.1)
-            workers = subprocess.run(["pgrep", "-P", str(process.pid), "-f", "celery"], capture_output=True,
-                                     text=True).stdout.split()
-            assert len(workers) == 1
-            os.killpg(int(workers[0]), signal.SIGKILL)  # the worker and its pool, as the OOM killer would
-            done = wait_for_status(client, job["id"], {"succeeded", "failed", "cancelled"}, timeout=120)
-            assert done["status"] == "succeeded", (tmp_path / "serve.log").read_text()[-3000:]
-            events = client.get(f"/v1/fine_tuning/jobs/{job['id']}/events", params={"limit": 200}).json()["data"]
-            resumed = [e["data"]["resumed_from_step"] for e in events if "resumed_from_step" in e["data"]]
-            assert resumed and resumed[0] >= 5
-        assert "starting a new one" in (tmp_path / "serve.log").read_text()
-    finally:
-        process.send_signal(signal.SIGTERM)
-        try:
-            process.wait(timeout=40)
-        except subprocess.TimeoutExpired:
-            os.killpg(process.pid, signal.SIGKILL)
-        log.close()
+    extra = {"ADAPTERY_LEASE_SECONDS": "3", "ADAPTERY_REAPER_INTERVAL_SECONDS": "0.5",
+             "ADAPTERY_CHECKPOINT_STEPS": "5", "ADAPTERY_FAULT_INJECTION": "step_delay=0.15"}
+    with serving(tmp_path, tiny_model_dir, extra) as (client, process, log_path):
+        file_id = upload(client, chat_lines(40)).json()["id"]
+        job = client.post("/v1/fine_tuning/jobs", json={
+            "model": TINY_MODEL_ID, "training_file": file_id,
+            "hyperparameters": {"n_epochs": 1, "batch_size": 2}}).json()
+        deadline = time.monotonic() + 60
+        while client.get(f"/v1/fine_tuning/jobs/{job['id']}").json()["progress"]["step"] < 7:
+            assert time.monotonic() < deadline
+            time.sleep(0.1)
+        workers = subprocess.run(["pgrep", "-P", str(process.pid), "-f", "celery"], capture_output=True,
+                                 text=True).stdout.split()
+        assert len(workers) == 1
+        os.killpg(int(workers[0]), signal.SIGKILL)  # the worker and its pool, as the OOM killer would
+        done = wait_for_status(client, job["id"], {"succeeded", "failed", "cancelled"}, timeout=120)
+        assert done["status"] == "succeeded", log_path.read_text()[-3000:]
+        events = client.get(f"/v1/fine_tuning/jobs/{job['id']}/events", params={"limit": 200}).json()["data"]
+        resumed = [e["data"]["resumed_from_step"] for e in events if "resumed_from_step" in e["data"]]
+        assert resumed and resumed[0] >= 5
+        assert "starting a new one" in log_path.read_text()
