@@ -107,12 +107,24 @@ def serve(with_worker: bool = typer.Option(True, help="also run a Celery worker 
     settings = get_settings()
     migrate_to_head()
     prepare_model()
+    from app.db.session import session_scope
+    from app.services.tenants import bootstrap
+
+    with session_scope() as session:
+        created = bootstrap(session, data_dir=settings.data_dir, explicit_key=settings.bootstrap_key)
+    key_file = settings.data_dir / "bootstrap_key"
     supervisor = WorkerSupervisor(settings.worker_concurrency) if with_worker else None
     if supervisor:
         supervisor.start()
     base = f"http://{settings.host}:{settings.port}"
     broker = "embedded (SQLite, no server)" if settings.uses_embedded_broker else settings.resolved_broker_url
     console.print(f"[bold green]Adaptery[/] API on {base}  ·  docs {base}/docs  ·  broker: {broker}")
+    if created:
+        console.print(f"API key of the local tenant (shown once; also in {key_file}): [bold]{created}[/]")
+    elif key_file.exists():
+        console.print(f"API key of the local tenant: in {key_file}")
+    console.print(f"Try: curl -H \"Authorization: Bearer $(cat {key_file})\" {base}/v1/models"
+                  if key_file.exists() else f"Send your key as 'Authorization: Bearer <key>' to {base}/v1/...")
     # uvicorn re-raises SIGTERM after its shutdown; exiting through SystemExit lets `finally` stop the worker.
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
     try:

@@ -5,10 +5,11 @@ from __future__ import annotations
 import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from typing import Any
 
 from fastapi import FastAPI
 
-from app.api import adapters, files, fine_tuning, health, inference, models
+from app.api import adapters, admin, files, fine_tuning, health, inference, models
 from app.db.session import migrate_to_head
 from app.errors import install_error_handlers
 from app.settings import get_settings
@@ -20,6 +21,7 @@ log = logging.getLogger("adaptery")
 async def lifespan(_: FastAPI) -> AsyncIterator[None]:
     settings = get_settings()
     migrate_to_head()
+    bootstrap_tenant(settings)
     if settings.preload_inference:
         from app.services.inference import get_engine
 
@@ -27,11 +29,22 @@ async def lifespan(_: FastAPI) -> AsyncIterator[None]:
     yield
 
 
+def bootstrap_tenant(settings: Any) -> None:
+    from app.db.session import session_scope
+    from app.services.tenants import bootstrap
+
+    with session_scope() as session:
+        key = bootstrap(session, data_dir=settings.data_dir, explicit_key=settings.bootstrap_key)
+    if key:
+        log.warning("created the local tenant; its API key (also in %s): %s", settings.data_dir / "bootstrap_key",
+                    key)
+
+
 def create_app() -> FastAPI:
     app = FastAPI(title="Adaptery", version="0.1.0", lifespan=lifespan,
                   description="Self-hosted parameter-efficient fine-tuning with an OpenAI-shaped API.")
     install_error_handlers(app)
-    for module in (health, files, fine_tuning, inference, models, adapters):
+    for module in (health, files, fine_tuning, inference, models, adapters, admin):
         app.include_router(module.router)
     return app
 

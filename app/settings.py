@@ -15,6 +15,10 @@ class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="ADAPTERY_", extra="ignore")
 
     host: str = "127.0.0.1"
+    # Creates and revokes tenants and keys (/v1/admin). Empty: the admin routes answer 401.
+    admin_key: str = ""
+    # The local tenant's key on first start; empty means a random one, printed and saved in the data dir.
+    bootstrap_key: str = ""
     port: int = 8000
     data_dir: Path = Path("data")
     # Empty means a SQLite file in the data dir.

@@ -28,6 +28,10 @@ from tests.tiny_model import TINY_MODEL_ID, build_tiny_model
 
 ROOT = Path(__file__).resolve().parent.parent
 MODEL_CACHE = ROOT / ".cache" / "models"
+# The keys every test stack starts with (ADAPTERY_BOOTSTRAP_KEY / ADAPTERY_ADMIN_KEY).
+TEST_KEY = "sk-ady-test-local-tenant-key"
+ADMIN_KEY = "sk-ady-test-admin-key"
+AUTH = {"Authorization": f"Bearer {TEST_KEY}"}
 REDIS_URL = os.environ.get("ADAPTERY_TEST_REDIS_URL", "redis://127.0.0.1:6379/15")
 POSTGRES_ADMIN_URL = os.environ.get("ADAPTERY_TEST_POSTGRES_URL", "postgresql+psycopg://127.0.0.1:5432/test")
 
@@ -110,7 +114,7 @@ class Stack:
     processes: dict[str, subprocess.Popen[bytes]] = field(default_factory=dict)
 
     def client(self, timeout: float = 120.0) -> httpx.Client:
-        return httpx.Client(base_url=self.base_url, timeout=timeout)
+        return httpx.Client(base_url=self.base_url, timeout=timeout, headers=AUTH)
 
     def start_worker(self, name: str = "worker", env: dict[str, str] | None = None) -> subprocess.Popen[bytes]:
         command = [sys.executable, "-m", "celery", "-A", "workers.celery_app:celery_app", "worker",
@@ -187,6 +191,8 @@ def stack_env(data_dir: Path, *, database_url: str, broker_url: str, tiny_model_
         "ADAPTERY_DEFAULT_BASE_MODEL": TINY_MODEL_ID,
         "ADAPTERY_PORT": str(port),
         "ADAPTERY_TORCH_THREADS": "1",
+        "ADAPTERY_BOOTSTRAP_KEY": TEST_KEY,
+        "ADAPTERY_ADMIN_KEY": ADMIN_KEY,
         "PYTHONUNBUFFERED": "1",
     })
     env.update(extra or {})

@@ -1,15 +1,16 @@
-"""Dependencies shared by the routers: settings, a database session, the calling tenant."""
+"""Dependencies shared by the routers: settings, a database session, the calling tenant (by API key)."""
 
 from __future__ import annotations
 
 from collections.abc import Iterator
 from typing import Annotated
 
-from fastapi import Depends
+from fastapi import Depends, Header
 from sqlalchemy.orm import Session
 
-from app.db.models import DEFAULT_TENANT
 from app.db.session import get_sessionmaker
+from app.errors import ApiError
+from app.services import tenants
 from app.settings import Settings, get_settings
 
 
@@ -21,11 +22,24 @@ def _session() -> Iterator[Session]:
         session.close()
 
 
-def _tenant() -> str:
-    # One local tenant until API keys arrive; every service call already takes the tenant.
-    return DEFAULT_TENANT
-
-
 SettingsDep = Annotated[Settings, Depends(get_settings)]
 SessionDep = Annotated[Session, Depends(_session)]
+
+
+def _tenant(session: SessionDep, authorization: Annotated[str | None, Header()] = None) -> str:
+    key = tenants.bearer(authorization)
+    tenant = tenants.tenant_for_key(session, key)
+    if tenant is None:
+        raise ApiError(401, "Incorrect API key provided.", code="invalid_api_key",
+                       headers={"WWW-Authenticate": "Bearer"})
+    return tenant
+
+
+def _admin(settings: SettingsDep, authorization: Annotated[str | None, Header()] = None) -> None:
+    if not tenants.is_admin_key(tenants.bearer(authorization), settings.admin_key):
+        raise ApiError(401, "This route needs the admin key (ADAPTERY_ADMIN_KEY).", code="invalid_api_key",
+                       headers={"WWW-Authenticate": "Bearer"})
+
+
 TenantDep = Annotated[str, Depends(_tenant)]
+AdminDep = Annotated[None, Depends(_admin)]

@@ -11,7 +11,7 @@ import pytest
 import sqlalchemy as sa
 import torch
 
-from tests.conftest import Stack, all_events, chat_lines, upload, wait_for_status
+from tests.conftest import AUTH, Stack, all_events, chat_lines, upload, wait_for_status
 from tests.tiny_model import TINY_MODEL_ID
 
 # Learning rates high enough that a tiny random model visibly learns the answer in a few epochs.
@@ -347,7 +347,7 @@ def test_concurrent_requests_with_one_idempotency_key_create_one_job(client: htt
     before = {j["id"] for j in client.get("/v1/fine_tuning/jobs", params={"limit": 100}).json()["data"]}
 
     def send(_: int) -> httpx.Response:
-        with httpx.Client(base_url=str(client.base_url), timeout=60) as own:
+        with httpx.Client(base_url=str(client.base_url), timeout=60, headers=AUTH) as own:
             return own.post("/v1/fine_tuning/jobs", json=body, headers={"Idempotency-Key": "concurrent-key"})
 
     with ThreadPoolExecutor(max_workers=6) as pool:

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import httpx
 
-from tests.conftest import ROOT, chat_lines, free_port, stack_env, upload, wait_for_status
+from tests.conftest import AUTH, ROOT, chat_lines, free_port, stack_env, upload, wait_for_status
 from tests.tiny_model import TINY_MODEL_ID
 
 
@@ -31,7 +31,7 @@ def serving(tmp_path: Path, tiny_model_dir: Path, extra: dict[str, str] | None =
     process = subprocess.Popen([sys.executable, "-m", "app.cli", "serve"], cwd=ROOT, env=env, stdout=log,
                                stderr=subprocess.STDOUT, start_new_session=True)
     try:
-        with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=60) as client:
+        with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=60, headers=AUTH) as client:
             deadline = time.monotonic() + 90
             while time.monotonic() < deadline:
                 assert process.poll() is None, log_path.read_text()

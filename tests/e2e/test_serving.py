@@ -10,7 +10,7 @@ from typing import Any
 import httpx
 import pytest
 
-from tests.conftest import Stack, chat_lines, upload, wait_for_status
+from tests.conftest import AUTH, TEST_KEY, Stack, chat_lines, upload, wait_for_status
 from tests.tiny_model import TINY_MODEL_ID
 
 
@@ -92,7 +92,7 @@ def test_concurrent_requests_on_different_adapters(client: httpx.Client, adapter
     assert len(set(alone.values())) == 3  # the two adapters and the base model really differ
 
     def ask(model: str) -> str:
-        with httpx.Client(base_url=str(client.base_url), timeout=120) as own:
+        with httpx.Client(base_url=str(client.base_url), timeout=120, headers=AUTH) as own:
             response = own.post("/v1/chat/completions", json=chat_body(model))
             assert response.status_code == 200, response.text
             return response.json()["choices"][0]["message"]["content"]
@@ -130,12 +130,12 @@ def test_adapter_residency_api(client: httpx.Client, adapters: list[str]) -> Non
 
 def test_the_openai_sdk_works_unchanged(stack: Stack) -> None:
     openai = pytest.importorskip("openai")
-    sdk = openai.OpenAI(base_url=f"{stack.base_url}/v1", api_key="unused", max_retries=0)
+    sdk = openai.OpenAI(base_url=f"{stack.base_url}/v1", api_key=TEST_KEY, max_retries=0)
     file = sdk.files.create(file=("train.jsonl", chat_lines(8).encode()), purpose="fine-tune")
     assert file.status == "processed"
     job = sdk.fine_tuning.jobs.create(model=TINY_MODEL_ID, training_file=file.id, hyperparameters={"n_epochs": 1})
     assert job.status in ("queued", "running")
-    with httpx.Client(base_url=stack.base_url) as raw:
+    with stack.client() as raw:
         wait_for_status(raw, job.id, {"succeeded"})
     job = sdk.fine_tuning.jobs.retrieve(job.id)
     assert job.fine_tuned_model and job.status == "succeeded"

@@ -1,0 +1,55 @@
+"""/v1/admin: tenants and their API keys (admin key only). A key is shown once, when it is created."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from fastapi import APIRouter
+from pydantic import Field
+from sqlalchemy import select
+
+from app.api.deps import AdminDep, SessionDep
+from app.db.models import ApiKey, Tenant
+from app.errors import not_found
+from app.schemas.common import Request
+from app.services import tenants
+
+router = APIRouter(prefix="/v1/admin", tags=["admin"])
+
+
+class TenantCreate(Request):
+    name: str = Field(min_length=1, max_length=255)
+
+
+def _tenant(row: Tenant) -> dict[str, Any]:
+    return {"id": row.id, "object": "tenant", "name": row.name, "created_at": row.created_at}
+
+
+def _key(row: ApiKey) -> dict[str, Any]:
+    return {"id": row.id, "object": "api_key", "tenant_id": row.tenant_id, "prefix": row.prefix,
+            "created_at": row.created_at, "revoked_at": row.revoked_at}
+
+
+@router.post("/tenants")
+def create_tenant(body: TenantCreate, session: SessionDep, _: AdminDep) -> dict[str, Any]:
+    tenant, key = tenants.create_tenant(session, name=body.name)
+    return {**_tenant(tenant), "api_key": key}
+
+
+@router.get("/tenants")
+def list_tenants(session: SessionDep, _: AdminDep) -> dict[str, Any]:
+    rows = session.scalars(select(Tenant).order_by(Tenant.created_at, Tenant.id))
+    return {"object": "list", "data": [_tenant(t) for t in rows]}
+
+
+@router.post("/tenants/{tenant_id}/keys")
+def create_key(tenant_id: str, session: SessionDep, _: AdminDep) -> dict[str, Any]:
+    if session.get(Tenant, tenant_id) is None:
+        raise not_found("tenant", tenant_id, param="tenant_id")
+    row, key = tenants.add_key(session, tenant_id=tenant_id)
+    return {**_key(row), "api_key": key}
+
+
+@router.delete("/keys/{key_id}")
+def revoke_key(key_id: str, session: SessionDep, _: AdminDep) -> dict[str, Any]:
+    return _key(tenants.revoke_key(session, key_id=key_id))

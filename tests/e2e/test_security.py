@@ -1,0 +1,131 @@
+"""API keys, admin routes, and tenant isolation: a BOLA matrix generated from the app's own OpenAPI
+document, so every route with an id is checked, including routes added later."""
+
+from __future__ import annotations
+
+import re
+from typing import Any
+
+import httpx
+import pytest
+
+from tests.conftest import ADMIN_KEY, TEST_KEY, Stack, chat_lines, upload, wait_for_status
+from tests.tiny_model import TINY_MODEL_ID
+
+PUBLIC = {"/health", "/ready"}
+
+
+def bearer(key: str) -> dict[str, str]:
+    return {"Authorization": f"Bearer {key}"}
+
+
+@pytest.fixture(scope="module")
+def tenant_b(stack: Stack) -> str:
+    with httpx.Client(base_url=stack.base_url, headers=bearer(ADMIN_KEY)) as admin:
+        response = admin.post("/v1/admin/tenants", json={"name": "tenant-b"})
+    assert response.status_code == 200, response.text
+    return response.json()["api_key"]
+
+
+@pytest.fixture(scope="module")
+def owned_by_a(stack: Stack) -> dict[str, str]:
+    """Tenant A (the local tenant) owns a file, a finished job, its adapter and model name."""
+    with stack.client() as client:
+        file_id = upload(client, chat_lines(8)).json()["id"]
+        job = client.post("/v1/fine_tuning/jobs", json={
+            "model": TINY_MODEL_ID, "training_file": file_id, "hyperparameters": {"n_epochs": 1}}).json()
+        done = wait_for_status(client, job["id"], {"succeeded", "failed"})
+        assert done["status"] == "succeeded"
+        adapter = next(a for a in client.get("/v1/adapters").json()["data"] if a["name"] == done["fine_tuned_model"])
+        event = client.get(f"/v1/fine_tuning/jobs/{job['id']}/events", params={"limit": 1}).json()["data"][0]
+    return {"file_id": file_id, "fine_tuning_job_id": job["id"], "adapter_id": adapter["id"],
+            "model_id": done["fine_tuned_model"], "event_id": event["id"]}
+
+
+def test_keys_are_required_and_checked(stack: Stack) -> None:
+    with httpx.Client(base_url=stack.base_url) as anonymous:
+        assert anonymous.get("/health").status_code == 200
+        for headers in ({}, bearer("sk-ady-wrong"), {"Authorization": "Basic abc"}, {"Authorization": "Bearer"}):
+            response = anonymous.get("/v1/models", headers=headers)
+            assert response.status_code == 401, headers
+            assert response.json()["error"]["code"] == "invalid_api_key"
+            assert response.headers["www-authenticate"] == "Bearer"
+        assert anonymous.get("/v1/models", headers=bearer(TEST_KEY)).status_code == 200
+        # The local tenant's key is not an admin key, and the admin key is not a tenant key.
+        assert anonymous.get("/v1/admin/tenants", headers=bearer(TEST_KEY)).status_code == 401
+        assert anonymous.get("/v1/models", headers=bearer(ADMIN_KEY)).status_code == 401
+
+
+def test_admin_manages_tenants_and_keys(stack: Stack) -> None:
+    with httpx.Client(base_url=stack.base_url, headers=bearer(ADMIN_KEY)) as admin:
+        tenant = admin.post("/v1/admin/tenants", json={"name": "acme"}).json()
+        assert tenant["api_key"].startswith("sk-ady-") and tenant["name"] == "acme"
+        listed = admin.get("/v1/admin/tenants").json()["data"]
+        assert tenant["id"] in [t["id"] for t in listed] and all("api_key" not in t for t in listed)
+        second = admin.post(f"/v1/admin/tenants/{tenant['id']}/keys").json()
+        assert second["api_key"] != tenant["api_key"] and second["prefix"] == second["api_key"][:10]
+        assert admin.post("/v1/admin/tenants/tenant-missing/keys").status_code == 404
+        with httpx.Client(base_url=stack.base_url) as user:
+            assert user.get("/v1/files", headers=bearer(second["api_key"])).status_code == 200
+            revoked = admin.delete(f"/v1/admin/keys/{second['id']}").json()
+            assert revoked["revoked_at"] is not None
+            assert user.get("/v1/files", headers=bearer(second["api_key"])).status_code == 401
+            assert user.get("/v1/files", headers=bearer(tenant["api_key"])).status_code == 200
+        assert admin.post("/v1/admin/tenants", json={"name": ""}).status_code == 400
+
+
+def _routes(app_openapi: dict[str, Any]) -> list[tuple[str, str]]:
+    return [(path, method.upper()) for path, item in app_openapi["paths"].items() for method in item
+            if path not in PUBLIC and not path.startswith("/v1/admin")]
+
+
+def _fill(path: str, ids: dict[str, str]) -> str:
+    return re.sub(r"\{(\w+)(?::path)?\}", lambda m: ids[m.group(1)], path)
+
+
+def _body(method: str, path: str, ids: dict[str, str]) -> dict[str, Any] | None:
+    if method != "POST":
+        return None
+    if path == "/v1/fine_tuning/jobs":
+        return {"model": TINY_MODEL_ID, "training_file": ids["file_id"]}
+    if path == "/v1/chat/completions":
+        return {"model": ids["model_id"], "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}
+    if path == "/v1/completions":
+        return {"model": ids["model_id"], "prompt": "hi", "max_tokens": 2}
+    return None
+
+
+def test_bola_matrix_from_the_openapi_document(stack: Stack, tenant_b: str, owned_by_a: dict[str, str]) -> None:
+    with stack.client() as a_client, httpx.Client(base_url=stack.base_url, headers=bearer(tenant_b),
+                                                  timeout=60) as b_client:
+        spec = a_client.get("/openapi.json").json()
+        missing = {key: value.split("-")[0] + "-doesnotexist" if value.startswith(("file", "ftjob", "adapter"))
+                   else "ft:does-not-exist" for key, value in owned_by_a.items()}
+        checked = []
+        for path, method in _routes(spec):
+            if path == "/v1/files" and method == "POST":
+                continue  # creates the caller's own object; nothing of A's is named
+            body = _body(method, path, owned_by_a)
+            url = _fill(path, owned_by_a)
+            as_b = b_client.request(method, url, json=body, params={"limit": 100})
+            if "{" in path:
+                assert as_b.status_code == 404, (method, path, as_b.status_code, as_b.text)
+                assert as_b.json()["error"]["code"] in ("not_found", "model_not_found")
+            elif body is not None:
+                # Naming A's object in a body must look exactly like naming one that does not exist.
+                as_missing = b_client.request(method, path, json=_body(method, path, missing))
+                assert as_b.status_code >= 400, (method, path, as_b.text)
+                assert (as_b.status_code, as_b.json()["error"]["param"]) == \
+                       (as_missing.status_code, as_missing.json()["error"]["param"]), (method, path, as_missing.text)
+            else:
+                assert as_b.status_code == 200, (method, path, as_b.text)
+                assert not set(owned_by_a.values()) & set(re.findall(r'"(?:id|name)":"([^"]+)"', as_b.text)), path
+            checked.append((method, path))
+        # Every route with an id in its path was exercised (new routes join the matrix by themselves).
+        with_ids = {(m, p) for p, m in _routes(spec) if "{" in p}
+        assert with_ids <= set(checked) and len(with_ids) >= 12
+        # Tenant A still sees all of its own.
+        assert a_client.get(f"/v1/files/{owned_by_a['file_id']}").status_code == 200
+        assert a_client.get(f"/v1/fine_tuning/jobs/{owned_by_a['fine_tuning_job_id']}").status_code == 200
+        assert a_client.get(f"/v1/adapters/{owned_by_a['adapter_id']}").status_code == 200
+        assert a_client.get(f"/v1/models/{owned_by_a['model_id']}").status_code == 200
