@@ -45,6 +45,8 @@ class Settings(BaseSettings):
     preload_inference: bool = False
 
     max_upload_mb: int = 512
+    # An imported adapter's files, unpacked.
+    max_adapter_mb: int = 2048
     max_examples_per_file: int = 100_000
     # Longest example (in tokens, chat template applied) a dataset may contain.
     max_example_tokens: int = 4096

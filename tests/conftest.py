@@ -193,6 +193,7 @@ def stack_env(data_dir: Path, *, database_url: str, broker_url: str, tiny_model_
         "ADAPTERY_TORCH_THREADS": "1",
         "ADAPTERY_BOOTSTRAP_KEY": TEST_KEY,
         "ADAPTERY_ADMIN_KEY": ADMIN_KEY,
+        "ADAPTERY_MAX_ADAPTER_MB": "64",
         "PYTHONUNBUFFERED": "1",
     })
     env.update(extra or {})

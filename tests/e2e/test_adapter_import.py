@@ -1,0 +1,197 @@
+"""Importing adapters trained elsewhere: accepted in every legitimate shape, served exactly as PEFT
+computes them; pickles, path tricks, links, zip bombs and do-nothing adapters refused."""
+
+from __future__ import annotations
+
+import io
+import json
+import pickle
+import tarfile
+import zipfile
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+import torch
+
+from tests.conftest import Stack
+from tests.tiny_model import TINY_MODEL_ID
+
+CONFIG, WEIGHTS = "adapter_config.json", "adapter_model.safetensors"
+
+
+@pytest.fixture(scope="module")
+def client(stack: Stack) -> httpx.Client:
+    with stack.client() as c:
+        yield c
+
+
+@pytest.fixture(scope="module")
+def peft_adapter(tmp_path_factory: pytest.TempPathFactory, tiny_model_dir: Path) -> Path:
+    """A LoRA made with PEFT outside Adaptery: random, non-zero weights (init_lora_weights=False)."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(0)
+    model = get_peft_model(AutoModelForCausalLM.from_pretrained(tiny_model_dir),
+                           LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "down_proj"],
+                                      init_lora_weights=False))
+    folder = tmp_path_factory.mktemp("outside")
+    model.save_pretrained(folder)
+    return folder
+
+
+def files_of(folder: Path) -> dict[str, bytes]:
+    return {CONFIG: (folder / CONFIG).read_bytes(), WEIGHTS: (folder / WEIGHTS).read_bytes()}
+
+
+def send_files(client: httpx.Client, parts: dict[str, bytes], **form: str) -> httpx.Response:
+    return client.post("/v1/adapters", data=form, files=[("files", (name, data)) for name, data in parts.items()])
+
+
+def zip_of(members: dict[str, bytes]) -> bytes:
+    buffer = io.BytesIO()
+    with zipfile.ZipFile(buffer, "w", zipfile.ZIP_DEFLATED) as zipped:
+        for name, data in members.items():
+            zipped.writestr(name, data)
+    return buffer.getvalue()
+
+
+def tar_of(members: dict[str, bytes], link: str | None = None) -> bytes:
+    buffer = io.BytesIO()
+    with tarfile.open(fileobj=buffer, mode="w:gz") as tar:
+        for name, data in members.items():
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+        if link:
+            info = tarfile.TarInfo(link)
+            info.type = tarfile.SYMTYPE
+            info.linkname = "/etc/passwd"
+            tar.addfile(info)
+    return buffer.getvalue()
+
+
+def test_import_serve_and_download(client: httpx.Client, peft_adapter: Path, tiny_model_dir: Path) -> None:
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    response = send_files(client, files_of(peft_adapter), name="acme-lora-v1")
+    assert response.status_code == 200, response.text
+    adapter = response.json()
+    assert adapter["name"] == "acme-lora-v1" and adapter["method"] == "lora" and adapter["rank"] == 4
+    assert adapter["base_model"] == TINY_MODEL_ID and adapter["job_id"] is None
+
+    reply = client.post("/v1/chat/completions", json={"model": "acme-lora-v1", "max_tokens": 6, "temperature": 0,
+                                                      "messages": [{"role": "user", "content": "Hello"}]}).json()
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
+    prompt = tokenizer.apply_chat_template([{"role": "user", "content": "Hello"}], tokenize=False,
+                                           add_generation_prompt=True)
+    ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
+    reference = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_model_dir), str(peft_adapter))
+    sequence = list(ids)
+    with torch.no_grad():
+        for _ in range(reply["usage"]["completion_tokens"]):
+            sequence.append(int(reference(input_ids=torch.tensor([sequence])).logits[0, -1].argmax()))
+    assert tokenizer.decode(sequence[len(ids):], skip_special_tokens=True) == reply["choices"][0]["message"]["content"]
+
+    archive = client.get(f"/v1/adapters/{adapter['id']}/content")
+    assert archive.status_code == 200 and archive.headers["content-type"] == "application/zip"
+    with zipfile.ZipFile(io.BytesIO(archive.content)) as zipped:
+        assert sorted(zipped.namelist()) == [CONFIG, WEIGHTS]
+        assert zipped.read(WEIGHTS) == (peft_adapter / WEIGHTS).read_bytes()
+        stored_config = json.loads(zipped.read(CONFIG))
+    assert "base_model_name_or_path" not in stored_config  # never kept, never fetched
+    assert send_files(client, files_of(peft_adapter), name="acme-lora-v1").status_code == 409
+
+
+@pytest.mark.parametrize("packer", [zip_of, tar_of], ids=["zip", "tar.gz"])
+def test_import_from_an_archive(client: httpx.Client, peft_adapter: Path, packer: Any) -> None:
+    response = client.post("/v1/adapters", files={"file": ("adapter.bin-free", packer(files_of(peft_adapter)))})
+    assert response.status_code == 200, response.text
+    assert response.json()["name"].startswith(f"imported:{TINY_MODEL_ID}:")
+
+
+class MarkerOnUnpickle:
+    """Unpickling this creates a file: proof that something unpickled the upload."""
+
+    def __init__(self, path: str):
+        self.path = path
+
+    def __reduce__(self) -> Any:
+        return (open, (self.path, "w"))
+
+
+def test_pickles_are_refused_in_every_disguise(client: httpx.Client, peft_adapter: Path, tmp_path: Path) -> None:
+    marker = tmp_path / "unpickled"
+    payload = pickle.dumps(MarkerOnUnpickle(str(marker)))
+    config = (peft_adapter / CONFIG).read_bytes()
+    attempts = [
+        send_files(client, {CONFIG: config, "adapter_model.bin": payload}),
+        send_files(client, {CONFIG: config, "adapter_model.pt": payload}),
+        send_files(client, {CONFIG: config, WEIGHTS: payload}),  # renamed to .safetensors
+        send_files(client, {CONFIG: payload, WEIGHTS: (peft_adapter / WEIGHTS).read_bytes()}),
+        client.post("/v1/adapters", files={"file": ("a.zip", zip_of({CONFIG: config, WEIGHTS: payload}))}),
+        client.post("/v1/adapters", files={"file": ("a.zip", zip_of({CONFIG: config, "adapter_model.pkl": payload}))}),
+        client.post("/v1/adapters", files={"file": ("a.pt", payload)}),
+    ]
+    for response in attempts:
+        assert 400 <= response.status_code < 500, response.text
+        assert response.json()["error"]["type"] == "invalid_request_error"
+    assert not marker.exists()
+
+
+def test_paths_links_and_bombs_are_refused(client: httpx.Client, peft_adapter: Path) -> None:
+    good = files_of(peft_adapter)
+    cases = {
+        "parent dir": zip_of({"../" + CONFIG: good[CONFIG], WEIGHTS: good[WEIGHTS]}),
+        "absolute": zip_of({"/tmp/" + CONFIG: good[CONFIG], WEIGHTS: good[WEIGHTS]}),
+        "nested": zip_of({"sub/" + CONFIG: good[CONFIG], WEIGHTS: good[WEIGHTS]}),
+        "extra file": zip_of({**good, "run.sh": b"#!/bin/sh\n"}),
+        "symlink": tar_of(good, link="evil"),
+        "too many": zip_of({f"f{i}.txt": b"x" for i in range(20)}),
+        "not an archive": b"plain bytes",
+    }
+    for case, archive in cases.items():
+        response = client.post("/v1/adapters", files={"file": ("a.zip", archive)})
+        assert response.status_code == 400, (case, response.text)
+    # A zip bomb: 100 MB of zeros in about 100 KB, past the 64 MB limit the test server runs with.
+    bomb = zip_of({CONFIG: good[CONFIG], WEIGHTS: bytes(100 * 1024 * 1024)})
+    assert len(bomb) < 1024 * 1024
+    response = client.post("/v1/adapters", files={"file": ("bomb.zip", bomb)})
+    assert response.status_code == 413 and response.json()["error"]["code"] == "adapter_too_large"
+    traversal_name = send_files(client, {"../../" + CONFIG: good[CONFIG], WEIGHTS: good[WEIGHTS]})
+    assert traversal_name.status_code == 400
+    bad_name = send_files(client, good, name="../../etc/passwd")
+    assert bad_name.status_code == 400 and bad_name.json()["error"]["param"] == "name"
+
+
+def test_adapters_that_do_not_fit_or_do_nothing_are_refused(client: httpx.Client, peft_adapter: Path,
+                                                            tiny_model_dir: Path, tmp_path: Path) -> None:
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    good = files_of(peft_adapter)
+    config = json.loads(good[CONFIG])
+    for change, fragment in [({"peft_type": "IA3"}, "not supported"), ({"r": 4096}, "rank")]:
+        response = send_files(client, {CONFIG: json.dumps({**config, **change}).encode(), WEIGHTS: good[WEIGHTS]})
+        assert response.status_code == 400 and fragment in response.json()["error"]["message"], response.text
+    # Weights for a model with other dimensions.
+    other = get_peft_model(AutoModelForCausalLM.from_pretrained(tiny_model_dir), LoraConfig(
+        r=4, target_modules=["q_proj"], init_lora_weights=False))
+    other.save_pretrained(tmp_path / "other")
+    from safetensors.torch import load_file, save_file
+
+    tensors = {k: torch.randn(v.shape[0], v.shape[1] + 3) if "lora_A" in k else v
+               for k, v in load_file(str(tmp_path / "other" / WEIGHTS)).items()}
+    save_file(tensors, str(tmp_path / "other" / WEIGHTS))
+    misfit = send_files(client, files_of(tmp_path / "other"))
+    assert misfit.status_code == 422 and "do not fit" in misfit.json()["error"]["message"]
+    # A LoRA straight from PEFT's default init has B = 0: it changes nothing, and is refused.
+    zero = get_peft_model(AutoModelForCausalLM.from_pretrained(tiny_model_dir),
+                          LoraConfig(r=4, target_modules=["q_proj"]))
+    zero.save_pretrained(tmp_path / "zero")
+    response = send_files(client, files_of(tmp_path / "zero"))
+    assert response.status_code == 422 and "does not change" in response.json()["error"]["message"]
+    assert send_files(client, {CONFIG: good[CONFIG]}).status_code == 400  # a file missing
