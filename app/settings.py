@@ -48,6 +48,11 @@ class Settings(BaseSettings):
     # An imported adapter's files, unpacked.
     max_adapter_mb: int = 2048
     max_examples_per_file: int = 100_000
+    max_tokens_per_file: int = 50_000_000
+    # Jobs a tenant may have queued, running or paused at once.
+    max_active_jobs_per_tenant: int = 20
+    # Requests per minute per API key (counted in Redis when Redis is the broker); 0 turns it off.
+    rate_limit_per_minute: int = 3000
     # Longest example (in tokens, chat template applied) a dataset may contain.
     max_example_tokens: int = 4096
     max_seq_length_limit: int = 4096

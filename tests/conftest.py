@@ -174,6 +174,18 @@ class Stack:
             time.sleep(0.5)
         raise TimeoutError(f"stack not ready after {timeout}s: {getattr(last, 'text', last)}")
 
+    def wait_ready_http(self, timeout: float = 60.0) -> None:
+        """The API answers (no worker needed)."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            try:
+                if httpx.get(f"{self.base_url}/health", timeout=2).status_code == 200:
+                    return
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.3)
+        raise TimeoutError(f"API not up after {timeout}s:\n{self.log_tail('api')}")
+
     def log_tail(self, name: str, chars: int = 4000) -> str:
         path = self.logs / f"{name}.log"
         return path.read_text(errors="replace")[-chars:] if path.exists() else ""
@@ -194,6 +206,7 @@ def stack_env(data_dir: Path, *, database_url: str, broker_url: str, tiny_model_
         "ADAPTERY_BOOTSTRAP_KEY": TEST_KEY,
         "ADAPTERY_ADMIN_KEY": ADMIN_KEY,
         "ADAPTERY_MAX_ADAPTER_MB": "64",
+        "ADAPTERY_RATE_LIMIT_PER_MINUTE": "0",  # tests poll hard; test_security turns it on
         "PYTHONUNBUFFERED": "1",
     })
     env.update(extra or {})

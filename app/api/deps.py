@@ -10,7 +10,7 @@ from sqlalchemy.orm import Session
 
 from app.db.session import get_sessionmaker
 from app.errors import ApiError
-from app.services import tenants
+from app.services import rate_limit, tenants
 from app.settings import Settings, get_settings
 
 
@@ -26,12 +26,14 @@ SettingsDep = Annotated[Settings, Depends(get_settings)]
 SessionDep = Annotated[Session, Depends(_session)]
 
 
-def _tenant(session: SessionDep, authorization: Annotated[str | None, Header()] = None) -> str:
+def _tenant(session: SessionDep, settings: SettingsDep, authorization: Annotated[str | None, Header()] = None
+            ) -> str:
     key = tenants.bearer(authorization)
     tenant = tenants.tenant_for_key(session, key)
     if tenant is None:
         raise ApiError(401, "Incorrect API key provided.", code="invalid_api_key",
                        headers={"WWW-Authenticate": "Bearer"})
+    rate_limit.check(settings, tenants.hash_key(key)[:16])
     return tenant
 
 

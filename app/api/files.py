@@ -20,12 +20,15 @@ CHUNK = 1 << 20
 
 def _read_limited(upload: UploadFile, limit_mb: int) -> bytes:
     limit = limit_mb * 1024 * 1024
+    too_large = ApiError(413, f"The file is larger than the {limit_mb} MB upload limit.", param="file",
+                         code="file_too_large")
+    if upload.size is not None and upload.size > limit:
+        raise too_large  # known from the spooled upload: refused before reading any of it into memory
     parts, size = [], 0
     while chunk := upload.file.read(CHUNK):
         size += len(chunk)
         if size > limit:
-            raise ApiError(413, f"The file is larger than the {limit_mb} MB upload limit.", param="file",
-                           code="file_too_large")
+            raise too_large
         parts.append(chunk)
     return b"".join(parts)
 

@@ -57,6 +57,10 @@ def create_file(session: Session, *, tenant_id: str, settings: Settings, filenam
     if problems:
         raise ApiError(400, f"Invalid training file: {describe_problems(problems)}", param="file",
                        code="invalid_file")
+    total_tokens = sum(len(e.input_ids) for e in examples)
+    if total_tokens > settings.max_tokens_per_file:
+        raise ApiError(400, f"The file has {total_tokens} tokens; at most {settings.max_tokens_per_file} are "
+                            "accepted per file.", param="file", code="invalid_file")
     file_id = new_id("file")
     # The bytes are on disk before the row exists, so a crash never leaves a row without its file.
     ArtifactStore(settings.data_dir).write_file(file_id, content)

@@ -325,6 +325,14 @@ def create_job(session: Session, *, tenant_id: str, settings: Settings, model: s
     except ValueError as exc:  # pydantic's ValidationError (unknown field, wrong type)
         raise ApiError(400, _hyperparameter_message(exc, method_type), param=hyperparameter_param,
                        code="invalid_hyperparameter") from None
+    active = session.scalar(select(func.count()).select_from(FineTuningJob).where(
+        FineTuningJob.tenant_id == tenant_id,
+        FineTuningJob.status.in_([JobStatus.validating_files.value, JobStatus.queued.value,
+                                  JobStatus.running.value, JobStatus.paused.value])))
+    if (active or 0) >= settings.max_active_jobs_per_tenant:
+        raise ApiError(429, f"You have {active} unfinished jobs; at most {settings.max_active_jobs_per_tenant} are "
+                            "allowed at once. Wait for one to finish or cancel one.", type="rate_limit_error",
+                       code="too_many_active_jobs", headers={"Retry-After": "30"})
     if time_limit_seconds is not None and time_limit_seconds > settings.max_time_limit_seconds:
         cap = settings.max_time_limit_seconds
         raise ApiError(400, f"time_limit_seconds is {time_limit_seconds}; at most {cap:.0f} is allowed.",

@@ -103,8 +103,8 @@ def test_bola_matrix_from_the_openapi_document(stack: Stack, tenant_b: str, owne
                    else "ft:does-not-exist" for key, value in owned_by_a.items()}
         checked = []
         for path, method in _routes(spec):
-            if path == "/v1/files" and method == "POST":
-                continue  # creates the caller's own object; nothing of A's is named
+            if path in ("/v1/files", "/v1/adapters") and method == "POST":
+                continue  # uploads: create the caller's own object; nothing of A's is named
             body = _body(method, path, owned_by_a)
             url = _fill(path, owned_by_a)
             as_b = b_client.request(method, url, json=body, params={"limit": 100})
@@ -129,3 +129,39 @@ def test_bola_matrix_from_the_openapi_document(stack: Stack, tenant_b: str, owne
         assert a_client.get(f"/v1/fine_tuning/jobs/{owned_by_a['fine_tuning_job_id']}").status_code == 200
         assert a_client.get(f"/v1/adapters/{owned_by_a['adapter_id']}").status_code == 200
         assert a_client.get(f"/v1/models/{owned_by_a['model_id']}").status_code == 200
+
+
+def test_rate_limit_per_key_and_other_limits(tmp_path: Any, tiny_model_dir: Any, redis_url: str,
+                                             postgres_url: str) -> None:
+    from tests.conftest import make_stack
+
+    own = make_stack(tmp_path, database_url=postgres_url, broker_url=redis_url, tiny_model_dir=tiny_model_dir,
+                     extra={"ADAPTERY_RATE_LIMIT_PER_MINUTE": "8", "ADAPTERY_MAX_UPLOAD_MB": "1",
+                            "ADAPTERY_MAX_ACTIVE_JOBS_PER_TENANT": "1"})
+    own.start_api()
+    try:
+        own.wait_ready_http()
+        with httpx.Client(base_url=own.base_url, headers=bearer(ADMIN_KEY)) as admin:
+            other_key = admin.post("/v1/admin/tenants", json={"name": "other"}).json()["api_key"]
+        with httpx.Client(base_url=own.base_url, headers=bearer(TEST_KEY)) as a, \
+                httpx.Client(base_url=own.base_url, headers=bearer(other_key)) as b:
+            statuses = [a.get("/v1/files").status_code for _ in range(12)]
+            assert statuses.count(200) <= 8 and statuses[-1] == 429, statuses
+            limited = a.get("/v1/files")
+            assert limited.json()["error"]["code"] == "rate_limit_exceeded"
+            assert 1 <= int(limited.headers["retry-after"]) <= 60
+            assert b.get("/v1/files").status_code == 200  # another tenant's key is unaffected
+            # Upload size: refused with 413 and nothing stored.
+            big = b.post("/v1/files", data={"purpose": "fine-tune"},
+                         files={"file": ("big.jsonl", b'{"text": "x"}\n' * 100_000)})
+            assert big.status_code == 413 and big.json()["error"]["code"] == "file_too_large"
+            # Unfinished jobs per tenant (no worker runs here, so the first stays queued).
+            file_id = b.post("/v1/files", data={"purpose": "fine-tune"},
+                             files={"file": ("t.jsonl", chat_lines(4).encode())}).json()["id"]
+            first = b.post("/v1/fine_tuning/jobs", json={"model": TINY_MODEL_ID, "training_file": file_id})
+            assert first.status_code == 200
+            second = b.post("/v1/fine_tuning/jobs", json={"model": TINY_MODEL_ID, "training_file": file_id})
+            assert second.status_code == 429 and second.json()["error"]["code"] == "too_many_active_jobs"
+            b.post(f"/v1/fine_tuning/jobs/{first.json()['id']}/cancel")
+    finally:
+        own.stop_all()
