@@ -5,7 +5,8 @@ from __future__ import annotations
 from collections.abc import Iterator
 from typing import Annotated
 
-from fastapi import Depends, Header
+from fastapi import Depends
+from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from sqlalchemy.orm import Session
 
 from app.db.session import get_sessionmaker
@@ -26,9 +27,17 @@ SettingsDep = Annotated[Settings, Depends(get_settings)]
 SessionDep = Annotated[Session, Depends(_session)]
 
 
-def _tenant(session: SessionDep, settings: SettingsDep, authorization: Annotated[str | None, Header()] = None
-            ) -> str:
-    key = tenants.bearer(authorization)
+# Declared as a security scheme, so the OpenAPI document (and /docs's Authorize button) knows about it.
+_bearer = HTTPBearer(auto_error=False, description="Authorization: Bearer <API key>")
+Credentials = Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)]
+
+
+def _key(credentials: HTTPAuthorizationCredentials | None) -> str:
+    return tenants.bearer(f"Bearer {credentials.credentials}" if credentials else None)
+
+
+def _tenant(session: SessionDep, settings: SettingsDep, credentials: Credentials) -> str:
+    key = _key(credentials)
     tenant = tenants.tenant_for_key(session, key)
     if tenant is None:
         raise ApiError(401, "Incorrect API key provided.", code="invalid_api_key",
@@ -37,8 +46,8 @@ def _tenant(session: SessionDep, settings: SettingsDep, authorization: Annotated
     return tenant
 
 
-def _admin(settings: SettingsDep, authorization: Annotated[str | None, Header()] = None) -> None:
-    if not tenants.is_admin_key(tenants.bearer(authorization), settings.admin_key):
+def _admin(settings: SettingsDep, credentials: Credentials) -> None:
+    if not tenants.is_admin_key(_key(credentials), settings.admin_key):
         raise ApiError(401, "This route needs the admin key (ADAPTERY_ADMIN_KEY).", code="invalid_api_key",
                        headers={"WWW-Authenticate": "Bearer"})
 
