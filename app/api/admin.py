@@ -9,7 +9,7 @@ from pydantic import Field
 from sqlalchemy import select
 
 from app.api.deps import AdminDep, SessionDep
-from app.db.models import ApiKey, Tenant
+from app.db.models import Adapter, ApiKey, Tenant
 from app.errors import not_found
 from app.schemas.common import Request
 from app.services import tenants
@@ -48,6 +48,21 @@ def create_key(tenant_id: str, session: SessionDep, _: AdminDep) -> dict[str, An
         raise not_found("tenant", tenant_id, param="tenant_id")
     row, key = tenants.add_key(session, tenant_id=tenant_id)
     return {**_key(row), "api_key": key}
+
+
+class Visibility(Request):
+    public: bool
+
+
+@router.post("/adapters/{adapter_id}/visibility")
+def set_visibility(adapter_id: str, body: Visibility, session: SessionDep, _: AdminDep) -> dict[str, Any]:
+    """Mark an adapter public (every tenant may use it by name) or private again."""
+    adapter = session.get(Adapter, adapter_id)
+    if adapter is None:
+        raise not_found("adapter", adapter_id, param="adapter_id")
+    adapter.public = body.public
+    session.commit()
+    return {"id": adapter.id, "object": "adapter", "name": adapter.name, "public": adapter.public}
 
 
 @router.delete("/keys/{key_id}")

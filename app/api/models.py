@@ -29,7 +29,7 @@ def _adapter_object(adapter: Adapter) -> dict[str, Any]:
 
 @router.get("")
 def list_models(session: SessionDep, settings: SettingsDep, tenant: TenantDep) -> dict[str, Any]:
-    adapters = session.scalars(select(Adapter).where(Adapter.tenant_id == tenant,
+    adapters = session.scalars(select(Adapter).where((Adapter.tenant_id == tenant) | Adapter.public,
                                                      Adapter.status == AdapterStatus.ready)
                                .order_by(Adapter.created_at, Adapter.name))
     return {"object": "list", "data": _base_objects(settings) + [_adapter_object(a) for a in adapters]}
@@ -40,7 +40,8 @@ def get_model(model_id: str, session: SessionDep, settings: SettingsDep, tenant:
     for obj in _base_objects(settings):
         if obj["id"] == model_id:
             return obj
-    adapter = session.scalar(select(Adapter).where(Adapter.name == model_id, Adapter.tenant_id == tenant,
+    adapter = session.scalar(select(Adapter).where(Adapter.name == model_id,
+                                                   (Adapter.tenant_id == tenant) | Adapter.public,
                                                    Adapter.status == AdapterStatus.ready))
     if adapter is None:
         raise ApiError(404, f"The model '{model_id}' does not exist.", param="model", code="model_not_found")

@@ -185,6 +185,8 @@ class Adapter(Base):
     created_at: Mapped[int] = mapped_column(BigInteger, default=now)
     size_bytes: Mapped[int] = mapped_column(BigInteger, default=0)
     status: Mapped[str] = mapped_column(String(16), default=AdapterStatus.ready)
+    # Marked by the admin: every tenant may use it for inference (only its owner may manage it).
+    public: Mapped[bool] = mapped_column(Boolean, default=False, server_default=false())
 
 
 class WorkerHeartbeat(Base):

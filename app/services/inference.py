@@ -65,7 +65,7 @@ def resolve_model(session: Session, *, tenant_id: str, settings: Settings, name:
         return Target(base_model=base_models.resolve(settings, name).id, adapter=None, name=name)
     except base_models.UnknownBaseModel:
         pass
-    adapter = adapter_by_name(session, tenant_id=tenant_id, name=name)
+    adapter = adapter_by_name(session, tenant_id=tenant_id, name=name, include_public=True)
     if adapter is None:
         raise ApiError(404, f"The model '{name}' does not exist. GET /v1/models lists the base models and "
                             "fine-tuned models you can use.", param="model", code="model_not_found")

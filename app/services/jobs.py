@@ -369,8 +369,9 @@ def _hyperparameter_message(exc: ValueError, method_type: str) -> str:
     return "Invalid hyperparameters: " + "; ".join(dict.fromkeys(parts))
 
 
-def adapter_by_name(session: Session, *, tenant_id: str, name: str) -> Adapter | None:
+def adapter_by_name(session: Session, *, tenant_id: str, name: str, include_public: bool = False) -> Adapter | None:
+    """The tenant's adapter of that name (or, for using it, a public one); None looks like missing."""
     adapter = session.scalar(select(Adapter).where(Adapter.name == name, Adapter.status == AdapterStatus.ready))
-    if adapter is None or adapter.tenant_id != tenant_id:
+    if adapter is None or not (adapter.tenant_id == tenant_id or (include_public and adapter.public)):
         return None
     return adapter

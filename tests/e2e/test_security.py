@@ -165,3 +165,20 @@ def test_rate_limit_per_key_and_other_limits(tmp_path: Any, tiny_model_dir: Any,
             b.post(f"/v1/fine_tuning/jobs/{first.json()['id']}/cancel")
     finally:
         own.stop_all()
+
+
+def test_admin_can_make_an_adapter_public(stack: Stack, tenant_b: str, owned_by_a: dict[str, str]) -> None:
+    model = owned_by_a["model_id"]
+    chat = {"model": model, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}
+    with httpx.Client(base_url=stack.base_url, headers=bearer(tenant_b), timeout=60) as b, \
+            httpx.Client(base_url=stack.base_url, headers=bearer(ADMIN_KEY)) as admin:
+        assert b.post("/v1/chat/completions", json=chat).status_code == 404
+        marked = admin.post(f"/v1/admin/adapters/{owned_by_a['adapter_id']}/visibility", json={"public": True})
+        assert marked.status_code == 200 and marked.json()["public"] is True
+        assert b.post("/v1/chat/completions", json=chat).status_code == 200
+        assert model in [m["id"] for m in b.get("/v1/models").json()["data"]]
+        # Using is shared; managing and downloading stay with the owner.
+        assert b.get(f"/v1/adapters/{owned_by_a['adapter_id']}/content").status_code == 404
+        assert b.post(f"/v1/adapters/{owned_by_a['adapter_id']}/pin").status_code == 404
+        admin.post(f"/v1/admin/adapters/{owned_by_a['adapter_id']}/visibility", json={"public": False})
+        assert b.post("/v1/chat/completions", json=chat).status_code == 404
