@@ -4,6 +4,7 @@ document, so every route with an id is checked, including routes added later."""
 from __future__ import annotations
 
 import re
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -136,25 +137,39 @@ def test_rate_limit_per_key_and_other_limits(tmp_path: Any, tiny_model_dir: Any,
     from tests.conftest import make_stack
 
     own = make_stack(tmp_path, database_url=postgres_url, broker_url=redis_url, tiny_model_dir=tiny_model_dir,
-                     extra={"ADAPTERY_RATE_LIMIT_PER_MINUTE": "8", "ADAPTERY_MAX_UPLOAD_MB": "1",
+                     extra={"ADAPTERY_RATE_LIMIT_PER_MINUTE": "12", "ADAPTERY_MAX_UPLOAD_MB": "1",
                             "ADAPTERY_MAX_ACTIVE_JOBS_PER_TENANT": "1"})
     own.start_api()
     try:
         own.wait_ready_http()
         with httpx.Client(base_url=own.base_url, headers=bearer(ADMIN_KEY)) as admin:
             other_key = admin.post("/v1/admin/tenants", json={"name": "other"}).json()["api_key"]
+            third_key = admin.post("/v1/admin/tenants", json={"name": "third"}).json()["api_key"]
         with httpx.Client(base_url=own.base_url, headers=bearer(TEST_KEY)) as a, \
-                httpx.Client(base_url=own.base_url, headers=bearer(other_key)) as b:
-            statuses = [a.get("/v1/files").status_code for _ in range(12)]
-            assert statuses.count(200) <= 8 and statuses[-1] == 429, statuses
-            limited = a.get("/v1/files")
+                httpx.Client(base_url=own.base_url, headers=bearer(other_key)) as b, \
+                httpx.Client(base_url=own.base_url, headers=bearer(third_key)) as c:
+            responses = [a.get("/v1/files") for _ in range(16)]
+            statuses = [r.status_code for r in responses]
+            # A fixed one-minute window: at most 12 pass per window (two windows if the burst straddles one).
+            assert 429 in statuses and statuses.count(200) <= 24, statuses
+            limited = next(r for r in responses if r.status_code == 429)
             assert limited.json()["error"]["code"] == "rate_limit_exceeded"
             assert 1 <= int(limited.headers["retry-after"]) <= 60
             assert b.get("/v1/files").status_code == 200  # another tenant's key is unaffected
-            # Upload size: refused with 413 and nothing stored.
+            b = c  # the rest uses a third key, so the 12-a-minute limit does not get in the way
+            # Upload size: refused with 413, nothing stored, and the API's memory stays flat (the body is
+            # spooled to disk by the multipart parser and refused by its size, never read into memory).
+            rss_before = _rss_mb(own.processes["api"].pid)
             big = b.post("/v1/files", data={"purpose": "fine-tune"},
-                         files={"file": ("big.jsonl", b'{"text": "x"}\n' * 100_000)})
+                         files={"file": ("big.jsonl", b'{"text": "x"}\n' * 5_000_000)})  # 70 MB
             assert big.status_code == 413 and big.json()["error"]["code"] == "file_too_large"
+            assert _rss_mb(own.processes["api"].pid) - rss_before < 30
+            assert b.get("/v1/files").json()["data"] == []
+            # Mass assignment: status, tenant and similar fields are not accepted from clients.
+            for field in ({"status": "succeeded"}, {"organization_id": "default"}, {"tenant_id": "default"},
+                          {"fine_tuned_model": "ft:x"}):
+                response = b.post("/v1/fine_tuning/jobs", json={"model": TINY_MODEL_ID, "training_file": "f", **field})
+                assert response.status_code == 400 and response.json()["error"]["param"] == next(iter(field))
             # Unfinished jobs per tenant (no worker runs here, so the first stays queued).
             file_id = b.post("/v1/files", data={"purpose": "fine-tune"},
                              files={"file": ("t.jsonl", chat_lines(4).encode())}).json()["id"]
@@ -165,6 +180,13 @@ def test_rate_limit_per_key_and_other_limits(tmp_path: Any, tiny_model_dir: Any,
             b.post(f"/v1/fine_tuning/jobs/{first.json()['id']}/cancel")
     finally:
         own.stop_all()
+
+
+def _rss_mb(pid: int) -> float:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    raise AssertionError("no VmRSS")
 
 
 def test_admin_can_make_an_adapter_public(stack: Stack, tenant_b: str, owned_by_a: dict[str, str]) -> None:
