@@ -35,22 +35,10 @@ def stack(tmp_path_factory: pytest.TempPathFactory, tiny_model_dir: Path, redis_
                          extra=FAST_RECOVERY)
     running.start_api()
     try:
-        _wait_http(running.base_url)
+        running.wait_ready_http()
         yield running
     finally:
         running.stop_all()
-
-
-def _wait_http(base_url: str, timeout: float = 60) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        try:
-            if httpx.get(f"{base_url}/health", timeout=2).status_code == 200:
-                return
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.3)
-    raise TimeoutError(base_url)
 
 
 @pytest.fixture()
