@@ -1,7 +1,8 @@
 """The serving engine: one copy of each base model in memory, many adapters, continuous batching.
 
-A scheduler thread per base model runs the decode loop. New requests are prefilled one at a time
-and join the running batch at the next step boundary; each row keeps its own adapter, sampling
+A scheduler thread per base model runs the decode loop. Requests that arrive together are prefilled
+together (one left-padded forward pass, logits for the last position only) and join the running batch
+at the next step boundary; each row keeps its own adapter, sampling
 parameters and stop conditions, and leaves the batch as soon as it finishes. LoRA and AdaLoRA rows
 share one forward pass through the slot bank (lora_layers); prefix-tuning rows carry their prefix in
 their own KV rows, so they batch with everything else too.
@@ -25,11 +26,16 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from transformers import DynamicCache
+from transformers.cache_utils import DynamicLayer
 
 from adapters.engine.adapter_loader import AdapterLoadError, LoadedAdapter, load_adapter
 from adapters.engine.lora_layers import LoraBank
 
 log = logging.getLogger("adaptery.engine")
+
+# Padded tokens (rows × longest prompt) per batched prefill pass: bounds its activation memory.
+PREFILL_TOKENS = 8192
 
 
 @dataclass
@@ -195,12 +201,47 @@ def sample(logits: torch.Tensor, params: SamplingParams, generator: torch.Genera
     return int(torch.multinomial(probs, 1, generator=generator))
 
 
+class GrowingLayer(DynamicLayer):
+    """A DynamicLayer that appends each step's keys/values into spare capacity instead of concatenating.
+
+    DynamicLayer copies the whole cache on every step (torch.cat); here a step writes one column and the
+    layer exposes a view of the filled part. Capacity doubles when it runs out.
+    """
+
+    def install(self, keys: torch.Tensor, values: torch.Tensor, spare: int) -> None:
+        self.lazy_initialization(keys, values)
+        self._keys = self._with_room(keys, keys.shape[2] + spare)
+        self._values = self._with_room(values, values.shape[2] + spare)
+        self.keys, self.values = self._keys[:, :, : keys.shape[2]], self._values[:, :, : values.shape[2]]
+
+    @staticmethod
+    def _with_room(t: torch.Tensor, capacity: int) -> torch.Tensor:
+        buffer = t.new_empty(t.shape[0], t.shape[1], capacity, t.shape[3])
+        buffer[:, :, : t.shape[2]].copy_(t)
+        return buffer
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args: Any,
+               **kwargs: Any) -> tuple[torch.Tensor, torch.Tensor]:
+        keys, values = self.keys, self.values
+        assert keys is not None and values is not None, "install() first"
+        length, new = keys.shape[2], key_states.shape[2]
+        if length + new > self._keys.shape[2]:
+            capacity = 2 * (length + new)
+            self._keys, self._values = self._with_room(keys, capacity), self._with_room(values, capacity)
+        self._keys[:, :, length: length + new].copy_(key_states)
+        self._values[:, :, length: length + new].copy_(value_states)
+        self.keys, self.values = self._keys[:, :, : length + new], self._values[:, :, : length + new]
+        return self.keys, self.values
+
+
 class BatchCache:
     """The running batch's KV cache: per layer [rows, kv_heads, length, head_dim], left-padded.
 
-    The same DynamicCache object serves step after step (the model appends to it); it is rebuilt
-    only when rows join or leave.
+    The same cache object serves step after step (the model appends to it in place, see GrowingLayer);
+    it is rebuilt only when rows join or leave.
     """
+
+    SPARE = 64  # columns of room for the next decode steps
 
     def __init__(self, config: Any):
         self.config = config
@@ -214,14 +255,12 @@ class BatchCache:
         return 0 if self.mask is None else self.mask.shape[0]
 
     def as_dynamic_cache(self) -> Any:
-        from transformers import DynamicCache
-
         if self._cache is None:
             cache = DynamicCache(config=self.config)
-            layers: list[Any] = list(cache.layers)
-            for layer, (k, v) in zip(layers, zip(self.keys, self.values, strict=True), strict=True):
-                layer.lazy_initialization(k, v)
-                layer.keys, layer.values = k, v  # install without the copy update() would make
+            for index, (k, v) in enumerate(zip(self.keys, self.values, strict=True)):
+                layer = GrowingLayer()
+                layer.install(k, v, self.SPARE)
+                cache.layers[index] = layer
             self._cache = cache
         return self._cache
 
@@ -231,11 +270,13 @@ class BatchCache:
         self.keys = [layer.keys for layer in cache.layers]
         self.values = [layer.values for layer in cache.layers]
 
-    def add(self, keys: list[torch.Tensor], values: list[torch.Tensor]) -> None:
-        """Append one sequence (its own [1, kv_heads, len, head_dim] tensors), padding on the left."""
+    def add(self, keys: list[torch.Tensor], values: list[torch.Tensor], mask: torch.Tensor | None = None) -> None:
+        """Append rows ([n, kv_heads, len, head_dim] per layer, `mask` [n, len] marking real entries;
+        all real when None), padding on the left."""
         self._cache = None
         new_len = keys[0].shape[2]
-        new_mask = torch.ones(1, new_len, dtype=torch.long, device=keys[0].device)
+        new_mask = mask if mask is not None else torch.ones(keys[0].shape[0], new_len, dtype=torch.long,
+                                                            device=keys[0].device)
         if self.mask is None:
             self.keys, self.values, self.mask = list(keys), list(values), new_mask
             return
@@ -458,8 +499,6 @@ class BaseRuntime:
     # ------------------------------------------------------------ the scheduler
 
     def _prefix_cache(self, adapter: LoadedAdapter | None) -> Any:
-        from transformers import DynamicCache
-
         cache = DynamicCache(config=self.model.config)
         if adapter is not None and adapter.kind == "prefix":
             positions = torch.arange(adapter.num_virtual_tokens, device=self.device)
@@ -501,9 +540,10 @@ class BaseRuntime:
                 self.batch.keep(order)
 
     def _admit_waiting(self, waiting: list[Sequence]) -> None:
+        together: list[Sequence] = []  # prefilled in one forward pass
         for sequence in waiting:
-            if len(self.active) >= self.max_batch:
-                return
+            if len(self.active) + len(together) >= self.max_batch:
+                break
             if sequence.cancelled.is_set():
                 self._dequeue(sequence)
                 sequence.finish("cancelled")
@@ -514,8 +554,30 @@ class BaseRuntime:
                     continue  # every slot is serving a running request; try again next step
                 sequence.slot = slot
             self._dequeue(sequence)
+            if sequence.prefix:
+                self._prefill_each([sequence])  # its prefix lives in its own KV rows: prefilled alone
+            else:
+                together.append(sequence)
+        group: list[Sequence] = []
+        for sequence in together:
+            if group and (len(group) + 1) * max(len(s.prompt_ids) for s in [*group, sequence]) > PREFILL_TOKENS:
+                self._prefill_group(group)
+                group = []
+            group.append(sequence)
+        if group:
+            self._prefill_group(group)
+
+    def _prefill_group(self, group: list[Sequence]) -> None:
+        try:
+            self._prefill(group)
+        except Exception:  # retry one by one, so one bad request cannot fail the others
+            log.exception("batched prefill failed; prefilling its %d requests one by one", len(group))
+            self._prefill_each(group)
+
+    def _prefill_each(self, group: list[Sequence]) -> None:
+        for sequence in group:
             try:
-                self._prefill(sequence)
+                self._prefill([sequence])
             except Exception as exc:  # one bad request must not take the batch down
                 log.exception("prefill failed")
                 sequence.fail(exc)
@@ -525,24 +587,42 @@ class BaseRuntime:
             self.pending.remove(sequence)
 
     @torch.inference_mode()
-    def _prefill(self, sequence: Sequence) -> None:
+    def _prefill(self, group: list[Sequence]) -> None:
+        """Run the prompts of `group` through the model in one left-padded pass (a prefix-tuning request
+        always comes alone), sample each row's first token and add the rows still going to the batch."""
+        prefix = group[0].prefix
+        width = max(len(s.prompt_ids) for s in group)
+        ids = torch.zeros(len(group), width, dtype=torch.long)
+        mask = torch.zeros(len(group), prefix + width, dtype=torch.long)
+        for row, sequence in enumerate(group):
+            ids[row, width - len(sequence.prompt_ids):] = torch.tensor(sequence.prompt_ids)
+            mask[row, prefix + width - len(sequence.prompt_ids):] = 1
+            mask[row, :prefix] = 1
+        ids, mask = ids.to(self.device), mask.to(self.device)
+        positions = (mask.cumsum(-1) - 1).clamp(min=0)[:, prefix:]
+        record = any(s.logits is not None for s in group)
         with self.model_lock:
-            cache = self._prefix_cache(sequence.adapter)
-            total = sequence.prefix + len(sequence.prompt_ids)
-            mask = torch.ones(1, total, dtype=torch.long, device=self.device)
-            with self.bank.route([sequence.slot]):
-                out = self.model(input_ids=torch.tensor([sequence.prompt_ids], device=self.device),
-                                 attention_mask=mask, past_key_values=cache, use_cache=True)
-        logits = out.logits[0, -1]
-        if sequence.logits is not None:
-            sequence.logits.append(out.logits[0].clone())
-        sequence.length = total
-        sequence.accept(sample(logits, sequence.params, sequence.generator), self.eos_ids)
-        if sequence.finish_reason is not None:
+            cache = self._prefix_cache(group[0].adapter)
+            with self.bank.route([s.slot for s in group]):
+                # Only the last position's logits are needed to sample; the lm_head over every prompt
+                # position would cost as much as the rest of a short prompt's prefill.
+                out = self.model(input_ids=ids, attention_mask=mask, position_ids=positions, past_key_values=cache,
+                                 use_cache=True, logits_to_keep=0 if record else 1)
+        keep = []
+        for row, sequence in enumerate(group):
+            if sequence.logits is not None:
+                sequence.logits.append(out.logits[row, width - len(sequence.prompt_ids):].clone())
+            sequence.length = prefix + len(sequence.prompt_ids)
+            sequence.accept(sample(out.logits[row, -1], sequence.params, sequence.generator), self.eos_ids)
+            if sequence.finish_reason is None:
+                keep.append(row)
+        if not keep:
             return
-        cache = out.past_key_values
-        self.batch.add([layer.keys for layer in cache.layers], [layer.values for layer in cache.layers])
-        self.active.append(sequence)
+        layers = out.past_key_values.layers
+        index = torch.tensor(keep, device=self.device)
+        self.batch.add([layer.keys.index_select(0, index) for layer in layers],
+                       [layer.values.index_select(0, index) for layer in layers], mask.index_select(0, index))
+        self.active.extend(group[i] for i in keep)
 
     @torch.inference_mode()
     def _step(self) -> None:

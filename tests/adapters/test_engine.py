@@ -222,6 +222,10 @@ def test_continuous_batch_of_mixed_adapters_matches_peft(trained: dict[str, Path
     loaded = {key: runtime.ensure_adapter(AdapterRef(key=key, folder=trained[key], base_model="tiny"))
               for key in ("lora", "adalora", "prefix_tuning")}
     sequences = []
+    prefill_rows: list[int] = []  # rows of each prefill pass (input longer than one token)
+    hook = runtime.model.register_forward_pre_hook(
+        lambda _m, _a, kw: prefill_rows.append(kw["input_ids"].shape[0]) if kw["input_ids"].shape[1] > 1 else None,
+        with_kwargs=True)
     with runtime.model_lock:  # hold the model so every request is admitted into the same running batch
         for key, prompt, n in plan:
             ids = runtime.tokenizer(prompt, add_special_tokens=False)["input_ids"]
@@ -229,6 +233,9 @@ def test_continuous_batch_of_mixed_adapters_matches_peft(trained: dict[str, Path
                                                        SamplingParams(max_tokens=n, temperature=0),
                                                        record_logits=True)))
     results = [(key, ids, seq, seq.wait()) for key, ids, seq in sequences]
+    hook.remove()
+    # Requests that wait together are prefilled together, left-padded (prefix tuning alone).
+    assert max(prefill_rows) >= 4, prefill_rows
     references = {key: reference(tiny_model_dir, trained[key]) for key in loaded}
     references[None] = AutoModelForCausalLM.from_pretrained(tiny_model_dir).eval()  # type: ignore[index]
     for key, ids, seq, result in results:
