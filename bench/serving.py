@@ -172,16 +172,15 @@ def create_adapters(model: Any, folder: Path, count: int, seed: int) -> tuple[li
     return paths, peft_model.unload()
 
 
-def choose_threads(model: Any, prompts: list[list[int]], choice: str) -> tuple[int, dict[str, float]]:
+def choose_threads(runtime: Any, model: Any, prompts: list[list[int]], choice: str) -> tuple[int, dict[str, float]]:
     """Keep the explicit thread count, or time batch-8 decode steps at 1 and 2 threads (interleaved rounds).
 
-    Timed as the benchmark runs the engine: in its own Python thread while the main thread also uses torch
-    (HF/PEFT here; adapter loading in the app). With 2 threads on 2 cores that means two OpenMP teams, which
-    costs every step ~35% here, against none from the main thread alone. Two threads must also win by 15%:
-    on a shared 2-core machine they collapse whenever another process wants a core.
+    Timed on the engine's scheduler thread, where every forward pass of this benchmark runs (ours and the
+    reference's), as every forward pass of the app does. Two threads must win by 15%: on a shared 2-core
+    machine they collapse whenever another process wants a core.
     """
     if choice != "auto":
-        torch.set_num_threads(int(choice))
+        runtime.call(lambda: torch.set_num_threads(int(choice)))
         return int(choice), {}
     candidates = sorted({1, min(2, os.cpu_count() or 1)})
     ids = torch.tensor([p[:8] for p in prompts[:8]])
@@ -202,16 +201,11 @@ def choose_threads(model: Any, prompts: list[list[int]], choice: str) -> tuple[i
 
     for _round in range(3):
         for n in candidates:
-            torch.set_num_threads(n)
-            with torch.inference_mode():
-                model(input_ids=ids[:, :2])  # the main thread's own OpenMP team, as in the real run
-            worker = threading.Thread(target=measure, args=(n,))
-            worker.start()
-            worker.join()
+            runtime.call(lambda n=n: measure(n))
     best = 1
     if len(candidates) > 1 and median(timings[candidates[1]]) < 0.85 * median(timings[1]):
         best = candidates[1]
-    torch.set_num_threads(best)
+    runtime.call(lambda: torch.set_num_threads(best))
     return best, {f"step_ms_threads_{n}": median(v) for n, v in timings.items()}
 
 
@@ -409,7 +403,9 @@ def run(opts: Options) -> tuple[dict[str, Any], str]:
     stream = token_stream(tokenizer, opts.seed)
     prompts = make_prompts(stream, 32, opts.prompt_len, rng)
 
-    threads, thread_timings = choose_threads(model_hf, prompts, opts.threads)
+    runtime = BaseRuntime(model_engine, tokenizer, cache_size=opts.n_adapters, max_rank=settings.max_lora_rank,
+                          cpu_cache_size=settings.adapter_cpu_cache_size, max_batch=32)
+    threads, thread_timings = choose_threads(runtime, model_hf, prompts, opts.threads)
     log(f"torch threads: {threads} {thread_timings}")
 
     tmp = Path(tempfile.mkdtemp(prefix="adaptery-bench-"))
@@ -420,8 +416,6 @@ def run(opts: Options) -> tuple[dict[str, Any], str]:
         log(f"created {n_total} adapters in {time.perf_counter() - t0:.1f}s")
         serve_paths, cold_paths = paths[: opts.n_adapters], paths[opts.n_adapters:]
 
-        runtime = BaseRuntime(model_engine, tokenizer, cache_size=opts.n_adapters, max_rank=settings.max_lora_rank,
-                              cpu_cache_size=settings.adapter_cpu_cache_size, max_batch=32)
         refs = [AdapterRef(key=f"serve-{i}", folder=p, base_model=DEFAULT_BASE_MODEL)
                 for i, p in enumerate(serve_paths)]
         loaded = [runtime.ensure_adapter(r) for r in refs]
@@ -473,8 +467,10 @@ def throughput(opts: Options, runtime: Any, model_hf: Any, peft_model: Any, load
         "base": lambda n: engine_batch(runtime, p8, [None] * 8, n),
         "single_adapter": lambda n: engine_batch(runtime, p8, [loaded[0]] * 8, n),
         "mixed8": lambda n: engine_batch(runtime, p8, loaded[:8], n),
-        "peft_base": lambda n: hf_batch(model_hf, p8, n, pad_id, eos_id),
-        "peft_mixed8": lambda n: hf_batch(peft_model, p8, n, pad_id, eos_id, adapter_names=names[:8]),
+        # On the engine's thread too (idle meanwhile): the same conditions for both sides.
+        "peft_base": lambda n: runtime.call(lambda: hf_batch(model_hf, p8, n, pad_id, eos_id)),
+        "peft_mixed8": lambda n: runtime.call(
+            lambda: hf_batch(peft_model, p8, n, pad_id, eos_id, adapter_names=names[:8])),
         "base32": lambda n: engine_batch(runtime, p32, [None] * 32, n),
         "mixed32": lambda n: engine_batch(runtime, p32, loaded[:32], n),
     }
@@ -509,11 +505,14 @@ def throughput(opts: Options, runtime: Any, model_hf: Any, peft_model: Any, load
                                             zip(outputs["mixed8"], outputs["peft_mixed8"], strict=True))
     info["base_rows_matching_hf"] = sum(same_prefix(a, b, eos_ids) for a, b in
                                         zip(outputs["base"], outputs["peft_base"], strict=True))
-    with torch.inference_mode():  # how much the adapters move the logits (PEFT's forward, vs the plain model)
+    @torch.inference_mode()
+    def logit_change() -> float:  # how much the adapters move the logits (PEFT's forward, vs the plain model)
         ids = torch.tensor(p8)
         plain = model_hf(input_ids=ids).logits
         adapted = peft_model(input_ids=ids, adapter_names=names[:8]).logits
-        info["adapter_rel_logit_change"] = float((adapted - plain).norm() / plain.norm())
+        return float((adapted - plain).norm() / plain.norm())
+
+    info["adapter_rel_logit_change"] = runtime.call(logit_change)
     results = {f"{k}_tok_s": median(v) for k, v in rates.items()}
     return results, info
 
@@ -532,7 +531,7 @@ def workload(opts: Options, runtime: Any, refs: list[Any], peft: PeftSide, strea
                         "single server from measured per-request service times"}
     engine = run_engine_workload(runtime, refs, requests, opts.clients)
     info["workload"]["engine"] = engine
-    seq = run_peft_sequential(peft, requests, pad_id, eos_id)
+    seq = runtime.call(lambda: run_peft_sequential(peft, requests, pad_id, eos_id))
     info["workload"]["sequential_peft"] = seq
     out = {"workload_tok_s": engine["tok_s"], "workload_latency_p50_s": engine["latency_p50_s"],
            "workload_latency_p99_s": engine["latency_p99_s"], "sequential_tok_s": seq["tok_s"],

@@ -1,7 +1,8 @@
 """Many LoRA adapters on one set of frozen projections, chosen per batch row.
 
-Each hooked nn.Linear keeps preallocated adapter slots, A [slots, r, in] and B [slots, out, r] with
-the scale folded into B; loading an adapter into a slot is an in-place copy. The base matmul runs
+Each hooked nn.Linear keeps preallocated adapter slots, stored transposed and contiguous as the
+matmuls read them, Aᵀ [slots, in, r] and Bᵀ [slots, r, out], with the scale folded into B; loading an
+adapter into a slot is an in-place copy. The base matmul runs
 once for the whole batch; a forward hook then adds every row's low-rank correction with two
 batched matmuls, whatever the mix of adapters. Which slot each row reads is decided once per step
 (a RoutingPlan) and reused by every projection.
@@ -53,35 +54,36 @@ class SlotLinear:
     def __init__(self, module: nn.Linear, bank: LoraBank):
         self.module = module
         self.bank = bank
-        self.a = torch.zeros(bank.n_slots, bank.rank, module.in_features, device=module.weight.device,
-                             dtype=module.weight.dtype)
-        self.b = torch.zeros(bank.n_slots, module.out_features, bank.rank, device=module.weight.device,
-                             dtype=module.weight.dtype)
+        # Transposed (x @ a_t, then @ b_t) and contiguous: a batched matmul over strided slices costs twice as much.
+        self.a_t = torch.zeros(bank.n_slots, module.in_features, bank.rank, device=module.weight.device,
+                               dtype=module.weight.dtype)
+        self.b_t = torch.zeros(bank.n_slots, bank.rank, module.out_features, device=module.weight.device,
+                               dtype=module.weight.dtype)
         self.handle = module.register_forward_hook(self._hook)
 
     def grow_rank(self, rank: int) -> None:
-        a = self.a.new_zeros(self.a.shape[0], rank, self.a.shape[2])
-        b = self.b.new_zeros(self.b.shape[0], self.b.shape[1], rank)
-        a[:, : self.a.shape[1]] = self.a
-        b[:, :, : self.b.shape[2]] = self.b
-        self.a, self.b = a, b
+        a_t = self.a_t.new_zeros(self.a_t.shape[0], self.a_t.shape[1], rank)
+        b_t = self.b_t.new_zeros(self.b_t.shape[0], rank, self.b_t.shape[2])
+        a_t[:, :, : self.a_t.shape[2]] = self.a_t
+        b_t[:, : self.b_t.shape[1]] = self.b_t
+        self.a_t, self.b_t = a_t, b_t
 
     def _hook(self, _module: nn.Module, args: tuple[Any, ...], output: torch.Tensor) -> torch.Tensor:
         plan = self.bank.plan
         if plan is None or plan.single_slot == 0 or not self.bank.occupied:
             return output
         x = args[0]  # [rows, tokens, in]
+        # The projection's output is a fresh tensor nobody else holds yet: add in place.
         if plan.single_slot is not None:
             slot = plan.single_slot
-            return output + (x @ self.a[slot].transpose(0, 1)) @ self.b[slot].transpose(0, 1)
+            return output.add_((x @ self.a_t[slot]) @ self.b_t[slot])
         if plan.first_slot is not None:
-            a = self.a[plan.first_slot: plan.first_slot + x.shape[0]]
-            b = self.b[plan.first_slot: plan.first_slot + x.shape[0]]
+            a_t = self.a_t[plan.first_slot: plan.first_slot + x.shape[0]]
+            b_t = self.b_t[plan.first_slot: plan.first_slot + x.shape[0]]
         else:
             assert plan.slots is not None
-            a, b = self.a.index_select(0, plan.slots), self.b.index_select(0, plan.slots)
-        # The projection's output is a fresh tensor nobody else holds yet: add in place.
-        return output.add_(torch.bmm(torch.bmm(x, a.transpose(1, 2)), b.transpose(1, 2)))
+            a_t, b_t = self.a_t.index_select(0, plan.slots), self.b_t.index_select(0, plan.slots)
+        return output.baddbmm_(torch.bmm(x, a_t), b_t)
 
 
 class LoraBank:
@@ -119,21 +121,21 @@ class LoraBank:
             self.rank = rank
         with torch.no_grad():
             for name, hooked in self.modules.items():
-                hooked.a[slot].zero_()
-                hooked.b[slot].zero_()
+                hooked.a_t[slot].zero_()
+                hooked.b_t[slot].zero_()
                 f = factors.get(name)
                 if f is None:
                     continue
                 r = f.a.shape[0]
-                hooked.a[slot, :r].copy_(f.a)
-                hooked.b[slot, :, :r].copy_(f.b * f.scale)
+                hooked.a_t[slot, :, :r].copy_(f.a.transpose(0, 1))
+                hooked.b_t[slot, :r].copy_((f.b * f.scale).transpose(0, 1))
         self.occupied.add(slot)
 
     def clear(self, slot: int) -> None:
         with torch.no_grad():
             for hooked in self.modules.values():
-                hooked.a[slot].zero_()
-                hooked.b[slot].zero_()
+                hooked.a_t[slot].zero_()
+                hooked.b_t[slot].zero_()
         self.occupied.discard(slot)
 
     @contextmanager
