@@ -412,6 +412,8 @@ class BaseRuntime:
 
     def activate(self, adapter: LoadedAdapter | str) -> int:
         """Give a loaded adapter a slot (copying it in) and return the slot; -1 when none is free now."""
+        if threading.current_thread() is not self.scheduler:  # slot writes stay on the torch thread
+            return self.call(lambda: self.activate(adapter))  # type: ignore[no-any-return]
         with self.lock:
             if isinstance(adapter, str):
                 adapter = self.loaded[adapter]
@@ -447,6 +449,8 @@ class BaseRuntime:
 
     def unload(self, key: str) -> bool:
         """Drop an adapter from memory (slot and weights); False if it was not loaded or is in use."""
+        if threading.current_thread() is not self.scheduler:
+            return self.call(lambda: self.unload(key))  # type: ignore[no-any-return]
         with self.lock:
             if key not in self.loaded:
                 return False

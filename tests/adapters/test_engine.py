@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -278,3 +279,28 @@ def test_streamed_text_equals_the_final_text(runtime: BaseRuntime) -> None:
             result = done.value
             break
     assert "".join(pieces) == result.text and len(result.token_ids) == 20
+
+
+def test_torch_work_stays_on_the_scheduler_thread(trained: dict[str, Path], runtime: BaseRuntime) -> None:
+    """Forward passes and slot writes requested from other threads (an API handler, the import smoke test)
+    run on the scheduler thread: a second thread running torch kernels slows every decode step (OpenMP)."""
+    threads: set[str] = set()
+    hook = runtime.model.register_forward_pre_hook(lambda *_: threads.add(threading.current_thread().name))
+    write = runtime.bank.write
+
+    def recording_write(*args: Any, **kwargs: Any) -> None:
+        threads.add(threading.current_thread().name)
+        write(*args, **kwargs)
+
+    runtime.bank.write = recording_write  # type: ignore[method-assign]
+    ids = prompt_ids(runtime)
+    lora = runtime.ensure_adapter(AdapterRef(key="lora", folder=trained["lora"], base_model="tiny"))
+    caller = threading.Thread(target=lambda: (runtime.activate(lora), runtime.logits(ids, lora),
+                                              runtime.generate(ids, lora, SamplingParams(max_tokens=3)),
+                                              runtime.unload("lora")))
+    caller.start()
+    caller.join(timeout=60)
+    hook.remove()
+    assert not caller.is_alive()
+    assert threads == {runtime.scheduler.name}
+    assert runtime.residency["lora"].state == "on_disk"  # unloaded, through the scheduler thread too
