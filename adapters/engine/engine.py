@@ -12,12 +12,14 @@ thread running torch kernels in the same process gives both thread teams throttl
 each small kernel then pays a thread wake-up (measured: a decode step 40% slower).
 
 Adapter tiers: active (in a slot), cpu (weights loaded, no slot), on_disk. Loading from disk happens
-in the caller's thread, so a slow disk never stalls the batch; moving into a slot is an in-place copy.
+in the caller's thread, so a slow disk never stalls the batch; moving into a slot is an in-place copy,
+made on the scheduler thread between two steps.
 """
 
 from __future__ import annotations
 
 import atexit
+import functools
 import itertools
 import logging
 import queue
@@ -41,6 +43,16 @@ log = logging.getLogger("adaptery.engine")
 
 # Padded tokens (rows × longest prompt) per batched prefill pass: bounds its activation memory.
 PREFILL_TOKENS = 8192
+
+
+def on_scheduler_thread(method: Callable[..., Any]) -> Callable[..., Any]:
+    """Run a BaseRuntime method on its scheduler thread, whichever thread calls it (see `call`)."""
+
+    @functools.wraps(method)
+    def wrapper(self: BaseRuntime, *args: Any, **kwargs: Any) -> Any:
+        return self.call(lambda: method(self, *args, **kwargs))
+
+    return wrapper
 
 
 @dataclass
@@ -410,10 +422,9 @@ class BaseRuntime:
             del self.loaded[key]
             self.residency[key].state = "on_disk"
 
+    @on_scheduler_thread
     def activate(self, adapter: LoadedAdapter | str) -> int:
         """Give a loaded adapter a slot (copying it in) and return the slot; -1 when none is free now."""
-        if threading.current_thread() is not self.scheduler:  # slot writes stay on the torch thread
-            return self.call(lambda: self.activate(adapter))  # type: ignore[no-any-return]
         with self.lock:
             if isinstance(adapter, str):
                 adapter = self.loaded[adapter]
@@ -447,10 +458,9 @@ class BaseRuntime:
             self._evict_cpu()
             return slot
 
+    @on_scheduler_thread
     def unload(self, key: str) -> bool:
         """Drop an adapter from memory (slot and weights); False if it was not loaded or is in use."""
-        if threading.current_thread() is not self.scheduler:
-            return self.call(lambda: self.unload(key))  # type: ignore[no-any-return]
         with self.lock:
             if key not in self.loaded:
                 return False
@@ -496,12 +506,10 @@ class BaseRuntime:
             self.wakeup.notify()
         return future.result()
 
+    @on_scheduler_thread
+    @torch.inference_mode()
     def logits(self, input_ids: list[int], adapter: LoadedAdapter | None) -> torch.Tensor:
         """Logits for every position of one sequence, outside the batch (tests, import smoke test)."""
-        return self.call(lambda: self._logits(input_ids, adapter))  # type: ignore[no-any-return]
-
-    @torch.inference_mode()
-    def _logits(self, input_ids: list[int], adapter: LoadedAdapter | None) -> torch.Tensor:
         slot = self.activate(adapter) if adapter is not None and adapter.kind == "lora" else 0
         with self.model_lock:
             cache = self._prefix_cache(adapter)
@@ -593,10 +601,12 @@ class BaseRuntime:
             else:
                 together.append(sequence)
         group: list[Sequence] = []
+        longest = 0
         for sequence in together:
-            if group and (len(group) + 1) * max(len(s.prompt_ids) for s in [*group, sequence]) > PREFILL_TOKENS:
+            longest = max(longest, len(sequence.prompt_ids))
+            if group and (len(group) + 1) * longest > PREFILL_TOKENS:
                 self._prefill_group(group)
-                group = []
+                group, longest = [], len(sequence.prompt_ids)
             group.append(sequence)
         if group:
             self._prefill_group(group)
