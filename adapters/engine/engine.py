@@ -614,9 +614,12 @@ class BaseRuntime:
     def _prefill_group(self, group: list[Sequence]) -> None:
         try:
             self._prefill(group)
-        except Exception:  # retry one by one, so one bad request cannot fail the others
+        except Exception as exc:  # retry one by one, so one bad request cannot fail the others
             log.exception("batched prefill failed; prefilling its %d requests one by one", len(group))
-            self._prefill_each(group)
+            for sequence in group:  # a row that already sampled its first token must not sample it again
+                if sequence.produced or sequence.finish_reason is not None:
+                    sequence.fail(exc)
+            self._prefill_each([s for s in group if s.finish_reason is None])
 
     def _prefill_each(self, group: list[Sequence]) -> None:
         for sequence in group:
