@@ -1,4 +1,4 @@
-"""create_app(): routers, error handlers and start-up (schema migration, optional model preload)."""
+"""create_app(): routers, error handlers and start-up (schema migration, tokenizer warm-up, optional model preload)."""
 
 from __future__ import annotations
 
@@ -12,6 +12,7 @@ from fastapi import FastAPI
 from app.api import adapters, admin, files, fine_tuning, health, inference, models
 from app.db.session import migrate_to_head
 from app.errors import install_error_handlers
+from app.services import tokenizers
 from app.settings import get_settings
 
 log = logging.getLogger("adaptery")
@@ -22,6 +23,7 @@ async def lifespan(_: FastAPI) -> AsyncIterator[None]:
     settings = get_settings()
     migrate_to_head()
     bootstrap_tenant(settings)
+    tokenizers.start_warm_up(settings)  # off the request path; /ready says when it is done
     if settings.preload_inference:
         from app.services.inference import get_engine
 

@@ -1,5 +1,8 @@
 """Test fixtures that start the real things: Redis, PostgreSQL, an API server over HTTP, Celery workers.
 
+Redis and PostgreSQL are throwaway servers of the suite's own (tests/services.py) unless
+ADAPTERY_TEST_REDIS_URL / ADAPTERY_TEST_POSTGRES_URL name servers to use.
+
 Models: the default SmolLM2-135M is converted once into .cache/models (shared by every run in this
 checkout); most tests use a tiny randomly initialised Llama with SmolLM2's real tokenizer.
 """
@@ -12,7 +15,6 @@ import os
 import secrets
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -24,6 +26,7 @@ from typing import Any
 import httpx
 import pytest
 
+from tests import budgets, services
 from tests.tiny_model import TINY_MODEL_ID, build_tiny_model
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -32,8 +35,9 @@ MODEL_CACHE = ROOT / ".cache" / "models"
 TEST_KEY = "sk-ady-test-local-tenant-key"
 ADMIN_KEY = "sk-ady-test-admin-key"
 AUTH = {"Authorization": f"Bearer {TEST_KEY}"}
-REDIS_URL = os.environ.get("ADAPTERY_TEST_REDIS_URL", "redis://127.0.0.1:6379/15")
-POSTGRES_ADMIN_URL = os.environ.get("ADAPTERY_TEST_POSTGRES_URL", "postgresql+psycopg://127.0.0.1:5432/test")
+# Servers the suite may use; unset (the default), it starts throwaway ones of its own (tests/services.py).
+REDIS_URL = os.environ.get("ADAPTERY_TEST_REDIS_URL") or None
+POSTGRES_URL = os.environ.get("ADAPTERY_TEST_POSTGRES_URL") or None
 
 os.environ["ADAPTERY_MODEL_CACHE_DIR"] = str(MODEL_CACHE)
 
@@ -59,48 +63,67 @@ def tiny_model_dir(default_model_dir: Path) -> Path:
 # ------------------------------------------------------------------ services
 
 
-def _redis_available() -> bool:
-    try:
-        import redis
-
-        return bool(redis.Redis.from_url(REDIS_URL, socket_connect_timeout=1).ping())
-    except Exception:
-        return False
-
-
 @pytest.fixture(scope="session")
-def redis_url() -> str:
-    if not _redis_available():
-        pytest.fail(f"Redis is not reachable at {REDIS_URL}; start redis-server (the CI script does)")
+def redis_url() -> Iterator[str]:
+    """The suite's own throwaway redis-server, or the one ADAPTERY_TEST_REDIS_URL names (its database is
+    flushed: name one you can spare)."""
+    if REDIS_URL is None:
+        with services.redis_server() as url:
+            yield url
+        return
     import redis
 
-    redis.Redis.from_url(REDIS_URL).flushdb()
-    return REDIS_URL
+    try:
+        redis.Redis.from_url(REDIS_URL, socket_connect_timeout=2).flushdb()
+    except Exception as exc:
+        pytest.fail(f"ADAPTERY_TEST_REDIS_URL={REDIS_URL} is not reachable: {exc}", pytrace=False)
+    yield REDIS_URL
 
 
 @pytest.fixture(scope="session")
 def postgres_url() -> Iterator[str]:
-    """A fresh PostgreSQL database for this test session, dropped at the end."""
+    """A fresh database for this session, dropped at the end, in the suite's own throwaway PostgreSQL
+    server or in the one ADAPTERY_TEST_POSTGRES_URL names."""
     import sqlalchemy as sa
 
-    name = f"adaptery_test_{secrets.token_hex(4)}"
-    try:
-        admin = sa.create_engine(POSTGRES_ADMIN_URL, isolation_level="AUTOCOMMIT")
+    with contextlib.ExitStack() as cleanup:
+        admin_url = POSTGRES_URL or cleanup.enter_context(services.postgres_server())
+        name = f"adaptery_test_{secrets.token_hex(4)}"
+        try:
+            admin = sa.create_engine(admin_url, isolation_level="AUTOCOMMIT")
+            with admin.connect() as conn:
+                conn.execute(sa.text(f"CREATE DATABASE {name}"))
+        except Exception as exc:
+            pytest.fail(f"PostgreSQL is not reachable at {admin_url}: {exc}", pytrace=False)
+        yield admin_url.rsplit("/", 1)[0] + f"/{name}"
         with admin.connect() as conn:
-            conn.execute(sa.text(f"CREATE DATABASE {name}"))
-    except Exception as exc:
-        pytest.fail(f"PostgreSQL is not reachable at {POSTGRES_ADMIN_URL}: {exc}")
-    url = POSTGRES_ADMIN_URL.rsplit("/", 1)[0] + f"/{name}"
-    yield url
-    with admin.connect() as conn:
-        conn.execute(sa.text(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)"))
-    admin.dispose()
+            conn.execute(sa.text(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)"))
+        admin.dispose()
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
+def pytest_sessionstart(session: pytest.Session) -> None:
+    """Without the server binaries the suite cannot run: say so at once, with the command that fixes it."""
+    missing = []
+    if REDIS_URL is None and shutil.which("redis-server") is None:
+        missing.append("redis-server")
+    if POSTGRES_URL is None:
+        try:
+            services.postgres_bindir()
+        except services.MissingServer:
+            missing.append("PostgreSQL (initdb, postgres)")
+    if missing:
+        pytest.exit(f"{' and '.join(missing)} not found: the tests start throwaway servers of their own. Install "
+                    f"them with: {services.INSTALL_HINT}  (or point ADAPTERY_TEST_REDIS_URL / "
+                    "ADAPTERY_TEST_POSTGRES_URL at servers you can spare)", returncode=4)
+
+
+def pytest_terminal_summary(terminalreporter: Any) -> None:
+    if budgets.speed_factor.cache_info().currsize:  # only when some test needed a budget
+        terminalreporter.write_line(f"timing budgets scaled x{budgets.speed_factor():.2f} for this machine "
+                                    "(tests/budgets.py)")
+
+
+free_port = services.free_port
 
 
 @dataclass
@@ -113,8 +136,8 @@ class Stack:
     logs: Path
     processes: dict[str, subprocess.Popen[bytes]] = field(default_factory=dict)
 
-    def client(self, timeout: float = 120.0) -> httpx.Client:
-        return httpx.Client(base_url=self.base_url, timeout=timeout, headers=AUTH)
+    def client(self, timeout: float = budgets.HTTP_REQUEST) -> httpx.Client:
+        return httpx.Client(base_url=self.base_url, timeout=budgets.budget(timeout), headers=AUTH)
 
     def start_worker(self, name: str = "worker", env: dict[str, str] | None = None) -> subprocess.Popen[bytes]:
         command = [sys.executable, "-m", "celery", "-A", "workers.celery_app:celery_app", "worker",
@@ -158,7 +181,8 @@ class Stack:
         for name in list(self.processes):
             self.stop(name)
 
-    def wait_ready(self, timeout: float = 90.0) -> None:
+    def wait_ready(self, timeout: float = budgets.STACK_READY) -> None:
+        timeout = budgets.budget(timeout)
         deadline = time.monotonic() + timeout
         last: Any = None
         while time.monotonic() < deadline:
@@ -174,17 +198,42 @@ class Stack:
             time.sleep(0.5)
         raise TimeoutError(f"stack not ready after {timeout}s: {getattr(last, 'text', last)}")
 
-    def wait_ready_http(self, timeout: float = 60.0) -> None:
-        """The API answers (no worker needed)."""
+    def wait_ready_http(self, timeout: float = budgets.API_UP) -> None:
+        """The API answers and has warmed up (no worker needed)."""
+        timeout = budgets.budget(timeout)
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             try:
-                if httpx.get(f"{self.base_url}/health", timeout=2).status_code == 200:
+                checks = httpx.get(f"{self.base_url}/ready", timeout=5).json()["checks"]
+                if checks["database"]["ok"] and checks["warm_up"]["ok"]:
                     return
-            except httpx.HTTPError:
+            except (httpx.HTTPError, ValueError, KeyError):
                 pass
             time.sleep(0.3)
         raise TimeoutError(f"API not up after {timeout}s:\n{self.log_tail('api')}")
+
+    def wait_workers_ready(self, *names: str, timeout: float = budgets.STACK_READY) -> None:
+        """Each named worker has written its heartbeat (it is consuming, its pool process is up)."""
+        import sqlalchemy as sa
+
+        timeout = budgets.budget(timeout)
+        engine = sa.create_engine(self.env["ADAPTERY_DATABASE_URL"])
+        deadline = time.monotonic() + timeout
+        try:
+            while True:
+                with engine.connect() as conn:
+                    seen = [str(row[0]) for row in conn.execute(sa.text("SELECT hostname FROM worker_heartbeats"))]
+                waiting = [n for n in names if not any(h.startswith(f"{n}-") for h in seen)]
+                if not waiting:
+                    return
+                for name in waiting:
+                    if self.processes[name].poll() is not None:
+                        raise RuntimeError(f"{name} exited:\n{self.log_tail(name)}")
+                if time.monotonic() > deadline:
+                    raise TimeoutError(f"workers {waiting} not ready after {timeout:.0f}s")
+                time.sleep(0.3)
+        finally:
+            engine.dispose()
 
     def log_tail(self, name: str, chars: int = 4000) -> str:
         path = self.logs / f"{name}.log"
@@ -259,7 +308,10 @@ def upload(client: httpx.Client, content: str | bytes, filename: str = "train.js
     return client.post("/v1/files", data={"purpose": "fine-tune"}, files={"file": (filename, data)})
 
 
-def wait_for_status(client: httpx.Client, job_id: str, statuses: set[str], timeout: float = 180.0) -> dict[str, Any]:
+def wait_for_status(client: httpx.Client, job_id: str, statuses: set[str],
+                    timeout: float = budgets.JOB_DONE) -> dict[str, Any]:
+    """Poll a job until its status is one of `statuses`; `timeout` is in reference seconds (tests/budgets.py)."""
+    timeout = budgets.budget(timeout)
     deadline = time.monotonic() + timeout
     job: dict[str, Any] = {}
     while time.monotonic() < deadline:

@@ -45,6 +45,9 @@ def make_celery() -> Celery:
         broker_connection_retry_on_startup=True,
         broker_transport_options=transport_options(settings.resolved_broker_url,
                                                    settings.broker_visibility_timeout),
+        # A pool process imports the training stack before it reports up (workers.tasks); on a slow CPU
+        # that takes longer than Celery's 4 s default.
+        worker_proc_alive_timeout=120,
         worker_hijack_root_logger=False,
         worker_send_task_events=False,
     )

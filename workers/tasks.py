@@ -80,6 +80,14 @@ def _fresh_connections_after_fork(**_: Any) -> None:
     from app.db.session import get_engine
 
     get_engine().dispose(close=False)
+    # Import the training stack now, before this process takes a job: a job's clock (and its time limit)
+    # then starts with a warm process. Done after the fork, never in the parent, so no torch thread pool
+    # crosses a fork. (worker_proc_alive_timeout in the Celery config leaves room for this.)
+    import peft  # noqa: F401
+    import torch  # noqa: F401
+    import transformers  # noqa: F401
+
+    import workers.training.loop  # noqa: F401
 
 
 @worker_shutting_down.connect
@@ -156,6 +164,7 @@ class Lease:
 @celery_app.task(name=TRAIN_TASK, bind=True, acks_late=True)
 def train(self: Any, job_id: str) -> str:
     settings = get_settings()
+    claimed_at = time.perf_counter()
     owner = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
     with session_scope() as session:
         attempt = jobs.claim(session, job_id, owner=owner, lease_seconds=settings.lease_seconds,
@@ -168,7 +177,7 @@ def train(self: Any, job_id: str) -> str:
                        else f"Fine-tuning job started again (attempt {attempt} of {settings.max_attempts}).")
     with Lease(job_id, owner, settings.lease_seconds) as lease:
         try:
-            return run_job(job_id, owner=owner, lease=lease)
+            return run_job(job_id, owner=owner, lease=lease, claimed_at=claimed_at)
         except Exception as exc:  # the job fails with a reason; the worker lives on
             log.exception("job %s failed", job_id)
             with session_scope() as session:
@@ -184,7 +193,7 @@ def _adapter_row(job: FineTuningJob, name: str, adapter_id: str, size: int) -> A
                    method=job.method["type"], job_id=job.id, size_bytes=size, status=AdapterStatus.ready)
 
 
-def run_job(job_id: str, *, owner: str, lease: Lease) -> str:
+def run_job(job_id: str, *, owner: str, lease: Lease, claimed_at: float) -> str:
     import torch
 
     from adapters import base_models
@@ -214,14 +223,34 @@ def run_job(job_id: str, *, owner: str, lease: Lease) -> str:
     method_type = job.method["type"]
     method = METHODS[method_type]
     hp = job.method[method_type]["hyperparameters"]
+
+    def event(text: str, **kwargs: Any) -> None:
+        with session_scope() as session:
+            jobs.add_event(session, job_id, text, **kwargs)
+
+    # Start-up phases are events with their durations: a job whose time limit ran out before its first
+    # step shows where the time went (the limit's clock starts when a worker claims the job).
+    phase_started = time.perf_counter()
+
+    def phase_done(phase: str, text: str, **data: Any) -> None:
+        nonlocal phase_started
+        seconds = round(time.perf_counter() - phase_started, 2)
+        event(f"{text} in {seconds:.2f} s.", data={"phase": phase, "seconds": seconds, **data})
+        phase_started = time.perf_counter()
+
     spec = base_models.resolve(settings, job.model)
     tokenizer = base_models.load_tokenizer(settings, spec)
     base = base_models.load_model(settings, spec)
+    phase_done("load_base_model", f"Loaded base model {job.model}")
     limit = settings.max_examples_per_file
     train_examples = encode_dataset(tokenizer, parse_jsonl(store.read_file(job.training_file), max_examples=limit))
     valid_examples = (encode_dataset(tokenizer, parse_jsonl(store.read_file(job.validation_file),
                                                             max_examples=limit))
                       if job.validation_file else [])
+    tokens = sum(len(e.input_ids) for e in train_examples + valid_examples)
+    phase_done("tokenise", f"Tokenised {len(train_examples)} training"
+               + (f" and {len(valid_examples)} validation" if job.validation_file else "")
+               + f" examples ({tokens} tokens)", examples=len(train_examples) + len(valid_examples), tokens=tokens)
     final_name = jobs.fine_tuned_model_name(job.model, job.suffix, job.id)
     checkpoint_root = store.checkpoint_dir(job_id)
     resume = checkpoints.latest(checkpoint_root)
@@ -229,10 +258,6 @@ def run_job(job_id: str, *, owner: str, lease: Lease) -> str:
         with session_scope() as session:
             jobs.add_event(session, job_id, f"Resuming from the checkpoint at step {resume.step}.",
                            data={"resumed_from_step": resume.step})
-
-    def event(text: str, **kwargs: Any) -> None:
-        with session_scope() as session:
-            jobs.add_event(session, job_id, text, **kwargs)
 
     def on_metrics(metrics: dict[str, Any]) -> None:
         text = f"Step {metrics['step']}/{metrics['total_steps']}: training loss={metrics['train_loss']:.4f}"
@@ -294,8 +319,14 @@ def run_job(job_id: str, *, owner: str, lease: Lease) -> str:
                 jobs.add_checkpoint(session, job, adapter=adapter, step=position.step, metrics=metrics)
         event(f"Checkpoint saved at step {position.step}{' (end of epoch)' if epoch_end else ''}: {adapter.name}")
 
+    def on_training_start() -> None:
+        phase_done("prepare_training", f"Built the {method_type} adapter and its optimiser")
+        seconds = round(time.perf_counter() - claimed_at, 2)
+        event(f"Start-up took {seconds:.2f} s; training begins.", data={"phase": "start_up", "seconds": seconds})
+
     callbacks = TrainingCallbacks(on_metrics=on_metrics, on_progress=on_progress, should_stop=should_stop,
-                                  on_checkpoint=on_checkpoint, on_message=lambda text: event(text, level="warn"))
+                                  on_checkpoint=on_checkpoint, on_message=lambda text: event(text, level="warn"),
+                                  on_training_start=on_training_start)
     try:
         model, result = train(base_model=base, method=method, hyperparameters=hp, seed=job.seed,
                               train_examples=train_examples, valid_examples=valid_examples,

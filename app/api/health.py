@@ -1,4 +1,4 @@
-"""/health (the process is up) and /ready (database, broker and a worker all answer)."""
+"""/health (the process is up) and /ready (database, broker and a worker answer, and the start-up warm-up is done)."""
 
 from __future__ import annotations
 
@@ -11,6 +11,7 @@ from sqlalchemy import func, select, text
 
 from app.api.deps import SessionDep, SettingsDep
 from app.db.models import WorkerHeartbeat
+from app.services import tokenizers
 
 router = APIRouter(tags=["health"])
 WORKER_FRESH_SECONDS = 30
@@ -49,5 +50,6 @@ def ready(session: SessionDep, settings: SettingsDep) -> JSONResponse:
                             "last_heartbeat_seconds_ago": round(age, 1) if age is not None else None}
     except Exception as exc:  # reported, not raised
         checks["worker"] = {"ok": False, "error": str(exc)[:300]}
+    checks["warm_up"] = tokenizers.warm_up.report()
     ok = all(c["ok"] for c in checks.values())
     return JSONResponse({"status": "ready" if ok else "not_ready", "checks": checks}, status_code=200 if ok else 503)

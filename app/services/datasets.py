@@ -3,9 +3,7 @@
 from __future__ import annotations
 
 import re
-import threading
 import unicodedata
-from typing import Any
 
 from sqlalchemy import select
 from sqlalchemy.orm import Session
@@ -13,26 +11,12 @@ from sqlalchemy.orm import Session
 from adapters.store import ArtifactStore
 from app.db.models import File, FileStatus, FineTuningJob, JobStatus, now
 from app.errors import ApiError, not_found
+from app.services import tokenizers
 from app.services.jobs import new_id
 from app.settings import Settings
 from workers.training.data import DatasetError, check_lengths, describe_problems, encode_dataset, parse_jsonl
 
 PURPOSES = ("fine-tune",)
-
-
-_tokenizers: dict[str, Any] = {}
-_tokenizer_lock = threading.Lock()
-
-
-def default_tokenizer(settings: Settings) -> Any:
-    """The default base model's tokenizer, loaded once per process (token counts use it)."""
-    from adapters import base_models
-
-    with _tokenizer_lock:
-        if settings.default_base_model not in _tokenizers:
-            spec = base_models.resolve(settings, settings.default_base_model)
-            _tokenizers[settings.default_base_model] = base_models.load_tokenizer(settings, spec)
-        return _tokenizers[settings.default_base_model]
 
 
 def clean_filename(name: str | None) -> str:
@@ -50,7 +34,7 @@ def create_file(session: Session, *, tenant_id: str, settings: Settings, filenam
                        param="purpose", code="invalid_purpose")
     try:
         dataset = parse_jsonl(content, max_examples=settings.max_examples_per_file)
-        examples = encode_dataset(default_tokenizer(settings), dataset)
+        examples = encode_dataset(tokenizers.default(settings), dataset)
     except DatasetError as exc:
         raise ApiError(400, f"Invalid training file: {exc}", param="file", code="invalid_file") from None
     problems = check_lengths(examples, dataset.line_numbers, max_tokens=settings.max_example_tokens)

@@ -18,6 +18,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from adapters.engine.adapter_loader import AdapterLoadError
 from adapters.engine.engine import AdapterRef, BaseRuntime, SamplingParams
 from adapters.methods import METHODS
+from tests.budgets import budget
 from tests.conftest import chat_lines
 from workers.training.data import encode_dataset, parse_jsonl
 from workers.training.loop import TrainingCallbacks, save_adapter, train
@@ -254,14 +255,14 @@ def test_a_request_joins_a_running_batch_and_cancelled_rows_leave(trained: dict[
     lora = runtime.ensure_adapter(AdapterRef(key="lora", folder=trained["lora"], base_model="tiny"))
     alone = runtime.generate(ids, lora, SamplingParams(max_tokens=30, temperature=0)).token_ids
     long_running = runtime.submit(ids, None, SamplingParams(max_tokens=400, temperature=0))
-    first = long_running.events.get(timeout=30)  # the long request is decoding now
+    first = long_running.events.get(timeout=budget(30))  # the long request is decoding now
     assert first[0] == "delta"
     joined = runtime.submit(ids, lora, SamplingParams(max_tokens=30, temperature=0))
     assert joined.wait().token_ids == alone  # joined mid-flight, same result as alone
     assert long_running.finish_reason is None  # still running when the joiner finished
     long_running.cancel()
     assert long_running.wait().finish_reason == "cancelled"
-    deadline = time.monotonic() + 10
+    deadline = time.monotonic() + budget(10)
     while runtime.active and time.monotonic() < deadline:
         time.sleep(0.01)
     assert runtime.active == [] and runtime.batch.rows == 0
@@ -299,7 +300,7 @@ def test_torch_work_stays_on_the_scheduler_thread(trained: dict[str, Path], runt
                                               runtime.generate(ids, lora, SamplingParams(max_tokens=3)),
                                               runtime.unload("lora")))
     caller.start()
-    caller.join(timeout=60)
+    caller.join(timeout=budget(60))
     hook.remove()
     assert not caller.is_alive()
     assert threads == {runtime.scheduler.name}

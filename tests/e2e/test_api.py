@@ -11,6 +11,7 @@ import pytest
 import sqlalchemy as sa
 import torch
 
+from tests.budgets import budget
 from tests.conftest import AUTH, Stack, all_events, chat_lines, upload, wait_for_status
 from tests.tiny_model import TINY_MODEL_ID
 
@@ -56,6 +57,7 @@ def test_health_and_ready(client: httpx.Client) -> None:
     assert ready.status_code == 200
     checks = ready.json()["checks"]
     assert checks["database"]["ok"] and checks["broker"]["ok"] and checks["worker"]["ok"]
+    assert checks["warm_up"]["ok"] and checks["warm_up"]["seconds"] > 0
 
 
 def test_file_lifecycle(client: httpx.Client, stack: Stack) -> None:
@@ -347,7 +349,7 @@ def test_concurrent_requests_with_one_idempotency_key_create_one_job(client: htt
     before = {j["id"] for j in client.get("/v1/fine_tuning/jobs", params={"limit": 100}).json()["data"]}
 
     def send(_: int) -> httpx.Response:
-        with httpx.Client(base_url=str(client.base_url), timeout=60, headers=AUTH) as own:
+        with httpx.Client(base_url=str(client.base_url), timeout=budget(60), headers=AUTH) as own:
             return own.post("/v1/fine_tuning/jobs", json=body, headers={"Idempotency-Key": "concurrent-key"})
 
     with ThreadPoolExecutor(max_workers=6) as pool:

@@ -14,6 +14,8 @@ from pathlib import Path
 
 import httpx
 
+from tests import budgets
+from tests.budgets import budget
 from tests.conftest import AUTH, ROOT, chat_lines, free_port, stack_env, upload, wait_for_status
 from tests.tiny_model import TINY_MODEL_ID
 
@@ -31,8 +33,8 @@ def serving(tmp_path: Path, tiny_model_dir: Path, extra: dict[str, str] | None =
     process = subprocess.Popen([sys.executable, "-m", "app.cli", "serve"], cwd=ROOT, env=env, stdout=log,
                                stderr=subprocess.STDOUT, start_new_session=True)
     try:
-        with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=60, headers=AUTH) as client:
-            deadline = time.monotonic() + 90
+        with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=budget(60), headers=AUTH) as client:
+            deadline = time.monotonic() + budget(budgets.STACK_READY)
             while time.monotonic() < deadline:
                 assert process.poll() is None, log_path.read_text()
                 try:
@@ -47,7 +49,7 @@ def serving(tmp_path: Path, tiny_model_dir: Path, extra: dict[str, str] | None =
     finally:
         process.send_signal(signal.SIGTERM)  # serve stops its worker, then exits
         try:
-            process.wait(timeout=40)
+            process.wait(timeout=budget(40))
         except subprocess.TimeoutExpired:
             os.killpg(process.pid, signal.SIGKILL)
         log.close()
@@ -79,7 +81,7 @@ def test_serve_replaces_a_killed_worker_and_the_job_resumes(tmp_path: Path, tiny
         job = client.post("/v1/fine_tuning/jobs", json={
             "model": TINY_MODEL_ID, "training_file": file_id,
             "hyperparameters": {"n_epochs": 1, "batch_size": 2}}).json()
-        deadline = time.monotonic() + 60
+        deadline = time.monotonic() + budget(60)
         while client.get(f"/v1/fine_tuning/jobs/{job['id']}").json()["progress"]["step"] < 7:
             assert time.monotonic() < deadline
             time.sleep(0.1)

@@ -17,6 +17,7 @@ import sqlalchemy as sa
 import torch
 from safetensors.torch import load_file
 
+from tests.budgets import budget
 from tests.conftest import Stack, all_events, chat_lines, free_port, make_stack, upload, wait_for_status
 from tests.tiny_model import TINY_MODEL_ID
 
@@ -59,7 +60,7 @@ def create(client: httpx.Client, file_id: str, **hyperparameters: Any) -> dict[s
 
 
 def wait_step(client: httpx.Client, job_id: str, step: int, timeout: float = 60) -> dict[str, Any]:
-    deadline = time.monotonic() + timeout
+    deadline = time.monotonic() + budget(timeout)
     while time.monotonic() < deadline:
         job = client.get(f"/v1/fine_tuning/jobs/{job_id}").json()
         if job["progress"]["step"] >= step or job["status"] in TERMINAL:
@@ -117,7 +118,7 @@ def test_kill_during_a_checkpoint_write_resumes_from_the_previous_one(stack: Sta
     stack.start_worker("dies-writing", env={"ADAPTERY_FAULT_INJECTION": "exit_in_checkpoint_at_step=10"})
     job = create(client, file_id)
     root = stack.data_dir / "checkpoints" / job["id"]
-    deadline = time.monotonic() + 60
+    deadline = time.monotonic() + budget(60)
     while not list(root.glob(".writing-step-00000010-*")) and time.monotonic() < deadline:
         time.sleep(0.1)
     assert list(root.glob(".writing-step-00000010-*")), "the worker should have died half-way through step 10"
@@ -144,7 +145,7 @@ def test_a_duplicate_delivery_is_refused_by_the_lease(stack: Stack, client: http
     assert done["status"] == "succeeded"
     started = [e for e in all_events(client, job["id"]) if e["message"].startswith("Fine-tuning job started")]
     assert len(started) == 1
-    deadline = time.monotonic() + 20
+    deadline = time.monotonic() + budget(20)
     while "not claimed" not in stack.log_tail("second", 100_000) and time.monotonic() < deadline:
         time.sleep(0.2)
     assert "not claimed" in stack.log_tail("second", 100_000)
@@ -154,18 +155,22 @@ def test_a_duplicate_delivery_is_refused_by_the_lease(stack: Stack, client: http
 
 def test_a_visibility_timeout_shorter_than_the_job_trains_it_once(stack: Stack, client: httpx.Client) -> None:
     short = {**SLOW_STEPS, "ADAPTERY_BROKER_VISIBILITY_TIMEOUT": "2"}
-    file_id = upload(client, chat_lines(80)).json()["id"]  # 40 steps of 0.15 s, well past the timeout
+    # Both workers are up before the job exists, so the redelivery never races a worker's start-up; the
+    # job runs far past the 2 s timeout (at least 0.15 s a step on any machine, more steps on slower ones).
+    steps = round(budget(40))
     stack.start_worker("first", env=short)
+    stack.start_worker("second", env=short)
+    stack.wait_workers_ready("first", "second")
+    file_id = upload(client, chat_lines(2 * steps)).json()["id"]
     job = create(client, file_id)
-    wait_step(client, job["id"], 1)
-    stack.start_worker("second", env=short)  # Redis hands it the overdue message
     done = wait_for_status(client, job["id"], TERMINAL, timeout=120)
     assert done["status"] == "succeeded"
-    assert "not claimed (status running)" in stack.log_tail("second", 100_000), "Redis did not redeliver"
+    logs = stack.log_tail("first", 100_000) + stack.log_tail("second", 100_000)
+    assert "not claimed (status running)" in logs, "Redis did not redeliver"
     events = all_events(client, job["id"])
     assert len([e for e in events if e["message"].startswith("Fine-tuning job started")]) == 1
-    steps = [e["data"]["step"] for e in events if e["type"] == "metrics"]
-    assert steps == list(range(1, 41)), "each step trained exactly once"
+    steps_trained = [e["data"]["step"] for e in events if e["type"] == "metrics"]
+    assert steps_trained == list(range(1, steps + 1)), "each step trained exactly once"
 
 
 def test_a_poison_job_fails_after_the_attempt_cap(stack: Stack, client: httpx.Client) -> None:
@@ -249,16 +254,34 @@ def test_pause_checkpoints_and_resume_continues_from_there(stack: Stack, client:
     assert client.post(f"/v1/fine_tuning/jobs/{job['id']}/resume").status_code == 409
 
 
+def phase_seconds(client: httpx.Client, job_id: str) -> dict[str, float]:
+    """The start-up phases a job reported in its events, with their durations."""
+    return {e["data"]["phase"]: e["data"]["seconds"] for e in all_events(client, job_id)
+            if "phase" in (e.get("data") or {})}
+
+
 def test_soft_time_limit_checkpoints_and_fails_with_timeout(stack: Stack, client: httpx.Client) -> None:
-    file_id = upload(client, chat_lines(200)).json()["id"]  # 100 steps of 0.15 s: longer than the limit
     stack.start_worker("worker", env=SLOW_STEPS)
+    # The limit's clock includes start-up (loading the model, tokenising), whose length depends on the
+    # machine: measure it on this stack with a short job on the same worker first.
+    probe = create(client, upload(client, chat_lines(4)).json()["id"])
+    assert wait_for_status(client, probe["id"], TERMINAL)["status"] == "succeeded"
+    probe_phases = phase_seconds(client, probe["id"])
+    assert {"load_base_model", "tokenise", "prepare_training", "start_up"} <= probe_phases.keys(), probe_phases
+    start_up = probe_phases["start_up"]
+    # 100 steps take at least 15 s anywhere (0.15 s delay each); the limit falls half-way through them.
+    file_id = upload(client, chat_lines(200)).json()["id"]
+    limit = round(start_up + 100 * 0.15 / 2, 1)
     response = client.post("/v1/fine_tuning/jobs", json={
-        "model": TINY_MODEL_ID, "training_file": file_id, "time_limit_seconds": 8,
+        "model": TINY_MODEL_ID, "training_file": file_id, "time_limit_seconds": limit,
         "hyperparameters": {"n_epochs": 1, "batch_size": 2}})
     assert response.status_code == 200, response.text
-    done = wait_for_status(client, response.json()["id"], TERMINAL, timeout=60)
+    done = wait_for_status(client, response.json()["id"], TERMINAL, timeout=60 + limit)
     assert done["status"] == "failed" and done["error"]["code"] == "timeout", done
-    assert 0 < done["progress"]["step"] < done["progress"]["total_steps"]
+    assert 0 < done["progress"]["step"] < done["progress"]["total_steps"], (limit, probe_phases, done)
+    messages = [e["message"] for e in all_events(client, done["id"])]
+    assert any(m.startswith("Tokenised 200 training examples") for m in messages), messages
+    assert any(m.startswith("Start-up took") for m in messages), messages
     too_long = client.post("/v1/fine_tuning/jobs", json={"model": TINY_MODEL_ID, "training_file": file_id,
                                                          "time_limit_seconds": 10**9})
     assert too_long.status_code == 400 and too_long.json()["error"]["param"] == "time_limit_seconds"

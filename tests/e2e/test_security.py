@@ -10,6 +10,7 @@ from typing import Any
 import httpx
 import pytest
 
+from tests.budgets import HTTP_REQUEST, budget
 from tests.conftest import ADMIN_KEY, TEST_KEY, Stack, chat_lines, upload, wait_for_status
 from tests.tiny_model import TINY_MODEL_ID
 
@@ -20,9 +21,13 @@ def bearer(key: str) -> dict[str, str]:
     return {"Authorization": f"Bearer {key}"}
 
 
+def http(base_url: str, key: str | None = None) -> httpx.Client:
+    return httpx.Client(base_url=base_url, headers=bearer(key) if key else None, timeout=budget(HTTP_REQUEST))
+
+
 @pytest.fixture(scope="module")
 def tenant_b(stack: Stack) -> str:
-    with httpx.Client(base_url=stack.base_url, headers=bearer(ADMIN_KEY)) as admin:
+    with http(stack.base_url, ADMIN_KEY) as admin:
         response = admin.post("/v1/admin/tenants", json={"name": "tenant-b"})
     assert response.status_code == 200, response.text
     return response.json()["api_key"]
@@ -44,7 +49,7 @@ def owned_by_a(stack: Stack) -> dict[str, str]:
 
 
 def test_keys_are_required_and_checked(stack: Stack) -> None:
-    with httpx.Client(base_url=stack.base_url) as anonymous:
+    with http(stack.base_url) as anonymous:
         assert anonymous.get("/health").status_code == 200
         for headers in ({}, bearer("sk-ady-wrong"), {"Authorization": "Basic abc"}, {"Authorization": "Bearer"}):
             response = anonymous.get("/v1/models", headers=headers)
@@ -58,7 +63,7 @@ def test_keys_are_required_and_checked(stack: Stack) -> None:
 
 
 def test_admin_manages_tenants_and_keys(stack: Stack) -> None:
-    with httpx.Client(base_url=stack.base_url, headers=bearer(ADMIN_KEY)) as admin:
+    with http(stack.base_url, ADMIN_KEY) as admin:
         tenant = admin.post("/v1/admin/tenants", json={"name": "acme"}).json()
         assert tenant["api_key"].startswith("sk-ady-") and tenant["name"] == "acme"
         listed = admin.get("/v1/admin/tenants").json()["data"]
@@ -66,7 +71,7 @@ def test_admin_manages_tenants_and_keys(stack: Stack) -> None:
         second = admin.post(f"/v1/admin/tenants/{tenant['id']}/keys").json()
         assert second["api_key"] != tenant["api_key"] and second["prefix"] == second["api_key"][:10]
         assert admin.post("/v1/admin/tenants/tenant-missing/keys").status_code == 404
-        with httpx.Client(base_url=stack.base_url) as user:
+        with http(stack.base_url) as user:
             assert user.get("/v1/files", headers=bearer(second["api_key"])).status_code == 200
             revoked = admin.delete(f"/v1/admin/keys/{second['id']}").json()
             assert revoked["revoked_at"] is not None
@@ -98,7 +103,7 @@ def _body(method: str, path: str, ids: dict[str, str]) -> dict[str, Any] | None:
 
 def test_bola_matrix_from_the_openapi_document(stack: Stack, tenant_b: str, owned_by_a: dict[str, str]) -> None:
     with stack.client() as a_client, httpx.Client(base_url=stack.base_url, headers=bearer(tenant_b),
-                                                  timeout=60) as b_client:
+                                                  timeout=budget(60)) as b_client:
         spec = a_client.get("/openapi.json").json()
         missing = {key: value.split("-")[0] + "-doesnotexist" if value.startswith(("file", "ftjob", "adapter"))
                    else "ft:does-not-exist" for key, value in owned_by_a.items()}
@@ -142,12 +147,12 @@ def test_rate_limit_per_key_and_other_limits(tmp_path: Any, tiny_model_dir: Any,
     own.start_api()
     try:
         own.wait_ready_http()
-        with httpx.Client(base_url=own.base_url, headers=bearer(ADMIN_KEY)) as admin:
+        with http(own.base_url, ADMIN_KEY) as admin:
             other_key = admin.post("/v1/admin/tenants", json={"name": "other"}).json()["api_key"]
             third_key = admin.post("/v1/admin/tenants", json={"name": "third"}).json()["api_key"]
-        with httpx.Client(base_url=own.base_url, headers=bearer(TEST_KEY)) as a, \
-                httpx.Client(base_url=own.base_url, headers=bearer(other_key)) as b, \
-                httpx.Client(base_url=own.base_url, headers=bearer(third_key)) as c:
+        with http(own.base_url, TEST_KEY) as a, \
+                http(own.base_url, other_key) as b, \
+                http(own.base_url, third_key) as c:
             responses = [a.get("/v1/files") for _ in range(16)]
             statuses = [r.status_code for r in responses]
             # A fixed one-minute window: at most 12 pass per window (two windows if the burst straddles one).
@@ -192,8 +197,8 @@ def _rss_mb(pid: int) -> float:
 def test_admin_can_make_an_adapter_public(stack: Stack, tenant_b: str, owned_by_a: dict[str, str]) -> None:
     model = owned_by_a["model_id"]
     chat = {"model": model, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}
-    with httpx.Client(base_url=stack.base_url, headers=bearer(tenant_b), timeout=60) as b, \
-            httpx.Client(base_url=stack.base_url, headers=bearer(ADMIN_KEY)) as admin:
+    with httpx.Client(base_url=stack.base_url, headers=bearer(tenant_b), timeout=budget(60)) as b, \
+            http(stack.base_url, ADMIN_KEY) as admin:
         assert b.post("/v1/chat/completions", json=chat).status_code == 404
         marked = admin.post(f"/v1/admin/adapters/{owned_by_a['adapter_id']}/visibility", json={"public": True})
         assert marked.status_code == 200 and marked.json()["public"] is True

@@ -10,6 +10,7 @@ from typing import Any
 import httpx
 import pytest
 
+from tests.budgets import budget
 from tests.conftest import AUTH, TEST_KEY, Stack, chat_lines, upload, wait_for_status
 from tests.tiny_model import TINY_MODEL_ID
 
@@ -81,7 +82,7 @@ def test_client_leaving_a_stream_does_not_hurt_the_server(client: httpx.Client) 
             if line.startswith("data:") and "content" in line:
                 break
     # The server freed that sequence: a new request is served at once and completely.
-    reply = client.post("/v1/chat/completions", json=chat_body(TINY_MODEL_ID), timeout=30)
+    reply = client.post("/v1/chat/completions", json=chat_body(TINY_MODEL_ID), timeout=budget(30))
     assert reply.status_code == 200 and reply.json()["usage"]["completion_tokens"] == 12
 
 
@@ -92,7 +93,7 @@ def test_concurrent_requests_on_different_adapters(client: httpx.Client, adapter
     assert len(set(alone.values())) == 3  # the two adapters and the base model really differ
 
     def ask(model: str) -> str:
-        with httpx.Client(base_url=str(client.base_url), timeout=120, headers=AUTH) as own:
+        with httpx.Client(base_url=str(client.base_url), timeout=budget(120), headers=AUTH) as own:
             response = own.post("/v1/chat/completions", json=chat_body(model))
             assert response.status_code == 200, response.text
             return response.json()["choices"][0]["message"]["content"]

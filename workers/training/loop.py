@@ -53,6 +53,8 @@ class TrainingCallbacks:
     # (model, optimizer, scheduler, position, metrics, epoch_end): save a checkpoint.
     on_checkpoint: Callable[..., None]
     on_message: Callable[[str], None] = field(default=lambda _: None)
+    # Called once, right before the first step of this attempt (start-up is over: model, data, optimiser).
+    on_training_start: Callable[[], None] = field(default=lambda: None)
 
 
 @dataclass
@@ -171,6 +173,7 @@ def train(*, base_model: Any, method: AdapterMethod, hyperparameters: dict[str, 
 
     model.train()
     callbacks.on_progress(position.step, steps_total, position.epoch + position.batch / steps_per_epoch, None)
+    callbacks.on_training_start()
     last_train_loss: float | None = None
     last_valid_loss: float | None = None
     started, started_step = time.monotonic(), position.step
