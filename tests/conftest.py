@@ -48,7 +48,7 @@ os.environ["ADAPTERY_MODEL_CACHE_DIR"] = str(MODEL_CACHE)
 @pytest.fixture(scope="session")
 def default_model_dir() -> Path:
     """SmolLM2-135M-Instruct converted from the packaged GGUF (about 20 s the first time, then cached)."""
-    from adapters import base_models
+    from app.services import base_models
     from app.settings import DEFAULT_BASE_MODEL, Settings
 
     settings = Settings()
@@ -140,7 +140,7 @@ class Stack:
         return httpx.Client(base_url=self.base_url, timeout=budgets.budget(timeout), headers=AUTH)
 
     def start_worker(self, name: str = "worker", env: dict[str, str] | None = None) -> subprocess.Popen[bytes]:
-        command = [sys.executable, "-m", "celery", "-A", "workers.celery_app:celery_app", "worker",
+        command = [sys.executable, "-m", "celery", "-A", "app.queue:celery_app", "worker",
                    "--loglevel=INFO", "--pool=prefork", "--concurrency=1", "-Q", "training",
                    "-n", f"{name}-{secrets.token_hex(3)}@%h"]
         return self._spawn(name, command, env)

@@ -23,9 +23,9 @@ from sqlalchemy import select
 
 from app.db.models import Adapter, AdapterStatus, Checkpoint, FineTuningJob, JobStatus, WorkerHeartbeat
 from app.db.session import session_scope
+from app.queue import TRAIN_TASK, celery_app, enqueue_training
 from app.services import jobs
 from app.settings import get_settings
-from workers.celery_app import TRAIN_TASK, celery_app
 
 log = logging.getLogger("adaptery.worker")
 HEARTBEAT_SECONDS = 5.0
@@ -55,9 +55,7 @@ def reap_once() -> list[str]:
         job_ids = jobs.reap(session, max_attempts=settings.max_attempts,
                             requeue_after_seconds=settings.requeue_after_seconds)
     for job_id in job_ids:
-        celery_app.send_task(TRAIN_TASK, args=[job_id])
-        with session_scope() as session:
-            jobs.mark_enqueued(session, job_id)
+        enqueue_training(job_id)
     return job_ids
 
 
@@ -196,11 +194,12 @@ def _adapter_row(job: FineTuningJob, name: str, adapter_id: str, size: int) -> A
 def run_job(job_id: str, *, owner: str, lease: Lease, claimed_at: float) -> str:
     import torch
 
-    from adapters import base_models
+    from adapters.data import encode_dataset, parse_jsonl
     from adapters.methods import METHODS
     from adapters.store import ArtifactStore
+    from app.services import base_models
     from workers.training import checkpoints
-    from workers.training.data import encode_dataset, parse_jsonl
+    from workers.training.checkpoints import save_adapter
     from workers.training.loop import (
         Cancelled,
         HandBack,
@@ -208,7 +207,6 @@ def run_job(job_id: str, *, owner: str, lease: Lease, claimed_at: float) -> str:
         Paused,
         TimeLimit,
         TrainingCallbacks,
-        save_adapter,
         train,
     )
 
@@ -293,7 +291,7 @@ def run_job(job_id: str, *, owner: str, lease: Lease, claimed_at: float) -> str:
                 return existing
         staging = store.staging_dir()
         if hasattr(source, "save_pretrained"):
-            save_adapter(source, staging)
+            save_adapter(source, staging, method)
         else:
             for item in ("adapter_model.safetensors", "adapter_config.json"):
                 shutil.copyfile(source / item, staging / item)
@@ -308,7 +306,7 @@ def run_job(job_id: str, *, owner: str, lease: Lease, claimed_at: float) -> str:
 
     def on_checkpoint(model: Any, optimizer: Any, scheduler: Any, position: Any, metrics: dict[str, Any],
                       epoch_end: bool) -> None:
-        folder = checkpoints.save(checkpoint_root, model=model, optimizer=optimizer, scheduler=scheduler,
+        folder = checkpoints.save(checkpoint_root, model=model, method=method, optimizer=optimizer, scheduler=scheduler,
                                   step=position.step, epoch=position.epoch, batch=position.batch,
                                   trained_tokens=position.trained_tokens, metrics=metrics, fault=fault)
         last_checkpoint["step"] = position.step
@@ -361,7 +359,7 @@ def run_job(job_id: str, *, owner: str, lease: Lease, claimed_at: float) -> str:
             if jobs.release(session, job_id, owner=owner):
                 jobs.add_event(session, job_id, "Worker shutting down; the job goes back to the queue and will "
                                                 f"resume from step {last_checkpoint.get('step', 0)}.")
-        celery_app.send_task(TRAIN_TASK, args=[job_id])
+        enqueue_training(job_id)  # if the broker is down, the reaper re-sends it
         return "handed_back"
     publish(model, final_name)
     with session_scope() as session:

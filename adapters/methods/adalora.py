@@ -19,7 +19,15 @@ from adapters.methods.base import (
     given,
     register,
 )
-from adapters.methods.lora import check_lora_family, lora_family_defaults
+from adapters.methods.lora import (
+    LORA_CONFIG_KEYS,
+    PEFT_PREFIX,
+    check_lora_family,
+    check_lora_family_config,
+    lora_family_defaults,
+    low_rank_weights,
+)
+from adapters.methods.serving import AdapterLoadError, LoraFactors, ServingKind, ServingWeights
 
 DEFAULT_INIT_R = 12
 
@@ -38,6 +46,10 @@ class AdaLora(AdapterMethod):
     peft_type = "ADALORA"
     hyperparameters = AdaLoraHyperparameters
     default_learning_rate = 2e-3
+    # Served as LoRA: the SVD triplets are folded into A/B at load time.
+    serving_kind = ServingKind.LOW_RANK
+    config_keys = LORA_CONFIG_KEYS | {"init_r", "target_r", "tinit", "tfinal", "deltaT", "beta1", "beta2",
+                                      "orth_reg_weight", "total_step"}
 
     def check(self, hp, *, settings, base_info):  # type: ignore[no-untyped-def,override]
         check_range("init_r", hp.init_r, 1, settings.max_lora_rank)
@@ -53,7 +65,7 @@ class AdaLora(AdapterMethod):
         target_r = hp.target_r if given(hp.target_r) else max(1, min(8, init_r))
         return {"init_r": init_r, "target_r": target_r, **lora_family_defaults(hp, base_info, init_r)}
 
-    def peft_config(self, hp: dict[str, Any], *, total_steps: int) -> Any:
+    def peft_config(self, hp: dict[str, Any], *, total_steps: int, base_model_path: str | None = None) -> Any:
         from peft import AdaLoraConfig, TaskType
 
         # Budget schedule: warm up on the full rank, prune during the middle, fine-tune at the end.
@@ -68,3 +80,27 @@ class AdaLora(AdapterMethod):
 
     def after_optimizer_step(self, peft_model: Any, step: int) -> None:
         peft_model.base_model.update_and_allocate(step)
+
+    def sanitise_config(self, config: dict[str, Any], *, max_rank: int) -> dict[str, Any]:
+        check_lora_family_config(config, rank_key="init_r" if "init_r" in config else "r", max_rank=max_rank)
+        return super().sanitise_config(config, max_rank=max_rank)
+
+    def serving_weights(self, config: dict[str, Any], weights: dict[str, Any], *, model_config: Any,
+                        max_rank: int) -> ServingWeights:
+        factors: dict[str, LoraFactors] = {}
+        # PEFT's SVD layer computes B·(A⊙E)·alpha/(ranknum+1e-5), where ranknum stays the initial rank.
+        ranknum = float(config.get("init_r") or config.get("r") or 1)
+        alpha = config.get("lora_alpha") or ranknum
+        for name, a in weights.items():
+            if not name.endswith(".lora_A"):
+                continue
+            module = name[: -len(".lora_A")].removeprefix(PEFT_PREFIX)
+            stem = name.rsplit(".", 1)[0]
+            b, e = weights.get(f"{stem}.lora_B"), weights.get(f"{stem}.lora_E")
+            if b is None or e is None:
+                raise AdapterLoadError(f"{module}: AdaLoRA needs lora_A, lora_B and lora_E")
+            if a.shape[0] == 0:  # the budget pruned this module to rank 0: it adds nothing
+                continue
+            factors[module] = LoraFactors(a=(a * e).float().contiguous(), b=b.float().contiguous(),
+                                          scale=float(alpha / (ranknum + 1e-5)))
+        return low_rank_weights(factors, max_rank)

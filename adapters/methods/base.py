@@ -1,8 +1,12 @@
-"""What every fine-tuning method provides, the shared training hyperparameters, and the registry.
+"""What every fine-tuning method declares, the shared training hyperparameters, and the registry.
 
-A method is one module in this package: its hyperparameter schema, how it becomes a PEFT config,
-and any hook the training loop must call. Adding a method means adding a module and registering it;
-tests parametrise over `METHODS`, so every method gets every test.
+A method is one module in this package and declares everything about itself: the names accepted in
+`method.type`, its PEFT type, hyperparameter schema and `auto` defaults, PEFT config, training hooks,
+which config keys an imported adapter may carry, its admission checks, and how the serving engine
+applies it (its serving kind and weights). Nothing outside this package branches on a method name or
+a PEFT type: the API, the worker, the import gate and the engine ask the registry. Registering a name,
+alias or PEFT type twice is an error at import time. Tests parametrise over `METHODS`, so every
+method gets every test.
 """
 
 from __future__ import annotations
@@ -11,6 +15,8 @@ import math
 from typing import Any, ClassVar, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
+
+from adapters.methods.serving import AdapterLoadError, ServingKind, ServingWeights
 
 Auto = Literal["auto"]
 
@@ -61,15 +67,24 @@ def auto_batch_size(n_examples: int) -> int:
     return 1
 
 
+# Keys every imported adapter config may carry, whatever its method.
+COMMON_CONFIG_KEYS = frozenset({"peft_type", "task_type", "inference_mode"})
+
+
 class AdapterMethod:
-    """One PEFT method. Subclasses set the class attributes and implement peft_config()."""
+    """One PEFT method. Subclasses set the class attributes and implement peft_config() and serving_weights()."""
 
     name: ClassVar[str]
+    # Other names accepted in method.type for this method.
+    aliases: ClassVar[tuple[str, ...]] = ()
     peft_type: ClassVar[str]
     hyperparameters: ClassVar[type[TrainingHyperparameters]] = TrainingHyperparameters
     default_learning_rate: ClassVar[float] = 1e-3
-    # Whether the serving engine applies it as weight deltas (LoRA-like) or as a KV prefix.
-    serving_kind: ClassVar[Literal["lora", "prefix"]] = "lora"
+    serving_kind: ClassVar[ServingKind]
+    # Hyperparameters that resolve to None when not given (they switch something on); max_steps for all.
+    optional_hyperparameters: ClassVar[frozenset[str]] = frozenset()
+    # adapter_config.json keys an imported adapter may carry (besides COMMON_CONFIG_KEYS); the rest is dropped.
+    config_keys: ClassVar[frozenset[str]] = frozenset()
 
     def method_defaults(self, hp: TrainingHyperparameters, *, settings: Any, base_info: dict[str, Any]
                         ) -> dict[str, Any]:
@@ -107,11 +122,29 @@ class AdapterMethod:
         resolved.update(self.method_defaults(hp, settings=settings, base_info=base_info))
         return resolved
 
-    def peft_config(self, hp: dict[str, Any], *, total_steps: int) -> Any:
+    def peft_config(self, hp: dict[str, Any], *, total_steps: int, base_model_path: str | None = None) -> Any:
+        """The PEFT config to train with (`base_model_path`: where the base model's tokenizer can be read)."""
         raise NotImplementedError
+
+    def saved_config(self, config: dict[str, Any]) -> dict[str, Any]:
+        """The adapter_config.json to store for a trained adapter (PEFT's, cleaned of what must not travel)."""
+        return config
 
     def after_optimizer_step(self, peft_model: Any, step: int) -> None:
         """Called after every optimiser step, before gradients are zeroed (AdaLoRA needs this)."""
+
+    # ---------------------------------------------------------------- adapters as files
+
+    def sanitise_config(self, config: dict[str, Any], *, max_rank: int) -> dict[str, Any]:
+        """An imported config reduced to the whitelisted keys, after the method's admission checks
+        (raise AdapterLoadError saying what is accepted)."""
+        return {k: v for k, v in config.items() if k in COMMON_CONFIG_KEYS | self.config_keys}
+
+    def serving_weights(self, config: dict[str, Any], weights: dict[str, Any], *, model_config: Any,
+                        max_rank: int) -> ServingWeights:
+        """The saved adapter (config + tensors) in the form the engine applies, checked against the base
+        model's config; raise AdapterLoadError naming what does not fit."""
+        raise NotImplementedError
 
 
 def total_steps(n_examples: int, hp: dict[str, Any]) -> int:
@@ -121,9 +154,51 @@ def total_steps(n_examples: int, hp: dict[str, Any]) -> int:
     return max(1, steps)
 
 
+class DuplicateMethodError(ValueError):
+    pass
+
+
+# Canonical name → method, in registration order.
 METHODS: dict[str, AdapterMethod] = {}
+_BY_NAME: dict[str, AdapterMethod] = {}  # names and aliases
+_BY_PEFT_TYPE: dict[str, AdapterMethod] = {}
 
 
 def register(cls: type[AdapterMethod]) -> type[AdapterMethod]:
-    METHODS[cls.name] = cls()
+    """Add a method to the registry; a name, alias or PEFT type that is already taken is an error."""
+    method = cls()
+    for name in (cls.name, *cls.aliases):
+        if name in _BY_NAME:
+            raise DuplicateMethodError(f"method name {name!r} of {cls.__name__} is already registered by "
+                                       f"{type(_BY_NAME[name]).__name__}")
+    if cls.peft_type in _BY_PEFT_TYPE:
+        raise DuplicateMethodError(f"PEFT type {cls.peft_type!r} of {cls.__name__} is already registered by "
+                                   f"{type(_BY_PEFT_TYPE[cls.peft_type]).__name__}")
+    METHODS[cls.name] = method
+    _BY_PEFT_TYPE[cls.peft_type] = method
+    for name in (cls.name, *cls.aliases):
+        _BY_NAME[name] = method
     return cls
+
+
+def method_named(name: str) -> AdapterMethod | None:
+    """The method a client names in method.type (its name or an alias)."""
+    return _BY_NAME.get(name)
+
+
+def method_for_peft_type(peft_type: Any) -> AdapterMethod | None:
+    """The method that serves adapters of this PEFT type (from an adapter_config.json)."""
+    return _BY_PEFT_TYPE.get(peft_type) if isinstance(peft_type, str) else None
+
+
+def accepted_names() -> list[str]:
+    return list(_BY_NAME)
+
+
+def for_config(config: dict[str, Any]) -> AdapterMethod:
+    """The method of a saved adapter's config, or AdapterLoadError listing the PEFT types accepted."""
+    method = method_for_peft_type(config.get("peft_type"))
+    if method is None:
+        raise AdapterLoadError(f"peft_type {config.get('peft_type')!r} is not supported; supported: "
+                               f"{', '.join(_BY_PEFT_TYPE)}")
+    return method

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+import re
 from typing import Any
 
 from pydantic import Field
@@ -15,6 +17,14 @@ from adapters.methods.base import (
     given,
     register,
 )
+from adapters.methods.serving import AdapterLoadError, LoraFactors, ServingKind, ServingWeights
+
+# Keys of an imported LoRA-family adapter_config.json that we keep (everything else is dropped).
+LORA_CONFIG_KEYS = frozenset({"r", "lora_alpha", "lora_dropout", "target_modules", "bias", "fan_in_fan_out",
+                              "use_rslora", "rank_pattern", "alpha_pattern", "modules_to_save", "use_dora",
+                              "init_lora_weights"})
+# PEFT's saved tensor names start with this (the PeftModel wraps the base model's own module names).
+PEFT_PREFIX = "base_model.model."
 
 
 class LoraHyperparameters(TrainingHyperparameters):
@@ -52,12 +62,44 @@ def check_lora_family(hp: Any, settings: Any, base_info: dict[str, Any]) -> None
     check_target_modules(hp.target_modules, base_info)
 
 
+def check_lora_family_config(config: dict[str, Any], *, rank_key: str, max_rank: int) -> None:
+    """Admission checks shared by LoRA and AdaLoRA configs (raise AdapterLoadError saying what is accepted)."""
+    rank = config.get(rank_key)
+    if not isinstance(rank, int) or isinstance(rank, bool) or not 1 <= rank <= max_rank:
+        raise AdapterLoadError(f"the adapter's rank {rank!r} must be an integer from 1 to {max_rank}")
+    if config.get("modules_to_save"):
+        raise AdapterLoadError("adapters with modules_to_save (full copies of base layers) are not accepted")
+    if config.get("use_dora"):
+        raise AdapterLoadError("DoRA adapters (use_dora=true) are not supported")
+
+
+def pattern_value(patterns: dict[str, Any], module: str, default: Any) -> Any:
+    # PEFT matches pattern keys against the end of the module name.
+    for key, value in (patterns or {}).items():
+        if re.fullmatch(rf"(.*\.)?{key}", module):
+            return value
+    return default
+
+
+def low_rank_weights(factors: dict[str, LoraFactors], max_rank: int) -> ServingWeights:
+    if not factors:
+        raise AdapterLoadError("adapter has no LoRA weights")
+    rank = max(f.a.shape[0] for f in factors.values())
+    if rank > max_rank:
+        raise AdapterLoadError(f"adapter rank {rank} exceeds the server's maximum of {max_rank}")
+    return ServingWeights(kind=ServingKind.LOW_RANK, rank=rank, low_rank=factors)
+
+
 @register
 class Lora(AdapterMethod):
     name = "lora"
+    # OpenAI's method type for supervised fine-tuning: trains LoRA, the default method.
+    aliases = ("supervised",)
     peft_type = "LORA"
     hyperparameters = LoraHyperparameters
     default_learning_rate = 1e-3
+    serving_kind = ServingKind.LOW_RANK
+    config_keys = LORA_CONFIG_KEYS
 
     def check(self, hp, *, settings, base_info):  # type: ignore[no-untyped-def,override]
         check_range("r", hp.r, 1, settings.max_lora_rank)
@@ -67,8 +109,32 @@ class Lora(AdapterMethod):
         rank = hp.r if given(hp.r) else 8
         return {"r": rank, **lora_family_defaults(hp, base_info, rank)}
 
-    def peft_config(self, hp: dict[str, Any], *, total_steps: int) -> Any:
+    def peft_config(self, hp: dict[str, Any], *, total_steps: int, base_model_path: str | None = None) -> Any:
         from peft import LoraConfig, TaskType
 
         return LoraConfig(task_type=TaskType.CAUSAL_LM, r=hp["r"], lora_alpha=hp["lora_alpha"],
                           lora_dropout=hp["lora_dropout"], target_modules=hp["target_modules"], bias="none")
+
+    def sanitise_config(self, config: dict[str, Any], *, max_rank: int) -> dict[str, Any]:
+        check_lora_family_config(config, rank_key="r", max_rank=max_rank)
+        return super().sanitise_config(config, max_rank=max_rank)
+
+    def serving_weights(self, config: dict[str, Any], weights: dict[str, Any], *, model_config: Any,
+                        max_rank: int) -> ServingWeights:
+        if config.get("use_dora"):
+            raise AdapterLoadError("DoRA adapters (use_dora=true) are not supported")
+        factors: dict[str, LoraFactors] = {}
+        for name, a in weights.items():
+            if not name.endswith(".lora_A.weight"):
+                continue
+            module = name[: -len(".lora_A.weight")].removeprefix(PEFT_PREFIX)
+            b = weights.get(name.replace(".lora_A.weight", ".lora_B.weight"))
+            if b is None:
+                raise AdapterLoadError(f"{module}: lora_A has no matching lora_B")
+            rank = a.shape[0]
+            if b.shape[1] != rank:
+                raise AdapterLoadError(f"{module}: lora_A rank {rank} does not match lora_B {tuple(b.shape)}")
+            alpha = pattern_value(config.get("alpha_pattern", {}), module, config.get("lora_alpha", 8))
+            scale = alpha / math.sqrt(rank) if config.get("use_rslora") else alpha / rank
+            factors[module] = LoraFactors(a=a.float().contiguous(), b=b.float().contiguous(), scale=float(scale))
+        return low_rank_weights(factors, max_rank)

@@ -7,6 +7,12 @@ from typing import Any
 from pydantic import Field
 
 from adapters.methods.base import AdapterMethod, Auto, TrainingHyperparameters, check_range, given, register
+from adapters.methods.serving import AdapterLoadError, ServingKind, ServingWeights, config_int
+
+# Config keys shared by the prompt-learning methods (PEFT's PromptLearningConfig).
+PROMPT_LEARNING_KEYS = frozenset({"num_virtual_tokens", "num_layers", "num_attention_heads", "token_dim",
+                                  "num_transformer_submodules"})
+MAX_VIRTUAL_TOKENS = 256
 
 
 class PrefixTuningHyperparameters(TrainingHyperparameters):
@@ -20,15 +26,53 @@ class PrefixTuning(AdapterMethod):
     hyperparameters = PrefixTuningHyperparameters
     # Prefix vectors start from random values and need a larger step than LoRA's factors.
     default_learning_rate = 1e-2
-    serving_kind = "prefix"
+    serving_kind = ServingKind.KV_PREFIX
+    config_keys = PROMPT_LEARNING_KEYS | {"encoder_hidden_size", "prefix_projection"}
 
     def check(self, hp, *, settings, base_info):  # type: ignore[no-untyped-def,override]
-        check_range("num_virtual_tokens", hp.num_virtual_tokens, 1, 256)
+        check_range("num_virtual_tokens", hp.num_virtual_tokens, 1, MAX_VIRTUAL_TOKENS)
 
     def method_defaults(self, hp, *, settings, base_info):  # type: ignore[no-untyped-def,override]
         return {"num_virtual_tokens": hp.num_virtual_tokens if given(hp.num_virtual_tokens) else 16}
 
-    def peft_config(self, hp: dict[str, Any], *, total_steps: int) -> Any:
+    def peft_config(self, hp: dict[str, Any], *, total_steps: int, base_model_path: str | None = None) -> Any:
         from peft import PrefixTuningConfig, TaskType
 
         return PrefixTuningConfig(task_type=TaskType.CAUSAL_LM, num_virtual_tokens=hp["num_virtual_tokens"])
+
+    def sanitise_config(self, config: dict[str, Any], *, max_rank: int) -> dict[str, Any]:
+        check_virtual_tokens(config)
+        return super().sanitise_config(config, max_rank=max_rank)
+
+    def serving_weights(self, config: dict[str, Any], weights: dict[str, Any], *, model_config: Any,
+                        max_rank: int) -> ServingWeights:
+        embeddings = weights.get("prompt_embeddings")
+        if embeddings is None:
+            raise AdapterLoadError("prefix-tuning adapter has no prompt_embeddings tensor")
+        nvt, layers = config_int(config, "num_virtual_tokens"), config_int(config, "num_layers")
+        heads, token_dim = config_int(config, "num_attention_heads"), config_int(config, "token_dim")
+        if layers != model_config.num_hidden_layers:
+            raise AdapterLoadError(f"prefix adapter was made for {layers} layers; the base model has "
+                                   f"{model_config.num_hidden_layers}")
+        if embeddings.shape != (nvt, layers * 2 * token_dim):
+            raise AdapterLoadError(f"prompt_embeddings has shape {tuple(embeddings.shape)}, expected "
+                                   f"({nvt}, {layers * 2 * token_dim})")
+        head_dim = token_dim // heads
+        kv_heads = getattr(model_config, "num_key_value_heads", None) or model_config.num_attention_heads
+        model_head_dim = getattr(model_config, "head_dim", None) or model_config.hidden_size // \
+            model_config.num_attention_heads
+        if (heads, head_dim) != (kv_heads, model_head_dim):
+            raise AdapterLoadError(f"prefix adapter has {heads} heads of {head_dim}; the base model's key/value "
+                                   f"cache has {kv_heads} heads of {model_head_dim}")
+        # Same layout PEFT's get_prompt uses: [nvt, layers*2, heads, head_dim] → per layer K and V.
+        kv = embeddings.float().view(nvt, layers * 2, heads, head_dim).permute(1, 2, 0, 3).contiguous()
+        return ServingWeights(kind=ServingKind.KV_PREFIX, kv_prefix=[(kv[2 * i], kv[2 * i + 1])
+                                                                     for i in range(layers)])
+
+
+def check_virtual_tokens(config: dict[str, Any]) -> None:
+    nvt = config_int(config, "num_virtual_tokens")
+    if not 1 <= nvt <= MAX_VIRTUAL_TOKENS:
+        raise AdapterLoadError(f"num_virtual_tokens must be from 1 to {MAX_VIRTUAL_TOKENS}, got {nvt}")
+    if config.get("num_transformer_submodules", 1) != 1:
+        raise AdapterLoadError("num_transformer_submodules must be 1 (decoder-only base models)")

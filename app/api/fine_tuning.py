@@ -6,19 +6,20 @@ from typing import Annotated, Any
 
 from fastapi import APIRouter, Header, Query
 
+from app import queue
 from app.api.deps import SessionDep, SettingsDep, TenantDep
 from app.errors import ApiError
 from app.schemas.common import paged
 from app.schemas.fine_tuning import JobCreate, checkpoint_object, event_object, job_object
 from app.services import idempotency, jobs
-from app.services.queue import BrokerUnavailable, enqueue_training
 
 router = APIRouter(prefix="/v1/fine_tuning/jobs", tags=["fine-tuning"])
 Limit = Annotated[int, Query(ge=1, le=100)]
 
 
 def _method_and_hyperparameters(body: JobCreate) -> tuple[str, dict[str, Any], str]:
-    """Map OpenAI's shapes onto ours: 'supervised', legacy top-level hyperparameters, or no method → lora."""
+    """Map OpenAI's shapes onto ours: legacy top-level hyperparameters or no method → the default method
+    (the registry maps OpenAI's 'supervised' to it too)."""
     from adapters.methods import DEFAULT_METHOD
 
     if body.method is None:
@@ -39,8 +40,7 @@ def _method_and_hyperparameters(body: JobCreate) -> tuple[str, dict[str, Any], s
     if not isinstance(raw, dict):
         raise ApiError(400, "hyperparameters must be an object.",
                        param=f"method.{body.method.type}.hyperparameters", code="invalid_request")
-    method_type = DEFAULT_METHOD if body.method.type == "supervised" else body.method.type
-    return method_type, dict(raw), f"method.{body.method.type}.hyperparameters"
+    return body.method.type, dict(raw), f"method.{body.method.type}.hyperparameters"
 
 
 @router.post("")
@@ -58,12 +58,8 @@ def _create_job(body: JobCreate, session: Any, settings: Any, tenant: str) -> di
                           suffix=body.suffix, seed=body.seed, metadata=body.metadata, method_type=method_type,
                           raw_hyperparameters=raw, hyperparameter_param=param,
                           time_limit_seconds=body.time_limit_seconds)
-    try:
-        enqueue_training(job.id)
-        jobs.mark_enqueued(session, job.id)
-    except BrokerUnavailable:
-        # Accepted all the same: the job row is committed as queued, and the workers' reaper hands queued
-        # jobs that never reached a worker to the broker once it is back (an outbox in all but name).
+    if not queue.enqueue_training(job.id):
+        # Accepted all the same: the job is committed as queued and the reaper hands it over later.
         jobs.add_event(session, job.id, "The job queue is unreachable right now; the job stays queued and "
                                         "will be handed to a worker when the queue is back.", level="warn")
     return job_object(job)
@@ -95,11 +91,7 @@ def pause_job(fine_tuning_job_id: str, session: SessionDep, tenant: TenantDep) -
 @router.post("/{fine_tuning_job_id}/resume")
 def resume_job(fine_tuning_job_id: str, session: SessionDep, tenant: TenantDep) -> dict[str, Any]:
     job = jobs.resume(session, jobs.get_job(session, tenant_id=tenant, job_id=fine_tuning_job_id))
-    try:
-        enqueue_training(job.id)
-        jobs.mark_enqueued(session, job.id)
-    except BrokerUnavailable:
-        pass  # queued in the database; the reaper hands it to the broker when it is back
+    queue.enqueue_training(job.id)  # if the broker is down, the reaper hands it over when it is back
     return job_object(job)
 
 

@@ -16,7 +16,7 @@ BOOT_TIME = 0
 
 
 def _base_objects(settings: Any) -> list[dict[str, Any]]:
-    from adapters import base_models
+    from app.services import base_models
 
     return [{"id": model_id, "object": "model", "created": BOOT_TIME, "owned_by": "system", "parent": None}
             for model_id in base_models.registry(settings)]

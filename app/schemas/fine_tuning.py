@@ -6,6 +6,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
+from adapters.methods import DEFAULT_METHOD, accepted_names
 from app.db.models import Checkpoint, FineTuningJob, JobEvent
 from app.schemas.common import Request
 
@@ -13,11 +14,12 @@ SUFFIX_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,39}$"
 
 
 class MethodSpec(BaseModel):
-    """{"type": "lora", "lora": {"hyperparameters": {...}}}; the key named by type is optional."""
+    """{"type": <method>, <method>: {"hyperparameters": {...}}}; the key named by type is optional."""
 
     model_config = ConfigDict(extra="allow")
 
-    type: str = Field(description="lora, adalora, prefix_tuning, or OpenAI's 'supervised' (trains lora)")
+    type: str = Field(description=f"the fine-tuning method: {', '.join(accepted_names())} ('{DEFAULT_METHOD}' "
+                                  "when no method is given)")
 
 
 class JobCreate(Request):

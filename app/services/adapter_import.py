@@ -2,8 +2,9 @@
 before anything is stored. Nothing uploaded is unpickled, executed, fetched, or used as a path.
 
 The checks, in order: file names (loose files or a zip/tar holding exactly those two, no paths, no
-links, bounded count and unpacked size, counted while reading), the config (whitelisted peft_type
-and keys; base_model_name_or_path is dropped, never fetched), the weights (parsed as safetensors,
+links, bounded count and unpacked size, counted while reading), the config (a registered peft_type;
+only the keys its method declares are kept, after the method's own admission checks;
+base_model_name_or_path is dropped, never fetched), the weights (parsed as safetensors,
 so a pickle renamed to .safetensors fails), then the engine's admission check against the base model
 (modules exist, rank, shapes), and last a smoke test: the adapter must change the base model's logits.
 """
@@ -31,18 +32,6 @@ from app.settings import Settings
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt", ".joblib")
 MAX_MEMBERS = 16
 NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:-]{0,99}$")
-# Config keys kept per method; anything else a client sends is dropped.
-COMMON_KEYS = {"peft_type", "task_type", "inference_mode"}
-LORA_KEYS = {"r", "lora_alpha", "lora_dropout", "target_modules", "bias", "fan_in_fan_out", "use_rslora",
-             "rank_pattern", "alpha_pattern", "modules_to_save", "use_dora", "init_lora_weights"}
-KEYS = {
-    "LORA": COMMON_KEYS | LORA_KEYS,
-    "ADALORA": COMMON_KEYS | LORA_KEYS | {"init_r", "target_r", "tinit", "tfinal", "deltaT", "beta1", "beta2",
-                                          "orth_reg_weight", "total_step"},
-    "PREFIX_TUNING": COMMON_KEYS | {"num_virtual_tokens", "num_layers", "num_attention_heads", "token_dim",
-                                    "encoder_hidden_size", "prefix_projection", "num_transformer_submodules"},
-}
-METHOD_OF = {"LORA": "lora", "ADALORA": "adalora", "PREFIX_TUNING": "prefix_tuning"}
 
 
 def refuse(message: str, param: str = "files", status: int = 400, code: str = "invalid_adapter") -> ApiError:
@@ -124,29 +113,28 @@ def _unpack_tar(tar: tarfile.TarFile, limit: int) -> dict[str, bytes]:
     return found
 
 
-def sanitised_config(raw: bytes, settings: Settings) -> dict[str, Any]:
+def sanitised_config(raw: bytes, settings: Settings) -> tuple[dict[str, Any], str]:
+    """The config reduced to what its method accepts (the method's own whitelist and admission checks),
+    and the method's name."""
+    from adapters.methods import AdapterLoadError, for_config
+
     try:
         config = json.loads(raw.decode("utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise refuse(f"{ADAPTER_CONFIG} is not valid JSON: {exc}") from None
     if not isinstance(config, dict):
         raise refuse(f"{ADAPTER_CONFIG} must be a JSON object")
-    peft_type = config.get("peft_type")
-    if peft_type not in KEYS:
-        raise refuse(f"peft_type {peft_type!r} is not supported; accepted: {', '.join(KEYS)}")
-    kept = {k: v for k, v in config.items() if k in KEYS[peft_type]}
-    rank = kept.get("init_r") or kept.get("r")
-    if peft_type != "PREFIX_TUNING" and (not isinstance(rank, int) or not 1 <= rank <= settings.max_lora_rank):
-        raise refuse(f"the adapter's rank {rank!r} must be an integer from 1 to {settings.max_lora_rank}")
-    if kept.get("modules_to_save"):
-        raise refuse("adapters with modules_to_save (full copies of base layers) are not accepted")
-    return kept
+    try:
+        method = for_config(config)
+        return method.sanitise_config(config, max_rank=settings.max_lora_rank), method.name
+    except AdapterLoadError as exc:
+        raise refuse(str(exc)) from None
 
 
 def import_adapter(session: Session, *, tenant_id: str, settings: Settings, files: dict[str, bytes],
                    name: str | None, base_model: str | None) -> Adapter:
-    from adapters import base_models
-    from adapters.engine.adapter_loader import AdapterLoadError
+    from adapters.engine import AdapterLoadError, AdapterRef
+    from app.services import base_models
     from app.services.inference import get_engine
 
     missing = [f for f in ADAPTER_FILES if f not in files]
@@ -164,7 +152,7 @@ def import_adapter(session: Session, *, tenant_id: str, settings: Settings, file
         taken = session.scalar(select(Adapter.id).where(Adapter.name == name)) is not None
         if taken or name in base_models.registry(settings):
             raise refuse(f"the name '{name}' is already in use", param="name", status=409, code="name_taken")
-    config = sanitised_config(files[ADAPTER_CONFIG], settings)
+    config, method = sanitised_config(files[ADAPTER_CONFIG], settings)
     try:
         from safetensors.torch import load as load_safetensors
 
@@ -178,11 +166,9 @@ def import_adapter(session: Session, *, tenant_id: str, settings: Settings, file
         (staging / ADAPTER_CONFIG).write_text(json.dumps(config))
         (staging / ADAPTER_WEIGHTS).write_bytes(files[ADAPTER_WEIGHTS])
         runtime = get_engine(settings).runtime(spec.id)
-        from adapters.engine.engine import AdapterRef
-
         try:
             loaded = runtime.ensure_adapter(AdapterRef(key=adapter_id, folder=staging, base_model=spec.id,
-                                                       method=METHOD_OF[config["peft_type"]]))
+                                                       method=method))
         except AdapterLoadError as exc:
             raise refuse(f"the adapter does not fit {spec.id}: {exc}", status=422) from None
         probe = runtime.tokenizer("The quick brown fox jumps over the lazy dog.", add_special_tokens=False)["input_ids"]
@@ -195,7 +181,7 @@ def import_adapter(session: Session, *, tenant_id: str, settings: Settings, file
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     row = Adapter(id=adapter_id, tenant_id=tenant_id, name=name or f"imported:{spec.id}:{adapter_id[-8:]}",
-                  base_model=spec.id, method=METHOD_OF[config["peft_type"]], job_id=None, created_at=now(),
+                  base_model=spec.id, method=method, job_id=None, created_at=now(),
                   size_bytes=store.adapter_size(adapter_id), status=AdapterStatus.ready)
     session.add(row)
     session.commit()

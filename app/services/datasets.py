@@ -8,13 +8,13 @@ import unicodedata
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
+from adapters.data import DatasetError, check_lengths, describe_problems, encode_dataset, parse_jsonl
 from adapters.store import ArtifactStore
 from app.db.models import File, FileStatus, FineTuningJob, JobStatus, now
 from app.errors import ApiError, not_found
 from app.services import tokenizers
 from app.services.jobs import new_id
 from app.settings import Settings
-from workers.training.data import DatasetError, check_lengths, describe_problems, encode_dataset, parse_jsonl
 
 PURPOSES = ("fine-tune",)
 

@@ -32,8 +32,8 @@ def get_engine(settings: Settings) -> Any:
         if _engine is None:
             import torch
 
-            from adapters import base_models
-            from adapters.engine.engine import InferenceEngine
+            from adapters.engine import InferenceEngine
+            from app.services import base_models
 
             torch.set_num_threads(settings.torch_threads)
 
@@ -59,7 +59,7 @@ class Target:
 
 
 def resolve_model(session: Session, *, tenant_id: str, settings: Settings, name: str) -> Target:
-    from adapters import base_models
+    from app.services import base_models
 
     try:
         return Target(base_model=base_models.resolve(settings, name).id, adapter=None, name=name)
@@ -73,7 +73,7 @@ def resolve_model(session: Session, *, tenant_id: str, settings: Settings, name:
 
 
 def adapter_ref(settings: Settings, adapter: Adapter) -> Any:
-    from adapters.engine.engine import AdapterRef
+    from adapters.engine import AdapterRef
     from adapters.store import ArtifactStore
 
     return AdapterRef(key=adapter.id, folder=ArtifactStore(settings.data_dir).adapter_dir(adapter.id),
@@ -82,7 +82,7 @@ def adapter_ref(settings: Settings, adapter: Adapter) -> Any:
 
 def load_into_memory(settings: Settings, adapter: Adapter) -> tuple[Any, Any]:
     """The adapter's runtime and loaded weights; a broken adapter is a 422 naming the reason."""
-    from adapters.engine.adapter_loader import AdapterLoadError
+    from adapters.engine import AdapterLoadError
 
     runtime = get_engine(settings).runtime(adapter.base_model)
     try:
@@ -112,7 +112,7 @@ def _check_budget(settings: Settings, runtime: Any, prompt_tokens: int, max_toke
 
 
 def _submit(settings: Settings, target: Target, prompt_ids_fn: Callable[[Any], list[int]], request: Any) -> Any:
-    from adapters.engine.engine import SamplingParams
+    from adapters.engine import SamplingParams
 
     if target.adapter is not None:
         runtime, adapter = load_into_memory(settings, target.adapter)
@@ -219,15 +219,20 @@ async def stream_chunks(target: Target, sequence: Any, *, chat: bool, include_us
 # ------------------------------------------------------------------ adapter residency
 
 
-def adapter_object(adapter: Adapter) -> dict[str, Any]:
+def _loaded_runtime(base_model: str) -> Any:
+    """The runtime serving this base model in this process, if it has been started (never starts one)."""
     engine = engine_if_started()
-    runtime = engine.loaded_bases().get(adapter.base_model) if engine is not None else None
-    residency = runtime.residency.get(adapter.id) if runtime is not None else None
+    return engine.loaded_runtime(base_model) if engine is not None else None
+
+
+def adapter_object(adapter: Adapter) -> dict[str, Any]:
+    runtime = _loaded_runtime(adapter.base_model)
+    residency = runtime.residency(adapter.id) if runtime is not None else None
     return {
         "id": adapter.id, "object": "adapter", "name": adapter.name, "base_model": adapter.base_model,
         "method": adapter.method, "job_id": adapter.job_id, "created_at": adapter.created_at,
         "size_bytes": adapter.size_bytes,
-        "state": residency.state if residency else "on_disk",
+        "state": str(residency.state) if residency else "on_disk",
         "pinned": residency.pinned if residency else False,
         "last_used_at": residency.last_used_at if residency else None,
         "load_ms": residency.load_ms if residency else None,
@@ -254,7 +259,7 @@ def list_adapters(session: Session, *, tenant_id: str) -> list[Adapter]:
 
 def preload(settings: Settings, adapter: Adapter) -> None:
     runtime, loaded = load_into_memory(settings, adapter)
-    if loaded.kind == "lora" and runtime.activate(adapter.id) < 0:
+    if runtime.activate(adapter.id) < 0:
         raise ApiError(409, "Every adapter slot is serving a request or pinned; try again shortly.",
                        code="no_free_slot", headers={"Retry-After": "1"})
 
@@ -262,25 +267,28 @@ def preload(settings: Settings, adapter: Adapter) -> None:
 def pin(settings: Settings, adapter: Adapter, pinned: bool) -> None:
     if pinned:
         runtime = get_engine(settings).runtime(adapter.base_model)
-        pinned_count = sum(r.pinned for r in runtime.residency.values())
-        if pinned_count >= runtime.cache_size - 1 and not getattr(runtime.residency.get(adapter.id), "pinned", False):
+        if runtime.pinned_count() >= runtime.cache_size - 1 and not getattr(runtime.residency(adapter.id), "pinned",
+                                                                            False):
             raise ApiError(409, f"At most {runtime.cache_size - 1} adapters may be pinned per base model "
                                 "(one slot stays free for the rest).", code="too_many_pinned")
         preload(settings, adapter)
         runtime.pin(adapter.id, True)
     else:
-        engine = engine_if_started()
-        runtime = engine.loaded_bases().get(adapter.base_model) if engine is not None else None
+        runtime = _loaded_runtime(adapter.base_model)
         if runtime is not None:
             runtime.pin(adapter.id, False)
 
 
 def unload(adapter: Adapter) -> None:
-    engine = engine_if_started()
-    runtime = engine.loaded_bases().get(adapter.base_model) if engine is not None else None
-    if runtime is None or adapter.id not in runtime.loaded:
+    runtime = _loaded_runtime(adapter.base_model)
+    if runtime is None:
         return
-    if getattr(runtime.residency.get(adapter.id), "pinned", False):
+    from adapters.engine import AdapterState
+
+    residency = runtime.residency(adapter.id)
+    if residency is None or residency.state not in (AdapterState.CPU, AdapterState.ACTIVE):
+        return
+    if residency.pinned:
         raise ApiError(409, "The adapter is pinned; unpin it first.", code="adapter_pinned")
     if not runtime.unload(adapter.id):
         raise ApiError(409, "The adapter is serving a request; try again shortly.", code="adapter_in_use",

@@ -295,8 +295,8 @@ def create_job(session: Session, *, tenant_id: str, settings: Settings, model: s
                metadata: dict[str, str] | None, method_type: str, raw_hyperparameters: dict[str, Any],
                hyperparameter_param: str, time_limit_seconds: float | None = None) -> FineTuningJob:
     """Validate everything a worker will need, then store the job as queued (caller enqueues it)."""
-    from adapters import base_models
-    from adapters.methods import METHODS, HyperparameterError
+    from adapters.methods import HyperparameterError, accepted_names, method_named
+    from app.services import base_models
 
     try:
         spec = base_models.resolve(settings, model)
@@ -311,11 +311,11 @@ def create_job(session: Session, *, tenant_id: str, settings: Settings, model: s
             raise ApiError(400, f"validation_file is in the {valid.format} format but training_file is in the "
                                 f"{train.format} format; both must use the same format.",
                            param="validation_file", code="invalid_file")
-    method = METHODS.get(method_type)
+    method = method_named(method_type)
     if method is None:
-        raise ApiError(400, f"method.type '{method_type}' is not supported; accepted: "
-                            f"{', '.join(sorted(METHODS))} (or 'supervised', which uses lora).",
+        raise ApiError(400, f"method.type '{method_type}' is not supported; accepted: {', '.join(accepted_names())}.",
                        param="method.type", code="invalid_method")
+    method_type = method.name  # an alias (OpenAI's 'supervised') is stored as the method it names
     try:
         resolved = method.resolve(raw_hyperparameters, n_examples=train.n_examples or 0, settings=settings,
                                   base_info=base_models.base_info(settings, spec))

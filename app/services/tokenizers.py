@@ -25,7 +25,7 @@ _load_lock = threading.Lock()
 
 def for_model(settings: Settings, model_id: str) -> Any:
     """The tokenizer of a registered base model, loaded once per process."""
-    from adapters import base_models
+    from app.services import base_models
 
     with _load_lock:
         if model_id not in _tokenizers:

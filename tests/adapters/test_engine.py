@@ -7,6 +7,7 @@ import shutil
 import threading
 import time
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -15,13 +16,13 @@ import torch
 from peft import PeftModel
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from adapters.engine.adapter_loader import AdapterLoadError
-from adapters.engine.engine import AdapterRef, BaseRuntime, SamplingParams
-from adapters.methods import METHODS
+from adapters.data import encode_dataset, parse_jsonl
+from adapters.engine import AdapterLoadError, AdapterRef, AdapterState, BaseRuntime, SamplingParams
+from adapters.methods import METHODS, ServingKind
 from tests.budgets import budget
 from tests.conftest import chat_lines
-from workers.training.data import encode_dataset, parse_jsonl
-from workers.training.loop import TrainingCallbacks, save_adapter, train
+from workers.training.checkpoints import save_adapter
+from workers.training.loop import TrainingCallbacks, train
 
 BASE_INFO = {"linear_modules": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
              "default_target_modules": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]}
@@ -52,7 +53,7 @@ def trained(tmp_path_factory: pytest.TempPathFactory, tiny_model_dir: Path) -> d
                          pad_id=tokenizer.pad_token_id, eval_every_steps=0, log_every_steps=1,
                          callbacks=quiet_callbacks())
         folder = tmp_path_factory.mktemp(name)
-        save_adapter(model, folder)
+        save_adapter(model, folder, method)
         out[name] = folder
     return out
 
@@ -88,7 +89,8 @@ def test_logits_and_greedy_tokens_match_peft(method: str, trained: dict[str, Pat
     with torch.no_grad():
         expected = peft_model(input_ids=torch.tensor([ids]), attention_mask=torch.ones(1, len(ids), dtype=torch.long))
     ours = runtime.logits(ids, adapter)
-    assert torch.allclose(ours, expected.logits[0], atol=1e-4), (ours - expected.logits[0]).abs().max()
+    expected_logits = expected.logits[0, -len(ids):]  # virtual-token methods also return their virtual positions
+    assert torch.allclose(ours, expected_logits, atol=1e-4), (ours - expected_logits).abs().max()
     base = runtime.logits(ids, None)
     assert (ours - base).abs().max() > 1e-3, "the adapter must actually change the model"
 
@@ -100,11 +102,14 @@ def test_logits_and_greedy_tokens_match_peft(method: str, trained: dict[str, Pat
     assert generated == sequence[len(ids):]
 
 
+SLOT_METHODS = [name for name, m in METHODS.items() if m.serving_kind.uses_slot]
+
+
 def test_rows_of_one_batch_use_their_own_adapters(trained: dict[str, Path], runtime: BaseRuntime) -> None:
-    """The hooked projections route adapters per row: base, LoRA and AdaLoRA rows in one forward pass."""
+    """The hooked projections route adapters per row: base rows and every slot method's rows in one pass."""
     ids = prompt_ids(runtime)
-    keys: list[str | None] = [None, "lora", "adalora", "lora"]
-    for key in ("lora", "adalora"):
+    keys: list[str | None] = [None, *SLOT_METHODS, SLOT_METHODS[0]]
+    for key in SLOT_METHODS:
         runtime.ensure_adapter(AdapterRef(key=key, folder=trained[key], base_model="tiny"))
     slots = [0 if key is None else runtime.activate(key) for key in keys]
     batch = torch.tensor([ids] * len(keys))
@@ -128,14 +133,21 @@ def test_lru_evicts_and_reloads(trained: dict[str, Path], tiny_model_dir: Path, 
     runtime.ensure_adapter(copies[1])
     runtime.ensure_adapter(copies[0])  # touch: a1 is now the least recently used
     runtime.ensure_adapter(copies[2])
-    assert list(runtime.adapters) == ["a0", "a2"]
-    assert runtime.residency["a1"].state == "on_disk" and runtime.residency["a0"].state == "active"
+    assert runtime.in_memory_keys() == ["a0", "a2"]
+    assert state(runtime, "a1") == AdapterState.ON_DISK and state(runtime, "a0") == AdapterState.ACTIVE
+    # Memory holds two: a2 (least recently used, no slot) goes; a0 keeps its place because it holds a slot.
     reloaded = runtime.ensure_adapter(copies[1])
-    assert list(runtime.adapters) == ["a2", "a1"] or list(runtime.adapters) == ["a0", "a1"]
+    assert runtime.in_memory_keys() == ["a0", "a1"]
+    assert state(runtime, "a2") == AdapterState.ON_DISK
     assert torch.allclose(runtime.logits(ids, reloaded), first, atol=1e-6)
-    assert runtime.residency["a1"].state == "active"
+    assert state(runtime, "a1") == AdapterState.ACTIVE
     assert runtime.unload("a1") and not runtime.unload("a1")
-    assert runtime.residency["a1"].state == "on_disk"
+    assert state(runtime, "a1") == AdapterState.ON_DISK
+
+
+def state(runtime: BaseRuntime, key: str) -> AdapterState | None:
+    residency = runtime.residency(key)
+    return residency.state if residency is not None else None
 
 
 def _broken_copy(source: Path, target: Path, *, config: dict[str, Any] | None = None,
@@ -163,7 +175,9 @@ def test_load_failures_are_clear_and_leave_the_server_serving(trained: dict[str,
     cases = {
         "missing weights": (_broken_copy(lora, tmp_path / "m", drop="adapter_model.safetensors"),
                             "adapter_model.safetensors"),
-        "unsupported type": (_broken_copy(lora, tmp_path / "t", config={"peft_type": "IA3"}), "not supported"),
+        "unsupported type": (_broken_copy(lora, tmp_path / "t", config={"peft_type": "LOHA"}), "not supported"),
+        "another method's weights": (_broken_copy(lora, tmp_path / "i", config={"peft_type": "IA3"}),
+                                     "no IA³ vectors"),
         "rank too large": (_broken_copy(lora, tmp_path / "r", weights={
             key_a: torch.randn(128, 64), key_b: torch.randn(64, 128)}), "exceeds"),
         "wrong shapes": (_broken_copy(lora, tmp_path / "s", weights={
@@ -182,9 +196,10 @@ def test_load_failures_are_clear_and_leave_the_server_serving(trained: dict[str,
     for case, (folder, fragment) in cases.items():
         with pytest.raises(AdapterLoadError, match=fragment):
             runtime.ensure_adapter(AdapterRef(key=case, folder=folder, base_model="tiny"))
-        assert case not in runtime.adapters
+        assert case not in runtime.in_memory_keys()
     # Nothing half-attached: the base model's outputs are untouched and a good adapter still loads.
-    assert not runtime.bank.occupied and all(r.state == "failed" for r in runtime.residency.values())
+    assert not runtime.bank.low_rank_slots and not runtime.bank.scaling_slots
+    assert all(r.state == AdapterState.FAILED for r in runtime.residencies())
     assert torch.equal(runtime.logits(ids, None), base_before)
     runtime.ensure_adapter(AdapterRef(key="good", folder=lora, base_model="tiny"))
 
@@ -213,39 +228,62 @@ def peft_greedy(model: Any, ids: list[int], n: int) -> tuple[list[int], list[tor
     return sequence[len(ids):], logits
 
 
+@contextmanager
+def scheduler_paused(runtime: BaseRuntime) -> Iterator[None]:
+    """Hold the scheduler thread between two steps (inside a `call`) until the block ends."""
+    entered, release = threading.Event(), threading.Event()
+    holder = threading.Thread(target=runtime.call, args=(lambda: (entered.set(), release.wait()),))
+    holder.start()
+    assert entered.wait(timeout=budget(30))
+    try:
+        yield
+    finally:
+        release.set()
+        holder.join(timeout=budget(30))
+
+
 def test_continuous_batch_of_mixed_adapters_matches_peft(trained: dict[str, Path], runtime: BaseRuntime,
                                                          tiny_model_dir: Path) -> None:
-    """Base, LoRA, AdaLoRA and prefix-tuning requests of different lengths decode in one batch; each row's
-    logits at every step equal PEFT's for that adapter alone, and its greedy tokens match."""
+    """Base rows and rows of every registered method, with prompts of different lengths, decode in one batch;
+    each row's logits at every step equal PEFT's for that adapter alone, and its greedy tokens match."""
     prompts = ["Hi", "Say hi 12345, please, and then tell me a long story.", "One two three four five six",
                "A much longer prompt than the others, so that the batch has rows of quite different lengths."]
-    plan = [(None, prompts[0], 9), ("lora", prompts[1], 12), ("adalora", prompts[2], 7),
-            ("prefix_tuning", prompts[3], 10), ("lora", prompts[3], 5), (None, prompts[1], 11)]
+    plan: list[tuple[str | None, str, int]] = [(None, prompts[0], 9), (None, prompts[1], 11)]
+    for index, name in enumerate(METHODS):  # every method once, and the first two methods twice
+        plan.append((name, prompts[index % len(prompts)], 5 + index))
+    plan += [(name, prompts[(i + 2) % len(prompts)], 6) for i, name in enumerate(list(METHODS)[:2])]
     loaded = {key: runtime.ensure_adapter(AdapterRef(key=key, folder=trained[key], base_model="tiny"))
-              for key in ("lora", "adalora", "prefix_tuning")}
+              for key in METHODS}
     sequences = []
     prefill_rows: list[int] = []  # rows of each prefill pass (input longer than one token)
-    hook = runtime.model.register_forward_pre_hook(
-        lambda _m, _a, kw: prefill_rows.append(kw["input_ids"].shape[0]) if kw["input_ids"].shape[1] > 1 else None,
-        with_kwargs=True)
-    with runtime.model_lock:  # hold the model so every request is admitted into the same running batch
+
+    def record(_module: Any, _args: Any, kwargs: dict[str, Any]) -> None:
+        inputs = kwargs.get("input_ids") if kwargs.get("input_ids") is not None else kwargs["inputs_embeds"]
+        if inputs.shape[1] > 1:
+            prefill_rows.append(inputs.shape[0])
+
+    hook = runtime.model.register_forward_pre_hook(record, with_kwargs=True)
+    with scheduler_paused(runtime):  # every request waits, so all are admitted into the same running batch
         for key, prompt, n in plan:
             ids = runtime.tokenizer(prompt, add_special_tokens=False)["input_ids"]
             sequences.append((key, ids, runtime.submit(ids, loaded.get(key) if key else None,
-                                                       SamplingParams(max_tokens=n, temperature=0),
+                                                       SamplingParams(max_tokens=n, temperature=0, ignore_eos=True),
                                                        record_logits=True)))
     results = [(key, ids, seq, seq.wait()) for key, ids, seq in sequences]
     hook.remove()
-    # Requests that wait together are prefilled together, left-padded (prefix tuning alone).
-    assert max(prefill_rows) >= 4, prefill_rows
+    # Requests that wait together are prefilled together, left-padded (a KV prefix alone): all but those.
+    kv_prefix_rows = sum(1 for key, _, _ in plan if key and METHODS[key].serving_kind is ServingKind.KV_PREFIX)
+    assert max(prefill_rows) == len(plan) - kv_prefix_rows, prefill_rows
     references = {key: reference(tiny_model_dir, trained[key]) for key in loaded}
     references[None] = AutoModelForCausalLM.from_pretrained(tiny_model_dir).eval()  # type: ignore[index]
     for key, ids, seq, result in results:
+        assert len(result.token_ids) > 1, key
         expected_tokens, expected_logits = peft_greedy(references[key], ids, len(result.token_ids))
         assert result.token_ids == expected_tokens, key
         assert seq.logits is not None
         ours = [seq.logits[0][-1]] + [step[-1] for step in seq.logits[1:]]
-        for step, (a, b) in enumerate(zip(ours, expected_logits, strict=False)):
+        assert len(ours) == len(expected_logits)
+        for step, (a, b) in enumerate(zip(ours, expected_logits, strict=True)):
             assert torch.allclose(a, b, atol=1e-4), (key, step, (a - b).abs().max())
 
 
@@ -254,12 +292,15 @@ def test_a_request_joins_a_running_batch_and_cancelled_rows_leave(trained: dict[
     ids = prompt_ids(runtime)
     lora = runtime.ensure_adapter(AdapterRef(key="lora", folder=trained["lora"], base_model="tiny"))
     alone = runtime.generate(ids, lora, SamplingParams(max_tokens=30, temperature=0)).token_ids
-    long_running = runtime.submit(ids, None, SamplingParams(max_tokens=400, temperature=0))
+    # Long enough (60 times the joiner's length, no early stop) to still be running when the joiner ends,
+    # however slow this machine or late this thread gets the CPU back.
+    room = runtime.model.config.max_position_embeddings - len(ids)
+    long_running = runtime.submit(ids, None, SamplingParams(max_tokens=room, temperature=0, ignore_eos=True))
     first = long_running.events.get(timeout=budget(30))  # the long request is decoding now
     assert first[0] == "delta"
     joined = runtime.submit(ids, lora, SamplingParams(max_tokens=30, temperature=0))
     assert joined.wait().token_ids == alone  # joined mid-flight, same result as alone
-    assert long_running.finish_reason is None  # still running when the joiner finished
+    assert long_running.finish_reason is None, "the long request ended before the joiner: the join was not tested"
     long_running.cancel()
     assert long_running.wait().finish_reason == "cancelled"
     deadline = time.monotonic() + budget(10)
@@ -304,4 +345,17 @@ def test_torch_work_stays_on_the_scheduler_thread(trained: dict[str, Path], runt
     hook.remove()
     assert not caller.is_alive()
     assert threads == {runtime.scheduler.name}
-    assert runtime.residency["lora"].state == "on_disk"  # unloaded, through the scheduler thread too
+    assert state(runtime, "lora") == AdapterState.ON_DISK  # unloaded, through the scheduler thread too
+
+
+def test_slots_grown_during_a_request_can_be_cleared_after_it(trained: dict[str, Path], runtime: BaseRuntime) -> None:
+    """A request's prefill runs in inference mode; slot tensors it makes grow (a larger rank) or allocate
+    (channel scales) must stay normal tensors, or the next unload outside inference mode fails."""
+    ids = prompt_ids(runtime)
+    for name in SLOT_METHODS:
+        adapter = runtime.ensure_adapter(AdapterRef(key=name, folder=trained[name], base_model="tiny"))
+        runtime.generate(ids, adapter, SamplingParams(max_tokens=2))
+    assert runtime.bank.rank > 8, "some slot method should have needed a larger rank than the initial slots"
+    for name in SLOT_METHODS:
+        assert runtime.unload(name), name
+        assert state(runtime, name) == AdapterState.ON_DISK

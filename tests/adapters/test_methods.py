@@ -12,7 +12,18 @@ from typing import Any
 import pytest
 from pydantic import ValidationError
 
-from adapters.methods import METHODS, AdapterMethod, HyperparameterError, total_steps
+from adapters.methods import (
+    DEFAULT_METHOD,
+    METHODS,
+    AdapterMethod,
+    DuplicateMethodError,
+    HyperparameterError,
+    ServingKind,
+    method_for_peft_type,
+    method_named,
+    register,
+    total_steps,
+)
 from adapters.methods.base import TrainingHyperparameters, auto_batch_size
 from app.settings import Settings
 
@@ -21,6 +32,8 @@ LLAMA_MODULES = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj",
 BASE_INFO: dict[str, Any] = {"linear_modules": LLAMA_MODULES, "default_target_modules": ["q_proj", "v_proj"]}
 COMMON_FIELDS = set(TrainingHyperparameters.model_fields)
 ALL_METHODS = sorted(METHODS)
+LORA_FAMILY = [name for name in ALL_METHODS if METHODS[name].serving_kind is ServingKind.LOW_RANK]
+TARGETED = [name for name in ALL_METHODS if "target_modules" in METHODS[name].hyperparameters.model_fields]
 
 
 @pytest.fixture(scope="module")
@@ -53,10 +66,42 @@ def own_fields(name: str) -> set[str]:
 
 
 def test_registry_has_the_shipped_methods() -> None:
-    assert {"lora", "adalora", "prefix_tuning"} <= set(METHODS)
+    assert {"lora", "adalora", "prefix_tuning", "prompt_tuning", "p_tuning", "ia3"} <= set(METHODS)
     for name, registered in METHODS.items():
         assert registered.name == name
         assert issubclass(registered.hyperparameters, TrainingHyperparameters)
+        assert isinstance(registered.serving_kind, ServingKind)
+        assert method_named(name) is registered and method_for_peft_type(registered.peft_type) is registered
+    assert method_named("supervised") is METHODS[DEFAULT_METHOD]  # OpenAI's method type
+    assert len({m.peft_type for m in METHODS.values()}) == len(METHODS)
+
+
+@pytest.mark.parametrize("clash", ["name", "alias", "peft_type"])
+def test_registering_a_taken_name_alias_or_peft_type_fails(clash: str) -> None:
+    lora = METHODS["lora"]
+    attributes = {"name": "another", "aliases": (), "peft_type": "ANOTHER", "serving_kind": ServingKind.LOW_RANK}
+    attributes.update({"name": {"name": lora.name}, "alias": {"aliases": ("supervised",)},
+                       "peft_type": {"peft_type": lora.peft_type}}[clash])
+    duplicate = type("Duplicate", (AdapterMethod,), attributes)
+    before = dict(METHODS)
+    with pytest.raises(DuplicateMethodError):
+        register(duplicate)
+    assert before == METHODS and method_named("another") is None
+
+
+@pytest.mark.parametrize("name", ALL_METHODS)
+def test_imported_configs_keep_only_the_methods_keys(name: str, settings: Settings) -> None:
+    from peft import get_peft_model
+
+    model = get_peft_model(tiny_llama(), method(name).peft_config(resolve(name, {}, settings=settings),
+                                                                   total_steps=10))
+    saved = method(name).saved_config(model.peft_config["default"].to_dict())
+    hostile = {**saved, "base_model_name_or_path": "https://example.invalid/model", "auto_mapping": {"x": "y"},
+               "revision": "main", "tokenizer_name_or_path": "/etc"}
+    kept = method(name).sanitise_config(hostile, max_rank=settings.max_lora_rank)
+    assert kept["peft_type"] == method(name).peft_type
+    assert not {"base_model_name_or_path", "auto_mapping", "revision", "tokenizer_name_or_path"} & set(kept)
+    assert set(kept) <= {"peft_type", "task_type", "inference_mode"} | method(name).config_keys
 
 
 # ------------------------------------------------------------------ every method
@@ -69,8 +114,8 @@ def test_resolve_empty_fills_every_value(name: str, settings: Settings) -> None:
     expected_keys = (COMMON_FIELDS - {"learning_rate_multiplier"}) | own_fields(name)
     assert set(resolved) == expected_keys
     for key, value in resolved.items():
-        if key == "max_steps":
-            assert value is None
+        if key == "max_steps" or key in method(name).optional_hyperparameters:
+            assert value is None, key
             continue
         assert value is not None, key
         assert value != "auto", key
@@ -187,7 +232,9 @@ def test_peft_config_matches_the_method(name: str, settings: Settings) -> None:
     assert str(config.peft_type.value) == method(name).peft_type
     assert config.task_type == TaskType.CAUSAL_LM
     if "target_modules" in resolved:
-        assert set(config.target_modules) == set(resolved["target_modules"]) == set(BASE_INFO["default_target_modules"])
+        assert set(config.target_modules) == set(resolved["target_modules"])
+    if name in LORA_FAMILY:
+        assert set(resolved["target_modules"]) == set(BASE_INFO["default_target_modules"])
 
 
 @pytest.mark.usefixtures("one_torch_thread")
@@ -240,10 +287,7 @@ def test_lora_defaults_and_given_values(settings: Settings) -> None:
     assert (config.r, config.lora_alpha, config.lora_dropout, set(config.target_modules)) == (4, 4, 0.0, {"o_proj"})
 
 
-LORA_FAMILY = [name for name in ALL_METHODS if "target_modules" in own_fields(name)]
-
-
-@pytest.mark.parametrize("name", LORA_FAMILY)
+@pytest.mark.parametrize("name", TARGETED)
 def test_unknown_target_module_lists_the_available_ones(name: str, settings: Settings) -> None:
     with pytest.raises(HyperparameterError) as info:
         resolve(name, {"target_modules": ["q_proj", "qkv_proj"]}, settings=settings)
@@ -321,7 +365,7 @@ def test_prefix_tuning_values_reach_the_config(settings: Settings) -> None:
     assert resolve("prefix_tuning", {}, settings=settings)["num_virtual_tokens"] == 16
     resolved = resolve("prefix_tuning", {"num_virtual_tokens": 5}, settings=settings)
     assert method("prefix_tuning").peft_config(resolved, total_steps=10).num_virtual_tokens == 5
-    assert method("prefix_tuning").serving_kind == "prefix"
+    assert method("prefix_tuning").serving_kind is ServingKind.KV_PREFIX
 
 
 # ------------------------------------------------------------------ total_steps
@@ -418,3 +462,52 @@ def test_adalora_reallocates_rank_only_with_the_hook(settings: Settings) -> None
     untouched = train_adalora(hp, steps=steps, call_hook=False)
     assert untouched.peft_config["default"].rank_pattern is None
     assert all(int((v == 0).sum()) == 0 for v in lora_e(untouched).values())
+
+
+# ------------------------------------------------------------------ the prompt-learning methods and IA³
+
+
+@pytest.mark.parametrize("name", [n for n in ALL_METHODS if "num_virtual_tokens" in own_fields(n)])
+@pytest.mark.parametrize("value", [0, 257])
+def test_virtual_tokens_range(name: str, value: int, settings: Settings) -> None:
+    with pytest.raises(HyperparameterError) as info:
+        resolve(name, {"num_virtual_tokens": value}, settings=settings)
+    assert info.value.param == "num_virtual_tokens"
+
+
+def test_prompt_tuning_init(settings: Settings) -> None:
+    assert resolve("prompt_tuning", {}, settings=settings)["prompt_tuning_init"] == "sample_vocab"
+    text = resolve("prompt_tuning", {"prompt_tuning_init_text": "Classify the review."}, settings=settings)
+    assert (text["prompt_tuning_init"], text["prompt_tuning_init_text"]) == ("text", "Classify the review.")
+    with pytest.raises(HyperparameterError) as info:
+        resolve("prompt_tuning", {"prompt_tuning_init": "text"}, settings=settings)
+    assert info.value.param == "prompt_tuning_init_text"
+    config = method("prompt_tuning").peft_config(text, total_steps=5, base_model_path="/models/base")
+    assert (config.prompt_tuning_init.value, config.tokenizer_name_or_path) == ("TEXT", "/models/base")
+    # What is stored or imported never asks for the init text again (nor keeps a tokenizer path).
+    saved = method("prompt_tuning").saved_config(config.to_dict())
+    assert saved["prompt_tuning_init"] == "RANDOM" and "tokenizer_name_or_path" not in saved
+
+
+def test_p_tuning_encoder(settings: Settings) -> None:
+    resolved = resolve("p_tuning", {"encoder_reparameterization_type": "lstm", "encoder_hidden_size": 32},
+                       settings=settings)
+    config = method("p_tuning").peft_config(resolved, total_steps=5)
+    assert (config.encoder_reparameterization_type.value, config.encoder_hidden_size) == ("LSTM", 32)
+    for field, value in (("encoder_hidden_size", 4), ("encoder_num_layers", 9), ("encoder_dropout", 0.9)):
+        with pytest.raises(HyperparameterError) as info:
+            resolve("p_tuning", {field: value}, settings=settings)
+        assert info.value.param == field
+    with pytest.raises(ValidationError):
+        resolve("p_tuning", {"encoder_reparameterization_type": "transformer"}, settings=settings)
+
+
+def test_ia3_targets(settings: Settings) -> None:
+    resolved = resolve("ia3", {}, settings=settings)
+    assert (resolved["target_modules"], resolved["feedforward_modules"]) == (["k_proj", "v_proj", "down_proj"],
+                                                                             ["down_proj"])
+    with pytest.raises(HyperparameterError) as info:
+        resolve("ia3", {"target_modules": ["q_proj"], "feedforward_modules": ["down_proj"]}, settings=settings)
+    assert info.value.param == "feedforward_modules"
+    custom = resolve("ia3", {"target_modules": ["q_proj", "up_proj"]}, settings=settings)
+    assert custom["feedforward_modules"] == []

@@ -9,8 +9,7 @@ from typing import Any
 
 import pytest
 
-from adapters import base_models
-from app.services import tokenizers
+from app.services import base_models, tokenizers
 from app.settings import Settings
 from tests.tiny_model import TINY_MODEL_ID
 

@@ -15,6 +15,7 @@ import httpx
 import pytest
 import torch
 
+from adapters.methods import METHODS
 from tests.conftest import Stack
 from tests.tiny_model import TINY_MODEL_ID
 
@@ -71,6 +72,51 @@ def tar_of(members: dict[str, bytes], link: str | None = None) -> bytes:
             info.linkname = "/etc/passwd"
             tar.addfile(info)
     return buffer.getvalue()
+
+
+@pytest.mark.parametrize("name", sorted(METHODS))
+def test_every_method_imports_and_serves_as_peft_computes_it(client: httpx.Client, tiny_model_dir: Path,
+                                                             tmp_path: Path, name: str) -> None:
+    """An adapter of each registered method, made with PEFT outside Adaptery, passes the same gate and is
+    served token for token as PEFT computes it."""
+    from peft import PeftModel, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    from adapters.base_models import base_info
+    from app.settings import Settings
+
+    method = METHODS[name]
+    hp = method.resolve({}, n_examples=8, settings=Settings(), base_info=base_info(str(tiny_model_dir)))
+    torch.manual_seed(1)
+    model = get_peft_model(AutoModelForCausalLM.from_pretrained(tiny_model_dir), method.peft_config(hp, total_steps=10))
+    with torch.no_grad():  # weights far from their initial values (PEFT's inits are often a no-op on purpose)
+        for parameter in model.parameters():
+            if parameter.requires_grad:
+                parameter.add_(torch.randn_like(parameter) * 0.5)
+    model.save_pretrained(tmp_path)
+    response = send_files(client, files_of(tmp_path), name=f"outside-{name}")
+    assert response.status_code == 200, response.text
+    assert response.json()["method"] == name
+    reply = client.post("/v1/chat/completions", json={"model": f"outside-{name}", "max_tokens": 6, "temperature": 0,
+                                                      "messages": [{"role": "user", "content": "Hello"}]}).json()
+    reference = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_model_dir), str(tmp_path)).eval()
+    assert greedy_text(reference, tiny_model_dir, "Hello", reply["usage"]["completion_tokens"]) == \
+        reply["choices"][0]["message"]["content"]
+
+
+def greedy_text(model: Any, tiny_model_dir: Path, content: str, n: int) -> str:
+    """The model's greedy continuation of a one-message chat, by a full forward pass per token."""
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
+    prompt = tokenizer.apply_chat_template([{"role": "user", "content": content}], tokenize=False,
+                                           add_generation_prompt=True)
+    ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
+    sequence = list(ids)
+    with torch.no_grad():
+        for _ in range(n):
+            sequence.append(int(model(input_ids=torch.tensor([sequence])).logits[0, -1].argmax()))
+    return str(tokenizer.decode(sequence[len(ids):], skip_special_tokens=True))
 
 
 def test_import_serve_and_download(client: httpx.Client, peft_adapter: Path, tiny_model_dir: Path) -> None:
@@ -174,9 +220,12 @@ def test_adapters_that_do_not_fit_or_do_nothing_are_refused(client: httpx.Client
 
     good = files_of(peft_adapter)
     config = json.loads(good[CONFIG])
-    for change, fragment in [({"peft_type": "IA3"}, "not supported"), ({"r": 4096}, "rank")]:
+    for change, fragment in [({"peft_type": "LOHA"}, "not supported"), ({"r": 4096}, "rank")]:
         response = send_files(client, {CONFIG: json.dumps({**config, **change}).encode(), WEIGHTS: good[WEIGHTS]})
         assert response.status_code == 400 and fragment in response.json()["error"]["message"], response.text
+    # Another registered method's config over LoRA weights: the weights do not fit what the config says.
+    response = send_files(client, {CONFIG: json.dumps({**config, "peft_type": "IA3"}).encode(), WEIGHTS: good[WEIGHTS]})
+    assert response.status_code == 422 and "no IA³ vectors" in response.json()["error"]["message"], response.text
     # Weights for a model with other dimensions.
     other = get_peft_model(AutoModelForCausalLM.from_pretrained(tiny_model_dir), LoraConfig(
         r=4, target_modules=["q_proj"], init_lora_weights=False))

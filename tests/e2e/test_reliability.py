@@ -133,7 +133,7 @@ def test_kill_during_a_checkpoint_write_resumes_from_the_previous_one(stack: Sta
 def test_a_duplicate_delivery_is_refused_by_the_lease(stack: Stack, client: httpx.Client) -> None:
     from celery import Celery
 
-    from workers.celery_app import TRAIN_TASK, TRAINING_QUEUE
+    from app.queue import TRAIN_TASK, TRAINING_QUEUE
 
     file_id = upload(client, chat_lines(30)).json()["id"]
     stack.start_worker("first", env=SLOW_STEPS)

@@ -1,4 +1,5 @@
-"""Resumable training checkpoints: adapter, optimiser, scheduler, RNG and data position, written atomically.
+"""Training's files: the adapter as served (`save_adapter`), and resumable checkpoints (adapter, trainable
+tensors, optimiser, scheduler, RNG and data position), written atomically.
 
 A checkpoint is a folder written under a temporary name, fsynced, renamed into place, and only then
 marked complete; resuming takes the newest complete one, so a crash mid-write costs one checkpoint,
@@ -17,6 +18,8 @@ from typing import Any
 
 import torch
 from safetensors.torch import load_file, save_file
+
+from adapters.store import ADAPTER_CONFIG, ADAPTER_WEIGHTS
 
 COMPLETE = "COMPLETE"
 STATE_TENSORS = "trainer_state.safetensors"
@@ -53,18 +56,36 @@ def _optimizer_tensors(optimizer: torch.optim.Optimizer) -> tuple[dict[str, torc
     return tensors, {"param_groups": state["param_groups"], "scalars": scalars}
 
 
-def save(folder: Path, *, model: Any, optimizer: torch.optim.Optimizer, scheduler: Any, step: int, epoch: int,
-         batch: int, trained_tokens: int, metrics: dict[str, Any], fault: Any = None) -> Path:
+def save_adapter(model: Any, directory: Path, method: Any) -> None:
+    """Write adapter_model.safetensors + adapter_config.json (and nothing pickled), the config as the
+    method stores it."""
+    was_training = model.training
+    model.eval()  # a prompt encoder runs once to produce the saved embeddings: without dropout
+    try:
+        model.save_pretrained(str(directory), safe_serialization=True)
+    finally:
+        model.train(was_training)
+    for extra in directory.iterdir():
+        if extra.name not in (ADAPTER_WEIGHTS, ADAPTER_CONFIG) and extra.is_file():
+            extra.unlink()
+    config_path = directory / ADAPTER_CONFIG
+    config_path.write_text(json.dumps(method.saved_config(json.loads(config_path.read_text())), indent=2))
+
+
+def save(folder: Path, *, model: Any, method: Any, optimizer: torch.optim.Optimizer, scheduler: Any, step: int,
+         epoch: int, batch: int, trained_tokens: int, metrics: dict[str, Any], fault: Any = None) -> Path:
     """Write checkpoint `step-<step>` under `folder` atomically; returns its path."""
     target = folder / f"step-{step:08d}"
     staging = folder / f".writing-step-{step:08d}-{os.getpid()}"
     shutil.rmtree(staging, ignore_errors=True)
     staging.mkdir(parents=True)
-    model.save_pretrained(str(staging), safe_serialization=True)
-    for extra in staging.iterdir():
-        if extra.name not in ("adapter_model.safetensors", "adapter_config.json"):
-            extra.unlink()
+    save_adapter(model, staging, method)  # the servable adapter, as a published one
     tensors, optimizer_json = _optimizer_tensors(optimizer)
+    # Every trainable tensor as it is: the saved adapter is what serving needs, which for some methods is
+    # less than training needs (P-tuning saves its prompt encoder's output, not the encoder).
+    for name, parameter in model.named_parameters():
+        if parameter.requires_grad:
+            tensors[f"trainable.{name}"] = parameter.detach().cpu().contiguous()
     tensors["rng.torch"] = torch.get_rng_state()
     if fault is not None:
         fault.during_checkpoint(step)  # test-only: die half-way through writing
@@ -104,6 +125,15 @@ def restore(resume: ResumeState, *, model: Any, optimizer: torch.optim.Optimizer
     weights = load_file(str(resume.folder / "adapter_model.safetensors"))
     set_peft_model_state_dict(model, weights)
     tensors = load_file(str(resume.folder / STATE_TENSORS))
+    trainable = {k.removeprefix("trainable."): v for k, v in tensors.items() if k.startswith("trainable.")}
+    if trainable:
+        missing = set(trainable) - {name for name, _ in model.named_parameters()}
+        if missing:
+            raise ValueError(f"checkpoint {resume.folder.name} has tensors this model lacks: {sorted(missing)[:3]}")
+        with torch.no_grad():
+            parameters = dict(model.named_parameters())
+            for name, value in trainable.items():
+                parameters[name].copy_(value)
     state = json.loads((resume.folder / STATE_JSON).read_text())
     optimizer_state: dict[str, Any] = {"state": {}, "param_groups": state["optimizer"]["param_groups"]}
     for key, value in tensors.items():

@@ -11,13 +11,12 @@ import random
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import torch
 
+from adapters.data import EncodedExample
 from adapters.methods import AdapterMethod, total_steps
-from workers.training.data import EncodedExample
 
 IGNORE_INDEX = -100
 
@@ -104,6 +103,8 @@ def evaluate(model: Any, examples: list[EncodedExample], *, pad_id: int, max_len
     for start in range(0, len(examples), batch_size):
         batch = {k: v.to(device) for k, v in make_batch(examples[start:start + batch_size], pad_id, max_len).items()}
         logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        # Virtual-token methods return logits for their virtual tokens too, in front of the real ones.
+        logits = logits[:, -batch["input_ids"].shape[1]:]
         shift_logits = logits[:, :-1].reshape(-1, logits.shape[-1])
         shift_labels = batch["labels"][:, 1:].reshape(-1)
         loss = torch.nn.functional.cross_entropy(shift_logits, shift_labels, ignore_index=IGNORE_INDEX,
@@ -156,7 +157,8 @@ def train(*, base_model: Any, method: AdapterMethod, hyperparameters: dict[str, 
                              f"within max_seq_length={max_len} and were skipped.")
     valid = trainable_examples(valid_examples, max_len)
     steps_total = total_steps(len(examples), hp)
-    model = get_peft_model(base_model, method.peft_config(hp, total_steps=steps_total))
+    model = get_peft_model(base_model, method.peft_config(hp, total_steps=steps_total,
+                                                          base_model_path=getattr(base_model, "name_or_path", None)))
     device = next(base_model.parameters()).device
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=hp["learning_rate"], weight_decay=hp["weight_decay"])
@@ -225,11 +227,3 @@ def train(*, base_model: Any, method: AdapterMethod, hyperparameters: dict[str, 
                 after_step(step)
     return model, TrainingResult(steps=position.step, trained_tokens=position.trained_tokens,
                                  final_train_loss=last_train_loss, final_valid_loss=last_valid_loss)
-
-
-def save_adapter(model: Any, directory: Path) -> None:
-    """Write adapter_model.safetensors + adapter_config.json (and nothing pickled)."""
-    model.save_pretrained(str(directory), safe_serialization=True)
-    for extra in directory.iterdir():
-        if extra.name not in ("adapter_model.safetensors", "adapter_config.json") and extra.is_file():
-            extra.unlink()

@@ -1,10 +1,17 @@
-"""The Celery application, configured from Settings. Messages carry job ids only, as JSON."""
+"""The Celery application, configured from Settings, and `enqueue_training`, the one function that sends a
+message to the broker. Messages carry job ids only, as JSON; the database row is the truth about a job."""
 
 from __future__ import annotations
 
+import logging
+
 from celery import Celery
 
+from app.db.session import session_scope
+from app.services import jobs
 from app.settings import get_settings
+
+log = logging.getLogger("adaptery.queue")
 
 TRAIN_TASK = "adaptery.train"
 TRAINING_QUEUE = "training"
@@ -55,3 +62,21 @@ def make_celery() -> Celery:
 
 
 celery_app = make_celery()
+
+
+def enqueue_training(job_id: str) -> bool:
+    """Hand a queued job to the training workers; False when the broker cannot be reached.
+
+    A job that was not handed over stays queued in the database, and every worker's reaper re-sends
+    queued jobs nobody claimed (an outbox in all but name), so an outage delays work but never loses it.
+    Duplicates are harmless: a worker must win the job's lease before it trains.
+    """
+    try:
+        celery_app.send_task(TRAIN_TASK, args=[job_id], retry=True,
+                             retry_policy={"max_retries": 2, "interval_start": 0.2, "interval_step": 0.5})
+    except Exception as exc:  # kombu raises several connection error types
+        log.warning("broker unreachable; job %s stays queued for the reaper: %s", job_id, exc)
+        return False
+    with session_scope() as session:
+        jobs.mark_enqueued(session, job_id)
+    return True

@@ -9,7 +9,7 @@ from typing import Any
 
 import pytest
 
-from workers.training.data import (
+from adapters.data import (
     MAX_REPORTED_PROBLEMS,
     DatasetError,
     EncodedExample,

@@ -1,0 +1,437 @@
+"""One base model in memory and its scheduler thread: continuous batching over rows with different adapters.
+
+Requests that arrive together are prefilled together (one left-padded forward pass, logits for the last
+position only) and join the running batch at the next step boundary; each row keeps its own adapter,
+sampling parameters and stop conditions, and leaves the batch as soon as it finishes. Every serving
+kind shares the forward pass: slot kinds through the slot bank, virtual tokens as the first embeddings
+of the row's prefill, a KV prefix as the first entries of the row's cache (prefilled alone, then batched).
+
+Every forward pass runs on the scheduler thread (`call` hands other work to it): with OpenMP, a second
+thread running torch kernels in the same process gives both thread teams throttled spin-waits, and
+each small kernel then pays a thread wake-up (measured: a decode step 40% slower).
+
+Adapter tiers (residency.py): active (in a slot), cpu (weights loaded), on_disk. Loading from disk
+happens in the caller's thread, so a slow disk never stalls the batch; moving into a slot is an
+in-place copy, made on the scheduler thread between two steps.
+"""
+
+from __future__ import annotations
+
+import atexit
+import functools
+import logging
+import threading
+import time
+from collections.abc import Callable
+from concurrent.futures import Future
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from adapters.engine.adapter_loader import AdapterLoadError, LoadedAdapter, load_adapter
+from adapters.engine.application import kv_prefix_length, prefill_inputs, virtual_token_count
+from adapters.engine.kv_cache import BatchCache
+from adapters.engine.residency import AdapterState, LruTier, Residency, ResidencyBook
+from adapters.engine.sequence import Generation, SamplingParams, Sequence, sample
+from adapters.engine.slot_bank import SlotBank
+
+log = logging.getLogger("adaptery.engine")
+
+# Padded tokens (rows × longest prompt) per batched prefill pass: bounds its activation memory.
+PREFILL_TOKENS = 8192
+
+
+def on_scheduler_thread(method: Callable[..., Any]) -> Callable[..., Any]:
+    """Run a BaseRuntime method on its scheduler thread, whichever thread calls it (see `call`)."""
+
+    @functools.wraps(method)
+    def wrapper(self: BaseRuntime, *args: Any, **kwargs: Any) -> Any:
+        return self.call(lambda: method(self, *args, **kwargs))
+
+    return wrapper
+
+
+@dataclass
+class AdapterRef:
+    """Where to find an adapter: a stable key (its id), its folder, and the base model it needs."""
+
+    key: str
+    folder: Path
+    base_model: str
+    method: str | None = None
+
+
+class BaseRuntime:
+    """One loaded base model with its tokenizer, adapter slots, adapter tiers and scheduler thread."""
+
+    def __init__(self, model: Any, tokenizer: Any, *, cache_size: int, max_rank: int, cpu_cache_size: int = 0,
+                 max_batch: int = 32):
+        self.model = model
+        self.tokenizer = tokenizer
+        self.max_rank = max_rank
+        self.max_batch = max_batch
+        self.device = next(model.parameters()).device
+        self.cache_size = cache_size
+        self.book = ResidencyBook()
+        # The two tiers: weights in memory, and slots. Neither evicts a pinned adapter or one serving a row;
+        # weights stay in memory while their adapter holds a slot.
+        self.in_memory: LruTier[str, LoadedAdapter] = LruTier(
+            max(cpu_cache_size, cache_size), keep=lambda key: key in self.in_slots or self.book.pinned(key))
+        self.in_slots: LruTier[str, int] = LruTier(cache_size, keep=self._slot_busy_or_pinned)
+        self.eos_ids = self._eos_ids()
+        self.lock = threading.RLock()  # adapter tiers and residency
+        self.model_lock = threading.Lock()  # one forward pass at a time
+        self.wakeup = threading.Condition(self.lock)
+        self.pending: list[Sequence] = []
+        self.active: list[Sequence] = []
+        self.calls: list[tuple[Callable[[], Any], Future[Any]]] = []  # work for the scheduler thread
+        self.batch = BatchCache(model.config)
+        self.stopping = False
+        self.scheduler = threading.Thread(target=self._run, name="adaptery-scheduler", daemon=True)
+        self.scheduler.start()
+        suffixes = {n.rsplit(".", 1)[-1] for n, m in model.named_modules()
+                    if isinstance(m, torch.nn.Linear) and n != "lm_head"}
+        # Allocated on the scheduler thread: filling the slot tensors is this process's first parallel torch work.
+        self.bank: SlotBank = self.call(lambda: SlotBank(model, suffixes, n_slots=cache_size))
+        # A daemon thread still inside torch when the interpreter exits aborts the process.
+        atexit.register(self.close)
+
+    def _eos_ids(self) -> set[int]:
+        ids: set[int] = set()
+        configured = getattr(self.model.generation_config, "eos_token_id", None)
+        if isinstance(configured, int):
+            ids.add(configured)
+        elif configured:
+            ids.update(configured)
+        if self.tokenizer.eos_token_id is not None:
+            ids.add(self.tokenizer.eos_token_id)
+        return ids
+
+    # ------------------------------------------------------------ residency (what services read and change)
+
+    def residency(self, key: str) -> Residency | None:
+        with self.lock:
+            record = self.book.get(key)
+            return Residency(**vars(record)) if record is not None else None
+
+    def residencies(self) -> list[Residency]:
+        with self.lock:
+            return self.book.view()
+
+    def in_memory_keys(self) -> list[str]:
+        """Adapters whose weights are in memory (cpu or active), least recently used first."""
+        with self.lock:
+            return list(self.in_memory)
+
+    def slot(self, key: str) -> int | None:
+        """The slot an active slot-kind adapter occupies, or None."""
+        with self.lock:
+            return self.in_slots.get(key)
+
+    def pin(self, key: str, pinned: bool) -> None:
+        with self.lock:
+            self.book.pin(key, pinned)
+
+    def pinned_count(self) -> int:
+        with self.lock:
+            return sum(r.pinned for r in self.book.records.values())
+
+    # ------------------------------------------------------------ adapter tiers
+
+    def _slot_busy_or_pinned(self, key: str) -> bool:
+        slot = self.in_slots.get(key)
+        busy = {s.slot for s in self.active} | {s.slot for s in self.pending if s.slot}
+        return self.book.pinned(key) or slot in busy
+
+    def ensure_adapter(self, ref: AdapterRef) -> LoadedAdapter:
+        """The adapter's weights in memory (from disk if needed), checked against this base model."""
+        with self.lock:
+            loaded = self.in_memory.get(ref.key)
+            if loaded is not None:
+                self.in_memory.touch(ref.key)
+                self.book.used(ref.key)
+                return loaded
+        try:
+            loaded = load_adapter(ref.folder, key=ref.key, model_config=self.model.config, max_rank=self.max_rank,
+                                  device=self.device)
+            if loaded.kind.uses_slot:
+                self.bank.check(loaded.weights)
+        except (KeyError, ValueError, OSError) as exc:
+            error = exc if isinstance(exc, AdapterLoadError) else AdapterLoadError(
+                f"adapter {ref.key} could not be loaded: {exc}")
+            with self.lock:
+                self.book.failed(ref.key, method=ref.method, error=str(error))
+            raise error from exc
+        with self.lock:
+            if ref.key not in self.in_memory:
+                self.in_memory.put(ref.key, loaded)
+                self.book.loaded(ref.key, method=ref.method or loaded.method, rank=loaded.rank,
+                                 load_ms=loaded.load_ms, size_bytes=loaded.size_bytes)
+                self._evict_from_memory()
+            self.in_memory.touch(ref.key)
+            self.book.used(ref.key)
+            return self.in_memory.get(ref.key) or loaded
+
+    def _evict_from_memory(self) -> None:
+        for key in self.in_memory.overflow():
+            self.in_memory.pop(key)
+            self.book.move(key, AdapterState.ON_DISK)
+
+    @on_scheduler_thread
+    def activate(self, adapter: LoadedAdapter | str) -> int:
+        """Make a loaded adapter servable and return its slot (0 for kinds that need none); -1 when every
+        slot is serving a request or pinned right now."""
+        with self.lock:
+            loaded = self.in_memory.get(adapter) if isinstance(adapter, str) else adapter
+            if loaded is None:
+                raise KeyError(f"adapter {adapter} is not loaded")
+            key = loaded.key
+            if key not in self.in_memory:  # its weights left memory while the request waited
+                self.in_memory.put(key, loaded)
+                self.book.move(key, AdapterState.CPU)
+            self.in_memory.touch(key)
+            if not loaded.kind.uses_slot:
+                return 0
+            slot = self.in_slots.get(key)
+            if slot is not None:
+                self.in_slots.touch(key)
+                return slot
+            taken = set(self.in_slots.entries.values())
+            free = [s for s in range(1, self.bank.n_slots) if s not in taken]
+            if not free:
+                victim = self.in_slots.victim()
+                if victim is None:
+                    return -1
+                free = [self.in_slots.pop(victim) or 0]
+                self.book.move(victim, AdapterState.CPU)
+                log.info("adapter %s left its slot", victim)
+            slot = free[0]
+            started = time.perf_counter()
+            with self.model_lock:
+                self.bank.write(slot, loaded.weights)
+            self.in_slots.put(key, slot)
+            self.book.move(key, AdapterState.ACTIVE)
+            log.debug("adapter %s into slot %d in %.2f ms", key, slot, (time.perf_counter() - started) * 1000)
+            self._evict_from_memory()
+            return slot
+
+    @on_scheduler_thread
+    def unload(self, key: str) -> bool:
+        """Drop an adapter from memory (slot and weights); False if it was not loaded or is in use."""
+        with self.lock:
+            if key not in self.in_memory:
+                return False
+            if any(s.adapter is not None and s.adapter.key == key for s in self.active + self.pending):
+                return False
+            slot = self.in_slots.pop(key)
+            if slot is not None:
+                with self.model_lock:
+                    self.bank.clear(slot)
+            self.in_memory.pop(key)
+            self.book.move(key, AdapterState.ON_DISK)
+            return True
+
+    # ------------------------------------------------------------ requests
+
+    def submit(self, prompt_ids: list[int], adapter: LoadedAdapter | None, params: SamplingParams, *,
+               record_logits: bool = False) -> Sequence:
+        sequence = Sequence(prompt_ids, adapter, params, self.tokenizer, device=self.device,
+                            record_logits=record_logits)
+        with self.wakeup:
+            self.pending.append(sequence)
+            self.wakeup.notify()
+        return sequence
+
+    def generate(self, input_ids: list[int], adapter: LoadedAdapter | None, params: SamplingParams) -> Generation:
+        return self.submit(input_ids, adapter, params).wait()
+
+    def call(self, fn: Callable[[], Any]) -> Any:
+        """Run `fn` on the scheduler thread between two decode steps and return its result."""
+        if threading.current_thread() is self.scheduler:
+            return fn()
+        future: Future[Any] = Future()
+        with self.wakeup:
+            if self.stopping:
+                raise RuntimeError("the serving engine stopped")
+            self.calls.append((fn, future))
+            self.wakeup.notify()
+        return future.result()
+
+    @on_scheduler_thread
+    @torch.inference_mode()
+    def logits(self, input_ids: list[int], adapter: LoadedAdapter | None) -> torch.Tensor:
+        """Logits at every prompt position of one sequence, outside the batch (tests, import smoke test)."""
+        slot = self.activate(adapter) if adapter is not None else 0
+        weights = adapter.weights if adapter is not None else None
+        inputs = prefill_inputs([input_ids], [weights], model=self.model, device=self.device)
+        with self.model_lock, self.bank.route([max(slot, 0)]):
+            out = self.model(**inputs.model_kwargs, use_cache=True)
+        return out.logits[0, inputs.width - len(input_ids):]
+
+    def close(self) -> None:
+        """Stop the scheduler thread (requests still queued are failed)."""
+        with self.wakeup:
+            self.stopping = True
+            self.wakeup.notify()
+        if threading.current_thread() is not self.scheduler:
+            self.scheduler.join(timeout=30)
+        for sequence in self.pending + self.active:
+            sequence.fail(RuntimeError("the serving engine stopped"))
+        for _fn, future in self.calls:
+            future.set_exception(RuntimeError("the serving engine stopped"))
+
+    # ------------------------------------------------------------ the scheduler
+
+    def _run(self) -> None:
+        while True:
+            with self.wakeup:
+                while not self.stopping and not self.active and not self.calls and not self._admissible():
+                    self.wakeup.wait(timeout=1.0)
+                if self.stopping:
+                    return
+                calls, self.calls = self.calls, []
+            for fn, future in calls:
+                try:
+                    future.set_result(fn())
+                except Exception as exc:  # the caller gets it
+                    future.set_exception(exc)
+            try:
+                self._admit()
+                if self.active:
+                    self._step()
+            except Exception as exc:  # a broken step fails the requests in it, never the thread
+                log.exception("scheduler step failed")
+                for sequence in self.active:
+                    sequence.fail(exc)
+                self.active = []
+                self.batch = BatchCache(self.model.config)
+
+    def _admissible(self) -> bool:
+        return bool(self.pending) and len(self.active) < self.max_batch
+
+    def _admit(self) -> None:
+        with self.lock:
+            waiting = list(self.pending)
+        before = len(self.active)
+        self._admit_waiting(waiting)
+        if len(self.active) != before:
+            # Rows sorted by slot let a batch of distinct adapters read consecutive slots as views.
+            order = sorted(range(len(self.active)), key=lambda i: self.active[i].slot)
+            if order != list(range(len(self.active))):
+                self.active = [self.active[i] for i in order]
+                self.batch.keep(order)
+
+    def _admit_waiting(self, waiting: list[Sequence]) -> None:
+        together: list[Sequence] = []  # prefilled in one forward pass
+        for sequence in waiting:
+            if len(self.active) + len(together) >= self.max_batch:
+                break
+            if sequence.cancelled.is_set():
+                self._dequeue(sequence)
+                sequence.finish("cancelled")
+                continue
+            if sequence.adapter is not None and sequence.adapter.kind.uses_slot:
+                slot = self.activate(sequence.adapter)
+                if slot < 0:
+                    continue  # every slot is serving a running request; try again next step
+                sequence.slot = slot
+            self._dequeue(sequence)
+            if kv_prefix_length(self._weights(sequence)):
+                self._prefill_each([sequence])  # its prefix lives in its own KV rows: prefilled alone
+            else:
+                together.append(sequence)
+        group: list[Sequence] = []
+        longest = 0
+        for sequence in together:
+            length = len(sequence.prompt_ids) + virtual_token_count(self._weights(sequence))
+            longest = max(longest, length)
+            if group and (len(group) + 1) * longest > PREFILL_TOKENS:
+                self._prefill_group(group)
+                group, longest = [], length
+            group.append(sequence)
+        if group:
+            self._prefill_group(group)
+
+    @staticmethod
+    def _weights(sequence: Sequence) -> Any:
+        return sequence.adapter.weights if sequence.adapter is not None else None
+
+    def _prefill_group(self, group: list[Sequence]) -> None:
+        try:
+            self._prefill(group)
+        except Exception as exc:  # retry one by one, so one bad request cannot fail the others
+            log.exception("batched prefill failed; prefilling its %d requests one by one", len(group))
+            for sequence in group:  # a row that already sampled its first token must not sample it again
+                if sequence.produced or sequence.finish_reason is not None:
+                    sequence.fail(exc)
+            self._prefill_each([s for s in group if s.finish_reason is None])
+
+    def _prefill_each(self, group: list[Sequence]) -> None:
+        for sequence in group:
+            try:
+                self._prefill([sequence])
+            except Exception as exc:  # one bad request must not take the batch down
+                log.exception("prefill failed")
+                sequence.fail(exc)
+
+    def _dequeue(self, sequence: Sequence) -> None:
+        with self.lock:
+            self.pending.remove(sequence)
+
+    @torch.inference_mode()
+    def _prefill(self, group: list[Sequence]) -> None:
+        """Run the prompts of `group` through the model in one left-padded pass (a KV-prefix request always
+        comes alone), sample each row's first token and add the rows still going to the batch."""
+        inputs = prefill_inputs([s.prompt_ids for s in group], [self._weights(s) for s in group], model=self.model,
+                                device=self.device)
+        record = any(s.logits is not None for s in group)
+        with self.model_lock, self.bank.route([s.slot for s in group]):
+            # Only the last position's logits are needed to sample; the lm_head over every prompt
+            # position would cost as much as the rest of a short prompt's prefill.
+            out = self.model(**inputs.model_kwargs, use_cache=True, logits_to_keep=0 if record else 1)
+        keep = []
+        for row, sequence in enumerate(group):
+            if sequence.logits is not None:
+                sequence.logits.append(out.logits[row, inputs.width - len(sequence.prompt_ids):].clone())
+            sequence.length = int(inputs.mask[row].sum())
+            sequence.accept(sample(out.logits[row, -1], sequence.params, sequence.generator), self.eos_ids)
+            if sequence.finish_reason is None:
+                keep.append(row)
+        if not keep:
+            return
+        layers = out.past_key_values.layers
+        index = torch.tensor(keep, device=self.device)
+        self.batch.add([layer.keys.index_select(0, index) for layer in layers],
+                       [layer.values.index_select(0, index) for layer in layers], inputs.mask.index_select(0, index))
+        self.active.extend(group[i] for i in keep)
+
+    @torch.inference_mode()
+    def _step(self) -> None:
+        rows = self.active
+        assert self.batch.mask is not None
+        last = torch.tensor([[s.produced[-1]] for s in rows], device=self.device)
+        positions = torch.tensor([[s.length] for s in rows], device=self.device)
+        mask = torch.cat([self.batch.mask, self.batch.mask.new_ones(len(rows), 1)], dim=1)
+        with self.model_lock:
+            cache = self.batch.as_dynamic_cache()
+            with self.bank.route([s.slot for s in rows]):
+                out = self.model(input_ids=last, attention_mask=mask, position_ids=positions,
+                                 past_key_values=cache, use_cache=True)
+        self.batch.absorb(out.past_key_values)
+        self.batch.mask = mask
+        keep = []
+        for row, sequence in enumerate(rows):
+            sequence.length += 1
+            if sequence.logits is not None:
+                sequence.logits.append(out.logits[row, -1:].clone())
+            if sequence.cancelled.is_set():
+                sequence.finish("cancelled")
+            else:
+                sequence.accept(sample(out.logits[row, -1], sequence.params, sequence.generator), self.eos_ids)
+            if sequence.finish_reason is None:
+                keep.append(row)
+        if len(keep) < len(rows):
+            self.active = [rows[i] for i in keep]
+            self.batch.keep(keep)

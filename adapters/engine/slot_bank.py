@@ -1,0 +1,217 @@
+"""Adapter slots on the frozen projections: many adapters on one base model, chosen per batch row.
+
+Each hooked nn.Linear keeps preallocated slots. Low-rank adapters (LoRA, AdaLoRA) are stored
+transposed and contiguous as the matmuls read them, Aᵀ [slots, in, r] and Bᵀ [slots, r, out], with
+the scale folded into B; channel-scaling adapters (IA³) are vectors, [slots, in] for a projection's
+input and [slots, out] for its output (ones in every other slot). Loading an adapter into a slot is an
+in-place copy. The base matmul runs once for the whole batch; hooks then scale each row's input or
+output and add each row's low-rank correction with two batched matmuls, whatever the mix of adapters.
+Which slot each row reads is decided once per step (a RoutingPlan) and reused by every projection.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from adapters.methods import ChannelScale, LoraFactors, ServingKind, ServingWeights
+
+
+@dataclass
+class RoutingPlan:
+    """How the rows of one forward pass map onto slots (slot 0 holds nothing: the base model).
+
+    Built once per step and reused by every projection. The scheduler keeps rows sorted by slot,
+    so a batch of distinct adapters usually covers consecutive slots and reads them as views.
+    """
+
+    single_slot: int | None = None  # every row uses this slot
+    first_slot: int | None = None  # row i uses slot first_slot + i: slice views, no copy
+    slots: torch.Tensor | None = None  # otherwise each row's slot, gathered per projection
+    low_rank: bool = False  # some row's slot holds a low-rank adapter
+    scaling: bool = False  # some row's slot holds channel scales
+
+    @staticmethod
+    def build(row_slots: list[int], device: torch.device, *, low_rank_slots: set[int],
+              scaling_slots: set[int]) -> RoutingPlan:
+        used = set(row_slots)
+        low_rank, scaling = bool(used & low_rank_slots), bool(used & scaling_slots)
+        if len(used) == 1:
+            return RoutingPlan(single_slot=row_slots[0], low_rank=low_rank, scaling=scaling)
+        first = row_slots[0]
+        if first > 0 and row_slots == list(range(first, first + len(row_slots))):
+            return RoutingPlan(first_slot=first, low_rank=low_rank, scaling=scaling)
+        return RoutingPlan(slots=torch.tensor(row_slots, dtype=torch.long, device=device), low_rank=low_rank,
+                           scaling=scaling)
+
+    def rows_of(self, per_slot: torch.Tensor, rows: int) -> torch.Tensor:
+        """`per_slot` [slots, ...] read for each row: [1, ...] (one slot), a view, or a gather."""
+        if self.single_slot is not None:
+            return per_slot[self.single_slot: self.single_slot + 1]
+        if self.first_slot is not None:
+            return per_slot[self.first_slot: self.first_slot + rows]
+        assert self.slots is not None
+        return per_slot.index_select(0, self.slots)
+
+
+class SlotLinear:
+    """The slot tensors and hooks of one projection."""
+
+    def __init__(self, module: nn.Linear, bank: SlotBank):
+        self.module = module
+        self.bank = bank
+        # Transposed (x @ a_t, then @ b_t) and contiguous: a batched matmul over strided slices costs twice as much.
+        self.a_t = torch.zeros(bank.n_slots, module.in_features, bank.rank, device=module.weight.device,
+                               dtype=module.weight.dtype)
+        self.b_t = torch.zeros(bank.n_slots, bank.rank, module.out_features, device=module.weight.device,
+                               dtype=module.weight.dtype)
+        # Channel scales are allocated the first time an adapter scales this projection.
+        self.in_scale: torch.Tensor | None = None
+        self.out_scale: torch.Tensor | None = None
+        self.handle = module.register_forward_hook(self._hook)
+        self.pre_handle: Any = None
+
+    def grow_rank(self, rank: int) -> None:
+        a_t = self.a_t.new_zeros(self.a_t.shape[0], self.a_t.shape[1], rank)
+        b_t = self.b_t.new_zeros(self.b_t.shape[0], rank, self.b_t.shape[2])
+        a_t[:, :, : self.a_t.shape[2]] = self.a_t
+        b_t[:, : self.b_t.shape[1]] = self.b_t
+        self.a_t, self.b_t = a_t, b_t
+
+    def scale_rows(self, side: str) -> torch.Tensor:
+        """The [slots, features] scale tensor of one side, allocated (all ones) on first use."""
+        weight = self.module.weight
+        if side == "input":
+            if self.in_scale is None:
+                self.in_scale = torch.ones(self.bank.n_slots, self.module.in_features, device=weight.device,
+                                           dtype=weight.dtype)
+                self.pre_handle = self.module.register_forward_pre_hook(self._pre_hook)
+            return self.in_scale
+        if self.out_scale is None:
+            self.out_scale = torch.ones(self.bank.n_slots, self.module.out_features, device=weight.device,
+                                        dtype=weight.dtype)
+        return self.out_scale
+
+    def reset(self, slot: int) -> None:
+        self.a_t[slot].zero_()
+        self.b_t[slot].zero_()
+        for scale in (self.in_scale, self.out_scale):
+            if scale is not None:
+                scale[slot].fill_(1.0)
+
+    def _pre_hook(self, _module: nn.Module, args: tuple[Any, ...]) -> tuple[Any, ...] | None:
+        plan = self.bank.plan
+        if plan is None or not plan.scaling or self.in_scale is None:
+            return None
+        x = args[0]  # [rows, tokens, in]: a new tensor, the caller's input (the residual stream) stays as it is
+        return (x * plan.rows_of(self.in_scale, x.shape[0]).unsqueeze(1), *args[1:])
+
+    def _hook(self, _module: nn.Module, args: tuple[Any, ...], output: torch.Tensor) -> torch.Tensor:
+        plan = self.bank.plan
+        if plan is None or plan.single_slot == 0:
+            return output
+        # The projection's output is a fresh tensor nobody else holds yet: scale and add in place.
+        if plan.scaling and self.out_scale is not None:
+            output.mul_(plan.rows_of(self.out_scale, output.shape[0]).unsqueeze(1))
+        if not plan.low_rank:
+            return output
+        x = args[0]  # [rows, tokens, in]
+        if plan.single_slot is not None:
+            slot = plan.single_slot
+            return output.add_((x @ self.a_t[slot]) @ self.b_t[slot])
+        a_t, b_t = plan.rows_of(self.a_t, x.shape[0]), plan.rows_of(self.b_t, x.shape[0])
+        return output.baddbmm_(torch.bmm(x, a_t), b_t)
+
+
+class SlotBank:
+    """All hooked projections of one base model, with `n_slots - 1` adapter slots (slot 0: none)."""
+
+    def __init__(self, model: nn.Module, module_suffixes: set[str], *, n_slots: int, rank: int = 8):
+        self.n_slots = n_slots + 1
+        self.rank = rank
+        self.plan: RoutingPlan | None = None
+        self.low_rank_slots: set[int] = set()
+        self.scaling_slots: set[int] = set()
+        self.device = next(model.parameters()).device
+        self.modules: dict[str, SlotLinear] = {}
+        for name, module in model.named_modules():
+            if isinstance(module, nn.Linear) and name.rsplit(".", 1)[-1] in module_suffixes:
+                self.modules[name] = SlotLinear(module, self)
+
+    def check(self, weights: ServingWeights) -> None:
+        """Raise KeyError/ValueError if these weights do not fit this base model (before any copy)."""
+        targets = weights.low_rank if weights.kind is ServingKind.LOW_RANK else weights.scales
+        missing = [name for name in targets if name not in self.modules]
+        if missing:
+            raise KeyError(f"adapter targets modules the base model does not have: {missing[:5]}")
+        for name, factors in weights.low_rank.items():
+            module = self.modules[name].module
+            if factors.a.shape[1] != module.in_features or factors.b.shape[0] != module.out_features:
+                raise ValueError(f"adapter weights for {name} have shapes {tuple(factors.a.shape)}/"
+                                 f"{tuple(factors.b.shape)}, which do not fit the base projection "
+                                 f"{module.in_features}→{module.out_features}")
+        for name, scale in weights.scales.items():
+            module = self.modules[name].module
+            features = module.in_features if scale.side == "input" else module.out_features
+            if scale.vector.shape != (features,):
+                raise ValueError(f"adapter scales for {name}'s {scale.side} have {tuple(scale.vector.shape)} values; "
+                                 f"the base projection has {features}")
+
+    def write(self, slot: int, weights: ServingWeights) -> None:
+        """Copy an adapter into a slot, in place; projections it does not target get nothing (zeros, ones)."""
+        self.check(weights)
+        # Slot tensors stay normal tensors even when a write happens inside inference mode (a request's
+        # prefill): a tensor allocated there could never be updated in place outside it again.
+        with torch.inference_mode(False), torch.no_grad():
+            if weights.kind is ServingKind.LOW_RANK:
+                self._write_low_rank(slot, weights.low_rank)
+            else:
+                self._write_scales(slot, weights.scales)
+
+    def _write_low_rank(self, slot: int, factors: dict[str, LoraFactors]) -> None:
+        rank = max(f.a.shape[0] for f in factors.values())
+        if rank > self.rank:
+            for hooked in self.modules.values():
+                hooked.grow_rank(rank)
+            self.rank = rank
+        for name, hooked in self.modules.items():
+            hooked.reset(slot)
+            f = factors.get(name)
+            if f is None:
+                continue
+            r = f.a.shape[0]
+            hooked.a_t[slot, :, :r].copy_(f.a.transpose(0, 1))
+            hooked.b_t[slot, :r].copy_((f.b * f.scale).transpose(0, 1))
+        self.scaling_slots.discard(slot)
+        self.low_rank_slots.add(slot)
+
+    def _write_scales(self, slot: int, scales: dict[str, ChannelScale]) -> None:
+        for name, hooked in self.modules.items():
+            hooked.reset(slot)
+            scale = scales.get(name)
+            if scale is not None:
+                hooked.scale_rows(scale.side)[slot].copy_(scale.vector)
+        self.low_rank_slots.discard(slot)
+        self.scaling_slots.add(slot)
+
+    def clear(self, slot: int) -> None:
+        with torch.inference_mode(False), torch.no_grad():
+            for hooked in self.modules.values():
+                hooked.reset(slot)
+        self.low_rank_slots.discard(slot)
+        self.scaling_slots.discard(slot)
+
+    @contextmanager
+    def route(self, row_slots: list[int]) -> Iterator[None]:
+        previous = self.plan
+        self.plan = RoutingPlan.build(row_slots, self.device, low_rank_slots=self.low_rank_slots,
+                                      scaling_slots=self.scaling_slots)
+        try:
+            yield
+        finally:
+            self.plan = previous

@@ -1,0 +1,71 @@
+"""P-tuning: virtual tokens produced by a trained prompt encoder, an MLP or an LSTM (Liu et al., 2021).
+
+Only the encoder's output embeddings are needed to serve it: PEFT saves exactly those (the encoder runs
+once when the adapter is saved), so it is served as virtual tokens like prompt tuning. Checkpoints keep
+the encoder's own weights as well, so a resumed job continues training the encoder.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import Field
+
+from adapters.methods.base import AdapterMethod, Auto, TrainingHyperparameters, check_range, given, register
+from adapters.methods.prefix_tuning import MAX_VIRTUAL_TOKENS, PROMPT_LEARNING_KEYS, check_virtual_tokens
+from adapters.methods.prompt_tuning import virtual_token_weights
+from adapters.methods.serving import ServingKind, ServingWeights
+
+
+class PTuningHyperparameters(TrainingHyperparameters):
+    num_virtual_tokens: int | Auto | None = Field(default=None, description="virtual tokens (1-256)")
+    encoder_reparameterization_type: Literal["mlp", "lstm"] | Auto | None = Field(
+        default=None, description="the prompt encoder: an MLP or a bidirectional LSTM followed by an MLP")
+    encoder_hidden_size: int | Auto | None = Field(default=None, description="the encoder's hidden size (8-4096)")
+    encoder_num_layers: int | Auto | None = Field(default=None, description="LSTM layers (1-4)")
+    encoder_dropout: float | Auto | None = Field(default=None, description="dropout inside the encoder (0-0.5)")
+
+
+@register
+class PTuning(AdapterMethod):
+    name = "p_tuning"
+    peft_type = "P_TUNING"
+    hyperparameters = PTuningHyperparameters
+    default_learning_rate = 3e-3
+    serving_kind = ServingKind.VIRTUAL_TOKENS
+    config_keys = PROMPT_LEARNING_KEYS | {"encoder_reparameterization_type", "encoder_hidden_size",
+                                          "encoder_num_layers", "encoder_dropout"}
+
+    def check(self, hp, *, settings, base_info):  # type: ignore[no-untyped-def,override]
+        check_range("num_virtual_tokens", hp.num_virtual_tokens, 1, MAX_VIRTUAL_TOKENS)
+        check_range("encoder_hidden_size", hp.encoder_hidden_size, 8, 4096)
+        check_range("encoder_num_layers", hp.encoder_num_layers, 1, 4)
+        check_range("encoder_dropout", hp.encoder_dropout, 0, 0.5)
+
+    def method_defaults(self, hp, *, settings, base_info):  # type: ignore[no-untyped-def,override]
+        return {
+            "num_virtual_tokens": hp.num_virtual_tokens if given(hp.num_virtual_tokens) else 16,
+            "encoder_reparameterization_type": hp.encoder_reparameterization_type
+            if given(hp.encoder_reparameterization_type) else "mlp",
+            "encoder_hidden_size": hp.encoder_hidden_size if given(hp.encoder_hidden_size) else 128,
+            "encoder_num_layers": hp.encoder_num_layers if given(hp.encoder_num_layers) else 2,
+            "encoder_dropout": hp.encoder_dropout if given(hp.encoder_dropout) else 0.0,
+        }
+
+    def peft_config(self, hp: dict[str, Any], *, total_steps: int, base_model_path: str | None = None) -> Any:
+        from peft import PromptEncoderConfig, PromptEncoderReparameterizationType, TaskType
+
+        return PromptEncoderConfig(
+            task_type=TaskType.CAUSAL_LM, num_virtual_tokens=hp["num_virtual_tokens"],
+            encoder_reparameterization_type=PromptEncoderReparameterizationType[
+                hp["encoder_reparameterization_type"].upper()],
+            encoder_hidden_size=hp["encoder_hidden_size"], encoder_num_layers=hp["encoder_num_layers"],
+            encoder_dropout=hp["encoder_dropout"])
+
+    def sanitise_config(self, config: dict[str, Any], *, max_rank: int) -> dict[str, Any]:
+        check_virtual_tokens(config)
+        return super().sanitise_config(config, max_rank=max_rank)
+
+    def serving_weights(self, config: dict[str, Any], weights: dict[str, Any], *, model_config: Any,
+                        max_rank: int) -> ServingWeights:
+        return virtual_token_weights(config, weights, model_config, "P-tuning")
