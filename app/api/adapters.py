@@ -6,32 +6,51 @@ from typing import Annotated, Any
 
 from fastapi import APIRouter, File, Form, UploadFile
 from fastapi.responses import Response
+from pydantic.json_schema import SkipJsonSchema
 
 from app.api.deps import SessionDep, SettingsDep, TenantDep
-from app.errors import ApiError
+from app.errors import InvalidRequest, TooLarge
+from app.schemas.adapters import AdapterObject
+from app.schemas.common import ListResponse, listed
+from app.schemas.errors import errors
 from app.services import adapter_import, inference
 
 router = APIRouter(prefix="/v1/adapters", tags=["adapters"])
 
+# The two ways to send an adapter, exactly one per request: the two files as repeated `files` parts, or one
+# archive as `file`. What is inside (names, formats, fit to the base model) is checked by the import service.
+IMPORT_BODY = {"requestBody": {"required": True, "content": {"multipart/form-data": {
+    "schema": {"oneOf": [{"required": ["files"]}, {"required": ["file"]}]}}}}}
 
-@router.get("")
+
+@router.get("", response_model=ListResponse[AdapterObject], responses=errors(401, 429))
 def list_adapters(session: SessionDep, tenant: TenantDep) -> dict[str, Any]:
     rows = inference.list_adapters(session, tenant_id=tenant)
-    return {"object": "list", "data": [inference.adapter_object(a) for a in rows]}
+    return listed([inference.adapter_object(a) for a in rows])
 
 
-@router.post("")
+# A form field is sent or not, never null: SkipJsonSchema keeps null out of the document. An empty field
+# counts as absent (FastAPI reads it so), hence the empty name in its pattern.
+@router.post("", response_model=AdapterObject, responses=errors(400, 401, 404, 409, 413, 422, 429),
+             openapi_extra=IMPORT_BODY)
 def import_adapter(session: SessionDep, settings: SettingsDep, tenant: TenantDep,
-                   files: Annotated[list[UploadFile] | None, File(description="adapter_config.json and "
-                                                                           "adapter_model.safetensors")] = None,
-                   file: Annotated[UploadFile | None, File(description="a zip or tar of those two files")] = None,
-                   name: Annotated[str | None, Form()] = None,
-                   base_model: Annotated[str | None, Form()] = None) -> dict[str, Any]:
-    """Bring a PEFT adapter trained elsewhere (LoRA, AdaLoRA or prefix tuning, safetensors only)."""
+                   files: Annotated[list[UploadFile] | SkipJsonSchema[None], File(
+                       description="two parts, with the file names adapter_config.json and adapter_model.safetensors",
+                       json_schema_extra={"minItems": 2, "maxItems": 2})] = None,
+                   file: Annotated[UploadFile | SkipJsonSchema[None], File(
+                       description="a zip or tar (may be compressed) holding those two files",
+                       json_schema_extra={"format": "adapter-archive"})] = None,
+                   name: Annotated[str | SkipJsonSchema[None], Form(
+                       description="the model name to serve it under (empty or absent: a generated one)",
+                       json_schema_extra={"pattern": f"^$|{adapter_import.NAME_PATTERN.pattern}"})] = None,
+                   base_model: Annotated[str | SkipJsonSchema[None], Form(
+                       description="the base model it was trained on (default: the server's default)")] = None
+                   ) -> dict[str, Any]:
+    """Bring a PEFT adapter trained elsewhere (safetensors only; any method the server serves)."""
     limit = settings.max_adapter_mb * 1024 * 1024
     if bool(files) == bool(file):
-        raise ApiError(400, "Send either the two files as repeated 'files' parts or one archive as 'file'.",
-                       param="files", code="invalid_adapter")
+        raise InvalidRequest("Send either the two files as repeated 'files' parts or one archive as 'file'.",
+                             param="files", code="invalid_adapter")
     if file is not None:
         contents = adapter_import.unpack(_read(file, limit), limit)
     else:
@@ -39,7 +58,7 @@ def import_adapter(session: SessionDep, settings: SettingsDep, tenant: TenantDep
         for part in files or []:
             part_name = adapter_import.check_member_name(part.filename or "")
             if part_name in contents:
-                raise ApiError(400, f"'{part_name}' was sent twice.", param="files", code="invalid_adapter")
+                raise InvalidRequest(f"'{part_name}' was sent twice.", param="files", code="invalid_adapter")
             contents[part_name] = _read(part, limit)
     adapter = adapter_import.import_adapter(session, tenant_id=tenant, settings=settings, files=contents, name=name,
                                             base_model=base_model)
@@ -51,47 +70,51 @@ def _read(upload: UploadFile, limit: int) -> bytes:
     while chunk := upload.file.read(1 << 20):
         size += len(chunk)
         if size > limit:
-            raise ApiError(413, f"'{upload.filename}' is larger than the adapter size limit.", param="files",
+            raise TooLarge(f"'{upload.filename}' is larger than the adapter size limit.", param="files",
                            code="adapter_too_large")
         chunks.append(chunk)
     return b"".join(chunks)
 
 
-@router.get("/{adapter_id:path}/content")
+@router.get("/{adapter_id:path}/content", response_class=Response, responses={
+    200: {"description": "A zip of adapter_config.json and adapter_model.safetensors.",
+          "content": {"application/zip": {"schema": {"type": "string", "contentMediaType": "application/zip"}}}},
+    **errors(401, 404, 429)})
 def download(adapter_id: str, session: SessionDep, settings: SettingsDep, tenant: TenantDep) -> Response:
     adapter = inference.get_adapter(session, tenant_id=tenant, adapter_id=adapter_id)
     return Response(adapter_import.archive_of(settings, adapter), media_type="application/zip",
                     headers={"Content-Disposition": f'attachment; filename="{adapter.id}.zip"'})
 
 
-@router.post("/{adapter_id:path}/pin")
+# Pinning and loading bring the adapter into memory: a full slot bank is a 409, an adapter that cannot load a 422.
+@router.post("/{adapter_id:path}/pin", response_model=AdapterObject, responses=errors(401, 404, 409, 422, 429))
 def pin(adapter_id: str, session: SessionDep, settings: SettingsDep, tenant: TenantDep) -> dict[str, Any]:
     adapter = inference.get_adapter(session, tenant_id=tenant, adapter_id=adapter_id)
     inference.pin(settings, adapter, True)
     return inference.adapter_object(adapter)
 
 
-@router.post("/{adapter_id:path}/unpin")
+@router.post("/{adapter_id:path}/unpin", response_model=AdapterObject, responses=errors(401, 404, 429))
 def unpin(adapter_id: str, session: SessionDep, settings: SettingsDep, tenant: TenantDep) -> dict[str, Any]:
     adapter = inference.get_adapter(session, tenant_id=tenant, adapter_id=adapter_id)
     inference.pin(settings, adapter, False)
     return inference.adapter_object(adapter)
 
 
-@router.post("/{adapter_id:path}/load")
+@router.post("/{adapter_id:path}/load", response_model=AdapterObject, responses=errors(401, 404, 409, 422, 429))
 def load(adapter_id: str, session: SessionDep, settings: SettingsDep, tenant: TenantDep) -> dict[str, Any]:
     adapter = inference.get_adapter(session, tenant_id=tenant, adapter_id=adapter_id)
     inference.preload(settings, adapter)
     return inference.adapter_object(adapter)
 
 
-@router.post("/{adapter_id:path}/unload")
+@router.post("/{adapter_id:path}/unload", response_model=AdapterObject, responses=errors(401, 404, 409, 429))
 def unload(adapter_id: str, session: SessionDep, tenant: TenantDep) -> dict[str, Any]:
     adapter = inference.get_adapter(session, tenant_id=tenant, adapter_id=adapter_id)
     inference.unload(adapter)
     return inference.adapter_object(adapter)
 
 
-@router.get("/{adapter_id:path}")
+@router.get("/{adapter_id:path}", response_model=AdapterObject, responses=errors(401, 404, 429))
 def get_adapter(adapter_id: str, session: SessionDep, tenant: TenantDep) -> dict[str, Any]:
     return inference.adapter_object(inference.get_adapter(session, tenant_id=tenant, adapter_id=adapter_id))

@@ -5,20 +5,26 @@ from __future__ import annotations
 from typing import Any
 
 from fastapi import APIRouter
-from pydantic import Field
 from sqlalchemy import select
 
 from app.api.deps import AdminDep, SessionDep
 from app.db.models import Adapter, ApiKey, Tenant
 from app.errors import not_found
-from app.schemas.common import Request
+from app.schemas.admin import (
+    AdapterVisibility,
+    ApiKeyCreated,
+    ApiKeyObject,
+    TenantCreate,
+    TenantCreated,
+    TenantObject,
+    Visibility,
+)
+from app.schemas.common import ListResponse, listed
+from app.schemas.errors import errors
 from app.services import tenants
+from app.services.jobs import storable
 
 router = APIRouter(prefix="/v1/admin", tags=["admin"])
-
-
-class TenantCreate(Request):
-    name: str = Field(min_length=1, max_length=255)
 
 
 def _tenant(row: Tenant) -> dict[str, Any]:
@@ -30,34 +36,30 @@ def _key(row: ApiKey) -> dict[str, Any]:
             "created_at": row.created_at, "revoked_at": row.revoked_at}
 
 
-@router.post("/tenants")
+@router.post("/tenants", response_model=TenantCreated, responses=errors(400, 401))
 def create_tenant(body: TenantCreate, session: SessionDep, _: AdminDep) -> dict[str, Any]:
     tenant, key = tenants.create_tenant(session, name=body.name)
     return {**_tenant(tenant), "api_key": key}
 
 
-@router.get("/tenants")
+@router.get("/tenants", response_model=ListResponse[TenantObject], responses=errors(401))
 def list_tenants(session: SessionDep, _: AdminDep) -> dict[str, Any]:
     rows = session.scalars(select(Tenant).order_by(Tenant.created_at, Tenant.id))
-    return {"object": "list", "data": [_tenant(t) for t in rows]}
+    return listed([_tenant(t) for t in rows])
 
 
-@router.post("/tenants/{tenant_id}/keys")
+@router.post("/tenants/{tenant_id}/keys", response_model=ApiKeyCreated, responses=errors(401, 404))
 def create_key(tenant_id: str, session: SessionDep, _: AdminDep) -> dict[str, Any]:
-    if session.get(Tenant, tenant_id) is None:
+    if not storable(tenant_id) or session.get(Tenant, tenant_id) is None:
         raise not_found("tenant", tenant_id, param="tenant_id")
     row, key = tenants.add_key(session, tenant_id=tenant_id)
     return {**_key(row), "api_key": key}
 
 
-class Visibility(Request):
-    public: bool
-
-
-@router.post("/adapters/{adapter_id}/visibility")
+@router.post("/adapters/{adapter_id}/visibility", response_model=AdapterVisibility, responses=errors(400, 401, 404))
 def set_visibility(adapter_id: str, body: Visibility, session: SessionDep, _: AdminDep) -> dict[str, Any]:
     """Mark an adapter public (every tenant may use it by name) or private again."""
-    adapter = session.get(Adapter, adapter_id)
+    adapter = session.get(Adapter, adapter_id) if storable(adapter_id) else None
     if adapter is None:
         raise not_found("adapter", adapter_id, param="adapter_id")
     adapter.public = body.public
@@ -65,6 +67,6 @@ def set_visibility(adapter_id: str, body: Visibility, session: SessionDep, _: Ad
     return {"id": adapter.id, "object": "adapter", "name": adapter.name, "public": adapter.public}
 
 
-@router.delete("/keys/{key_id}")
+@router.delete("/keys/{key_id}", response_model=ApiKeyObject, responses=errors(401, 404))
 def revoke_key(key_id: str, session: SessionDep, _: AdminDep) -> dict[str, Any]:
     return _key(tenants.revoke_key(session, key_id=key_id))

@@ -5,12 +5,13 @@ from __future__ import annotations
 from collections.abc import Iterator
 from typing import Annotated
 
-from fastapi import Depends
+from fastapi import Depends, Header
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+from pydantic.json_schema import SkipJsonSchema
 from sqlalchemy.orm import Session
 
 from app.db.session import get_sessionmaker
-from app.errors import ApiError
+from app.errors import Unauthorized
 from app.services import rate_limit, tenants
 from app.settings import Settings, get_settings
 
@@ -40,17 +41,22 @@ def _tenant(session: SessionDep, settings: SettingsDep, credentials: Credentials
     key = _key(credentials)
     tenant = tenants.tenant_for_key(session, key)
     if tenant is None:
-        raise ApiError(401, "Incorrect API key provided.", code="invalid_api_key",
-                       headers={"WWW-Authenticate": "Bearer"})
+        raise Unauthorized("Incorrect API key provided.", code="invalid_api_key")
     rate_limit.check(settings, tenants.hash_key(key)[:16])
     return tenant
 
 
 def _admin(settings: SettingsDep, credentials: Credentials) -> None:
     if not tenants.is_admin_key(_key(credentials), settings.admin_key):
-        raise ApiError(401, "This route needs the admin key (ADAPTERY_ADMIN_KEY).", code="invalid_api_key",
-                       headers={"WWW-Authenticate": "Bearer"})
+        raise Unauthorized("This route needs the admin key (ADAPTERY_ADMIN_KEY).", code="invalid_api_key")
 
 
 TenantDep = Annotated[str, Depends(_tenant)]
 AdminDep = Annotated[None, Depends(_admin)]
+
+
+# The idempotency service checks the key's length itself (with its own message); the document says the same.
+# A header is sent or not, never null, hence SkipJsonSchema.
+IdempotencyKey = Annotated[str | SkipJsonSchema[None], Header(
+    description="the same key and body replay the first answer; the same key with another body is a 409",
+    json_schema_extra={"minLength": 1, "maxLength": 255})]

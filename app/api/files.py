@@ -4,13 +4,15 @@ from __future__ import annotations
 
 from typing import Annotated, Any
 
-from fastapi import APIRouter, Form, Header, Query, UploadFile
+from fastapi import APIRouter, File, Form, Query, UploadFile
 from fastapi.responses import Response
+from pydantic.json_schema import SkipJsonSchema
 
 from adapters.store import ArtifactStore
-from app.api.deps import SessionDep, SettingsDep, TenantDep
-from app.errors import ApiError
-from app.schemas.common import paged
+from app.api.deps import IdempotencyKey, SessionDep, SettingsDep, TenantDep
+from app.errors import TooLarge
+from app.schemas.common import PagedList, paged
+from app.schemas.errors import errors
 from app.schemas.files import FileDeleted, FileObject, file_object
 from app.services import datasets, idempotency
 
@@ -20,7 +22,7 @@ CHUNK = 1 << 20
 
 def _read_limited(upload: UploadFile, limit_mb: int) -> bytes:
     limit = limit_mb * 1024 * 1024
-    too_large = ApiError(413, f"The file is larger than the {limit_mb} MB upload limit.", param="file",
+    too_large = TooLarge(f"The file is larger than the {limit_mb} MB upload limit.", param="file",
                          code="file_too_large")
     if upload.size is not None and upload.size > limit:
         raise too_large  # known from the spooled upload: refused before reading any of it into memory
@@ -33,9 +35,13 @@ def _read_limited(upload: UploadFile, limit_mb: int) -> bytes:
     return b"".join(parts)
 
 
-@router.post("", response_model=FileObject)
-def upload_file(session: SessionDep, settings: SettingsDep, tenant: TenantDep, file: UploadFile,
-                purpose: Annotated[str, Form()], idempotency_key: Annotated[str | None, Header()] = None) -> Any:
+@router.post("", response_model=FileObject, responses=errors(400, 401, 409, 413, 429))
+def upload_file(session: SessionDep, settings: SettingsDep, tenant: TenantDep,
+                file: Annotated[UploadFile, File(
+                    description="JSONL, one training example per line (chat, completion, instruction or text)",
+                    json_schema_extra={"format": "jsonl"})],
+                purpose: Annotated[str, Form(json_schema_extra={"enum": list(datasets.PURPOSES)})],
+                idempotency_key: IdempotencyKey = None) -> Any:
     content = _read_limited(file, settings.max_upload_mb)
 
     def create() -> dict[str, Any]:
@@ -47,25 +53,31 @@ def upload_file(session: SessionDep, settings: SettingsDep, tenant: TenantDep, f
                                 request_hash=idempotency.body_hash("file", purpose, file.filename, content))
 
 
-@router.get("")
-def list_files(session: SessionDep, tenant: TenantDep, purpose: str | None = None,
-               limit: Annotated[int, Query(ge=1, le=10000)] = 10000, after: str | None = None) -> dict[str, Any]:
+# A query parameter is sent or not, never null, hence SkipJsonSchema on the optional ones.
+After = Annotated[str | SkipJsonSchema[None], Query(description="a file id from the previous page")]
+
+
+@router.get("", response_model=PagedList[FileObject], responses=errors(400, 401, 404, 429))
+def list_files(session: SessionDep, tenant: TenantDep, purpose: str | SkipJsonSchema[None] = None,
+               limit: Annotated[int, Query(ge=1, le=10000)] = 10000, after: After = None) -> dict[str, Any]:
     rows, has_more = datasets.list_files(session, tenant_id=tenant, purpose=purpose, limit=limit, after=after)
     return paged([file_object(r) for r in rows], has_more)
 
 
-@router.get("/{file_id}", response_model=FileObject)
+@router.get("/{file_id}", response_model=FileObject, responses=errors(401, 404, 429))
 def get_file(file_id: str, session: SessionDep, tenant: TenantDep) -> dict[str, Any]:
     return file_object(datasets.get_file(session, tenant_id=tenant, file_id=file_id))
 
 
-@router.get("/{file_id}/content")
+@router.get("/{file_id}/content", response_class=Response, responses={
+    200: {"description": "The file as uploaded.", "content": {"application/jsonl": {"schema": {"type": "string"}}}},
+    **errors(401, 404, 429)})
 def get_file_content(file_id: str, session: SessionDep, settings: SettingsDep, tenant: TenantDep) -> Response:
     row = datasets.get_file(session, tenant_id=tenant, file_id=file_id)
     return Response(ArtifactStore(settings.data_dir).read_file(row.id), media_type="application/jsonl")
 
 
-@router.delete("/{file_id}", response_model=FileDeleted)
+@router.delete("/{file_id}", response_model=FileDeleted, responses=errors(401, 404, 409, 429))
 def delete_file(file_id: str, session: SessionDep, settings: SettingsDep, tenant: TenantDep) -> dict[str, Any]:
     row = datasets.delete_file(session, tenant_id=tenant, settings=settings, file_id=file_id)
     return {"id": row.id, "object": "file", "deleted": True}

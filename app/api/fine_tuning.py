@@ -4,17 +4,29 @@ from __future__ import annotations
 
 from typing import Annotated, Any
 
-from fastapi import APIRouter, Header, Query
+from fastapi import APIRouter, Query
+from pydantic.json_schema import SkipJsonSchema
 
 from app import queue
-from app.api.deps import SessionDep, SettingsDep, TenantDep
-from app.errors import ApiError
-from app.schemas.common import paged
-from app.schemas.fine_tuning import JobCreate, checkpoint_object, event_object, job_object
+from app.api.deps import IdempotencyKey, SessionDep, SettingsDep, TenantDep
+from app.errors import InvalidRequest, NotFound
+from app.schemas.common import PagedList, paged
+from app.schemas.errors import errors
+from app.schemas.fine_tuning import (
+    CheckpointObject,
+    EventObject,
+    JobCreate,
+    JobObject,
+    checkpoint_object,
+    event_object,
+    job_object,
+)
 from app.services import idempotency, jobs
 
 router = APIRouter(prefix="/v1/fine_tuning/jobs", tags=["fine-tuning"])
 Limit = Annotated[int, Query(ge=1, le=100)]
+# A query parameter is sent or not, never null (SkipJsonSchema keeps null out of the document).
+After = Annotated[str | SkipJsonSchema[None], Query(description="the last id of the previous page")]
 
 
 def _method_and_hyperparameters(body: JobCreate) -> tuple[str, dict[str, Any], str]:
@@ -25,27 +37,30 @@ def _method_and_hyperparameters(body: JobCreate) -> tuple[str, dict[str, Any], s
     if body.method is None:
         return DEFAULT_METHOD, dict(body.hyperparameters or {}), "hyperparameters"
     if body.hyperparameters:
-        raise ApiError(400, "Give hyperparameters either at the top level or under method, not both.",
-                       param="hyperparameters", code="invalid_request")
+        raise InvalidRequest("Give hyperparameters either at the top level or under method, not both.",
+                             param="hyperparameters", code="invalid_request")
     extras = body.method.model_extra or {}
     unexpected = [k for k in extras if k != body.method.type]
     if unexpected:
-        raise ApiError(400, f"method has field(s) {unexpected} that do not match method.type "
-                            f"'{body.method.type}'.", param=f"method.{unexpected[0]}", code="invalid_request")
-    section = extras.get(body.method.type) or {}
+        raise InvalidRequest(f"method has field(s) {unexpected} that do not match method.type "
+                             f"'{body.method.type}'.", param=f"method.{unexpected[0]}", code="invalid_request")
+    # Absent or null means no hyperparameters; anything else must be an object, as the document says.
+    section = extras.get(body.method.type)
+    section = {} if section is None else section
     if not isinstance(section, dict) or set(section) - {"hyperparameters"}:
-        raise ApiError(400, f"method.{body.method.type} must be an object with only 'hyperparameters'.",
-                       param=f"method.{body.method.type}", code="invalid_request")
-    raw = section.get("hyperparameters") or {}
+        raise InvalidRequest(f"method.{body.method.type} must be an object with only 'hyperparameters'.",
+                             param=f"method.{body.method.type}", code="invalid_request")
+    raw = section.get("hyperparameters")
+    raw = {} if raw is None else raw
     if not isinstance(raw, dict):
-        raise ApiError(400, "hyperparameters must be an object.",
-                       param=f"method.{body.method.type}.hyperparameters", code="invalid_request")
+        raise InvalidRequest("hyperparameters must be an object.",
+                             param=f"method.{body.method.type}.hyperparameters", code="invalid_request")
     return body.method.type, dict(raw), f"method.{body.method.type}.hyperparameters"
 
 
-@router.post("")
+@router.post("", response_model=JobObject, responses=errors(400, 401, 404, 409, 429))
 def create_job(body: JobCreate, session: SessionDep, settings: SettingsDep, tenant: TenantDep,
-               idempotency_key: Annotated[str | None, Header()] = None) -> Any:
+               idempotency_key: IdempotencyKey = None) -> Any:
     return idempotency.run_once(session, tenant_id=tenant, key=idempotency_key,
                                 request_hash=idempotency.body_hash("fine_tuning.job", body.model_dump()),
                                 create=lambda: _create_job(body, session, settings, tenant))
@@ -65,52 +80,54 @@ def _create_job(body: JobCreate, session: Any, settings: Any, tenant: str) -> di
     return job_object(job)
 
 
-@router.get("")
-def list_jobs(session: SessionDep, tenant: TenantDep, after: str | None = None, limit: Limit = 20) -> dict[str, Any]:
+@router.get("", response_model=PagedList[JobObject], responses=errors(400, 401, 404, 429))
+def list_jobs(session: SessionDep, tenant: TenantDep, after: After = None, limit: Limit = 20) -> dict[str, Any]:
     rows, has_more = jobs.list_jobs(session, tenant_id=tenant, after=after, limit=limit)
     return paged([job_object(r) for r in rows], has_more)
 
 
-@router.get("/{fine_tuning_job_id}")
+@router.get("/{fine_tuning_job_id}", response_model=JobObject, responses=errors(401, 404, 429))
 def get_job(fine_tuning_job_id: str, session: SessionDep, tenant: TenantDep) -> dict[str, Any]:
     return job_object(jobs.get_job(session, tenant_id=tenant, job_id=fine_tuning_job_id))
 
 
-@router.post("/{fine_tuning_job_id}/cancel")
+@router.post("/{fine_tuning_job_id}/cancel", response_model=JobObject, responses=errors(401, 404, 409, 429))
 def cancel_job(fine_tuning_job_id: str, session: SessionDep, tenant: TenantDep) -> dict[str, Any]:
     job = jobs.get_job(session, tenant_id=tenant, job_id=fine_tuning_job_id)
     return job_object(jobs.request_cancel(session, job))
 
 
-@router.post("/{fine_tuning_job_id}/pause")
+@router.post("/{fine_tuning_job_id}/pause", response_model=JobObject, responses=errors(401, 404, 409, 429))
 def pause_job(fine_tuning_job_id: str, session: SessionDep, tenant: TenantDep) -> dict[str, Any]:
     job = jobs.get_job(session, tenant_id=tenant, job_id=fine_tuning_job_id)
     return job_object(jobs.request_pause(session, job))
 
 
-@router.post("/{fine_tuning_job_id}/resume")
+@router.post("/{fine_tuning_job_id}/resume", response_model=JobObject, responses=errors(401, 404, 409, 429))
 def resume_job(fine_tuning_job_id: str, session: SessionDep, tenant: TenantDep) -> dict[str, Any]:
     job = jobs.resume(session, jobs.get_job(session, tenant_id=tenant, job_id=fine_tuning_job_id))
     queue.enqueue_training(job.id)  # if the broker is down, the reaper hands it over when it is back
     return job_object(job)
 
 
-@router.get("/{fine_tuning_job_id}/events")
-def list_events(fine_tuning_job_id: str, session: SessionDep, tenant: TenantDep, after: str | None = None,
+@router.get("/{fine_tuning_job_id}/events", response_model=PagedList[EventObject],
+            responses=errors(400, 401, 404, 429))
+def list_events(fine_tuning_job_id: str, session: SessionDep, tenant: TenantDep, after: After = None,
                 limit: Annotated[int, Query(ge=1, le=1000)] = 20) -> dict[str, Any]:
     job = jobs.get_job(session, tenant_id=tenant, job_id=fine_tuning_job_id)
     rows, has_more = jobs.list_events(session, job, after=after, limit=limit)
     return paged([event_object(r) for r in rows], has_more)
 
 
-@router.get("/{fine_tuning_job_id}/checkpoints")
-def list_checkpoints(fine_tuning_job_id: str, session: SessionDep, tenant: TenantDep, after: str | None = None,
+@router.get("/{fine_tuning_job_id}/checkpoints", response_model=PagedList[CheckpointObject],
+            responses=errors(400, 401, 404, 429))
+def list_checkpoints(fine_tuning_job_id: str, session: SessionDep, tenant: TenantDep, after: After = None,
                      limit: Limit = 10) -> dict[str, Any]:
     job = jobs.get_job(session, tenant_id=tenant, job_id=fine_tuning_job_id)
     rows = jobs.list_checkpoints(session, job)
     if after:
         ids = [r.id for r in rows]
         if after not in ids:
-            raise ApiError(404, f"No checkpoint found with id '{after}'.", param="after", code="not_found")
+            raise NotFound(f"No checkpoint found with id '{after}'.", param="after", code="not_found")
         rows = rows[ids.index(after) + 1:]
     return paged([checkpoint_object(r) for r in rows[:limit]], len(rows) > limit)

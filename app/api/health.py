@@ -11,13 +11,14 @@ from sqlalchemy import func, select, text
 
 from app.api.deps import SessionDep, SettingsDep
 from app.db.models import WorkerHeartbeat
+from app.schemas.health import Health, Ready
 from app.services import tokenizers
 
 router = APIRouter(tags=["health"])
 WORKER_FRESH_SECONDS = 30
 
 
-@router.get("/health")
+@router.get("/health", response_model=Health)
 def health() -> dict[str, str]:
     return {"status": "ok"}
 
@@ -33,7 +34,7 @@ def _check_broker(url: str) -> str | None:
         return f"{type(exc).__name__}: {exc}"
 
 
-@router.get("/ready")
+@router.get("/ready", response_model=Ready, responses={503: {"model": Ready, "description": "Not ready: see checks."}})
 def ready(session: SessionDep, settings: SettingsDep) -> JSONResponse:
     checks: dict[str, Any] = {}
     try:

@@ -9,7 +9,11 @@ from sqlalchemy import select
 
 from app.api.deps import SessionDep, SettingsDep, TenantDep
 from app.db.models import Adapter, AdapterStatus
-from app.errors import ApiError
+from app.errors import NotFound
+from app.schemas.adapters import ModelObject
+from app.schemas.common import ListResponse, listed
+from app.schemas.errors import errors
+from app.services.jobs import storable
 
 router = APIRouter(prefix="/v1/models", tags=["models"])
 BOOT_TIME = 0
@@ -27,22 +31,24 @@ def _adapter_object(adapter: Adapter) -> dict[str, Any]:
             "parent": adapter.base_model, "method": adapter.method, "job_id": adapter.job_id}
 
 
-@router.get("")
+@router.get("", response_model=ListResponse[ModelObject], responses=errors(401, 429))
 def list_models(session: SessionDep, settings: SettingsDep, tenant: TenantDep) -> dict[str, Any]:
     adapters = session.scalars(select(Adapter).where((Adapter.tenant_id == tenant) | Adapter.public,
                                                      Adapter.status == AdapterStatus.ready)
                                .order_by(Adapter.created_at, Adapter.name))
-    return {"object": "list", "data": _base_objects(settings) + [_adapter_object(a) for a in adapters]}
+    return listed(_base_objects(settings) + [_adapter_object(a) for a in adapters])
 
 
-@router.get("/{model_id:path}")
+@router.get("/{model_id:path}", response_model=ModelObject, responses=errors(401, 404, 429))
 def get_model(model_id: str, session: SessionDep, settings: SettingsDep, tenant: TenantDep) -> dict[str, Any]:
     for obj in _base_objects(settings):
         if obj["id"] == model_id:
             return obj
-    adapter = session.scalar(select(Adapter).where(Adapter.name == model_id,
-                                                   (Adapter.tenant_id == tenant) | Adapter.public,
-                                                   Adapter.status == AdapterStatus.ready))
+    adapter = None
+    if storable(model_id):
+        adapter = session.scalar(select(Adapter).where(Adapter.name == model_id,
+                                                       (Adapter.tenant_id == tenant) | Adapter.public,
+                                                       Adapter.status == AdapterStatus.ready))
     if adapter is None:
-        raise ApiError(404, f"The model '{model_id}' does not exist.", param="model", code="model_not_found")
+        raise NotFound(f"The model '{model_id}' does not exist.", param="model", code="model_not_found")
     return _adapter_object(adapter)

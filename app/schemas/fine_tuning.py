@@ -6,36 +6,75 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from adapters.methods import DEFAULT_METHOD, accepted_names
+from adapters.methods import DEFAULT_METHOD, METHODS, accepted_names, method_named
 from app.db.models import Checkpoint, FineTuningJob, JobEvent
 from app.schemas.common import Request
 
 SUFFIX_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,39}$"
 
 
-class MethodSpec(BaseModel):
-    """{"type": <method>, <method>: {"hyperparameters": {...}}}; the key named by type is optional."""
+def _hyperparameters_schema(name: str) -> dict[str, Any]:
+    method = method_named(name)
+    assert method is not None
+    return method.hyperparameters.model_json_schema()
 
-    model_config = ConfigDict(extra="allow")
+
+def _method_schema(schema: dict[str, Any]) -> None:
+    """One shape per registered method name, so the document says exactly what the server accepts:
+    {"type": <name>, <name>?: {"hyperparameters"?: {...}} | null}."""
+    variants = []
+    for name in accepted_names():
+        section = {"type": "object", "additionalProperties": False, "properties": {
+            "hyperparameters": {"anyOf": [_hyperparameters_schema(name), {"type": "null"}]}}}
+        variants.append({"type": "object", "title": name, "required": ["type"], "additionalProperties": False,
+                         "properties": {"type": {"const": name}, name: {"anyOf": [section, {"type": "null"}]}}})
+    description = schema.get("description")
+    schema.clear()
+    schema.update({"oneOf": variants, "description": description})
+
+
+class MethodSpec(BaseModel):
+    """The fine-tuning method and its hyperparameters: {"type": <method>, <method>: {"hyperparameters": {...}}}
+    (the section named by type is optional). Every hyperparameter may be omitted or "auto"."""
+
+    # The section's key is the method's name, so the model takes extra keys; _method_schema documents them.
+    model_config = ConfigDict(extra="allow", json_schema_extra=_method_schema)
 
     type: str = Field(description=f"the fine-tuning method: {', '.join(accepted_names())} ('{DEFAULT_METHOD}' "
                                   "when no method is given)")
 
 
+def _job_create_schema(schema: dict[str, Any]) -> None:
+    # Top-level hyperparameters (OpenAI's older shape) and a method are not given together.
+    schema["not"] = {"required": ["method", "hyperparameters"], "properties": {
+        "method": {"type": "object"}, "hyperparameters": {"type": "object", "minProperties": 1}}}
+    schema["properties"]["hyperparameters"]["anyOf"][0] = METHODS[DEFAULT_METHOD].hyperparameters.model_json_schema()
+
+
 class JobCreate(Request):
-    model: str = Field(min_length=1, max_length=255)
-    training_file: str = Field(min_length=1, max_length=64)
-    validation_file: str | None = Field(default=None, max_length=64)
+    model_config = ConfigDict(extra="forbid", json_schema_extra=_job_create_schema)
+
+    model: str = Field(min_length=1, max_length=255, description="a base model id (GET /v1/models)")
+    training_file: str = Field(min_length=1, max_length=64,
+                               description="the id of a processed file with purpose fine-tune")
+    validation_file: str | None = Field(default=None, max_length=64,
+                                        description="a processed file in the training file's format")
     suffix: str | None = Field(default=None, pattern=SUFFIX_PATTERN,
                                description="up to 40 characters: letters, digits, '.', '_' and '-'")
     seed: int | None = Field(default=None, ge=0, le=2**31 - 1)
-    metadata: dict[str, str] | None = None
+    metadata: dict[str, str] | None = Field(default=None, json_schema_extra={
+        "maxProperties": 16, "propertyNames": {"minLength": 1, "maxLength": 64},
+        "additionalProperties": {"type": "string", "maxLength": 512}})
     method: MethodSpec | None = None
-    # OpenAI's older top-level hyperparameters (n_epochs, batch_size, learning_rate_multiplier).
-    hyperparameters: dict[str, Any] | None = None
-    integrations: list[Any] | None = None
+    # OpenAI's older top-level hyperparameters (n_epochs, batch_size, learning_rate_multiplier): the default method's.
+    hyperparameters: dict[str, Any] | None = Field(
+        default=None, description=f"OpenAI's older shape: hyperparameters of the default method ({DEFAULT_METHOD}); "
+                                  "not together with method")
+    integrations: list[Any] | None = Field(default=None, json_schema_extra={"maxItems": 0},
+                                           description="not supported: empty or null")
     # Adaptery's own: stop training after this many seconds (checkpoint, then fail with code "timeout").
-    time_limit_seconds: float | None = Field(default=None, gt=0)
+    time_limit_seconds: float | None = Field(default=None, gt=0,
+                                             description="at most the server's ADAPTERY_MAX_TIME_LIMIT_SECONDS")
 
     @field_validator("metadata")
     @classmethod
@@ -87,7 +126,7 @@ class JobObject(BaseModel):
     seed: int
     metadata: dict[str, str] | None
     progress: Progress
-    suffix: str | None = Field(default=None, serialization_alias="user_provided_suffix")
+    user_provided_suffix: str | None = None
     organization_id: str
     result_files: list[str] = Field(default_factory=list)
     integrations: list[Any] = Field(default_factory=list)
@@ -106,8 +145,29 @@ def job_object(job: FineTuningJob) -> dict[str, Any]:
         seed=job.seed, metadata=job.job_metadata,
         progress=Progress(step=job.progress_step, total_steps=job.progress_total_steps,
                           epoch=job.progress_epoch, eta_seconds=job.eta_seconds),
-        suffix=job.suffix, organization_id=job.tenant_id, estimated_finish=estimated,
-    ).model_dump(by_alias=True)
+        user_provided_suffix=job.suffix, organization_id=job.tenant_id, estimated_finish=estimated,
+    ).model_dump()
+
+
+class EventObject(BaseModel):
+    id: str
+    object: Literal["fine_tuning.job.event"] = "fine_tuning.job.event"
+    created_at: int
+    level: str = Field(description="info, warn or error")
+    message: str
+    type: str = Field(description="message or metrics")
+    data: dict[str, Any] = Field(description="metrics: step, train_loss, valid_loss, learning_rate, epoch; "
+                                             "start-up phases: phase, seconds")
+
+
+class CheckpointObject(BaseModel):
+    id: str
+    object: Literal["fine_tuning.job.checkpoint"] = "fine_tuning.job.checkpoint"
+    created_at: int
+    fine_tuning_job_id: str
+    step_number: int
+    metrics: dict[str, Any]
+    fine_tuned_model_checkpoint: str = Field(description="a model name to use for inference")
 
 
 def event_object(event: JobEvent) -> dict[str, Any]:

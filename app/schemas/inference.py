@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -58,5 +58,61 @@ class ChatCompletionRequest(SamplingFields):
     max_completion_tokens: int | None = Field(default=None, ge=1)
 
 
+def _one_prompt(schema: dict[str, Any]) -> None:
+    # The server takes one non-empty prompt, as a string or as a list holding exactly one string.
+    text = {"type": "string", "minLength": 1}
+    schema["anyOf"] = [text, {"type": "array", "items": text, "minItems": 1, "maxItems": 1}]
+
+
 class CompletionRequest(SamplingFields):
-    prompt: str | list[str]
+    prompt: str | list[str] = Field(json_schema_extra=_one_prompt,
+                                    description="one prompt: a string, or a list of exactly one string")
+
+
+class Usage(BaseModel):
+    prompt_tokens: int
+    completion_tokens: int
+    total_tokens: int
+
+
+class AssistantMessage(BaseModel):
+    role: Literal["assistant"]
+    content: str
+
+
+class ChatChoice(BaseModel):
+    index: int
+    message: AssistantMessage
+    finish_reason: str = Field(description="stop or length")
+    logprobs: None
+
+
+class ChatCompletion(BaseModel):
+    id: str
+    object: Literal["chat.completion"]
+    created: int
+    model: str
+    choices: list[ChatChoice]
+    usage: Usage
+
+
+class TextChoice(BaseModel):
+    index: int
+    text: str
+    finish_reason: str = Field(description="stop or length")
+    logprobs: None
+
+
+class TextCompletion(BaseModel):
+    id: str
+    object: Literal["text_completion"]
+    created: int
+    model: str
+    choices: list[TextChoice]
+    usage: Usage
+
+
+# With "stream": true the answer is server-sent events: one `data: <chunk JSON>` per token, then `data: [DONE]`.
+EVENT_STREAM = {"text/event-stream": {"schema": {
+    "type": "string", "description": "server-sent events: `data: {chunk}` lines (object chat.completion.chunk or "
+                                     "text_completion), ending with `data: [DONE]`"}}}

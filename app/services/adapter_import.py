@@ -25,7 +25,7 @@ from sqlalchemy.orm import Session
 
 from adapters.store import ADAPTER_CONFIG, ADAPTER_FILES, ADAPTER_WEIGHTS, ArtifactStore
 from app.db.models import Adapter, AdapterStatus, now
-from app.errors import ApiError
+from app.errors import Conflict, DomainError, InvalidRequest, NotFound, TooLarge, Unprocessable
 from app.services.jobs import new_id
 from app.settings import Settings
 
@@ -34,8 +34,9 @@ MAX_MEMBERS = 16
 NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:-]{0,99}$")
 
 
-def refuse(message: str, param: str = "files", status: int = 400, code: str = "invalid_adapter") -> ApiError:
-    return ApiError(status, message, param=param, code=code)
+def refuse(message: str, param: str = "files", error: type[DomainError] = InvalidRequest,
+           code: str = "invalid_adapter") -> DomainError:
+    return error(message, param=param, code=code)
 
 
 def check_member_name(name: str) -> str:
@@ -58,7 +59,7 @@ def _read_capped(stream: Any, budget: list[int], name: str) -> bytes:
     while chunk := stream.read(1 << 20):
         budget[0] -= len(chunk)
         if budget[0] < 0:
-            raise refuse(f"'{name}': the adapter unpacks to more than the allowed size", status=413,
+            raise refuse(f"'{name}': the adapter unpacks to more than the allowed size", error=TooLarge,
                          code="adapter_too_large")
         chunks.append(chunk)
     return b"".join(chunks)
@@ -89,7 +90,7 @@ def _unpack_zip(buffer: io.BytesIO, limit: int) -> dict[str, bytes]:
                 raise refuse(f"'{member.filename}': links are not accepted", param="file")
             if member.file_size > limit:
                 raise refuse(f"'{member.filename}' unpacks to {member.file_size} bytes; the limit is {limit}",
-                             param="file", status=413, code="adapter_too_large")
+                             param="file", error=TooLarge, code="adapter_too_large")
             name = check_member_name(member.filename)
             with zipped.open(member) as stream:
                 found[name] = _read_capped(stream, budget, name)
@@ -143,15 +144,15 @@ def import_adapter(session: Session, *, tenant_id: str, settings: Settings, file
     try:
         spec = base_models.resolve(settings, base_model or settings.default_base_model)
     except base_models.UnknownBaseModel:
-        raise refuse(f"base_model '{base_model}' does not exist", param="base_model", status=404,
+        raise refuse(f"base_model '{base_model}' does not exist", param="base_model", error=NotFound,
                      code="model_not_found") from None
     adapter_id = new_id("adapter")
     if name is not None:
-        if not NAME_PATTERN.match(name):
+        if not NAME_PATTERN.fullmatch(name):  # fullmatch: `$` alone would let a final newline through
             raise refuse("name must be 1-100 characters: letters, digits, '.', '_', ':' and '-'", param="name")
         taken = session.scalar(select(Adapter.id).where(Adapter.name == name)) is not None
         if taken or name in base_models.registry(settings):
-            raise refuse(f"the name '{name}' is already in use", param="name", status=409, code="name_taken")
+            raise refuse(f"the name '{name}' is already in use", param="name", error=Conflict, code="name_taken")
     config, method = sanitised_config(files[ADAPTER_CONFIG], settings)
     try:
         from safetensors.torch import load as load_safetensors
@@ -170,13 +171,13 @@ def import_adapter(session: Session, *, tenant_id: str, settings: Settings, file
             loaded = runtime.ensure_adapter(AdapterRef(key=adapter_id, folder=staging, base_model=spec.id,
                                                        method=method))
         except AdapterLoadError as exc:
-            raise refuse(f"the adapter does not fit {spec.id}: {exc}", status=422) from None
+            raise refuse(f"the adapter does not fit {spec.id}: {exc}", error=Unprocessable) from None
         probe = runtime.tokenizer("The quick brown fox jumps over the lazy dog.", add_special_tokens=False)["input_ids"]
         changed = float((runtime.logits(probe, loaded) - runtime.logits(probe, None)).abs().max())
         if changed < 1e-6:
             runtime.unload(adapter_id)
             raise refuse("the adapter does not change the base model's outputs (are its weights all zero?)",
-                         status=422)
+                         error=Unprocessable)
         store.publish_adapter(staging, adapter_id)
     finally:
         shutil.rmtree(staging, ignore_errors=True)

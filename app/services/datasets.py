@@ -11,9 +11,9 @@ from sqlalchemy.orm import Session
 from adapters.data import DatasetError, check_lengths, describe_problems, encode_dataset, parse_jsonl
 from adapters.store import ArtifactStore
 from app.db.models import File, FileStatus, FineTuningJob, JobStatus, now
-from app.errors import ApiError, not_found
+from app.errors import Conflict, InvalidRequest, not_found
 from app.services import tokenizers
-from app.services.jobs import new_id
+from app.services.jobs import new_id, storable
 from app.settings import Settings
 
 PURPOSES = ("fine-tune",)
@@ -30,21 +30,21 @@ def clean_filename(name: str | None) -> str:
 def create_file(session: Session, *, tenant_id: str, settings: Settings, filename: str | None, purpose: str,
                 content: bytes) -> File:
     if purpose not in PURPOSES:
-        raise ApiError(400, f"purpose '{purpose}' is not supported; accepted: {', '.join(PURPOSES)}.",
-                       param="purpose", code="invalid_purpose")
+        raise InvalidRequest(f"purpose '{purpose}' is not supported; accepted: {', '.join(PURPOSES)}.",
+                             param="purpose", code="invalid_purpose")
     try:
         dataset = parse_jsonl(content, max_examples=settings.max_examples_per_file)
         examples = encode_dataset(tokenizers.default(settings), dataset)
     except DatasetError as exc:
-        raise ApiError(400, f"Invalid training file: {exc}", param="file", code="invalid_file") from None
+        raise InvalidRequest(f"Invalid training file: {exc}", param="file", code="invalid_file") from None
     problems = check_lengths(examples, dataset.line_numbers, max_tokens=settings.max_example_tokens)
     if problems:
-        raise ApiError(400, f"Invalid training file: {describe_problems(problems)}", param="file",
-                       code="invalid_file")
+        raise InvalidRequest(f"Invalid training file: {describe_problems(problems)}", param="file",
+                             code="invalid_file")
     total_tokens = sum(len(e.input_ids) for e in examples)
     if total_tokens > settings.max_tokens_per_file:
-        raise ApiError(400, f"The file has {total_tokens} tokens; at most {settings.max_tokens_per_file} are "
-                            "accepted per file.", param="file", code="invalid_file")
+        raise InvalidRequest(f"The file has {total_tokens} tokens; at most {settings.max_tokens_per_file} are "
+                             "accepted per file.", param="file", code="invalid_file")
     file_id = new_id("file")
     # The bytes are on disk before the row exists, so a crash never leaves a row without its file.
     ArtifactStore(settings.data_dir).write_file(file_id, content)
@@ -57,7 +57,7 @@ def create_file(session: Session, *, tenant_id: str, settings: Settings, filenam
 
 
 def get_file(session: Session, *, tenant_id: str, file_id: str) -> File:
-    row = session.get(File, file_id)
+    row = session.get(File, file_id) if storable(file_id) else None
     if row is None or row.tenant_id != tenant_id or row.deleted:
         raise not_found("file", file_id, param="file_id")
     return row
@@ -66,6 +66,8 @@ def get_file(session: Session, *, tenant_id: str, file_id: str) -> File:
 def list_files(session: Session, *, tenant_id: str, purpose: str | None, limit: int,
                after: str | None) -> tuple[list[File], bool]:
     query = select(File).where(File.tenant_id == tenant_id, File.deleted.is_(False))
+    if purpose and not storable(purpose):
+        return [], False
     if purpose:
         query = query.where(File.purpose == purpose)
     if after:
@@ -82,8 +84,8 @@ def delete_file(session: Session, *, tenant_id: str, settings: Settings, file_id
         (FineTuningJob.training_file == file_id) | (FineTuningJob.validation_file == file_id),
         FineTuningJob.status.in_([JobStatus.validating_files, JobStatus.queued, JobStatus.running])))
     if active:
-        raise ApiError(409, f"File '{file_id}' is used by fine-tuning job '{active}', which has not finished; "
-                            "cancel the job or wait for it first.", param="file_id", code="file_in_use")
+        raise Conflict(f"File '{file_id}' is used by fine-tuning job '{active}', which has not finished; "
+                       "cancel the job or wait for it first.", param="file_id", code="file_in_use")
     row.deleted = True
     session.commit()
     ArtifactStore(settings.data_dir).delete_file(file_id)

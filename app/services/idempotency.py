@@ -15,7 +15,7 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from app.db.models import IdempotencyKey
-from app.errors import ApiError, error_body
+from app.errors import Conflict, DomainError, InvalidRequest, http_answer
 
 WAIT_FOR_FIRST_SECONDS = 30.0
 
@@ -34,8 +34,8 @@ def run_once(session: Session, *, tenant_id: str, key: str | None, request_hash:
     if key is None:
         return create()
     if not 1 <= len(key) <= 255:
-        raise ApiError(400, "Idempotency-Key must be 1-255 characters.", param="Idempotency-Key",
-                       code="invalid_idempotency_key")
+        raise InvalidRequest("Idempotency-Key must be 1-255 characters.", param="Idempotency-Key",
+                             code="invalid_idempotency_key")
     try:
         session.add(IdempotencyKey(tenant_id=tenant_id, key=key, request_hash=request_hash))
         session.commit()
@@ -44,8 +44,9 @@ def run_once(session: Session, *, tenant_id: str, key: str | None, request_hash:
         return _replay(session, tenant_id, key, request_hash)
     try:
         body = create()
-    except ApiError as exc:  # a refusal is the answer for this key too
-        _store(session, tenant_id, key, exc.status, error_body(exc.message, exc.type, exc.param, exc.code))
+    except DomainError as exc:  # a refusal is the answer for this key too
+        status, error, _ = http_answer(exc)
+        _store(session, tenant_id, key, status, error)
         raise
     except BaseException:  # nothing was created: free the key so a retry can run
         session.rollback()
@@ -71,14 +72,14 @@ def _replay(session: Session, tenant_id: str, key: str, request_hash: str) -> JS
         row = session.scalar(select(IdempotencyKey).where(IdempotencyKey.tenant_id == tenant_id,
                                                           IdempotencyKey.key == key))
         if row is None:
-            raise ApiError(409, "The first request with this Idempotency-Key failed; retry with a new key.",
+            raise Conflict("The first request with this Idempotency-Key failed; retry with a new key.",
                            param="Idempotency-Key", code="idempotency_key_failed")
         if row.request_hash != request_hash:
-            raise ApiError(409, "This Idempotency-Key was already used with a different request body.",
+            raise Conflict("This Idempotency-Key was already used with a different request body.",
                            param="Idempotency-Key", code="idempotency_key_reused")
         if row.response is not None and row.status_code is not None:
             return JSONResponse(row.response, status_code=row.status_code, headers={"Idempotent-Replayed": "true"})
         if time.monotonic() > deadline:
-            raise ApiError(409, "A request with this Idempotency-Key is still in progress.",
-                           param="Idempotency-Key", code="idempotency_key_in_progress", headers={"Retry-After": "1"})
+            raise Conflict("A request with this Idempotency-Key is still in progress.",
+                           param="Idempotency-Key", code="idempotency_key_in_progress", retry_after=1)
         time.sleep(0.1)

@@ -18,8 +18,8 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from app.db.models import Adapter, AdapterStatus
-from app.errors import ApiError
-from app.services.jobs import adapter_by_name, new_id
+from app.errors import Conflict, InvalidRequest, NotFound, Unprocessable
+from app.services.jobs import adapter_by_name, new_id, storable
 from app.settings import Settings
 
 _engine: Any = None
@@ -67,8 +67,8 @@ def resolve_model(session: Session, *, tenant_id: str, settings: Settings, name:
         pass
     adapter = adapter_by_name(session, tenant_id=tenant_id, name=name, include_public=True)
     if adapter is None:
-        raise ApiError(404, f"The model '{name}' does not exist. GET /v1/models lists the base models and "
-                            "fine-tuned models you can use.", param="model", code="model_not_found")
+        raise NotFound(f"The model '{name}' does not exist. GET /v1/models lists the base models and "
+                       "fine-tuned models you can use.", param="model", code="model_not_found")
     return Target(base_model=adapter.base_model, adapter=adapter, name=name)
 
 
@@ -88,25 +88,25 @@ def load_into_memory(settings: Settings, adapter: Adapter) -> tuple[Any, Any]:
     try:
         return runtime, runtime.ensure_adapter(adapter_ref(settings, adapter))
     except AdapterLoadError as exc:
-        raise ApiError(422, f"The model '{adapter.name}' could not be loaded: {exc}", param="model",
-                       code="adapter_load_failed") from None
+        raise Unprocessable(f"The model '{adapter.name}' could not be loaded: {exc}", param="model",
+                            code="adapter_load_failed") from None
 
 
 def _check_budget(settings: Settings, runtime: Any, prompt_tokens: int, max_tokens: int | None) -> int:
     limit = getattr(runtime.model.config, "max_position_embeddings", 2048)
     if max_tokens is not None and max_tokens > settings.max_tokens_limit:
-        raise ApiError(400, f"max_tokens is {max_tokens}; this server allows at most {settings.max_tokens_limit}.",
-                       param="max_tokens", code="invalid_value")
+        raise InvalidRequest(f"max_tokens is {max_tokens}; this server allows at most {settings.max_tokens_limit}.",
+                             param="max_tokens", code="invalid_value")
     room = limit - prompt_tokens
     if room < 1:
-        raise ApiError(400, f"The prompt is {prompt_tokens} tokens; this model's context is {limit} tokens.",
-                       param="messages", code="context_length_exceeded")
+        raise InvalidRequest(f"The prompt is {prompt_tokens} tokens; this model's context is {limit} tokens.",
+                             param="messages", code="context_length_exceeded")
     wanted = max_tokens if max_tokens is not None else min(settings.max_tokens_limit, 256)
     if wanted > room:
         if max_tokens is not None:
-            raise ApiError(400, f"The prompt ({prompt_tokens} tokens) plus max_tokens ({max_tokens}) exceeds this "
-                                f"model's context of {limit} tokens.", param="max_tokens",
-                           code="context_length_exceeded")
+            raise InvalidRequest(f"The prompt ({prompt_tokens} tokens) plus max_tokens ({max_tokens}) exceeds this "
+                                 f"model's context of {limit} tokens.", param="max_tokens",
+                                 code="context_length_exceeded")
         wanted = room
     return wanted
 
@@ -143,14 +143,14 @@ def _chat_prompt(request: Any) -> Callable[[Any], list[int]]:
 
 def _completion_prompt(request: Any) -> Callable[[Any], list[int]]:
     if isinstance(request.prompt, list) and len(request.prompt) != 1:
-        raise ApiError(400, "prompt must be a string or a list of exactly one string.", param="prompt",
-                       code="invalid_value")
+        raise InvalidRequest("prompt must be a string or a list of exactly one string.", param="prompt",
+                             code="invalid_value")
     prompt = request.prompt if isinstance(request.prompt, str) else request.prompt[0]
 
     def prompt_ids(tokenizer: Any) -> list[int]:
         ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
         if not ids:
-            raise ApiError(400, "prompt must not be empty.", param="prompt", code="invalid_value")
+            raise InvalidRequest("prompt must not be empty.", param="prompt", code="invalid_value")
         return ids
 
     return prompt_ids
@@ -243,11 +243,11 @@ def adapter_object(adapter: Adapter) -> dict[str, Any]:
 
 def get_adapter(session: Session, *, tenant_id: str, adapter_id: str) -> Adapter:
     """By id, or by the model name clients use (ft:...)."""
-    adapter = session.get(Adapter, adapter_id)
+    adapter = session.get(Adapter, adapter_id) if storable(adapter_id) else None
     if adapter is None or adapter.tenant_id != tenant_id or adapter.status != AdapterStatus.ready:
         adapter = adapter_by_name(session, tenant_id=tenant_id, name=adapter_id)
     if adapter is None:
-        raise ApiError(404, f"No adapter found with id '{adapter_id}'.", param="adapter_id", code="not_found")
+        raise NotFound(f"No adapter found with id '{adapter_id}'.", param="adapter_id", code="not_found")
     return adapter
 
 
@@ -260,8 +260,8 @@ def list_adapters(session: Session, *, tenant_id: str) -> list[Adapter]:
 def preload(settings: Settings, adapter: Adapter) -> None:
     runtime, loaded = load_into_memory(settings, adapter)
     if runtime.activate(adapter.id) < 0:
-        raise ApiError(409, "Every adapter slot is serving a request or pinned; try again shortly.",
-                       code="no_free_slot", headers={"Retry-After": "1"})
+        raise Conflict("Every adapter slot is serving a request or pinned; try again shortly.",
+                       code="no_free_slot", retry_after=1)
 
 
 def pin(settings: Settings, adapter: Adapter, pinned: bool) -> None:
@@ -269,8 +269,8 @@ def pin(settings: Settings, adapter: Adapter, pinned: bool) -> None:
         runtime = get_engine(settings).runtime(adapter.base_model)
         if runtime.pinned_count() >= runtime.cache_size - 1 and not getattr(runtime.residency(adapter.id), "pinned",
                                                                             False):
-            raise ApiError(409, f"At most {runtime.cache_size - 1} adapters may be pinned per base model "
-                                "(one slot stays free for the rest).", code="too_many_pinned")
+            raise Conflict(f"At most {runtime.cache_size - 1} adapters may be pinned per base model "
+                           "(one slot stays free for the rest).", code="too_many_pinned")
         preload(settings, adapter)
         runtime.pin(adapter.id, True)
     else:
@@ -289,7 +289,7 @@ def unload(adapter: Adapter) -> None:
     if residency is None or residency.state not in (AdapterState.CPU, AdapterState.ACTIVE):
         return
     if residency.pinned:
-        raise ApiError(409, "The adapter is pinned; unpin it first.", code="adapter_pinned")
+        raise Conflict("The adapter is pinned; unpin it first.", code="adapter_pinned")
     if not runtime.unload(adapter.id):
-        raise ApiError(409, "The adapter is serving a request; try again shortly.", code="adapter_in_use",
-                       headers={"Retry-After": "1"})
+        raise Conflict("The adapter is serving a request; try again shortly.", code="adapter_in_use",
+                       retry_after=1)

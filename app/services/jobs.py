@@ -25,12 +25,18 @@ from app.db.models import (
     JobStatus,
     now,
 )
-from app.errors import ApiError, not_found
+from app.errors import Conflict, InvalidRequest, LimitReached, NotFound, not_found
 from app.settings import Settings
 
 
 def new_id(prefix: str) -> str:
     return f"{prefix}-{secrets.token_hex(12)}"
+
+
+def storable(key: str) -> bool:
+    """Whether an id or name from a request could be stored at all. PostgreSQL text cannot hold NUL, and
+    comparing a column with such a string is an error rather than a miss: look it up only when this holds."""
+    return "\x00" not in key
 
 
 # ---------------------------------------------------------------- transitions
@@ -149,8 +155,8 @@ def reap(session: Session, *, max_attempts: int, requeue_after_seconds: float) -
 def request_cancel(session: Session, job: FineTuningJob) -> FineTuningJob:
     """Queued jobs are cancelled at once; running ones stop at the next step boundary."""
     if job.status in TERMINAL_JOB_STATUSES:
-        raise ApiError(409, f"Job {job.id} has already finished with status '{job.status}' and cannot be "
-                            "cancelled.", code="job_not_cancellable")
+        raise Conflict(f"Job {job.id} has already finished with status '{job.status}' and cannot be "
+                       "cancelled.", code="job_not_cancellable")
     if mark_cancelled(session, job.id, from_statuses={JobStatus.validating_files, JobStatus.queued,
                                                       JobStatus.paused}):
         add_event(session, job.id, "Job cancelled before it started.")
@@ -174,7 +180,7 @@ def stop_requests(session: Session, job_id: str) -> tuple[bool, bool]:
 def request_pause(session: Session, job: FineTuningJob) -> FineTuningJob:
     """Queued jobs pause at once; running ones checkpoint at the next step and release their worker."""
     if job.status in TERMINAL_JOB_STATUSES or job.status == JobStatus.paused:
-        raise ApiError(409, f"Job {job.id} is '{job.status}' and cannot be paused.", code="job_not_pausable")
+        raise Conflict(f"Job {job.id} is '{job.status}' and cannot be paused.", code="job_not_pausable")
     if _transition(session, job.id, {JobStatus.validating_files, JobStatus.queued}, JobStatus.paused):
         add_event(session, job.id, "Job paused before it started.")
     else:
@@ -191,7 +197,7 @@ def resume(session: Session, job: FineTuningJob) -> FineTuningJob:
     """paused → queued; the caller hands it to the broker. Training resumes from the checkpoint."""
     if not _transition(session, job.id, {JobStatus.paused}, JobStatus.queued, pause_requested=False,
                        enqueued_at=None, lease_owner=None, lease_expires_at=None):
-        raise ApiError(409, f"Job {job.id} is '{job.status}'; only paused jobs can be resumed.",
+        raise Conflict(f"Job {job.id} is '{job.status}'; only paused jobs can be resumed.",
                        code="job_not_paused")
     add_event(session, job.id, "Job resumed; queued to continue from its latest checkpoint.")
     session.refresh(job)
@@ -225,7 +231,8 @@ def list_events(session: Session, job: FineTuningJob, *, after: str | None, limi
     """Newest first, as OpenAI lists them; `after` is an event id from a previous page."""
     query = select(JobEvent).where(JobEvent.job_id == job.id)
     if after:
-        anchor = session.scalar(select(JobEvent.id).where(JobEvent.public_id == after, JobEvent.job_id == job.id))
+        anchor = session.scalar(select(JobEvent.id).where(JobEvent.public_id == after, JobEvent.job_id == job.id)) \
+            if storable(after) else None
         if anchor is None:
             raise not_found("event", after, param="after")
         query = query.where(JobEvent.id < anchor)
@@ -251,7 +258,7 @@ def list_checkpoints(session: Session, job: FineTuningJob) -> list[Checkpoint]:
 
 
 def get_job(session: Session, *, tenant_id: str, job_id: str) -> FineTuningJob:
-    job = session.get(FineTuningJob, job_id)
+    job = session.get(FineTuningJob, job_id) if storable(job_id) else None
     if job is None or job.tenant_id != tenant_id:
         raise not_found("fine-tuning job", job_id, param="fine_tuning_job_id")
     return job
@@ -261,7 +268,7 @@ def list_jobs(session: Session, *, tenant_id: str, after: str | None, limit: int
               metadata: dict[str, str] | None = None) -> tuple[list[FineTuningJob], bool]:
     query = select(FineTuningJob).where(FineTuningJob.tenant_id == tenant_id)
     if after:
-        anchor = session.get(FineTuningJob, after)
+        anchor = session.get(FineTuningJob, after) if storable(after) else None
         if anchor is None or anchor.tenant_id != tenant_id:
             raise not_found("fine-tuning job", after, param="after")
         query = query.where(FineTuningJob.seq < anchor.seq)
@@ -278,15 +285,15 @@ def fine_tuned_model_name(base: str, suffix: str | None, job_id: str) -> str:
 
 
 def _processed_file(session: Session, tenant_id: str, file_id: str, param: str) -> File:
-    file = session.get(File, file_id)
+    file = session.get(File, file_id) if storable(file_id) else None
     if file is None or file.tenant_id != tenant_id or file.deleted:
-        raise ApiError(400, f"File '{file_id}' does not exist.", param=param, code="invalid_file")
+        raise InvalidRequest(f"File '{file_id}' does not exist.", param=param, code="invalid_file")
     if file.purpose != "fine-tune":
-        raise ApiError(400, f"File '{file_id}' has purpose '{file.purpose}'; fine-tuning needs purpose 'fine-tune'.",
-                       param=param, code="invalid_file")
+        raise InvalidRequest(f"File '{file_id}' has purpose '{file.purpose}'; fine-tuning needs purpose 'fine-tune'.",
+                             param=param, code="invalid_file")
     if file.status != FileStatus.processed:
-        raise ApiError(400, f"File '{file_id}' is not processed (status '{file.status}'); only processed "
-                            "files can be used.", param=param, code="invalid_file")
+        raise InvalidRequest(f"File '{file_id}' is not processed (status '{file.status}'); only processed "
+                             "files can be used.", param=param, code="invalid_file")
     return file
 
 
@@ -302,41 +309,41 @@ def create_job(session: Session, *, tenant_id: str, settings: Settings, model: s
         spec = base_models.resolve(settings, model)
     except base_models.UnknownBaseModel:
         available = ", ".join(sorted(base_models.registry(settings)))
-        raise ApiError(404, f"Model '{model}' does not exist or cannot be fine-tuned. Base models: {available}.",
+        raise NotFound(f"Model '{model}' does not exist or cannot be fine-tuned. Base models: {available}.",
                        param="model", code="model_not_found") from None
     train = _processed_file(session, tenant_id, training_file, "training_file")
     if validation_file:
         valid = _processed_file(session, tenant_id, validation_file, "validation_file")
         if valid.format != train.format:
-            raise ApiError(400, f"validation_file is in the {valid.format} format but training_file is in the "
-                                f"{train.format} format; both must use the same format.",
-                           param="validation_file", code="invalid_file")
+            raise InvalidRequest(f"validation_file is in the {valid.format} format but training_file is in the "
+                                 f"{train.format} format; both must use the same format.",
+                                 param="validation_file", code="invalid_file")
     method = method_named(method_type)
     if method is None:
-        raise ApiError(400, f"method.type '{method_type}' is not supported; accepted: {', '.join(accepted_names())}.",
-                       param="method.type", code="invalid_method")
+        raise InvalidRequest(f"method.type '{method_type}' is not supported; accepted: {', '.join(accepted_names())}.",
+                             param="method.type", code="invalid_method")
     method_type = method.name  # an alias (OpenAI's 'supervised') is stored as the method it names
     try:
         resolved = method.resolve(raw_hyperparameters, n_examples=train.n_examples or 0, settings=settings,
                                   base_info=base_models.base_info(settings, spec))
     except HyperparameterError as exc:
-        raise ApiError(400, str(exc), param=f"{hyperparameter_param}.{exc.param}",
-                       code="invalid_hyperparameter") from None
+        raise InvalidRequest(str(exc), param=f"{hyperparameter_param}.{exc.param}",
+                             code="invalid_hyperparameter") from None
     except ValueError as exc:  # pydantic's ValidationError (unknown field, wrong type)
-        raise ApiError(400, _hyperparameter_message(exc, method_type), param=hyperparameter_param,
-                       code="invalid_hyperparameter") from None
+        raise InvalidRequest(_hyperparameter_message(exc, method_type), param=hyperparameter_param,
+                             code="invalid_hyperparameter") from None
     active = session.scalar(select(func.count()).select_from(FineTuningJob).where(
         FineTuningJob.tenant_id == tenant_id,
         FineTuningJob.status.in_([JobStatus.validating_files.value, JobStatus.queued.value,
                                   JobStatus.running.value, JobStatus.paused.value])))
     if (active or 0) >= settings.max_active_jobs_per_tenant:
-        raise ApiError(429, f"You have {active} unfinished jobs; at most {settings.max_active_jobs_per_tenant} are "
-                            "allowed at once. Wait for one to finish or cancel one.", type="rate_limit_error",
-                       code="too_many_active_jobs", headers={"Retry-After": "30"})
+        raise LimitReached(f"You have {active} unfinished jobs; at most {settings.max_active_jobs_per_tenant} are "
+                           "allowed at once. Wait for one to finish or cancel one.",
+                           code="too_many_active_jobs", retry_after=30)
     if time_limit_seconds is not None and time_limit_seconds > settings.max_time_limit_seconds:
         cap = settings.max_time_limit_seconds
-        raise ApiError(400, f"time_limit_seconds is {time_limit_seconds}; at most {cap:.0f} is allowed.",
-                       param="time_limit_seconds", code="invalid_value")
+        raise InvalidRequest(f"time_limit_seconds is {time_limit_seconds}; at most {cap:.0f} is allowed.",
+                             param="time_limit_seconds", code="invalid_value")
     soft = time_limit_seconds
     job = FineTuningJob(
         soft_time_limit=soft, hard_time_limit=None if soft is None else soft + max(60.0, soft * 0.1),
@@ -371,6 +378,8 @@ def _hyperparameter_message(exc: ValueError, method_type: str) -> str:
 
 def adapter_by_name(session: Session, *, tenant_id: str, name: str, include_public: bool = False) -> Adapter | None:
     """The tenant's adapter of that name (or, for using it, a public one); None looks like missing."""
+    if not storable(name):
+        return None
     adapter = session.scalar(select(Adapter).where(Adapter.name == name, Adapter.status == AdapterStatus.ready))
     if adapter is None or not (adapter.tenant_id == tenant_id or (include_public and adapter.public)):
         return None

@@ -8,7 +8,7 @@ import time
 from functools import lru_cache
 from typing import Any
 
-from app.errors import ApiError
+from app.errors import LimitReached
 from app.settings import Settings
 
 _local: dict[tuple[str, int], int] = {}
@@ -48,6 +48,6 @@ def check(settings: Settings, key_id: str) -> None:
     window = int(now // 60)
     if _count(settings, key_id, window) > settings.rate_limit_per_minute:
         retry = max(1, int(60 - now % 60))
-        raise ApiError(429, f"Rate limit of {settings.rate_limit_per_minute} requests per minute reached for this "
-                            f"API key; retry in {retry} s.", type="rate_limit_error", code="rate_limit_exceeded",
-                       headers={"Retry-After": str(retry)})
+        raise LimitReached(f"Rate limit of {settings.rate_limit_per_minute} requests per minute reached for this "
+                           f"API key; retry in {retry} s.", code="rate_limit_exceeded",
+                           retry_after=retry)

@@ -12,8 +12,8 @@ from sqlalchemy import select, update
 from sqlalchemy.orm import Session
 
 from app.db.models import DEFAULT_TENANT, ApiKey, Tenant, now
-from app.errors import ApiError, not_found
-from app.services.jobs import new_id
+from app.errors import Unauthorized, not_found
+from app.services.jobs import new_id, storable
 
 KEY_PREFIX = "sk-ady-"
 
@@ -44,7 +44,7 @@ def create_tenant(session: Session, *, name: str, tenant_id: str | None = None) 
 
 
 def revoke_key(session: Session, *, key_id: str) -> ApiKey:
-    row = session.get(ApiKey, key_id)
+    row = session.get(ApiKey, key_id) if storable(key_id) else None
     if row is None:
         raise not_found("API key", key_id, param="key_id")
     session.execute(update(ApiKey).where(ApiKey.id == key_id, ApiKey.revoked_at.is_(None)).values(revoked_at=now()))
@@ -67,8 +67,8 @@ def is_admin_key(key: str, admin_key: str) -> bool:
 
 def bearer(authorization: str | None) -> str:
     if not authorization or not authorization.lower().startswith("bearer ") or not authorization[7:].strip():
-        raise ApiError(401, "Missing API key: send it as 'Authorization: Bearer <key>'.", type="invalid_request_error",
-                       code="invalid_api_key", headers={"WWW-Authenticate": "Bearer"})
+        raise Unauthorized("Missing API key: send it as 'Authorization: Bearer <key>'.",
+                           code="invalid_api_key")
     return authorization[7:].strip()
 
 

@@ -1,0 +1,34 @@
+"""Adapter objects (/v1/adapters): where each adapter is in the serving process, and the model objects of /v1/models."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, Field
+
+
+class AdapterObject(BaseModel):
+    id: str
+    object: Literal["adapter"] = "adapter"
+    name: str = Field(description="the model name to use for inference")
+    base_model: str
+    method: str
+    job_id: str | None = Field(description="the job that trained it; null when imported")
+    created_at: int
+    size_bytes: int
+    state: Literal["on_disk", "cpu", "active", "failed"]
+    pinned: bool
+    last_used_at: float | None
+    load_ms: float | None
+    rank: int | None
+    error: str | None = Field(description="why loading failed (state failed)")
+
+
+class ModelObject(BaseModel):
+    id: str
+    object: Literal["model"] = "model"
+    created: int
+    owned_by: str = Field(description="system for base models, else the owning tenant")
+    parent: str | None = Field(description="the base model of a fine-tuned model")
+    method: str | None = Field(default=None, description="fine-tuned models: the fine-tuning method")
+    job_id: str | None = Field(default=None, description="fine-tuned models: the job that trained it")
