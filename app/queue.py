@@ -52,7 +52,7 @@ def make_celery() -> Celery:
         broker_connection_retry_on_startup=True,
         broker_transport_options=transport_options(settings.resolved_broker_url,
                                                    settings.broker_visibility_timeout),
-        # A pool process imports the training stack before it reports up (workers.tasks); on a slow CPU
+        # A pool process imports the training stack before it reports up (workers.process); on a slow CPU
         # that takes longer than Celery's 4 s default.
         worker_proc_alive_timeout=120,
         worker_hijack_root_logger=False,

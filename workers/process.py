@@ -1,0 +1,91 @@
+"""The worker process around the jobs: heartbeat and reaper threads, and Celery's process signals (the
+training stack imported in each pool process before it takes a job, the warm shutdown that hands jobs back).
+
+Imported by workers.tasks, so Celery's `include=["workers.tasks"]` connects these handlers in every worker.
+"""
+
+from __future__ import annotations
+
+import logging
+import multiprocessing
+import os
+import socket
+import threading
+import time
+from collections.abc import Callable
+from typing import Any
+
+from celery.signals import worker_process_init, worker_ready, worker_shutdown, worker_shutting_down
+
+from app.db.models import WorkerHeartbeat
+from app.db.session import session_scope
+from app.queue import enqueue_training
+from app.services import jobs
+from app.settings import get_settings
+
+log = logging.getLogger("adaptery.worker")
+HEARTBEAT_SECONDS = 5.0
+_stop_threads = threading.Event()
+# Created before the pool forks, so the training processes see the main process set it on shutdown.
+shutting_down = multiprocessing.Event()
+
+
+def _every(seconds: float, action: Callable[[], Any], name: str) -> None:
+    def loop() -> None:
+        while not _stop_threads.is_set():
+            try:
+                action()
+            except Exception:  # a database or broker hiccup must not kill the thread
+                log.exception("%s failed", name)
+            _stop_threads.wait(seconds)
+
+    threading.Thread(target=loop, daemon=True, name=name).start()
+
+
+def reap_once() -> list[str]:
+    settings = get_settings()
+    with session_scope() as session:
+        job_ids = jobs.reap(session, max_attempts=settings.max_attempts,
+                            requeue_after_seconds=settings.requeue_after_seconds)
+    for job_id in job_ids:
+        enqueue_training(job_id)
+    return job_ids
+
+
+@worker_ready.connect
+def _start_worker_threads(sender: Any = None, **_: Any) -> None:
+    hostname = getattr(sender, "hostname", None) or f"worker@{socket.gethostname()}:{os.getpid()}"
+
+    def beat() -> None:
+        with session_scope() as session:
+            session.merge(WorkerHeartbeat(hostname=hostname, last_seen=time.time(), pid=os.getpid()))
+
+    _every(HEARTBEAT_SECONDS, beat, "adaptery-heartbeat")
+    _every(get_settings().reaper_interval_seconds, reap_once, "adaptery-reaper")
+
+
+@worker_process_init.connect
+def _fresh_connections_after_fork(**_: Any) -> None:
+    # The pool forks from the main process, whose heartbeat and reaper threads hold database connections;
+    # a child must never share those sockets, so it starts its own pool.
+    from app.db.session import get_engine
+
+    get_engine().dispose(close=False)
+    # Import the training stack now, before this process takes a job: a job's clock (and its time limit)
+    # then starts with a warm process. Done after the fork, never in the parent, so no torch thread pool
+    # crosses a fork. (worker_proc_alive_timeout in the Celery config leaves room for this.)
+    import peft  # noqa: F401
+    import torch  # noqa: F401
+    import transformers  # noqa: F401
+
+    import workers.runner  # noqa: F401  (the training loop and everything a job needs)
+
+
+@worker_shutting_down.connect
+def _shutdown_requested(**_: Any) -> None:
+    shutting_down.set()  # running jobs checkpoint and hand themselves back
+
+
+@worker_shutdown.connect
+def _stop(**_: Any) -> None:
+    _stop_threads.set()

@@ -1,0 +1,274 @@
+"""One attempt at one claimed job (`JobRunner`): load the base model and the data, train with the runner's
+methods as the loop's callbacks, publish checkpoints and the final adapter as servable adapters, and record
+how the attempt ended.
+
+Imports torch (through the training loop): only a pool process, never the Celery parent, imports this module.
+"""
+
+from __future__ import annotations
+
+import logging
+import shutil
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+from sqlalchemy import select
+
+from adapters.data import EncodedExample, encode_dataset, parse_jsonl
+from adapters.methods import METHODS
+from adapters.store import ADAPTER_FILES, ArtifactStore
+from app.db.models import Adapter, AdapterStatus, Checkpoint, FineTuningJob, JobStatus
+from app.db.session import session_scope
+from app.queue import enqueue_training
+from app.services import base_models, jobs
+from app.settings import get_settings
+from workers import process
+from workers.faults import FaultInjector
+from workers.lease import Lease
+from workers.training import checkpoints
+from workers.training.loop import Cancelled, HandBack, LeaseLost, Paused, Position, TimeLimit, TrainingCallbacks, train
+
+log = logging.getLogger("adaptery.worker")
+
+# The loop asks whether to stop and reports progress every step; steps can take milliseconds, so the job
+# row is read (cancel / pause flags) and written (progress) at most this often, whatever the step time.
+# A pause or cancel is therefore seen within about this long; the lease check is in memory, every step.
+POLL_SECONDS = 1.0
+
+
+class Throttle:
+    """`due()` is true at most once per `seconds` (the first call always is)."""
+
+    def __init__(self, seconds: float):
+        self.seconds = seconds
+        self._last: float | None = None
+
+    def due(self) -> bool:
+        moment = time.monotonic()
+        if self._last is not None and moment - self._last < self.seconds:
+            return False
+        self._last = moment
+        return True
+
+
+class JobRunner:
+    """Trains one claimed job once. `run()` returns the outcome: done, cancelled, paused, timeout,
+    handed_back or lease_lost; an exception means the attempt failed (the Celery task records it)."""
+
+    def __init__(self, job_id: str, *, owner: str, lease: Lease, claimed_at: float):
+        self.job_id, self.owner, self.lease, self.claimed_at = job_id, owner, lease, claimed_at
+        self.settings = get_settings()
+        self.store = ArtifactStore(self.settings.data_dir)
+        self.fault = FaultInjector.parse(self.settings.fault_injection)
+        with session_scope() as session:
+            job = session.get(FineTuningJob, job_id)
+            assert job is not None
+            session.expunge(job)
+        self.job = job
+        self.method_type = job.method["type"]
+        self.method = METHODS[self.method_type]
+        self.final_name = jobs.fine_tuned_model_name(job.model, job.suffix, job.id)
+        self.checkpoint_root = self.store.checkpoint_dir(job_id)
+        self.last_checkpoint_step = 0
+        self._phase_started = time.perf_counter()
+        self._stop_check = Throttle(POLL_SECONDS)
+        self._progress_write = Throttle(POLL_SECONDS)
+        self._unwritten_progress: tuple[int, int, float, float | None] | None = None
+
+    # ------------------------------------------------------------------ the attempt
+
+    def run(self) -> str:
+        torch.set_num_threads(self.settings.torch_threads)
+        self._phase_started = time.perf_counter()
+        spec = base_models.resolve(self.settings, self.job.model)
+        tokenizer = base_models.load_tokenizer(self.settings, spec)
+        base = base_models.load_model(self.settings, spec)
+        self._phase_done("load_base_model", f"Loaded base model {self.job.model}")
+        train_examples, valid_examples = self._tokenise(tokenizer)
+        resume = checkpoints.latest(self.checkpoint_root)
+        if resume is not None:
+            self._event(f"Resuming from the checkpoint at step {resume.step}.",
+                        data={"resumed_from_step": resume.step})
+        try:
+            model, result = train(base_model=base, method=self.method,
+                                  hyperparameters=self.job.method[self.method_type]["hyperparameters"],
+                                  seed=self.job.seed, train_examples=train_examples, valid_examples=valid_examples,
+                                  pad_id=tokenizer.pad_token_id, eval_every_steps=self.settings.eval_every_steps,
+                                  log_every_steps=self.settings.log_every_steps, callbacks=self.callbacks(),
+                                  checkpoint_steps=self.settings.checkpoint_steps, resume=resume,
+                                  after_step=self.fault.after_step)
+        except LeaseLost:
+            log.warning("job %s: lease lost to another worker; stopping without writing", self.job_id)
+            return "lease_lost"
+        except Cancelled:
+            return self._cancelled()
+        except Paused:
+            return self._paused()
+        except TimeLimit:
+            return self._timed_out()
+        except HandBack:
+            return self._handed_back()
+        self._write_progress()  # the last step's progress is written before the job can succeed
+        self._publish(model, self.final_name)
+        with session_scope() as session:
+            if jobs.mark_succeeded(session, self.job_id, fine_tuned_model=self.final_name,
+                                   trained_tokens=result.trained_tokens, owner=self.owner):
+                jobs.add_event(session, self.job_id, f"New fine-tuned model created: {self.final_name}")
+                jobs.add_event(session, self.job_id, "The job has successfully completed.")
+        return "done"
+
+    def callbacks(self) -> TrainingCallbacks:
+        return TrainingCallbacks(on_metrics=self.on_metrics, on_progress=self.on_progress,
+                                 should_stop=self.should_stop, on_checkpoint=self.on_checkpoint,
+                                 on_message=self.on_message, on_training_start=self.on_training_start)
+
+    def _tokenise(self, tokenizer: Any) -> tuple[list[EncodedExample], list[EncodedExample]]:
+        limit = self.settings.max_examples_per_file
+        train_examples = encode_dataset(tokenizer, parse_jsonl(self.store.read_file(self.job.training_file),
+                                                               max_examples=limit))
+        valid_examples = (encode_dataset(tokenizer, parse_jsonl(self.store.read_file(self.job.validation_file),
+                                                                max_examples=limit))
+                          if self.job.validation_file else [])
+        tokens = sum(len(e.input_ids) for e in train_examples + valid_examples)
+        self._phase_done("tokenise", f"Tokenised {len(train_examples)} training"
+                         + (f" and {len(valid_examples)} validation" if self.job.validation_file else "")
+                         + f" examples ({tokens} tokens)", examples=len(train_examples) + len(valid_examples),
+                         tokens=tokens)
+        return train_examples, valid_examples
+
+    # ------------------------------------------------------------------ the loop's callbacks
+
+    def on_training_start(self) -> None:
+        self._phase_done("prepare_training", f"Built the {self.method_type} adapter and its optimiser")
+        seconds = round(time.perf_counter() - self.claimed_at, 2)
+        self._event(f"Start-up took {seconds:.2f} s; training begins.", data={"phase": "start_up", "seconds": seconds})
+
+    def on_metrics(self, metrics: dict[str, Any]) -> None:
+        text = f"Step {metrics['step']}/{metrics['total_steps']}: training loss={metrics['train_loss']:.4f}"
+        if "valid_loss" in metrics:
+            text += f", validation loss={metrics['valid_loss']:.4f}"
+        self._event(text, type="metrics", data=metrics)
+
+    def on_progress(self, step: int, total: int, epoch: float, eta: float | None) -> None:
+        self._unwritten_progress = (step, total, epoch, eta)
+        if step == total or self._progress_write.due():
+            self._write_progress()
+
+    def should_stop(self) -> Exception | None:
+        stop = self._stop_reason()
+        if stop is not None and not isinstance(stop, LeaseLost):
+            self._write_progress()  # the job row shows the step it stopped at
+        return stop
+
+    def on_checkpoint(self, model: Any, optimizer: Any, scheduler: Any, position: Position, metrics: dict[str, Any],
+                      epoch_end: bool) -> None:
+        # Progress first: the job row never shows less than its newest checkpoint, where a resume starts.
+        self._write_progress()
+        folder = checkpoints.save(self.checkpoint_root, model=model, method=self.method, optimizer=optimizer,
+                                  scheduler=scheduler, step=position.step, epoch=position.epoch, batch=position.batch,
+                                  trained_tokens=position.trained_tokens, metrics=metrics, fault=self.fault)
+        self.last_checkpoint_step = position.step
+        adapter = self._publish(folder, f"{self.final_name}:ckpt-step-{position.step}")
+        with session_scope() as session:
+            if not session.scalar(select(Checkpoint.id).where(Checkpoint.job_id == self.job_id,
+                                                              Checkpoint.step_number == position.step)):
+                jobs.add_checkpoint(session, self.job, adapter=adapter, step=position.step, metrics=metrics)
+        self._event(f"Checkpoint saved at step {position.step}{' (end of epoch)' if epoch_end else ''}: "
+                    f"{adapter.name}")
+
+    def on_message(self, text: str) -> None:
+        self._event(text, level="warn")
+
+    # ------------------------------------------------------------------ how an attempt ends early
+
+    def _cancelled(self) -> str:
+        with session_scope() as session:
+            if jobs.mark_cancelled(session, self.job_id, from_statuses={JobStatus.running}, owner=self.owner):
+                jobs.add_event(session, self.job_id, "Fine-tuning job cancelled.")
+        return "cancelled"
+
+    def _paused(self) -> str:
+        with session_scope() as session:
+            if jobs.mark_paused(session, self.job_id, owner=self.owner):
+                jobs.add_event(session, self.job_id, f"Job paused at step {self.last_checkpoint_step}; resume it "
+                                                     "to continue from there.")
+        return "paused"
+
+    def _timed_out(self) -> str:
+        with session_scope() as session:
+            if jobs.mark_failed(session, self.job_id, code="timeout", owner=self.owner,
+                                message=f"the job reached its time limit of {self.job.soft_time_limit:.0f} s; the "
+                                        f"checkpoint at step {self.last_checkpoint_step} was kept"):
+                jobs.add_event(session, self.job_id, "Time limit reached; the job failed after saving a checkpoint.",
+                               level="error")
+        return "timeout"
+
+    def _handed_back(self) -> str:
+        with session_scope() as session:
+            if jobs.release(session, self.job_id, owner=self.owner):
+                jobs.add_event(session, self.job_id, "Worker shutting down; the job goes back to the queue and "
+                                                     f"will resume from step {self.last_checkpoint_step}.")
+        enqueue_training(self.job_id)  # if the broker is down, the reaper re-sends it
+        return "handed_back"
+
+    # ------------------------------------------------------------------ helpers
+
+    def _stop_reason(self) -> Exception | None:
+        if self.lease.lost.is_set():  # in memory, so every step
+            return LeaseLost()
+        if self._stop_check.due():  # a query, so at most once per POLL_SECONDS
+            with session_scope() as session:
+                cancel, pause = jobs.stop_requests(session, self.job_id)
+            if cancel:
+                return Cancelled()
+            if pause:
+                return Paused()
+        limit = self.job.soft_time_limit
+        if limit is not None and time.time() - (self.job.started_at or time.time()) > limit:
+            return TimeLimit()
+        if process.shutting_down.is_set():
+            return HandBack()
+        return None
+
+    def _write_progress(self) -> None:
+        if self._unwritten_progress is None:
+            return
+        step, total, epoch, eta = self._unwritten_progress
+        with session_scope() as session:
+            jobs.record_progress(session, self.job_id, step=step, total_steps=total, epoch=epoch, eta_seconds=eta)
+        self._unwritten_progress = None
+
+    def _event(self, text: str, **kwargs: Any) -> None:
+        with session_scope() as session:
+            jobs.add_event(session, self.job_id, text, **kwargs)
+
+    def _phase_done(self, phase: str, text: str, **data: Any) -> None:
+        # Start-up phases are events with their durations: a job whose time limit ran out before its first
+        # step shows where the time went (the limit's clock starts when a worker claims the job).
+        seconds = round(time.perf_counter() - self._phase_started, 2)
+        self._event(f"{text} in {seconds:.2f} s.", data={"phase": phase, "seconds": seconds, **data})
+        self._phase_started = time.perf_counter()
+
+    def _publish(self, source: Any, name: str) -> Adapter:
+        """A servable adapter from a model (or a checkpoint folder), unless one of that name exists."""
+        with session_scope() as session:
+            existing = session.scalar(select(Adapter).where(Adapter.name == name))
+            if existing is not None:
+                session.expunge(existing)
+                return existing
+        staging = self.store.staging_dir()
+        if isinstance(source, Path):
+            for item in ADAPTER_FILES:
+                shutil.copyfile(source / item, staging / item)
+        else:
+            checkpoints.save_adapter(source, staging, self.method)
+        adapter_id = jobs.new_id("adapter")
+        self.store.publish_adapter(staging, adapter_id)
+        row = Adapter(id=adapter_id, tenant_id=self.job.tenant_id, name=name, base_model=self.job.model,
+                      method=self.method_type, job_id=self.job.id, size_bytes=self.store.adapter_size(adapter_id),
+                      status=AdapterStatus.ready)
+        with session_scope() as session:
+            session.add(row)
+        return row
