@@ -60,6 +60,14 @@ def tiny_model_dir(default_model_dir: Path) -> Path:
     return build_tiny_model(MODEL_CACHE / TINY_MODEL_ID, str(default_model_dir))
 
 
+@pytest.fixture(scope="session")
+def tiny_tokenizer(tiny_model_dir: Path) -> Any:
+    """The tiny model's tokenizer (SmolLM2's), loaded once; treat it as read-only, every test shares it."""
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(tiny_model_dir)
+
+
 # ------------------------------------------------------------------ services
 
 
@@ -292,6 +300,13 @@ def stack(tmp_path_factory: pytest.TempPathFactory, tiny_model_dir: Path, redis_
         running.stop_all()
         if os.environ.get("ADAPTERY_KEEP_TEST_DATA") is None:
             shutil.rmtree(tmp, ignore_errors=True)
+
+
+@pytest.fixture(scope="module")
+def client(stack: Stack) -> Iterator[httpx.Client]:
+    """An HTTP client on the module's `stack` (whichever one the module uses), with the local tenant's key."""
+    with stack.client() as c:
+        yield c
 
 
 # ------------------------------------------------------------------ helpers used by the e2e tests

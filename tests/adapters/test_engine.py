@@ -14,7 +14,7 @@ from typing import Any
 import pytest
 import torch
 from peft import PeftModel
-from transformers import AutoModelForCausalLM, AutoTokenizer
+from transformers import AutoModelForCausalLM
 
 from adapters.data import encode_dataset, parse_jsonl
 from adapters.engine import AdapterLoadError, AdapterRef, AdapterState, BaseRuntime, SamplingParams
@@ -40,17 +40,16 @@ def quiet_callbacks() -> TrainingCallbacks:
 
 
 @pytest.fixture(scope="module")
-def trained(tmp_path_factory: pytest.TempPathFactory, tiny_model_dir: Path) -> dict[str, Path]:
+def trained(tmp_path_factory: pytest.TempPathFactory, tiny_model_dir: Path, tiny_tokenizer: Any) -> dict[str, Path]:
     """One adapter per registered method, trained briefly with a high learning rate (non-trivial weights)."""
-    tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
-    examples = encode_dataset(tokenizer, parse_jsonl(chat_lines(8).encode(), max_examples=100))
+    examples = encode_dataset(tiny_tokenizer, parse_jsonl(chat_lines(8).encode(), max_examples=100))
     out: dict[str, Path] = {}
     for name, method in METHODS.items():
         hp = method.resolve({"learning_rate": 0.05, "n_epochs": 2, "batch_size": 4}, n_examples=8,
                             settings=_Settings(), base_info=BASE_INFO)
         model, _ = train(base_model=AutoModelForCausalLM.from_pretrained(tiny_model_dir), method=method,
                          hyperparameters=hp, seed=3, train_examples=examples, valid_examples=[],
-                         pad_id=tokenizer.pad_token_id, eval_every_steps=0, log_every_steps=1,
+                         pad_id=tiny_tokenizer.pad_token_id, eval_every_steps=0, log_every_steps=1,
                          callbacks=quiet_callbacks())
         folder = tmp_path_factory.mktemp(name)
         save_adapter(model, folder, method)
@@ -58,15 +57,14 @@ def trained(tmp_path_factory: pytest.TempPathFactory, tiny_model_dir: Path) -> d
     return out
 
 
-def make_runtime(tiny_model_dir: Path, slots: int) -> BaseRuntime:
-    tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
+def make_runtime(tiny_model_dir: Path, tokenizer: Any, slots: int) -> BaseRuntime:
     return BaseRuntime(AutoModelForCausalLM.from_pretrained(tiny_model_dir), tokenizer, cache_size=slots,
                        max_rank=64)
 
 
 @pytest.fixture()
-def runtime(tiny_model_dir: Path) -> Iterator[BaseRuntime]:
-    runtime = make_runtime(tiny_model_dir, slots=4)
+def runtime(tiny_model_dir: Path, tiny_tokenizer: Any) -> Iterator[BaseRuntime]:
+    runtime = make_runtime(tiny_model_dir, tiny_tokenizer, slots=4)
     yield runtime
     runtime.close()
 
@@ -121,8 +119,9 @@ def test_rows_of_one_batch_use_their_own_adapters(trained: dict[str, Path], runt
         assert torch.allclose(mixed[row], single, atol=1e-5), row
 
 
-def test_lru_evicts_and_reloads(trained: dict[str, Path], tiny_model_dir: Path, tmp_path: Path) -> None:
-    runtime = make_runtime(tiny_model_dir, slots=2)
+def test_lru_evicts_and_reloads(trained: dict[str, Path], tiny_model_dir: Path, tiny_tokenizer: Any,
+                                tmp_path: Path) -> None:
+    runtime = make_runtime(tiny_model_dir, tiny_tokenizer, slots=2)
     ids = prompt_ids(runtime)
     copies = []
     for i in range(3):

@@ -16,16 +16,9 @@ import pytest
 import torch
 
 from adapters.methods import METHODS
-from tests.conftest import Stack
 from tests.tiny_model import TINY_MODEL_ID
 
 CONFIG, WEIGHTS = "adapter_config.json", "adapter_model.safetensors"
-
-
-@pytest.fixture(scope="module")
-def client(stack: Stack) -> httpx.Client:
-    with stack.client() as c:
-        yield c
 
 
 @pytest.fixture(scope="module")
@@ -76,7 +69,7 @@ def tar_of(members: dict[str, bytes], link: str | None = None) -> bytes:
 
 @pytest.mark.parametrize("name", sorted(METHODS))
 def test_every_method_imports_and_serves_as_peft_computes_it(client: httpx.Client, tiny_model_dir: Path,
-                                                             tmp_path: Path, name: str) -> None:
+                                                             tiny_tokenizer: Any, tmp_path: Path, name: str) -> None:
     """An adapter of each registered method, made with PEFT outside Adaptery, passes the same gate and is
     served token for token as PEFT computes it."""
     from peft import PeftModel, get_peft_model
@@ -100,15 +93,12 @@ def test_every_method_imports_and_serves_as_peft_computes_it(client: httpx.Clien
     reply = client.post("/v1/chat/completions", json={"model": f"outside-{name}", "max_tokens": 6, "temperature": 0,
                                                       "messages": [{"role": "user", "content": "Hello"}]}).json()
     reference = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_model_dir), str(tmp_path)).eval()
-    assert greedy_text(reference, tiny_model_dir, "Hello", reply["usage"]["completion_tokens"]) == \
+    assert greedy_text(reference, tiny_tokenizer, "Hello", reply["usage"]["completion_tokens"]) == \
         reply["choices"][0]["message"]["content"]
 
 
-def greedy_text(model: Any, tiny_model_dir: Path, content: str, n: int) -> str:
+def greedy_text(model: Any, tokenizer: Any, content: str, n: int) -> str:
     """The model's greedy continuation of a one-message chat, by a full forward pass per token."""
-    from transformers import AutoTokenizer
-
-    tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
     prompt = tokenizer.apply_chat_template([{"role": "user", "content": content}], tokenize=False,
                                            add_generation_prompt=True)
     ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
@@ -119,9 +109,10 @@ def greedy_text(model: Any, tiny_model_dir: Path, content: str, n: int) -> str:
     return str(tokenizer.decode(sequence[len(ids):], skip_special_tokens=True))
 
 
-def test_import_serve_and_download(client: httpx.Client, peft_adapter: Path, tiny_model_dir: Path) -> None:
+def test_import_serve_and_download(client: httpx.Client, peft_adapter: Path, tiny_model_dir: Path,
+                                   tiny_tokenizer: Any) -> None:
     from peft import PeftModel
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM
 
     response = send_files(client, files_of(peft_adapter), name="acme-lora-v1")
     assert response.status_code == 200, response.text
@@ -131,16 +122,9 @@ def test_import_serve_and_download(client: httpx.Client, peft_adapter: Path, tin
 
     reply = client.post("/v1/chat/completions", json={"model": "acme-lora-v1", "max_tokens": 6, "temperature": 0,
                                                       "messages": [{"role": "user", "content": "Hello"}]}).json()
-    tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
-    prompt = tokenizer.apply_chat_template([{"role": "user", "content": "Hello"}], tokenize=False,
-                                           add_generation_prompt=True)
-    ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
     reference = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_model_dir), str(peft_adapter))
-    sequence = list(ids)
-    with torch.no_grad():
-        for _ in range(reply["usage"]["completion_tokens"]):
-            sequence.append(int(reference(input_ids=torch.tensor([sequence])).logits[0, -1].argmax()))
-    assert tokenizer.decode(sequence[len(ids):], skip_special_tokens=True) == reply["choices"][0]["message"]["content"]
+    assert greedy_text(reference, tiny_tokenizer, "Hello", reply["usage"]["completion_tokens"]) == \
+        reply["choices"][0]["message"]["content"]
 
     archive = client.get(f"/v1/adapters/{adapter['id']}/content")
     assert archive.status_code == 200 and archive.headers["content-type"] == "application/zip"

@@ -24,12 +24,6 @@ def method_hyperparameters(method: str) -> dict[str, Any]:
 
 
 @pytest.fixture(scope="module")
-def client(stack: Stack) -> httpx.Client:
-    with stack.client() as c:
-        yield c
-
-
-@pytest.fixture(scope="module")
 def training_file(client: httpx.Client) -> str:
     response = upload(client, chat_lines(32))
     assert response.status_code == 200, response.text
@@ -182,7 +176,8 @@ def peft_reference(tiny_model_dir: Path, folder: Path) -> Any:
 
 
 @pytest.mark.parametrize("method", sorted(METHODS))
-def test_train_and_serve_each_method(client: httpx.Client, stack: Stack, tiny_model_dir: Path, method: str) -> None:
+def test_train_and_serve_each_method(client: httpx.Client, stack: Stack, tiny_model_dir: Path, tiny_tokenizer: Any,
+                                     method: str) -> None:
     train = upload(client, chat_lines(32)).json()["id"]
     valid = upload(client, chat_lines(6, start=100)).json()["id"]
     response = create_job(client, {
@@ -228,18 +223,18 @@ def test_train_and_serve_each_method(client: httpx.Client, stack: Stack, tiny_mo
     chat(client, checkpoints[-1]["fine_tuned_model_checkpoint"])
 
     # This test process never loaded the adapter: reload it here and compare with PEFT's own loader.
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM
 
     from adapters.engine import AdapterRef, BaseRuntime
 
     folder = adapter_folder(stack, name)
     assert sorted(p.name for p in folder.iterdir()) == ["adapter_config.json", "adapter_model.safetensors"]
-    tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
-    runtime = BaseRuntime(AutoModelForCausalLM.from_pretrained(tiny_model_dir), tokenizer, cache_size=2, max_rank=64)
+    runtime = BaseRuntime(AutoModelForCausalLM.from_pretrained(tiny_model_dir), tiny_tokenizer, cache_size=2,
+                          max_rank=64)
     adapter = runtime.ensure_adapter(AdapterRef(key="x", folder=folder, base_model=TINY_MODEL_ID))
-    prompt = tokenizer.apply_chat_template([{"role": "user", "content": "Say hi 999"}], tokenize=False,
-                                           add_generation_prompt=True)
-    ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
+    prompt = tiny_tokenizer.apply_chat_template([{"role": "user", "content": "Say hi 999"}], tokenize=False,
+                                                add_generation_prompt=True)
+    ids = tiny_tokenizer(prompt, add_special_tokens=False)["input_ids"]
     reference = peft_reference(tiny_model_dir, folder)
     with torch.no_grad():
         expected = reference(input_ids=torch.tensor([ids]), attention_mask=torch.ones(1, len(ids), dtype=torch.long))
@@ -250,7 +245,7 @@ def test_train_and_serve_each_method(client: httpx.Client, stack: Stack, tiny_mo
         for _ in range(tuned["usage"]["completion_tokens"]):
             logits = reference(input_ids=torch.tensor([sequence])).logits[0, -1]
             sequence.append(int(logits.argmax()))
-    assert tokenizer.decode(sequence[len(ids):], skip_special_tokens=True) == tuned_reply
+    assert tiny_tokenizer.decode(sequence[len(ids):], skip_special_tokens=True) == tuned_reply
 
 
 def test_openai_request_shapes_train_lora(client: httpx.Client, training_file: str) -> None:

@@ -34,16 +34,15 @@ def tenant_b(stack: Stack) -> str:
 
 
 @pytest.fixture(scope="module")
-def owned_by_a(stack: Stack) -> dict[str, str]:
+def owned_by_a(client: httpx.Client) -> dict[str, str]:
     """Tenant A (the local tenant) owns a file, a finished job, its adapter and model name."""
-    with stack.client() as client:
-        file_id = upload(client, chat_lines(8)).json()["id"]
-        job = client.post("/v1/fine_tuning/jobs", json={
-            "model": TINY_MODEL_ID, "training_file": file_id, "hyperparameters": {"n_epochs": 1}}).json()
-        done = wait_for_status(client, job["id"], {"succeeded", "failed"})
-        assert done["status"] == "succeeded"
-        adapter = next(a for a in client.get("/v1/adapters").json()["data"] if a["name"] == done["fine_tuned_model"])
-        event = client.get(f"/v1/fine_tuning/jobs/{job['id']}/events", params={"limit": 1}).json()["data"][0]
+    file_id = upload(client, chat_lines(8)).json()["id"]
+    job = client.post("/v1/fine_tuning/jobs", json={
+        "model": TINY_MODEL_ID, "training_file": file_id, "hyperparameters": {"n_epochs": 1}}).json()
+    done = wait_for_status(client, job["id"], {"succeeded", "failed"})
+    assert done["status"] == "succeeded"
+    adapter = next(a for a in client.get("/v1/adapters").json()["data"] if a["name"] == done["fine_tuned_model"])
+    event = client.get(f"/v1/fine_tuning/jobs/{job['id']}/events", params={"limit": 1}).json()["data"][0]
     return {"file_id": file_id, "fine_tuning_job_id": job["id"], "adapter_id": adapter["id"],
             "model_id": done["fine_tuned_model"], "event_id": event["id"]}
 
@@ -101,9 +100,10 @@ def _body(method: str, path: str, ids: dict[str, str]) -> dict[str, Any] | None:
     return None
 
 
-def test_bola_matrix_from_the_openapi_document(stack: Stack, tenant_b: str, owned_by_a: dict[str, str]) -> None:
-    with stack.client() as a_client, httpx.Client(base_url=stack.base_url, headers=bearer(tenant_b),
-                                                  timeout=budget(60)) as b_client:
+def test_bola_matrix_from_the_openapi_document(stack: Stack, client: httpx.Client, tenant_b: str,
+                                               owned_by_a: dict[str, str]) -> None:
+    a_client = client
+    with httpx.Client(base_url=stack.base_url, headers=bearer(tenant_b), timeout=budget(60)) as b_client:
         spec = a_client.get("/openapi.json").json()
         missing = {key: value.split("-")[0] + "-doesnotexist" if value.startswith(("file", "ftjob", "adapter"))
                    else "ft:does-not-exist" for key, value in owned_by_a.items()}

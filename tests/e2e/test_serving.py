@@ -4,6 +4,7 @@ and the unchanged OpenAI SDK driving the whole flow."""
 from __future__ import annotations
 
 import json
+import time
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
@@ -13,12 +14,6 @@ import pytest
 from tests.budgets import budget
 from tests.conftest import AUTH, TEST_KEY, Stack, chat_lines, upload, wait_for_status
 from tests.tiny_model import TINY_MODEL_ID
-
-
-@pytest.fixture(scope="module")
-def client(stack: Stack) -> httpx.Client:
-    with stack.client() as c:
-        yield c
 
 
 @pytest.fixture(scope="module")
@@ -34,6 +29,19 @@ def adapters(client: httpx.Client) -> list[str]:
         assert done["status"] == "succeeded", done
         names.append(done["fine_tuned_model"])
     return names
+
+
+@pytest.fixture(scope="module")
+def talkative_adapter(client: httpx.Client) -> str:
+    """A LoRA trained with a vanishing learning rate: it answers as the random base model does, which runs on
+    to max_tokens instead of ending its reply (the adapters above learned to stop after a few tokens)."""
+    file_id = upload(client, chat_lines(4)).json()["id"]
+    job = client.post("/v1/fine_tuning/jobs", json={
+        "model": TINY_MODEL_ID, "training_file": file_id, "suffix": "talkative",
+        "method": {"type": "lora", "lora": {"hyperparameters": {"learning_rate": 1e-9, "n_epochs": 1}}}}).json()
+    done = wait_for_status(client, job["id"], {"succeeded", "failed", "cancelled"})
+    assert done["status"] == "succeeded", done
+    return str(done["fine_tuned_model"])
 
 
 def sse_payloads(response: httpx.Response) -> list[str]:
@@ -74,16 +82,49 @@ def test_completion_stream(client: httpx.Client) -> None:
     assert chunks[-1]["choices"][0]["finish_reason"] == "length"
 
 
-def test_client_leaving_a_stream_does_not_hurt_the_server(client: httpx.Client) -> None:
-    with client.stream("POST", "/v1/chat/completions", json=chat_body(TINY_MODEL_ID, stream=True,
+def test_client_leaving_a_stream_frees_its_sequence(client: httpx.Client, talkative_adapter: str) -> None:
+    """The server drops the sequence of a client that left, at once rather than when it would have ended.
+
+    Observed through the adapter the sequence uses: unloading an adapter is refused (409 adapter_in_use)
+    while a sequence of the running batch uses it, and succeeds once none does."""
+    adapter_id = client.get(f"/v1/adapters/{talkative_adapter}").json()["id"]
+    # How long the request runs when its client stays: a sequence left in the batch holds the adapter this long.
+    started = time.monotonic()
+    full = client.post("/v1/chat/completions", json=chat_body(talkative_adapter, max_tokens=2000))
+    natural = time.monotonic() - started
+    assert full.status_code == 200 and full.json()["usage"]["completion_tokens"] == 2000, full.text
+
+    with client.stream("POST", "/v1/chat/completions", json=chat_body(talkative_adapter, stream=True,
                                                                          max_tokens=2000)) as response:
+        assert response.status_code == 200
+        produced = 0
+        # Held in a name: a line iterator dropped after `break` closes the connection, i.e. leaves right there.
         lines = response.iter_lines()
         for line in lines:
-            if line.startswith("data:") and "content" in line:
-                break
-    # The server freed that sequence: a new request is served at once and completely.
-    reply = client.post("/v1/chat/completions", json=chat_body(TINY_MODEL_ID), timeout=budget(30))
-    assert reply.status_code == 200 and reply.json()["usage"]["completion_tokens"] == 12
+            if line.startswith("data:") and line != "data: [DONE]":
+                choice = json.loads(line[len("data:"):])["choices"][0]
+                assert choice["finish_reason"] is None, f"the sequence ended by itself: {choice}"
+                produced += bool(choice["delta"].get("content"))
+                if produced >= 2:  # decoding, in the running batch
+                    break
+        in_use = client.post(f"/v1/adapters/{adapter_id}/unload")
+        assert in_use.status_code == 409 and in_use.json()["error"]["code"] == "adapter_in_use", in_use.text
+        left = time.monotonic()
+    # The client has left (the connection closed mid-stream): its sequence must leave the batch.
+    deadline = left + budget(15)
+    while (unloaded := client.post(f"/v1/adapters/{adapter_id}/unload")).status_code == 409:
+        assert unloaded.json()["error"]["code"] == "adapter_in_use", unloaded.text
+        assert time.monotonic() < deadline, "the sequence of a client that left still holds its adapter"
+        time.sleep(0.02)
+    freed_after = time.monotonic() - left
+    assert unloaded.status_code == 200 and unloaded.json()["state"] == "on_disk", unloaded.text
+    # Freed because the client left, not because it ran to max_tokens: that would have taken most of `natural`.
+    assert freed_after < natural / 4, f"freed {freed_after:.2f} s after the client left; a full run takes " \
+                                      f"{natural:.2f} s"
+    # And the server goes on serving: the adapter is loaded again for the next request, which completes.
+    reply = client.post("/v1/chat/completions", json=chat_body(talkative_adapter))
+    assert reply.status_code == 200 and reply.json()["usage"]["completion_tokens"] == 12, reply.text
+    assert client.get(f"/v1/adapters/{adapter_id}").json()["state"] == "active"
 
 
 def test_concurrent_requests_on_different_adapters(client: httpx.Client, adapters: list[str]) -> None:
@@ -129,15 +170,14 @@ def test_adapter_residency_api(client: httpx.Client, adapters: list[str]) -> Non
     assert client.post("/v1/adapters/adapter-missing/pin").status_code == 404
 
 
-def test_the_openai_sdk_works_unchanged(stack: Stack) -> None:
+def test_the_openai_sdk_works_unchanged(stack: Stack, client: httpx.Client) -> None:
     openai = pytest.importorskip("openai")
     sdk = openai.OpenAI(base_url=f"{stack.base_url}/v1", api_key=TEST_KEY, max_retries=0)
     file = sdk.files.create(file=("train.jsonl", chat_lines(8).encode()), purpose="fine-tune")
     assert file.status == "processed"
     job = sdk.fine_tuning.jobs.create(model=TINY_MODEL_ID, training_file=file.id, hyperparameters={"n_epochs": 1})
     assert job.status in ("queued", "running")
-    with stack.client() as raw:
-        wait_for_status(raw, job.id, {"succeeded"})
+    wait_for_status(client, job.id, {"succeeded"})
     job = sdk.fine_tuning.jobs.retrieve(job.id)
     assert job.fine_tuned_model and job.status == "succeeded"
     events = sdk.fine_tuning.jobs.list_events(job.id, limit=50)
