@@ -1,0 +1,79 @@
+"""Every registered method through the unchanged OpenAI SDK: fine-tune with `method.type` set to it, see
+the model in /v1/models, and chat with it alone and in one batch mixed with every other method."""
+
+from __future__ import annotations
+
+import time
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+
+import pytest
+
+from adapters.methods import METHODS
+from tests.budgets import JOB_DONE, budget
+from tests.conftest import TEST_KEY, Stack, chat_lines
+from tests.tiny_model import TINY_MODEL_ID
+
+PROMPTS = ["Say hi 3", "Say hi 40, please", "Hello there, who are you and what do you do all day?"]
+
+
+@pytest.fixture(scope="module")
+def sdk(stack: Stack) -> Any:
+    openai = pytest.importorskip("openai")
+    return openai.OpenAI(base_url=f"{stack.base_url}/v1", api_key=TEST_KEY, max_retries=0,
+                         timeout=budget(120))
+
+
+@pytest.fixture(scope="module")
+def fine_tuned(sdk: Any) -> dict[str, str]:
+    """One model per registered method, every job submitted through the SDK before any is awaited."""
+    file = sdk.files.create(file=("train.jsonl", chat_lines(16, answer="HELLO WORLD").encode()), purpose="fine-tune")
+    jobs = {}
+    for name, method in METHODS.items():
+        hyperparameters = {"n_epochs": 2, "batch_size": 4,
+                           "learning_rate": min(0.1, 20 * method.default_learning_rate)}
+        jobs[name] = sdk.fine_tuning.jobs.create(
+            model=TINY_MODEL_ID, training_file=file.id, suffix=name.replace("_", "-"),
+            method={"type": name, name: {"hyperparameters": hyperparameters}})
+    models = {}
+    deadline = time.monotonic() + budget(JOB_DONE) * len(jobs)
+    for name, job in jobs.items():
+        while job.status not in ("succeeded", "failed", "cancelled"):
+            assert time.monotonic() < deadline, f"{name} still {job.status}"
+            time.sleep(0.3)
+            job = sdk.fine_tuning.jobs.retrieve(job.id)
+        assert job.status == "succeeded", (name, job.error)
+        assert job.method.type == name
+        models[name] = job.fine_tuned_model
+    return models
+
+
+def ask(sdk: Any, model: str, prompt: str) -> str:
+    reply = sdk.chat.completions.create(model=model, messages=[{"role": "user", "content": prompt}], max_tokens=8,
+                                        temperature=0)
+    return str(reply.choices[0].message.content)
+
+
+@pytest.mark.parametrize("name", list(METHODS))
+def test_each_method_trains_and_answers_through_the_sdk(sdk: Any, fine_tuned: dict[str, str], name: str) -> None:
+    model = fine_tuned[name]
+    assert model.startswith(f"ft:{TINY_MODEL_ID}:{name.replace('_', '-')}:")
+    listed = {m.id: m for m in sdk.models.list().data}
+    assert getattr(listed[model], "parent", None) == TINY_MODEL_ID
+    assert ask(sdk, model, PROMPTS[0]) != ask(sdk, TINY_MODEL_ID, PROMPTS[0]), "the adapter changes nothing"
+    streamed = sdk.chat.completions.create(model=model, messages=[{"role": "user", "content": PROMPTS[1]}],
+                                           max_tokens=8, temperature=0, stream=True)
+    assert "".join(chunk.choices[0].delta.content or "" for chunk in streamed if chunk.choices) == \
+        ask(sdk, model, PROMPTS[1])
+
+
+def test_every_method_in_one_mixed_batch(sdk: Any, fine_tuned: dict[str, str]) -> None:
+    """Requests for the base model and every method's model at once (the engine batches them together)
+    answer exactly as each does alone."""
+    requests = [(model, prompt) for model in [TINY_MODEL_ID, *fine_tuned.values()] for prompt in PROMPTS]
+    alone = [ask(sdk, model, prompt) for model, prompt in requests]
+    with ThreadPoolExecutor(max_workers=len(requests)) as pool:
+        together = list(pool.map(lambda r: ask(sdk, *r), requests))
+    assert together == alone
+    # Different methods, trained on the same data, still answer as themselves (not as one shared adapter).
+    assert len({tuple(alone[i:i + len(PROMPTS)]) for i in range(0, len(alone), len(PROMPTS))}) > 2
