@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import re
-from pathlib import Path
 from typing import Any
 
 import pytest
@@ -19,8 +18,6 @@ from adapters.data import (
     parse_jsonl,
 )
 
-ROOT = Path(__file__).resolve().parents[2]
-TOKENIZER_DIR = ROOT / ".cache" / "models" / "tiny-llama"
 EOS = "<|im_end|>"
 
 
@@ -223,15 +220,9 @@ def test_unicode_line_separators_inside_json_strings(separator: str) -> None:
 
 
 @pytest.fixture(scope="module")
-def tokenizer() -> Any:
-    if not (TOKENIZER_DIR / "tokenizer.json").exists():
-        pytest.skip(f"SmolLM2 tokenizer not found at {TOKENIZER_DIR} (built by the tiny_model_dir fixture / "
-                    f"`make test` on first run)")
-    from transformers import AutoTokenizer
-
-    tok = AutoTokenizer.from_pretrained(str(TOKENIZER_DIR))
-    assert tok.eos_token == EOS, "these tests assume SmolLM2's ChatML tokenizer"
-    return tok
+def tokenizer(tiny_tokenizer: Any) -> Any:
+    assert tiny_tokenizer.eos_token == EOS, "these tests assume SmolLM2's ChatML tokenizer"
+    return tiny_tokenizer
 
 
 def trained_runs(tokenizer: Any, example: EncodedExample) -> list[str]:
