@@ -83,12 +83,13 @@ def resolve_device(setting: str) -> str:
     return setting
 
 
-def load_model(path: str, *, device: str) -> Any:
-    """The frozen base model in eval mode on `device` ("auto", "cpu", "cuda", "cuda:1", ...)."""
+def load_model(path: str, *, device: str, dtype: str = "float32") -> Any:
+    """The frozen base model in eval mode on `device` ("auto", "cpu", "cuda", "cuda:1", ...), its weights
+    stored once in `dtype` ("float32" or "bfloat16")."""
     import torch
     from transformers import AutoModelForCausalLM
 
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=getattr(torch, dtype))
     model.to(resolve_device(device))  # type: ignore[arg-type]
     model.requires_grad_(False)
     model.eval()

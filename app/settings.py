@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from functools import lru_cache
 from pathlib import Path
+from typing import Literal
 
 from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -36,6 +37,9 @@ class Settings(BaseSettings):
     torch_threads: int = 1
     # "auto": the first CUDA GPU when there is one, else the CPU. Or "cpu", "cuda", "cuda:1", ...
     device: str = "auto"
+    # The dtype training computes in: "auto" (bfloat16 where the hardware does it natively and a probe
+    # measures it faster, float32 otherwise), "float32" or "bfloat16".
+    training_dtype: Literal["auto", "float32", "bfloat16"] = "auto"
     # Adapter slots per base model in a serving process: adapters served in the same batch at once.
     # The least recently used adapter not serving a request gives up its slot first.
     adapter_cache_size: int = 16

@@ -16,6 +16,8 @@ from typing import Any
 import torch
 from sqlalchemy import select
 
+from adapters.base_models import resolve_device
+from adapters.compute import compute_plan
 from adapters.data import EncodedExample, encode_dataset, parse_jsonl
 from adapters.methods import METHODS
 from adapters.store import ADAPTER_FILES, ArtifactStore
@@ -83,9 +85,14 @@ class JobRunner:
         torch.set_num_threads(self.settings.torch_threads)
         self._phase_started = time.perf_counter()
         spec = base_models.resolve(self.settings, self.job.model)
+        plan = compute_plan(resolve_device(self.settings.device), self.settings.training_dtype,
+                            self.settings.data_dir)
+        self._event(f"Computing in {plan.reason}.", data={"compute_dtype": plan.dtype,
+                                                          "fp32_gflops": plan.fp32_gflops,
+                                                          "bf16_gflops": plan.bf16_gflops})
         tokenizer = base_models.load_tokenizer(self.settings, spec)
-        base = base_models.load_model(self.settings, spec)
-        self._phase_done("load_base_model", f"Loaded base model {self.job.model}")
+        base = base_models.load_model(self.settings, spec, dtype=plan.dtype)
+        self._phase_done("load_base_model", f"Loaded base model {self.job.model} ({plan.dtype})")
         train_examples, valid_examples = self._tokenise(tokenizer)
         resume = checkpoints.latest(self.checkpoint_root)
         if resume is not None:
@@ -98,6 +105,7 @@ class JobRunner:
                                   pad_id=tokenizer.pad_token_id, eval_every_steps=self.settings.eval_every_steps,
                                   log_every_steps=self.settings.log_every_steps, callbacks=self.callbacks(),
                                   checkpoint_steps=self.settings.checkpoint_steps, resume=resume,
+                                  compute_dtype=plan.dtype,
                                   after_step=self.fault.after_step)
         except LeaseLost:
             log.warning("job %s: lease lost to another worker; stopping without writing", self.job_id)

@@ -81,6 +81,22 @@ class AdaLora(AdapterMethod):
     def after_optimizer_step(self, peft_model: Any, step: int) -> None:
         peft_model.base_model.update_and_allocate(step)
 
+    def regularisation(self, peft_model: Any) -> Any:
+        """PEFT's orthogonality penalty on the SVD factors (AdaLoraModel.forward adds it when given labels;
+        our training path computes the loss itself, so it adds it here): the mean over factor matrices of
+        ‖P·Pᵀ − I‖_F, times orth_reg_weight."""
+        import torch
+
+        adapter = peft_model.base_model.trainable_adapter_name
+        weight = peft_model.peft_config[adapter].orth_reg_weight
+        terms = []
+        for name, parameter in peft_model.base_model.model.named_parameters():
+            if ("lora_A" in name or "lora_B" in name) and adapter in name:
+                covariance = parameter @ parameter.T if "lora_A" in name else parameter.T @ parameter
+                identity = torch.eye(*covariance.size(), dtype=covariance.dtype, device=covariance.device)
+                terms.append(torch.norm(covariance - identity, p="fro"))
+        return weight * torch.stack(terms).mean() if terms else None
+
     def sanitise_config(self, config: dict[str, Any], *, max_rank: int) -> dict[str, Any]:
         check_lora_family_config(config, rank_key="init_r" if "init_r" in config else "r", max_rank=max_rank)
         return super().sanitise_config(config, max_rank=max_rank)

@@ -85,6 +85,9 @@ class AdapterMethod:
     optional_hyperparameters: ClassVar[frozenset[str]] = frozenset()
     # adapter_config.json keys an imported adapter may carry (besides COMMON_CONFIG_KEYS); the rest is dropped.
     config_keys: ClassVar[frozenset[str]] = frozenset()
+    # Whether several examples may share one training row (packing): false for methods that put something in
+    # front of each example's input, which a packed row would give to its first example only.
+    packs_examples: ClassVar[bool] = True
 
     def method_defaults(self, hp: TrainingHyperparameters, *, settings: Any, base_info: dict[str, Any]
                         ) -> dict[str, Any]:
@@ -132,6 +135,14 @@ class AdapterMethod:
 
     def after_optimizer_step(self, peft_model: Any, step: int) -> None:
         """Called after every optimiser step, before gradients are zeroed (AdaLoRA needs this)."""
+
+    def regularisation(self, peft_model: Any) -> Any:
+        """A term PEFT adds to the training loss for this method (a tensor), or None."""
+        return None
+
+    def input_offset(self, hp: dict[str, Any]) -> int:
+        """Positions the method puts in front of each example's input tokens (virtual tokens)."""
+        return 0
 
     # ---------------------------------------------------------------- adapters as files
 

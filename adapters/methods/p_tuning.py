@@ -33,6 +33,8 @@ class PTuning(AdapterMethod):
     hyperparameters = PTuningHyperparameters
     default_learning_rate = 3e-3
     serving_kind = ServingKind.VIRTUAL_TOKENS
+    # Its prefix or virtual tokens belong in front of every example: one example per training row.
+    packs_examples = False
     config_keys = PROMPT_LEARNING_KEYS | {"encoder_reparameterization_type", "encoder_hidden_size",
                                           "encoder_num_layers", "encoder_dropout"}
 
@@ -61,6 +63,9 @@ class PTuning(AdapterMethod):
                 hp["encoder_reparameterization_type"].upper()],
             encoder_hidden_size=hp["encoder_hidden_size"], encoder_num_layers=hp["encoder_num_layers"],
             encoder_dropout=hp["encoder_dropout"])
+
+    def input_offset(self, hp: dict[str, Any]) -> int:
+        return int(hp["num_virtual_tokens"])
 
     def sanitise_config(self, config: dict[str, Any], *, max_rank: int) -> dict[str, Any]:
         check_virtual_tokens(config)

@@ -27,6 +27,8 @@ class PrefixTuning(AdapterMethod):
     # Prefix vectors start from random values and need a larger step than LoRA's factors.
     default_learning_rate = 1e-2
     serving_kind = ServingKind.KV_PREFIX
+    # Its prefix or virtual tokens belong in front of every example: one example per training row.
+    packs_examples = False
     config_keys = PROMPT_LEARNING_KEYS | {"encoder_hidden_size", "prefix_projection"}
 
     def check(self, hp, *, settings, base_info):  # type: ignore[no-untyped-def,override]

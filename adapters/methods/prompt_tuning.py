@@ -55,6 +55,8 @@ class PromptTuning(AdapterMethod):
     # Soft prompts need much larger steps than weight updates (Lester et al. used 0.3 with Adafactor).
     default_learning_rate = 3e-2
     serving_kind = ServingKind.VIRTUAL_TOKENS
+    # Its prefix or virtual tokens belong in front of every example: one example per training row.
+    packs_examples = False
     optional_hyperparameters = frozenset({"prompt_tuning_init_text"})
     # The init fields are dropped on import (the weights carry what was learned); tokenizer paths are never kept.
     config_keys = PROMPT_LEARNING_KEYS | {"prompt_tuning_init"}
@@ -88,6 +90,9 @@ class PromptTuning(AdapterMethod):
         cleaned = {k: v for k, v in config.items() if k not in ("prompt_tuning_init_text", "tokenizer_name_or_path",
                                                                  "tokenizer_kwargs")}
         return {**cleaned, "prompt_tuning_init": "RANDOM"}
+
+    def input_offset(self, hp: dict[str, Any]) -> int:
+        return int(hp["num_virtual_tokens"])
 
     def sanitise_config(self, config: dict[str, Any], *, max_rank: int) -> dict[str, Any]:
         check_virtual_tokens(config)

@@ -59,8 +59,8 @@ def load_tokenizer(settings: Settings, spec: BaseModelSpec) -> Any:
     return core.load_tokenizer(local_path(settings, spec))
 
 
-def load_model(settings: Settings, spec: BaseModelSpec) -> Any:
-    return core.load_model(local_path(settings, spec), device=settings.device)
+def load_model(settings: Settings, spec: BaseModelSpec, *, dtype: str = "float32") -> Any:
+    return core.load_model(local_path(settings, spec), device=settings.device, dtype=dtype)
 
 
 def base_info(settings: Settings, spec: BaseModelSpec) -> dict[str, Any]:

@@ -1,7 +1,8 @@
 """The training loop: a frozen base model plus one PEFT method, trained on masked token losses.
 
 A plain loop rather than transformers.Trainer, so that method hooks (AdaLoRA's budget allocation),
-cancellation at step boundaries, events and checkpoints are explicit and cheap.
+cancellation at step boundaries, events and checkpoints are explicit and cheap, and batches waste no
+compute (batches.py: packed rows, logits only where a label is).
 """
 
 from __future__ import annotations
@@ -17,8 +18,7 @@ import torch
 
 from adapters.data import EncodedExample
 from adapters.methods import AdapterMethod, total_steps
-
-IGNORE_INDEX = -100
+from workers.training.batches import TrainingBatch, batch_loss, packed_batch, padded_batch, use_packed_attention
 
 
 class Cancelled(Exception):
@@ -72,45 +72,36 @@ class TrainingResult:
     final_valid_loss: float | None
 
 
-def make_batch(examples: list[EncodedExample], pad_id: int, max_len: int) -> dict[str, torch.Tensor]:
-    """Right-padded tensors; labels are -100 on padding and on tokens not trained on."""
-    rows = [(e.input_ids[:max_len], e.loss_mask[:max_len]) for e in examples]
-    width = max(len(ids) for ids, _ in rows)
-    input_ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
-    labels = torch.full((len(rows), width), IGNORE_INDEX, dtype=torch.long)
-    attention = torch.zeros((len(rows), width), dtype=torch.long)
-    for i, (ids, mask) in enumerate(rows):
-        n = len(ids)
-        input_ids[i, :n] = torch.tensor(ids)
-        attention[i, :n] = 1
-        labels[i, :n] = torch.tensor([t if m else IGNORE_INDEX for t, m in zip(ids, mask, strict=True)])
-    return {"input_ids": input_ids, "attention_mask": attention, "labels": labels}
-
-
 def trainable_examples(examples: list[EncodedExample], max_len: int) -> list[EncodedExample]:
     """Drop examples that have nothing left to learn from after truncation to max_len."""
     # The label of token t is predicted at t-1, so a trained token at position 0 teaches nothing.
     return [e for e in examples if any(e.loss_mask[1:max_len])]
 
 
+class BatchMaker:
+    """Turns a list of examples into a TrainingBatch the way the method allows (packed or padded)."""
+
+    def __init__(self, method: AdapterMethod, hp: dict[str, Any], pad_id: int):
+        self.packed = method.packs_examples
+        self.max_len, self.pad_id, self.offset = hp["max_seq_length"], pad_id, method.input_offset(hp)
+
+    def __call__(self, examples: list[EncodedExample]) -> TrainingBatch:
+        if self.packed:
+            return packed_batch(examples, max_len=self.max_len)
+        return padded_batch(examples, max_len=self.max_len, pad_id=self.pad_id, offset=self.offset)
+
+
 @torch.no_grad()
-def evaluate(model: Any, examples: list[EncodedExample], *, pad_id: int, max_len: int, batch_size: int) -> float:
+def evaluate(model: Any, examples: list[EncodedExample], *, make: BatchMaker, batch_size: int) -> float:
     """Mean loss per trained token over the examples."""
     was_training = model.training
     model.eval()
     total_loss, total_tokens = 0.0, 0
     device = next(model.parameters()).device
     for start in range(0, len(examples), batch_size):
-        batch = {k: v.to(device) for k, v in make_batch(examples[start:start + batch_size], pad_id, max_len).items()}
-        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-        # Virtual-token methods return logits for their virtual tokens too, in front of the real ones.
-        logits = logits[:, -batch["input_ids"].shape[1]:]
-        shift_logits = logits[:, :-1].reshape(-1, logits.shape[-1])
-        shift_labels = batch["labels"][:, 1:].reshape(-1)
-        loss = torch.nn.functional.cross_entropy(shift_logits, shift_labels, ignore_index=IGNORE_INDEX,
-                                                 reduction="sum")
-        total_loss += float(loss)
-        total_tokens += int((shift_labels != IGNORE_INDEX).sum())
+        batch = make(examples[start:start + batch_size]).to(device)
+        total_loss += float(batch_loss(model, batch, reduction="sum"))
+        total_tokens += len(batch.targets)
     if was_training:
         model.train()
     return total_loss / max(1, total_tokens)
@@ -132,14 +123,35 @@ def epoch_order(n: int, seed: int, epoch: int) -> list[int]:
     return torch.randperm(n, generator=torch.Generator().manual_seed(seed * 1_000_003 + epoch)).tolist()
 
 
+_accelerator: Any = None
+
+
+def accelerator_for(compute_dtype: str, device: torch.device) -> Any:
+    """The process's accelerate.Accelerator for this compute dtype (bf16 autocast, or none for fp32)."""
+    global _accelerator
+    from accelerate import Accelerator
+    from accelerate.state import AcceleratorState
+
+    precision = "bf16" if compute_dtype == "bfloat16" else "no"
+    if _accelerator is None or _accelerator.mixed_precision != precision:
+        # accelerate keeps one state per process and refuses another precision; a process that trains in
+        # two dtypes (tests; a changed setting) starts a new one.
+        AcceleratorState._reset_state(reset_partial_state=True)
+        _accelerator = Accelerator(mixed_precision=precision, cpu=device.type == "cpu")
+    return _accelerator
+
+
 def train(*, base_model: Any, method: AdapterMethod, hyperparameters: dict[str, Any], seed: int,
           train_examples: list[EncodedExample], valid_examples: list[EncodedExample], pad_id: int,
           eval_every_steps: int, log_every_steps: int, callbacks: TrainingCallbacks, checkpoint_steps: int = 0,
-          resume: Any = None, after_step: Callable[[int], None] | None = None) -> tuple[Any, TrainingResult]:
+          resume: Any = None, after_step: Callable[[int], None] | None = None,
+          compute_dtype: str = "float32") -> tuple[Any, TrainingResult]:
     """Train a PEFT adapter on `base_model` (modified in place); returns the PeftModel and a summary.
 
-    `resume` (a checkpoints.ResumeState) continues from a checkpoint: same weights, optimiser,
-    scheduler, RNG and data position, so the result matches an uninterrupted run.
+    `compute_dtype` "bfloat16" trains under bf16 autocast (the frozen base should be stored in bf16; PEFT
+    keeps adapter weights, and so the optimiser state, in fp32). `resume` (a checkpoints.ResumeState)
+    continues from a checkpoint: same weights, optimiser, scheduler, RNG and data position, so the result
+    matches an uninterrupted run.
     """
     from peft import get_peft_model
     from transformers import get_scheduler
@@ -159,6 +171,10 @@ def train(*, base_model: Any, method: AdapterMethod, hyperparameters: dict[str, 
     steps_total = total_steps(len(examples), hp)
     model = get_peft_model(base_model, method.peft_config(hp, total_steps=steps_total,
                                                           base_model_path=getattr(base_model, "name_or_path", None)))
+    make = BatchMaker(method, hp, pad_id)
+    if make.packed:
+        use_packed_attention(base_model)
+    accelerator = accelerator_for(compute_dtype, next(base_model.parameters()).device)
     device = next(base_model.parameters()).device
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=hp["learning_rate"], weight_decay=hp["weight_decay"])
@@ -190,9 +206,13 @@ def train(*, base_model: Any, method: AdapterMethod, hyperparameters: dict[str, 
                                             {"step": position.step, "train_loss": last_train_loss}, False)
                 raise stop
             chunk = [examples[i] for i in batches[position.batch]]
-            batch = {k: v.to(device) for k, v in make_batch(chunk, pad_id, max_len).items()}
-            loss = model(**batch).loss
-            loss.backward()
+            batch = make(chunk).to(device)
+            with accelerator.autocast():
+                loss = batch_loss(model, batch)
+                extra = method.regularisation(model)
+                if extra is not None:
+                    loss = loss + extra
+            accelerator.backward(loss)
             torch.nn.utils.clip_grad_norm_(params, 1.0)
             optimizer.step()
             position.step += 1
@@ -200,14 +220,15 @@ def train(*, base_model: Any, method: AdapterMethod, hyperparameters: dict[str, 
             method.after_optimizer_step(model, position.step)
             scheduler.step()
             optimizer.zero_grad(set_to_none=True)
-            position.trained_tokens += int(batch["attention_mask"].sum())
+            position.trained_tokens += batch.real_tokens
             last_train_loss = float(loss.detach())
             step = position.step
             epoch_float = position.epoch + position.batch / steps_per_epoch
             metrics: dict[str, Any] = {"step": step, "train_loss": round(last_train_loss, 6), "epoch": round(
                 epoch_float, 4), "learning_rate": scheduler.get_last_lr()[0], "total_steps": steps_total}
             if valid and (step % eval_every == 0 or step == steps_total):
-                last_valid_loss = evaluate(model, valid, pad_id=pad_id, max_len=max_len, batch_size=batch_size)
+                with accelerator.autocast():
+                    last_valid_loss = evaluate(model, valid, make=make, batch_size=batch_size)
                 metrics["valid_loss"] = round(last_valid_loss, 6)
             if step % log_every_steps == 0 or step == steps_total or "valid_loss" in metrics:
                 callbacks.on_metrics(metrics)

@@ -1,0 +1,110 @@
+"""The training path that skips padding and unlabelled positions computes exactly the plain path's loss and
+gradients, for every registered method (the plain path: right-padded batch, labels, `model(...).loss`)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+
+from adapters.base_models import base_info
+from adapters.data import EncodedExample, encode_dataset, parse_jsonl
+from adapters.methods import METHODS
+from app.settings import Settings
+from tests.conftest import chat_lines
+from workers.training.batches import batch_loss, packed_batch, padded_batch, use_packed_attention
+from workers.training.loop import BatchMaker
+
+IGNORE = -100
+
+
+def plain_batch(examples: list[EncodedExample], pad_id: int) -> dict[str, torch.Tensor]:
+    """The plain Hugging Face way: right-padded rows, labels -100 on padding and untrained tokens."""
+    width = max(len(e.input_ids) for e in examples)
+    input_ids = torch.full((len(examples), width), pad_id)
+    labels = torch.full((len(examples), width), IGNORE)
+    attention = torch.zeros((len(examples), width), dtype=torch.long)
+    for row, example in enumerate(examples):
+        n = len(example.input_ids)
+        input_ids[row, :n] = torch.tensor(example.input_ids)
+        attention[row, :n] = 1
+        labels[row, :n] = torch.tensor([t if m else IGNORE for t, m in zip(example.input_ids, example.loss_mask,
+                                                                            strict=True)])
+    return {"input_ids": input_ids, "attention_mask": attention, "labels": labels}
+
+
+@pytest.fixture(scope="module")
+def examples(tiny_tokenizer: Any) -> list[EncodedExample]:
+    """Examples of very different lengths, several labelled tokens each."""
+    spread = "\n".join(json.dumps({"messages": [{"role": "user", "content": "word " * (7 * i)},
+                                                {"role": "assistant", "content": "answer " * i}]})
+                       for i in range(1, 6))
+    return encode_dataset(tiny_tokenizer, parse_jsonl((chat_lines(3) + spread + "\n").encode(), max_examples=100))
+
+
+def peft_model(name: str, tiny_model_dir: Path) -> tuple[Any, dict[str, Any]]:
+    from peft import get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    method = METHODS[name]
+    hp = method.resolve({}, n_examples=8, settings=Settings(), base_info=base_info(str(tiny_model_dir)))
+    torch.manual_seed(0)
+    model = get_peft_model(AutoModelForCausalLM.from_pretrained(tiny_model_dir), method.peft_config(hp, total_steps=4))
+    with torch.no_grad():  # away from the initial values, some of which make a method a no-op
+        for parameter in model.parameters():
+            if parameter.requires_grad:
+                parameter.add_(torch.randn_like(parameter) * 0.3)
+    return model.train(), hp
+
+
+def gradients(model: Any) -> dict[str, torch.Tensor]:
+    grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad and p.grad is not None}
+    model.zero_grad(set_to_none=True)
+    return grads
+
+
+@pytest.mark.parametrize("name", sorted(METHODS))
+def test_loss_and_gradients_equal_the_plain_path(name: str, examples: list[EncodedExample], tiny_model_dir: Path,
+                                                 tiny_tokenizer: Any) -> None:
+    method = METHODS[name]
+    model, hp = peft_model(name, tiny_model_dir)
+    model.eval()  # no dropout: the two paths must see the same function
+    plain = model(**plain_batch(examples, tiny_tokenizer.pad_token_id)).loss  # PEFT adds AdaLoRA's penalty here
+    plain.backward()
+    expected = gradients(model)
+
+    make = BatchMaker(method, hp, tiny_tokenizer.pad_token_id)
+    if make.packed:
+        use_packed_attention(model.base_model.model)
+    batch = make(examples)
+    ours = batch_loss(model, batch)
+    extra = method.regularisation(model)
+    if extra is not None:
+        ours = ours + extra
+    ours.backward()
+    got = gradients(model)
+    assert abs(float(ours) - float(plain)) < 1e-4, (float(ours), float(plain))
+    assert got.keys() == expected.keys() and got
+    for key in got:
+        assert torch.allclose(got[key], expected[key], atol=1e-5, rtol=1e-4), key
+    # Packing: the row holds exactly the real tokens, no padding at all.
+    assert batch.real_tokens == sum(len(e.input_ids) for e in examples)
+    if make.packed:
+        assert batch.inputs["input_ids"].shape == (1, batch.real_tokens)
+
+
+def test_only_labelled_positions_reach_the_head(examples: list[EncodedExample]) -> None:
+    packed = packed_batch(examples, max_len=1024)
+    labelled = sum(sum(e.loss_mask[1:]) for e in examples)
+    assert len(packed.keep) == len(packed.targets) == labelled < packed.real_tokens // 3
+    padded = padded_batch(examples, max_len=1024, pad_id=0, offset=5)
+    assert len(padded.targets) == labelled and int(padded.keep.min()) >= 5
+
+
+def test_truncation_keeps_the_same_labels_on_both_paths(examples: list[EncodedExample]) -> None:
+    packed, padded = packed_batch(examples, max_len=12), padded_batch(examples, max_len=12, pad_id=0)
+    assert torch.equal(packed.targets, padded.targets)
+    assert packed.real_tokens == padded.real_tokens == sum(min(12, len(e.input_ids)) for e in examples)

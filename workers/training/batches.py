@@ -1,0 +1,131 @@
+"""Training batches that spend no compute on padding or on positions without a label.
+
+Methods whose adapter lives in the weights (LoRA, AdaLoRA, IA³) get *packed* batches: every example of
+the batch in one row, one after another, position ids restarting at each example, and attention that
+stays inside each example (`packed_attention`, registered with transformers as an attention
+implementation: causal scaled-dot-product attention per example, so no token attends across a
+boundary and no attention is computed for pairs that a mask would throw away). Methods that put
+something in front of the input (prefix tuning's keys and values, the virtual tokens of prompt tuning
+and P-tuning) cannot share one row between examples, so they get right-padded rows as before.
+
+Either way the language-model head and the loss run only at the positions whose next token carries
+a label (`logits_to_keep`), which in chat data is a few tokens per example; the loss is the same mean
+over labelled tokens the plain path computes.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F  # noqa: N812 (the usual name)
+
+from adapters.data import EncodedExample
+
+PACKED_ATTENTION = "adaptery_packed"
+
+
+def packed_attention(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                     attention_mask: torch.Tensor | None, dropout: float = 0.0, scaling: float | None = None,
+                     **kwargs: Any) -> tuple[torch.Tensor, None]:
+    """Causal attention within each packed example: `cu_seq_lens_q` holds the examples' boundaries in the
+    row (the keyword transformers' variable-length attention uses). Returns [batch, tokens, heads, dim]."""
+    bounds = kwargs.get("cu_seq_lens_q")
+    if bounds is None:
+        raise ValueError("packed attention needs cu_seq_lens_q (the examples' boundaries in the row)")
+    gqa = getattr(module, "num_key_value_groups", 1) > 1
+    pieces = [F.scaled_dot_product_attention(query[:, :, start:end], key[:, :, start:end], value[:, :, start:end],
+                                             is_causal=True, scale=scaling, enable_gqa=gqa,
+                                             dropout_p=dropout if module.training else 0.0)
+              for start, end in zip(bounds[:-1].tolist(), bounds[1:].tolist(), strict=True)]
+    return torch.cat(pieces, dim=2).transpose(1, 2).contiguous(), None
+
+
+def use_packed_attention(model: Any) -> None:
+    """Switch a transformers model to packed attention (registered once per process)."""
+    from transformers import AttentionInterface
+
+    AttentionInterface.register(PACKED_ATTENTION, packed_attention)
+    model.set_attn_implementation(PACKED_ATTENTION)
+
+
+@dataclass
+class TrainingBatch:
+    """Model inputs, where the loss is read, and what it should predict there."""
+
+    inputs: dict[str, torch.Tensor]
+    # Positions whose logits the loss needs, as transformers' `logits_to_keep` takes them (one index list
+    # for every row), and for each label the row and the index into that list.
+    keep: torch.Tensor
+    label_rows: torch.Tensor
+    label_index: torch.Tensor
+    targets: torch.Tensor
+    real_tokens: int
+
+    def to(self, device: torch.device | str) -> TrainingBatch:
+        return TrainingBatch({k: v.to(device) for k, v in self.inputs.items()}, self.keep.to(device),
+                             self.label_rows.to(device), self.label_index.to(device), self.targets.to(device),
+                             self.real_tokens)
+
+
+def _labels(example: EncodedExample, max_len: int) -> tuple[list[int], list[int]]:
+    """(positions, targets): the logits at position t - 1 predict trained token t."""
+    ids, mask = example.input_ids[:max_len], example.loss_mask[:max_len]
+    positions = [t - 1 for t in range(1, len(ids)) if mask[t]]
+    return positions, [ids[t + 1] for t in positions]
+
+
+def packed_batch(examples: list[EncodedExample], *, max_len: int) -> TrainingBatch:
+    """Every example in one row, without padding; attention stays within each example."""
+    ids: list[int] = []
+    positions: list[int] = []
+    bounds = [0]
+    keep: list[int] = []
+    targets: list[int] = []
+    for example in examples:
+        start = len(ids)
+        tokens = example.input_ids[:max_len]
+        ids += tokens
+        positions += range(len(tokens))
+        bounds.append(len(ids))
+        label_positions, label_targets = _labels(example, max_len)
+        keep += [start + p for p in label_positions]
+        targets += label_targets
+    cu = torch.tensor(bounds, dtype=torch.int32)
+    longest = int((cu[1:] - cu[:-1]).max())
+    inputs = {"input_ids": torch.tensor([ids]), "position_ids": torch.tensor([positions]),
+              "cu_seq_lens_q": cu, "cu_seq_lens_k": cu, "max_length_q": torch.tensor(longest),
+              "max_length_k": torch.tensor(longest)}
+    return TrainingBatch(inputs=inputs, keep=torch.tensor(keep), label_rows=torch.zeros(len(keep), dtype=torch.long),
+                         label_index=torch.arange(len(keep)), targets=torch.tensor(targets), real_tokens=len(ids))
+
+
+def padded_batch(examples: list[EncodedExample], *, max_len: int, pad_id: int, offset: int = 0) -> TrainingBatch:
+    """Right-padded rows (for methods that put something in front of each example's input); `offset` is
+    how many positions such a method adds in front of the input (virtual tokens)."""
+    rows = [e.input_ids[:max_len] for e in examples]
+    width = max(len(r) for r in rows)
+    input_ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+    attention = torch.zeros((len(rows), width), dtype=torch.long)
+    labelled: list[tuple[int, int, int]] = []  # (row, position, target)
+    for row, (tokens, example) in enumerate(zip(rows, examples, strict=True)):
+        input_ids[row, : len(tokens)] = torch.tensor(tokens)
+        attention[row, : len(tokens)] = 1
+        label_positions, label_targets = _labels(example, max_len)
+        labelled += [(row, p, t) for p, t in zip(label_positions, label_targets, strict=True)]
+    keep = sorted({p for _, p, _ in labelled})
+    where = {p: i for i, p in enumerate(keep)}
+    return TrainingBatch(
+        inputs={"input_ids": input_ids, "attention_mask": attention},
+        keep=torch.tensor([p + offset for p in keep]),
+        label_rows=torch.tensor([r for r, _, _ in labelled]),
+        label_index=torch.tensor([where[p] for _, p, _ in labelled]),
+        targets=torch.tensor([t for _, _, t in labelled]), real_tokens=int(attention.sum()))
+
+
+def batch_loss(model: Any, batch: TrainingBatch, *, reduction: str = "mean") -> torch.Tensor:
+    """Cross-entropy of the labelled tokens (mean, or sum for evaluation), computing logits only there."""
+    logits = model(**batch.inputs, logits_to_keep=batch.keep, use_cache=False).logits
+    picked = logits[batch.label_rows, batch.label_index]
+    return F.cross_entropy(picked.float(), batch.targets, reduction=reduction)
