@@ -38,6 +38,10 @@ class ArtifactStore:
         """Resumable training state of one job (see workers.training.checkpoints)."""
         return self.root / "checkpoints" / _checked(job_id)
 
+    def tensorboard_dir(self, job_id: str) -> Path:
+        """A job's training curves as TensorBoard event files (`tensorboard --logdir <data dir>/tensorboard`)."""
+        return self.root / "tensorboard" / _checked(job_id)
+
     def write_file(self, file_id: str, content: bytes) -> Path:
         """Write atomically: a crash leaves either no file or the whole file."""
         path = self.file_path(file_id)

@@ -67,7 +67,11 @@ class Settings(BaseSettings):
 
     # Training cadence: a metrics event every N steps, evaluation on the validation file every N steps.
     log_every_steps: int = 1
-    eval_every_steps: int = 0  # 0: about four evaluations per job, plus one at the end
+    eval_every_steps: int = 0  # 0: about four evaluations per job (ten with early stopping), plus one at the end
+    # Periodic validations score the first N validation examples; the end report scores all of them.
+    validation_examples_per_eval: int = 256
+    # The end report asks the fine-tuned and the base model for greedy answers to this many validation prompts.
+    exact_match_examples: int = 200
     worker_concurrency: int = 1
 
     # Reliability: a worker owns a job through a lease it renews while training; a job whose lease

@@ -20,17 +20,31 @@ from adapters.base_models import resolve_device
 from adapters.compute import compute_plan
 from adapters.data import EncodedExample, encode_dataset, parse_jsonl
 from adapters.methods import METHODS
-from adapters.store import ADAPTER_FILES, ArtifactStore
+from adapters.store import ADAPTER_FILES, ADAPTER_WEIGHTS, ArtifactStore
 from app.db.models import Adapter, AdapterStatus, Checkpoint, FineTuningJob, JobStatus
 from app.db.session import session_scope
 from app.queue import enqueue_training
 from app.services import base_models, jobs
+from app.services.job_metrics import CURVES
 from app.settings import get_settings
 from workers import process
 from workers.faults import FaultInjector
 from workers.lease import Lease
 from workers.training import checkpoints
-from workers.training.loop import Cancelled, HandBack, LeaseLost, Paused, Position, TimeLimit, TrainingCallbacks, train
+from workers.training.evaluation import model_metrics
+from workers.training.loop import (
+    BatchMaker,
+    Cancelled,
+    HandBack,
+    LeaseLost,
+    Paused,
+    Position,
+    TimeLimit,
+    TrainingCallbacks,
+    accelerator_for,
+    train,
+    trainable_examples,
+)
 
 log = logging.getLogger("adaptery.worker")
 
@@ -53,6 +67,35 @@ class Throttle:
             return False
         self._last = moment
         return True
+
+
+class Curves:
+    """A job's scalars as TensorBoard event files (one file per attempt; a resumed attempt may repeat the
+    steps after its checkpoint, and readers keep the newest value of a step)."""
+
+    def __init__(self, folder: Path):
+        self.folder = folder
+        self._writer: Any = None
+
+    def write(self, metrics: dict[str, Any]) -> None:
+        if self._writer is None:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self.folder.mkdir(parents=True, exist_ok=True)
+            self._writer = SummaryWriter(log_dir=str(self.folder), flush_secs=10)
+        step = metrics["step"]
+        for name in CURVES:
+            if metrics.get(name) is not None:
+                self._writer.add_scalar(name, metrics[name], step)
+
+    def flush(self) -> None:
+        if self._writer is not None:
+            self._writer.flush()
+
+    def close(self) -> None:
+        if self._writer is not None:
+            self._writer.close()
+            self._writer = None
 
 
 class JobRunner:
@@ -78,10 +121,17 @@ class JobRunner:
         self._stop_check = Throttle(POLL_SECONDS)
         self._progress_write = Throttle(POLL_SECONDS)
         self._unwritten_progress: tuple[int, int, float, float | None] | None = None
+        self.curves = Curves(self.store.tensorboard_dir(job_id))
 
     # ------------------------------------------------------------------ the attempt
 
     def run(self) -> str:
+        try:
+            return self._attempt()
+        finally:
+            self.curves.close()
+
+    def _attempt(self) -> str:
         torch.set_num_threads(self.settings.torch_threads)
         self._phase_started = time.perf_counter()
         spec = base_models.resolve(self.settings, self.job.model)
@@ -98,14 +148,15 @@ class JobRunner:
         if resume is not None:
             self._event(f"Resuming from the checkpoint at step {resume.step}.",
                         data={"resumed_from_step": resume.step})
+        hyperparameters = self.job.method[self.method_type]["hyperparameters"]
         try:
-            model, result = train(base_model=base, method=self.method,
-                                  hyperparameters=self.job.method[self.method_type]["hyperparameters"],
+            model, result = train(base_model=base, method=self.method, hyperparameters=hyperparameters,
                                   seed=self.job.seed, train_examples=train_examples, valid_examples=valid_examples,
                                   pad_id=tokenizer.pad_token_id, eval_every_steps=self.settings.eval_every_steps,
                                   log_every_steps=self.settings.log_every_steps, callbacks=self.callbacks(),
                                   checkpoint_steps=self.settings.checkpoint_steps, resume=resume,
-                                  compute_dtype=plan.dtype,
+                                  compute_dtype=plan.dtype, initial_weights=self._initial_weights(),
+                                  max_valid_examples=self.settings.validation_examples_per_eval,
                                   after_step=self.fault.after_step)
         except LeaseLost:
             log.warning("job %s: lease lost to another worker; stopping without writing", self.job_id)
@@ -119,8 +170,14 @@ class JobRunner:
         except HandBack:
             return self._handed_back()
         self._write_progress()  # the last step's progress is written before the job can succeed
+        if result.stopped_early:
+            self._event(f"Early stopping: the validation loss did not improve in "
+                        f"{hyperparameters['early_stopping_patience']} validations; the fine-tuned model is the "
+                        f"checkpoint at step {result.kept_step}.", data={"kept_step": result.kept_step})
+        report = self._end_report(model, base, tokenizer, valid_examples, hyperparameters, result, plan.dtype)
         self._publish(model, self.final_name)
         with session_scope() as session:
+            jobs.record_result(session, self.job_id, report, checkpoint_step=result.kept_step)
             if jobs.mark_succeeded(session, self.job_id, fine_tuned_model=self.final_name,
                                    trained_tokens=result.trained_tokens, owner=self.owner):
                 jobs.add_event(session, self.job_id, f"New fine-tuned model created: {self.final_name}")
@@ -130,7 +187,63 @@ class JobRunner:
     def callbacks(self) -> TrainingCallbacks:
         return TrainingCallbacks(on_metrics=self.on_metrics, on_progress=self.on_progress,
                                  should_stop=self.should_stop, on_checkpoint=self.on_checkpoint,
-                                 on_message=self.on_message, on_training_start=self.on_training_start)
+                                 on_message=self.on_message, on_training_start=self.on_training_start,
+                                 restore_weights=self.restore_weights)
+
+    def _initial_weights(self) -> Any:
+        """Loads the adapter named by the job's `from_model` into the new adapter (None without one)."""
+        if not self.job.from_model:
+            return None
+        with session_scope() as session:
+            source = session.scalar(select(Adapter).where(Adapter.name == self.job.from_model))
+        if source is None:
+            raise RuntimeError(f"from_model {self.job.from_model!r} no longer exists")
+        folder = self.store.adapter_dir(source.id)
+
+        def load(model: Any) -> None:
+            from peft import set_peft_model_state_dict
+            from safetensors.torch import load_file
+
+            set_peft_model_state_dict(model, load_file(str(folder / ADAPTER_WEIGHTS)))
+            self._event(f"Starting from the weights of {self.job.from_model}.",
+                        data={"from_model": self.job.from_model})
+
+        return load
+
+    def _end_report(self, model: Any, base: Any, tokenizer: Any, valid_examples: list[EncodedExample],
+                    hp: dict[str, Any], result: Any, dtype: str) -> dict[str, Any]:
+        """The job's result: the last training metrics and, with a validation file, every metric over the whole
+        validation set for the fine-tuned model and for the base model on the same examples."""
+        report: dict[str, Any] = {"step": result.kept_step, "stopped_early": result.stopped_early}
+        report.update({k: v for k, v in result.last_metrics.items() if k.startswith("train_")})
+        valid = trainable_examples(valid_examples, hp["max_seq_length"])
+        if not valid:
+            return report
+        autocast = accelerator_for(dtype, next(base.parameters()).device).autocast
+        common = {"base_model": base, "tokenizer": tokenizer, "examples": valid, "batch_size": hp["batch_size"],
+                  "autocast": autocast, "exact_match_examples": self.settings.exact_match_examples}
+        started = time.perf_counter()
+        tuned = model_metrics(model, make=BatchMaker(self.method, hp, tokenizer.pad_token_id), **common)
+        with model.disable_adapter():
+            plain = model_metrics(model.get_base_model(), make=BatchMaker(None, hp, tokenizer.pad_token_id),
+                                  **common)
+        report.update({"full_valid_loss": tuned["loss"], "full_valid_mean_token_accuracy": tuned["mean_token_accuracy"],
+                       "full_valid_exact_match": tuned["exact_match"], "valid_examples": len(valid),
+                       "exact_match_examples": tuned["exact_match_examples"],
+                       "base_model": {"full_valid_loss": plain["loss"],
+                                      "full_valid_mean_token_accuracy": plain["mean_token_accuracy"],
+                                      "full_valid_exact_match": plain["exact_match"]}})
+        seconds = time.perf_counter() - started
+
+        def shown(value: float | None) -> str:
+            return "n/a" if value is None else f"{value:.3f}"
+
+        self._event(f"Validation ({len(valid)} examples): loss {tuned['loss']:.4f} (base model "
+                    f"{plain['loss']:.4f}), token accuracy {tuned['mean_token_accuracy']:.3f} (base "
+                    f"{plain['mean_token_accuracy']:.3f}), exact match {shown(tuned['exact_match'])} (base "
+                    f"{shown(plain['exact_match'])}); evaluated in {seconds:.1f} s.",
+                    data={"phase": "end_report", "seconds": round(seconds, 2), **report})
+        return report
 
     def _tokenise(self, tokenizer: Any) -> tuple[list[EncodedExample], list[EncodedExample]]:
         limit = self.settings.max_examples_per_file
@@ -158,6 +271,10 @@ class JobRunner:
         if "valid_loss" in metrics:
             text += f", validation loss={metrics['valid_loss']:.4f}"
         self._event(text, type="metrics", data=metrics)
+        self.curves.write(metrics)
+
+    def restore_weights(self, model: Any, step: int) -> None:
+        checkpoints.load_weights(checkpoints.step_folder(self.checkpoint_root, step), model)
 
     def on_progress(self, step: int, total: int, epoch: float, eta: float | None) -> None:
         self._unwritten_progress = (step, total, epoch, eta)
@@ -174,9 +291,13 @@ class JobRunner:
                       epoch_end: bool) -> None:
         # Progress first: the job row never shows less than its newest checkpoint, where a resume starts.
         self._write_progress()
+        early_stopping = {"best_valid_loss": position.best_valid_loss, "best_step": position.best_step,
+                          "validations_since_best": position.validations_since_best}
         folder = checkpoints.save(self.checkpoint_root, model=model, method=self.method, optimizer=optimizer,
                                   scheduler=scheduler, step=position.step, epoch=position.epoch, batch=position.batch,
-                                  trained_tokens=position.trained_tokens, metrics=metrics, fault=self.fault)
+                                  trained_tokens=position.trained_tokens, metrics=metrics, fault=self.fault,
+                                  early_stopping=early_stopping)
+        self.curves.flush()
         self.last_checkpoint_step = position.step
         adapter = self._publish(folder, f"{self.final_name}:ckpt-step-{position.step}")
         with session_scope() as session:

@@ -6,6 +6,7 @@ from adapters.methods.base import (
     AdapterMethod,
     DuplicateMethodError,
     HyperparameterError,
+    TrainingHyperparameters,
     accepted_names,
     for_config,
     method_for_peft_type,
@@ -25,4 +26,4 @@ DEFAULT_METHOD = "lora"
 
 __all__ = ["DEFAULT_METHOD", "METHODS", "AdapterLoadError", "AdapterMethod", "ChannelScale", "DuplicateMethodError",
            "HyperparameterError", "LoraFactors", "ServingKind", "ServingWeights", "accepted_names", "for_config",
-           "method_for_peft_type", "method_named", "register", "total_steps"]
+           "method_for_peft_type", "method_named", "register", "total_steps", "TrainingHyperparameters"]

@@ -35,6 +35,14 @@ class TrainingHyperparameters(BaseModel):
     max_seq_length: int | Auto | None = Field(default=None, description="tokens per example, longer ones are cut")
     warmup_ratio: float | Auto | None = Field(default=None, description="share of steps spent warming up (0-0.5)")
     weight_decay: float | Auto | None = Field(default=None, description="AdamW weight decay (0-1)")
+    lr_scheduler: Literal["linear", "cosine", "constant"] | Auto | None = Field(
+        default=None, description="how the learning rate falls after warmup: linear (default), cosine or constant")
+    early_stopping_patience: int | Auto | None = Field(
+        default=None, description="stop after this many validations without a lower validation loss (1-100) and "
+                                  "keep the best checkpoint as the fine-tuned model; needs a validation_file")
+    gradient_checkpointing: bool | Auto | None = Field(
+        default=None, description="recompute activations in the backward pass: less memory for long sequences, "
+                                  "about a third more compute (default false)")
 
 
 class HyperparameterError(ValueError):
@@ -88,6 +96,9 @@ class AdapterMethod:
     # Whether several examples may share one training row (packing): false for methods that put something in
     # front of each example's input, which a packed row would give to its first example only.
     packs_examples: ClassVar[bool] = True
+    # Whether a new job can start from this method's saved adapter (`from_model`): false where the saved
+    # adapter is less than training needs (P-tuning keeps the encoder's output, not the encoder).
+    continues_from_saved_adapter: ClassVar[bool] = True
 
     def method_defaults(self, hp: TrainingHyperparameters, *, settings: Any, base_info: dict[str, Any]
                         ) -> dict[str, Any]:
@@ -109,6 +120,7 @@ class AdapterMethod:
         check_range("max_seq_length", hp.max_seq_length, 16, settings.max_seq_length_limit)
         check_range("warmup_ratio", hp.warmup_ratio, 0, 0.5)
         check_range("weight_decay", hp.weight_decay, 0, 1)
+        check_range("early_stopping_patience", hp.early_stopping_patience, 1, 100)
         self.check(hp, settings=settings, base_info=base_info)
         multiplier = hp.learning_rate_multiplier if isinstance(hp.learning_rate_multiplier, float | int) else 1.0
         learning_rate = hp.learning_rate if given(hp.learning_rate) else self.default_learning_rate * multiplier
@@ -121,6 +133,9 @@ class AdapterMethod:
             else min(1024, settings.max_seq_length_limit),
             "warmup_ratio": hp.warmup_ratio if given(hp.warmup_ratio) else 0.0,
             "weight_decay": hp.weight_decay if given(hp.weight_decay) else 0.0,
+            "lr_scheduler": hp.lr_scheduler if given(hp.lr_scheduler) else "linear",
+            "early_stopping_patience": hp.early_stopping_patience if given(hp.early_stopping_patience) else None,
+            "gradient_checkpointing": bool(hp.gradient_checkpointing) if given(hp.gradient_checkpointing) else False,
         }
         resolved.update(self.method_defaults(hp, settings=settings, base_info=base_info))
         return resolved

@@ -34,6 +34,7 @@ class PTuning(AdapterMethod):
     default_learning_rate = 3e-3
     serving_kind = ServingKind.VIRTUAL_TOKENS
     # Its prefix or virtual tokens belong in front of every example: one example per training row.
+    continues_from_saved_adapter = False
     packs_examples = False
     config_keys = PROMPT_LEARNING_KEYS | {"encoder_reparameterization_type", "encoder_hidden_size",
                                           "encoder_num_layers", "encoder_dropout"}

@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Query
+from pydantic import Field
 from pydantic.json_schema import SkipJsonSchema
 
 from app import queue
@@ -17,11 +18,12 @@ from app.schemas.fine_tuning import (
     EventObject,
     JobCreate,
     JobObject,
+    MetricsSeries,
     checkpoint_object,
     event_object,
     job_object,
 )
-from app.services import idempotency, jobs
+from app.services import idempotency, job_metrics, jobs
 
 router = APIRouter(prefix="/v1/fine_tuning/jobs", tags=["fine-tuning"])
 Limit = Annotated[int, Query(ge=1, le=100)]
@@ -29,13 +31,14 @@ Limit = Annotated[int, Query(ge=1, le=100)]
 After = Annotated[str | SkipJsonSchema[None], Query(description="the last id of the previous page")]
 
 
-def _method_and_hyperparameters(body: JobCreate) -> tuple[str, dict[str, Any], str]:
+def _method_and_hyperparameters(body: JobCreate) -> tuple[str | None, dict[str, Any], str]:
     """Map OpenAI's shapes onto ours: legacy top-level hyperparameters or no method → the default method
-    (the registry maps OpenAI's 'supervised' to it too)."""
+    (the registry maps OpenAI's 'supervised' to it too); no method with from_model → from_model's method."""
     from adapters.methods import DEFAULT_METHOD
 
     if body.method is None:
-        return DEFAULT_METHOD, dict(body.hyperparameters or {}), "hyperparameters"
+        method = None if body.from_model else DEFAULT_METHOD
+        return method, dict(body.hyperparameters or {}), "hyperparameters"
     if body.hyperparameters:
         raise InvalidRequest("Give hyperparameters either at the top level or under method, not both.",
                              param="hyperparameters", code="invalid_request")
@@ -72,7 +75,7 @@ def _create_job(body: JobCreate, session: Any, settings: Any, tenant: str) -> di
                           training_file=body.training_file, validation_file=body.validation_file,
                           suffix=body.suffix, seed=body.seed, metadata=body.metadata, method_type=method_type,
                           raw_hyperparameters=raw, hyperparameter_param=param,
-                          time_limit_seconds=body.time_limit_seconds)
+                          time_limit_seconds=body.time_limit_seconds, from_model=body.from_model)
     if not queue.enqueue_training(job.id):
         # Accepted all the same: the job is committed as queued and the reaper hands it over later.
         jobs.add_event(session, job.id, "The job queue is unreachable right now; the job stays queued and "
@@ -131,3 +134,15 @@ def list_checkpoints(fine_tuning_job_id: str, session: SessionDep, tenant: Tenan
             raise NotFound(f"No checkpoint found with id '{after}'.", param="after", code="not_found")
         rows = rows[ids.index(after) + 1:]
     return paged([checkpoint_object(r) for r in rows[:limit]], len(rows) > limit)
+
+
+@router.get("/{fine_tuning_job_id}/metrics", response_model=MetricsSeries, responses=errors(400, 401, 404, 429))
+def job_metrics_series(fine_tuning_job_id: str, session: SessionDep, settings: SettingsDep, tenant: TenantDep,
+                       from_step: Annotated[int, Query(ge=0, description="first step to return")] = 0,
+                       to_step: Annotated[Annotated[int, Field(ge=0)] | SkipJsonSchema[None],
+                                          Query(description="last step to return")] = None
+                       ) -> dict[str, Any]:
+    """The job's training curves (what its TensorBoard event files hold), one point per logged step."""
+    job = jobs.get_job(session, tenant_id=tenant, job_id=fine_tuning_job_id)
+    points = job_metrics.read(settings.data_dir, job.id, from_step=from_step, to_step=to_step)
+    return {"object": "fine_tuning.job.metrics", "fine_tuning_job_id": job.id, "data": points}

@@ -127,6 +127,12 @@ class FineTuningJob(Base):
     progress_total_steps: Mapped[int | None] = mapped_column(Integer, nullable=True)
     progress_epoch: Mapped[float] = mapped_column(Float, default=0.0)
     eta_seconds: Mapped[float | None] = mapped_column(Float, nullable=True)
+    # When progress (and eta_seconds) was last written: estimated_finish = progress_at + eta_seconds.
+    progress_at: Mapped[float | None] = mapped_column(Float, nullable=True)
+    # A fine-tuned model or checkpoint (an Adapter name) whose weights this job starts from.
+    from_model: Mapped[str | None] = mapped_column(String(255), nullable=True)
+    # The end report: final metrics of the fine-tuned model and of the base model on the same examples.
+    result: Mapped[dict[str, Any] | None] = mapped_column(JSON, nullable=True)
 
 
 class IdempotencyKey(Base):
@@ -197,3 +203,4 @@ class WorkerHeartbeat(Base):
     hostname: Mapped[str] = mapped_column(String(255), primary_key=True)
     last_seen: Mapped[float] = mapped_column(Float)
     pid: Mapped[int] = mapped_column(Integer)
+

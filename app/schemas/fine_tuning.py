@@ -72,6 +72,10 @@ class JobCreate(Request):
                                   "not together with method")
     integrations: list[Any] | None = Field(default=None, json_schema_extra={"maxItems": 0},
                                            description="not supported: empty or null")
+    # Adaptery's own: start from the weights of a fine-tuned model or checkpoint of the same base model.
+    from_model: str | None = Field(default=None, min_length=1, max_length=255,
+                                   description="a fine-tuned model or checkpoint (ft:...) of the same base model to "
+                                               "continue training; its method and shape are kept")
     # Adaptery's own: stop training after this many seconds (checkpoint, then fail with code "timeout").
     time_limit_seconds: float | None = Field(default=None, gt=0,
                                              description="at most the server's ADAPTERY_MAX_TIME_LIMIT_SECONDS")
@@ -130,14 +134,21 @@ class JobObject(BaseModel):
     organization_id: str
     result_files: list[str] = Field(default_factory=list)
     integrations: list[Any] = Field(default_factory=list)
-    estimated_finish: int | None = None
+    estimated_finish: int | None = Field(default=None, description="running jobs: when training should end "
+                                                                   "(unix seconds), from the recent step times")
+    from_model: str | None = None
+    result: dict[str, Any] | None = Field(
+        default=None, description="succeeded jobs: step kept, stopped_early, train_loss, train_mean_token_accuracy "
+                                  "and, with a validation_file, full_valid_loss, full_valid_mean_token_accuracy, "
+                                  "full_valid_exact_match, and base_model: the same for the base model")
 
 
 def job_object(job: FineTuningJob) -> dict[str, Any]:
     hyperparameters = job.method.get(job.method["type"], {}).get("hyperparameters", {})
     error = JobError(code=job.error_code, message=job.error_message, param=job.error_param) \
         if job.error_code else None
-    estimated = int(job.created_at + (job.eta_seconds or 0)) if job.status == "running" and job.eta_seconds else None
+    estimated = (int(job.progress_at + job.eta_seconds) if job.status == "running" and job.eta_seconds is not None
+                 and job.progress_at is not None else None)
     return JobObject(
         id=job.id, model=job.model, status=job.status, created_at=job.created_at, finished_at=job.finished_at,
         fine_tuned_model=job.fine_tuned_model, trained_tokens=job.trained_tokens, training_file=job.training_file,
@@ -146,6 +157,7 @@ def job_object(job: FineTuningJob) -> dict[str, Any]:
         progress=Progress(step=job.progress_step, total_steps=job.progress_total_steps,
                           epoch=job.progress_epoch, eta_seconds=job.eta_seconds),
         user_provided_suffix=job.suffix, organization_id=job.tenant_id, estimated_finish=estimated,
+        from_model=job.from_model, result=job.result,
     ).model_dump()
 
 
@@ -156,8 +168,9 @@ class EventObject(BaseModel):
     level: str = Field(description="info, warn or error")
     message: str
     type: str = Field(description="message or metrics")
-    data: dict[str, Any] = Field(description="metrics: step, train_loss, valid_loss, learning_rate, epoch; "
-                                             "start-up phases: phase, seconds")
+    data: dict[str, Any] = Field(description="metrics: step, train_loss, train_mean_token_accuracy, valid_loss, "
+                                             "valid_mean_token_accuracy, learning_rate, grad_norm, tokens_per_second, "
+                                             "epoch; start-up phases: phase, seconds")
 
 
 class CheckpointObject(BaseModel):
@@ -179,3 +192,21 @@ def checkpoint_object(checkpoint: Checkpoint) -> dict[str, Any]:
     return {"id": checkpoint.id, "object": "fine_tuning.job.checkpoint", "created_at": checkpoint.created_at,
             "fine_tuning_job_id": checkpoint.job_id, "step_number": checkpoint.step_number,
             "metrics": checkpoint.metrics, "fine_tuned_model_checkpoint": checkpoint.fine_tuned_model_checkpoint}
+
+
+class MetricsPoint(BaseModel):
+    step: int
+    train_loss: float | None = None
+    train_mean_token_accuracy: float | None = None
+    valid_loss: float | None = None
+    valid_mean_token_accuracy: float | None = None
+    learning_rate: float | None = None
+    grad_norm: float | None = None
+    tokens_per_second: float | None = None
+
+
+class MetricsSeries(BaseModel):
+    object: Literal["fine_tuning.job.metrics"] = "fine_tuning.job.metrics"
+    fine_tuning_job_id: str
+    data: list[MetricsPoint] = Field(description="one point per logged step, in step order; a metric not "
+                                                 "logged at a step is null")

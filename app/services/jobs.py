@@ -212,7 +212,20 @@ def mark_paused(session: Session, job_id: str, *, owner: str) -> bool:
 def record_progress(session: Session, job_id: str, *, step: int, total_steps: int, epoch: float,
                     eta_seconds: float | None) -> None:
     session.execute(update(FineTuningJob).where(FineTuningJob.id == job_id).values(
-        progress_step=step, progress_total_steps=total_steps, progress_epoch=epoch, eta_seconds=eta_seconds))
+        progress_step=step, progress_total_steps=total_steps, progress_epoch=epoch, eta_seconds=eta_seconds,
+        progress_at=time.time()))
+    session.commit()
+
+
+def record_result(session: Session, job_id: str, result: dict[str, Any], *, checkpoint_step: int) -> None:
+    """Store the job's end report, and add its whole-validation-set metrics to the checkpoint it keeps (as
+    OpenAI reports full_valid_* on the final checkpoint)."""
+    session.execute(update(FineTuningJob).where(FineTuningJob.id == job_id).values(result=result))
+    checkpoint = session.scalar(select(Checkpoint).where(Checkpoint.job_id == job_id,
+                                                         Checkpoint.step_number == checkpoint_step))
+    if checkpoint is not None and "full_valid_loss" in result:
+        checkpoint.metrics = {**checkpoint.metrics, "full_valid_loss": result["full_valid_loss"],
+                              "full_valid_mean_token_accuracy": result["full_valid_mean_token_accuracy"]}
     session.commit()
 
 
@@ -299,10 +312,13 @@ def _processed_file(session: Session, tenant_id: str, file_id: str, param: str) 
 
 def create_job(session: Session, *, tenant_id: str, settings: Settings, model: str, training_file: str,
                validation_file: str | None, suffix: str | None, seed: int | None,
-               metadata: dict[str, str] | None, method_type: str, raw_hyperparameters: dict[str, Any],
-               hyperparameter_param: str, time_limit_seconds: float | None = None) -> FineTuningJob:
-    """Validate everything a worker will need, then store the job as queued (caller enqueues it)."""
-    from adapters.methods import HyperparameterError, accepted_names, method_named
+               metadata: dict[str, str] | None, method_type: str | None, raw_hyperparameters: dict[str, Any],
+               hyperparameter_param: str, time_limit_seconds: float | None = None,
+               from_model: str | None = None) -> FineTuningJob:
+    """Validate everything a worker will need, then store the job as queued (caller enqueues it).
+
+    `method_type` None: the method of `from_model` (or the default method without one)."""
+    from adapters.methods import DEFAULT_METHOD, HyperparameterError, accepted_names, method_named
     from app.services import base_models
 
     try:
@@ -318,6 +334,9 @@ def create_job(session: Session, *, tenant_id: str, settings: Settings, model: s
             raise InvalidRequest(f"validation_file is in the {valid.format} format but training_file is in the "
                                  f"{train.format} format; both must use the same format.",
                                  param="validation_file", code="invalid_file")
+    source = _source_adapter(session, tenant_id, from_model, spec.id) if from_model else None
+    if method_type is None:
+        method_type = source.method if source is not None else DEFAULT_METHOD
     method = method_named(method_type)
     if method is None:
         raise InvalidRequest(f"method.type '{method_type}' is not supported; accepted: {', '.join(accepted_names())}.",
@@ -332,6 +351,12 @@ def create_job(session: Session, *, tenant_id: str, settings: Settings, model: s
     except ValueError as exc:  # pydantic's ValidationError (unknown field, wrong type)
         raise InvalidRequest(_hyperparameter_message(exc, method_type), param=hyperparameter_param,
                              code="invalid_hyperparameter") from None
+    if resolved.get("early_stopping_patience") and not validation_file:
+        raise InvalidRequest("early_stopping_patience needs a validation_file to watch the validation loss on.",
+                             param=f"{hyperparameter_param}.early_stopping_patience", code="invalid_hyperparameter")
+    if source is not None:
+        resolved = _continued_hyperparameters(session, source, method_type, raw_hyperparameters, resolved,
+                                              hyperparameter_param)
     active = session.scalar(select(func.count()).select_from(FineTuningJob).where(
         FineTuningJob.tenant_id == tenant_id,
         FineTuningJob.status.in_([JobStatus.validating_files.value, JobStatus.queued.value,
@@ -351,6 +376,7 @@ def create_job(session: Session, *, tenant_id: str, settings: Settings, model: s
         status=JobStatus.validating_files.value, created_at=now(), training_file=train.id,
         validation_file=validation_file, suffix=suffix, seed=seed if seed is not None else secrets.randbelow(2**31),
         method={"type": method_type, method_type: {"hyperparameters": resolved}}, job_metadata=metadata,
+        from_model=source.name if source is not None else None,
     )
     session.add(job)
     session.commit()
@@ -359,6 +385,49 @@ def create_job(session: Session, *, tenant_id: str, settings: Settings, model: s
     add_event(session, job.id, f"Fine-tuning job created ({method_type} on {spec.id}); queued.")
     session.refresh(job)
     return job
+
+
+def _source_adapter(session: Session, tenant_id: str, name: str, base_model: str) -> Adapter:
+    """The fine-tuned model or checkpoint a new job starts from: the tenant's own or a public one, trained here,
+    on the same base model."""
+    source = adapter_by_name(session, tenant_id=tenant_id, name=name, include_public=True)
+    if source is None:
+        raise NotFound(f"from_model '{name}' is not a fine-tuned model or checkpoint you can use; list yours with "
+                       "GET /v1/models.", param="from_model", code="model_not_found")
+    if source.base_model != base_model:
+        raise InvalidRequest(f"from_model '{name}' was trained on base model '{source.base_model}', but this job "
+                             f"fine-tunes '{base_model}'; a job can only continue an adapter of its own base model.",
+                             param="from_model", code="invalid_value")
+    if source.job_id is None:
+        raise InvalidRequest(f"from_model '{name}' was imported, not trained here; only models and checkpoints of "
+                             "fine-tuning jobs can be trained further.", param="from_model", code="invalid_value")
+    return source
+
+
+def _continued_hyperparameters(session: Session, source: Adapter, method_type: str, raw: dict[str, Any],
+                               resolved: dict[str, Any], param: str) -> dict[str, Any]:
+    """A job that continues `source` trains an adapter of the same method and shape: the shape's values (rank,
+    target modules, virtual tokens, ...) come from the source job; given ones must equal them."""
+    from adapters.methods import TrainingHyperparameters, method_named
+
+    method = method_named(method_type)
+    if source.method != method_type:
+        raise InvalidRequest(f"from_model '{source.name}' is a {source.method} adapter; a job continuing it must "
+                             f"use method.type '{source.method}' (or give no method).", param="method.type",
+                             code="invalid_method")
+    if method is not None and not method.continues_from_saved_adapter:
+        raise InvalidRequest(f"{method_type} adapters cannot be trained further: the saved adapter keeps the prompt "
+                             "encoder's output, not the encoder.", param="from_model", code="invalid_value")
+    source_job = session.get(FineTuningJob, source.job_id)
+    assert source_job is not None
+    shape = {k: v for k, v in source_job.method[method_type]["hyperparameters"].items()
+             if k not in TrainingHyperparameters.model_fields}
+    for key, value in shape.items():
+        if raw.get(key) not in (None, "auto") and raw[key] != value:
+            raise InvalidRequest(f"{key} is {raw[key]!r}, but from_model '{source.name}' has {key}={value!r}; a "
+                                 "continued adapter keeps its shape.", param=f"{param}.{key}",
+                                 code="invalid_hyperparameter")
+    return {**resolved, **shape}
 
 
 def _hyperparameter_message(exc: ValueError, method_type: str) -> str:

@@ -3,7 +3,6 @@ gradients, for every registered method (the plain path: right-padded batch, labe
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
@@ -11,10 +10,9 @@ import pytest
 import torch
 
 from adapters.base_models import base_info
-from adapters.data import EncodedExample, encode_dataset, parse_jsonl
+from adapters.data import EncodedExample
 from adapters.methods import METHODS
 from app.settings import Settings
-from tests.conftest import chat_lines
 from workers.training.batches import batch_loss, packed_batch, padded_batch, use_packed_attention
 from workers.training.loop import BatchMaker
 
@@ -34,15 +32,6 @@ def plain_batch(examples: list[EncodedExample], pad_id: int) -> dict[str, torch.
         labels[row, :n] = torch.tensor([t if m else IGNORE for t, m in zip(example.input_ids, example.loss_mask,
                                                                             strict=True)])
     return {"input_ids": input_ids, "attention_mask": attention, "labels": labels}
-
-
-@pytest.fixture(scope="module")
-def examples(tiny_tokenizer: Any) -> list[EncodedExample]:
-    """Examples of very different lengths, several labelled tokens each."""
-    spread = "\n".join(json.dumps({"messages": [{"role": "user", "content": "word " * (7 * i)},
-                                                {"role": "assistant", "content": "answer " * i}]})
-                       for i in range(1, 6))
-    return encode_dataset(tiny_tokenizer, parse_jsonl((chat_lines(3) + spread + "\n").encode(), max_examples=100))
 
 
 def peft_model(name: str, tiny_model_dir: Path) -> tuple[Any, dict[str, Any]]:
@@ -108,3 +97,29 @@ def test_truncation_keeps_the_same_labels_on_both_paths(examples: list[EncodedEx
     packed, padded = packed_batch(examples, max_len=12), padded_batch(examples, max_len=12, pad_id=0)
     assert torch.equal(packed.targets, padded.targets)
     assert packed.real_tokens == padded.real_tokens == sum(min(12, len(e.input_ids)) for e in examples)
+
+
+@pytest.mark.parametrize("name", ["lora", "prompt_tuning"])
+def test_gradient_checkpointing_changes_no_loss_or_gradient(name: str, examples: list[EncodedExample],
+                                                            tiny_model_dir: Path, tiny_tokenizer: Any) -> None:
+    """Recomputing activations in the backward pass (dropout included: its RNG state is replayed) gives the
+    same loss and gradients as keeping them."""
+    results = []
+    for checkpointing in (False, True):
+        model, hp = peft_model(name, tiny_model_dir)  # training mode, dropout on
+        base = model.get_base_model()
+        if checkpointing:
+            base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            assert base.is_gradient_checkpointing
+        make = BatchMaker(METHODS[name], hp, tiny_tokenizer.pad_token_id)
+        if make.packed:
+            use_packed_attention(base)
+        torch.manual_seed(1)
+        loss = batch_loss(model, make(examples))
+        loss.backward()
+        results.append((float(loss), gradients(model)))
+    (plain_loss, plain_grads), (loss_ckpt, grads_ckpt) = results
+    assert loss_ckpt == pytest.approx(plain_loss, abs=1e-6)
+    assert plain_grads.keys() == grads_ckpt.keys()
+    for key, grad in plain_grads.items():
+        torch.testing.assert_close(grads_ckpt[key], grad, atol=1e-5, rtol=1e-4)

@@ -42,11 +42,16 @@ def packed_attention(module: torch.nn.Module, query: torch.Tensor, key: torch.Te
     return torch.cat(pieces, dim=2).transpose(1, 2).contiguous(), None
 
 
-def use_packed_attention(model: Any) -> None:
-    """Switch a transformers model to packed attention (registered once per process)."""
+def register_packed_attention() -> None:
+    """Make packed attention known to transformers under PACKED_ATTENTION (idempotent)."""
     from transformers import AttentionInterface
 
     AttentionInterface.register(PACKED_ATTENTION, packed_attention)
+
+
+def use_packed_attention(model: Any) -> None:
+    """Switch a transformers model to packed attention."""
+    register_packed_attention()
     model.set_attn_implementation(PACKED_ATTENTION)
 
 
@@ -124,8 +129,12 @@ def padded_batch(examples: list[EncodedExample], *, max_len: int, pad_id: int, o
         targets=torch.tensor([t for _, _, t in labelled]), real_tokens=int(attention.sum()))
 
 
+def labelled_logits(model: Any, batch: TrainingBatch) -> torch.Tensor:
+    """The logits that predict each label ([labels, vocabulary]), computed only at those positions."""
+    logits = model(**batch.inputs, logits_to_keep=batch.keep, use_cache=False).logits
+    return logits[batch.label_rows, batch.label_index]
+
+
 def batch_loss(model: Any, batch: TrainingBatch, *, reduction: str = "mean") -> torch.Tensor:
     """Cross-entropy of the labelled tokens (mean, or sum for evaluation), computing logits only there."""
-    logits = model(**batch.inputs, logits_to_keep=batch.keep, use_cache=False).logits
-    picked = logits[batch.label_rows, batch.label_index]
-    return F.cross_entropy(picked.float(), batch.targets, reduction=reduction)
+    return F.cross_entropy(labelled_logits(model, batch).float(), batch.targets, reduction=reduction)

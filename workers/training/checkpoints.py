@@ -12,7 +12,7 @@ import json
 import os
 import random
 import shutil
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -33,6 +33,8 @@ class ResumeState:
     batch: int  # batches of that epoch already trained
     trained_tokens: int
     folder: Path
+    # The loop's early-stopping state (best_valid_loss, best_step, validations_since_best).
+    early_stopping: dict[str, Any] = field(default_factory=dict)
 
 
 def _fsync(path: Path) -> None:
@@ -73,9 +75,10 @@ def save_adapter(model: Any, directory: Path, method: Any) -> None:
 
 
 def save(folder: Path, *, model: Any, method: Any, optimizer: torch.optim.Optimizer, scheduler: Any, step: int,
-         epoch: int, batch: int, trained_tokens: int, metrics: dict[str, Any], fault: Any = None) -> Path:
+         epoch: int, batch: int, trained_tokens: int, metrics: dict[str, Any], fault: Any = None,
+         early_stopping: dict[str, Any] | None = None) -> Path:
     """Write checkpoint `step-<step>` under `folder` atomically; returns its path."""
-    target = folder / f"step-{step:08d}"
+    target = step_folder(folder, step)
     staging = folder / f".writing-step-{step:08d}-{os.getpid()}"
     shutil.rmtree(staging, ignore_errors=True)
     staging.mkdir(parents=True)
@@ -93,6 +96,7 @@ def save(folder: Path, *, model: Any, method: Any, optimizer: torch.optim.Optimi
     python_state = random.getstate()
     (staging / STATE_JSON).write_text(json.dumps({
         "step": step, "epoch": epoch, "batch": batch, "trained_tokens": trained_tokens, "metrics": metrics,
+        "early_stopping": early_stopping or {},
         "optimizer": optimizer_json, "scheduler": scheduler.state_dict(),
         "python_random": [python_state[0], list(python_state[1]), python_state[2]],
     }))
@@ -115,25 +119,37 @@ def latest(folder: Path) -> ResumeState | None:
         return None
     state = json.loads((complete[-1] / STATE_JSON).read_text())
     return ResumeState(step=state["step"], epoch=state["epoch"], batch=state["batch"],
-                       trained_tokens=state["trained_tokens"], folder=complete[-1])
+                       trained_tokens=state["trained_tokens"], folder=complete[-1],
+                       early_stopping=state.get("early_stopping", {}))
 
 
-def restore(resume: ResumeState, *, model: Any, optimizer: torch.optim.Optimizer, scheduler: Any) -> None:
-    """Load adapter weights, optimiser and scheduler state, and the RNG streams of a checkpoint."""
+def step_folder(folder: Path, step: int) -> Path:
+    """Where the checkpoint at `step` lives under a job's checkpoint folder."""
+    return folder / f"step-{step:08d}"
+
+
+def load_weights(checkpoint: Path, model: Any) -> dict[str, torch.Tensor]:
+    """Load a checkpoint's trainable tensors (every one, as training had them) into the model; returns all
+    of the checkpoint's state tensors."""
     from peft import set_peft_model_state_dict
 
-    weights = load_file(str(resume.folder / "adapter_model.safetensors"))
-    set_peft_model_state_dict(model, weights)
-    tensors = load_file(str(resume.folder / STATE_TENSORS))
+    set_peft_model_state_dict(model, load_file(str(checkpoint / ADAPTER_WEIGHTS)))
+    tensors = load_file(str(checkpoint / STATE_TENSORS))
     trainable = {k.removeprefix("trainable."): v for k, v in tensors.items() if k.startswith("trainable.")}
     if trainable:
         missing = set(trainable) - {name for name, _ in model.named_parameters()}
         if missing:
-            raise ValueError(f"checkpoint {resume.folder.name} has tensors this model lacks: {sorted(missing)[:3]}")
+            raise ValueError(f"checkpoint {checkpoint.name} has tensors this model lacks: {sorted(missing)[:3]}")
         with torch.no_grad():
             parameters = dict(model.named_parameters())
             for name, value in trainable.items():
                 parameters[name].copy_(value)
+    return tensors
+
+
+def restore(resume: ResumeState, *, model: Any, optimizer: torch.optim.Optimizer, scheduler: Any) -> None:
+    """Load adapter weights, optimiser and scheduler state, and the RNG streams of a checkpoint."""
+    tensors = load_weights(resume.folder, model)
     state = json.loads((resume.folder / STATE_JSON).read_text())
     optimizer_state: dict[str, Any] = {"state": {}, "param_groups": state["optimizer"]["param_groups"]}
     for key, value in tensors.items():

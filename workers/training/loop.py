@@ -18,7 +18,14 @@ import torch
 
 from adapters.data import EncodedExample
 from adapters.methods import AdapterMethod, total_steps
-from workers.training.batches import TrainingBatch, batch_loss, packed_batch, padded_batch, use_packed_attention
+from workers.training.batches import (
+    PACKED_ATTENTION,
+    TrainingBatch,
+    labelled_logits,
+    packed_batch,
+    padded_batch,
+    use_packed_attention,
+)
 
 
 class Cancelled(Exception):
@@ -54,6 +61,8 @@ class TrainingCallbacks:
     on_message: Callable[[str], None] = field(default=lambda _: None)
     # Called once, right before the first step of this attempt (start-up is over: model, data, optimiser).
     on_training_start: Callable[[], None] = field(default=lambda: None)
+    # (model, step): load the adapter weights of the checkpoint at that step (early stopping keeps the best).
+    restore_weights: Callable[[Any, int], None] = field(default=lambda model, step: None)
 
 
 @dataclass
@@ -62,6 +71,10 @@ class Position:
     epoch: int  # the epoch in progress
     batch: int  # batches of that epoch already done
     trained_tokens: int
+    # Early stopping: the lowest validation loss so far, its step, and validations since then.
+    best_valid_loss: float | None = None
+    best_step: int | None = None
+    validations_since_best: int = 0
 
 
 @dataclass
@@ -70,6 +83,10 @@ class TrainingResult:
     trained_tokens: int
     final_train_loss: float | None
     final_valid_loss: float | None
+    # The step whose weights the returned model holds (earlier than `steps` after early stopping).
+    kept_step: int = 0
+    stopped_early: bool = False
+    last_metrics: dict[str, Any] = field(default_factory=dict)
 
 
 def trainable_examples(examples: list[EncodedExample], max_len: int) -> list[EncodedExample]:
@@ -81,30 +98,21 @@ def trainable_examples(examples: list[EncodedExample], max_len: int) -> list[Enc
 class BatchMaker:
     """Turns a list of examples into a TrainingBatch the way the method allows (packed or padded)."""
 
-    def __init__(self, method: AdapterMethod, hp: dict[str, Any], pad_id: int):
-        self.packed = method.packs_examples
-        self.max_len, self.pad_id, self.offset = hp["max_seq_length"], pad_id, method.input_offset(hp)
+    def __init__(self, method: AdapterMethod | None, hp: dict[str, Any], pad_id: int):
+        """`method` None: batches for the base model alone (packed, nothing in front of the input)."""
+        self.packed = method is None or method.packs_examples
+        self.offset = 0 if method is None else method.input_offset(hp)
+        self.max_len, self.pad_id = hp["max_seq_length"], pad_id
+
+    @property
+    def attention(self) -> str:
+        """The attention implementation these batches need."""
+        return PACKED_ATTENTION if self.packed else "sdpa"
 
     def __call__(self, examples: list[EncodedExample]) -> TrainingBatch:
         if self.packed:
             return packed_batch(examples, max_len=self.max_len)
         return padded_batch(examples, max_len=self.max_len, pad_id=self.pad_id, offset=self.offset)
-
-
-@torch.no_grad()
-def evaluate(model: Any, examples: list[EncodedExample], *, make: BatchMaker, batch_size: int) -> float:
-    """Mean loss per trained token over the examples."""
-    was_training = model.training
-    model.eval()
-    total_loss, total_tokens = 0.0, 0
-    device = next(model.parameters()).device
-    for start in range(0, len(examples), batch_size):
-        batch = make(examples[start:start + batch_size]).to(device)
-        total_loss += float(batch_loss(model, batch, reduction="sum"))
-        total_tokens += len(batch.targets)
-    if was_training:
-        model.train()
-    return total_loss / max(1, total_tokens)
 
 
 def seed_everything(seed: int) -> None:
@@ -141,22 +149,28 @@ def accelerator_for(compute_dtype: str, device: torch.device) -> Any:
     return _accelerator
 
 
+SCHEDULERS = {"linear": "linear", "cosine": "cosine", "constant": "constant_with_warmup"}
+
+
 def train(*, base_model: Any, method: AdapterMethod, hyperparameters: dict[str, Any], seed: int,
           train_examples: list[EncodedExample], valid_examples: list[EncodedExample], pad_id: int,
           eval_every_steps: int, log_every_steps: int, callbacks: TrainingCallbacks, checkpoint_steps: int = 0,
           resume: Any = None, after_step: Callable[[int], None] | None = None,
-          compute_dtype: str = "float32") -> tuple[Any, TrainingResult]:
+          compute_dtype: str = "float32", initial_weights: Callable[[Any], None] | None = None,
+          max_valid_examples: int | None = None) -> tuple[Any, TrainingResult]:
     """Train a PEFT adapter on `base_model` (modified in place); returns the PeftModel and a summary.
 
     `compute_dtype` "bfloat16" trains under bf16 autocast (the frozen base should be stored in bf16; PEFT
     keeps adapter weights, and so the optimiser state, in fp32). `resume` (a checkpoints.ResumeState)
     continues from a checkpoint: same weights, optimiser, scheduler, RNG and data position, so the result
-    matches an uninterrupted run.
+    matches an uninterrupted run. `initial_weights(model)` loads the adapter weights a new job starts from
+    (`from_model`). Periodic validations score the first `max_valid_examples` validation examples.
     """
     from peft import get_peft_model
     from transformers import get_scheduler
 
     from workers.training import checkpoints
+    from workers.training.evaluation import score
 
     seed_everything(seed)
     hp = hyperparameters
@@ -167,53 +181,83 @@ def train(*, base_model: Any, method: AdapterMethod, hyperparameters: dict[str, 
     if len(examples) < len(train_examples) and resume is None:
         callbacks.on_message(f"{len(train_examples) - len(examples)} example(s) have no trainable tokens "
                              f"within max_seq_length={max_len} and were skipped.")
-    valid = trainable_examples(valid_examples, max_len)
+    valid = trainable_examples(valid_examples, max_len)[:max_valid_examples]
     steps_total = total_steps(len(examples), hp)
+    if hp.get("gradient_checkpointing"):
+        # Non-reentrant checkpointing needs no input that requires grad, so frozen embeddings are fine.
+        base_model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model = get_peft_model(base_model, method.peft_config(hp, total_steps=steps_total,
                                                           base_model_path=getattr(base_model, "name_or_path", None)))
+    if initial_weights is not None and resume is None:
+        initial_weights(model)
+    if compute_dtype != "float32":
+        # Under autocast the adapter's matmuls run in the compute dtype anyway; PEFT's cast of every adapter
+        # input to the fp32 adapter weights would copy each activation (and run dropout on the copy) for nothing.
+        from peft.tuners.tuners_utils import BaseTunerLayer
+
+        for module in model.modules():
+            if isinstance(module, BaseTunerLayer):
+                module.cast_input_dtype_enabled = False  # type: ignore[attr-defined]
     make = BatchMaker(method, hp, pad_id)
+    base_model.set_attn_implementation("sdpa")
     if make.packed:
         use_packed_attention(base_model)
     accelerator = accelerator_for(compute_dtype, next(base_model.parameters()).device)
     device = next(base_model.parameters()).device
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=hp["learning_rate"], weight_decay=hp["weight_decay"])
-    scheduler = get_scheduler("linear", optimizer, num_warmup_steps=int(hp["warmup_ratio"] * steps_total),
-                              num_training_steps=steps_total)
-    eval_every = eval_every_steps or max(1, math.ceil(steps_total / 4))
+    scheduler = get_scheduler(SCHEDULERS[hp.get("lr_scheduler", "linear")], optimizer,
+                              num_warmup_steps=int(hp["warmup_ratio"] * steps_total), num_training_steps=steps_total)
+    patience = hp.get("early_stopping_patience") if valid else None
+    # Early stopping needs validations often enough to notice a turn: about ten per job by default.
+    eval_every = eval_every_steps or max(1, math.ceil(steps_total / (10 if patience else 4)))
     batch_size = hp["batch_size"]
     steps_per_epoch = math.ceil(len(examples) / batch_size)
     position = Position(step=0, epoch=0, batch=0, trained_tokens=0)
     if resume is not None:
         checkpoints.restore(resume, model=model, optimizer=optimizer, scheduler=scheduler)
         position = Position(step=resume.step, epoch=resume.epoch, batch=resume.batch,
-                            trained_tokens=resume.trained_tokens)
+                            trained_tokens=resume.trained_tokens, **resume.early_stopping)
 
     model.train()
     callbacks.on_progress(position.step, steps_total, position.epoch + position.batch / steps_per_epoch, None)
     callbacks.on_training_start()
-    last_train_loss: float | None = None
-    last_valid_loss: float | None = None
+    # Per-step values stay tensors (no host sync) until a metrics event or checkpoint reads them.
+    last_loss: torch.Tensor | None = None
+    last_correct: torch.Tensor | None = None
+    last_labels = 0
+    grad_norm: torch.Tensor | None = None
+    valid_metrics: dict[str, float] = {}
+    stopped_early = False
     started, started_step = time.monotonic(), position.step
-    while position.epoch < hp["n_epochs"] and position.step < steps_total:
+    logged_at, logged_tokens = started, position.trained_tokens
+
+    def checkpoint_metrics() -> dict[str, Any]:
+        values: dict[str, Any] = {"step": position.step}
+        if last_loss is not None:
+            values["train_loss"] = round(float(last_loss), 6)
+            values["train_mean_token_accuracy"] = round(int(last_correct or 0) / max(1, last_labels), 6)
+        values.update(valid_metrics)
+        return values
+
+    while position.epoch < hp["n_epochs"] and position.step < steps_total and not stopped_early:
         order = epoch_order(len(examples), seed, position.epoch)
         batches = [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
         while position.batch < len(batches) and position.step < steps_total:
             stop = callbacks.should_stop()
             if stop is not None:
                 if isinstance(stop, HandBack) and position.step > 0:  # Paused and TimeLimit too
-                    callbacks.on_checkpoint(model, optimizer, scheduler, position,
-                                            {"step": position.step, "train_loss": last_train_loss}, False)
+                    callbacks.on_checkpoint(model, optimizer, scheduler, position, checkpoint_metrics(), False)
                 raise stop
             chunk = [examples[i] for i in batches[position.batch]]
             batch = make(chunk).to(device)
             with accelerator.autocast():
-                loss = batch_loss(model, batch)
+                logits = labelled_logits(model, batch)
+                loss = torch.nn.functional.cross_entropy(logits.float(), batch.targets)
                 extra = method.regularisation(model)
-                if extra is not None:
-                    loss = loss + extra
-            accelerator.backward(loss)
-            torch.nn.utils.clip_grad_norm_(params, 1.0)
+                total_loss = loss if extra is None else loss + extra
+            accelerator.backward(total_loss)
+            grad_norm = torch.nn.utils.clip_grad_norm_(params, 1.0)
             optimizer.step()
             position.step += 1
             position.batch += 1
@@ -221,17 +265,35 @@ def train(*, base_model: Any, method: AdapterMethod, hyperparameters: dict[str, 
             scheduler.step()
             optimizer.zero_grad(set_to_none=True)
             position.trained_tokens += batch.real_tokens
-            last_train_loss = float(loss.detach())
+            last_loss, last_labels = loss.detach(), len(batch.targets)
+            last_correct = (logits.detach().argmax(-1) == batch.targets).sum()
+            trained_at = time.monotonic()
             step = position.step
             epoch_float = position.epoch + position.batch / steps_per_epoch
-            metrics: dict[str, Any] = {"step": step, "train_loss": round(last_train_loss, 6), "epoch": round(
-                epoch_float, 4), "learning_rate": scheduler.get_last_lr()[0], "total_steps": steps_total}
-            if valid and (step % eval_every == 0 or step == steps_total):
+            validated = bool(valid) and (step % eval_every == 0 or step == steps_total)
+            new_best = False
+            if validated:
                 with accelerator.autocast():
-                    last_valid_loss = evaluate(model, valid, make=make, batch_size=batch_size)
-                metrics["valid_loss"] = round(last_valid_loss, 6)
-            if step % log_every_steps == 0 or step == steps_total or "valid_loss" in metrics:
+                    scores = score(model, valid, make=make, batch_size=batch_size)
+                valid_metrics = {"valid_loss": round(scores.loss, 6),
+                                 "valid_mean_token_accuracy": round(scores.mean_token_accuracy, 6)}
+                if position.best_valid_loss is None or scores.loss < position.best_valid_loss:
+                    position.best_valid_loss, position.best_step = scores.loss, step
+                    position.validations_since_best, new_best = 0, True
+                else:
+                    position.validations_since_best += 1
+                    stopped_early = patience is not None and position.validations_since_best >= patience
+            if step % log_every_steps == 0 or step == steps_total or validated or stopped_early:
+                # Training throughput since the last metrics event, validation time left out.
+                speed = (position.trained_tokens - logged_tokens) / max(1e-9, trained_at - logged_at)
+                metrics = checkpoint_metrics() | {
+                    "epoch": round(epoch_float, 4), "learning_rate": scheduler.get_last_lr()[0],
+                    "grad_norm": round(float(grad_norm), 6), "total_steps": steps_total,
+                    "tokens_per_second": round(speed, 1)}
+                if not validated:
+                    metrics = {k: v for k, v in metrics.items() if not k.startswith("valid_")}
                 callbacks.on_metrics(metrics)
+                logged_at, logged_tokens = time.monotonic(), position.trained_tokens
             elapsed = time.monotonic() - started
             callbacks.on_progress(step, steps_total, epoch_float,
                                   elapsed / (step - started_step) * (steps_total - step))
@@ -239,12 +301,20 @@ def train(*, base_model: Any, method: AdapterMethod, hyperparameters: dict[str, 
             if epoch_done:
                 position.epoch += 1
                 position.batch = 0
-            if epoch_done or (checkpoint_steps and step % checkpoint_steps == 0):
-                checkpoint_metrics: dict[str, Any] = {"step": step, "train_loss": last_train_loss}
-                if valid:
-                    checkpoint_metrics["valid_loss"] = last_valid_loss
-                callbacks.on_checkpoint(model, optimizer, scheduler, position, checkpoint_metrics, epoch_done)
+            # With early stopping every new best is a checkpoint, so the best weights are always on disk.
+            if (epoch_done or stopped_early or (checkpoint_steps and step % checkpoint_steps == 0)
+                    or (patience is not None and new_best)):
+                callbacks.on_checkpoint(model, optimizer, scheduler, position, checkpoint_metrics(), epoch_done)
             if after_step is not None:
                 after_step(step)
+            if stopped_early:
+                break
+    kept = position.step
+    if stopped_early and position.best_step is not None and position.best_step != position.step:
+        callbacks.restore_weights(model, position.best_step)
+        kept = position.best_step
+    final_valid = valid_metrics.get("valid_loss")
     return model, TrainingResult(steps=position.step, trained_tokens=position.trained_tokens,
-                                 final_train_loss=last_train_loss, final_valid_loss=last_valid_loss)
+                                 final_train_loss=None if last_loss is None else float(last_loss),
+                                 final_valid_loss=final_valid, kept_step=kept, stopped_early=stopped_early,
+                                 last_metrics=checkpoint_metrics())

@@ -1,0 +1,80 @@
+"""Evaluation metrics are what they claim: loss and token accuracy equal the plain full-logits computation,
+and batched, left-padded greedy answers equal answering each prompt alone, for every method and the base."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+
+from adapters.data import EncodedExample
+from adapters.methods import METHODS
+from tests.workers.test_batches import peft_model, plain_batch
+from workers.training.evaluation import attention, greedy_answers, model_metrics, prompt_and_answer
+from workers.training.loop import BatchMaker
+
+
+def plain_scores(model: Any, examples: list[EncodedExample], pad_id: int) -> tuple[float, float]:
+    """Loss and token accuracy from the whole vocabulary's logits at every position."""
+    batch = plain_batch(examples, pad_id)
+    with torch.no_grad():
+        logits = model(**batch).logits[:, -batch["labels"].shape[1]:]  # prompt methods add positions in front
+    predicted, labels = logits[:, :-1], batch["labels"][:, 1:]
+    where = labels != -100
+    loss = torch.nn.functional.cross_entropy(predicted[where].float(), labels[where])
+    accuracy = (predicted[where].argmax(-1) == labels[where]).float().mean()
+    return float(loss), float(accuracy)
+
+
+def one_by_one_answers(model: Any, tokenizer: Any, examples: list[EncodedExample]) -> list[str]:
+    """The reference: each prompt alone, one full forward pass (the trained computation) per new token."""
+    special = set(tokenizer.all_special_ids)
+    answers = []
+    for prompt, answer in (p for p in map(prompt_and_answer, examples) if p is not None):
+        ids = list(prompt)
+        for _ in range(len(answer)):
+            with torch.no_grad():
+                ids.append(int(model(input_ids=torch.tensor([ids])).logits[0, -1].argmax()))
+            if ids[-1] in special:
+                break
+        generated = ids[len(prompt):]
+        cut = next((i for i, t in enumerate(generated) if t in special), len(generated))
+        answers.append(str(tokenizer.decode(generated[:cut])).strip())
+    return answers
+
+
+@pytest.mark.parametrize("name", [None, *sorted(METHODS)])
+def test_metrics_equal_the_plain_computation(name: str | None, examples: list[EncodedExample],
+                                             tiny_model_dir: Path, tiny_tokenizer: Any) -> None:
+    from transformers import AutoModelForCausalLM
+
+    if name is None:
+        model = AutoModelForCausalLM.from_pretrained(tiny_model_dir).eval()
+        base, hp, method = model, {"max_seq_length": 1024}, None
+    else:
+        model, hp = peft_model(name, tiny_model_dir)
+        model.eval()
+        base, method = model.get_base_model(), METHODS[name]
+    pad = tiny_tokenizer.pad_token_id
+    expected_loss, expected_accuracy = plain_scores(model, examples, pad)
+    metrics = model_metrics(model, base_model=base, tokenizer=tiny_tokenizer, examples=examples,
+                            make=BatchMaker(method, hp, pad), batch_size=3)
+    assert metrics["loss"] == pytest.approx(expected_loss, abs=1e-4)
+    assert metrics["mean_token_accuracy"] == pytest.approx(expected_accuracy, abs=1e-6)
+    assert metrics["tokens"] == sum(sum(e.loss_mask[1:]) for e in examples)
+    assert metrics["exact_match_examples"] == len(examples)
+    pairs = [p for p in map(prompt_and_answer, examples) if p is not None]
+    with attention(base, "sdpa"):
+        batched = greedy_answers(model, tiny_tokenizer, [p for p, _ in pairs],
+                                 max_new_tokens=[len(a) for _, a in pairs], batch_size=3)
+        alone = one_by_one_answers(model, tiny_tokenizer, examples)
+    assert batched == alone and any(batched)  # left padding and the KV cache change no answer
+    assert base.config._attn_implementation == "sdpa"  # restored after scoring with packed attention
+
+
+def test_prompt_and_answer_splits_before_the_last_trained_run() -> None:
+    example = EncodedExample(input_ids=[1, 2, 3, 4, 5, 6, 7], loss_mask=[0, 1, 1, 0, 0, 1, 1])
+    assert prompt_and_answer(example) == ([1, 2, 3, 4, 5], [6, 7])
+    assert prompt_and_answer(EncodedExample(input_ids=[1, 2], loss_mask=[1, 1])) is None
