@@ -9,7 +9,7 @@ from typing import Any
 
 from fastapi import FastAPI
 
-from app.api import adapters, admin, files, fine_tuning, health, inference, models
+from app.api import adapters, admin, evaluations, files, fine_tuning, health, inference, models
 from app.db.session import migrate_to_head
 from app.errors import install_error_handlers
 from app.services import tokenizers
@@ -46,7 +46,7 @@ def create_app() -> FastAPI:
     app = FastAPI(title="Adaptery", version="0.1.0", lifespan=lifespan,
                   description="Self-hosted parameter-efficient fine-tuning with an OpenAI-shaped API.")
     install_error_handlers(app)
-    for module in (health, files, fine_tuning, inference, models, adapters, admin):
+    for module in (health, files, fine_tuning, evaluations, inference, models, adapters, admin):
         app.include_router(module.router)
     return app
 

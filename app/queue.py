@@ -1,5 +1,6 @@
-"""The Celery application, configured from Settings, and `enqueue_training`, the one function that sends a
-message to the broker. Messages carry job ids only, as JSON; the database row is the truth about a job."""
+"""The Celery application, configured from Settings, and the functions that send messages to the broker
+(`enqueue_training`, `enqueue_evaluation`). Messages carry ids only, as JSON; the database row is the truth
+about a job or an evaluation."""
 
 from __future__ import annotations
 
@@ -8,12 +9,13 @@ import logging
 from celery import Celery
 
 from app.db.session import session_scope
-from app.services import jobs
+from app.services import evaluations, jobs
 from app.settings import get_settings
 
 log = logging.getLogger("adaptery.queue")
 
 TRAIN_TASK = "adaptery.train"
+EVALUATE_TASK = "adaptery.evaluate"
 TRAINING_QUEUE = "training"
 
 
@@ -48,7 +50,8 @@ def make_celery() -> Celery:
         # whether the redelivery may train (it may not while the lease is live; the reaper re-queues later).
         task_reject_on_worker_lost=True,
         task_default_queue=TRAINING_QUEUE,
-        task_routes={TRAIN_TASK: {"queue": TRAINING_QUEUE}},
+        # Evaluations load models and run them as training does, so the same workers take them.
+        task_routes={TRAIN_TASK: {"queue": TRAINING_QUEUE}, EVALUATE_TASK: {"queue": TRAINING_QUEUE}},
         broker_connection_retry_on_startup=True,
         broker_transport_options=transport_options(settings.resolved_broker_url,
                                                    settings.broker_visibility_timeout),
@@ -64,6 +67,16 @@ def make_celery() -> Celery:
 celery_app = make_celery()
 
 
+def _send(task: str, object_id: str) -> bool:
+    try:
+        celery_app.send_task(task, args=[object_id], retry=True,
+                             retry_policy={"max_retries": 2, "interval_start": 0.2, "interval_step": 0.5})
+    except Exception as exc:  # kombu raises several connection error types
+        log.warning("broker unreachable; %s stays queued for the reaper: %s", object_id, exc)
+        return False
+    return True
+
+
 def enqueue_training(job_id: str) -> bool:
     """Hand a queued job to the training workers; False when the broker cannot be reached.
 
@@ -71,12 +84,18 @@ def enqueue_training(job_id: str) -> bool:
     queued jobs nobody claimed (an outbox in all but name), so an outage delays work but never loses it.
     Duplicates are harmless: a worker must win the job's lease before it trains.
     """
-    try:
-        celery_app.send_task(TRAIN_TASK, args=[job_id], retry=True,
-                             retry_policy={"max_retries": 2, "interval_start": 0.2, "interval_step": 0.5})
-    except Exception as exc:  # kombu raises several connection error types
-        log.warning("broker unreachable; job %s stays queued for the reaper: %s", job_id, exc)
+    if not _send(TRAIN_TASK, job_id):
         return False
     with session_scope() as session:
         jobs.mark_enqueued(session, job_id)
+    return True
+
+
+def enqueue_evaluation(evaluation_id: str) -> bool:
+    """Hand a queued evaluation to the workers; False when the broker cannot be reached (it stays queued and
+    the reaper re-sends it, as for jobs; a worker must win its lease before it runs)."""
+    if not _send(EVALUATE_TASK, evaluation_id):
+        return False
+    with session_scope() as session:
+        evaluations.mark_enqueued(session, evaluation_id)
     return True

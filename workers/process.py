@@ -19,8 +19,8 @@ from celery.signals import worker_process_init, worker_ready, worker_shutdown, w
 
 from app.db.models import WorkerHeartbeat
 from app.db.session import session_scope
-from app.queue import enqueue_training
-from app.services import jobs
+from app.queue import enqueue_evaluation, enqueue_training
+from app.services import evaluations, jobs
 from app.settings import get_settings
 
 log = logging.getLogger("adaptery.worker")
@@ -47,9 +47,13 @@ def reap_once() -> list[str]:
     with session_scope() as session:
         job_ids = jobs.reap(session, max_attempts=settings.max_attempts,
                             requeue_after_seconds=settings.requeue_after_seconds)
+        evaluation_ids = evaluations.reap(session, max_attempts=settings.max_attempts,
+                                          requeue_after_seconds=settings.requeue_after_seconds)
     for job_id in job_ids:
         enqueue_training(job_id)
-    return job_ids
+    for evaluation_id in evaluation_ids:
+        enqueue_evaluation(evaluation_id)
+    return job_ids + evaluation_ids
 
 
 @worker_ready.connect
@@ -78,6 +82,7 @@ def _fresh_connections_after_fork(**_: Any) -> None:
     import torch  # noqa: F401
     import transformers  # noqa: F401
 
+    import workers.evaluator  # noqa: F401  (and what an evaluation needs)
     import workers.runner  # noqa: F401  (the training loop and everything a job needs)
 
 

@@ -1,4 +1,5 @@
-"""The Celery task train(job_id): claim the job by lease → run it (workers.runner.JobRunner) → record a failure.
+"""The Celery tasks: train(job_id) claims the job by lease → runs it (workers.runner.JobRunner) → records a failure;
+evaluate(evaluation_id) does the same for an evaluation (workers.evaluator).
 
 Celery imports this module in every worker (`include=["workers.tasks"]`); importing workers.process with it
 connects the worker's heartbeat and reaper threads and its process signals.
@@ -16,8 +17,8 @@ from typing import Any
 
 from app.db.models import FineTuningJob
 from app.db.session import session_scope
-from app.queue import TRAIN_TASK, celery_app
-from app.services import jobs
+from app.queue import EVALUATE_TASK, TRAIN_TASK, celery_app
+from app.services import evaluations, jobs
 from app.settings import get_settings
 from workers import process  # noqa: F401  (connects the worker's threads and signal handlers)
 from workers.lease import Lease
@@ -29,7 +30,7 @@ log = logging.getLogger("adaptery.worker")
 def train(self: Any, job_id: str) -> str:
     settings = get_settings()
     claimed_at = time.perf_counter()
-    owner = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
+    owner = _owner()
     with session_scope() as session:
         attempt = jobs.claim(session, job_id, owner=owner, lease_seconds=settings.lease_seconds,
                              max_attempts=settings.max_attempts)
@@ -55,3 +56,35 @@ def train(self: Any, job_id: str) -> str:
                     jobs.add_event(session, job_id, f"Fine-tuning job failed: {exc}", level="error",
                                    data={"traceback": traceback.format_exc(limit=5)[-2000:]})
             return "failed"
+
+
+@celery_app.task(name=EVALUATE_TASK, bind=True, acks_late=True)
+def evaluate(self: Any, evaluation_id: str) -> str:
+    settings = get_settings()
+    owner = _owner()
+    with session_scope() as session:
+        if evaluations.claim(session, evaluation_id, owner=owner, lease_seconds=settings.lease_seconds,
+                             max_attempts=settings.max_attempts) is None:
+            log.info("evaluation %s not claimed; skipping", evaluation_id)
+            return "skipped"
+    with Lease(evaluation_id, owner, settings.lease_seconds, renew=evaluations.renew_lease) as lease:
+        try:
+            # Imported here for the same reason as JobRunner above: torch only ever in the pool process.
+            from workers.evaluator import run
+
+            return run(evaluation_id, owner=owner, lease=lease)
+        except Exception as exc:  # the evaluation fails with a reason; the worker lives on
+            log.exception("evaluation %s failed", evaluation_id)
+            code = getattr(exc, "code", None)  # the evaluator's own refusals carry a code and a full message
+            with session_scope() as session:
+                if isinstance(code, str):
+                    evaluations.mark_failed(session, evaluation_id, code=code, message=str(exc), owner=owner)
+                else:
+                    evaluations.mark_failed(session, evaluation_id, code="evaluation_error",
+                                            message=f"{type(exc).__name__}: {exc}", owner=owner)
+            return "failed"
+
+
+def _owner() -> str:
+    """Who holds a lease: this process, plus a random part so two attempts in one process differ."""
+    return f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"

@@ -204,3 +204,41 @@ class WorkerHeartbeat(Base):
     last_seen: Mapped[float] = mapped_column(Float)
     pid: Mapped[int] = mapped_column(Integer)
 
+
+class EvaluationStatus(enum.StrEnum):
+    queued = "queued"
+    running = "running"
+    succeeded = "succeeded"
+    failed = "failed"
+
+
+class Evaluation(Base):
+    """An on-demand evaluation: models on one base (the base itself, adapters, checkpoints) scored on one file
+    by a worker. Owned by lease while it runs, as a job is, so a lost worker's evaluation runs again."""
+
+    __tablename__ = "evaluations"
+
+    id: Mapped[str] = mapped_column(String(64), primary_key=True)
+    tenant_id: Mapped[str] = mapped_column(String(64), index=True)
+    # Monotonic sequence for stable cursor pagination (ids are random).
+    seq: Mapped[int] = mapped_column(BigInteger, index=True)
+    status: Mapped[str] = mapped_column(String(16), index=True)
+    created_at: Mapped[int] = mapped_column(BigInteger, default=now)
+    started_at: Mapped[int | None] = mapped_column(BigInteger, nullable=True)
+    finished_at: Mapped[int | None] = mapped_column(BigInteger, nullable=True)
+    file: Mapped[str] = mapped_column(String(64))
+    base_model: Mapped[str] = mapped_column(String(255))
+    # The models as the client named them, in its order, and what each resolved to when it was accepted:
+    # [{"model": name, "adapter_id": id or None for the base model}].
+    models: Mapped[list[Any]] = mapped_column(JSON)
+    targets: Mapped[list[Any]] = mapped_column(JSON)
+    eval_metadata: Mapped[dict[str, Any] | None] = mapped_column("metadata", JSON, nullable=True)
+    # One entry per model, in the order of `models`: {"model", "loss", "mean_token_accuracy", "tokens", ...}.
+    results: Mapped[list[Any] | None] = mapped_column(JSON, nullable=True)
+    error_code: Mapped[str | None] = mapped_column(String(64), nullable=True)
+    error_message: Mapped[str | None] = mapped_column(Text, nullable=True)
+    attempts: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
+    lease_owner: Mapped[str | None] = mapped_column(String(128), nullable=True)
+    lease_expires_at: Mapped[float | None] = mapped_column(Float, nullable=True)
+    # Last time it was handed to the broker (the reaper re-sends queued evaluations nobody claimed).
+    enqueued_at: Mapped[float | None] = mapped_column(Float, nullable=True)

@@ -12,7 +12,7 @@ from adapters.data import DatasetError, check_lengths, describe_problems, encode
 from adapters.store import ArtifactStore
 from app.db.models import File, FileStatus, FineTuningJob, JobStatus, now
 from app.errors import Conflict, InvalidRequest, not_found
-from app.services import tokenizers
+from app.services import evaluations, tokenizers
 from app.services.jobs import new_id, storable
 from app.settings import Settings
 
@@ -86,6 +86,10 @@ def delete_file(session: Session, *, tenant_id: str, settings: Settings, file_id
     if active:
         raise Conflict(f"File '{file_id}' is used by fine-tuning job '{active}', which has not finished; "
                        "cancel the job or wait for it first.", param="file_id", code="file_in_use")
+    evaluating = evaluations.unfinished_using_file(session, file_id)
+    if evaluating:
+        raise Conflict(f"File '{file_id}' is used by evaluation '{evaluating}', which has not finished; wait for it "
+                       "first.", param="file_id", code="file_in_use", retry_after=10)
     row.deleted = True
     session.commit()
     ArtifactStore(settings.data_dir).delete_file(file_id)

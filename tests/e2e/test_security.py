@@ -35,7 +35,7 @@ def tenant_b(stack: Stack) -> str:
 
 @pytest.fixture(scope="module")
 def owned_by_a(client: httpx.Client) -> dict[str, str]:
-    """Tenant A (the local tenant) owns a file, a finished job, its adapter and model name."""
+    """Tenant A (the local tenant) owns a file, a finished job, its adapter and model name, an evaluation."""
     file_id = upload(client, chat_lines(8)).json()["id"]
     job = client.post("/v1/fine_tuning/jobs", json={
         "model": TINY_MODEL_ID, "training_file": file_id, "hyperparameters": {"n_epochs": 1}}).json()
@@ -43,8 +43,10 @@ def owned_by_a(client: httpx.Client) -> dict[str, str]:
     assert done["status"] == "succeeded"
     adapter = next(a for a in client.get("/v1/adapters").json()["data"] if a["name"] == done["fine_tuned_model"])
     event = client.get(f"/v1/fine_tuning/jobs/{job['id']}/events", params={"limit": 1}).json()["data"][0]
+    evaluation = client.post("/v1/evaluations", json={"file": file_id, "models": [done["fine_tuned_model"]]})
+    assert evaluation.status_code == 200, evaluation.text
     return {"file_id": file_id, "fine_tuning_job_id": job["id"], "adapter_id": adapter["id"],
-            "model_id": done["fine_tuned_model"], "event_id": event["id"]}
+            "model_id": done["fine_tuned_model"], "event_id": event["id"], "evaluation_id": evaluation.json()["id"]}
 
 
 def test_keys_are_required_and_checked(stack: Stack) -> None:
@@ -97,6 +99,8 @@ def _body(method: str, path: str, ids: dict[str, str]) -> dict[str, Any] | None:
         return {"model": ids["model_id"], "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}
     if path == "/v1/completions":
         return {"model": ids["model_id"], "prompt": "hi", "max_tokens": 2}
+    if path == "/v1/evaluations":
+        return {"file": ids["file_id"], "models": [ids["model_id"]]}
     return None
 
 
@@ -135,6 +139,7 @@ def test_bola_matrix_from_the_openapi_document(stack: Stack, client: httpx.Clien
         assert a_client.get(f"/v1/fine_tuning/jobs/{owned_by_a['fine_tuning_job_id']}").status_code == 200
         assert a_client.get(f"/v1/adapters/{owned_by_a['adapter_id']}").status_code == 200
         assert a_client.get(f"/v1/models/{owned_by_a['model_id']}").status_code == 200
+        assert a_client.get(f"/v1/evaluations/{owned_by_a['evaluation_id']}").status_code == 200
 
 
 def test_rate_limit_per_key_and_other_limits(tmp_path: Any, tiny_model_dir: Any, redis_url: str,

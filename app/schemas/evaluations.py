@@ -1,0 +1,78 @@
+"""Evaluation requests and objects: several models on one base model compared on one file."""
+
+from __future__ import annotations
+
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, Field, field_validator
+
+from app.db.models import Evaluation
+from app.schemas.common import Request
+from app.services.evaluations import MAX_MODELS
+
+ModelName = Annotated[str, Field(min_length=1, max_length=255)]
+
+
+class EvaluationCreate(Request):
+    file: str = Field(min_length=1, max_length=64,
+                      description="the id of a processed file with purpose fine-tune (e.g. a validation file)")
+    models: list[ModelName] = Field(
+        min_length=1, max_length=MAX_MODELS, json_schema_extra={"uniqueItems": True},
+        description=f"1 to {MAX_MODELS} distinct models on one base model: the base model id, fine-tuned models and "
+                    "checkpoints (GET /v1/models); results come back in this order")
+    metadata: dict[str, str] | None = Field(default=None, json_schema_extra={
+        "maxProperties": 16, "propertyNames": {"minLength": 1, "maxLength": 64},
+        "additionalProperties": {"type": "string", "maxLength": 512}})
+
+    @field_validator("metadata")
+    @classmethod
+    def _metadata_limits(cls, value: dict[str, str] | None) -> dict[str, str] | None:
+        if value is None:
+            return value
+        if len(value) > 16:
+            raise ValueError("at most 16 metadata keys")
+        for key, item in value.items():
+            if not key or len(key) > 64 or len(item) > 512:
+                raise ValueError("metadata keys must be 1-64 characters and values at most 512 characters")
+        return value
+
+
+class EvaluationResult(BaseModel):
+    model: str
+    loss: float = Field(description="mean cross-entropy per labelled token (the tokens a fine-tune trains on)")
+    mean_token_accuracy: float = Field(description="share of labelled tokens the model predicts exactly (argmax)")
+    tokens: int = Field(description="labelled tokens scored (the same for every model of the evaluation)")
+    exact_match: float | None = Field(description="share of examples whose greedy answer, up to the end-of-turn "
+                                                  "token, equals the reference answer; null when no example has a "
+                                                  "prompt to answer (text files)")
+    exact_match_examples: int = Field(description="examples asked for a greedy answer")
+
+
+class EvaluationError(BaseModel):
+    code: str
+    message: str
+
+
+class EvaluationObject(BaseModel):
+    id: str
+    object: Literal["evaluation"] = "evaluation"
+    status: str = Field(description="queued, running, succeeded or failed")
+    created_at: int
+    finished_at: int | None
+    file: str
+    models: list[str]
+    base_model: str = Field(description="the base model every evaluated model shares")
+    results: list[EvaluationResult] | None = Field(description="one entry per model, in the order of `models`, "
+                                                               "once the evaluation has succeeded")
+    error: EvaluationError | None
+    metadata: dict[str, str] | None
+
+
+def evaluation_object(evaluation: Evaluation) -> dict[str, Any]:
+    error = EvaluationError(code=evaluation.error_code, message=evaluation.error_message or "") \
+        if evaluation.error_code else None
+    return EvaluationObject(
+        id=evaluation.id, status=evaluation.status, created_at=evaluation.created_at,
+        finished_at=evaluation.finished_at, file=evaluation.file, models=evaluation.models,
+        base_model=evaluation.base_model, results=evaluation.results, error=error,
+        metadata=evaluation.eval_metadata).model_dump()

@@ -1,0 +1,193 @@
+"""On-demand evaluations: validation at submit time, reads, and the status transitions a worker makes.
+
+An evaluation compares models on one base model (the base itself, fine-tuned models, checkpoints) on one
+uploaded file. It runs on a training worker and is owned by lease while it runs, as a job is: every status
+change is one guarded UPDATE, so a duplicate delivery or a worker that lost its lease changes nothing.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+from sqlalchemy import func, select, update
+from sqlalchemy.orm import Session
+
+from app.db.models import Evaluation, EvaluationStatus, now
+from app.errors import InvalidRequest, NotFound, not_found
+from app.services.jobs import _processed_file, adapter_by_name, new_id, storable
+from app.settings import Settings
+
+MAX_MODELS = 8
+
+
+# ---------------------------------------------------------------- creation
+
+
+def create_evaluation(session: Session, *, tenant_id: str, settings: Settings, file: str, models: list[str],
+                      metadata: dict[str, str] | None) -> Evaluation:
+    """Check that every model can be evaluated on the file, then store the evaluation as queued (the caller
+    hands it to the broker)."""
+    targets = _resolve_models(session, tenant_id=tenant_id, settings=settings, models=models)
+    processed = _processed_file(session, tenant_id, file, "file")
+    evaluation = Evaluation(
+        id=new_id("eval"), tenant_id=tenant_id, seq=time.time_ns(), status=EvaluationStatus.queued.value,
+        created_at=now(), file=processed.id, base_model=targets[0]["base_model"], models=list(models),
+        targets=[{"model": t["model"], "adapter_id": t["adapter_id"]} for t in targets], eval_metadata=metadata)
+    session.add(evaluation)
+    session.commit()
+    return evaluation
+
+
+def _resolve_models(session: Session, *, tenant_id: str, settings: Settings,
+                    models: list[str]) -> list[dict[str, Any]]:
+    """Each model as {"model", "adapter_id" (None for the base model), "base_model"}; a model that is unknown
+    (or another tenant's), listed twice or on another base model than the first is refused, naming models[i]."""
+    from app.services import base_models
+
+    if not 1 <= len(models) <= MAX_MODELS:
+        raise InvalidRequest(f"models must list 1 to {MAX_MODELS} models; got {len(models)}.", param="models",
+                             code="invalid_value")
+    accepted = ("a base model id or the name of one of your fine-tuned models or checkpoints "
+                "(GET /v1/models lists them)")
+    targets: list[dict[str, Any]] = []
+    seen: dict[str, int] = {}
+    for index, name in enumerate(models):
+        param = f"models[{index}]"
+        try:
+            target = {"model": name, "adapter_id": None, "base_model": base_models.resolve(settings, name).id}
+        except base_models.UnknownBaseModel:
+            adapter = adapter_by_name(session, tenant_id=tenant_id, name=name, include_public=True)
+            if adapter is None:
+                raise NotFound(f"The model '{name}' does not exist; each model must be {accepted}.", param=param,
+                               code="model_not_found") from None
+            target = {"model": name, "adapter_id": adapter.id, "base_model": adapter.base_model}
+        key = str(target["adapter_id"] or target["base_model"])  # an alias of a base model is that base model
+        if key in seen:
+            raise InvalidRequest(f"models[{index}] '{name}' is the same model as models[{seen[key]}]; list each "
+                                 "model once.", param=param, code="duplicate_model")
+        seen[key] = index
+        if targets and target["base_model"] != targets[0]["base_model"]:
+            raise InvalidRequest(f"models[{index}] '{name}' is on base model '{target['base_model']}' but models[0] "
+                                 f"'{models[0]}' is on '{targets[0]['base_model']}'; every model of one evaluation "
+                                 "must be that base model or fine-tuned from it.", param=param,
+                                 code="mixed_base_models")
+        targets.append(target)
+    return targets
+
+
+# ---------------------------------------------------------------- reads
+
+
+def get_evaluation(session: Session, *, tenant_id: str, evaluation_id: str) -> Evaluation:
+    evaluation = session.get(Evaluation, evaluation_id) if storable(evaluation_id) else None
+    if evaluation is None or evaluation.tenant_id != tenant_id:
+        raise not_found("evaluation", evaluation_id, param="evaluation_id")
+    return evaluation
+
+
+def list_evaluations(session: Session, *, tenant_id: str, after: str | None,
+                     limit: int) -> tuple[list[Evaluation], bool]:
+    """Newest first; `after` is the last id of the previous page."""
+    query = select(Evaluation).where(Evaluation.tenant_id == tenant_id)
+    if after:
+        anchor = session.get(Evaluation, after) if storable(after) else None
+        if anchor is None or anchor.tenant_id != tenant_id:
+            raise not_found("evaluation", after, param="after")
+        query = query.where(Evaluation.seq < anchor.seq)
+    rows = list(session.scalars(query.order_by(Evaluation.seq.desc()).limit(limit + 1)))
+    return rows[:limit], len(rows) > limit
+
+
+def unfinished_using_file(session: Session, file_id: str) -> str | None:
+    """An evaluation that has not finished and reads this file, if any (the file must stay until it has)."""
+    return session.scalar(select(Evaluation.id).where(
+        Evaluation.file == file_id,
+        Evaluation.status.in_([EvaluationStatus.queued.value, EvaluationStatus.running.value])).limit(1))
+
+
+# ---------------------------------------------------------------- transitions
+
+
+def _transition(session: Session, evaluation_id: str, expected: set[EvaluationStatus], new: EvaluationStatus, *,
+                owner: str | None = None, **values: Any) -> bool:
+    """One guarded UPDATE; with `owner`, only the worker holding the lease can make it."""
+    query = update(Evaluation).where(Evaluation.id == evaluation_id,
+                                     Evaluation.status.in_([s.value for s in expected]))
+    if owner is not None:
+        query = query.where(Evaluation.lease_owner == owner)
+    result = session.execute(query.values(status=new.value, **values))
+    session.commit()
+    return result.rowcount == 1  # type: ignore[attr-defined]
+
+
+def mark_enqueued(session: Session, evaluation_id: str) -> None:
+    session.execute(update(Evaluation).where(Evaluation.id == evaluation_id).values(enqueued_at=time.time()))
+    session.commit()
+
+
+def claim(session: Session, evaluation_id: str, *, owner: str, lease_seconds: float, max_attempts: int) -> int | None:
+    """queued (or running with an expired lease) → running, owned by `owner`; the attempt number, or None for a
+    duplicate delivery (or one racing a live lease, or one past the attempts cap)."""
+    moment = time.time()
+    result = session.execute(
+        update(Evaluation)
+        .where(Evaluation.id == evaluation_id, Evaluation.attempts < max_attempts,
+               (Evaluation.status == EvaluationStatus.queued.value)
+               | ((Evaluation.status == EvaluationStatus.running.value) & (Evaluation.lease_expires_at < moment)))
+        .values(status=EvaluationStatus.running.value, lease_owner=owner, lease_expires_at=moment + lease_seconds,
+                attempts=Evaluation.attempts + 1, started_at=func.coalesce(Evaluation.started_at, now())))
+    session.commit()
+    if result.rowcount != 1:  # type: ignore[attr-defined]
+        return None
+    return int(session.scalar(select(Evaluation.attempts).where(Evaluation.id == evaluation_id)) or 0)
+
+
+def renew_lease(session: Session, evaluation_id: str, *, owner: str, lease_seconds: float) -> bool:
+    """Extend the lease; False means another worker owns the evaluation now (or it left `running`)."""
+    result = session.execute(
+        update(Evaluation)
+        .where(Evaluation.id == evaluation_id, Evaluation.lease_owner == owner,
+               Evaluation.status == EvaluationStatus.running.value)
+        .values(lease_expires_at=time.time() + lease_seconds))
+    session.commit()
+    return result.rowcount == 1  # type: ignore[attr-defined]
+
+
+def release(session: Session, evaluation_id: str, *, owner: str) -> bool:
+    """running → queued, handing the evaluation back (worker shutdown); it runs again from the start."""
+    return _transition(session, evaluation_id, {EvaluationStatus.running}, EvaluationStatus.queued, owner=owner,
+                       lease_owner=None, lease_expires_at=None, enqueued_at=None)
+
+
+def mark_succeeded(session: Session, evaluation_id: str, *, results: list[dict[str, Any]], owner: str) -> bool:
+    return _transition(session, evaluation_id, {EvaluationStatus.running}, EvaluationStatus.succeeded, owner=owner,
+                       results=results, finished_at=now(), lease_expires_at=None)
+
+
+def mark_failed(session: Session, evaluation_id: str, *, code: str, message: str, owner: str | None = None) -> bool:
+    return _transition(session, evaluation_id, {EvaluationStatus.queued, EvaluationStatus.running},
+                       EvaluationStatus.failed, owner=owner, finished_at=now(), error_code=code,
+                       error_message=message[:2000], lease_expires_at=None)
+
+
+def reap(session: Session, *, max_attempts: int, requeue_after_seconds: float) -> list[str]:
+    """Recover from workers that vanished: running evaluations whose lease expired go back to the queue (or
+    fail once out of attempts), and queued ones nobody claimed for a while are handed out again. Returns the
+    evaluation ids to send to the broker."""
+    moment = time.time()
+    expired = list(session.scalars(select(Evaluation).where(
+        Evaluation.status == EvaluationStatus.running.value, Evaluation.lease_expires_at < moment)))
+    for evaluation in expired:
+        if evaluation.attempts >= max_attempts:
+            _transition(session, evaluation.id, {EvaluationStatus.running}, EvaluationStatus.failed,
+                        owner=evaluation.lease_owner, finished_at=now(), error_code="worker_lost",
+                        lease_expires_at=None, error_message=f"the worker running this evaluation was lost "
+                                                             f"{evaluation.attempts} times; giving up")
+        else:
+            _transition(session, evaluation.id, {EvaluationStatus.running}, EvaluationStatus.queued,
+                        owner=evaluation.lease_owner, lease_owner=None, lease_expires_at=None, enqueued_at=None)
+    stale = moment - requeue_after_seconds
+    return list(session.scalars(select(Evaluation.id).where(
+        Evaluation.status == EvaluationStatus.queued.value,
+        (Evaluation.enqueued_at.is_(None)) | (Evaluation.enqueued_at < stale))))
