@@ -2,11 +2,29 @@
 
 from __future__ import annotations
 
-from typing import Any, Generic, Literal, TypeVar
+from typing import Annotated, Any, Generic, Literal, TypeVar
 
-from pydantic import BaseModel, ConfigDict
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field
 
 T = TypeVar("T")
+
+
+def _metadata_limits(value: dict[str, str] | None) -> dict[str, str] | None:
+    if value is None:
+        return value
+    if len(value) > 16:
+        raise ValueError("at most 16 metadata keys")
+    for key, item in value.items():
+        if not key or len(key) > 64 or len(item) > 512:
+            raise ValueError("metadata keys must be 1-64 characters and values at most 512 characters")
+    return value
+
+
+# A request's `metadata`, within OpenAI's limits: at most 16 pairs, keys of 1-64 characters, values of at most 512.
+# The validator enforces what json_schema_extra tells clients in the OpenAPI document.
+Metadata = Annotated[dict[str, str] | None, AfterValidator(_metadata_limits), Field(json_schema_extra={
+    "maxProperties": 16, "propertyNames": {"minLength": 1, "maxLength": 64},
+    "additionalProperties": {"type": "string", "maxLength": 512}})]
 
 
 class Request(BaseModel):

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, Field, field_validator
+from pydantic import BaseModel, Field
 
 from app.db.models import Evaluation
-from app.schemas.common import Request
+from app.schemas.common import Metadata, Request
 from app.services.evaluations import MAX_MODELS
 
 ModelName = Annotated[str, Field(min_length=1, max_length=255)]
@@ -20,21 +20,7 @@ class EvaluationCreate(Request):
         min_length=1, max_length=MAX_MODELS, json_schema_extra={"uniqueItems": True},
         description=f"1 to {MAX_MODELS} distinct models on one base model: the base model id, fine-tuned models and "
                     "checkpoints (GET /v1/models); results come back in this order")
-    metadata: dict[str, str] | None = Field(default=None, json_schema_extra={
-        "maxProperties": 16, "propertyNames": {"minLength": 1, "maxLength": 64},
-        "additionalProperties": {"type": "string", "maxLength": 512}})
-
-    @field_validator("metadata")
-    @classmethod
-    def _metadata_limits(cls, value: dict[str, str] | None) -> dict[str, str] | None:
-        if value is None:
-            return value
-        if len(value) > 16:
-            raise ValueError("at most 16 metadata keys")
-        for key, item in value.items():
-            if not key or len(key) > 64 or len(item) > 512:
-                raise ValueError("metadata keys must be 1-64 characters and values at most 512 characters")
-        return value
+    metadata: Metadata = None
 
 
 class EvaluationResult(BaseModel):

@@ -8,7 +8,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from adapters.methods import DEFAULT_METHOD, METHODS, accepted_names, method_named
 from app.db.models import Checkpoint, FineTuningJob, JobEvent
-from app.schemas.common import Request
+from app.schemas.common import Metadata, Request
 
 SUFFIX_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,39}$"
 
@@ -62,9 +62,7 @@ class JobCreate(Request):
     suffix: str | None = Field(default=None, pattern=SUFFIX_PATTERN,
                                description="up to 40 characters: letters, digits, '.', '_' and '-'")
     seed: int | None = Field(default=None, ge=0, le=2**31 - 1)
-    metadata: dict[str, str] | None = Field(default=None, json_schema_extra={
-        "maxProperties": 16, "propertyNames": {"minLength": 1, "maxLength": 64},
-        "additionalProperties": {"type": "string", "maxLength": 512}})
+    metadata: Metadata = None
     method: MethodSpec | None = None
     # OpenAI's older top-level hyperparameters (n_epochs, batch_size, learning_rate_multiplier): the default method's.
     hyperparameters: dict[str, Any] | None = Field(
@@ -79,18 +77,6 @@ class JobCreate(Request):
     # Adaptery's own: stop training after this many seconds (checkpoint, then fail with code "timeout").
     time_limit_seconds: float | None = Field(default=None, gt=0,
                                              description="at most the server's ADAPTERY_MAX_TIME_LIMIT_SECONDS")
-
-    @field_validator("metadata")
-    @classmethod
-    def _metadata_limits(cls, value: dict[str, str] | None) -> dict[str, str] | None:
-        if value is None:
-            return value
-        if len(value) > 16:
-            raise ValueError("at most 16 metadata keys")
-        for key, item in value.items():
-            if not key or len(key) > 64 or len(item) > 512:
-                raise ValueError("metadata keys must be 1-64 characters and values at most 512 characters")
-        return value
 
     @field_validator("integrations")
     @classmethod

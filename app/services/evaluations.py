@@ -10,12 +10,13 @@ from __future__ import annotations
 import time
 from typing import Any
 
-from sqlalchemy import func, select, update
+from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from app.db.models import Evaluation, EvaluationStatus, now
 from app.errors import InvalidRequest, NotFound, not_found
 from app.services.jobs import _processed_file, adapter_by_name, new_id, storable
+from app.services.leases import Leases
 from app.settings import Settings
 
 MAX_MODELS = 8
@@ -109,55 +110,18 @@ def unfinished_using_file(session: Session, file_id: str) -> str | None:
 # ---------------------------------------------------------------- transitions
 
 
-def _transition(session: Session, evaluation_id: str, expected: set[EvaluationStatus], new: EvaluationStatus, *,
-                owner: str | None = None, **values: Any) -> bool:
-    """One guarded UPDATE; with `owner`, only the worker holding the lease can make it."""
-    query = update(Evaluation).where(Evaluation.id == evaluation_id,
-                                     Evaluation.status.in_([s.value for s in expected]))
-    if owner is not None:
-        query = query.where(Evaluation.lease_owner == owner)
-    result = session.execute(query.values(status=new.value, **values))
-    session.commit()
-    return result.rowcount == 1  # type: ignore[attr-defined]
-
-
-def mark_enqueued(session: Session, evaluation_id: str) -> None:
-    session.execute(update(Evaluation).where(Evaluation.id == evaluation_id).values(enqueued_at=time.time()))
-    session.commit()
-
-
-def claim(session: Session, evaluation_id: str, *, owner: str, lease_seconds: float, max_attempts: int) -> int | None:
-    """queued (or running with an expired lease) → running, owned by `owner`; the attempt number, or None for a
-    duplicate delivery (or one racing a live lease, or one past the attempts cap)."""
-    moment = time.time()
-    result = session.execute(
-        update(Evaluation)
-        .where(Evaluation.id == evaluation_id, Evaluation.attempts < max_attempts,
-               (Evaluation.status == EvaluationStatus.queued.value)
-               | ((Evaluation.status == EvaluationStatus.running.value) & (Evaluation.lease_expires_at < moment)))
-        .values(status=EvaluationStatus.running.value, lease_owner=owner, lease_expires_at=moment + lease_seconds,
-                attempts=Evaluation.attempts + 1, started_at=func.coalesce(Evaluation.started_at, now())))
-    session.commit()
-    if result.rowcount != 1:  # type: ignore[attr-defined]
-        return None
-    return int(session.scalar(select(Evaluation.attempts).where(Evaluation.id == evaluation_id)) or 0)
-
-
-def renew_lease(session: Session, evaluation_id: str, *, owner: str, lease_seconds: float) -> bool:
-    """Extend the lease; False means another worker owns the evaluation now (or it left `running`)."""
-    result = session.execute(
-        update(Evaluation)
-        .where(Evaluation.id == evaluation_id, Evaluation.lease_owner == owner,
-               Evaluation.status == EvaluationStatus.running.value)
-        .values(lease_expires_at=time.time() + lease_seconds))
-    session.commit()
-    return result.rowcount == 1  # type: ignore[attr-defined]
+_leases = Leases(Evaluation, queued=EvaluationStatus.queued, running=EvaluationStatus.running,
+                 failed=EvaluationStatus.failed, noun="evaluation")
+# The lease transitions (app/services/leases.py), as for jobs, under the names workers and tests call.
+_transition = _leases.transition
+mark_enqueued = _leases.mark_enqueued
+claim = _leases.claim
+renew_lease = _leases.renew
 
 
 def release(session: Session, evaluation_id: str, *, owner: str) -> bool:
     """running → queued, handing the evaluation back (worker shutdown); it runs again from the start."""
-    return _transition(session, evaluation_id, {EvaluationStatus.running}, EvaluationStatus.queued, owner=owner,
-                       lease_owner=None, lease_expires_at=None, enqueued_at=None)
+    return _leases.release(session, evaluation_id, owner=owner)
 
 
 def mark_succeeded(session: Session, evaluation_id: str, *, results: list[dict[str, Any]], owner: str) -> bool:
@@ -176,18 +140,5 @@ def reap(session: Session, *, max_attempts: int, requeue_after_seconds: float) -
     fail once out of attempts), and queued ones nobody claimed for a while are handed out again. Returns the
     evaluation ids to send to the broker."""
     moment = time.time()
-    expired = list(session.scalars(select(Evaluation).where(
-        Evaluation.status == EvaluationStatus.running.value, Evaluation.lease_expires_at < moment)))
-    for evaluation in expired:
-        if evaluation.attempts >= max_attempts:
-            _transition(session, evaluation.id, {EvaluationStatus.running}, EvaluationStatus.failed,
-                        owner=evaluation.lease_owner, finished_at=now(), error_code="worker_lost",
-                        lease_expires_at=None, error_message=f"the worker running this evaluation was lost "
-                                                             f"{evaluation.attempts} times; giving up")
-        else:
-            _transition(session, evaluation.id, {EvaluationStatus.running}, EvaluationStatus.queued,
-                        owner=evaluation.lease_owner, lease_owner=None, lease_expires_at=None, enqueued_at=None)
-    stale = moment - requeue_after_seconds
-    return list(session.scalars(select(Evaluation.id).where(
-        Evaluation.status == EvaluationStatus.queued.value,
-        (Evaluation.enqueued_at.is_(None)) | (Evaluation.enqueued_at < stale))))
+    _leases.hand_back_expired(session, moment=moment, max_attempts=max_attempts)
+    return _leases.unclaimed(session, since=moment - requeue_after_seconds)

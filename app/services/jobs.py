@@ -26,6 +26,7 @@ from app.db.models import (
     now,
 )
 from app.errors import Conflict, InvalidRequest, LimitReached, NotFound, not_found
+from app.services.leases import Leases
 from app.settings import Settings
 
 
@@ -42,63 +43,22 @@ def storable(key: str) -> bool:
 # ---------------------------------------------------------------- transitions
 
 
-def _transition(session: Session, job_id: str, expected: set[JobStatus], new: JobStatus, *,
-                owner: str | None = None, **values: Any) -> bool:
-    """One guarded UPDATE; with `owner`, only the worker holding the job's lease can make it."""
-    query = update(FineTuningJob).where(FineTuningJob.id == job_id,
-                                        FineTuningJob.status.in_([s.value for s in expected]))
-    if owner is not None:
-        query = query.where(FineTuningJob.lease_owner == owner)
-    result = session.execute(query.values(status=new.value, **values))
-    session.commit()
-    return result.rowcount == 1  # type: ignore[attr-defined]
+_leases = Leases(FineTuningJob, queued=JobStatus.queued, running=JobStatus.running, failed=JobStatus.failed,
+                 noun="job")
+# The lease transitions (app/services/leases.py) under this module's names, which workers and tests call.
+_transition = _leases.transition
+mark_enqueued = _leases.mark_enqueued
+claim = _leases.claim
+renew_lease = _leases.renew
 
 
 def mark_queued(session: Session, job_id: str) -> bool:
     return _transition(session, job_id, {JobStatus.validating_files}, JobStatus.queued)
 
 
-def mark_enqueued(session: Session, job_id: str) -> None:
-    session.execute(update(FineTuningJob).where(FineTuningJob.id == job_id).values(enqueued_at=time.time()))
-    session.commit()
-
-
-def claim(session: Session, job_id: str, *, owner: str, lease_seconds: float, max_attempts: int) -> int | None:
-    """queued (or running with an expired lease) → running, owned by `owner`.
-
-    Exactly one worker wins; a duplicate delivery, or one racing a live lease, gets None. Returns the
-    attempt number.
-    """
-    moment = time.time()
-    result = session.execute(
-        update(FineTuningJob)
-        .where(FineTuningJob.id == job_id, FineTuningJob.attempts < max_attempts,
-               (FineTuningJob.status == JobStatus.queued.value)
-               | ((FineTuningJob.status == JobStatus.running.value) & (FineTuningJob.lease_expires_at < moment)))
-        .values(status=JobStatus.running.value, lease_owner=owner, lease_expires_at=moment + lease_seconds,
-                attempts=FineTuningJob.attempts + 1, started_at=func.coalesce(FineTuningJob.started_at, now()))
-    )
-    session.commit()
-    if result.rowcount != 1:  # type: ignore[attr-defined]
-        return None
-    return int(session.scalar(select(FineTuningJob.attempts).where(FineTuningJob.id == job_id)) or 0)
-
-
-def renew_lease(session: Session, job_id: str, *, owner: str, lease_seconds: float) -> bool:
-    """Extend the lease; False means another worker owns the job now (or it left `running`)."""
-    result = session.execute(
-        update(FineTuningJob)
-        .where(FineTuningJob.id == job_id, FineTuningJob.lease_owner == owner,
-               FineTuningJob.status == JobStatus.running.value)
-        .values(lease_expires_at=time.time() + lease_seconds))
-    session.commit()
-    return result.rowcount == 1  # type: ignore[attr-defined]
-
-
 def release(session: Session, job_id: str, *, owner: str) -> bool:
     """running → queued, handing the job back (worker shutdown); it resumes from its checkpoint."""
-    return _transition(session, job_id, {JobStatus.running}, JobStatus.queued, owner=owner, lease_owner=None,
-                       lease_expires_at=None, enqueued_at=None)
+    return _leases.release(session, job_id, owner=owner)
 
 
 def mark_succeeded(session: Session, job_id: str, *, fine_tuned_model: str, trained_tokens: int,
@@ -133,23 +93,17 @@ def reap(session: Session, *, max_attempts: int, requeue_after_seconds: float) -
                        error_message=f"the job passed its hard time limit of {job.hard_time_limit:.0f} s",
                        lease_expires_at=None):
             add_event(session, job.id, "Hard time limit reached; the job failed.", level="error")
-    expired = list(session.scalars(select(FineTuningJob).where(
-        FineTuningJob.status == JobStatus.running.value, FineTuningJob.lease_expires_at < moment)))
-    for job in expired:
-        if job.attempts >= max_attempts:
-            if _transition(session, job.id, {JobStatus.running}, JobStatus.failed, owner=job.lease_owner,
-                           finished_at=now(), error_code="worker_lost", lease_expires_at=None,
-                           error_message=f"the worker running this job was lost {job.attempts} times; giving up"):
-                add_event(session, job.id, f"Worker lost on attempt {job.attempts} of {max_attempts}; the job "
-                                           "failed.", level="error")
-        elif _transition(session, job.id, {JobStatus.running}, JobStatus.queued, owner=job.lease_owner,
-                         lease_owner=None, lease_expires_at=None, enqueued_at=None):
+
+    def lost(job: FineTuningJob, failed: bool) -> None:
+        if failed:
+            add_event(session, job.id, f"Worker lost on attempt {job.attempts} of {max_attempts}; the job failed.",
+                      level="error")
+        else:
             add_event(session, job.id, f"Worker lost during attempt {job.attempts}; the job was re-queued and "
                                        "will resume from its latest checkpoint.", level="warn")
-    stale = moment - requeue_after_seconds
-    return list(session.scalars(select(FineTuningJob.id).where(
-        FineTuningJob.status == JobStatus.queued.value,
-        (FineTuningJob.enqueued_at.is_(None)) | (FineTuningJob.enqueued_at < stale))))
+
+    _leases.hand_back_expired(session, moment=moment, max_attempts=max_attempts, on_lost=lost)
+    return _leases.unclaimed(session, since=moment - requeue_after_seconds)
 
 
 def request_cancel(session: Session, job: FineTuningJob) -> FineTuningJob:

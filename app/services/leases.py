@@ -1,0 +1,113 @@
+"""Ownership of a queued row by lease: one guarded UPDATE per transition, shared by fine-tuning jobs and
+evaluations.
+
+A worker claims a queued row (or a running one whose lease expired) and owns it while it renews the lease.
+Every status change is one UPDATE guarded by the statuses it may leave (`... WHERE status IN (expected)`) and,
+with an owner, by the lease, so two processes racing on the same row cannot both win: a duplicate delivery or
+a worker that lost its lease changes nothing. The reaper hands back the rows of workers that vanished and
+re-sends queued rows nobody claimed.
+"""
+
+from __future__ import annotations
+
+import enum
+import time
+from collections.abc import Callable, Collection
+from typing import Any, Generic, TypeVar
+
+from sqlalchemy import func, select, update
+from sqlalchemy.orm import Session
+
+from app.db.models import Evaluation, FineTuningJob, now
+
+Row = TypeVar("Row", FineTuningJob, Evaluation)
+Status = TypeVar("Status", bound=enum.StrEnum)
+
+
+class Leases(Generic[Row, Status]):
+    """The lease transitions of one table: its rows wait in `queued`, run in `running` under a lease, and end
+    in `failed` when their workers are lost too often. `noun` names a row in the messages it stores."""
+
+    def __init__(self, model: type[Row], *, queued: Status, running: Status, failed: Status, noun: str) -> None:
+        self.model: type[Row] = model
+        self.queued, self.running, self.failed, self.noun = queued, running, failed, noun
+
+    def transition(self, session: Session, row_id: str, expected: Collection[Status], new: Status, *,
+                   owner: str | None = None, **values: Any) -> bool:
+        """One guarded UPDATE; with `owner`, only the worker holding the row's lease can make it."""
+        model = self.model
+        query = update(model).where(model.id == row_id, model.status.in_([s.value for s in expected]))
+        if owner is not None:
+            query = query.where(model.lease_owner == owner)
+        result = session.execute(query.values(status=new.value, **values))
+        session.commit()
+        return result.rowcount == 1  # type: ignore[attr-defined]
+
+    def mark_enqueued(self, session: Session, row_id: str) -> None:
+        """Handed to the broker now; the reaper re-sends a queued row only once this is old."""
+        session.execute(update(self.model).where(self.model.id == row_id).values(enqueued_at=time.time()))
+        session.commit()
+
+    def claim(self, session: Session, row_id: str, *, owner: str, lease_seconds: float,
+              max_attempts: int) -> int | None:
+        """queued (or running with an expired lease) → running, owned by `owner`.
+
+        Exactly one worker wins; a duplicate delivery, or one racing a live lease, or one past the attempts cap,
+        gets None. Returns the attempt number.
+        """
+        model, moment = self.model, time.time()
+        result = session.execute(
+            update(model)
+            .where(model.id == row_id, model.attempts < max_attempts,
+                   (model.status == self.queued.value)
+                   | ((model.status == self.running.value) & (model.lease_expires_at < moment)))
+            .values(status=self.running.value, lease_owner=owner, lease_expires_at=moment + lease_seconds,
+                    attempts=model.attempts + 1, started_at=func.coalesce(model.started_at, now())))
+        session.commit()
+        if result.rowcount != 1:  # type: ignore[attr-defined]
+            return None
+        return int(session.scalar(select(model.attempts).where(model.id == row_id)) or 0)
+
+    def renew(self, session: Session, row_id: str, *, owner: str, lease_seconds: float) -> bool:
+        """Extend the lease; False means another worker owns the row now (or it left `running`)."""
+        model = self.model
+        result = session.execute(
+            update(model)
+            .where(model.id == row_id, model.lease_owner == owner, model.status == self.running.value)
+            .values(lease_expires_at=time.time() + lease_seconds))
+        session.commit()
+        return result.rowcount == 1  # type: ignore[attr-defined]
+
+    def release(self, session: Session, row_id: str, *, owner: str) -> bool:
+        """running → queued, handing the row back (worker shutdown) with no owner and as never sent, so the next
+        reap sends it again."""
+        return self.transition(session, row_id, {self.running}, self.queued, owner=owner, lease_owner=None,
+                               lease_expires_at=None, enqueued_at=None)
+
+    def hand_back_expired(self, session: Session, *, moment: float, max_attempts: int,
+                          on_lost: Callable[[Row, bool], None] | None = None) -> None:
+        """Recover from workers that vanished: running rows whose lease expired before `moment` go back to the
+        queue, or fail once out of attempts. Each change is guarded by the lost worker's lease, so a worker that
+        claimed the row meanwhile keeps it; `on_lost(row, failed)` follows each change this call made."""
+        model = self.model
+        expired = list(session.scalars(select(model).where(model.status == self.running.value,
+                                                           model.lease_expires_at < moment)))
+        for row in expired:
+            if row.attempts >= max_attempts:
+                failed = True
+                changed = self.transition(
+                    session, row.id, {self.running}, self.failed, owner=row.lease_owner, finished_at=now(),
+                    error_code="worker_lost", lease_expires_at=None,
+                    error_message=f"the worker running this {self.noun} was lost {row.attempts} times; giving up")
+            else:
+                failed = False
+                changed = self.transition(session, row.id, {self.running}, self.queued, owner=row.lease_owner,
+                                          lease_owner=None, lease_expires_at=None, enqueued_at=None)
+            if changed and on_lost is not None:
+                on_lost(row, failed)
+
+    def unclaimed(self, session: Session, *, since: float) -> list[str]:
+        """Queued rows not handed to the broker since `since` (or never): the ids to send again."""
+        model = self.model
+        return list(session.scalars(select(model.id).where(
+            model.status == self.queued.value, (model.enqueued_at.is_(None)) | (model.enqueued_at < since))))
