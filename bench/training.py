@@ -122,10 +122,12 @@ def run_hf(steps: int, batch_size: int, bf16: bool) -> dict[str, Any]:
         def __len__(self) -> int:
             return self.n
 
+        def set_epoch(self, epoch: int) -> None:
+            # The Trainer says which epoch it is (it may iterate a sampler more than once per epoch).
+            self.epoch = epoch
+
         def __iter__(self) -> Any:
-            order = epoch_order(self.n, SEED, self.epoch)
-            self.epoch += 1
-            return iter(order)
+            return iter(epoch_order(self.n, SEED, self.epoch))
 
     class SameOrderTrainer(Trainer):
         def _get_train_sampler(self, *args: Any, **kwargs: Any) -> Any:
