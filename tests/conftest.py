@@ -285,12 +285,12 @@ def make_stack(tmp: Path, *, database_url: str, broker_url: str, tiny_model_dir:
     return Stack(base_url=f"http://127.0.0.1:{port}", env=env, data_dir=data_dir, logs=logs)
 
 
-@pytest.fixture(scope="module")
-def stack(tmp_path_factory: pytest.TempPathFactory, tiny_model_dir: Path, redis_url: str,
-          postgres_url: str) -> Iterator[Stack]:
-    """API + one worker on PostgreSQL and Redis (the production shape), shared by a test module."""
-    tmp = tmp_path_factory.mktemp("stack")
-    running = make_stack(tmp, database_url=postgres_url, broker_url=redis_url, tiny_model_dir=tiny_model_dir)
+@contextlib.contextmanager
+def running_stack(tmp: Path, *, database_url: str, broker_url: str, tiny_model_dir: Path,
+                  extra: dict[str, str] | None = None) -> Iterator[Stack]:
+    """API + one worker, ready; stopped and its files deleted afterwards (ADAPTERY_KEEP_TEST_DATA keeps them)."""
+    running = make_stack(tmp, database_url=database_url, broker_url=broker_url, tiny_model_dir=tiny_model_dir,
+                         extra=extra)
     running.start_api()
     running.start_worker()
     try:
@@ -300,6 +300,15 @@ def stack(tmp_path_factory: pytest.TempPathFactory, tiny_model_dir: Path, redis_
         running.stop_all()
         if os.environ.get("ADAPTERY_KEEP_TEST_DATA") is None:
             shutil.rmtree(tmp, ignore_errors=True)
+
+
+@pytest.fixture(scope="module")
+def stack(tmp_path_factory: pytest.TempPathFactory, tiny_model_dir: Path, redis_url: str,
+          postgres_url: str) -> Iterator[Stack]:
+    """API + one worker on PostgreSQL and Redis (the production shape), shared by a test module."""
+    with running_stack(tmp_path_factory.mktemp("stack"), database_url=postgres_url, broker_url=redis_url,
+                       tiny_model_dir=tiny_model_dir) as running:
+        yield running
 
 
 @pytest.fixture(scope="module")

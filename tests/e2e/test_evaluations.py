@@ -9,8 +9,6 @@ nothing; refusals name the field; another tenant sees nothing; recovery goes thr
 from __future__ import annotations
 
 import json
-import os
-import shutil
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -23,7 +21,7 @@ from sqlalchemy.orm import Session
 
 from adapters.methods import DEFAULT_METHOD, METHODS
 from tests.budgets import JOB_DONE, budget
-from tests.conftest import ADMIN_KEY, Stack, chat_lines, make_stack, upload, wait_for_status
+from tests.conftest import ADMIN_KEY, Stack, chat_lines, running_stack, upload, wait_for_status
 from tests.e2e.test_api import adapter_folder
 from tests.tiny_model import TINY_MODEL_ID
 
@@ -37,18 +35,9 @@ PROMPT_METHOD = "p_tuning"
 def stack(tmp_path_factory: pytest.TempPathFactory, tiny_model_dir: Path, redis_url: str,
           postgres_url: str) -> Iterator[Stack]:
     """The usual API + worker, with a reaper that runs every second (the recovery test waits for it)."""
-    tmp = tmp_path_factory.mktemp("evaluations")
-    running = make_stack(tmp, database_url=postgres_url, broker_url=redis_url, tiny_model_dir=tiny_model_dir,
-                         extra={"ADAPTERY_REAPER_INTERVAL_SECONDS": "1"})
-    running.start_api()
-    running.start_worker()
-    try:
-        running.wait_ready()
+    with running_stack(tmp_path_factory.mktemp("evaluations"), database_url=postgres_url, broker_url=redis_url,
+                       tiny_model_dir=tiny_model_dir, extra={"ADAPTERY_REAPER_INTERVAL_SECONDS": "1"}) as running:
         yield running
-    finally:
-        running.stop_all()
-        if os.environ.get("ADAPTERY_KEEP_TEST_DATA") is None:
-            shutil.rmtree(tmp, ignore_errors=True)
 
 
 @pytest.fixture(scope="module")
