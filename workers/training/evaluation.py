@@ -102,11 +102,12 @@ def _greedy_by_forward(model: Any, input_ids: torch.Tensor, steps: int, stop_ids
     answers come out as the base model's; prompt tuning's drift from the third token on), while its forward
     pass is what training and the serving engine compute. Answers are short, so the quadratic cost is too."""
     ids = input_ids
+    stops = torch.tensor(sorted(stop_ids), device=ids.device)
     finished = torch.zeros(len(ids), dtype=torch.bool, device=ids.device)
     for _ in range(steps):
         following = model(input_ids=ids, use_cache=False).logits[:, -1].argmax(-1)
         ids = torch.cat([ids, following[:, None]], dim=1)
-        finished |= torch.isin(following, torch.tensor(sorted(stop_ids), device=ids.device))
+        finished |= torch.isin(following, stops)
         if bool(finished.all()):
             break
     return ids
