@@ -307,8 +307,8 @@ def train(*, base_model: Any, method: AdapterMethod, hyperparameters: dict[str, 
                 callbacks.on_checkpoint(model, optimizer, scheduler, position, checkpoint_metrics(), epoch_done)
             if after_step is not None:
                 after_step(step)
-            if stopped_early:
-                break
+            if stopped_early or epoch_done:
+                break  # an epoch done: the outer loop shuffles the next one
     kept = position.step
     if stopped_early and position.best_step is not None and position.best_step != position.step:
         callbacks.restore_weights(model, position.best_step)
