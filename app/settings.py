@@ -40,6 +40,14 @@ class Settings(BaseSettings):
     # The dtype training computes in: "auto" (bfloat16 where the hardware does it natively and a probe
     # measures it faster, float32 otherwise), "float32" or "bfloat16".
     training_dtype: Literal["auto", "float32", "bfloat16"] = "auto"
+    # Memory a training step's activations may use; a step that needs more runs in several forward/backward
+    # passes whose gradients add up (same result, more time). Default: this share of what the device has
+    # free when the job starts; training_memory_mb, when set, is the budget instead.
+    training_memory_fraction: float = Field(default=0.8, gt=0, le=1)
+    training_memory_mb: int | None = Field(default=None, ge=1)
+    # Processes one job trains in, data parallel: with CUDA one per GPU (cuda:0 .. N-1); on a CPU, gloo
+    # processes sharing its cores (the same path, for testing it; no faster on a CPU).
+    training_processes: int = Field(default=1, ge=1, le=64)
     # Adapter slots per base model in a serving process: adapters served in the same batch at once.
     # The least recently used adapter not serving a request gives up its slot first.
     adapter_cache_size: int = 16

@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 import shutil
 import time
+from contextlib import nullcontext
 from pathlib import Path
 from typing import Any
 
@@ -45,6 +46,8 @@ from workers.training.loop import (
     train,
     trainable_examples,
 )
+from workers.training.memory import plan_memory
+from workers.training.parallel import Replicas, ReplicaSpec
 
 log = logging.getLogger("adaptery.worker")
 
@@ -149,15 +152,21 @@ class JobRunner:
             self._event(f"Resuming from the checkpoint at step {resume.step}.",
                         data={"resumed_from_step": resume.step})
         hyperparameters = self.job.method[self.method_type]["hyperparameters"]
+        memory = plan_memory(base.config, device=base.device, compute_dtype=plan.dtype,
+                             gradient_checkpointing=hyperparameters.get("gradient_checkpointing", False),
+                             limit_mb=self.settings.training_memory_mb, fraction=self.settings.training_memory_fraction)
+        replicas = self._replicas(spec, base, plan.dtype, hyperparameters, train_examples, tokenizer.pad_token_id,
+                                  resume, memory)
         try:
-            model, result = train(base_model=base, method=self.method, hyperparameters=hyperparameters,
-                                  seed=self.job.seed, train_examples=train_examples, valid_examples=valid_examples,
-                                  pad_id=tokenizer.pad_token_id, eval_every_steps=self.settings.eval_every_steps,
-                                  log_every_steps=self.settings.log_every_steps, callbacks=self.callbacks(),
-                                  checkpoint_steps=self.settings.checkpoint_steps, resume=resume,
-                                  compute_dtype=plan.dtype, initial_weights=self._initial_weights(),
-                                  max_valid_examples=self.settings.validation_examples_per_eval,
-                                  after_step=self.fault.after_step)
+            with replicas as parallel:
+                model, result = train(base_model=base, method=self.method, hyperparameters=hyperparameters,
+                                      seed=self.job.seed, train_examples=train_examples, valid_examples=valid_examples,
+                                      pad_id=tokenizer.pad_token_id, eval_every_steps=self.settings.eval_every_steps,
+                                      log_every_steps=self.settings.log_every_steps, callbacks=self.callbacks(),
+                                      checkpoint_steps=self.settings.checkpoint_steps, resume=resume,
+                                      compute_dtype=plan.dtype, initial_weights=self._initial_weights(),
+                                      max_valid_examples=self.settings.validation_examples_per_eval,
+                                      after_step=self.fault.after_step, memory=memory, parallel=parallel)
         except LeaseLost:
             log.warning("job %s: lease lost to another worker; stopping without writing", self.job_id)
             return "lease_lost"
@@ -184,10 +193,31 @@ class JobRunner:
                 jobs.add_event(session, self.job_id, "The job has successfully completed.")
         return "done"
 
+    def _replicas(self, spec: Any, base: Any, dtype: str, hyperparameters: dict[str, Any],
+                  train_examples: list[EncodedExample], pad_id: int, resume: Any, memory: Any) -> Any:
+        """With ADAPTERY_TRAINING_PROCESSES > 1, the replica processes of a data-parallel job (this process is
+        rank 0); otherwise nothing to start."""
+        world = self.settings.training_processes
+        if world <= 1:
+            return nullcontext(None)
+        device_type = base.device.type
+        if device_type == "cuda" and world > torch.cuda.device_count():
+            raise RuntimeError(f"ADAPTERY_TRAINING_PROCESSES={world} but this host has "
+                               f"{torch.cuda.device_count()} CUDA device(s)")
+        where = f"cuda:0-{world - 1}" if device_type == "cuda" else "CPU (gloo)"
+        self._event(f"Data parallel over {world} processes on {where}: each trains its share of every step, "
+                    "gradients summed.", data={"training_processes": world, "device_type": device_type})
+        return Replicas(ReplicaSpec(model_path=base_models.local_path(self.settings, spec), device_type=device_type,
+                                    compute_dtype=dtype, method=self.method_type, hyperparameters=hyperparameters,
+                                    seed=self.job.seed, train_examples=train_examples, pad_id=pad_id,
+                                    torch_threads=self.settings.torch_threads, resume=resume, memory=memory),
+                        world)
+
     def callbacks(self) -> TrainingCallbacks:
         return TrainingCallbacks(on_metrics=self.on_metrics, on_progress=self.on_progress,
                                  should_stop=self.should_stop, on_checkpoint=self.on_checkpoint,
-                                 on_message=self.on_message, on_training_start=self.on_training_start,
+                                 on_message=self.on_message, on_info=self._event,
+                                 on_training_start=self.on_training_start,
                                  restore_weights=self.restore_weights)
 
     def _initial_weights(self) -> Any:

@@ -75,6 +75,17 @@ def auto_batch_size(n_examples: int) -> int:
     return 1
 
 
+def auto_epochs(n_examples: int) -> int:
+    """OpenAI's rule for `n_epochs: auto`, so a file trains as long here as there: 3 epochs, more for a
+    small file (until about 100 examples are trained, at most 25 epochs), fewer for a large one (about
+    25,000 examples trained, at least 1 epoch)."""
+    if n_examples * 3 < 100:
+        return max(3, min(25, 100 // max(1, n_examples)))
+    if n_examples * 3 > 25_000:
+        return max(1, 25_000 // n_examples)
+    return 3
+
+
 # Keys every imported adapter config may carry, whatever its method.
 COMMON_CONFIG_KEYS = frozenset({"peft_type", "task_type", "inference_mode"})
 
@@ -125,7 +136,7 @@ class AdapterMethod:
         multiplier = hp.learning_rate_multiplier if isinstance(hp.learning_rate_multiplier, float | int) else 1.0
         learning_rate = hp.learning_rate if given(hp.learning_rate) else self.default_learning_rate * multiplier
         resolved: dict[str, Any] = {
-            "n_epochs": hp.n_epochs if given(hp.n_epochs) else 3,
+            "n_epochs": hp.n_epochs if given(hp.n_epochs) else auto_epochs(n_examples),
             "batch_size": hp.batch_size if given(hp.batch_size) else auto_batch_size(n_examples),
             "learning_rate": learning_rate,
             "max_steps": hp.max_steps if given(hp.max_steps) else None,

@@ -210,6 +210,15 @@ def test_learning_rate_multiplier_scales_the_default(name: str, multiplier: floa
 
 
 @pytest.mark.parametrize("name", ALL_METHODS)
+def test_auto_epochs_follow_openais_rule(name: str, settings: Settings) -> None:
+    sizes = [1, 8, 20, 33, 34, 80, 8_333, 8_334, 30_000, 100_000]
+    epochs = [resolve(name, {}, n_examples=n, settings=settings)["n_epochs"] for n in sizes]
+    # 3 epochs; a small file until about 100 examples are trained (at most 25), a large one about 25,000.
+    assert epochs == [25, 12, 5, 3, 3, 3, 3, 2, 1, 1]
+    assert resolve(name, {"n_epochs": 2}, n_examples=1, settings=settings)["n_epochs"] == 2
+
+
+@pytest.mark.parametrize("name", ALL_METHODS)
 def test_auto_batch_size_grows_with_dataset_size(name: str, settings: Settings) -> None:
     sizes = [1, 10, 16, 63, 64, 255, 256, 10_000]
     batches = [resolve(name, {}, n_examples=n, settings=settings)["batch_size"] for n in sizes]

@@ -11,6 +11,7 @@ from adapters.base_models import base_info, load_model
 from adapters.data import EncodedExample
 from adapters.methods import METHODS
 from app.settings import Settings
+from tests.workers.conftest import assert_same_weights
 from workers.training import loop
 from workers.training.loop import TrainingCallbacks, epoch_order, train
 
@@ -105,3 +106,60 @@ def test_every_step_loss_equals_the_plain_trainer_path(examples: list[EncodedExa
 
     assert len(ours) == len(plain) == steps
     assert ours == pytest.approx(plain, rel=1e-4, abs=1e-5)
+
+
+def test_a_step_split_by_memory_trains_the_same_model(examples: list[EncodedExample], tiny_model_dir: Path,
+                                                      tiny_tokenizer: Any) -> None:
+    """A memory budget too small for a whole batch splits each step into several forward/backward passes
+    whose gradients add up: the same loss at every step and the same adapter as one pass per step."""
+    import torch
+
+    from workers.training.memory import MemoryPlan
+
+    method = METHODS["lora"]
+    hp = method.resolve({"batch_size": 4, "n_epochs": 2, "learning_rate": 5e-3, "lora_dropout": 0},
+                        n_examples=len(examples), settings=Settings(), base_info=base_info(str(tiny_model_dir)))
+
+    def run(memory: MemoryPlan | None) -> tuple[list[float], list[str], dict[str, torch.Tensor]]:
+        losses: list[float] = []
+        messages: list[str] = []
+        callbacks = TrainingCallbacks(on_metrics=lambda m: losses.append(m["train_loss"]),
+                                      on_progress=lambda *_: None, should_stop=lambda: None,
+                                      on_checkpoint=lambda *_: None, on_info=messages.append)
+        model, _ = train(base_model=load_model(str(tiny_model_dir), device="cpu", dtype="float32"), method=method,
+                         hyperparameters=hp, seed=3, train_examples=examples, valid_examples=[],
+                         pad_id=tiny_tokenizer.pad_token_id, eval_every_steps=0, log_every_steps=1,
+                         callbacks=callbacks, memory=memory)
+        return losses, messages, {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+
+    whole, _, whole_weights = run(None)
+    # Room for 100 tokens per pass: the examples are 41-74 tokens, so every step takes 2-4 passes.
+    small = MemoryPlan(budget_bytes=100 * 1000, bytes_per_token=1000, bytes_per_label=0)
+    assert max(len(small.split(examples[i:i + 4], 4096)) for i in range(0, len(examples), 4)) > 1
+    split, messages, split_weights = run(small)
+    assert split == pytest.approx(whole, rel=1e-5)
+    assert_same_weights(split_weights, whole_weights, learning_rate=hp["learning_rate"])
+    assert any("run in several passes" in m for m in messages), messages
+
+
+def test_memory_plan_splits_in_order_within_the_budget(examples: list[EncodedExample]) -> None:
+    from workers.training.memory import MemoryPlan
+
+    plan = MemoryPlan(budget_bytes=100, bytes_per_token=1, bytes_per_label=0)
+    parts = plan.split(examples, 4096)
+    assert [e for part in parts for e in part] == examples  # nothing lost, reordered or repeated
+    for part in parts:
+        assert len(part) == 1 or sum(plan.cost(e, 4096) for e in part) <= 100
+    huge = MemoryPlan(budget_bytes=10**12, bytes_per_token=1, bytes_per_label=0)
+    assert huge.split(examples, 4096) == [examples]
+
+
+def test_the_activation_estimate_follows_dtype_and_checkpointing(tiny_model_dir: Path) -> None:
+    from transformers import AutoConfig
+
+    from workers.training.memory import bytes_per_token
+
+    config = AutoConfig.from_pretrained(tiny_model_dir)
+    fp32 = bytes_per_token(config, dtype_bytes=4, gradient_checkpointing=False)
+    assert bytes_per_token(config, dtype_bytes=2, gradient_checkpointing=False) * 2 == pytest.approx(fp32, abs=2)
+    assert bytes_per_token(config, dtype_bytes=4, gradient_checkpointing=True) < fp32

@@ -74,6 +74,11 @@ class TrainingBatch:
                              self.real_tokens)
 
 
+def labelled_count(example: EncodedExample, max_len: int) -> int:
+    """How many labels the example has within max_len (as many as _labels returns)."""
+    return sum(example.loss_mask[1:max_len])
+
+
 def _labels(example: EncodedExample, max_len: int) -> tuple[list[int], list[int]]:
     """(positions, targets): the logits at position t - 1 predict trained token t."""
     ids, mask = example.input_ids[:max_len], example.loss_mask[:max_len]

@@ -21,11 +21,14 @@ from adapters.methods import AdapterMethod, total_steps
 from workers.training.batches import (
     PACKED_ATTENTION,
     TrainingBatch,
+    labelled_count,
     labelled_logits,
     packed_batch,
     padded_batch,
     use_packed_attention,
 )
+from workers.training.memory import MemoryPlan
+from workers.training.parallel import DataParallel, ReplicaStopped
 
 
 class Cancelled(Exception):
@@ -58,7 +61,8 @@ class TrainingCallbacks:
     should_stop: Callable[[], Exception | None]
     # (model, optimizer, scheduler, position, metrics, epoch_end): save a checkpoint.
     on_checkpoint: Callable[..., None]
-    on_message: Callable[[str], None] = field(default=lambda _: None)
+    on_message: Callable[[str], None] = field(default=lambda _: None)  # a warning
+    on_info: Callable[[str], None] = field(default=lambda _: None)
     # Called once, right before the first step of this attempt (start-up is over: model, data, optimiser).
     on_training_start: Callable[[], None] = field(default=lambda: None)
     # (model, step): load the adapter weights of the checkpoint at that step (early stopping keeps the best).
@@ -157,14 +161,18 @@ def train(*, base_model: Any, method: AdapterMethod, hyperparameters: dict[str, 
           eval_every_steps: int, log_every_steps: int, callbacks: TrainingCallbacks, checkpoint_steps: int = 0,
           resume: Any = None, after_step: Callable[[int], None] | None = None,
           compute_dtype: str = "float32", initial_weights: Callable[[Any], None] | None = None,
-          max_valid_examples: int | None = None) -> tuple[Any, TrainingResult]:
+          max_valid_examples: int | None = None, memory: MemoryPlan | None = None,
+          parallel: DataParallel | None = None) -> tuple[Any, TrainingResult]:
     """Train a PEFT adapter on `base_model` (modified in place); returns the PeftModel and a summary.
 
     `compute_dtype` "bfloat16" trains under bf16 autocast (the frozen base should be stored in bf16; PEFT
     keeps adapter weights, and so the optimiser state, in fp32). `resume` (a checkpoints.ResumeState)
     continues from a checkpoint: same weights, optimiser, scheduler, RNG and data position, so the result
     matches an uninterrupted run. `initial_weights(model)` loads the adapter weights a new job starts from
-    (`from_model`). Periodic validations score the first `max_valid_examples` validation examples.
+    (`from_model`). Periodic validations score the first `max_valid_examples` validation examples. `memory`
+    splits a step whose examples do not fit at once into several forward/backward passes (memory.py).
+    `parallel`: this process's rank in a data-parallel job (parallel.py); each rank trains its share of a
+    step and the gradients are summed, so the step is the single-process one.
     """
     from peft import get_peft_model
     from transformers import get_scheduler
@@ -213,11 +221,28 @@ def train(*, base_model: Any, method: AdapterMethod, hyperparameters: dict[str, 
     eval_every = eval_every_steps or max(1, math.ceil(steps_total / (10 if patience else 4)))
     batch_size = hp["batch_size"]
     steps_per_epoch = math.ceil(len(examples) / batch_size)
+
+    def passes(chunk: list[EncodedExample]) -> list[list[EncodedExample]]:
+        """This process's forward/backward passes of a step: its share (data parallel), cut to fit memory."""
+        mine = chunk if parallel is None else parallel.share(chunk, max_len)
+        return [mine] if memory is None else memory.split(mine, max_len)
+
+    if memory is not None and resume is None:
+        order = epoch_order(len(examples), seed, 0)
+        counts = [len(passes([examples[i] for i in order[j:j + batch_size]])) for j in range(0, len(order), batch_size)]
+        several = sum(n > 1 for n in counts)
+        callbacks.on_info(f"Memory: {memory.describe()}. "
+                          + (f"{several} of the first epoch's {len(counts)} steps run in several passes "
+                             f"(up to {max(counts)}), their gradients added up." if several
+                             else "Every step runs in one pass."))
     position = Position(step=0, epoch=0, batch=0, trained_tokens=0)
     if resume is not None:
         checkpoints.restore(resume, model=model, optimizer=optimizer, scheduler=scheduler)
         position = Position(step=resume.step, epoch=resume.epoch, batch=resume.batch,
                             trained_tokens=resume.trained_tokens, **resume.early_stopping)
+    leader = parallel is None or parallel.leader
+    if parallel is not None:
+        parallel.broadcast_parameters(params)  # rank 0 alone loaded `initial_weights`
 
     model.train()
     callbacks.on_progress(position.step, steps_total, position.epoch + position.batch / steps_per_epoch, None)
@@ -245,18 +270,30 @@ def train(*, base_model: Any, method: AdapterMethod, hyperparameters: dict[str, 
         batches = [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
         while position.batch < len(batches) and position.step < steps_total:
             stop = callbacks.should_stop()
+            if parallel is not None and parallel.stop_together(stop is not None) and not leader:
+                raise ReplicaStopped
             if stop is not None:
                 if isinstance(stop, HandBack) and position.step > 0:  # Paused and TimeLimit too
                     callbacks.on_checkpoint(model, optimizer, scheduler, position, checkpoint_metrics(), False)
                 raise stop
             chunk = [examples[i] for i in batches[position.batch]]
-            batch = make(chunk).to(device)
-            with accelerator.autocast():
-                logits = labelled_logits(model, batch)
-                loss = torch.nn.functional.cross_entropy(logits.float(), batch.targets)
-                extra = method.regularisation(model)
-                total_loss = loss if extra is None else loss + extra
-            accelerator.backward(total_loss)
+            parts = [make(part).to(device) for part in passes(chunk)]
+            labels = sum(labelled_count(example, max_len) for example in chunk)
+            step_loss, step_correct = torch.zeros((), device=device), torch.zeros((), device=device)
+            for index, batch in enumerate(parts):
+                with accelerator.autocast():
+                    logits = labelled_logits(model, batch)
+                    # Summed over the pass and divided by the step's labels: the passes' gradients add up to
+                    # those of the whole batch's mean loss.
+                    loss = torch.nn.functional.cross_entropy(logits.float(), batch.targets, reduction="sum") / labels
+                    extra = method.regularisation(model) if index == 0 and leader else None  # once per step
+                    total_loss = loss if extra is None else loss + extra
+                accelerator.backward(total_loss)
+                step_loss += loss.detach()
+                step_correct += (logits.detach().argmax(-1) == batch.targets).sum()
+            position.trained_tokens += sum(min(len(example.input_ids), max_len) for example in chunk)
+            if parallel is not None:
+                step_loss, step_correct = parallel.sum_gradients(params, [step_loss, step_correct])
             grad_norm = torch.nn.utils.clip_grad_norm_(params, 1.0)
             optimizer.step()
             position.step += 1
@@ -264,9 +301,7 @@ def train(*, base_model: Any, method: AdapterMethod, hyperparameters: dict[str, 
             method.after_optimizer_step(model, position.step)
             scheduler.step()
             optimizer.zero_grad(set_to_none=True)
-            position.trained_tokens += batch.real_tokens
-            last_loss, last_labels = loss.detach(), len(batch.targets)
-            last_correct = (logits.detach().argmax(-1) == batch.targets).sum()
+            last_loss, last_labels, last_correct = step_loss, labels, step_correct
             trained_at = time.monotonic()
             step = position.step
             epoch_float = position.epoch + position.batch / steps_per_epoch
@@ -283,6 +318,8 @@ def train(*, base_model: Any, method: AdapterMethod, hyperparameters: dict[str, 
                 else:
                     position.validations_since_best += 1
                     stopped_early = patience is not None and position.validations_since_best >= patience
+            if parallel is not None:
+                stopped_early = parallel.agree(stopped_early)  # rank 0 validates
             if step % log_every_steps == 0 or step == steps_total or validated or stopped_early:
                 # Training throughput since the last metrics event, validation time left out.
                 speed = (position.trained_tokens - logged_tokens) / max(1e-9, trained_at - logged_at)
