@@ -1,4 +1,5 @@
-"""The `adaptery` command: prepare the default model, run the API with a worker, or a worker alone."""
+"""The `adaptery` command: prepare the default model, run the API with a worker, or a worker alone; and the
+client verbs on a running API (client_cli.py)."""
 
 from __future__ import annotations
 
@@ -12,6 +13,8 @@ import time
 
 import typer
 from rich.console import Console
+
+from app import client_cli
 
 cli = typer.Typer(help="Adaptery: self-hosted parameter-efficient fine-tuning.", no_args_is_help=True)
 console = Console()
@@ -140,8 +143,11 @@ def worker(concurrency: int = typer.Option(1, help="training processes in this w
     os.execv(sys.executable, worker_command(concurrency))
 
 
+client_cli.register(cli)
+
+
 def main() -> None:
-    cli()
+    client_cli.run(cli)
 
 
 if __name__ == "__main__":

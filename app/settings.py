@@ -75,6 +75,8 @@ class Settings(BaseSettings):
 
     # Training cadence: a metrics event every N steps, evaluation on the validation file every N steps.
     log_every_steps: int = 1
+    # How often a live event stream (GET …/events?stream=true) looks for new events.
+    event_stream_poll_seconds: float = Field(default=0.5, gt=0, le=10)
     eval_every_steps: int = 0  # 0: about four evaluations per job (ten with early stopping), plus one at the end
     # Periodic validations score the first N validation examples; the end report scores all of them.
     validation_examples_per_eval: int = 256

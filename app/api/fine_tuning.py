@@ -4,9 +4,10 @@ from __future__ import annotations
 
 from typing import Annotated, Any
 
-from fastapi import APIRouter, Query
+from fastapi import APIRouter, Header, Query
 from pydantic import Field
 from pydantic.json_schema import SkipJsonSchema
+from sse_starlette.sse import EventSourceResponse
 
 from app import queue
 from app.api.deps import IdempotencyKey, SessionDep, SettingsDep, TenantDep
@@ -23,7 +24,7 @@ from app.schemas.fine_tuning import (
     event_object,
     job_object,
 )
-from app.services import idempotency, job_metrics, jobs
+from app.services import event_stream, idempotency, job_metrics, jobs
 
 router = APIRouter(prefix="/v1/fine_tuning/jobs", tags=["fine-tuning"])
 Limit = Annotated[int, Query(ge=1, le=100)]
@@ -113,11 +114,26 @@ def resume_job(fine_tuning_job_id: str, session: SessionDep, tenant: TenantDep) 
     return job_object(job)
 
 
+STREAM_DOC = ("With stream=true: server-sent events, the job's events oldest first and then each new one as it "
+              "happens (event `fine_tuning.job.event`, id = the event's id, data = the event object), ending with "
+              "an `end` event ({id, status}) when the job has finished. Reconnect with the Last-Event-ID header "
+              "to continue after the last event received, without gaps or duplicates.")
+
+
 @router.get("/{fine_tuning_job_id}/events", response_model=PagedList[EventObject],
-            responses=errors(400, 401, 404, 429))
-def list_events(fine_tuning_job_id: str, session: SessionDep, tenant: TenantDep, after: After = None,
-                limit: Annotated[int, Query(ge=1, le=1000)] = 20) -> dict[str, Any]:
+            responses={**errors(400, 401, 404, 429),
+                       200: {"content": {"text/event-stream": {"schema": {"type": "string"}}},
+                             "description": STREAM_DOC}})
+def list_events(fine_tuning_job_id: str, session: SessionDep, settings: SettingsDep, tenant: TenantDep,
+                after: After = None, limit: Annotated[int, Query(ge=1, le=1000)] = 20,
+                stream: Annotated[bool, Query(description=STREAM_DOC)] = False,
+                last_event_id: Annotated[str | SkipJsonSchema[None], Header(max_length=200)] = None) -> Any:
     job = jobs.get_job(session, tenant_id=tenant, job_id=fine_tuning_job_id)
+    if stream:
+        after_seq = event_stream.resume_point(job.id, last_event_id)
+        return EventSourceResponse(event_stream.job_events(job.id, after_seq=after_seq,
+                                                           poll_seconds=settings.event_stream_poll_seconds),
+                                   ping=15)
     rows, has_more = jobs.list_events(session, job, after=after, limit=limit)
     return paged([event_object(r) for r in rows], has_more)
 

@@ -188,7 +188,9 @@ def record_result(session: Session, job_id: str, result: dict[str, Any], *, chec
 
 def add_event(session: Session, job_id: str, message: str, *, level: str = "info", type: str = "message",
               data: dict[str, Any] | None = None) -> None:
-    tenant = session.scalar(select(FineTuningJob.tenant_id).where(FineTuningJob.id == job_id))
+    # The job row's lock, held until the insert commits: a job's events commit in id order, which the live
+    # stream (event_stream.py) relies on to never skip one.
+    tenant = session.scalar(select(FineTuningJob.tenant_id).where(FineTuningJob.id == job_id).with_for_update())
     session.add(JobEvent(public_id=new_id("ftevent"), job_id=job_id, tenant_id=tenant or "default",
                          message=message, level=level, type=type, data=data, created_at=now()))
     session.commit()

@@ -1,0 +1,73 @@
+"""A job's events as a live stream: its history oldest first, then each new event once it is committed,
+ending when the job has finished.
+
+The database is the truth, so the stream reads it: a poll every `ADAPTERY_EVENT_STREAM_POLL_SECONDS` for
+events after the last one sent. A job's events commit in id order (jobs.add_event holds the job row's lock
+until its insert commits), so `id > last sent` never skips one that commits late, and a client that
+reconnects with the last id it saw (`Last-Event-ID`) gets exactly what follows. A finished job's closing
+events ("The job has successfully completed.", ...) are written just after its status changes, so the
+stream ends with an `end` event once the job is finished and a poll that began FINISH_SETTLE_SECONDS after
+it finished found nothing new. A paused job has not finished: the stream stays open (with keep-alive
+pings) until it resumes and ends.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import AsyncIterator
+from typing import Any
+
+import anyio
+from sqlalchemy import select
+
+from app.db.models import TERMINAL_JOB_STATUSES, FineTuningJob, JobEvent
+from app.db.session import session_scope
+from app.errors import InvalidRequest
+from app.schemas.fine_tuning import event_object
+
+PAGE = 500
+FINISH_SETTLE_SECONDS = 2.0
+
+
+def resume_point(job_id: str, last_event_id: str | None) -> int:
+    """The sequence number to continue after: 0 for the whole history, else that of `last_event_id`."""
+    if not last_event_id:
+        return 0
+    with session_scope() as session:
+        seq = session.scalar(select(JobEvent.id).where(JobEvent.public_id == last_event_id,
+                                                       JobEvent.job_id == job_id))
+    if seq is None:
+        raise InvalidRequest(f"Last-Event-ID '{last_event_id[:64]}' is not an event of job {job_id}; reconnect "
+                             "with the id of the last event received, or without it for the whole history.",
+                             param="Last-Event-ID", code="invalid_last_event_id")
+    return int(seq)
+
+
+def _poll(job_id: str, after_seq: int) -> tuple[list[JobEvent], str, int | None]:
+    """(events after `after_seq`, oldest first; the job's status and finished_at, read before them)."""
+    with session_scope() as session:
+        status, finished_at = session.execute(select(FineTuningJob.status, FineTuningJob.finished_at)
+                                              .where(FineTuningJob.id == job_id)).one()
+        rows = list(session.scalars(select(JobEvent).where(JobEvent.job_id == job_id, JobEvent.id > after_seq)
+                                    .order_by(JobEvent.id).limit(PAGE)))
+        session.expunge_all()
+    return rows, str(status), finished_at
+
+
+async def job_events(job_id: str, *, after_seq: int, poll_seconds: float) -> AsyncIterator[dict[str, Any]]:
+    """Server-sent events (sse-starlette's dicts): one per job event, its id the event's id, then `end`."""
+    cursor = after_seq
+    while True:
+        polled_at = time.time()
+        rows, status, finished_at = await anyio.to_thread.run_sync(_poll, job_id, cursor)
+        for row in rows:
+            cursor = row.id
+            yield {"id": row.public_id, "event": "fine_tuning.job.event", "data": json.dumps(event_object(row))}
+        if len(rows) == PAGE:
+            continue  # more history: no waiting
+        settled = finished_at is not None and polled_at >= finished_at + FINISH_SETTLE_SECONDS
+        if status in TERMINAL_JOB_STATUSES and not rows and settled:
+            yield {"event": "end", "data": json.dumps({"id": job_id, "status": status})}
+            return
+        await anyio.sleep(poll_seconds)
