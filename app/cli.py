@@ -5,11 +5,13 @@ from __future__ import annotations
 
 import logging
 import os
+import shutil
 import signal
 import subprocess
 import sys
 import threading
 import time
+from typing import Any
 
 import typer
 from rich.console import Console
@@ -108,6 +110,7 @@ def serve(with_worker: bool = typer.Option(True, help="also run a Celery worker 
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     settings = get_settings()
+    share_metrics(settings, fresh=True)
     migrate_to_head()
     prepare_model()
     from app.db.session import session_scope
@@ -140,7 +143,23 @@ def serve(with_worker: bool = typer.Option(True, help="also run a Celery worker 
 @cli.command("worker")
 def worker(concurrency: int = typer.Option(1, help="training processes in this worker")) -> None:
     """Run a Celery training worker in the foreground."""
+    from app.settings import get_settings
+
+    share_metrics(get_settings(), fresh=False)
     os.execv(sys.executable, worker_command(concurrency))
+
+
+def share_metrics(settings: Any, *, fresh: bool) -> None:
+    """Point this process and its children at one Prometheus multiprocess folder (unless the environment
+    names one already), so the API's /metrics sums every process's counters. `fresh`: the whole service
+    starts here, so the previous run's files go."""
+    if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+        return
+    folder = settings.data_dir / "prometheus"
+    if fresh:
+        shutil.rmtree(folder, ignore_errors=True)
+    folder.mkdir(parents=True, exist_ok=True)
+    os.environ["PROMETHEUS_MULTIPROC_DIR"] = str(folder)
 
 
 client_cli.register(cli)

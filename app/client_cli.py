@@ -178,19 +178,19 @@ def jobs_get(ctx: typer.Context, job_id: str) -> None:
     show(ctx, api(ctx).call("GET", f"/v1/fine_tuning/jobs/{job_id}"))
 
 
-@jobs.command("cancel")
-def jobs_cancel(ctx: typer.Context, job_id: str) -> None:
-    show(ctx, api(ctx).call("POST", f"/v1/fine_tuning/jobs/{job_id}/cancel"))
+def post_action(group: typer.Typer, route: str, action: str, summary: str) -> None:
+    """A verb that POSTs to {route}/{ID}/{action} and shows the answer (cancel, pause, pin, ...)."""
+
+    def command(ctx: typer.Context, object_id: str = typer.Argument(..., metavar="ID")) -> None:
+        show(ctx, api(ctx).call("POST", f"{route}/{object_id}/{action}"))
+
+    command.__doc__ = summary
+    group.command(action)(command)
 
 
-@jobs.command("pause")
-def jobs_pause(ctx: typer.Context, job_id: str) -> None:
-    show(ctx, api(ctx).call("POST", f"/v1/fine_tuning/jobs/{job_id}/pause"))
-
-
-@jobs.command("resume")
-def jobs_resume(ctx: typer.Context, job_id: str) -> None:
-    show(ctx, api(ctx).call("POST", f"/v1/fine_tuning/jobs/{job_id}/resume"))
+post_action(jobs, "/v1/fine_tuning/jobs", "cancel", "Cancel a job (a running one stops at its next step).")
+post_action(jobs, "/v1/fine_tuning/jobs", "pause", "Pause a job: it checkpoints and releases its worker.")
+post_action(jobs, "/v1/fine_tuning/jobs", "resume", "Resume a paused job from its checkpoint.")
 
 
 @jobs.command("watch")
@@ -286,14 +286,8 @@ def adapters_list(ctx: typer.Context) -> None:
     show(ctx, api(ctx).call("GET", "/v1/adapters"), ["id", "name", "base_model", "method", "state", "pinned"])
 
 
-@adapters.command("pin")
-def adapters_pin(ctx: typer.Context, adapter: str) -> None:
-    show(ctx, api(ctx).call("POST", f"/v1/adapters/{adapter}/pin"))
-
-
-@adapters.command("unpin")
-def adapters_unpin(ctx: typer.Context, adapter: str) -> None:
-    show(ctx, api(ctx).call("POST", f"/v1/adapters/{adapter}/unpin"))
+post_action(adapters, "/v1/adapters", "pin", "Keep an adapter in memory and in its slot.")
+post_action(adapters, "/v1/adapters", "unpin", "Let an adapter be evicted again.")
 
 
 @adapters.command("import")

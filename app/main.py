@@ -9,7 +9,8 @@ from typing import Any
 
 from fastapi import FastAPI
 
-from app.api import adapters, admin, evaluations, files, fine_tuning, health, inference, models
+from app import logs, metrics
+from app.api import adapters, admin, evaluations, files, fine_tuning, health, inference, models, webhooks
 from app.db.session import migrate_to_head
 from app.errors import install_error_handlers
 from app.services import tokenizers
@@ -21,6 +22,7 @@ log = logging.getLogger("adaptery")
 @asynccontextmanager
 async def lifespan(_: FastAPI) -> AsyncIterator[None]:
     settings = get_settings()
+    logs.configure(settings.log_format, settings.log_level)
     migrate_to_head()
     bootstrap_tenant(settings)
     tokenizers.start_warm_up(settings)  # off the request path; /ready says when it is done
@@ -46,7 +48,9 @@ def create_app() -> FastAPI:
     app = FastAPI(title="Adaptery", version="0.1.0", lifespan=lifespan,
                   description="Self-hosted parameter-efficient fine-tuning with an OpenAI-shaped API.")
     install_error_handlers(app)
-    for module in (health, files, fine_tuning, evaluations, inference, models, adapters, admin):
+    app.middleware("http")(metrics.record_http)
+    app.middleware("http")(logs.record_request)  # added last, so it runs first: the id covers the rest
+    for module in (health, files, fine_tuning, evaluations, inference, models, adapters, webhooks, admin):
         app.include_router(module.router)
     return app
 

@@ -75,6 +75,18 @@ class Settings(BaseSettings):
 
     # Training cadence: a metrics event every N steps, evaluation on the validation file every N steps.
     log_every_steps: int = 1
+    # Log lines of the API and the workers: "text" or "json" (one object per line, with request id, tenant,
+    # job id), at this level.
+    log_format: Literal["text", "json"] = "text"
+    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+    # Webhooks: hosts an endpoint may name although they are loopback/link-local/this host (JSON list), how many
+    # attempts a delivery gets, the first retry's delay (doubling after each), each attempt's timeout, and how
+    # often workers look for due deliveries.
+    webhook_allowed_hosts: list[str] = []
+    webhook_max_attempts: int = Field(default=8, ge=1, le=50)
+    webhook_retry_seconds: float = Field(default=10.0, gt=0)
+    webhook_timeout_seconds: float = Field(default=10.0, gt=0)
+    webhook_poll_seconds: float = Field(default=1.0, gt=0)
     # How often a live event stream (GET …/events?stream=true) looks for new events.
     event_stream_poll_seconds: float = Field(default=0.5, gt=0, le=10)
     eval_every_steps: int = 0  # 0: about four evaluations per job (ten with early stopping), plus one at the end

@@ -253,6 +253,8 @@ def stack_env(data_dir: Path, *, database_url: str, broker_url: str, tiny_model_
     env = {k: v for k, v in os.environ.items() if not k.startswith("ADAPTERY_")}
     env.update({
         "ADAPTERY_DATA_DIR": str(data_dir),
+        # As `adaptery serve` does: every process of the stack writes its metrics where the API's /metrics reads.
+        "PROMETHEUS_MULTIPROC_DIR": str(data_dir / "prometheus"),
         "ADAPTERY_DATABASE_URL": database_url,
         "ADAPTERY_BROKER_URL": broker_url,
         "ADAPTERY_MODEL_CACHE_DIR": str(MODEL_CACHE),

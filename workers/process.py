@@ -15,12 +15,20 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from celery.signals import worker_process_init, worker_ready, worker_shutdown, worker_shutting_down
+from celery.signals import (
+    after_setup_logger,
+    after_setup_task_logger,
+    worker_process_init,
+    worker_ready,
+    worker_shutdown,
+    worker_shutting_down,
+)
 
+from app import logs
 from app.db.models import WorkerHeartbeat
 from app.db.session import session_scope
 from app.queue import enqueue_evaluation, enqueue_training
-from app.services import evaluations, jobs
+from app.services import evaluations, jobs, webhooks
 from app.settings import get_settings
 
 log = logging.getLogger("adaptery.worker")
@@ -66,6 +74,25 @@ def _start_worker_threads(sender: Any = None, **_: Any) -> None:
 
     _every(HEARTBEAT_SECONDS, beat, "adaptery-heartbeat")
     _every(get_settings().reaper_interval_seconds, reap_once, "adaptery-reaper")
+    owner = f"{hostname}:webhooks"
+
+    def deliver() -> None:
+        # Outside the pool processes, so a slow receiver never holds up training.
+        with session_scope() as session:
+            webhooks.deliver_due(session, get_settings(), owner=owner)
+
+    _every(get_settings().webhook_poll_seconds, deliver, "adaptery-webhooks")
+
+
+@after_setup_logger.connect
+@after_setup_task_logger.connect
+def _log_format(logger: logging.Logger | None = None, **_: Any) -> None:
+    """Celery's handlers in ADAPTERY_LOG_FORMAT, with the job, evaluation and tenant of the task (app/logs.py)."""
+    if logger is None:
+        return
+    settings = get_settings()
+    for handler in logger.handlers:
+        logs.use_format(handler, settings.log_format)
 
 
 @worker_process_init.connect

@@ -24,6 +24,7 @@ from adapters.methods import METHODS
 from adapters.store import ADAPTER_FILES, ADAPTER_WEIGHTS, ArtifactStore
 from app.db.models import Adapter, AdapterStatus, Checkpoint, FineTuningJob, JobStatus
 from app.db.session import session_scope
+from app.metrics import TRAINING_STEPS, TRAINING_TOKENS
 from app.queue import enqueue_training
 from app.services import base_models, jobs
 from app.services.job_metrics import CURVES
@@ -216,7 +217,7 @@ class JobRunner:
     def callbacks(self) -> TrainingCallbacks:
         return TrainingCallbacks(on_metrics=self.on_metrics, on_progress=self.on_progress,
                                  should_stop=self.should_stop, on_checkpoint=self.on_checkpoint,
-                                 on_message=self.on_message, on_info=self._event,
+                                 on_message=self.on_message, on_info=self._event, on_step=self.on_step,
                                  on_training_start=self.on_training_start,
                                  restore_weights=self.restore_weights)
 
@@ -295,6 +296,10 @@ class JobRunner:
         self._phase_done("prepare_training", f"Built the {self.method_type} adapter and its optimiser")
         seconds = round(time.perf_counter() - self.claimed_at, 2)
         self._event(f"Start-up took {seconds:.2f} s; training begins.", data={"phase": "start_up", "seconds": seconds})
+
+    def on_step(self, step: int, tokens: int) -> None:
+        TRAINING_TOKENS.labels(self.job.model).inc(tokens)
+        TRAINING_STEPS.labels(self.job.model).inc()
 
     def on_metrics(self, metrics: dict[str, Any]) -> None:
         text = f"Step {metrics['step']}/{metrics['total_steps']}: training loss={metrics['train_loss']:.4f}"

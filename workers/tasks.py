@@ -15,6 +15,9 @@ import traceback
 import uuid
 from typing import Any
 
+from sqlalchemy import select
+
+from app import logs
 from app.db.models import FineTuningJob
 from app.db.session import session_scope
 from app.queue import EVALUATE_TASK, TRAIN_TASK, celery_app
@@ -28,6 +31,16 @@ log = logging.getLogger("adaptery.worker")
 
 @celery_app.task(name=TRAIN_TASK, bind=True, acks_late=True)
 def train(self: Any, job_id: str) -> str:
+    with session_scope() as session:
+        tenant = session.scalar(select(FineTuningJob.tenant_id).where(FineTuningJob.id == job_id))
+    with logs.bound(job_id=job_id, tenant=tenant):
+        log.info("job %s: taken", job_id)
+        outcome = _train(job_id)
+        log.info("job %s: %s", job_id, outcome)
+        return outcome
+
+
+def _train(job_id: str) -> str:
     settings = get_settings()
     claimed_at = time.perf_counter()
     owner = _owner()
@@ -60,6 +73,14 @@ def train(self: Any, job_id: str) -> str:
 
 @celery_app.task(name=EVALUATE_TASK, bind=True, acks_late=True)
 def evaluate(self: Any, evaluation_id: str) -> str:
+    with logs.bound(evaluation_id=evaluation_id):
+        log.info("evaluation %s: taken", evaluation_id)
+        outcome = _evaluate(evaluation_id)
+        log.info("evaluation %s: %s", evaluation_id, outcome)
+        return outcome
+
+
+def _evaluate(evaluation_id: str) -> str:
     settings = get_settings()
     owner = _owner()
     with session_scope() as session:

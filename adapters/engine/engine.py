@@ -25,9 +25,14 @@ class InferenceEngine:
             runtime = self._runtimes.get(base_model)
             if runtime is None:
                 model, tokenizer = self._load_base(base_model)
-                runtime = BaseRuntime(model, tokenizer, **self._options)  # type: ignore[arg-type]
+                runtime = BaseRuntime(model, tokenizer, name=base_model, **self._options)  # type: ignore[arg-type]
                 self._runtimes[base_model] = runtime
             return runtime
+
+    def runtimes(self) -> dict[str, BaseRuntime]:
+        """Every runtime this process has started, by base model."""
+        with self._lock:
+            return dict(self._runtimes)
 
     def loaded_runtime(self, base_model: str) -> BaseRuntime | None:
         """The runtime of a base model if this process has loaded it (never loads one)."""

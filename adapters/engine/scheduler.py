@@ -30,6 +30,7 @@ from typing import Any
 
 import torch
 
+from adapters import serving_metrics as metrics
 from adapters.engine.adapter_loader import AdapterLoadError, LoadedAdapter, load_adapter
 from adapters.engine.application import kv_prefix_length, prefill_inputs, virtual_token_count
 from adapters.engine.kv_cache import BatchCache
@@ -67,7 +68,8 @@ class BaseRuntime:
     """One loaded base model with its tokenizer, adapter slots, adapter tiers and scheduler thread."""
 
     def __init__(self, model: Any, tokenizer: Any, *, cache_size: int, max_rank: int, cpu_cache_size: int = 0,
-                 max_batch: int = 32):
+                 max_batch: int = 32, name: str = ""):
+        self.name = name  # the base model's id (the metrics' label)
         self.model = model
         self.tokenizer = tokenizer
         self.max_rank = max_rank
@@ -120,6 +122,16 @@ class BaseRuntime:
         with self.lock:
             return self.book.view()
 
+    def requests_in_flight(self) -> dict[str, int]:
+        """Requests waiting or generating, by adapter key ("base" for the base model alone)."""
+        with self.lock:
+            rows = self.active + self.pending
+        counts: dict[str, int] = {}
+        for sequence in rows:
+            key = sequence.adapter.key if sequence.adapter is not None else "base"
+            counts[key] = counts.get(key, 0) + 1
+        return counts
+
     def in_memory_keys(self) -> list[str]:
         """Adapters whose weights are in memory (cpu or active), least recently used first."""
         with self.lock:
@@ -154,8 +166,11 @@ class BaseRuntime:
                 self.book.used(ref.key)
                 return loaded
         try:
+            started = time.perf_counter()
             loaded = load_adapter(ref.folder, key=ref.key, model_config=self.model.config, max_rank=self.max_rank,
                                   device=self.device)
+            metrics.ADAPTER_LOAD_SECONDS.labels(self.name).observe(time.perf_counter() - started)
+            metrics.ADAPTER_LOADS.labels(self.name).inc()
             if loaded.kind.uses_slot:
                 self.bank.check(loaded.weights)
         except (KeyError, ValueError, OSError) as exc:
@@ -178,6 +193,7 @@ class BaseRuntime:
         for key in self.in_memory.overflow():
             self.in_memory.pop(key)
             self.book.move(key, AdapterState.ON_DISK)
+            metrics.ADAPTER_EVICTIONS.labels(self.name, "memory").inc()
 
     @on_scheduler_thread
     def activate(self, adapter: LoadedAdapter | str) -> int:
@@ -206,6 +222,7 @@ class BaseRuntime:
                     return -1
                 free = [self.in_slots.pop(victim) or 0]
                 self.book.move(victim, AdapterState.CPU)
+                metrics.ADAPTER_EVICTIONS.labels(self.name, "slot").inc()
                 log.info("adapter %s left its slot", victim)
             slot = free[0]
             started = time.perf_counter()
@@ -238,7 +255,7 @@ class BaseRuntime:
     def submit(self, prompt_ids: list[int], adapter: LoadedAdapter | None, params: SamplingParams, *,
                record_logits: bool = False) -> Sequence:
         sequence = Sequence(prompt_ids, adapter, params, self.tokenizer, device=self.device,
-                            record_logits=record_logits)
+                            record_logits=record_logits, base_model=self.name)
         with self.wakeup:
             self.pending.append(sequence)
             self.wakeup.notify()
@@ -384,6 +401,7 @@ class BaseRuntime:
     def _prefill(self, group: list[Sequence]) -> None:
         """Run the prompts of `group` through the model in one left-padded pass (a KV-prefix request always
         comes alone), sample each row's first token and add the rows still going to the batch."""
+        metrics.PROMPT_TOKENS.labels(self.name).inc(sum(len(s.prompt_ids) for s in group))
         inputs = prefill_inputs([s.prompt_ids for s in group], [self._weights(s) for s in group], model=self.model,
                                 device=self.device)
         record = any(s.logits is not None for s in group)
@@ -410,6 +428,7 @@ class BaseRuntime:
     @torch.inference_mode()
     def _step(self) -> None:
         rows = self.active
+        metrics.DECODE_BATCH_SIZE.labels(self.name).observe(len(rows))
         assert self.batch.mask is not None
         last = torch.tensor([[s.produced[-1]] for s in rows], device=self.device)
         positions = torch.tensor([[s.length] for s in rows], device=self.device)

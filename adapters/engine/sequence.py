@@ -13,6 +13,7 @@ from typing import Any
 
 import torch
 
+from adapters import serving_metrics as metrics
 from adapters.engine.adapter_loader import LoadedAdapter
 
 
@@ -41,8 +42,12 @@ class Sequence:
     _ids = itertools.count()
 
     def __init__(self, prompt_ids: list[int], adapter: LoadedAdapter | None, params: SamplingParams,
-                 tokenizer: Any, *, device: torch.device | str = "cpu", record_logits: bool = False):
+                 tokenizer: Any, *, device: torch.device | str = "cpu", record_logits: bool = False,
+                 base_model: str = ""):
         self.id = next(self._ids)
+        self.base_model = base_model  # the metrics' label
+        self.submitted_at = time.perf_counter()
+        self.last_token_at: float | None = None
         self.prompt_ids = prompt_ids
         self.adapter = adapter
         self.params = params
@@ -66,10 +71,12 @@ class Sequence:
 
     def accept(self, token: int, eos_ids: set[int]) -> None:
         """Record a sampled token, decide whether the sequence is done, and stream the new text."""
+        self._time_token()
         if token in eos_ids and not self.params.ignore_eos:
             self.finish("stop")
             return
         self.produced.append(token)
+        metrics.GENERATED_TOKENS.labels(self.base_model).inc()
         self.text = self.tokenizer.decode(self.produced, skip_special_tokens=True)
         if self.params.stop:
             cut = first_stop(self.text, self.params.stop)
@@ -81,6 +88,14 @@ class Sequence:
             self.finish("length")
             return
         self._stream(final=False)
+
+    def _time_token(self) -> None:
+        moment = time.perf_counter()
+        if self.last_token_at is None:
+            metrics.TIME_TO_FIRST_TOKEN.labels(self.base_model).observe(moment - self.submitted_at)
+        else:
+            metrics.INTER_TOKEN_LATENCY.labels(self.base_model).observe(moment - self.last_token_at)
+        self.last_token_at = moment
 
     def _stream(self, final: bool) -> None:
         # Hold back a partly decoded character and anything that may still become a stop string.

@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Iterator
 from typing import Annotated
 
-from fastapi import Depends, Header
+from fastapi import Depends, Header, Request
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from pydantic.json_schema import SkipJsonSchema
 from sqlalchemy.orm import Session
@@ -37,11 +37,12 @@ def _key(credentials: HTTPAuthorizationCredentials | None) -> str:
     return tenants.bearer(f"Bearer {credentials.credentials}" if credentials else None)
 
 
-def _tenant(session: SessionDep, settings: SettingsDep, credentials: Credentials) -> str:
+def _tenant(request: Request, session: SessionDep, settings: SettingsDep, credentials: Credentials) -> str:
     key = _key(credentials)
     tenant = tenants.tenant_for_key(session, key)
     if tenant is None:
         raise Unauthorized("Incorrect API key provided.", code="invalid_api_key")
+    request.state.tenant = tenant  # for the request's log line (app/logs.py)
     rate_limit.check(settings, tenants.hash_key(key)[:16])
     return tenant
 

@@ -1,4 +1,5 @@
-"""/health (the process is up) and /ready (database, broker and a worker answer, and the start-up warm-up is done)."""
+"""/metrics (Prometheus), /health (the process is up) and /ready (database, broker and a worker answer, and
+the start-up warm-up is done)."""
 
 from __future__ import annotations
 
@@ -6,9 +7,10 @@ import time
 from typing import Any
 
 from fastapi import APIRouter
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, Response
 from sqlalchemy import func, select, text
 
+from app import metrics
 from app.api.deps import SessionDep, SettingsDep
 from app.db.models import WorkerHeartbeat
 from app.schemas.health import Health, Ready
@@ -16,6 +18,13 @@ from app.services import tokenizers
 
 router = APIRouter(tags=["health"])
 WORKER_FRESH_SECONDS = 30
+
+
+@router.get("/metrics", response_class=Response, responses={200: {
+    "content": {"text/plain": {"schema": {"type": "string"}}},
+    "description": "Prometheus exposition text (adaptery_* metrics of every process of the service)"}})
+def prometheus_metrics() -> Response:
+    return metrics.render()
 
 
 @router.get("/health", response_model=Health)

@@ -242,3 +242,41 @@ class Evaluation(Base):
     lease_expires_at: Mapped[float | None] = mapped_column(Float, nullable=True)
     # Last time it was handed to the broker (the reaper re-sends queued evaluations nobody claimed).
     enqueued_at: Mapped[float | None] = mapped_column(Float, nullable=True)
+
+
+class WebhookEndpoint(Base):
+    """Where a tenant wants to hear about its jobs' outcomes; the secret signs every delivery (Standard
+    Webhooks) and is shown to the tenant once, when the endpoint is created."""
+
+    __tablename__ = "webhook_endpoints"
+
+    id: Mapped[str] = mapped_column(String(64), primary_key=True)
+    tenant_id: Mapped[str] = mapped_column(String(64), index=True)
+    url: Mapped[str] = mapped_column(Text)
+    secret: Mapped[str] = mapped_column(String(128))
+    events: Mapped[list[Any]] = mapped_column(JSON)
+    created_at: Mapped[int] = mapped_column(BigInteger, default=now)
+
+
+class WebhookDelivery(Base):
+    """One event for one endpoint (an outbox row, written with the job's status change): pending until a
+    worker delivers it (2xx), retried with backoff, failed after the last attempt."""
+
+    __tablename__ = "webhook_deliveries"
+    __table_args__ = (Index("ix_webhook_deliveries_due", "status", "next_attempt_at"),)
+
+    id: Mapped[str] = mapped_column(String(64), primary_key=True)  # the event id: webhook-id, the same on retries
+    endpoint_id: Mapped[str] = mapped_column(String(64), ForeignKey("webhook_endpoints.id", ondelete="CASCADE"),
+                                             index=True)
+    tenant_id: Mapped[str] = mapped_column(String(64))
+    event_type: Mapped[str] = mapped_column(String(64))
+    payload: Mapped[str] = mapped_column(Text)  # the exact body that is signed and sent
+    status: Mapped[str] = mapped_column(String(16), default="pending")
+    attempts: Mapped[int] = mapped_column(Integer, default=0)
+    next_attempt_at: Mapped[float] = mapped_column(Float)
+    lease_owner: Mapped[str | None] = mapped_column(String(128), nullable=True)
+    lease_expires_at: Mapped[float | None] = mapped_column(Float, nullable=True)
+    last_status_code: Mapped[int | None] = mapped_column(Integer, nullable=True)
+    last_error: Mapped[str | None] = mapped_column(Text, nullable=True)
+    created_at: Mapped[int] = mapped_column(BigInteger, default=now)
+    delivered_at: Mapped[int | None] = mapped_column(BigInteger, nullable=True)

@@ -26,6 +26,7 @@ from app.db.models import (
     now,
 )
 from app.errors import Conflict, InvalidRequest, LimitReached, NotFound, not_found
+from app.services import webhooks
 from app.services.leases import Leases
 from app.settings import Settings
 
@@ -44,7 +45,7 @@ def storable(key: str) -> bool:
 
 
 _leases = Leases(FineTuningJob, queued=JobStatus.queued, running=JobStatus.running, failed=JobStatus.failed,
-                 noun="job")
+                 noun="job", on_transition=webhooks.record_job_outcome)
 # The lease transitions (app/services/leases.py) under this module's names, which workers and tests call.
 _transition = _leases.transition
 mark_enqueued = _leases.mark_enqueued

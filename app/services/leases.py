@@ -28,9 +28,13 @@ class Leases(Generic[Row, Status]):
     """The lease transitions of one table: its rows wait in `queued`, run in `running` under a lease, and end
     in `failed` when their workers are lost too often. `noun` names a row in the messages it stores."""
 
-    def __init__(self, model: type[Row], *, queued: Status, running: Status, failed: Status, noun: str) -> None:
+    def __init__(self, model: type[Row], *, queued: Status, running: Status, failed: Status, noun: str,
+                 on_transition: Callable[[Session, str, str], None] | None = None) -> None:
         self.model: type[Row] = model
         self.queued, self.running, self.failed, self.noun = queued, running, failed, noun
+        # (session, row id, new status): runs in the transaction of every transition made, before its commit
+        # (the jobs' webhook outbox).
+        self.on_transition = on_transition
 
     def transition(self, session: Session, row_id: str, expected: Collection[Status], new: Status, *,
                    owner: str | None = None, **values: Any) -> bool:
@@ -40,8 +44,11 @@ class Leases(Generic[Row, Status]):
         if owner is not None:
             query = query.where(model.lease_owner == owner)
         result = session.execute(query.values(status=new.value, **values))
+        changed = result.rowcount == 1  # type: ignore[attr-defined]
+        if changed and self.on_transition is not None:
+            self.on_transition(session, row_id, new.value)
         session.commit()
-        return result.rowcount == 1  # type: ignore[attr-defined]
+        return bool(changed)
 
     def mark_enqueued(self, session: Session, row_id: str) -> None:
         """Handed to the broker now; the reaper re-sends a queued row only once this is old."""

@@ -63,6 +63,8 @@ class TrainingCallbacks:
     on_checkpoint: Callable[..., None]
     on_message: Callable[[str], None] = field(default=lambda _: None)  # a warning
     on_info: Callable[[str], None] = field(default=lambda _: None)
+    # (step, tokens it trained): after every optimiser step (metrics counters).
+    on_step: Callable[[int, int], None] = field(default=lambda step, tokens: None)
     # Called once, right before the first step of this attempt (start-up is over: model, data, optimiser).
     on_training_start: Callable[[], None] = field(default=lambda: None)
     # (model, step): load the adapter weights of the checkpoint at that step (early stopping keeps the best).
@@ -291,7 +293,8 @@ def train(*, base_model: Any, method: AdapterMethod, hyperparameters: dict[str, 
                 accelerator.backward(total_loss)
                 step_loss += loss.detach()
                 step_correct += (logits.detach().argmax(-1) == batch.targets).sum()
-            position.trained_tokens += sum(min(len(example.input_ids), max_len) for example in chunk)
+            step_tokens = sum(min(len(example.input_ids), max_len) for example in chunk)
+            position.trained_tokens += step_tokens
             if parallel is not None:
                 step_loss, step_correct = parallel.sum_gradients(params, [step_loss, step_correct])
             grad_norm = torch.nn.utils.clip_grad_norm_(params, 1.0)
@@ -302,6 +305,7 @@ def train(*, base_model: Any, method: AdapterMethod, hyperparameters: dict[str, 
             scheduler.step()
             optimizer.zero_grad(set_to_none=True)
             last_loss, last_labels, last_correct = step_loss, labels, step_correct
+            callbacks.on_step(position.step, step_tokens)
             trained_at = time.monotonic()
             step = position.step
             epoch_float = position.epoch + position.batch / steps_per_epoch
