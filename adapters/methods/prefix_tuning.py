@@ -35,7 +35,8 @@ class PrefixTuning(AdapterMethod):
         check_range("num_virtual_tokens", hp.num_virtual_tokens, 1, MAX_VIRTUAL_TOKENS)
 
     def method_defaults(self, hp, *, settings, base_info):  # type: ignore[no-untyped-def,override]
-        return {"num_virtual_tokens": hp.num_virtual_tokens if given(hp.num_virtual_tokens) else 16}
+        # 8, not 16: measured over three seeds on the shipped task (README, "How the defaults were chosen").
+        return {"num_virtual_tokens": hp.num_virtual_tokens if given(hp.num_virtual_tokens) else 8}
 
     def peft_config(self, hp: dict[str, Any], *, total_steps: int, base_model_path: str | None = None) -> Any:
         from peft import PrefixTuningConfig, TaskType

@@ -371,7 +371,7 @@ def test_prefix_tuning_virtual_tokens_range(value: int, settings: Settings) -> N
 
 
 def test_prefix_tuning_values_reach_the_config(settings: Settings) -> None:
-    assert resolve("prefix_tuning", {}, settings=settings)["num_virtual_tokens"] == 16
+    assert resolve("prefix_tuning", {}, settings=settings)["num_virtual_tokens"] == 8
     resolved = resolve("prefix_tuning", {"num_virtual_tokens": 5}, settings=settings)
     assert method("prefix_tuning").peft_config(resolved, total_steps=10).num_virtual_tokens == 5
     assert method("prefix_tuning").serving_kind is ServingKind.KV_PREFIX
