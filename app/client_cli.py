@@ -139,14 +139,18 @@ def parse_hyperparameters(pairs: list[str]) -> dict[str, Any]:
 @jobs.command("create")
 def jobs_create(ctx: typer.Context, training_file: str = typer.Option(..., "--training-file", "-t"),
                 model: str = typer.Option(None, help="base model (default: the server's default)"),
-                method: str = typer.Option("lora", help="lora, adalora, ia3, prefix_tuning, ..."),
+                method: str = typer.Option(None, help="the method's type (default: the server's default method)"),
                 validation_file: str = typer.Option(None, "--validation-file", "-v"),
                 hp: list[str] = typer.Option([], help="a hyperparameter as key=value (repeatable)"),
                 suffix: str = typer.Option(None), seed: int = typer.Option(None),
                 from_model: str = typer.Option(None, help="start from this fine-tuned model's weights"),
                 watch: bool = typer.Option(False, help="follow the job until it ends (as `jobs watch`)")) -> None:
-    body: dict[str, Any] = {"training_file": training_file,
-                            "method": {"type": method, method: {"hyperparameters": parse_hyperparameters(hp)}}}
+    hyperparameters = parse_hyperparameters(hp)
+    body: dict[str, Any] = {"training_file": training_file}
+    if method:
+        body["method"] = {"type": method, method: {"hyperparameters": hyperparameters}}
+    elif hyperparameters:
+        body["hyperparameters"] = hyperparameters  # the default method's, as OpenAI's older shape sends them
     if model is None:
         listed = api(ctx).call("GET", "/v1/models")["data"]
         bases = [m["id"] for m in listed if m.get("owned_by") == "system"]

@@ -109,7 +109,7 @@ def test_watch_exits_2_when_the_job_is_cancelled(stack: Stack, training_file: st
 def test_errors_are_one_readable_line(stack: Stack, training_file: str) -> None:
     missing = adaptery(stack, "jobs", "get", "ftjob-nope")
     assert "404" in one_line_error(missing)
-    bad = adaptery(stack, "jobs", "create", "-t", training_file, "--hp", "r=0")
+    bad = adaptery(stack, "jobs", "create", "-t", training_file, "--method", "lora", "--hp", "r=0")
     assert "field: method.lora.hyperparameters.r" in one_line_error(bad)
     no_key = adaptery(stack, "files", "list", ADAPTERY_API_KEY="")
     assert "401" in one_line_error(no_key)

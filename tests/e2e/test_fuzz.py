@@ -4,7 +4,8 @@ body documented and matching its schema; schema-invalid requests refused; schema
 
 Each operation gets positive and negative cases, as `schemathesis run` draws them. What no schema can say
 about a request, the generators are taught with schemathesis' own custom formats: a training file
-(format "jsonl") holds JSONL examples, an adapter archive (format "adapter-archive") a real adapter.
+(format "jsonl") holds JSONL examples, an adapter archive (format "adapter-archive") a real adapter, a
+webhook URL (format "webhook-url") names an address webhooks may be sent to.
 Admin operations are fuzzed with the admin key, the rest with a tenant's key.
 
 `fuzz()` is also the measuring tool, e.g. 25 examples per operation with seed 90210 against a running stack
@@ -88,9 +89,21 @@ def adapter_archives(tiny_model_dir: Path, count: int = 2) -> list[bytes]:
     return archives
 
 
+def webhook_urls() -> st.SearchStrategy[str]:
+    """URLs a webhook endpoint may name: http(s) on an address that is neither loopback, link-local,
+    unspecified nor multicast (IP literals: this machine resolves no names)."""
+    octet = st.integers(1, 254)
+    address = st.one_of(st.builds("10.{}.{}.{}".format, octet, octet, octet),
+                        st.builds("192.168.{}.{}".format, octet, octet),
+                        st.builds("203.0.113.{}".format, octet))
+    return st.builds("{}://{}:{}/{}".format, st.sampled_from(["http", "https"]), address,
+                     st.integers(1, 65535), st.text(string.ascii_lowercase + "/-", max_size=20))
+
+
 def teach_generators(archives: list[bytes]) -> None:
     schemathesis.openapi.format("jsonl", jsonl_datasets())
     schemathesis.openapi.format("adapter-archive", st.sampled_from(archives))
+    schemathesis.openapi.format("webhook-url", webhook_urls())
 
 
 def sends_an_archive(case: Any) -> bool:

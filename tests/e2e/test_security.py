@@ -35,7 +35,8 @@ def tenant_b(stack: Stack) -> str:
 
 @pytest.fixture(scope="module")
 def owned_by_a(client: httpx.Client) -> dict[str, str]:
-    """Tenant A (the local tenant) owns a file, a finished job, its adapter and model name, an evaluation."""
+    """Tenant A (the local tenant) owns a file, a finished job, its adapter and model name, an evaluation and a
+    webhook endpoint."""
     file_id = upload(client, chat_lines(8)).json()["id"]
     job = client.post("/v1/fine_tuning/jobs", json={
         "model": TINY_MODEL_ID, "training_file": file_id, "hyperparameters": {"n_epochs": 1}}).json()
@@ -45,8 +46,11 @@ def owned_by_a(client: httpx.Client) -> dict[str, str]:
     event = client.get(f"/v1/fine_tuning/jobs/{job['id']}/events", params={"limit": 1}).json()["data"][0]
     evaluation = client.post("/v1/evaluations", json={"file": file_id, "models": [done["fine_tuned_model"]]})
     assert evaluation.status_code == 200, evaluation.text
+    webhook = client.post("/v1/webhooks", json={"url": "http://10.1.2.3:9/hook"})
+    assert webhook.status_code == 200, webhook.text
     return {"file_id": file_id, "fine_tuning_job_id": job["id"], "adapter_id": adapter["id"],
-            "model_id": done["fine_tuned_model"], "event_id": event["id"], "evaluation_id": evaluation.json()["id"]}
+            "model_id": done["fine_tuned_model"], "event_id": event["id"], "evaluation_id": evaluation.json()["id"],
+            "webhook_id": webhook.json()["id"]}
 
 
 def test_keys_are_required_and_checked(stack: Stack) -> None:
@@ -113,8 +117,8 @@ def test_bola_matrix_from_the_openapi_document(stack: Stack, client: httpx.Clien
                    else "ft:does-not-exist" for key, value in owned_by_a.items()}
         checked = []
         for path, method in _routes(spec):
-            if path in ("/v1/files", "/v1/adapters") and method == "POST":
-                continue  # uploads: create the caller's own object; nothing of A's is named
+            if path in ("/v1/files", "/v1/adapters", "/v1/webhooks") and method == "POST":
+                continue  # uploads and endpoints: create the caller's own object; nothing of A's is named
             body = _body(method, path, owned_by_a)
             url = _fill(path, owned_by_a)
             as_b = b_client.request(method, url, json=body, params={"limit": 100})
@@ -140,6 +144,7 @@ def test_bola_matrix_from_the_openapi_document(stack: Stack, client: httpx.Clien
         assert a_client.get(f"/v1/adapters/{owned_by_a['adapter_id']}").status_code == 200
         assert a_client.get(f"/v1/models/{owned_by_a['model_id']}").status_code == 200
         assert a_client.get(f"/v1/evaluations/{owned_by_a['evaluation_id']}").status_code == 200
+        assert a_client.get(f"/v1/webhooks/{owned_by_a['webhook_id']}/deliveries").status_code == 200
 
 
 def test_rate_limit_per_key_and_other_limits(tmp_path: Any, tiny_model_dir: Any, redis_url: str,

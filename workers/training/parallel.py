@@ -30,8 +30,9 @@ import torch
 
 from adapters.data import EncodedExample
 
-# How long a rank waits for the others: start-up (import, model load) and any one collective.
-TIMEOUT_SECONDS = 300
+# How long a rank waits for the others: start-up (import, model load) and any one collective, which includes
+# rank 0's validation and checkpoint writes between steps (the replicas wait for those).
+TIMEOUT_SECONDS = 1800
 
 
 class ReplicaStopped(Exception):
