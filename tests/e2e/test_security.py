@@ -4,6 +4,7 @@ document, so every route with an id is checked, including routes added later."""
 from __future__ import annotations
 
 import re
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -34,7 +35,7 @@ def tenant_b(stack: Stack) -> str:
 
 
 @pytest.fixture(scope="module")
-def owned_by_a(client: httpx.Client) -> dict[str, str]:
+def owned_by_a(client: httpx.Client) -> Iterator[dict[str, str]]:
     """Tenant A (the local tenant) owns a file, a finished job, its adapter and model name, an evaluation and a
     webhook endpoint."""
     file_id = upload(client, chat_lines(8)).json()["id"]
@@ -48,9 +49,11 @@ def owned_by_a(client: httpx.Client) -> dict[str, str]:
     assert evaluation.status_code == 200, evaluation.text
     webhook = client.post("/v1/webhooks", json={"url": "http://10.1.2.3:9/hook"})
     assert webhook.status_code == 200, webhook.text
-    return {"file_id": file_id, "fine_tuning_job_id": job["id"], "adapter_id": adapter["id"],
-            "model_id": done["fine_tuned_model"], "event_id": event["id"], "evaluation_id": evaluation.json()["id"],
-            "webhook_id": webhook.json()["id"]}
+    yield {"file_id": file_id, "fine_tuning_job_id": job["id"], "adapter_id": adapter["id"],
+           "model_id": done["fine_tuned_model"], "event_id": event["id"], "evaluation_id": evaluation.json()["id"],
+           "webhook_id": webhook.json()["id"]}
+    # The test database is shared by every module's stack: no endpoint of this tenant outlives the module.
+    client.delete(f"/v1/webhooks/{webhook.json()['id']}")
 
 
 def test_keys_are_required_and_checked(stack: Stack) -> None:

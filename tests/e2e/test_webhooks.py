@@ -91,8 +91,9 @@ def test_each_outcome_arrives_signed_and_a_500_is_retried(hook_client: httpx.Cli
     receiver = Receiver()
     endpoint = new_endpoint(hook_client, receiver.url)
     assert endpoint["secret"].startswith("whsec_")
-    listed = hook_client.get("/v1/webhooks").json()["data"]
-    assert [e["id"] for e in listed] == [endpoint["id"]] and listed[0]["secret"] is None  # shown once only
+    listed = hook_client.get("/v1/webhooks").json()["data"]  # (the tenant may have others from other modules)
+    assert endpoint["id"] in [e["id"] for e in listed]
+    assert all(e["secret"] is None for e in listed)  # shown once only
 
     receiver.failures = 2
     job = run_job(hook_client)
@@ -127,7 +128,7 @@ def test_each_outcome_arrives_signed_and_a_500_is_retried(hook_client: httpx.Cli
 def test_a_cancelled_job_and_an_endpoint_that_only_wants_failures(hook_client: httpx.Client) -> None:
     everything, failures_only = Receiver(), Receiver()
     all_events = new_endpoint(hook_client, everything.url)
-    new_endpoint(hook_client, failures_only.url, events=["fine_tuning.job.failed"])
+    failures_only_endpoint = new_endpoint(hook_client, failures_only.url, events=["fine_tuning.job.failed"])
     file_id = upload(hook_client, chat_lines(8)).json()["id"]
     job = hook_client.post("/v1/fine_tuning/jobs", json={
         "model": TINY_MODEL_ID, "training_file": file_id,
@@ -139,8 +140,8 @@ def test_a_cancelled_job_and_an_endpoint_that_only_wants_failures(hook_client: h
     Webhook(all_events["secret"]).verify(received[0]["body"], received[0]["headers"])
     time.sleep(1.5)
     assert failures_only.received == []
-    for endpoint in hook_client.get("/v1/webhooks").json()["data"]:
-        hook_client.delete(f"/v1/webhooks/{endpoint['id']}")
+    for endpoint in (all_events, failures_only_endpoint):
+        assert hook_client.delete(f"/v1/webhooks/{endpoint['id']}").status_code == 200
 
 
 @pytest.mark.parametrize(("url", "why"), [
