@@ -18,6 +18,7 @@ from typing import Any, NoReturn
 
 import httpx
 import typer
+from httpx_sse import SSEError, connect_sse
 from rich.console import Console
 from rich.progress import BarColumn, Progress, TaskProgressColumn, TextColumn, TimeRemainingColumn
 from rich.table import Table
@@ -206,8 +207,6 @@ def jobs_watch(ctx: typer.Context, job_id: str) -> None:
 
 def job_events(client: Api, job_id: str) -> Iterator[tuple[str, dict[str, Any]]]:
     """(event type, data) from the live stream, reconnecting with Last-Event-ID if the connection drops."""
-    from httpx_sse import connect_sse
-
     last_id: str | None = None
     failures = 0
     while True:
@@ -223,17 +222,11 @@ def job_events(client: Api, job_id: str) -> Iterator[tuple[str, dict[str, Any]]]
                     yield sse.event, json.loads(sse.data)
                     if sse.event == "end":
                         return
-        except (httpx.TransportError, httpx_sse_error()) as exc:
+        except (httpx.TransportError, SSEError) as exc:
             failures += 1
             if failures > 5:
                 raise ClientError(f"lost the event stream of {job_id}: {exc}") from exc
             time.sleep(min(2.0 * failures, 10))
-
-
-def httpx_sse_error() -> type[Exception]:
-    from httpx_sse import SSEError
-
-    return SSEError
 
 
 def follow(ctx: typer.Context, job_id: str) -> None:
@@ -366,8 +359,6 @@ def _prompt() -> str:
 
 def _stream_answer(client: Api, model: str, history: list[dict[str, str]], max_tokens: int,
                    temperature: float) -> str:
-    from httpx_sse import connect_sse
-
     body = {"model": model, "messages": history, "stream": True, "max_tokens": max_tokens,
             "temperature": temperature}
     pieces: list[str] = []

@@ -92,6 +92,12 @@ def configure(kind: str, level: str = "INFO") -> None:
         library.propagate = True
 
 
+def route_template(request: Any) -> str | None:
+    """The matched route's path template (`/v1/fine_tuning/jobs/{fine_tuning_job_id}`), or None: what logs and
+    metrics label a request with, so ids never become labels."""
+    return getattr(request.scope.get("route"), "path", None)
+
+
 async def record_request(request: Any, call_next: Callable[[Any], Awaitable[Any]]) -> Any:
     """Middleware: a request id for the request's log lines and its response, and one line per request."""
     incoming = request.headers.get("x-request-id", "")
@@ -105,11 +111,10 @@ async def record_request(request: Any, call_next: Callable[[Any], Awaitable[Any]
         response.headers["X-Request-ID"] = rid
         return response
     finally:
-        route = request.scope.get("route")
-        extra = {"status": status, "duration_ms": round((time.perf_counter() - started) * 1000, 1),
-                 "route": getattr(route, "path", None)}
+        route = route_template(request)
+        extra = {"status": status, "duration_ms": round((time.perf_counter() - started) * 1000, 1), "route": route}
         tenant = getattr(request.state, "tenant", None)  # set by authentication (in another thread's context)
         if tenant:
             extra["tenant"] = tenant
-        log.info("%s %s %s", request.method, getattr(route, "path", request.url.path), status, extra=extra)
+        log.info("%s %s %s", request.method, route or request.url.path, status, extra=extra)
         request_id.reset(token)

@@ -23,6 +23,8 @@ from sqlalchemy import func, select
 from starlette.requests import Request
 from starlette.responses import Response
 
+from app.logs import route_template
+
 if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
     os.makedirs(os.environ["PROMETHEUS_MULTIPROC_DIR"], exist_ok=True)
 
@@ -45,8 +47,7 @@ async def record_http(request: Request, call_next: Callable[[Request], Awaitable
         status = response.status_code
         return response
     finally:
-        route = request.scope.get("route")
-        template = getattr(route, "path", None) or "unmatched"
+        template = route_template(request) or "unmatched"
         HTTP_REQUESTS.labels(template, request.method, str(status)).inc()
         HTTP_SECONDS.labels(template, request.method).observe(time.perf_counter() - started)
 
