@@ -7,6 +7,7 @@ passes validation is exactly a file the worker can train on.
 from __future__ import annotations
 
 import json
+import math
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any, Literal, Protocol
@@ -160,15 +161,17 @@ def parse_jsonl(raw: bytes, *, max_examples: int) -> ParsedDataset:
     if len(formats) > 1:
         described = ", ".join(f"{name} (first on line {n})" for name, n in formats.items())
         problems.append((0, f"mixed formats in one file: {described}; use one format per file"))
-    if problems:
-        raise DatasetError(problems)
+    if not formats:
+        raise DatasetError(sorted(problems))
+    # Every example of the (first) format is checked even when other lines are broken, so one upload
+    # reports every problem, in line order.
     fmt = next(iter(formats))
     for number, record in records:
-        message = check_record(record, fmt)
+        message = check_record(record, fmt) if detect_format(record) == fmt else None
         if message:
             problems.append((number, message))
     if problems:
-        raise DatasetError(problems)
+        raise DatasetError(sorted(problems))
     return ParsedDataset(format=fmt, records=[r for _, r in records],
                          line_numbers=[n for n, _ in records])
 
@@ -245,6 +248,22 @@ def encode_dataset(tokenizer: ChatTokenizer, dataset: ParsedDataset) -> list[Enc
     if problems:
         raise DatasetError(problems)
     return encoded
+
+
+def length_stats(examples: list[EncodedExample], *, bins: int = 12) -> dict[str, Any]:
+    """What a person checks before training on a file: example lengths in tokens (range, mean, median, 95th
+    percentile and a histogram of equal-width bins from 0) and how many tokens are trained on."""
+    lengths = sorted(len(e.input_ids) for e in examples)
+    if not lengths:
+        return {}
+    width = max(1, math.ceil(lengths[-1] / bins))
+    counts = [0] * bins
+    for length in lengths:
+        counts[min(bins - 1, length // width)] += 1
+    return {"min_tokens": lengths[0], "max_tokens": lengths[-1], "mean_tokens": round(sum(lengths) / len(lengths), 1),
+            "p50_tokens": lengths[(len(lengths) - 1) // 2], "p95_tokens": lengths[math.ceil(0.95 * len(lengths)) - 1],
+            "trained_tokens": sum(sum(e.loss_mask) for e in examples),
+            "length_histogram": {"bin_edges": [i * width for i in range(bins + 1)], "counts": counts}}
 
 
 def check_lengths(examples: Iterable[EncodedExample], line_numbers: Iterable[int], *,

@@ -8,22 +8,20 @@ from __future__ import annotations
 
 from typing import Any
 
-from pydantic import Field
-
 from adapters.methods.base import (
     AdapterMethod,
     Auto,
     HyperparameterError,
-    TrainingHyperparameters,
-    check_range,
+    bounded,
     given,
     register,
 )
 from adapters.methods.lora import (
     LORA_CONFIG_KEYS,
     PEFT_PREFIX,
-    check_lora_family,
+    LoraFamilyHyperparameters,
     check_lora_family_config,
+    check_target_modules,
     lora_family_defaults,
     low_rank_weights,
 )
@@ -32,12 +30,9 @@ from adapters.methods.serving import AdapterLoadError, LoraFactors, ServingKind,
 DEFAULT_INIT_R = 12
 
 
-class AdaLoraHyperparameters(TrainingHyperparameters):
-    init_r: int | Auto | None = Field(default=None, description="starting rank of every module")
-    target_r: int | Auto | None = Field(default=None, description="average rank after budget pruning")
-    lora_alpha: float | Auto | None = None
-    lora_dropout: float | Auto | None = None
-    target_modules: list[str] | Auto | None = None
+class AdaLoraHyperparameters(LoraFamilyHyperparameters):
+    init_r: int | Auto | None = bounded("starting rank of every module", 1, "max_lora_rank")
+    target_r: int | Auto | None = bounded("average rank after budget pruning (at most init_r)", 1, "max_lora_rank")
 
 
 @register
@@ -53,9 +48,7 @@ class AdaLora(AdapterMethod):
                                       "orth_reg_weight", "total_step"}
 
     def check(self, hp, *, settings, base_info):  # type: ignore[no-untyped-def,override]
-        check_range("init_r", hp.init_r, 1, settings.max_lora_rank)
-        check_range("target_r", hp.target_r, 1, settings.max_lora_rank)
-        check_lora_family(hp, settings, base_info)
+        check_target_modules(hp.target_modules, base_info)
         init_r = hp.init_r if given(hp.init_r) else DEFAULT_INIT_R
         if given(hp.target_r) and hp.target_r > init_r:
             raise HyperparameterError("target_r", f"target_r ({hp.target_r}) must not exceed init_r ({init_r}"

@@ -21,25 +21,45 @@ from adapters.methods.serving import AdapterLoadError, ServingKind, ServingWeigh
 Auto = Literal["auto"]
 
 
+def bounded(description: str, low: float, high: float | str, *, low_open: bool = False) -> Any:
+    """A hyperparameter field whose accepted range is declared in its schema: resolve() checks it and
+    GET /v1/fine_tuning/methods publishes it, so the form and the check cannot disagree. `high` may name a
+    Settings attribute (a limit the operator sets)."""
+    return Field(default=None, description=description,
+                 json_schema_extra={"x-range": {"low": low, "high": high, "low_open": low_open}})
+
+
+def declared_range(field: Any, settings: Any) -> tuple[float, float, bool] | None:
+    """(low, high, low_open) of a field made with bounded(), its settings-named high read from `settings`."""
+    extra = field.json_schema_extra if isinstance(field.json_schema_extra, dict) else {}
+    declared = extra.get("x-range")
+    if not isinstance(declared, dict):
+        return None
+    high = declared["high"]
+    return declared["low"], getattr(settings, high) if isinstance(high, str) else high, bool(declared["low_open"])
+
+
 class TrainingHyperparameters(BaseModel):
     """Hyperparameters every method shares. Each may be "auto" or omitted; resolve() fills them."""
 
     model_config = ConfigDict(extra="forbid")
 
-    n_epochs: int | Auto | None = Field(default=None, description="passes over the training file (1-50)")
-    batch_size: int | Auto | None = Field(default=None, description="examples per optimiser step (1-256)")
-    learning_rate: float | Auto | None = Field(default=None, description="peak learning rate (0 < lr <= 1)")
+    n_epochs: int | Auto | None = bounded("passes over the training file", 1, 50)
+    batch_size: int | Auto | None = bounded("examples per optimiser step", 1, 256)
+    learning_rate: float | Auto | None = bounded("peak learning rate", 0, 1, low_open=True)
     # OpenAI's knob: scales the method's default learning rate when learning_rate is not given.
-    learning_rate_multiplier: float | Auto | None = Field(default=None, description="0 < m <= 100")
-    max_steps: int | Auto | None = Field(default=None, description="optional cap on optimiser steps")
-    max_seq_length: int | Auto | None = Field(default=None, description="tokens per example, longer ones are cut")
-    warmup_ratio: float | Auto | None = Field(default=None, description="share of steps spent warming up (0-0.5)")
-    weight_decay: float | Auto | None = Field(default=None, description="AdamW weight decay (0-1)")
+    learning_rate_multiplier: float | Auto | None = bounded(
+        "scales the method's default learning rate when learning_rate is not given", 0, 100, low_open=True)
+    max_steps: int | Auto | None = bounded("optional cap on optimiser steps", 1, 1_000_000)
+    max_seq_length: int | Auto | None = bounded("tokens per example, longer ones are cut", 16,
+                                                "max_seq_length_limit")
+    warmup_ratio: float | Auto | None = bounded("share of steps spent warming up", 0, 0.5)
+    weight_decay: float | Auto | None = bounded("AdamW weight decay", 0, 1)
     lr_scheduler: Literal["linear", "cosine", "constant"] | Auto | None = Field(
         default=None, description="how the learning rate falls after warmup: linear (default), cosine or constant")
-    early_stopping_patience: int | Auto | None = Field(
-        default=None, description="stop after this many validations without a lower validation loss (1-100) and "
-                                  "keep the best checkpoint as the fine-tuned model; needs a validation_file")
+    early_stopping_patience: int | Auto | None = bounded(
+        "stop after this many validations without a lower validation loss and keep the best checkpoint as the "
+        "fine-tuned model; needs a validation_file", 1, 100)
     gradient_checkpointing: bool | Auto | None = Field(
         default=None, description="recompute activations in the backward pass: less memory for long sequences, "
                                   "about a third more compute (default false)")
@@ -123,15 +143,10 @@ class AdapterMethod:
                 base_info: dict[str, Any]) -> dict[str, Any]:
         """Validate client hyperparameters and return every value resolved (stored on the job)."""
         hp = self.hyperparameters.model_validate(raw or {})
-        check_range("n_epochs", hp.n_epochs, 1, 50)
-        check_range("batch_size", hp.batch_size, 1, 256)
-        check_range("learning_rate", hp.learning_rate, 0, 1, low_open=True)
-        check_range("learning_rate_multiplier", hp.learning_rate_multiplier, 0, 100, low_open=True)
-        check_range("max_steps", hp.max_steps, 1, 1_000_000)
-        check_range("max_seq_length", hp.max_seq_length, 16, settings.max_seq_length_limit)
-        check_range("warmup_ratio", hp.warmup_ratio, 0, 0.5)
-        check_range("weight_decay", hp.weight_decay, 0, 1)
-        check_range("early_stopping_patience", hp.early_stopping_patience, 1, 100)
+        for name, field in type(hp).model_fields.items():
+            limits = declared_range(field, settings)
+            if limits is not None:
+                check_range(name, getattr(hp, name), limits[0], limits[1], low_open=limits[2])
         self.check(hp, settings=settings, base_info=base_info)
         multiplier = hp.learning_rate_multiplier if isinstance(hp.learning_rate_multiplier, float | int) else 1.0
         learning_rate = hp.learning_rate if given(hp.learning_rate) else self.default_learning_rate * multiplier
@@ -150,6 +165,20 @@ class AdapterMethod:
         }
         resolved.update(self.method_defaults(hp, settings=settings, base_info=base_info))
         return resolved
+
+    def hyperparameter_schema(self, settings: Any) -> dict[str, Any]:
+        """The JSON schema of this method's hyperparameters, with every declared range as minimum /
+        maximum (exclusiveMinimum where the low end is open) and the operator's limits filled in."""
+        schema = self.hyperparameters.model_json_schema()
+        for name, field in self.hyperparameters.model_fields.items():
+            prop = schema["properties"][name]
+            prop.pop("x-range", None)
+            limits = declared_range(field, settings)
+            if limits is not None:
+                low, high, low_open = limits
+                prop["exclusiveMinimum" if low_open else "minimum"] = low
+                prop["maximum"] = high
+        return schema
 
     def peft_config(self, hp: dict[str, Any], *, total_steps: int, base_model_path: str | None = None) -> Any:
         """The PEFT config to train with (`base_model_path`: where the base model's tokenizer can be read)."""

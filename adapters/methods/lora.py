@@ -13,7 +13,7 @@ from adapters.methods.base import (
     Auto,
     HyperparameterError,
     TrainingHyperparameters,
-    check_range,
+    bounded,
     given,
     register,
 )
@@ -27,11 +27,16 @@ LORA_CONFIG_KEYS = frozenset({"r", "lora_alpha", "lora_dropout", "target_modules
 PEFT_PREFIX = "base_model.model."
 
 
-class LoraHyperparameters(TrainingHyperparameters):
-    r: int | Auto | None = Field(default=None, description="rank of the update (1 to max rank)")
-    lora_alpha: float | Auto | None = Field(default=None, description="scaling numerator; scale = alpha / r")
-    lora_dropout: float | Auto | None = Field(default=None, description="dropout on the LoRA path (0-0.9)")
+class LoraFamilyHyperparameters(TrainingHyperparameters):
+    """What LoRA and AdaLoRA share."""
+
+    lora_alpha: float | Auto | None = bounded("scaling numerator; scale = alpha / rank", 0, 4096, low_open=True)
+    lora_dropout: float | Auto | None = bounded("dropout on the LoRA path", 0, 0.9)
     target_modules: list[str] | Auto | None = Field(default=None, description="projection names to adapt")
+
+
+class LoraHyperparameters(LoraFamilyHyperparameters):
+    r: int | Auto | None = bounded("rank of the update", 1, "max_lora_rank")
 
 
 def check_target_modules(value: Any, base_info: dict[str, Any]) -> None:
@@ -54,12 +59,6 @@ def lora_family_defaults(hp: Any, base_info: dict[str, Any], rank: int, dropout:
         "target_modules": list(hp.target_modules) if given(hp.target_modules)
         else list(base_info["default_target_modules"]),
     }
-
-
-def check_lora_family(hp: Any, settings: Any, base_info: dict[str, Any]) -> None:
-    check_range("lora_alpha", hp.lora_alpha, 0, 4096, low_open=True)
-    check_range("lora_dropout", hp.lora_dropout, 0, 0.9)
-    check_target_modules(hp.target_modules, base_info)
 
 
 def check_lora_family_config(config: dict[str, Any], *, rank_key: str, max_rank: int) -> None:
@@ -102,8 +101,7 @@ class Lora(AdapterMethod):
     config_keys = LORA_CONFIG_KEYS
 
     def check(self, hp, *, settings, base_info):  # type: ignore[no-untyped-def,override]
-        check_range("r", hp.r, 1, settings.max_lora_rank)
-        check_lora_family(hp, settings, base_info)
+        check_target_modules(hp.target_modules, base_info)
 
     def method_defaults(self, hp, *, settings, base_info):  # type: ignore[no-untyped-def,override]
         rank = hp.r if given(hp.r) else 8

@@ -11,19 +11,19 @@ from typing import Any, Literal
 
 from pydantic import Field
 
-from adapters.methods.base import AdapterMethod, Auto, TrainingHyperparameters, check_range, given, register
+from adapters.methods.base import AdapterMethod, Auto, TrainingHyperparameters, bounded, given, register
 from adapters.methods.prefix_tuning import MAX_VIRTUAL_TOKENS, PROMPT_LEARNING_KEYS, check_virtual_tokens
 from adapters.methods.prompt_tuning import virtual_token_weights
 from adapters.methods.serving import ServingKind, ServingWeights
 
 
 class PTuningHyperparameters(TrainingHyperparameters):
-    num_virtual_tokens: int | Auto | None = Field(default=None, description="virtual tokens (1-256)")
+    num_virtual_tokens: int | Auto | None = bounded("virtual tokens", 1, MAX_VIRTUAL_TOKENS)
     encoder_reparameterization_type: Literal["mlp", "lstm"] | Auto | None = Field(
         default=None, description="the prompt encoder: an MLP or a bidirectional LSTM followed by an MLP")
-    encoder_hidden_size: int | Auto | None = Field(default=None, description="the encoder's hidden size (8-4096)")
-    encoder_num_layers: int | Auto | None = Field(default=None, description="LSTM layers (1-4)")
-    encoder_dropout: float | Auto | None = Field(default=None, description="dropout inside the encoder (0-0.5)")
+    encoder_hidden_size: int | Auto | None = bounded("the encoder's hidden size", 8, 4096)
+    encoder_num_layers: int | Auto | None = bounded("LSTM layers", 1, 4)
+    encoder_dropout: float | Auto | None = bounded("dropout inside the encoder", 0, 0.5)
 
 
 @register
@@ -39,12 +39,6 @@ class PTuning(AdapterMethod):
     packs_examples = False
     config_keys = PROMPT_LEARNING_KEYS | {"encoder_reparameterization_type", "encoder_hidden_size",
                                           "encoder_num_layers", "encoder_dropout"}
-
-    def check(self, hp, *, settings, base_info):  # type: ignore[no-untyped-def,override]
-        check_range("num_virtual_tokens", hp.num_virtual_tokens, 1, MAX_VIRTUAL_TOKENS)
-        check_range("encoder_hidden_size", hp.encoder_hidden_size, 8, 4096)
-        check_range("encoder_num_layers", hp.encoder_num_layers, 1, 4)
-        check_range("encoder_dropout", hp.encoder_dropout, 0, 0.5)
 
     def method_defaults(self, hp, *, settings, base_info):  # type: ignore[no-untyped-def,override]
         return {

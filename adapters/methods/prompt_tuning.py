@@ -15,7 +15,7 @@ from adapters.methods.base import (
     Auto,
     HyperparameterError,
     TrainingHyperparameters,
-    check_range,
+    bounded,
     given,
     register,
 )
@@ -26,7 +26,7 @@ INIT_TEXT_MAX_CHARS = 2000
 
 
 class PromptTuningHyperparameters(TrainingHyperparameters):
-    num_virtual_tokens: int | Auto | None = Field(default=None, description="virtual tokens (1-256)")
+    num_virtual_tokens: int | Auto | None = bounded("virtual tokens", 1, MAX_VIRTUAL_TOKENS)
     prompt_tuning_init: Literal["random", "sample_vocab", "text"] | Auto | None = Field(
         default=None, description="start from random vectors, embeddings of random vocabulary tokens, or the "
                                   "embeddings of prompt_tuning_init_text")
@@ -62,7 +62,6 @@ class PromptTuning(AdapterMethod):
     config_keys = PROMPT_LEARNING_KEYS | {"prompt_tuning_init"}
 
     def check(self, hp, *, settings, base_info):  # type: ignore[no-untyped-def,override]
-        check_range("num_virtual_tokens", hp.num_virtual_tokens, 1, MAX_VIRTUAL_TOKENS)
         if hp.prompt_tuning_init == "text" and not (given(hp.prompt_tuning_init_text)
                                                     and hp.prompt_tuning_init_text.strip()):
             raise HyperparameterError("prompt_tuning_init_text", "prompt_tuning_init 'text' needs a non-empty "

@@ -1,4 +1,4 @@
-"""/v1/files: upload, list, read and delete dataset files."""
+"""/v1/files: upload, list, read, preview and delete dataset files."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ from app.api.deps import IdempotencyKey, SessionDep, SettingsDep, TenantDep
 from app.errors import TooLarge
 from app.schemas.common import PagedList, paged
 from app.schemas.errors import errors
-from app.schemas.files import FileDeleted, FileObject, file_object
+from app.schemas.files import FileDeleted, FileObject, FilePreview, file_object
 from app.services import datasets, idempotency
 
 router = APIRouter(prefix="/v1/files", tags=["files"])
@@ -75,6 +75,14 @@ def get_file(file_id: str, session: SessionDep, tenant: TenantDep) -> dict[str, 
 def get_file_content(file_id: str, session: SessionDep, settings: SettingsDep, tenant: TenantDep) -> Response:
     row = datasets.get_file(session, tenant_id=tenant, file_id=file_id)
     return Response(ArtifactStore(settings.data_dir).read_file(row.id), media_type="application/jsonl")
+
+
+@router.get("/{file_id}/preview", response_model=FilePreview, responses=errors(400, 401, 404, 429))
+def preview_file(file_id: str, session: SessionDep, settings: SettingsDep, tenant: TenantDep,
+                 limit: Annotated[int, Query(ge=1, le=100)] = 5) -> dict[str, Any]:
+    """The first examples of a file, parsed, with their line numbers."""
+    return {"object": "list", "data": datasets.preview_file(session, tenant_id=tenant, settings=settings,
+                                                            file_id=file_id, limit=limit)}
 
 
 @router.delete("/{file_id}", response_model=FileDeleted, responses=errors(401, 404, 409, 429))

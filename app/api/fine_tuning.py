@@ -1,4 +1,5 @@
-"""/v1/fine_tuning/jobs: create, list, inspect and cancel jobs; their events and checkpoints."""
+"""/v1/fine_tuning/jobs: create, list, inspect and cancel jobs; their events and checkpoints. /v1/fine_tuning/methods:
+what a job may train."""
 
 from __future__ import annotations
 
@@ -12,13 +13,14 @@ from sse_starlette.sse import EventSourceResponse
 from app import queue
 from app.api.deps import IdempotencyKey, SessionDep, SettingsDep, TenantDep
 from app.errors import InvalidRequest, NotFound
-from app.schemas.common import PagedList, paged
+from app.schemas.common import ListResponse, PagedList, listed, paged
 from app.schemas.errors import errors
 from app.schemas.fine_tuning import (
     CheckpointObject,
     EventObject,
     JobCreate,
     JobObject,
+    MethodObject,
     MetricsSeries,
     checkpoint_object,
     event_object,
@@ -27,6 +29,7 @@ from app.schemas.fine_tuning import (
 from app.services import event_stream, idempotency, job_metrics, jobs
 
 router = APIRouter(prefix="/v1/fine_tuning/jobs", tags=["fine-tuning"])
+methods_router = APIRouter(tags=["fine-tuning"])
 Limit = Annotated[int, Query(ge=1, le=100)]
 # A query parameter is sent or not, never null (SkipJsonSchema keeps null out of the document).
 After = Annotated[str | SkipJsonSchema[None], Query(description="the last id of the previous page")]
@@ -88,6 +91,19 @@ def _create_job(body: JobCreate, session: Any, settings: Any, tenant: str) -> di
 def list_jobs(session: SessionDep, tenant: TenantDep, after: After = None, limit: Limit = 20) -> dict[str, Any]:
     rows, has_more = jobs.list_jobs(session, tenant_id=tenant, after=after, limit=limit)
     return paged([job_object(r) for r in rows], has_more)
+
+
+@methods_router.get("/v1/fine_tuning/methods", response_model=ListResponse[MethodObject],
+                    responses=errors(400, 401, 404, 429))
+def list_methods(session: SessionDep, settings: SettingsDep, tenant: TenantDep,
+                 model: Annotated[str | SkipJsonSchema[None], Query(
+                     description="the base model the defaults are for (default: the server's default)")] = None,
+                 training_file: Annotated[str | SkipJsonSchema[None], Query(
+                     description="a processed file: defaults that depend on its size are resolved for it")] = None,
+                 ) -> dict[str, Any]:
+    """The fine-tuning methods this server trains, each with its hyperparameter schema and defaults."""
+    return listed(jobs.method_catalogue(session, tenant_id=tenant, settings=settings, model=model,
+                                        training_file=training_file))
 
 
 @router.get("/{fine_tuning_job_id}", response_model=JobObject, responses=errors(401, 404, 429))

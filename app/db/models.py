@@ -84,6 +84,8 @@ class File(Base):
     format: Mapped[str | None] = mapped_column(String(16), nullable=True)
     n_examples: Mapped[int | None] = mapped_column(Integer, nullable=True)
     n_tokens: Mapped[int | None] = mapped_column(BigInteger, nullable=True)
+    # Token-length summary (adapters.data.length_stats), written at upload; null for files uploaded before it.
+    stats: Mapped[dict[str, Any] | None] = mapped_column(JSON, nullable=True)
     deleted: Mapped[bool] = mapped_column(Boolean, default=False)
 
 

@@ -196,3 +196,18 @@ class MetricsSeries(BaseModel):
     fine_tuning_job_id: str
     data: list[MetricsPoint] = Field(description="one point per logged step, in step order; a metric not "
                                                  "logged at a step is null")
+
+
+class MethodObject(BaseModel):
+    """A fine-tuning method a job may ask for: what the new-job form (and any client) builds its fields from."""
+
+    id: str = Field(description="the name to give as method.type")
+    object: Literal["fine_tuning.method"] = "fine_tuning.method"
+    aliases: list[str] = Field(description="other names accepted as method.type")
+    default: bool = Field(description="whether a job without method.type trains this method")
+    hyperparameters: dict[str, Any] = Field(
+        description="JSON schema of method.<id>.hyperparameters, the one requests are validated with: a "
+                    "description per field, accepted ranges as minimum/maximum, choices as enum")
+    defaults: dict[str, Any] = Field(
+        description="the value each hyperparameter takes when not given, for `model` (and `training_file`'s "
+                    "size; without it, the size-dependent ones are 'auto')")

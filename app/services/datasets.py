@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import json
 import re
 import unicodedata
+from typing import Any
 
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from adapters.data import DatasetError, check_lengths, describe_problems, encode_dataset, parse_jsonl
+from adapters.data import DatasetError, check_lengths, describe_problems, encode_dataset, length_stats, parse_jsonl
 from adapters.store import ArtifactStore
 from app.db.models import File, FileStatus, FineTuningJob, JobStatus, now
 from app.errors import Conflict, InvalidRequest, not_found
@@ -50,7 +52,7 @@ def create_file(session: Session, *, tenant_id: str, settings: Settings, filenam
     ArtifactStore(settings.data_dir).write_file(file_id, content)
     row = File(id=file_id, tenant_id=tenant_id, filename=clean_filename(filename), purpose=purpose,
                bytes=len(content), created_at=now(), status=FileStatus.processed.value, format=dataset.format,
-               n_examples=len(examples), n_tokens=sum(len(e.input_ids) for e in examples))
+               n_examples=len(examples), n_tokens=total_tokens, stats=length_stats(examples))
     session.add(row)
     session.commit()
     return row
@@ -61,6 +63,20 @@ def get_file(session: Session, *, tenant_id: str, file_id: str) -> File:
     if row is None or row.tenant_id != tenant_id or row.deleted:
         raise not_found("file", file_id, param="file_id")
     return row
+
+
+def preview_file(session: Session, *, tenant_id: str, settings: Settings, file_id: str,
+                 limit: int) -> list[dict[str, Any]]:
+    """The first `limit` examples of a stored file with their line numbers (only the head is read)."""
+    get_file(session, tenant_id=tenant_id, file_id=file_id)
+    rows: list[dict[str, Any]] = []
+    with ArtifactStore(settings.data_dir).file_path(file_id).open("rb") as stored:
+        for number, raw in enumerate(stored, start=1):
+            if len(rows) >= limit:
+                break
+            if raw.strip():  # stored files passed validation: every non-blank line is a JSON object
+                rows.append({"line": number, "example": json.loads(raw.decode("utf-8").removeprefix("\ufeff"))})
+    return rows
 
 
 def list_files(session: Session, *, tenant_id: str, purpose: str | None, limit: int,

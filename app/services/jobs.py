@@ -25,7 +25,7 @@ from app.db.models import (
     JobStatus,
     now,
 )
-from app.errors import Conflict, InvalidRequest, LimitReached, NotFound, not_found
+from app.errors import Conflict, DomainError, InvalidRequest, LimitReached, NotFound, not_found
 from app.services import webhooks
 from app.services.leases import Leases
 from app.settings import Settings
@@ -254,10 +254,13 @@ def fine_tuned_model_name(base: str, suffix: str | None, job_id: str) -> str:
 # ---------------------------------------------------------------- creation
 
 
-def _processed_file(session: Session, tenant_id: str, file_id: str, param: str) -> File:
+def _processed_file(session: Session, tenant_id: str, file_id: str, param: str, *,
+                    missing: type[DomainError] = InvalidRequest) -> File:
+    """The tenant's processed fine-tune file; a missing one raises `missing` (400 in a request body, where
+    OpenAI answers 400; 404 where the id is the thing looked up)."""
     file = session.get(File, file_id) if storable(file_id) else None
     if file is None or file.tenant_id != tenant_id or file.deleted:
-        raise InvalidRequest(f"File '{file_id}' does not exist.", param=param, code="invalid_file")
+        raise missing(f"File '{file_id}' does not exist.", param=param, code="invalid_file")
     if file.purpose != "fine-tune":
         raise InvalidRequest(f"File '{file_id}' has purpose '{file.purpose}'; fine-tuning needs purpose 'fine-tune'.",
                              param=param, code="invalid_file")
@@ -265,6 +268,36 @@ def _processed_file(session: Session, tenant_id: str, file_id: str, param: str) 
         raise InvalidRequest(f"File '{file_id}' is not processed (status '{file.status}'); only processed "
                              "files can be used.", param=param, code="invalid_file")
     return file
+
+
+# Hyperparameters whose `auto` value depends on the training file's size.
+SIZE_DEPENDENT_HYPERPARAMETERS = ("n_epochs", "batch_size")
+
+
+def method_catalogue(session: Session, *, tenant_id: str, settings: Settings, model: str | None,
+                     training_file: str | None) -> list[dict[str, Any]]:
+    """Every registered method with its hyperparameter schema and the defaults a job would get."""
+    from adapters.methods import DEFAULT_METHOD, METHODS
+    from app.services import base_models
+
+    name = model or settings.default_base_model
+    try:
+        spec = base_models.resolve(settings, name)
+    except base_models.UnknownBaseModel:
+        available = ", ".join(sorted(base_models.registry(settings)))
+        raise NotFound(f"Model '{name}' does not exist or cannot be fine-tuned. Base models: {available}.",
+                       param="model", code="model_not_found") from None
+    n_examples = (_processed_file(session, tenant_id, training_file, "training_file", missing=NotFound).n_examples or 0
+                  if training_file else 0)
+    info = base_models.base_info(settings, spec)
+    catalogue = []
+    for method in METHODS.values():
+        defaults = method.resolve({}, n_examples=n_examples, settings=settings, base_info=info)
+        if not training_file:
+            defaults.update({key: "auto" for key in SIZE_DEPENDENT_HYPERPARAMETERS})
+        catalogue.append({"id": method.name, "aliases": list(method.aliases), "default": method.name == DEFAULT_METHOD,
+                          "hyperparameters": method.hyperparameter_schema(settings), "defaults": defaults})
+    return catalogue
 
 
 def create_job(session: Session, *, tenant_id: str, settings: Settings, model: str, training_file: str,

@@ -15,6 +15,7 @@ from adapters.data import (
     check_lengths,
     encode_dataset,
     encode_example,
+    length_stats,
     parse_jsonl,
 )
 
@@ -382,3 +383,21 @@ def test_boolean_weights_are_refused(weight: bool) -> None:
                                    {"role": "assistant", "content": "a", "weight": weight}]}).encode()
     with pytest.raises(DatasetError, match="weight must be 0 or 1"):
         parse_jsonl(raw, max_examples=100)
+
+
+def test_one_upload_reports_broken_json_and_bad_examples_together_in_line_order() -> None:
+    no_answer = json.dumps({"messages": [{"role": "user", "content": "no answer"}]})
+    raw = jsonl(no_answer, GOOD_CHAT, "{not json", no_answer)
+    with pytest.raises(DatasetError) as info:
+        parse_jsonl(raw, max_examples=100)
+    assert [n for n, _ in info.value.problems] == [1, 3, 4]
+    assert "not valid JSON" in info.value.problems[1][1]
+
+
+def test_length_stats_summarise_and_bin_every_example() -> None:
+    examples = [EncodedExample(input_ids=[0] * n, loss_mask=[0] * (n - 2) + [1, 1]) for n in (3, 10, 10, 40, 120)]
+    stats = length_stats(examples, bins=4)
+    assert (stats["min_tokens"], stats["max_tokens"], stats["p50_tokens"], stats["p95_tokens"]) == (3, 120, 10, 120)
+    assert stats["mean_tokens"] == 36.6 and stats["trained_tokens"] == 10
+    assert stats["length_histogram"] == {"bin_edges": [0, 30, 60, 90, 120], "counts": [3, 1, 0, 1]}
+    assert length_stats([]) == {}
