@@ -7,7 +7,7 @@ STAMP := $(VENV)/.installed
 # CPU machines: this pin takes the CPU build; an unpinned torch pulls a multi-GB CUDA build.
 TORCH_SPEC ?= torch==2.13.0
 
-.PHONY: install run test lint bench soak clean
+.PHONY: install browser run test lint bench soak clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -26,7 +26,13 @@ lint: install
 	$(BIN)/ruff check .
 	$(BIN)/mypy
 
-test: lint
+# The console's browser tests drive Debian's Chromium through Playwright; nothing downloads a browser.
+browser:
+	@command -v chromium >/dev/null || { [ "$$(id -u)" = 0 ] && { apt-get install -y -q chromium \
+		|| { apt-get update -q && apt-get install -y -q chromium; }; }; } \
+		|| { echo "The browser tests need Chromium: run 'apt-get install -y chromium' as root."; exit 1; }
+
+test: lint browser
 	$(BIN)/pytest
 
 soak: install

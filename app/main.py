@@ -9,7 +9,7 @@ from typing import Any
 
 from fastapi import FastAPI
 
-from app import logs, metrics
+from app import console, logs, metrics
 from app.api import adapters, admin, evaluations, files, fine_tuning, health, inference, models, webhooks
 from app.db.session import migrate_to_head
 from app.errors import install_error_handlers
@@ -52,6 +52,8 @@ def create_app() -> FastAPI:
     app.middleware("http")(logs.record_request)  # added last, so it runs first: the id covers the rest
     for module in (health, files, fine_tuning, evaluations, inference, models, adapters, webhooks, admin):
         app.include_router(module.router)
+    app.include_router(fine_tuning.methods_router)
+    console.mount(app)
     return app
 
 
