@@ -124,7 +124,7 @@ def serve(with_worker: bool = typer.Option(True, help="also run a Celery worker 
         supervisor.start()
     base = f"http://{settings.host}:{settings.port}"
     broker = "embedded (SQLite, no server)" if settings.uses_embedded_broker else settings.resolved_broker_url
-    console.print(f"[bold green]Adaptery[/] API on {base}  ·  docs {base}/docs  ·  broker: {broker}")
+    console.print(f"[bold green]Adaptery[/] console {base}/  ·  API docs {base}/docs  ·  broker: {broker}")
     if created:
         console.print(f"API key of the local tenant (shown once; also in {key_file}): [bold]{created}[/]")
     elif key_file.exists():

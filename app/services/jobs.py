@@ -270,6 +270,17 @@ def _processed_file(session: Session, tenant_id: str, file_id: str, param: str, 
     return file
 
 
+def _trainable_base_model(settings: Settings, name: str) -> Any:
+    from app.services import base_models
+
+    try:
+        return base_models.resolve(settings, name)
+    except base_models.UnknownBaseModel:
+        available = ", ".join(sorted(base_models.registry(settings)))
+        raise NotFound(f"Model '{name}' does not exist or cannot be fine-tuned. Base models: {available}.",
+                       param="model", code="model_not_found") from None
+
+
 # Hyperparameters whose `auto` value depends on the training file's size.
 SIZE_DEPENDENT_HYPERPARAMETERS = ("n_epochs", "batch_size")
 
@@ -280,15 +291,10 @@ def method_catalogue(session: Session, *, tenant_id: str, settings: Settings, mo
     from adapters.methods import DEFAULT_METHOD, METHODS
     from app.services import base_models
 
-    name = model or settings.default_base_model
-    try:
-        spec = base_models.resolve(settings, name)
-    except base_models.UnknownBaseModel:
-        available = ", ".join(sorted(base_models.registry(settings)))
-        raise NotFound(f"Model '{name}' does not exist or cannot be fine-tuned. Base models: {available}.",
-                       param="model", code="model_not_found") from None
-    n_examples = (_processed_file(session, tenant_id, training_file, "training_file", missing=NotFound).n_examples or 0
-                  if training_file else 0)
+    spec = _trainable_base_model(settings, model or settings.default_base_model)
+    train = _processed_file(session, tenant_id, training_file, "training_file", missing=NotFound) \
+        if training_file else None
+    n_examples = (train.n_examples or 0) if train else 0
     info = base_models.base_info(settings, spec)
     catalogue = []
     for method in METHODS.values():
@@ -311,12 +317,7 @@ def create_job(session: Session, *, tenant_id: str, settings: Settings, model: s
     from adapters.methods import DEFAULT_METHOD, HyperparameterError, accepted_names, method_named
     from app.services import base_models
 
-    try:
-        spec = base_models.resolve(settings, model)
-    except base_models.UnknownBaseModel:
-        available = ", ".join(sorted(base_models.registry(settings)))
-        raise NotFound(f"Model '{model}' does not exist or cannot be fine-tuned. Base models: {available}.",
-                       param="model", code="model_not_found") from None
+    spec = _trainable_base_model(settings, model)
     train = _processed_file(session, tenant_id, training_file, "training_file")
     if validation_file:
         valid = _processed_file(session, tenant_id, validation_file, "validation_file")

@@ -21,7 +21,16 @@ import pytest
 
 from adapters.methods.base import auto_epochs
 from tests.budgets import budget
-from tests.conftest import TEST_KEY, Stack, all_events, chat_lines, upload, wait_for_status
+from tests.conftest import (
+    ADMIN_KEY,
+    TEST_KEY,
+    Stack,
+    all_events,
+    chat_lines,
+    running_stack,
+    upload,
+    wait_for_status,
+)
 from tests.tiny_model import TINY_MODEL_ID
 
 pytest.importorskip("playwright")  # a dev dependency: `make install` brings it
@@ -39,6 +48,17 @@ def chromium_path() -> str:
             return candidate
     raise RuntimeError("No Chromium found: install Debian's package (`apt-get install -y chromium`; `make test` "
                        "does it when run as root) or set ADAPTERY_TEST_CHROMIUM to a Chromium binary.")
+
+
+@pytest.fixture(scope="module")
+def stack(tmp_path_factory: pytest.TempPathFactory, tiny_model_dir: Path, redis_url: str,
+          postgres_url: str) -> Iterator[Stack]:
+    """API + one worker whose steps take 60 ms more than the tiny model needs: long enough for a job to be
+    seen training, paused and resumed from its page (the tiny model alone trains this module's 144-step job
+    in a few seconds, and a pause could arrive after the end)."""
+    with running_stack(tmp_path_factory.mktemp("console"), database_url=postgres_url, broker_url=redis_url,
+                       tiny_model_dir=tiny_model_dir, extra={"ADAPTERY_FAULT_INJECTION": "step_delay=0.06"}) as running:
+        yield running
 
 
 @pytest.fixture(scope="module")
@@ -232,6 +252,11 @@ def test_a_job_from_the_form_draws_live_curves_survives_a_reload_and_chats_besid
     adapter_row.locator("[data-action=unpin]").click()
     expect(adapter_row.locator("[data-action=pin]")).to_be_visible()
     assert client.get(f"/v1/adapters/{adapter['id']}").json()["pinned"] is False
+    adapter_row.locator("[data-action=unload]").click()  # active after the chat: out of its slot
+    expect(adapter_row.locator("[data-action=load]")).to_be_visible()
+    assert client.get(f"/v1/adapters/{adapter['id']}").json()["state"] != "active"
+    adapter_row.locator("[data-action=load]").click()
+    expect(adapter_row).to_contain_text("active")
 
     # Download it, then import the archive under another name: it is listed and can be served.
     with page.expect_download() as downloading:
@@ -261,6 +286,26 @@ def test_cancel_from_the_job_page(page: Page, client: httpx.Client) -> None:
     wait_for_status(client, job_id, {"cancelled"})
     expect(page.locator("#job-status")).to_have_text("cancelled")
     expect(page.locator("#cancel-job")).to_have_count(0)
+
+
+def test_another_tenant_signed_in_sees_none_of_these_objects(page: Page, stack: Stack,
+                                                             client: httpx.Client) -> None:
+    upload(client, chat_lines(4), "console-tenant-a.jsonl")
+    with httpx.Client(base_url=stack.base_url, headers={"Authorization": f"Bearer {ADMIN_KEY}"}) as admin:
+        created = admin.post("/v1/admin/tenants", json={"name": "console-tenant-b"})
+    assert created.status_code == 200, created.text
+    key_b = created.json()["api_key"]
+    sign_in(page, key_b)
+    expect(page.locator("#jobs")).to_contain_text("No jobs yet.")
+    page.goto("/#/datasets")
+    expect(page.locator("#files")).to_contain_text("No files yet.")
+    page.goto("/#/adapters")
+    expect(page.locator("#adapters")).to_be_visible()
+    with httpx.Client(base_url=stack.base_url, headers={"Authorization": f"Bearer {key_b}"}) as as_b:
+        visible_to_b = {a["id"] for a in as_b.get("/v1/adapters").json()["data"]}  # public ones, if any
+    shown = {row.get_attribute("data-adapter") for row in page.locator("#adapters tr[data-adapter]").all()}
+    assert shown == visible_to_b  # exactly what B's key may see: A's private adapters are not among them
+    assert "console-imported" not in page.locator("#adapters").inner_text()
 
 
 # ------------------------------------------------------------------ the endpoints the console builds on

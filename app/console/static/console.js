@@ -346,6 +346,14 @@ async function jobView(main, jobId) {
       "No checkpoints yet."));
   }
 
+  // Status changes arrive as events; a burst of them (a replayed history) costs one refresh, not one each.
+  let refreshTimer = null;
+  function refreshSoon() {
+    if (refreshTimer) return;
+    refreshTimer = setTimeout(() => { refreshTimer = null; refreshJob().catch(() => {}); }, 500);
+  }
+  onLeave(() => clearTimeout(refreshTimer));
+
   function addEvent(event) {
     if (event.type === "metrics") {
       const data = event.data;
@@ -382,7 +390,7 @@ async function jobView(main, jobId) {
           lastId = message.id;
           const event = JSON.parse(message.data);
           addEvent(event);
-          if (event.type !== "metrics") refreshJob().catch(() => {});
+          if (event.type !== "metrics") refreshSoon();
         }
       } catch (error) {
         if (controller.signal.aborted) return;
