@@ -143,8 +143,13 @@ def serve(with_worker: bool = typer.Option(True, help="also run a Celery worker 
 @cli.command("worker")
 def worker(concurrency: int = typer.Option(1, help="training processes in this worker")) -> None:
     """Run a Celery training worker in the foreground."""
+    from app.db.session import schema_problem
     from app.settings import get_settings
 
+    problem = schema_problem()
+    if problem:
+        console.print(f"[red]{problem}[/]")
+        raise typer.Exit(2)
     share_metrics(get_settings(), fresh=False)
     os.execv(sys.executable, worker_command(concurrency))
 

@@ -1,4 +1,4 @@
-"""create_app(): routers, error handlers and start-up (schema migration, tokenizer warm-up, optional model preload)."""
+"""create_app(): routers, error handlers and start-up (schema check, tokenizer warm-up, optional model preload)."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ from fastapi import FastAPI
 
 from app import console, logs, metrics
 from app.api import adapters, admin, evaluations, files, fine_tuning, health, inference, models, webhooks
-from app.db.session import migrate_to_head
+from app.db.session import SchemaOutOfDate, schema_problem
 from app.errors import install_error_handlers
 from app.services import tokenizers
 from app.settings import get_settings
@@ -23,7 +23,10 @@ log = logging.getLogger("adaptery")
 async def lifespan(_: FastAPI) -> AsyncIterator[None]:
     settings = get_settings()
     logs.configure(settings.log_format, settings.log_level)
-    migrate_to_head()
+    problem = schema_problem()
+    if problem:
+        log.critical(problem)
+        raise SchemaOutOfDate(problem)
     bootstrap_tenant(settings)
     tokenizers.start_warm_up(settings)  # off the request path; /ready says when it is done
     if settings.preload_inference:

@@ -18,6 +18,7 @@ from typing import Any
 from celery.signals import (
     after_setup_logger,
     after_setup_task_logger,
+    worker_init,
     worker_process_init,
     worker_ready,
     worker_shutdown,
@@ -62,6 +63,16 @@ def reap_once() -> list[str]:
     for evaluation_id in evaluation_ids:
         enqueue_evaluation(evaluation_id)
     return job_ids + evaluation_ids
+
+
+@worker_init.connect
+def _refuse_an_out_of_date_schema(**_: Any) -> None:
+    from app.db.session import schema_problem
+
+    problem = schema_problem()
+    if problem:
+        log.critical(problem)
+        raise SystemExit(problem)
 
 
 @worker_ready.connect
