@@ -24,7 +24,7 @@ console = Console()
 
 def worker_command(concurrency: int) -> list[str]:
     return [sys.executable, "-m", "celery", "-A", "app.queue:celery_app", "worker", "--loglevel=INFO",
-            "--pool=prefork", f"--concurrency={concurrency}", "-Q", "training", "-n", f"worker-{os.getpid()}@%h"]
+            "--pool=prefork", f"--concurrency={concurrency}", "-n", f"worker-{os.getpid()}@%h"]
 
 
 @cli.command("prepare-model")

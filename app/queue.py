@@ -1,22 +1,25 @@
 """The Celery application, configured from Settings, and the functions that send messages to the broker
 (`enqueue_training`, `enqueue_evaluation`). Messages carry ids only, as JSON; the database row is the truth
-about a job or an evaluation."""
+about a job or an evaluation. Each goes to the queue of its base model and device class
+(app/services/training_queues.py), so only a worker that serves both takes it."""
 
 from __future__ import annotations
 
 import logging
 
 from celery import Celery
+from sqlalchemy import select
 
+from app.db.models import Evaluation, FineTuningJob
 from app.db.session import session_scope
 from app.services import evaluations, jobs
+from app.services.training_queues import training_queue
 from app.settings import get_settings
 
 log = logging.getLogger("adaptery.queue")
 
 TRAIN_TASK = "adaptery.train"
 EVALUATE_TASK = "adaptery.evaluate"
-TRAINING_QUEUE = "training"
 
 
 def transport_options(broker_url: str, visibility_timeout: float) -> dict[str, object]:
@@ -49,9 +52,7 @@ def make_celery() -> Celery:
         # A training process killed mid-task (OOM, kill -9) puts its message back; the job's lease decides
         # whether the redelivery may train (it may not while the lease is live; the reaper re-queues later).
         task_reject_on_worker_lost=True,
-        task_default_queue=TRAINING_QUEUE,
-        # Evaluations load models and run them as training does, so the same workers take them.
-        task_routes={TRAIN_TASK: {"queue": TRAINING_QUEUE}, EVALUATE_TASK: {"queue": TRAINING_QUEUE}},
+        # Every message names its queue (_send); a worker consumes the queues workers.process selects.
         broker_connection_retry_on_startup=True,
         broker_transport_options=transport_options(settings.resolved_broker_url,
                                                    settings.broker_visibility_timeout),
@@ -67,9 +68,9 @@ def make_celery() -> Celery:
 celery_app = make_celery()
 
 
-def _send(task: str, object_id: str) -> bool:
+def _send(task: str, object_id: str, queue: str) -> bool:
     try:
-        celery_app.send_task(task, args=[object_id], retry=True,
+        celery_app.send_task(task, args=[object_id], queue=queue, retry=True,
                              retry_policy={"max_retries": 2, "interval_start": 0.2, "interval_step": 0.5})
     except Exception as exc:  # kombu raises several connection error types
         log.warning("broker unreachable; %s stays queued for the reaper: %s", object_id, exc)
@@ -84,7 +85,10 @@ def enqueue_training(job_id: str) -> bool:
     queued jobs nobody claimed (an outbox in all but name), so an outage delays work but never loses it.
     Duplicates are harmless: a worker must win the job's lease before it trains.
     """
-    if not _send(TRAIN_TASK, job_id):
+    with session_scope() as session:
+        model, device_class = session.execute(select(FineTuningJob.model, FineTuningJob.device_class)
+                                              .where(FineTuningJob.id == job_id)).one()
+    if not _send(TRAIN_TASK, job_id, training_queue(model, device_class)):
         return False
     with session_scope() as session:
         jobs.mark_enqueued(session, job_id)
@@ -94,7 +98,10 @@ def enqueue_training(job_id: str) -> bool:
 def enqueue_evaluation(evaluation_id: str) -> bool:
     """Hand a queued evaluation to the workers; False when the broker cannot be reached (it stays queued and
     the reaper re-sends it, as for jobs; a worker must win its lease before it runs)."""
-    if not _send(EVALUATE_TASK, evaluation_id):
+    with session_scope() as session:
+        base_model = session.scalar(select(Evaluation.base_model).where(Evaluation.id == evaluation_id))
+    # Evaluations load models and run them as training does, so the workers serving the base model take them.
+    if not _send(EVALUATE_TASK, evaluation_id, training_queue(str(base_model), None)):
         return False
     with session_scope() as session:
         evaluations.mark_enqueued(session, evaluation_id)

@@ -48,6 +48,10 @@ class Settings(BaseSettings):
     # Processes one job trains in, data parallel: with CUDA one per GPU (cuda:0 .. N-1); on a CPU, gloo
     # processes sharing its cores (the same path, for testing it; no faster on a CPU).
     training_processes: int = Field(default=1, ge=1, le=64)
+    # What a training worker declares and takes (app/services/training_queues.py): its device class ("auto":
+    # gpu when the host shows NVIDIA devices) and the base models it trains, comma-separated (empty: all).
+    worker_device_class: Literal["auto", "cpu", "gpu"] = "auto"
+    worker_base_models: str = ""
     # Adapter slots per base model in a serving process: adapters served in the same batch at once.
     # The least recently used adapter not serving a request gives up its slot first.
     adapter_cache_size: int = 16

@@ -149,7 +149,7 @@ class Stack:
 
     def start_worker(self, name: str = "worker", env: dict[str, str] | None = None) -> subprocess.Popen[bytes]:
         command = [sys.executable, "-m", "celery", "-A", "app.queue:celery_app", "worker",
-                   "--loglevel=INFO", "--pool=prefork", "--concurrency=1", "-Q", "training",
+                   "--loglevel=INFO", "--pool=prefork", "--concurrency=1",
                    "-n", f"{name}-{secrets.token_hex(3)}@%h"]
         return self._spawn(name, command, env)
 

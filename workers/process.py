@@ -18,6 +18,7 @@ from typing import Any
 from celery.signals import (
     after_setup_logger,
     after_setup_task_logger,
+    celeryd_after_setup,
     worker_init,
     worker_process_init,
     worker_ready,
@@ -63,6 +64,21 @@ def reap_once() -> list[str]:
     for evaluation_id in evaluation_ids:
         enqueue_evaluation(evaluation_id)
     return job_ids + evaluation_ids
+
+
+@celeryd_after_setup.connect
+def _consume_training_queues(sender: Any = None, instance: Any = None, **_: Any) -> None:
+    """Consume the queues of this worker's device class and base models (settings), whatever -Q said."""
+    from app.services.training_queues import worker_queues
+
+    try:
+        names = worker_queues(get_settings())
+    except ValueError as exc:
+        log.critical("%s", exc)
+        raise SystemExit(str(exc)) from None
+    queues = instance.app.amqp.queues
+    queues.select(names)
+    log.info("%s consumes %s", sender, ", ".join(names))
 
 
 @worker_init.connect

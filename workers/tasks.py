@@ -35,12 +35,13 @@ def train(self: Any, job_id: str) -> str:
         tenant = session.scalar(select(FineTuningJob.tenant_id).where(FineTuningJob.id == job_id))
     with logs.bound(job_id=job_id, tenant=tenant):
         log.info("job %s: taken", job_id)
-        outcome = _train(job_id)
+        outcome = _train(job_id, worker=self.request.hostname,
+                         queue=(self.request.delivery_info or {}).get("routing_key"))
         log.info("job %s: %s", job_id, outcome)
         return outcome
 
 
-def _train(job_id: str) -> str:
+def _train(job_id: str, *, worker: str | None, queue: str | None) -> str:
     settings = get_settings()
     claimed_at = time.perf_counter()
     owner = _owner()
@@ -52,7 +53,8 @@ def _train(job_id: str) -> str:
             log.info("job %s not claimed (status %s); skipping", job_id, job.status if job else "missing")
             return "skipped"
         jobs.add_event(session, job_id, "Fine-tuning job started." if attempt == 1
-                       else f"Fine-tuning job started again (attempt {attempt} of {settings.max_attempts}).")
+                       else f"Fine-tuning job started again (attempt {attempt} of {settings.max_attempts}).",
+                       data={"worker": worker, "queue": queue})
     with Lease(job_id, owner, settings.lease_seconds) as lease:
         try:
             # Imported in the pool process that runs the job (worker_process_init already did): the runner

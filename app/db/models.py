@@ -133,6 +133,8 @@ class FineTuningJob(Base):
     progress_at: Mapped[float | None] = mapped_column(Float, nullable=True)
     # A fine-tuned model or checkpoint (an Adapter name) whose weights this job starts from.
     from_model: Mapped[str | None] = mapped_column(String(255), nullable=True)
+    # The kind of worker the job asked for ("cpu", "gpu"); null: any worker that serves its base model.
+    device_class: Mapped[str | None] = mapped_column(String(16), nullable=True)
     # The end report: final metrics of the fine-tuned model and of the base model on the same examples.
     result: Mapped[dict[str, Any] | None] = mapped_column(JSON, nullable=True)
 

@@ -9,6 +9,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 from adapters.methods import DEFAULT_METHOD, METHODS, accepted_names, method_named
 from app.db.models import Checkpoint, FineTuningJob, JobEvent
 from app.schemas.common import Metadata, Request
+from app.services.training_queues import training_queue
 
 SUFFIX_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,39}$"
 
@@ -74,6 +75,9 @@ class JobCreate(Request):
     from_model: str | None = Field(default=None, min_length=1, max_length=255,
                                    description="a fine-tuned model or checkpoint (ft:...) of the same base model to "
                                                "continue training; its method and shape are kept")
+    # Adaptery's own: which kind of worker trains it (workers say which they are; see ADAPTERY_WORKER_DEVICE_CLASS).
+    device_class: Literal["cpu", "gpu"] | None = Field(
+        default=None, description="train only on a worker of this class; omitted: any worker serving the base model")
     # Adaptery's own: stop training after this many seconds (checkpoint, then fail with code "timeout").
     time_limit_seconds: float | None = Field(default=None, gt=0,
                                              description="at most the server's ADAPTERY_MAX_TIME_LIMIT_SECONDS")
@@ -123,6 +127,8 @@ class JobObject(BaseModel):
     estimated_finish: int | None = Field(default=None, description="running jobs: when training should end "
                                                                    "(unix seconds), from the recent step times")
     from_model: str | None = None
+    device_class: str | None = Field(default=None, description="the worker class asked for (null: any)")
+    queue: str = Field(description="the queue the job waits in for a worker: train.<device class or any>.<model>")
     result: dict[str, Any] | None = Field(
         default=None, description="succeeded jobs: step kept, stopped_early, train_loss, train_mean_token_accuracy "
                                   "and, with a validation_file, full_valid_loss, full_valid_mean_token_accuracy, "
@@ -143,7 +149,8 @@ def job_object(job: FineTuningJob) -> dict[str, Any]:
         progress=Progress(step=job.progress_step, total_steps=job.progress_total_steps,
                           epoch=job.progress_epoch, eta_seconds=job.eta_seconds),
         user_provided_suffix=job.suffix, organization_id=job.tenant_id, estimated_finish=estimated,
-        from_model=job.from_model, result=job.result,
+        from_model=job.from_model, result=job.result, device_class=job.device_class,
+        queue=training_queue(job.model, job.device_class),
     ).model_dump()
 
 

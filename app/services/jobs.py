@@ -310,7 +310,7 @@ def create_job(session: Session, *, tenant_id: str, settings: Settings, model: s
                validation_file: str | None, suffix: str | None, seed: int | None,
                metadata: dict[str, str] | None, method_type: str | None, raw_hyperparameters: dict[str, Any],
                hyperparameter_param: str, time_limit_seconds: float | None = None,
-               from_model: str | None = None) -> FineTuningJob:
+               from_model: str | None = None, device_class: str | None = None) -> FineTuningJob:
     """Validate everything a worker will need, then store the job as queued (caller enqueues it).
 
     `method_type` None: the method of `from_model` (or the default method without one)."""
@@ -367,7 +367,7 @@ def create_job(session: Session, *, tenant_id: str, settings: Settings, model: s
         status=JobStatus.validating_files.value, created_at=now(), training_file=train.id,
         validation_file=validation_file, suffix=suffix, seed=seed if seed is not None else secrets.randbelow(2**31),
         method={"type": method_type, method_type: {"hyperparameters": resolved}}, job_metadata=metadata,
-        from_model=source.name if source is not None else None,
+        from_model=source.name if source is not None else None, device_class=device_class,
     )
     session.add(job)
     session.commit()

@@ -133,14 +133,16 @@ def test_kill_during_a_checkpoint_write_resumes_from_the_previous_one(stack: Sta
 def test_a_duplicate_delivery_is_refused_by_the_lease(stack: Stack, client: httpx.Client) -> None:
     from celery import Celery
 
-    from app.queue import TRAIN_TASK, TRAINING_QUEUE
+    from app.queue import TRAIN_TASK
+    from app.services.training_queues import training_queue
 
     file_id = upload(client, chat_lines(30)).json()["id"]
     stack.start_worker("first", env=SLOW_STEPS)
     job = create(client, file_id)
     wait_step(client, job["id"], 2)
     stack.start_worker("second", env=SLOW_STEPS)  # idle, so it takes the duplicate at once
-    Celery(broker=stack.env["ADAPTERY_BROKER_URL"]).send_task(TRAIN_TASK, args=[job["id"]], queue=TRAINING_QUEUE)
+    Celery(broker=stack.env["ADAPTERY_BROKER_URL"]).send_task(TRAIN_TASK, args=[job["id"]],
+                                                         queue=training_queue(job["model"], None))
     done = wait_for_status(client, job["id"], TERMINAL, timeout=120)
     assert done["status"] == "succeeded"
     started = [e for e in all_events(client, job["id"]) if e["message"].startswith("Fine-tuning job started")]

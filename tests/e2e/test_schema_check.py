@@ -46,7 +46,7 @@ def env(tmp_path: Path, tiny_model_dir: Path, redis_url: str) -> dict[str, str]:
 def test_api_and_worker_refuse_an_out_of_date_schema_until_it_is_migrated(env: dict[str, str]) -> None:
     previous, head = previous_and_head()
     api = [sys.executable, "-m", "uvicorn", "app.main:app", "--host", "127.0.0.1", "--port", env["ADAPTERY_PORT"]]
-    worker = [sys.executable, "-m", "celery", "-A", "app.queue:celery_app", "worker", "--pool=solo", "-Q", "training"]
+    worker = [sys.executable, "-m", "celery", "-A", "app.queue:celery_app", "worker", "--pool=solo"]
 
     empty = run(api, env, 60)
     assert empty.returncode != 0
