@@ -7,7 +7,7 @@ STAMP := $(VENV)/.installed
 # CPU machines: this pin takes the CPU build; an unpinned torch pulls a multi-GB CUDA build.
 TORCH_SPEC ?= torch==2.13.0
 
-.PHONY: install browser run test lint bench soak clean
+.PHONY: install browser compose run test lint bench soak clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -32,7 +32,13 @@ browser:
 		|| { apt-get update -q && apt-get install -y -q chromium; }; }; } \
 		|| { echo "The browser tests need Chromium: run 'apt-get install -y chromium' as root."; exit 1; }
 
-test: lint browser
+# docker-compose.yml is checked by the real compose tool (Debian's docker-compose; no engine needed for `config`).
+compose:
+	@command -v docker-compose >/dev/null || { [ "$$(id -u)" = 0 ] && { apt-get install -y -q docker-compose \
+		|| { apt-get update -q && apt-get install -y -q docker-compose; }; }; } \
+		|| { echo "The deployment test needs docker-compose: run 'apt-get install -y docker-compose' as root."; exit 1; }
+
+test: lint browser compose
 	$(BIN)/pytest
 
 soak: install

@@ -101,7 +101,9 @@ class WorkerSupervisor:
 
 
 @cli.command("serve")
-def serve(with_worker: bool = typer.Option(True, help="also run a Celery worker process")) -> None:
+def serve(with_worker: bool = typer.Option(True, help="also run a Celery worker process"),
+          migrate: bool = typer.Option(True, help="bring the schema to head first (replicas: leave it to one "
+                                                  "`adaptery migrate`)")) -> None:
     """Run the API (and a supervised Celery worker) on the configured host and port."""
     import uvicorn
 
@@ -111,7 +113,8 @@ def serve(with_worker: bool = typer.Option(True, help="also run a Celery worker 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     settings = get_settings()
     share_metrics(settings, fresh=True)
-    migrate_to_head()
+    if migrate:
+        migrate_to_head()
     prepare_model()
     from app.db.session import session_scope
     from app.services.tenants import bootstrap

@@ -1,0 +1,104 @@
+"""The deployment files, read by the real tools: docker-compose.yml through `docker-compose config` (Debian's
+docker-compose; `config` needs no engine), the Dockerfile through the `dockerfile` package (Docker's own Go
+parser). No Docker engine runs here, so nothing is built or started; what can be checked without one is."""
+
+from __future__ import annotations
+
+import re
+import shutil
+import subprocess
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from app.settings import Settings
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def compose_config() -> dict[str, Any]:
+    tool = shutil.which("docker-compose")
+    if tool is None:
+        raise RuntimeError("docker-compose is not installed: `make test` installs it as root "
+                           "(`apt-get install -y docker-compose`)")
+    done = subprocess.run([tool, "--env-file", ".env.example", "config"], cwd=ROOT, capture_output=True,
+                          text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    parsed = yaml.safe_load(done.stdout)
+    assert isinstance(parsed, dict)
+    return parsed
+
+
+@pytest.fixture(scope="module")
+def compose() -> dict[str, Any]:
+    return compose_config()
+
+
+def volume_target(volume: str | dict[str, Any]) -> str:
+    """Where a service volume is mounted (compose writes `name:/path:rw` or the long form)."""
+    return volume["target"] if isinstance(volume, dict) else volume.split(":")[1]
+
+
+def test_compose_services_health_checks_and_order(compose: dict[str, Any]) -> None:
+    services = compose["services"]
+    assert {"postgres", "redis", "migrate", "api", "worker", "worker-gpu"} <= set(services)
+    for name in ("postgres", "redis", "api"):
+        assert "healthcheck" in services[name], name
+    for name in ("api", "worker", "worker-gpu"):
+        assert services[name]["depends_on"]["migrate"]["condition"] == "service_completed_successfully"
+        assert services[name]["depends_on"]["redis"]["condition"] == "service_healthy"
+        assert [volume_target(v) for v in services[name]["volumes"]] == ["/data"], name  # one artifact volume
+    assert services["migrate"]["depends_on"]["postgres"]["condition"] == "service_healthy"
+    # Only the one-shot service migrates; replicas refuse an old schema rather than race to change it.
+    assert services["migrate"]["command"] == ["adaptery", "migrate"]
+    assert "--no-migrate" in services["api"]["command"]
+
+
+def test_redis_keeps_celerys_messages(compose: dict[str, Any]) -> None:
+    command = compose["services"]["redis"]["command"]
+    assert command[command.index("--appendonly") + 1] == "yes"
+    assert command[command.index("--maxmemory-policy") + 1] == "noeviction"
+    assert volume_target(compose["services"]["redis"]["volumes"][0]) == "/data"
+
+
+def test_gpu_worker_reserves_the_gpus_and_declares_its_class(compose: dict[str, Any]) -> None:
+    gpu = compose["services"]["worker-gpu"]
+    devices = gpu["deploy"]["resources"]["reservations"]["devices"]
+    assert devices[0]["driver"] == "nvidia" and "gpu" in devices[0]["capabilities"]
+    assert gpu["environment"]["ADAPTERY_WORKER_DEVICE_CLASS"] == "gpu"
+    assert compose["services"]["worker"]["environment"]["ADAPTERY_WORKER_DEVICE_CLASS"] == "cpu"
+    # Started only with `--profile gpu`; everything else starts without a profile.
+    assert gpu["profiles"] == ["gpu"]
+    assert [name for name, service in compose["services"].items() if service.get("profiles")] == ["worker-gpu"]
+
+
+def test_every_setting_the_deployment_names_exists() -> None:
+    """An ADAPTERY_ variable that Settings does not know would be silently ignored: refuse typos here."""
+    known = {f"ADAPTERY_{name.upper()}" for name in Settings.model_fields}
+    named = set(re.findall(r"\bADAPTERY_[A-Z_]+", (ROOT / "docker-compose.yml").read_text()
+                           + (ROOT / ".env.example").read_text() + (ROOT / "Dockerfile").read_text()))
+    named.discard("ADAPTERY_GPUS_PER_WORKER")  # compose's own variable, mapped to ADAPTERY_TRAINING_PROCESSES
+    assert named and named <= known, named - known
+
+
+def test_dockerfile_builds_in_stages_prepares_the_model_and_runs_unprivileged() -> None:
+    import dockerfile
+
+    commands = dockerfile.parse_file(str(ROOT / "Dockerfile"))
+    stages = [c for c in commands if c.cmd == "FROM"]
+    assert len(stages) == 2 and [s.value[-1] for s in stages] == ["build", "runtime"]
+    runtime = commands[commands.index(stages[1]):]
+    build = commands[:commands.index(stages[1])]
+    assert any("adaptery prepare-model" in " ".join(c.value) for c in build if c.cmd == "RUN")
+    copied = [c.value for c in runtime if c.cmd == "COPY"]
+    assert all(any(flag.startswith("--from=build") for flag in c.flags) for c in runtime if c.cmd == "COPY")
+    assert ["/opt/models", "/opt/models"] in [list(v) for v in copied]
+    users = [c.value[0] for c in runtime if c.cmd == "USER"]
+    assert users and users[-1] not in ("root", "0")
+    args = {c.value[0].split("=")[0] for c in commands if c.cmd == "ARG"}
+    assert {"TORCH_SPEC", "TORCH_INDEX"} <= args  # a CUDA build is a build argument away
+    # Every folder the package needs is copied into the build.
+    sources = {c.value[0] for c in build if c.cmd == "COPY"}
+    assert {"app", "workers", "adapters", "pyproject.toml"} <= sources
