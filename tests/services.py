@@ -94,6 +94,28 @@ def redis_server() -> Iterator[str]:
         shutil.rmtree(workdir, ignore_errors=True)
 
 
+@contextmanager
+def s3_server() -> Iterator[str]:
+    """moto's standalone S3-compatible server (its own process, real HTTP) on a free port; yields its URL."""
+    import sys
+
+    binary = Path(sys.executable).parent / "moto_server"
+    if not binary.exists():
+        raise MissingServer("moto_server is not installed: `make install` brings it (moto[server], a dev dependency)")
+    workdir = Path(tempfile.mkdtemp(prefix="adaptery-test-s3-"))
+    port = free_port()
+    log = workdir / "moto.log"
+    with open(log, "wb") as out:
+        process = subprocess.Popen([str(binary), "-H", "127.0.0.1", "-p", str(port)], stdout=out,
+                                   stderr=subprocess.STDOUT)
+    try:
+        _wait_for_port(port, process, log)
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        _stop(process)
+        shutil.rmtree(workdir, ignore_errors=True)
+
+
 def postgres_bindir() -> Path:
     """Where initdb and postgres live: pg_config's answer, Debian's versioned folders, or PATH."""
     candidates: list[str] = []

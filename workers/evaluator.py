@@ -51,7 +51,7 @@ def run(evaluation_id: str, *, owner: str, lease: Lease) -> str:
     settings = get_settings()
     torch.set_num_threads(settings.torch_threads)
     started = time.perf_counter()
-    store = ArtifactStore(settings.data_dir)
+    store = ArtifactStore.for_settings(settings)
     evaluation, adapters = _load_rows(evaluation_id)
     try:
         spec = base_models.resolve(settings, evaluation.base_model)
@@ -88,7 +88,7 @@ def run(evaluation_id: str, *, owner: str, lease: Lease) -> str:
                                                                                  pad_id), **common)
             else:
                 adapter = adapters[target["adapter_id"]]
-                metrics, model = _adapter_metrics(model, store.adapter_dir(adapter.id), adapter, max_len=max_len,
+                metrics, model = _adapter_metrics(model, store.fetch_adapter(adapter.id), adapter, max_len=max_len,
                                                   pad_id=pad_id, common=common)
         except Exception as exc:
             raise EvaluationFailed("evaluation_error", f"models[{index}] '{name}': {type(exc).__name__}: "

@@ -109,7 +109,7 @@ class JobRunner:
     def __init__(self, job_id: str, *, owner: str, lease: Lease, claimed_at: float):
         self.job_id, self.owner, self.lease, self.claimed_at = job_id, owner, lease, claimed_at
         self.settings = get_settings()
-        self.store = ArtifactStore(self.settings.data_dir)
+        self.store = ArtifactStore.for_settings(self.settings)
         self.fault = FaultInjector.parse(self.settings.fault_injection)
         with session_scope() as session:
             job = session.get(FineTuningJob, job_id)
@@ -148,6 +148,7 @@ class JobRunner:
         base = base_models.load_model(self.settings, spec, dtype=plan.dtype)
         self._phase_done("load_base_model", f"Loaded base model {self.job.model} ({plan.dtype})")
         train_examples, valid_examples = self._tokenise(tokenizer)
+        self.store.fetch_checkpoint(self.job_id)  # another host may have trained this job until it stopped
         resume = checkpoints.latest(self.checkpoint_root)
         if resume is not None:
             self._event(f"Resuming from the checkpoint at step {resume.step}.",
@@ -229,7 +230,7 @@ class JobRunner:
             source = session.scalar(select(Adapter).where(Adapter.name == self.job.from_model))
         if source is None:
             raise RuntimeError(f"from_model {self.job.from_model!r} no longer exists")
-        folder = self.store.adapter_dir(source.id)
+        folder = self.store.fetch_adapter(source.id)
 
         def load(model: Any) -> None:
             from peft import set_peft_model_state_dict
@@ -309,7 +310,9 @@ class JobRunner:
         self.curves.write(metrics)
 
     def restore_weights(self, model: Any, step: int) -> None:
-        checkpoints.load_weights(checkpoints.step_folder(self.checkpoint_root, step), model)
+        folder = checkpoints.step_folder(self.checkpoint_root, step)
+        self.store.fetch_checkpoint(self.job_id, folder.name)
+        checkpoints.load_weights(folder, model)
 
     def on_progress(self, step: int, total: int, epoch: float, eta: float | None) -> None:
         self._unwritten_progress = (step, total, epoch, eta)
@@ -332,6 +335,7 @@ class JobRunner:
                                   scheduler=scheduler, step=position.step, epoch=position.epoch, batch=position.batch,
                                   trained_tokens=position.trained_tokens, metrics=metrics, fault=self.fault,
                                   early_stopping=early_stopping)
+        self.store.publish_checkpoint(self.job_id, folder)
         self.curves.flush()
         self.last_checkpoint_step = position.step
         adapter = self._publish(folder, f"{self.final_name}:ckpt-step-{position.step}")

@@ -74,7 +74,7 @@ def get_file(file_id: str, session: SessionDep, tenant: TenantDep) -> dict[str, 
     **errors(401, 404, 429)})
 def get_file_content(file_id: str, session: SessionDep, settings: SettingsDep, tenant: TenantDep) -> Response:
     row = datasets.get_file(session, tenant_id=tenant, file_id=file_id)
-    return Response(ArtifactStore(settings.data_dir).read_file(row.id), media_type="application/jsonl")
+    return Response(ArtifactStore.for_settings(settings).read_file(row.id), media_type="application/jsonl")
 
 
 @router.get("/{file_id}/preview", response_model=FilePreview, responses=errors(400, 401, 404, 429))

@@ -170,12 +170,12 @@ def list_checkpoints(fine_tuning_job_id: str, session: SessionDep, tenant: Tenan
 
 
 @router.get("/{fine_tuning_job_id}/metrics", response_model=MetricsSeries, responses=errors(400, 401, 404, 429))
-def job_metrics_series(fine_tuning_job_id: str, session: SessionDep, settings: SettingsDep, tenant: TenantDep,
+def job_metrics_series(fine_tuning_job_id: str, session: SessionDep, tenant: TenantDep,
                        from_step: Annotated[int, Query(ge=0, description="first step to return")] = 0,
                        to_step: Annotated[Annotated[int, Field(ge=0)] | SkipJsonSchema[None],
                                           Query(description="last step to return")] = None
                        ) -> dict[str, Any]:
     """The job's training curves (what its TensorBoard event files hold), one point per logged step."""
     job = jobs.get_job(session, tenant_id=tenant, job_id=fine_tuning_job_id)
-    points = job_metrics.read(settings.data_dir, job.id, from_step=from_step, to_step=to_step)
+    points = job_metrics.read(session, job.id, from_step=from_step, to_step=to_step)
     return {"object": "fine_tuning.job.metrics", "fine_tuning_job_id": job.id, "data": points}

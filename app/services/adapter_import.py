@@ -161,7 +161,7 @@ def import_adapter(session: Session, *, tenant_id: str, settings: Settings, file
     except Exception:  # safetensors raises several error types for bad input
         raise refuse(f"{ADAPTER_WEIGHTS} is not a valid safetensors file") from None
 
-    store = ArtifactStore(settings.data_dir)
+    store = ArtifactStore.for_settings(settings)
     staging = store.staging_dir()
     try:
         (staging / ADAPTER_CONFIG).write_text(json.dumps(config))
@@ -190,7 +190,7 @@ def import_adapter(session: Session, *, tenant_id: str, settings: Settings, file
 
 
 def archive_of(settings: Settings, adapter: Adapter) -> bytes:
-    folder = ArtifactStore(settings.data_dir).adapter_dir(adapter.id)
+    folder = ArtifactStore.for_settings(settings).fetch_adapter(adapter.id)
     buffer = io.BytesIO()
     with zipfile.ZipFile(buffer, "w", zipfile.ZIP_DEFLATED) as zipped:
         for name in ADAPTER_FILES:

@@ -49,7 +49,7 @@ def create_file(session: Session, *, tenant_id: str, settings: Settings, filenam
                              "accepted per file.", param="file", code="invalid_file")
     file_id = new_id("file")
     # The bytes are on disk before the row exists, so a crash never leaves a row without its file.
-    ArtifactStore(settings.data_dir).write_file(file_id, content)
+    ArtifactStore.for_settings(settings).write_file(file_id, content)
     row = File(id=file_id, tenant_id=tenant_id, filename=clean_filename(filename), purpose=purpose,
                bytes=len(content), created_at=now(), status=FileStatus.processed.value, format=dataset.format,
                n_examples=len(examples), n_tokens=total_tokens, stats=length_stats(examples))
@@ -70,7 +70,7 @@ def preview_file(session: Session, *, tenant_id: str, settings: Settings, file_i
     """The first `limit` examples of a stored file with their line numbers (only the head is read)."""
     get_file(session, tenant_id=tenant_id, file_id=file_id)
     rows: list[dict[str, Any]] = []
-    with ArtifactStore(settings.data_dir).file_path(file_id).open("rb") as stored:
+    with ArtifactStore.for_settings(settings).local_file(file_id).open("rb") as stored:
         for number, raw in enumerate(stored, start=1):
             if len(rows) >= limit:
                 break
@@ -108,5 +108,5 @@ def delete_file(session: Session, *, tenant_id: str, settings: Settings, file_id
                        "first.", param="file_id", code="file_in_use", retry_after=10)
     row.deleted = True
     session.commit()
-    ArtifactStore(settings.data_dir).delete_file(file_id)
+    ArtifactStore.for_settings(settings).delete_file(file_id)
     return row

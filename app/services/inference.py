@@ -76,7 +76,7 @@ def adapter_ref(settings: Settings, adapter: Adapter) -> Any:
     from adapters.engine import AdapterRef
     from adapters.store import ArtifactStore
 
-    return AdapterRef(key=adapter.id, folder=ArtifactStore(settings.data_dir).adapter_dir(adapter.id),
+    return AdapterRef(key=adapter.id, folder=ArtifactStore.for_settings(settings).fetch_adapter(adapter.id),
                       base_model=adapter.base_model, method=adapter.method)
 
 
@@ -90,6 +90,9 @@ def load_into_memory(settings: Settings, adapter: Adapter) -> tuple[Any, Any]:
     except AdapterLoadError as exc:
         raise Unprocessable(f"The model '{adapter.name}' could not be loaded: {exc}", param="model",
                             code="adapter_load_failed") from None
+    except OSError as exc:  # the artifact store could not give its files (IncompleteArtifact, a network error)
+        raise Unprocessable(f"The model '{adapter.name}' could not be fetched from the artifact store: {exc}",
+                            param="model", code="adapter_unavailable") from None
 
 
 def _check_budget(settings: Settings, runtime: Any, prompt_tokens: int, max_tokens: int | None) -> int:

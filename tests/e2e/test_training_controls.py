@@ -104,6 +104,15 @@ def test_curves_as_tensorboard_files_and_json(client: httpx.Client, stack: Stack
             assert point[name] == pytest.approx(logged[name], rel=1e-5), name
         assert (point["valid_loss"] is None) == ("valid_loss" not in logged)
     assert any(p["valid_loss"] is not None for p in points)
+    # The TensorBoard files on the worker's host hold the same curves.
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    written: dict[int, float] = {}
+    for file in (stack.data_dir / "tensorboard" / job_id).glob("events.out.tfevents.*"):
+        accumulator = EventAccumulator(str(file), size_guidance={"scalars": 0})
+        accumulator.Reload()
+        written.update({s.step: s.value for s in accumulator.Scalars("train_loss")})
+    assert written == pytest.approx({p["step"]: p["train_loss"] for p in points}, rel=1e-5)
     window = client.get(f"/v1/fine_tuning/jobs/{job_id}/metrics", params={"from_step": 3, "to_step": 5}).json()
     assert [p["step"] for p in window["data"]] == [3, 4, 5]
     assert client.get(f"/v1/fine_tuning/jobs/{job_id}/metrics", params={"from_step": -1}).status_code == 400

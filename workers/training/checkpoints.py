@@ -19,9 +19,8 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, save_file
 
-from adapters.store import ADAPTER_CONFIG, ADAPTER_WEIGHTS
+from adapters.store import ADAPTER_CONFIG, ADAPTER_WEIGHTS, COMPLETE
 
-COMPLETE = "COMPLETE"
 STATE_TENSORS = "trainer_state.safetensors"
 STATE_JSON = "trainer_state.json"
 
