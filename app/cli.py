@@ -101,9 +101,12 @@ class WorkerSupervisor:
 
 
 @cli.command("serve")
-def serve(with_worker: bool = typer.Option(True, help="also run a Celery worker process"),
+def serve(with_worker: bool = typer.Option(True, help="also run a Celery worker process (role all only)"),
           migrate: bool = typer.Option(True, help="bring the schema to head first (replicas: leave it to one "
-                                                  "`adaptery migrate`)")) -> None:
+                                                  "`adaptery migrate`)"),
+          role: str = typer.Option("", help="all (one process: API, engine, console), api (no engine: inference "
+                                            "forwarded to ADAPTERY_INFERENCE_URLS) or inference (the engine); "
+                                            "default ADAPTERY_ROLE, else all")) -> None:
     """Run the API (and a supervised Celery worker) on the configured host and port."""
     import uvicorn
 
@@ -111,7 +114,13 @@ def serve(with_worker: bool = typer.Option(True, help="also run a Celery worker 
     from app.settings import get_settings
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if role:
+        if role not in ("all", "api", "inference"):
+            raise typer.BadParameter("accepted: all, api, inference", param_hint="--role")
+        os.environ["ADAPTERY_ROLE"] = role  # read by the app uvicorn imports below
+        get_settings.cache_clear()
     settings = get_settings()
+    with_worker = with_worker and settings.role == "all"
     share_metrics(settings, fresh=True)
     if migrate:
         migrate_to_head()
@@ -127,7 +136,10 @@ def serve(with_worker: bool = typer.Option(True, help="also run a Celery worker 
         supervisor.start()
     base = f"http://{settings.host}:{settings.port}"
     broker = "embedded (SQLite, no server)" if settings.uses_embedded_broker else settings.resolved_broker_url
-    console.print(f"[bold green]Adaptery[/] console {base}/  ·  API docs {base}/docs  ·  broker: {broker}")
+    if settings.role == "inference":
+        console.print(f"[bold green]Adaptery[/] inference replica on {base}  ·  OpenAI-compatible: {base}/v1")
+    else:
+        console.print(f"[bold green]Adaptery[/] console {base}/  ·  API docs {base}/docs  ·  broker: {broker}")
     if created:
         console.print(f"API key of the local tenant (shown once; also in {key_file}): [bold]{created}[/]")
     elif key_file.exists():

@@ -57,10 +57,14 @@ class LimitReached(DomainError):
     """A rate limit or quota; `retry_after` says when to try again."""
 
 
+class Unavailable(DomainError):
+    """Something this request needs is down (no inference replica answers); worth retrying later."""
+
+
 # The one mapping from domain errors to HTTP statuses.
 HTTP_STATUS: dict[type[DomainError], int] = {
     InvalidRequest: 400, Unauthorized: 401, NotFound: 404, Conflict: 409, TooLarge: 413, Unprocessable: 422,
-    LimitReached: 429,
+    LimitReached: 429, Unavailable: 503,
 }
 
 

@@ -67,6 +67,22 @@ class Settings(BaseSettings):
     # Load the default base model into the API process at start-up rather than on first request.
     preload_inference: bool = False
 
+    # What this process is (adaptery serve --role): "all" (API, serving engine and console in one process: one
+    # machine), "api" (files, jobs, console; inference forwarded to the inference replicas, torch never
+    # imported) or "inference" (the serving engine behind its own OpenAI-compatible routes).
+    role: Literal["all", "api", "inference"] = "all"
+    # Role api: the inference replicas, a static comma-separated list of base URLs.
+    inference_urls: str = ""
+    # Shared by the API and the inference replicas: authenticates /internal/state and forwarded requests.
+    internal_key: str = ""
+    # Role api: how a replica is chosen. "affinity": one that holds the adapter, else the adapter's owner by
+    # rendezvous hashing with bounded load; "round_robin": in turn, whatever the adapter (for comparison).
+    routing: Literal["affinity", "round_robin"] = "affinity"
+    # Bounded load: a replica with more than this × the mean requests in flight (+1) is passed over.
+    routing_load_factor: float = Field(default=1.25, ge=1.0)
+    # How often the API asks each replica for its state.
+    routing_poll_seconds: float = Field(default=1.0, gt=0)
+
     max_upload_mb: int = 512
     # An imported adapter's files, unpacked.
     max_adapter_mb: int = 2048

@@ -16,6 +16,9 @@ from app.schemas.errors import errors
 from app.services import adapter_import, inference
 
 router = APIRouter(prefix="/v1/adapters", tags=["adapters"])
+# The routes that need the serving engine (import checks an adapter by loading it): in role api they are
+# forwarded to an inference replica instead (app/api/proxy.py).
+engine_router = APIRouter(prefix="/v1/adapters", tags=["adapters"])
 
 # The two ways to send an adapter, exactly one per request: the two files as repeated `files` parts, or one
 # archive as `file`. What is inside (names, formats, fit to the base model) is checked by the import service.
@@ -31,7 +34,7 @@ def list_adapters(session: SessionDep, tenant: TenantDep) -> dict[str, Any]:
 
 # A form field is sent or not, never null: SkipJsonSchema keeps null out of the document. An empty field
 # counts as absent (FastAPI reads it so), hence the empty name in its pattern.
-@router.post("", response_model=AdapterObject, responses=errors(400, 401, 404, 409, 413, 422, 429),
+@engine_router.post("", response_model=AdapterObject, responses=errors(400, 401, 404, 409, 413, 422, 429),
              openapi_extra=IMPORT_BODY)
 def import_adapter(session: SessionDep, settings: SettingsDep, tenant: TenantDep,
                    files: Annotated[list[UploadFile] | SkipJsonSchema[None], File(
@@ -87,28 +90,28 @@ def download(adapter_id: str, session: SessionDep, settings: SettingsDep, tenant
 
 
 # Pinning and loading bring the adapter into memory: a full slot bank is a 409, an adapter that cannot load a 422.
-@router.post("/{adapter_id:path}/pin", response_model=AdapterObject, responses=errors(401, 404, 409, 422, 429))
+@engine_router.post("/{adapter_id:path}/pin", response_model=AdapterObject, responses=errors(401, 404, 409, 422, 429))
 def pin(adapter_id: str, session: SessionDep, settings: SettingsDep, tenant: TenantDep) -> dict[str, Any]:
     adapter = inference.get_adapter(session, tenant_id=tenant, adapter_id=adapter_id)
     inference.pin(settings, adapter, True)
     return inference.adapter_object(adapter)
 
 
-@router.post("/{adapter_id:path}/unpin", response_model=AdapterObject, responses=errors(401, 404, 429))
+@engine_router.post("/{adapter_id:path}/unpin", response_model=AdapterObject, responses=errors(401, 404, 429))
 def unpin(adapter_id: str, session: SessionDep, settings: SettingsDep, tenant: TenantDep) -> dict[str, Any]:
     adapter = inference.get_adapter(session, tenant_id=tenant, adapter_id=adapter_id)
     inference.pin(settings, adapter, False)
     return inference.adapter_object(adapter)
 
 
-@router.post("/{adapter_id:path}/load", response_model=AdapterObject, responses=errors(401, 404, 409, 422, 429))
+@engine_router.post("/{adapter_id:path}/load", response_model=AdapterObject, responses=errors(401, 404, 409, 422, 429))
 def load(adapter_id: str, session: SessionDep, settings: SettingsDep, tenant: TenantDep) -> dict[str, Any]:
     adapter = inference.get_adapter(session, tenant_id=tenant, adapter_id=adapter_id)
     inference.preload(settings, adapter)
     return inference.adapter_object(adapter)
 
 
-@router.post("/{adapter_id:path}/unload", response_model=AdapterObject, responses=errors(401, 404, 409, 429))
+@engine_router.post("/{adapter_id:path}/unload", response_model=AdapterObject, responses=errors(401, 404, 409, 429))
 def unload(adapter_id: str, session: SessionDep, tenant: TenantDep) -> dict[str, Any]:
     adapter = inference.get_adapter(session, tenant_id=tenant, adapter_id=adapter_id)
     inference.unload(adapter)

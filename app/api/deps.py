@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hmac
 from collections.abc import Iterator
 from typing import Annotated
 
@@ -43,8 +44,15 @@ def _tenant(request: Request, session: SessionDep, settings: SettingsDep, creden
     if tenant is None:
         raise Unauthorized("Incorrect API key provided.", code="invalid_api_key")
     request.state.tenant = tenant  # for the request's log line (app/logs.py)
-    rate_limit.check(settings, tenants.hash_key(key)[:16])
+    if not _forwarded_by_api(request, settings):  # the API counted it already
+        rate_limit.check(settings, tenants.hash_key(key)[:16])
     return tenant
+
+
+def _forwarded_by_api(request: Request, settings: Settings) -> bool:
+    given = request.headers.get("x-adaptery-internal-key", "")
+    return bool(settings.role == "inference" and settings.internal_key and given
+                and hmac.compare_digest(given.encode(), settings.internal_key.encode()))
 
 
 def _admin(settings: SettingsDep, credentials: Credentials) -> None:

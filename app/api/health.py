@@ -51,15 +51,20 @@ def ready(session: SessionDep, settings: SettingsDep) -> JSONResponse:
         checks["database"] = {"ok": True}
     except Exception as exc:  # reported, not raised: readiness is a report
         checks["database"] = {"ok": False, "error": str(exc)[:300]}
-    broker_error = _check_broker(settings.resolved_broker_url)
-    checks["broker"] = {"ok": broker_error is None, **({"error": broker_error} if broker_error else {})}
-    try:
-        newest = session.scalar(select(func.max(WorkerHeartbeat.last_seen)))
-        age = time.time() - newest if newest else None
-        checks["worker"] = {"ok": age is not None and age < WORKER_FRESH_SECONDS,
-                            "last_heartbeat_seconds_ago": round(age, 1) if age is not None else None}
-    except Exception as exc:  # reported, not raised
-        checks["worker"] = {"ok": False, "error": str(exc)[:300]}
+    if settings.role != "inference":  # an inference replica sends no jobs and needs no worker
+        broker_error = _check_broker(settings.resolved_broker_url)
+        checks["broker"] = {"ok": broker_error is None, **({"error": broker_error} if broker_error else {})}
+        try:
+            newest = session.scalar(select(func.max(WorkerHeartbeat.last_seen)))
+            age = time.time() - newest if newest else None
+            checks["worker"] = {"ok": age is not None and age < WORKER_FRESH_SECONDS,
+                                "last_heartbeat_seconds_ago": round(age, 1) if age is not None else None}
+        except Exception as exc:  # reported, not raised
+            checks["worker"] = {"ok": False, "error": str(exc)[:300]}
+    if settings.role == "api":
+        from app.services import routing
+
+        checks["inference"] = routing.get_router().report()
     checks["warm_up"] = tokenizers.warm_up.report()
     ok = all(c["ok"] for c in checks.values())
     return JSONResponse({"status": "ready" if ok else "not_ready", "checks": checks}, status_code=200 if ok else 503)

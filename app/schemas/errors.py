@@ -33,6 +33,8 @@ _ANSWERS: dict[int, dict[str, Any]] = {
     422: {"description": "Well-formed, but the server cannot use it (an adapter that does not fit the base model)."},
     429: {"description": "Rate limit or quota reached.",
           "headers": {"Retry-After": {**_RETRY_AFTER, "required": True}}},
+    503: {"description": "No inference replica could take the request (role api); retry later.",
+          "headers": {"Retry-After": {**_RETRY_AFTER, "required": False}}},
 }
 
 

@@ -231,6 +231,16 @@ def _loaded_runtime(base_model: str) -> Any:
 def adapter_object(adapter: Adapter) -> dict[str, Any]:
     runtime = _loaded_runtime(adapter.base_model)
     residency = runtime.residency(adapter.id) if runtime is not None else None
+    if residency is None:  # role api: what the inference replicas last reported
+        from app.services import routing
+
+        remote = routing.residency(adapter.id)
+        if remote is not None:
+            return {**adapter_object_from(adapter, None), "state": remote["state"], "pinned": remote["pinned"]}
+    return adapter_object_from(adapter, residency)
+
+
+def adapter_object_from(adapter: Adapter, residency: Any) -> dict[str, Any]:
     return {
         "id": adapter.id, "object": "adapter", "name": adapter.name, "base_model": adapter.base_model,
         "method": adapter.method, "job_id": adapter.job_id, "created_at": adapter.created_at,

@@ -451,11 +451,14 @@ async function newJobView(main) {
   const method = h("select", { name: "method", id: "job-method" });
   const suffix = h("input", { name: "suffix", id: "job-suffix", maxlength: 64, placeholder: "optional" });
   let catalogue = [];
+  let asked = 0; // answers can arrive out of order: only the latest question's answer is drawn
 
   async function loadMethods() {
     const chosen = method.value;
-    catalogue = (await api.get("/v1/fine_tuning/methods", { model: model.value, training_file: training.value }))
-      .data;
+    const question = ++asked;
+    const answer = await api.get("/v1/fine_tuning/methods", { model: model.value, training_file: training.value });
+    if (question !== asked) return;
+    catalogue = answer.data;
     method.replaceChildren(...catalogue.map((m) => h("option", { value: m.id, selected: chosen ? m.id === chosen
       : m.default }, m.id + (m.aliases.length ? ` (also ${m.aliases.join(", ")})` : ""))));
     drawFields();

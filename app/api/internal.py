@@ -1,0 +1,39 @@
+"""/internal/state (role inference): what the API's router reads from each replica. Authenticated with the
+shared ADAPTERY_INTERNAL_KEY, left out of the public OpenAPI document."""
+
+from __future__ import annotations
+
+import hmac
+from typing import Any
+
+from fastapi import APIRouter, Header
+
+from app.api.deps import SettingsDep
+from app.errors import Unauthorized
+from app.services import tokenizers
+from app.services.inference import engine_if_started
+
+router = APIRouter(include_in_schema=False)
+
+
+def check_internal_key(settings: Any, authorization: str | None) -> None:
+    given = (authorization or "").removeprefix("Bearer ").strip()
+    if not settings.internal_key or not hmac.compare_digest(given.encode(), settings.internal_key.encode()):
+        raise Unauthorized("This route needs the internal key (ADAPTERY_INTERNAL_KEY).", code="invalid_api_key")
+
+
+@router.get("/internal/state")
+def state(settings: SettingsDep, authorization: str | None = Header(default=None)) -> dict[str, Any]:
+    check_internal_key(settings, authorization)
+    held: dict[str, str] = {}
+    pinned: list[str] = []
+    in_flight = 0
+    engine = engine_if_started()
+    for runtime in (engine.runtimes().values() if engine is not None else []):
+        for record in runtime.residencies():
+            if str(record.state) != "on_disk":
+                held[record.key] = str(record.state)
+            if record.pinned:
+                pinned.append(record.key)
+        in_flight += sum(runtime.requests_in_flight().values())
+    return {"ready": tokenizers.warm_up.report()["ok"], "held": held, "pinned": pinned, "in_flight": in_flight}
