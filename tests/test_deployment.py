@@ -43,17 +43,39 @@ def volume_target(volume: str | dict[str, Any]) -> str:
 
 def test_compose_services_health_checks_and_order(compose: dict[str, Any]) -> None:
     services = compose["services"]
-    assert {"postgres", "redis", "migrate", "api", "worker", "worker-gpu"} <= set(services)
-    for name in ("postgres", "redis", "api"):
+    assert {"postgres", "redis", "minio", "bucket", "migrate", "api", "inference-1", "inference-2", "worker",
+            "worker-gpu"} <= set(services)
+    for name in ("postgres", "redis", "minio", "api", "inference-1", "inference-2"):
         assert "healthcheck" in services[name], name
-    for name in ("api", "worker", "worker-gpu"):
-        assert services[name]["depends_on"]["migrate"]["condition"] == "service_completed_successfully"
-        assert services[name]["depends_on"]["redis"]["condition"] == "service_healthy"
-        assert [volume_target(v) for v in services[name]["volumes"]] == ["/data"], name  # one artifact volume
+    for name in ("api", "inference-1", "inference-2", "worker", "worker-gpu"):
+        assert services[name]["depends_on"]["migrate"]["condition"] == "service_completed_successfully", name
+        assert services[name]["depends_on"]["bucket"]["condition"] == "service_completed_successfully", name
+        # Nothing shared on disk: artifacts go through the object store.
+        assert not services[name].get("volumes"), name
+        assert services[name]["environment"]["ADAPTERY_ARTIFACT_STORE_URL"].startswith("s3://"), name
+        assert services[name]["environment"]["ADAPTERY_S3_ENDPOINT_URL"] == "http://minio:9000", name
+    for name in ("worker", "worker-gpu"):
+        assert services[name]["depends_on"]["redis"]["condition"] == "service_healthy", name
     assert services["migrate"]["depends_on"]["postgres"]["condition"] == "service_healthy"
     # Only the one-shot service migrates; replicas refuse an old schema rather than race to change it.
     assert services["migrate"]["command"] == ["adaptery", "migrate"]
-    assert "--no-migrate" in services["api"]["command"]
+    for name in ("api", "inference-1", "inference-2"):
+        assert "--no-migrate" in services[name]["command"], name
+
+
+def test_the_api_tier_routes_to_the_inference_tier(compose: dict[str, Any]) -> None:
+    services = compose["services"]
+    api = services["api"]
+    assert api["command"][api["command"].index("--role") + 1] == "api"
+    listed = api["environment"]["ADAPTERY_INFERENCE_URLS"].split(",")
+    replicas = [name for name, service in services.items() if "--role" in service.get("command", [])
+                and service["command"][service["command"].index("--role") + 1] == "inference"]
+    assert sorted(replicas) == ["inference-1", "inference-2"]
+    assert sorted(listed) == [f"http://{name}:8000" for name in sorted(replicas)]  # every replica, by name
+    assert api["depends_on"]["inference-1"]["condition"] == "service_healthy"
+    for name in ("api", *replicas):
+        assert services[name]["environment"]["ADAPTERY_INTERNAL_KEY"], name  # the shared secret is set
+    assert "ports" not in services["inference-1"]  # only the API is published
 
 
 def test_redis_keeps_celerys_messages(compose: dict[str, Any]) -> None:
@@ -77,7 +99,7 @@ def test_gpu_worker_reserves_the_gpus_and_declares_its_class(compose: dict[str, 
 def test_every_setting_the_deployment_names_exists() -> None:
     """An ADAPTERY_ variable that Settings does not know would be silently ignored: refuse typos here."""
     known = {f"ADAPTERY_{name.upper()}" for name in Settings.model_fields}
-    named = set(re.findall(r"\bADAPTERY_[A-Z_]+", (ROOT / "docker-compose.yml").read_text()
+    named = set(re.findall(r"\bADAPTERY_[A-Z0-9_]+", (ROOT / "docker-compose.yml").read_text()
                            + (ROOT / ".env.example").read_text() + (ROOT / "Dockerfile").read_text()))
     named.discard("ADAPTERY_GPUS_PER_WORKER")  # compose's own variable, mapped to ADAPTERY_TRAINING_PROCESSES
     assert named and named <= known, named - known
