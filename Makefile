@@ -7,7 +7,7 @@ STAMP := $(VENV)/.installed
 # CPU machines: this pin takes the CPU build; an unpinned torch pulls a multi-GB CUDA build.
 TORCH_SPEC ?= torch==2.13.0
 
-.PHONY: install browser compose run test lint bench soak clean
+.PHONY: install browser compose run test test-sqlite lint bench soak clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -40,6 +40,11 @@ compose:
 
 test: lint browser compose
 	$(BIN)/pytest
+
+# The end-to-end tests again with every stack on SQLite (the embedded mode's database) instead of PostgreSQL;
+# the unit tests already run on SQLite. CI runs both.
+test-sqlite: install browser compose
+	ADAPTERY_TEST_DATABASE=sqlite $(BIN)/pytest tests/e2e
 
 soak: install
 	$(BIN)/pytest -m soak -s tests/soak

@@ -38,6 +38,10 @@ AUTH = {"Authorization": f"Bearer {TEST_KEY}"}
 # Servers the suite may use; unset (the default), it starts throwaway ones of its own (tests/services.py).
 REDIS_URL = os.environ.get("ADAPTERY_TEST_REDIS_URL") or None
 POSTGRES_URL = os.environ.get("ADAPTERY_TEST_POSTGRES_URL") or None
+# The database the end-to-end stacks run on: "postgresql" (default) or "sqlite".
+TEST_DATABASE = os.environ.get("ADAPTERY_TEST_DATABASE", "postgresql")
+if TEST_DATABASE not in ("postgresql", "sqlite"):
+    raise RuntimeError(f"ADAPTERY_TEST_DATABASE must be postgresql or sqlite, not {TEST_DATABASE!r}")
 
 os.environ["ADAPTERY_MODEL_CACHE_DIR"] = str(MODEL_CACHE)
 
@@ -89,9 +93,13 @@ def redis_url() -> Iterator[str]:
 
 
 @pytest.fixture(scope="session")
-def postgres_url() -> Iterator[str]:
-    """A fresh database for this session, dropped at the end, in the suite's own throwaway PostgreSQL
-    server or in the one ADAPTERY_TEST_POSTGRES_URL names."""
+def database_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """The database every stack of the session shares. PostgreSQL by default: a fresh database, dropped at the
+    end, in the suite's own throwaway server or in the one ADAPTERY_TEST_POSTGRES_URL names. With
+    ADAPTERY_TEST_DATABASE=sqlite (`make test-sqlite`), one SQLite file, as the embedded mode uses."""
+    if TEST_DATABASE == "sqlite":
+        yield f"sqlite:///{tmp_path_factory.mktemp('sqlite') / 'adaptery.db'}"
+        return
     import sqlalchemy as sa
 
     with contextlib.ExitStack() as cleanup:
@@ -325,11 +333,26 @@ def running_stack(tmp: Path, *, database_url: str, broker_url: str, tiny_model_d
             shutil.rmtree(tmp, ignore_errors=True)
 
 
+@contextlib.contextmanager
+def running_api(tmp: Path, *, database_url: str, broker_url: str, tiny_model_dir: Path,
+                extra: dict[str, str] | None = None) -> Iterator[Stack]:
+    """An API with no worker yet (the tests start and kill their own), up and warmed; stopped afterwards."""
+    running = make_stack(tmp, database_url=database_url, broker_url=broker_url, tiny_model_dir=tiny_model_dir,
+                         extra=extra)
+    running.start_api()
+    try:
+        running.wait_ready_http()
+        yield running
+    finally:
+        running.stop_all()
+
+
 @pytest.fixture(scope="module")
 def stack(tmp_path_factory: pytest.TempPathFactory, tiny_model_dir: Path, redis_url: str,
-          postgres_url: str) -> Iterator[Stack]:
-    """API + one worker on PostgreSQL and Redis (the production shape), shared by a test module."""
-    with running_stack(tmp_path_factory.mktemp("stack"), database_url=postgres_url, broker_url=redis_url,
+          database_url: str) -> Iterator[Stack]:
+    """API + one worker on the session's database (PostgreSQL unless ADAPTERY_TEST_DATABASE=sqlite) and Redis,
+    shared by a test module."""
+    with running_stack(tmp_path_factory.mktemp("stack"), database_url=database_url, broker_url=redis_url,
                        tiny_model_dir=tiny_model_dir) as running:
         yield running
 

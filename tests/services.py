@@ -12,9 +12,10 @@ import shutil
 import signal
 import socket
 import subprocess
+import sys
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -75,45 +76,41 @@ def _stop(process: subprocess.Popen[bytes], sig: int = signal.SIGTERM) -> None:
 
 
 @contextmanager
-def redis_server() -> Iterator[str]:
-    """A redis-server on a free port with nothing on disk; yields its URL."""
-    binary = shutil.which("redis-server")
-    if binary is None:
-        raise MissingServer(f"redis-server is not installed; install it with: {INSTALL_HINT}")
-    workdir = Path(tempfile.mkdtemp(prefix="adaptery-test-redis-"))
+def _server(prefix: str, command: Callable[[int, Path], list[str]]) -> Iterator[int]:
+    """A server process on a free port with a scratch folder of its own; yields the port once it listens."""
+    workdir = Path(tempfile.mkdtemp(prefix=prefix))
     port = free_port()
-    log = workdir / "redis.log"
+    log = workdir / "server.log"
     with open(log, "wb") as out:
-        process = subprocess.Popen([binary, "--port", str(port), "--bind", "127.0.0.1", "--save", "",
-                                    "--appendonly", "no", "--dir", str(workdir)], stdout=out, stderr=subprocess.STDOUT)
+        process = subprocess.Popen(command(port, workdir), stdout=out, stderr=subprocess.STDOUT)
     try:
         _wait_for_port(port, process, log)
-        yield f"redis://127.0.0.1:{port}/0"
+        yield port
     finally:
         _stop(process)
         shutil.rmtree(workdir, ignore_errors=True)
 
 
 @contextmanager
+def redis_server() -> Iterator[str]:
+    """A redis-server on a free port with nothing on disk; yields its URL."""
+    binary = shutil.which("redis-server")
+    if binary is None:
+        raise MissingServer(f"redis-server is not installed; install it with: {INSTALL_HINT}")
+    with _server("adaptery-test-redis-", lambda port, workdir: [
+            binary, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
+            "--dir", str(workdir)]) as port:
+        yield f"redis://127.0.0.1:{port}/0"
+
+
+@contextmanager
 def s3_server() -> Iterator[str]:
     """moto's standalone S3-compatible server (its own process, real HTTP) on a free port; yields its URL."""
-    import sys
-
     binary = Path(sys.executable).parent / "moto_server"
     if not binary.exists():
         raise MissingServer("moto_server is not installed: `make install` brings it (moto[server], a dev dependency)")
-    workdir = Path(tempfile.mkdtemp(prefix="adaptery-test-s3-"))
-    port = free_port()
-    log = workdir / "moto.log"
-    with open(log, "wb") as out:
-        process = subprocess.Popen([str(binary), "-H", "127.0.0.1", "-p", str(port)], stdout=out,
-                                   stderr=subprocess.STDOUT)
-    try:
-        _wait_for_port(port, process, log)
+    with _server("adaptery-test-s3-", lambda port, _: [str(binary), "-H", "127.0.0.1", "-p", str(port)]) as port:
         yield f"http://127.0.0.1:{port}"
-    finally:
-        _stop(process)
-        shutil.rmtree(workdir, ignore_errors=True)
 
 
 def postgres_bindir() -> Path:

@@ -52,11 +52,11 @@ def chromium_path() -> str:
 
 @pytest.fixture(scope="module")
 def stack(tmp_path_factory: pytest.TempPathFactory, tiny_model_dir: Path, redis_url: str,
-          postgres_url: str) -> Iterator[Stack]:
+          database_url: str) -> Iterator[Stack]:
     """API + one worker whose steps take 60 ms more than the tiny model needs: long enough for a job to be
     seen training, paused and resumed from its page (the tiny model alone trains this module's 144-step job
     in a few seconds, and a pause could arrive after the end)."""
-    with running_stack(tmp_path_factory.mktemp("console"), database_url=postgres_url, broker_url=redis_url,
+    with running_stack(tmp_path_factory.mktemp("console"), database_url=database_url, broker_url=redis_url,
                        tiny_model_dir=tiny_model_dir, extra={"ADAPTERY_FAULT_INJECTION": "step_delay=0.06"}) as running:
         yield running
 

@@ -33,9 +33,9 @@ PROMPT_METHOD = "p_tuning"
 
 @pytest.fixture(scope="module")
 def stack(tmp_path_factory: pytest.TempPathFactory, tiny_model_dir: Path, redis_url: str,
-          postgres_url: str) -> Iterator[Stack]:
+          database_url: str) -> Iterator[Stack]:
     """The usual API + worker, with a reaper that runs every second (the recovery test waits for it)."""
-    with running_stack(tmp_path_factory.mktemp("evaluations"), database_url=postgres_url, broker_url=redis_url,
+    with running_stack(tmp_path_factory.mktemp("evaluations"), database_url=database_url, broker_url=redis_url,
                        tiny_model_dir=tiny_model_dir, extra={"ADAPTERY_REAPER_INTERVAL_SECONDS": "1"}) as running:
         yield running
 

@@ -21,8 +21,8 @@ from tests.tiny_model import TINY_MODEL_ID
 
 @pytest.fixture(scope="module")
 def json_stack(tmp_path_factory: pytest.TempPathFactory, tiny_model_dir: Path, redis_url: str,
-               postgres_url: str) -> Iterator[Stack]:
-    with running_stack(tmp_path_factory.mktemp("json-logs"), database_url=postgres_url, broker_url=redis_url,
+               database_url: str) -> Iterator[Stack]:
+    with running_stack(tmp_path_factory.mktemp("json-logs"), database_url=database_url, broker_url=redis_url,
                        tiny_model_dir=tiny_model_dir, extra={"ADAPTERY_LOG_FORMAT": "json"}) as running:
         yield running
 

@@ -18,8 +18,8 @@ from tests.conftest import (
     Stack,
     all_events,
     chat_lines,
-    make_stack,
     new_bucket,
+    running_api,
     upload,
     wait_for_status,
 )
@@ -29,19 +29,13 @@ TERMINAL = {"succeeded", "failed", "cancelled"}
 
 
 @pytest.fixture(scope="module")
-def stack(tmp_path_factory: pytest.TempPathFactory, tiny_model_dir: Path, redis_url: str, postgres_url: str,
+def stack(tmp_path_factory: pytest.TempPathFactory, tiny_model_dir: Path, redis_url: str, database_url: str,
           s3_endpoint: str) -> Iterator[Stack]:
-    bucket = new_bucket(s3_endpoint)
-    running = make_stack(tmp_path_factory.mktemp("object-store"), database_url=postgres_url, broker_url=redis_url,
-                         tiny_model_dir=tiny_model_dir,
-                         extra={**FAST_RECOVERY, **S3_CREDENTIALS, "ADAPTERY_S3_ENDPOINT_URL": s3_endpoint,
-                                "ADAPTERY_ARTIFACT_STORE_URL": f"s3://{bucket}/adaptery"})
-    running.start_api()
-    try:
-        running.wait_ready_http()
+    with running_api(tmp_path_factory.mktemp("object-store"), database_url=database_url, broker_url=redis_url,
+                     tiny_model_dir=tiny_model_dir,
+                     extra={**FAST_RECOVERY, **S3_CREDENTIALS, "ADAPTERY_S3_ENDPOINT_URL": s3_endpoint,
+                            "ADAPTERY_ARTIFACT_STORE_URL": f"s3://{new_bucket(s3_endpoint)}/adaptery"}) as running:
         yield running
-    finally:
-        running.stop_all()
 
 
 def host(stack: Stack, name: str) -> dict[str, str]:

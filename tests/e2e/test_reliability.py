@@ -18,7 +18,16 @@ import torch
 from safetensors.torch import load_file
 
 from tests.budgets import budget
-from tests.conftest import Stack, all_events, chat_lines, free_port, make_stack, upload, wait_for_status
+from tests.conftest import (
+    Stack,
+    all_events,
+    chat_lines,
+    free_port,
+    make_stack,
+    running_api,
+    upload,
+    wait_for_status,
+)
 from tests.tiny_model import TINY_MODEL_ID
 
 FAST_RECOVERY = {"ADAPTERY_LEASE_SECONDS": "3", "ADAPTERY_REAPER_INTERVAL_SECONDS": "0.5",
@@ -29,17 +38,11 @@ TERMINAL = {"succeeded", "failed", "cancelled"}
 
 @pytest.fixture(scope="module")
 def stack(tmp_path_factory: pytest.TempPathFactory, tiny_model_dir: Path, redis_url: str,
-          postgres_url: str) -> Iterator[Stack]:
+          database_url: str) -> Iterator[Stack]:
     """An API with no worker yet; each test starts (and kills) its own workers."""
-    tmp = tmp_path_factory.mktemp("reliability")
-    running = make_stack(tmp, database_url=postgres_url, broker_url=redis_url, tiny_model_dir=tiny_model_dir,
-                         extra=FAST_RECOVERY)
-    running.start_api()
-    try:
-        running.wait_ready_http()
+    with running_api(tmp_path_factory.mktemp("reliability"), database_url=database_url, broker_url=redis_url,
+                     tiny_model_dir=tiny_model_dir, extra=FAST_RECOVERY) as running:
         yield running
-    finally:
-        running.stop_all()
 
 
 @pytest.fixture()
@@ -185,11 +188,11 @@ def test_a_poison_job_fails_after_the_attempt_cap(stack: Stack, client: httpx.Cl
     assert len(started) == 3  # the attempt cap, not a redelivery loop
 
 
-def test_jobs_survive_a_redis_restart(tmp_path: Path, tiny_model_dir: Path, postgres_url: str) -> None:
+def test_jobs_survive_a_redis_restart(tmp_path: Path, tiny_model_dir: Path, database_url: str) -> None:
     port = free_port()
     redis_cmd = ["redis-server", "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"]
     redis = subprocess.Popen(redis_cmd, stdout=subprocess.DEVNULL)
-    own = make_stack(tmp_path, database_url=postgres_url, broker_url=f"redis://127.0.0.1:{port}/0",
+    own = make_stack(tmp_path, database_url=database_url, broker_url=f"redis://127.0.0.1:{port}/0",
                      tiny_model_dir=tiny_model_dir, extra={**FAST_RECOVERY, **SLOW_STEPS})
     try:
         own.start_api()

@@ -36,8 +36,8 @@ def uvicorn(port: int) -> list[str]:
 
 @pytest.fixture(scope="module")
 def tiers(tmp_path_factory: pytest.TempPathFactory, tiny_model_dir: Path, redis_url: str,
-          postgres_url: str) -> Iterator[tuple[Stack, list[int]]]:
-    stack = make_stack(tmp_path_factory.mktemp("tiers"), database_url=postgres_url, broker_url=redis_url,
+          database_url: str) -> Iterator[tuple[Stack, list[int]]]:
+    stack = make_stack(tmp_path_factory.mktemp("tiers"), database_url=database_url, broker_url=redis_url,
                        tiny_model_dir=tiny_model_dir, extra=INTERNAL)
     ports = [free_port(), free_port()]
     for i, port in enumerate(ports):

@@ -151,10 +151,10 @@ def test_bola_matrix_from_the_openapi_document(stack: Stack, client: httpx.Clien
 
 
 def test_rate_limit_per_key_and_other_limits(tmp_path: Any, tiny_model_dir: Any, redis_url: str,
-                                             postgres_url: str) -> None:
+                                             database_url: str) -> None:
     from tests.conftest import make_stack
 
-    own = make_stack(tmp_path, database_url=postgres_url, broker_url=redis_url, tiny_model_dir=tiny_model_dir,
+    own = make_stack(tmp_path, database_url=database_url, broker_url=redis_url, tiny_model_dir=tiny_model_dir,
                      extra={"ADAPTERY_RATE_LIMIT_PER_MINUTE": "12", "ADAPTERY_MAX_UPLOAD_MB": "1",
                             "ADAPTERY_MAX_ACTIVE_JOBS_PER_TENANT": "1"})
     own.start_api()

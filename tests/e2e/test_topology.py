@@ -19,9 +19,9 @@ from tests.tiny_model import TINY_MODEL_ID
 
 
 @pytest.fixture(scope="module")
-def topology(tmp_path_factory: pytest.TempPathFactory, tiny_model_dir: Path, redis_url: str, postgres_url: str,
+def topology(tmp_path_factory: pytest.TempPathFactory, tiny_model_dir: Path, redis_url: str, database_url: str,
              s3_endpoint: str) -> Iterator[Stack]:
-    stack = make_stack(tmp_path_factory.mktemp("topology"), database_url=postgres_url, broker_url=redis_url,
+    stack = make_stack(tmp_path_factory.mktemp("topology"), database_url=database_url, broker_url=redis_url,
                        tiny_model_dir=tiny_model_dir, extra={
                            **INTERNAL, **S3_CREDENTIALS, "ADAPTERY_S3_ENDPOINT_URL": s3_endpoint,
                            "ADAPTERY_ARTIFACT_STORE_URL": f"s3://{new_bucket(s3_endpoint)}/artifacts"})

@@ -58,10 +58,10 @@ class Receiver:
 
 @pytest.fixture(scope="module")
 def hook_stack(tmp_path_factory: pytest.TempPathFactory, tiny_model_dir: Path, redis_url: str,
-               postgres_url: str) -> Iterator[Stack]:
+               database_url: str) -> Iterator[Stack]:
     extra = {"ADAPTERY_WEBHOOK_ALLOWED_HOSTS": '["127.0.0.1"]', "ADAPTERY_WEBHOOK_RETRY_SECONDS": "0.5",
              "ADAPTERY_WEBHOOK_POLL_SECONDS": "0.2"}
-    with running_stack(tmp_path_factory.mktemp("webhooks"), database_url=postgres_url, broker_url=redis_url,
+    with running_stack(tmp_path_factory.mktemp("webhooks"), database_url=database_url, broker_url=redis_url,
                        tiny_model_dir=tiny_model_dir, extra=extra) as running:
         yield running
 

@@ -26,8 +26,8 @@ SECOND_MODEL = "tiny-llama-b"
 
 @pytest.fixture(scope="module")
 def two_model_stack(tmp_path_factory: pytest.TempPathFactory, tiny_model_dir: Path, redis_url: str,
-                    postgres_url: str) -> Iterator[Stack]:
-    stack = make_stack(tmp_path_factory.mktemp("queues"), database_url=postgres_url, broker_url=redis_url,
+                    database_url: str) -> Iterator[Stack]:
+    stack = make_stack(tmp_path_factory.mktemp("queues"), database_url=database_url, broker_url=redis_url,
                        tiny_model_dir=tiny_model_dir, extra={"ADAPTERY_BASE_MODELS": json.dumps(
                            {TINY_MODEL_ID: str(tiny_model_dir), SECOND_MODEL: str(tiny_model_dir)})})
     stack.start_api()

@@ -35,12 +35,12 @@ def segments_are_monotonic(events: list[dict[str, Any]]) -> bool:
     return True
 
 
-def test_soak(tmp_path: Path, tiny_model_dir: Path, postgres_url: str) -> None:
+def test_soak(tmp_path: Path, tiny_model_dir: Path, database_url: str) -> None:
     rng = random.Random(7)
     port = free_port()
     redis_cmd = ["redis-server", "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"]
     redis = subprocess.Popen(redis_cmd, stdout=subprocess.DEVNULL)
-    stack = make_stack(tmp_path, database_url=postgres_url, broker_url=f"redis://127.0.0.1:{port}/0",
+    stack = make_stack(tmp_path, database_url=database_url, broker_url=f"redis://127.0.0.1:{port}/0",
                        tiny_model_dir=tiny_model_dir,
                        extra={"ADAPTERY_LEASE_SECONDS": "3", "ADAPTERY_REAPER_INTERVAL_SECONDS": "0.5",
                               "ADAPTERY_CHECKPOINT_STEPS": "4", "ADAPTERY_REQUEUE_AFTER_SECONDS": "5",
