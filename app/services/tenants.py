@@ -9,6 +9,7 @@ import secrets
 from pathlib import Path
 
 from sqlalchemy import select, update
+from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from app.db.models import DEFAULT_TENANT, ApiKey, Tenant, now
@@ -78,12 +79,19 @@ def bootstrap(session: Session, *, data_dir: Path, explicit_key: str) -> str | N
     The key is written to <data dir>/bootstrap_key (mode 0600). ADAPTERY_BOOTSTRAP_KEY fixes the key
     (tests and scripts), and is added to the local tenant on later starts too.
     """
+    # API replicas may start together on an empty database: whichever inserts second finds the row there.
     if session.get(Tenant, DEFAULT_TENANT) is None:
-        session.add(Tenant(id=DEFAULT_TENANT, name="local", created_at=now()))
-        session.commit()
+        try:
+            session.add(Tenant(id=DEFAULT_TENANT, name="local", created_at=now()))
+            session.commit()
+        except IntegrityError:
+            session.rollback()
     if explicit_key:
         if session.scalar(select(ApiKey.id).where(ApiKey.key_hash == hash_key(explicit_key))) is None:
-            add_key(session, tenant_id=DEFAULT_TENANT, key=explicit_key)
+            try:
+                add_key(session, tenant_id=DEFAULT_TENANT, key=explicit_key)
+            except IntegrityError:
+                session.rollback()
         return None
     if session.scalar(select(ApiKey.id).where(ApiKey.tenant_id == DEFAULT_TENANT)) is not None:
         return None
