@@ -93,28 +93,47 @@ def redis_url() -> Iterator[str]:
 
 
 @pytest.fixture(scope="session")
-def database_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    """The database every stack of the session shares. PostgreSQL by default: a fresh database, dropped at the
-    end, in the suite's own throwaway server or in the one ADAPTERY_TEST_POSTGRES_URL names. With
-    ADAPTERY_TEST_DATABASE=sqlite (`make test-sqlite`), one SQLite file, as the embedded mode uses."""
-    if TEST_DATABASE == "sqlite":
-        yield f"sqlite:///{tmp_path_factory.mktemp('sqlite') / 'adaptery.db'}"
+def postgres_admin_url() -> Iterator[str]:
+    """An admin URL of a PostgreSQL server: the suite's own throwaway one, started on first use, or the one
+    ADAPTERY_TEST_POSTGRES_URL names. Fixtures make databases of their own in it and drop them."""
+    if POSTGRES_URL is not None:
+        yield POSTGRES_URL
         return
+    with services.postgres_server() as url:
+        yield url
+
+
+@contextlib.contextmanager
+def postgres_database(admin_url: str, *, template: str | None = None) -> Iterator[str]:
+    """A fresh database (a copy of `template` when given) in the server of `admin_url`, dropped on exit."""
     import sqlalchemy as sa
 
-    with contextlib.ExitStack() as cleanup:
-        admin_url = POSTGRES_URL or cleanup.enter_context(services.postgres_server())
-        name = f"adaptery_test_{secrets.token_hex(4)}"
-        try:
-            admin = sa.create_engine(admin_url, isolation_level="AUTOCOMMIT")
-            with admin.connect() as conn:
-                conn.execute(sa.text(f"CREATE DATABASE {name}"))
-        except Exception as exc:
-            pytest.fail(f"PostgreSQL is not reachable at {admin_url}: {exc}", pytrace=False)
+    name = f"adaptery_test_{secrets.token_hex(4)}"
+    admin = sa.create_engine(admin_url, isolation_level="AUTOCOMMIT")
+    try:
+        with admin.connect() as conn:
+            conn.execute(sa.text(f"CREATE DATABASE {name}" + (f" TEMPLATE {template}" if template else "")))
+    except Exception as exc:
+        admin.dispose()
+        pytest.fail(f"PostgreSQL is not reachable at {admin_url}: {exc}", pytrace=False)
+    try:
         yield admin_url.rsplit("/", 1)[0] + f"/{name}"
+    finally:
         with admin.connect() as conn:
             conn.execute(sa.text(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)"))
         admin.dispose()
+
+
+@pytest.fixture(scope="session")
+def database_url(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """The database every stack of the session shares. PostgreSQL by default: a fresh database, dropped at the
+    end, in the server `postgres_admin_url` gives. With ADAPTERY_TEST_DATABASE=sqlite (`make test-sqlite`),
+    one SQLite file, as the embedded mode uses."""
+    if TEST_DATABASE == "sqlite":
+        yield f"sqlite:///{tmp_path_factory.mktemp('sqlite') / 'adaptery.db'}"
+        return
+    with postgres_database(request.getfixturevalue("postgres_admin_url")) as url:
+        yield url
 
 
 # Any credentials do for the test's object store; boto3 in the test process and in the stack reads these.

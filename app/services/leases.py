@@ -37,12 +37,15 @@ class Leases(Generic[Row, Status]):
         self.on_transition = on_transition
 
     def transition(self, session: Session, row_id: str, expected: Collection[Status], new: Status, *,
-                   owner: str | None = None, **values: Any) -> bool:
-        """One guarded UPDATE; with `owner`, only the worker holding the row's lease can make it."""
+                   owner: str | None = None, lease_expired_before: float | None = None, **values: Any) -> bool:
+        """One guarded UPDATE; with `owner`, only the worker holding the row's lease can make it; with
+        `lease_expired_before`, only while that lease is still expired (its holder has not renewed it since)."""
         model = self.model
         query = update(model).where(model.id == row_id, model.status.in_([s.value for s in expected]))
         if owner is not None:
             query = query.where(model.lease_owner == owner)
+        if lease_expired_before is not None:
+            query = query.where(model.lease_expires_at < lease_expired_before)
         result = session.execute(query.values(status=new.value, **values))
         changed = result.rowcount == 1  # type: ignore[attr-defined]
         if changed and self.on_transition is not None:
@@ -95,7 +98,8 @@ class Leases(Generic[Row, Status]):
                           on_lost: Callable[[Row, bool], None] | None = None) -> None:
         """Recover from workers that vanished: running rows whose lease expired before `moment` go back to the
         queue, or fail once out of attempts. Each change is guarded by the lost worker's lease, so a worker that
-        claimed the row meanwhile keeps it; `on_lost(row, failed)` follows each change this call made."""
+        claimed the row meanwhile keeps it, and by the expiry read, so a worker that renewed its lease between
+        the read and the change keeps it too; `on_lost(row, failed)` follows each change this call made."""
         model = self.model
         expired = list(session.scalars(select(model).where(model.status == self.running.value,
                                                            model.lease_expires_at < moment)))
@@ -103,13 +107,15 @@ class Leases(Generic[Row, Status]):
             if row.attempts >= max_attempts:
                 failed = True
                 changed = self.transition(
-                    session, row.id, {self.running}, self.failed, owner=row.lease_owner, finished_at=now(),
+                    session, row.id, {self.running}, self.failed, owner=row.lease_owner,
+                    lease_expired_before=moment, finished_at=now(),
                     error_code="worker_lost", lease_expires_at=None,
                     error_message=f"the worker running this {self.noun} was lost {row.attempts} times; giving up")
             else:
                 failed = False
                 changed = self.transition(session, row.id, {self.running}, self.queued, owner=row.lease_owner,
-                                          lease_owner=None, lease_expires_at=None, enqueued_at=None)
+                                          lease_expired_before=moment, lease_owner=None, lease_expires_at=None,
+                                          enqueued_at=None)
             if changed and on_lost is not None:
                 on_lost(row, failed)
 

@@ -153,7 +153,8 @@ def signed_headers(secret: str, event_id: str, body: str, moment: float) -> dict
             "user-agent": "Adaptery-Webhooks/1"}
 
 
-def _claim(session: Session, delivery_id: str, owner: str) -> bool:
+def claim_delivery(session: Session, delivery_id: str, owner: str) -> bool:
+    """Take a due delivery for one attempt; exactly one of several workers racing for it wins."""
     moment = time.time()
     result = session.execute(update(WebhookDelivery).where(
         WebhookDelivery.id == delivery_id, WebhookDelivery.status == "pending",
@@ -174,7 +175,7 @@ def deliver_due(session: Session, settings: Settings, *, owner: str, limit: int 
         .order_by(WebhookDelivery.next_attempt_at).limit(limit)))
     attempted = 0
     for delivery_id in due:
-        if not _claim(session, delivery_id, owner):
+        if not claim_delivery(session, delivery_id, owner):
             continue  # another worker has it
         attempted += 1
         delivery = session.get(WebhookDelivery, delivery_id)

@@ -1,6 +1,6 @@
-"""The evaluation state machine (app/services/evaluations.py) on SQLite in-process: the lease claim refuses a
-duplicate delivery, only the lease owner finishes, expiry lets the next attempt in, the attempts cap, the
-hand-back, and the reaper. As in test_jobs.py, "later" is made by moving the row's own times into the past."""
+"""The evaluation state machine (app/services/evaluations.py) in-process, on SQLite and PostgreSQL: the lease
+claim refuses a duplicate delivery, only the lease owner finishes, expiry lets the next attempt in, the attempts
+cap, the hand-back, and the reaper. As in test_jobs.py, "later" is made by moving the row's own times into the past."""
 
 from __future__ import annotations
 
@@ -13,7 +13,6 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from app.db.models import Evaluation, EvaluationStatus
 from app.services import evaluations
-from tests.app.test_jobs import engine, migrated  # noqa: F401  (a migrated SQLite file per test)
 
 LEASE = 30.0
 MAX_ATTEMPTS = 2
@@ -21,7 +20,7 @@ REQUEUE_AFTER = 60.0
 
 
 @pytest.fixture()
-def db(engine: Engine) -> Iterator[Session]:  # noqa: F811  (engine is the fixture imported above)
+def db(engine: Engine) -> Iterator[Session]:
     with sessionmaker(bind=engine, expire_on_commit=False)() as opened:
         yield opened
 

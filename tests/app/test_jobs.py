@@ -1,17 +1,16 @@
-"""The job state machine (app/services/jobs.py) on SQLite in-process: every allowed transition, every refused
-one, leases and their expiry, the owner guard, the attempts cap, the hard time limit and the reaper.
+"""The job state machine (app/services/jobs.py) in-process, on SQLite and on PostgreSQL: every allowed
+transition, every refused one, leases and their expiry, the owner guard, the attempts cap, the hard time limit
+and the reaper.
 
-No Redis, no Celery, no HTTP: one migrated SQLite file per test. "Later" is made by moving the row's own
-times (lease_expires_at, enqueued_at, started_at) into the past, never by sleeping.
+No Redis, no Celery, no HTTP: one migrated database per test (tests/app/conftest.py). "Later" is made by moving
+the row's own times (lease_expires_at, enqueued_at, started_at) into the past, never by sleeping.
 """
 
 from __future__ import annotations
 
 import contextlib
-import shutil
 import time
 from collections.abc import Callable, Iterator
-from pathlib import Path
 from typing import Any
 
 import pytest
@@ -19,37 +18,14 @@ from sqlalchemy import Engine, select
 from sqlalchemy.exc import NoResultFound
 from sqlalchemy.orm import Session, sessionmaker
 
-from app.db import session as db_session
 from app.db.models import FineTuningJob, JobEvent, JobStatus
 from app.services import jobs
-from app.settings import Settings
 
 LEASE = 30.0
 MAX_ATTEMPTS = 3
 REQUEUE_AFTER = 60.0
 ALL = list(JobStatus)
 TERMINAL = [JobStatus.succeeded, JobStatus.failed, JobStatus.cancelled]
-
-
-@pytest.fixture(scope="module")
-def migrated(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A database file at the latest Alembic revision, migrated once and copied for each test."""
-    folder = tmp_path_factory.mktemp("jobs-db")
-    path = folder / "template.db"
-    with pytest.MonkeyPatch.context() as patch:
-        # migrate_to_head makes the settings' data dir: point it at this test's folder, not the checkout.
-        patch.setattr(db_session, "get_settings", lambda: Settings(data_dir=folder))
-        db_session.migrate_to_head(f"sqlite:///{path}")
-    return path
-
-
-@pytest.fixture()
-def engine(migrated: Path, tmp_path: Path) -> Iterator[Engine]:
-    path = tmp_path / "adaptery.db"
-    shutil.copyfile(migrated, path)
-    engine = db_session.make_engine(f"sqlite:///{path}")  # the app's own engine setup (WAL, busy timeout)
-    yield engine
-    engine.dispose()
 
 
 @pytest.fixture()
