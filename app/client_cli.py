@@ -217,6 +217,8 @@ def job_events(client: Api, job_id: str) -> Iterator[tuple[str, dict[str, Any]]]
                 check(source.response)
                 for sse in source.iter_sse():
                     failures = 0
+                    if not sse.data:  # a keep-alive (a comment, which the reader hands on with the last id)
+                        continue
                     if sse.id:
                         last_id = sse.id
                     yield sse.event, json.loads(sse.data)
@@ -367,6 +369,8 @@ def _stream_answer(client: Api, model: str, history: list[dict[str, str]], max_t
             source.response.read()
             check(source.response)
         for sse in source.iter_sse():
+            if not sse.data:  # a keep-alive
+                continue
             if sse.data == "[DONE]":
                 break
             chunk = json.loads(sse.data)

@@ -114,6 +114,9 @@ class Settings(BaseSettings):
     webhook_poll_seconds: float = Field(default=1.0, gt=0)
     # How often a live event stream (GET …/events?stream=true) looks for new events.
     event_stream_poll_seconds: float = Field(default=0.5, gt=0, le=10)
+    # A keep-alive comment on every server-sent-event stream (job events, streamed completions) after this long
+    # without an event, so proxies do not close a quiet stream (a long validation, a slow first token).
+    event_stream_ping_seconds: float = Field(default=15.0, gt=0)
     eval_every_steps: int = 0  # 0: about four evaluations per job (ten with early stopping), plus one at the end
     # Periodic validations score the first N validation examples; the end report scores all of them.
     validation_examples_per_eval: int = 256

@@ -150,7 +150,7 @@ def list_events(fine_tuning_job_id: str, session: SessionDep, settings: Settings
         after_seq = event_stream.resume_point(job.id, last_event_id)
         return EventSourceResponse(event_stream.job_events(job.id, after_seq=after_seq,
                                                            poll_seconds=settings.event_stream_poll_seconds),
-                                   ping=15)
+                                   ping=settings.event_stream_ping_seconds)
     rows, has_more = jobs.list_events(session, job, after=after, limit=limit)
     return paged([event_object(r) for r in rows], has_more)
 

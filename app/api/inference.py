@@ -30,7 +30,7 @@ def _respond(body: Any, session: Any, settings: Any, tenant: str, *, chat: bool)
     if body.stream:
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
         return EventSourceResponse(inference.stream_chunks(target, sequence, chat=chat, include_usage=include_usage),
-                                   ping=15)
+                                   ping=settings.event_stream_ping_seconds)
     return inference.response_body(target, sequence.wait(), chat=chat)
 
 

@@ -7,6 +7,7 @@ import subprocess
 import sys
 import time
 import zipfile
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -14,7 +15,19 @@ import httpx
 import pytest
 
 from tests.budgets import budget
-from tests.conftest import ROOT, TEST_KEY, Stack, chat_lines, free_port, wait_for_status
+from tests.conftest import ROOT, TEST_KEY, Stack, chat_lines, free_port, running_stack, wait_for_status
+
+# Keep-alive comments every 0.2 s and steps of at least 0.3 s: the streams `jobs watch` and `chat` read carry
+# keep-alives between their events, as any stream does that is quiet for long (the server's default is 15 s).
+QUIET_STREAMS = {"ADAPTERY_EVENT_STREAM_PING_SECONDS": "0.2", "ADAPTERY_FAULT_INJECTION": "step_delay=0.3"}
+
+
+@pytest.fixture(scope="module")
+def stack(tmp_path_factory: pytest.TempPathFactory, tiny_model_dir: Path, redis_url: str,
+          database_url: str) -> Iterator[Stack]:
+    with running_stack(tmp_path_factory.mktemp("cli-stack"), database_url=database_url, broker_url=redis_url,
+                       tiny_model_dir=tiny_model_dir, extra=QUIET_STREAMS) as running:
+        yield running
 
 
 def adaptery(stack: Stack, *args: str, timeout: float = 120, **env: str) -> subprocess.CompletedProcess[str]:
