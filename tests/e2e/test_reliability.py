@@ -139,23 +139,30 @@ def test_a_duplicate_delivery_is_refused_by_the_lease(stack: Stack, client: http
     from app.queue import TRAIN_TASK
     from app.services.training_queues import training_queue
 
-    file_id = upload(client, chat_lines(30)).json()["id"]
+    file_id = upload(client, chat_lines(60)).json()["id"]
+    # Both workers consume before the job exists: one takes the job, the other stays idle and so takes the
+    # duplicate at once, while the job runs (30 steps of at least 0.15 s, on any machine).
     stack.start_worker("first", env=SLOW_STEPS)
+    stack.start_worker("second", env=SLOW_STEPS)
+    stack.wait_workers_ready("first", "second")
     job = create(client, file_id)
     wait_step(client, job["id"], 2)
-    stack.start_worker("second", env=SLOW_STEPS)  # idle, so it takes the duplicate at once
     Celery(broker=stack.env["ADAPTERY_BROKER_URL"]).send_task(TRAIN_TASK, args=[job["id"]],
                                                          queue=training_queue(job["model"], None))
+    deadline = time.monotonic() + budget(20)
+    while "not claimed" not in logs_of(stack, "first", "second") and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert "not claimed (status running)" in logs_of(stack, "first", "second"), "the duplicate was not refused"
     done = wait_for_status(client, job["id"], TERMINAL, timeout=120)
     assert done["status"] == "succeeded"
     started = [e for e in all_events(client, job["id"]) if e["message"].startswith("Fine-tuning job started")]
     assert len(started) == 1
-    deadline = time.monotonic() + budget(20)
-    while "not claimed" not in stack.log_tail("second", 100_000) and time.monotonic() < deadline:
-        time.sleep(0.2)
-    assert "not claimed" in stack.log_tail("second", 100_000)
     steps = [e["data"]["step"] for e in all_events(client, job["id"]) if e["type"] == "metrics"]
     assert steps == sorted(set(steps)), "each step trained exactly once"
+
+
+def logs_of(stack: Stack, *names: str) -> str:
+    return "".join(stack.log_tail(name, 100_000) for name in names)
 
 
 def test_a_visibility_timeout_shorter_than_the_job_trains_it_once(stack: Stack, client: httpx.Client) -> None:
