@@ -9,8 +9,8 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-import sqlalchemy as sa
 from sqlalchemy import Engine
+from sqlalchemy.orm import Session, sessionmaker
 
 from app.db import session as db_session
 from app.settings import Settings
@@ -60,5 +60,14 @@ def engine(database: str) -> Iterator[Engine]:
     engine.dispose()
 
 
-def backend_of(engine: Engine) -> str:
-    return str(sa.make_url(str(engine.url)).get_backend_name())
+@pytest.fixture()
+def session(engine: Engine) -> Iterator[Session]:
+    with sessionmaker(bind=engine, expire_on_commit=False)() as opened:
+        yield opened
+
+
+@pytest.fixture()
+def other(engine: Engine) -> Iterator[Session]:
+    """A second session on the same database: another process (a second worker, the API, the reaper)."""
+    with sessionmaker(bind=engine, expire_on_commit=False)() as opened:
+        yield opened

@@ -12,10 +12,8 @@ import multiprocessing
 import random
 import time
 from collections import Counter
-from collections.abc import Iterator
 from typing import Any
 
-import pytest
 from sqlalchemy import Engine, event, select
 from sqlalchemy.orm import Session, sessionmaker
 
@@ -25,12 +23,6 @@ from app.services import evaluations, jobs, webhooks
 RACERS = 4
 ROWS = 24
 LEASE = 30.0
-
-
-@pytest.fixture()
-def session(engine: Engine) -> Iterator[Session]:
-    with sessionmaker(bind=engine, expire_on_commit=False)() as opened:
-        yield opened
 
 
 def _race(url: str, action: str, owner: str, row_ids: list[str], barrier: Any, results: Any) -> None:

@@ -10,13 +10,13 @@ from __future__ import annotations
 
 import contextlib
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from typing import Any
 
 import pytest
-from sqlalchemy import Engine, select
+from sqlalchemy import select
 from sqlalchemy.exc import NoResultFound
-from sqlalchemy.orm import Session, sessionmaker
+from sqlalchemy.orm import Session
 
 from app.db.models import FineTuningJob, JobEvent, JobStatus
 from app.services import jobs
@@ -26,19 +26,6 @@ MAX_ATTEMPTS = 3
 REQUEUE_AFTER = 60.0
 ALL = list(JobStatus)
 TERMINAL = [JobStatus.succeeded, JobStatus.failed, JobStatus.cancelled]
-
-
-@pytest.fixture()
-def session(engine: Engine) -> Iterator[Session]:
-    with sessionmaker(bind=engine, expire_on_commit=False)() as session:
-        yield session
-
-
-@pytest.fixture()
-def other(engine: Engine) -> Iterator[Session]:
-    """A second session on the same database: another process (a second worker, the API, the reaper)."""
-    with sessionmaker(bind=engine, expire_on_commit=False)() as session:
-        yield session
 
 
 def make_job(session: Session, status: JobStatus = JobStatus.queued, **values: Any) -> str:
