@@ -52,6 +52,7 @@ soak: install
 bench: install
 	$(BIN)/python -m bench.serving --save
 	$(BIN)/python -m bench.training --save
+	$(BIN)/python -m bench.capacity --save
 
 clean:
 	rm -rf $(VENV) .cache .pytest_cache .mypy_cache .ruff_cache

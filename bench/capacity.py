@@ -4,9 +4,10 @@ each that a team needs, worked out from those figures.
 One phase at a time, so that no two phases share the CPU:
 
 1. training: an API (role api) and one training worker (`adaptery worker`); a LoRA job on the default base model
-   (SmolLM2-135M-Instruct) over examples/length_spread.jsonl. Measured: the worker's training speed (tokens/s,
-   the median over the job's metrics events) and the job's fixed cost (its wall time from creation to success
-   less its tokens at that speed: queueing, loading the model, validation, saving).
+   (SmolLM2-135M-Instruct) over examples/length_spread.jsonl, after a warm-up job on the worker. Measured: the
+   worker's training speed (tokens/s, the median over the job's metrics events) and the job's fixed cost (its
+   wall time from creation to success less its tokens at that speed: queueing, loading the model, tokenising,
+   saving; no validation file, so no validation or end report, which a job with one pays for too).
 2. inference: one inference replica (role inference, the default model) behind the API, `--adapters` LoRA
    adapters imported; `--clients` clients stream chat completions, each request for one of the adapters in turn,
    `--max-tokens` tokens each. Measured: output tokens/s of the replica, time to the first token, latency.
@@ -14,8 +15,10 @@ One phase at a time, so that no two phases share the CPU:
    `--clients` clients: requests/s and p95; and what the API's forwarding adds to a chat request, the same
    1-token request sent `--forward-requests` times through the API and straight to the replica.
 
-Then sizing: for each team size, the processes of each tier its load needs at the measured rates, from the
-per-person load given by the options (an assumption, printed with the table; change it to yours).
+The benchmark's own client shares the machine's cores with the process it measures, so on a small machine the
+API's figure is a lower bound. Then sizing: for each team size, the processes of each tier its load needs at
+the measured rates, from the per-person load given by the options (an assumption, printed with the table;
+change it to yours).
 
     python -m bench.capacity [--database-url URL] [--threads 2] [--save]
 """
@@ -42,6 +45,7 @@ from bench.common import RESULTS, ROOT, hardware, md_table, median, percentile, 
 KEY = "sk-ady-bench-capacity-key"
 INTERNAL_KEY = "bench-capacity-internal-key"
 DATASET = ROOT / "examples" / "length_spread.jsonl"
+WARM_UP_DATASET = ROOT / "examples" / "sentiment_train.jsonl"
 PROMPTS = ["Write a short story about a lighthouse keeper.", "Explain how rain forms, step by step.",
            "Describe a busy market in the morning.", "Give advice to someone learning to cook."]
 TEAM_SIZES = [5, 20, 100]
@@ -73,8 +77,10 @@ class Tiers:
         self.api_port, self.replica_port = free_port(), free_port()
         self.processes: dict[str, subprocess.Popen[bytes]] = {}
         for command in ("migrate", "prepare-model"):
-            subprocess.run([sys.executable, "-m", "app.cli", command], cwd=ROOT, env=self.env, check=True,
-                           capture_output=True)
+            done = subprocess.run([sys.executable, "-m", "app.cli", command], cwd=ROOT, env=self.env,
+                                  capture_output=True, text=True)
+            if done.returncode != 0:
+                raise RuntimeError(f"adaptery {command} failed:\n{done.stdout}{done.stderr}")
 
     def _spawn(self, name: str, command: list[str], env: dict[str, str]) -> None:
         metrics = self.workdir / f"metrics-{name}"
@@ -93,7 +99,13 @@ class Tiers:
         self._wait(f"{self.url}/health")
 
     def start_worker(self) -> None:
+        """A training worker, returned once it consumes (its heartbeat is fresh), so start-up is not timed."""
         self._spawn("worker", [sys.executable, "-m", "app.cli", "worker"], {})
+        deadline = time.monotonic() + 300
+        while not httpx.get(f"{self.url}/ready", timeout=5).json()["checks"]["worker"]["ok"]:
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"the worker did not start; see the logs in {self.workdir}")
+            time.sleep(0.3)
 
     def start_replica(self) -> None:
         self._spawn("replica", self._uvicorn(self.replica_port), {
@@ -141,26 +153,35 @@ class Tiers:
         return httpx.Client(base_url=base_url or self.url, headers={"Authorization": f"Bearer {KEY}"}, timeout=600)
 
 
+def train(client: httpx.Client, dataset: Path) -> tuple[dict[str, Any], float]:
+    """One LoRA job on the default model over `dataset`: the finished job and its wall time from creation."""
+    file_id = client.post("/v1/files", data={"purpose": "fine-tune"},
+                          files={"file": (dataset.name, dataset.read_bytes())}).raise_for_status().json()["id"]
+    started = time.monotonic()
+    job = client.post("/v1/fine_tuning/jobs", json={
+        "model": "SmolLM2-135M-Instruct", "training_file": file_id, "seed": 1,
+        "method": {"type": "lora", "lora": {"hyperparameters": {"n_epochs": 1}}}}).raise_for_status().json()
+    while job["status"] not in ("succeeded", "failed", "cancelled"):
+        time.sleep(0.5)
+        job = client.get(f"/v1/fine_tuning/jobs/{job['id']}").raise_for_status().json()
+    if job["status"] != "succeeded":
+        raise RuntimeError(f"the training job ended {job['status']}: {job.get('error')}")
+    return job, time.monotonic() - started
+
+
 def training_phase(tiers: Tiers) -> dict[str, Any]:
     tiers.start_api()
     tiers.start_worker()
     with tiers.client() as client:
-        file_id = client.post("/v1/files", data={"purpose": "fine-tune"},
-                              files={"file": (DATASET.name, DATASET.read_bytes())}).raise_for_status().json()["id"]
-        started = time.monotonic()
-        job = client.post("/v1/fine_tuning/jobs", json={
-            "model": "SmolLM2-135M-Instruct", "training_file": file_id, "seed": 1,
-            "method": {"type": "lora", "lora": {"hyperparameters": {"n_epochs": 1}}}}).raise_for_status().json()
-        while job["status"] not in ("succeeded", "failed", "cancelled"):
-            time.sleep(0.5)
-            job = client.get(f"/v1/fine_tuning/jobs/{job['id']}").json()
-        wall = time.monotonic() - started
-        if job["status"] != "succeeded":
-            raise RuntimeError(f"the training job ended {job['status']}: {job.get('error')}")
-        events = client.get(f"/v1/fine_tuning/jobs/{job['id']}/events", params={"limit": 100}).json()["data"]
+        train(client, WARM_UP_DATASET)  # the worker's first job pays for first allocations and a cold cache
+        job, wall = train(client, DATASET)
+        events = client.get(f"/v1/fine_tuning/jobs/{job['id']}/events",
+                            params={"limit": 1000}).raise_for_status().json()["data"]
     tiers.stop("worker")
     speeds = [e["data"]["tokens_per_second"] for e in events
               if e.get("type") == "metrics" and (e.get("data") or {}).get("tokens_per_second")]
+    if not speeds:
+        raise RuntimeError(f"the job {job['id']} logged no training speed")
     speed = median(speeds)
     tokens = job["trained_tokens"]
     return {"job": job["id"], "fine_tuned_model": job["fine_tuned_model"], "trained_tokens": tokens,
@@ -184,13 +205,14 @@ def import_adapters(tiers: Tiers, count: int) -> list[str]:
         for i, folder in enumerate(folders):
             parts = [("files", (n, (folder / n).read_bytes()))
                      for n in ("adapter_config.json", "adapter_model.safetensors")]
-            names.append(client.post("/v1/adapters", data={"name": f"capacity-{i:02d}"}, files=parts)
+            name = f"capacity-{tiers.workdir.name[-6:].lower()}-{i:02d}"  # unique per run: names are global
+            names.append(client.post("/v1/adapters", data={"name": name}, files=parts)
                          .raise_for_status().json()["name"])
     return names
 
 
 def stream_chat(client: httpx.Client, model: str, prompt: str, max_tokens: int) -> tuple[float, float, int]:
-    """(time to first token, total time, tokens) of one streamed chat completion."""
+    """(time to first token, total time, tokens) of one streamed chat completion; an error or no answer raises."""
     started = time.perf_counter()
     first, tokens = None, 0
     with client.stream("POST", "/v1/chat/completions", json={
@@ -202,11 +224,15 @@ def stream_chat(client: httpx.Client, model: str, prompt: str, max_tokens: int) 
             if not line.startswith("data: ") or line == "data: [DONE]":
                 continue
             chunk = json.loads(line[6:])
+            if "error" in chunk:
+                raise RuntimeError(f"{model}: {chunk['error']}")
             if chunk.get("usage"):
                 tokens = chunk["usage"]["completion_tokens"]
             if first is None and any(c.get("delta", {}).get("content") for c in chunk.get("choices", [])):
                 first = time.perf_counter() - started
-    return first or 0.0, time.perf_counter() - started, tokens
+    if first is None or not tokens:
+        raise RuntimeError(f"{model}: the stream ended without content or usage")
+    return first, time.perf_counter() - started, tokens
 
 
 def inference_phase(tiers: Tiers, models: list[str], args: argparse.Namespace) -> dict[str, Any]:
@@ -302,7 +328,8 @@ def render(report: dict[str, Any], args: argparse.Namespace) -> str:
             f"{args.chats_per_person_per_hour} chat requests of {args.output_tokens} output tokens, and "
             f"{args.polls_per_person_per_s} API reads a second (a console or client watching a job).")
     return (f"## Capacity per process ({report['hardware']['cpu_model']}, {report['hardware']['nproc']} cores, "
-            f"torch threads {args.threads}, database {report['database']})\n\n{measured}\n\n"
+            f"torch threads {args.threads}, database {report['database']}, broker {report['broker']})\n\n"
+            f"{measured}\n\nThe benchmark's client runs on the same cores as the process it measures.\n\n"
             f"## Processes a team needs at these rates\n\n{load}\n\n{needs}\n")
 
 
@@ -328,7 +355,7 @@ def main() -> None:
 
     workdir = Path(tempfile.mkdtemp(prefix="adaptery-bench-capacity-"))
     tiers = Tiers(workdir, args)
-    try:
+    try:  # the folder (the processes' logs) is removed only after a run that worked
         training = training_phase(tiers)
         print(f"training: {training['tokens_per_s']:.0f} tokens/s, fixed cost {training['fixed_cost_s']:.0f} s",
               flush=True)
@@ -337,11 +364,15 @@ def main() -> None:
         inference = inference_phase(tiers, models, args)
         print(f"inference: {inference['output_tokens_per_s']:.0f} tokens/s", flush=True)
         control = control_phase(tiers, training["job"], args)
-    finally:
+    except BaseException:
         tiers.stop_all()
-        shutil.rmtree(workdir, ignore_errors=True)
-    database = httpx.URL(tiers.env["ADAPTERY_DATABASE_URL"].replace("+psycopg", "")).scheme
-    report: dict[str, Any] = {"setup": vars(args), "hardware": hardware(), "database": database,
+        print(f"failed; the processes' logs are in {workdir}", file=sys.stderr)
+        raise
+    tiers.stop_all()
+    shutil.rmtree(workdir, ignore_errors=True)
+    database = tiers.env["ADAPTERY_DATABASE_URL"].split(":", 1)[0].split("+", 1)[0]
+    broker = (args.broker_url or "embedded").split(":", 1)[0]
+    report: dict[str, Any] = {"setup": vars(args), "hardware": hardware(), "database": database, "broker": broker,
                               "training": training, "inference": inference, "control": control}
     report["sizing"] = sizing(training, inference, control, args)
     text = render(report, args)
