@@ -41,6 +41,7 @@ from typing import Any
 import httpx
 
 from bench.common import RESULTS, ROOT, hardware, md_table, median, percentile, rounded
+from bench.routing import free_port
 
 KEY = "sk-ady-bench-capacity-key"
 INTERNAL_KEY = "bench-capacity-internal-key"
@@ -49,14 +50,6 @@ WARM_UP_DATASET = ROOT / "examples" / "sentiment_train.jsonl"
 PROMPTS = ["Write a short story about a lighthouse keeper.", "Explain how rain forms, step by step.",
            "Describe a busy market in the morning.", "Give advice to someone learning to cook."]
 TEAM_SIZES = [5, 20, 100]
-
-
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 class Tiers:
