@@ -190,11 +190,11 @@ def main() -> None:
 
     from app.services import base_models
     from app.settings import DEFAULT_BASE_MODEL, Settings
-    from tests.tiny_model import build_tiny_model
+    from tests.tiny_model import build_tiny_model, tiny_model_folder
 
     settings = Settings()
     default_dir = base_models.local_path(settings, base_models.resolve(settings, DEFAULT_BASE_MODEL))
-    tiny = build_tiny_model(ROOT / ".cache" / "models" / "tiny-llama", default_dir)
+    tiny = build_tiny_model(tiny_model_folder(ROOT / ".cache" / "models"), default_dir)
     workdir = Path(tempfile.mkdtemp(prefix="adaptery-bench-routing-"))
     tiers = Tiers(workdir, tiny, args)
     try:

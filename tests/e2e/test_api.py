@@ -16,7 +16,6 @@ from tests.budgets import budget
 from tests.conftest import AUTH, Stack, all_events, chat_lines, upload, wait_for_status
 from tests.tiny_model import TINY_MODEL_ID
 
-# Learning rates high enough that a tiny random model visibly learns the answer in a few epochs.
 
 def method_hyperparameters(method: str) -> dict[str, Any]:
     """A learning rate high enough for the tiny random model to learn in 32 steps, from the method's default."""
@@ -203,7 +202,11 @@ def test_train_and_serve_each_method(client: httpx.Client, stack: Stack, tiny_mo
     losses = [m["train_loss"] for m in metrics]
     assert sum(losses[-4:]) / 4 < sum(losses[:4]) / 4, losses
     valid_losses = [m["valid_loss"] for m in metrics if "valid_loss" in m]
-    assert len(valid_losses) >= 2 and valid_losses[-1] < valid_losses[0]
+    # Every method lowers the tiny model's validation loss by 0.35-3 nats here, in float32 and bfloat16
+    # (tests/tiny_model.py says why it can); 0.2 is well above run-to-run noise and well below what they learn.
+    assert len(valid_losses) >= 2 and valid_losses[-1] < valid_losses[0] - 0.2, valid_losses
+    report = job["result"]
+    assert report["full_valid_loss"] < report["base_model"]["full_valid_loss"] - 1.0, report
     assert {"step", "train_loss", "learning_rate", "epoch"} <= set(metrics[-1])
     assert events[-1]["message"] == "The job has successfully completed."
 

@@ -11,7 +11,8 @@ Admin operations are fuzzed with the admin key, the rest with a tenant's key.
 `fuzz()` is also the measuring tool, e.g. 25 examples per operation with seed 90210 against a running stack
 started as tests/conftest.py's `stack` fixture starts one (test keys, the tiny model):
     python -c "from pathlib import Path; from tests.e2e.test_fuzz import *
-    teach_generators(adapter_archives(Path('.cache/models/tiny-llama')))
+    from tests.tiny_model import tiny_model_folder
+    teach_generators(adapter_archives(tiny_model_folder(Path('.cache/models'))))
     print(fuzz('http://127.0.0.1:<port>', examples=25, seed=90210))"
 """
 
