@@ -27,7 +27,7 @@ import httpx
 import pytest
 
 from tests import budgets, services
-from tests.tiny_model import TINY_MODEL_ID, build_tiny_model
+from tests.tiny_model import TINY_MODEL_ID, build_tiny_model, tiny_model_folder
 
 ROOT = Path(__file__).resolve().parent.parent
 MODEL_CACHE = ROOT / ".cache" / "models"
@@ -61,7 +61,7 @@ def default_model_dir() -> Path:
 
 @pytest.fixture(scope="session")
 def tiny_model_dir(default_model_dir: Path) -> Path:
-    return build_tiny_model(MODEL_CACHE / TINY_MODEL_ID, str(default_model_dir))
+    return build_tiny_model(tiny_model_folder(MODEL_CACHE), str(default_model_dir))
 
 
 @pytest.fixture(scope="session")
@@ -171,6 +171,46 @@ def pytest_sessionstart(session: pytest.Session) -> None:
         pytest.exit(f"{' and '.join(missing)} not found: the tests start throwaway servers of their own. Install "
                     f"them with: {services.INSTALL_HINT}  (or point ADAPTERY_TEST_REDIS_URL / "
                     "ADAPTERY_TEST_POSTGRES_URL at servers you can spare)", returncode=4)
+
+
+# ------------------------------------------------------------------ tiers
+
+# Every test is in one tier (docs/tests.md). `e2e`: it crosses a process or needs a server (everything under
+# tests/e2e and tests/soak, and tests elsewhere marked pytest.mark.e2e). `fast`: everything else, in this process
+# (`make check`).
+# A fast test may not start a server or listen on a port: the guard below turns either into an error naming the
+# fix, so a test cannot land in the wrong tier unnoticed.
+E2E_FOLDERS = (Path(__file__).parent / "e2e", Path(__file__).parent / "soak")
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    for item in items:
+        if any(item.path.is_relative_to(folder) for folder in E2E_FOLDERS):
+            item.add_marker(pytest.mark.e2e)
+        if item.get_closest_marker("e2e") is None:
+            item.add_marker(pytest.mark.fast)
+
+
+def _refuse_to_listen(sock: Any, *args: Any) -> None:
+    raise RuntimeError("a fast-tier test opened a listening socket: the fast tier uses no network ports. Mark the "
+                       "test e2e (pytest.mark.e2e) or move it to tests/e2e.")
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_protocol(item: pytest.Item, nextitem: pytest.Item | None) -> Iterator[None]:
+    """While a fast-tier test runs (its fixtures included), no server starts and no socket listens."""
+    if item.get_closest_marker("fast") is None:
+        yield
+        return
+    import socket
+
+    services.servers_allowed = False
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(socket.socket, "listen", _refuse_to_listen)
+        try:
+            yield
+        finally:
+            services.servers_allowed = True
 
 
 def pytest_terminal_summary(terminalreporter: Any) -> None:

@@ -27,6 +27,16 @@ class MissingServer(RuntimeError):
     pass
 
 
+# False while a fast-tier test runs (tests/conftest.py): starting a server then is a mistake in the test's tier.
+servers_allowed = True
+
+
+def _may_start(what: str) -> None:
+    if not servers_allowed:
+        raise RuntimeError(f"a fast-tier test asked for {what}: the fast tier starts no servers. Mark the test "
+                           "e2e (pytest.mark.e2e) or move it to tests/e2e.")
+
+
 def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
@@ -78,6 +88,7 @@ def _stop(process: subprocess.Popen[bytes], sig: int = signal.SIGTERM) -> None:
 @contextmanager
 def _server(prefix: str, command: Callable[[int, Path], list[str]]) -> Iterator[int]:
     """A server process on a free port with a scratch folder of its own; yields the port once it listens."""
+    _may_start(prefix.strip("-"))
     workdir = Path(tempfile.mkdtemp(prefix=prefix))
     port = free_port()
     log = workdir / "server.log"
@@ -144,6 +155,7 @@ def _server_user() -> str | None:
 @contextmanager
 def postgres_server() -> Iterator[str]:
     """A PostgreSQL cluster in a temporary folder on a free port (trust auth, no fsync); yields the admin URL."""
+    _may_start("a PostgreSQL server")
     bindir = postgres_bindir()
     user = _server_user()
     workdir = Path(tempfile.mkdtemp(prefix="adaptery-test-postgres-"))

@@ -15,6 +15,9 @@ import yaml
 
 from app.settings import Settings
 
+# End-to-end tier: the real docker-compose and Dockerfile tools check the deployment files.
+pytestmark = pytest.mark.e2e
+
 ROOT = Path(__file__).resolve().parent.parent
 
 

@@ -12,6 +12,9 @@ import pytest
 from adapters.store import ADAPTER_CONFIG, ADAPTER_WEIGHTS, COMPLETE, ArtifactStore, IncompleteArtifact, ObjectStore
 from tests.conftest import new_bucket
 
+# End-to-end tier: the object store is moto's server, a process of its own.
+pytestmark = pytest.mark.e2e
+
 
 @pytest.fixture
 def hosts(tmp_path: Path, s3_endpoint: str) -> tuple[ArtifactStore, ArtifactStore]:

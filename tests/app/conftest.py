@@ -16,7 +16,8 @@ from app.db import session as db_session
 from app.settings import Settings
 from tests.conftest import postgres_database
 
-BACKENDS = ["sqlite", "postgresql"]
+# SQLite in the fast tier; PostgreSQL needs a server, so its runs are in the end-to-end tier.
+BACKENDS = [pytest.param("sqlite", id="sqlite"), pytest.param("postgresql", id="postgresql", marks=pytest.mark.e2e)]
 
 
 def _migrate(url: str, folder: Path) -> None:

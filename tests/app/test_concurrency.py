@@ -14,11 +14,15 @@ import time
 from collections import Counter
 from typing import Any
 
+import pytest
 from sqlalchemy import Engine, event, select
 from sqlalchemy.orm import Session, sessionmaker
 
 from app.db.models import Evaluation, EvaluationStatus, FineTuningJob, JobStatus, WebhookDelivery, WebhookEndpoint
 from app.services import evaluations, jobs, webhooks
+
+# End-to-end tier: the racers are separate processes.
+pytestmark = pytest.mark.e2e
 
 RACERS = 4
 ROWS = 24

@@ -17,6 +17,9 @@ from workers.training.loop import Cancelled, TrainingCallbacks, train
 from workers.training.memory import MemoryPlan
 from workers.training.parallel import DataParallel, Replicas, ReplicaSpec
 
+# End-to-end tier: the ranks are separate processes talking over gloo's sockets.
+pytestmark = pytest.mark.e2e
+
 SEED = 5
 # Methods with packed rows (LoRA), a budget schedule and a loss penalty (AdaLoRA), and padded rows (prefix).
 PARALLEL_METHODS = ["lora", "adalora", "prefix_tuning"]
