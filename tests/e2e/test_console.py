@@ -1,7 +1,8 @@
 """The web console in a real headless Chromium (Debian's package, driven by Playwright; nothing downloads a
 browser) against a real API and worker: sign in, upload a good and a bad dataset, start a job from the form and
 watch its curves gain points, pause and resume it, reload and see the same history, cancel a job, manage an
-adapter and chat with the base model and the adapter side by side.
+adapter and chat with the base model and the adapter side by side. What the console is built on (its page and
+assets, the methods' schema, a file's stats and preview) is checked without a browser: tests/api/test_console_api.py.
 
 Set ADAPTERY_CONSOLE_SCREENSHOTS to a folder (docs/ for the README's pictures) to keep a screenshot of each page.
 """
@@ -105,19 +106,6 @@ def points(page: Page, chart: str, series: str) -> int:
 
 def metrics_events(client: httpx.Client, job_id: str) -> list[dict[str, Any]]:
     return [e for e in all_events(client, job_id) if e["type"] == "metrics"]
-
-
-def test_the_console_is_served_at_the_root_with_its_assets_and_no_other_origin(stack: Stack) -> None:
-    page = httpx.get(f"{stack.base_url}/", timeout=10)
-    assert page.status_code == 200 and "text/html" in page.headers["content-type"]
-    assert "default-src 'self'" in page.headers["content-security-policy"]
-    for asset in ("console.js", "api.js", "chart.js", "console.css"):
-        served = httpx.get(f"{stack.base_url}/console/{asset}", timeout=10)
-        assert served.status_code == 200, asset
-        # No address of another origin (the SVG namespace is a name, never fetched).
-        text = served.text.replace("http://www.w3.org/2000/svg", "")
-        assert "http://" not in text and "https://" not in text and "//cdn" not in text, asset
-    assert httpx.get(f"{stack.base_url}/console/missing.js", timeout=10).status_code == 404
 
 
 def test_sign_in_refuses_a_wrong_key_then_keeps_the_right_one_across_a_reload(page: Page) -> None:
@@ -306,67 +294,3 @@ def test_another_tenant_signed_in_sees_none_of_these_objects(page: Page, stack: 
     shown = {row.get_attribute("data-adapter") for row in page.locator("#adapters tr[data-adapter]").all()}
     assert shown == visible_to_b  # exactly what B's key may see: A's private adapters are not among them
     assert "console-imported" not in page.locator("#adapters").inner_text()
-
-
-# ------------------------------------------------------------------ the endpoints the console builds on
-
-
-def test_methods_publish_the_schema_requests_are_validated_with(client: httpx.Client) -> None:
-    training = upload(client, chat_lines(24), "console-methods.jsonl").json()["id"]
-    listed = client.get("/v1/fine_tuning/methods", params={"model": TINY_MODEL_ID, "training_file": training})
-    assert listed.status_code == 200, listed.text
-    methods = listed.json()["data"]
-    from adapters.methods import METHODS
-
-    assert [m["id"] for m in methods] == list(METHODS)
-    assert sum(m["default"] for m in methods) == 1
-    checked = 0
-    for method in methods:
-        # Every field has a default but the multiplier, which only scales the default learning rate.
-        assert set(method["hyperparameters"]["properties"]) - set(method["defaults"]) == {"learning_rate_multiplier"}
-        for name, schema in method["hyperparameters"]["properties"].items():
-            outside = []
-            if "maximum" in schema:
-                outside.append(schema["maximum"] + 1)
-            if "minimum" in schema:
-                outside.append(schema["minimum"] - 1)
-            if "exclusiveMinimum" in schema:
-                outside.append(schema["exclusiveMinimum"])
-            for value in outside:  # every published bound is one the API enforces, naming the field
-                refused = client.post("/v1/fine_tuning/jobs", json={
-                    "model": TINY_MODEL_ID, "training_file": training,
-                    "method": {"type": method["id"], method["id"]: {"hyperparameters": {name: value}}}})
-                assert refused.status_code == 400, (method["id"], name, value, refused.text)
-                assert refused.json()["error"]["param"] == f"method.{method['id']}.hyperparameters.{name}"
-                checked += 1
-    assert checked >= 60
-
-    # The defaults are what a job gets when it gives none.
-    default = next(m for m in methods if m["default"])
-    job = client.post("/v1/fine_tuning/jobs", json={"model": TINY_MODEL_ID, "training_file": training}).json()
-    client.post(f"/v1/fine_tuning/jobs/{job['id']}/cancel")
-    assert job["hyperparameters"] == default["defaults"]
-    # Without a file, the size-dependent defaults stay "auto"; an unknown model or file is a clear 404.
-    plain = client.get("/v1/fine_tuning/methods").json()["data"][0]["defaults"]
-    assert plain["n_epochs"] == "auto" and plain["batch_size"] == "auto"
-    unknown = client.get("/v1/fine_tuning/methods", params={"model": "no-such-model"})
-    assert unknown.status_code == 404 and unknown.json()["error"]["param"] == "model"
-    missing = client.get("/v1/fine_tuning/methods", params={"training_file": "file-missing"})
-    assert missing.status_code == 404 and missing.json()["error"]["param"] == "training_file"
-
-
-def test_a_file_has_length_stats_and_a_preview_of_its_first_examples(client: httpx.Client) -> None:
-    lines = [json.dumps({"prompt": "word " * n, "completion": " yes"}) for n in (1, 5, 50, 120)]
-    created = upload(client, "\n".join(lines[:2]) + "\n\n" + "\n".join(lines[2:]) + "\n", "lengths.jsonl").json()
-    stats = created["stats"]
-    histogram = stats["length_histogram"]
-    assert sum(histogram["counts"]) == 4 and len(histogram["bin_edges"]) == len(histogram["counts"]) + 1
-    assert stats["max_tokens"] <= histogram["bin_edges"][-1] and stats["min_tokens"] < stats["max_tokens"]
-    assert 0 < stats["trained_tokens"] < created["n_tokens"]
-    assert client.get(f"/v1/files/{created['id']}").json()["stats"] == stats
-    preview = client.get(f"/v1/files/{created['id']}/preview", params={"limit": 3}).json()["data"]
-    # Line numbers are the file's own (line 3 is blank).
-    assert [row["line"] for row in preview] == [1, 2, 4]
-    assert [row["example"] for row in preview] == [json.loads(line) for line in lines[:3]]
-    assert client.get(f"/v1/files/{created['id']}/preview", params={"limit": 0}).status_code == 400
-    assert client.get("/v1/files/file-missing/preview").status_code == 404

@@ -3,7 +3,8 @@
 One stack and two fine-tuned models (a weight method and a prompt-learning one) are shared by the module.
 The worker's numbers are checked against the same metric functions run here, in this process, on a freshly
 loaded base model per adapter, so applying and removing adapters one after another in the worker changes
-nothing; refusals name the field; another tenant sees nothing; recovery goes through the reaper.
+nothing; recovery goes through the reaper. Refusals, pages, idempotency and tenants are checked in this process:
+tests/api/test_evaluations.py.
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ from sqlalchemy.orm import Session
 
 from adapters.methods import DEFAULT_METHOD, METHODS
 from tests.budgets import JOB_DONE, budget
-from tests.conftest import ADMIN_KEY, Stack, chat_lines, running_stack, upload, wait_for_status
+from tests.conftest import Stack, chat_lines, running_stack, upload, wait_for_status
 from tests.e2e.test_api import adapter_folder
 from tests.tiny_model import TINY_MODEL_ID
 
@@ -71,15 +72,6 @@ def trained(client: httpx.Client, stack: Stack, files: dict[str, str]) -> dict[s
     return {"jobs": done, "weights": done[DEFAULT_METHOD]["fine_tuned_model"],
             "prompt": done[PROMPT_METHOD]["fine_tuned_model"],
             "checkpoint": checkpoints[-1]["fine_tuned_model_checkpoint"]}
-
-
-@pytest.fixture(scope="module")
-def tenant_b(stack: Stack) -> Iterator[httpx.Client]:
-    with httpx.Client(base_url=stack.base_url, headers={"Authorization": f"Bearer {ADMIN_KEY}"}) as admin:
-        key = admin.post("/v1/admin/tenants", json={"name": "evaluations-b"}).json()["api_key"]
-    with httpx.Client(base_url=stack.base_url, headers={"Authorization": f"Bearer {key}"},
-                      timeout=budget(60)) as b:
-        yield b
 
 
 def evaluate(client: httpx.Client, body: dict[str, Any], **kwargs: Any) -> httpx.Response:
@@ -197,131 +189,6 @@ def test_the_adapter_beats_the_base_model_on_its_training_file(client: httpx.Cli
     assert (tuned["model"], base["model"]) == tuple(models)
     assert tuned["loss"] < base["loss"] and tuned["mean_token_accuracy"] >= base["mean_token_accuracy"]
     assert tuned["tokens"] == base["tokens"] and tuned["exact_match_examples"] == 16
-
-
-# ------------------------------------------------------------------ refusals
-
-
-def insert_file(stack: Stack, *, purpose: str, status: str) -> str:
-    """A file row the upload route cannot make (it accepts only processed fine-tune files)."""
-    from app.db.models import File
-
-    file_id = f"file-{purpose.replace('-', '')}{status}"
-    engine = sa.create_engine(stack.env["ADAPTERY_DATABASE_URL"])
-    with Session(engine) as session:
-        if session.get(File, file_id) is None:
-            session.add(File(id=file_id, tenant_id="default", filename="x.jsonl", purpose=purpose, bytes=1,
-                             status=status, deleted=False))
-            session.commit()
-    engine.dispose()
-    return file_id
-
-
-REFUSALS = [
-    # (case, body or a function of the module's names, status, param, code)
-    ("unknown file", lambda n: {"file": "file-missing", "models": [TINY_MODEL_ID]}, 400, "file", "invalid_file"),
-    ("wrong purpose", lambda n: {"file": n["assistants"], "models": [TINY_MODEL_ID]}, 400, "file", "invalid_file"),
-    ("unprocessed file", lambda n: {"file": n["error"], "models": [TINY_MODEL_ID]}, 400, "file", "invalid_file"),
-    ("unknown model", lambda n: {"file": n["valid"], "models": [TINY_MODEL_ID, "ft:nope"]}, 404, "models[1]",
-     "model_not_found"),
-    ("mixed base models", lambda n: {"file": n["valid"], "models": [n["weights"], "SmolLM2-135M-Instruct"]}, 400,
-     "models[1]", "mixed_base_models"),
-    ("no models", lambda n: {"file": n["valid"], "models": []}, 400, "models", "invalid_request"),
-    ("nine models", lambda n: {"file": n["valid"], "models": [f"m{i}" for i in range(9)]}, 400, "models",
-     "invalid_request"),
-    ("duplicate", lambda n: {"file": n["valid"], "models": [TINY_MODEL_ID, n["weights"], TINY_MODEL_ID]}, 400,
-     "models[2]", "duplicate_model"),
-    ("the same base model by its alias", lambda n: {"file": n["valid"], "models": [
-        "SmolLM2-135M-Instruct", "smollm2-135m-instruct"]}, 400, "models[1]", "duplicate_model"),
-    ("empty model name", lambda n: {"file": n["valid"], "models": [""]}, 400, "models[0]", "invalid_request"),
-    ("unknown field", lambda n: {"file": n["valid"], "models": [TINY_MODEL_ID], "surprise": 1}, 400, "surprise",
-     "invalid_request"),
-]
-
-
-@pytest.mark.parametrize(("case", "body", "status", "param", "code"), REFUSALS, ids=[r[0] for r in REFUSALS])
-def test_refusals_name_the_field(client: httpx.Client, stack: Stack, files: dict[str, str], trained: dict[str, Any],
-                                 case: str, body: Any, status: int, param: str, code: str) -> None:
-    names = {**files, **trained, "assistants": insert_file(stack, purpose="assistants", status="processed"),
-             "error": insert_file(stack, purpose="fine-tune", status="error")}
-    before = [e["id"] for e in client.get("/v1/evaluations", params={"limit": 100}).json()["data"]]
-    response = evaluate(client, body(names))
-    assert response.status_code == status, response.text
-    error = response.json()["error"]
-    assert (error["param"], error["code"]) == (param, code), error
-    if param.startswith("models["):
-        assert "models" in error["message"] or "model" in error["message"]
-    after = [e["id"] for e in client.get("/v1/evaluations", params={"limit": 100}).json()["data"]]
-    assert after == before  # nothing stored
-
-
-def test_unknown_ids_and_cursors_are_404(client: httpx.Client) -> None:
-    for path, params in (("/v1/evaluations/eval-nope", {}), ("/v1/evaluations", {"after": "eval-nope"})):
-        response = client.get(path, params=params)
-        assert response.status_code == 404 and response.json()["error"]["code"] == "not_found", path
-
-
-# ------------------------------------------------------------------ tenants, pages, idempotency
-
-
-def test_another_tenant_sees_and_uses_nothing(client: httpx.Client, stack: Stack, tenant_b: httpx.Client,
-                                              files: dict[str, str], trained: dict[str, Any]) -> None:
-    own = client.get("/v1/evaluations", params={"limit": 100}).json()["data"]
-    assert own, "the tests above created evaluations"
-    for evaluation in own:
-        missing = tenant_b.get(f"/v1/evaluations/{evaluation['id']}")
-        assert missing.status_code == 404 and missing.json()["error"]["code"] == "not_found"
-        assert tenant_b.get("/v1/evaluations", params={"after": evaluation["id"]}).status_code == 404
-    assert tenant_b.get("/v1/evaluations").json()["data"] == []
-    # Naming A's file or A's model answers exactly as naming ones that do not exist.
-    b_file = upload(tenant_b, VALID).json()["id"]
-    pairs = [({"file": files["valid"], "models": [TINY_MODEL_ID]}, {"file": "file-missing", "models": [TINY_MODEL_ID]}),
-             ({"file": b_file, "models": [trained["weights"]]}, {"file": b_file, "models": ["ft:does-not-exist"]})]
-    for as_a, as_missing in pairs:
-        got, expected = evaluate(tenant_b, as_a), evaluate(tenant_b, as_missing)
-        assert got.status_code == expected.status_code and got.status_code in (400, 404)
-        assert got.json()["error"]["param"] == expected.json()["error"]["param"]
-    # A public adapter may be evaluated by everyone.
-    adapter_id = next(a["id"] for a in client.get("/v1/adapters").json()["data"] if a["name"] == trained["weights"])
-    with httpx.Client(base_url=stack.base_url, headers={"Authorization": f"Bearer {ADMIN_KEY}"}) as admin:
-        admin.post(f"/v1/admin/adapters/{adapter_id}/visibility", json={"public": True}).raise_for_status()
-        try:
-            accepted = evaluate(tenant_b, {"file": b_file, "models": [TINY_MODEL_ID, trained["weights"]]})
-        finally:
-            admin.post(f"/v1/admin/adapters/{adapter_id}/visibility", json={"public": False}).raise_for_status()
-    assert accepted.status_code == 200, accepted.text
-    assert [e["id"] for e in tenant_b.get("/v1/evaluations").json()["data"]] == [accepted.json()["id"]]
-    assert accepted.json()["id"] not in {e["id"] for e in client.get("/v1/evaluations", params={"limit": 100})
-                                         .json()["data"]}
-
-
-def test_pages_newest_first_and_idempotency(client: httpx.Client, files: dict[str, str]) -> None:
-    body = {"file": files["valid"], "models": [TINY_MODEL_ID]}
-    created = [evaluate(client, body).json()["id"] for _ in range(3)]
-    key = {"Idempotency-Key": "evaluation-key-1"}
-    first, again = evaluate(client, body, headers=key), evaluate(client, body, headers=key)
-    assert first.status_code == again.status_code == 200 and again.headers.get("idempotent-replayed") == "true"
-    assert again.json()["id"] == first.json()["id"]
-    other = evaluate(client, {**body, "metadata": {"x": "y"}}, headers=key)
-    assert other.status_code == 409 and other.json()["error"]["code"] == "idempotency_key_reused"
-    created.append(first.json()["id"])
-
-    everything = client.get("/v1/evaluations", params={"limit": 100}).json()["data"]
-    assert [e["id"] for e in everything[:4]] == created[::-1]
-    assert [e["created_at"] for e in everything] == sorted((e["created_at"] for e in everything), reverse=True)
-    pages, after = [], None
-    while True:
-        params: dict[str, Any] = {"limit": 2, **({"after": after} if after else {})}
-        page = client.get("/v1/evaluations", params=params).json()
-        assert len(page["data"]) <= 2
-        pages += [e["id"] for e in page["data"]]
-        if not page["has_more"]:
-            break
-        assert page["last_id"] == page["data"][-1]["id"]
-        after = page["last_id"]
-    assert pages == [e["id"] for e in everything]
-    for evaluation_id in created:
-        assert wait_for_evaluation(client, evaluation_id)["status"] == "succeeded"
 
 
 # ------------------------------------------------------------------ recovery

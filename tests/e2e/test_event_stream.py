@@ -1,5 +1,6 @@
 """GET /v1/fine_tuning/jobs/{id}/events?stream=true against a real worker: the whole history and then each
-new event exactly once and in order, across a reconnect with Last-Event-ID, ending with the job."""
+new event exactly once and in order, across a reconnect with Last-Event-ID, ending with the job. What is wrong with
+a stream request is answered in this process: tests/api/test_events.py."""
 
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ import httpx
 from httpx_sse import connect_sse
 
 from tests.budgets import budget
-from tests.conftest import Stack, all_events, chat_lines, upload, wait_for_status
+from tests.conftest import Stack, all_events, chat_lines, upload
 from tests.tiny_model import TINY_MODEL_ID
 
 
@@ -74,16 +75,3 @@ def test_a_reconnect_with_last_event_id_resumes_without_gaps_or_duplicates(stack
     # A finished job's stream is its history and the end, at once.
     replay, end = read_stream(client, job_id)
     assert [e["id"] for e in replay] == combined and end is not None
-
-
-def test_stream_errors_name_what_is_wrong(stack: Stack, client: httpx.Client) -> None:
-    job_id = wait_for_status(client, start_job(client, n_examples=4), {"succeeded"})["id"]
-    bad = client.get(f"/v1/fine_tuning/jobs/{job_id}/events", params={"stream": "true"},
-                     headers={"Last-Event-ID": "ftevent-nope"})
-    assert bad.status_code == 400
-    assert bad.json()["error"]["param"] == "Last-Event-ID"
-    missing = client.get("/v1/fine_tuning/jobs/ftjob-nope/events", params={"stream": "true"})
-    assert missing.status_code == 404
-    with httpx.Client(base_url=stack.base_url) as anonymous:
-        refused = anonymous.get(f"/v1/fine_tuning/jobs/{job_id}/events", params={"stream": "true"})
-        assert refused.status_code == 401

@@ -1,7 +1,8 @@
 """What a job reports about its quality and the controls users of hosted services rely on, end to end through
 the real API and a real worker: checkpoint metrics and the end report against the base model, curves as
 TensorBoard files and JSON, early stopping that keeps the best checkpoint, learning-rate schedules, starting
-from an earlier fine-tuned model, and estimated_finish."""
+from an earlier fine-tuned model, and estimated_finish. Refusals that need no trained model are checked in this
+process: tests/api/test_jobs.py."""
 
 from __future__ import annotations
 
@@ -144,13 +145,6 @@ def test_early_stopping_keeps_the_best_checkpoint(client: httpx.Client, stack: S
     assert any("Early stopping" in e["message"] for e in all_events(client, job["id"]))
 
 
-def test_early_stopping_needs_a_validation_file(client: httpx.Client, files: dict[str, str]) -> None:
-    refused = client.post("/v1/fine_tuning/jobs", json={"model": TINY_MODEL_ID, "training_file": files["train"],
-                                                        "method": lora(early_stopping_patience=2)})
-    assert refused.status_code == 400
-    assert refused.json()["error"]["param"] == "method.lora.hyperparameters.early_stopping_patience"
-
-
 @pytest.mark.parametrize("schedule", ["constant", "cosine"])
 def test_learning_rate_schedules(client: httpx.Client, files: dict[str, str], schedule: str) -> None:
     job = start(client, training_file=files["train"], method=lora(n_epochs=2, lr_scheduler=schedule,
@@ -194,8 +188,8 @@ def test_a_job_continues_from_a_fine_tuned_model(client: httpx.Client, stack: St
     assert first < fresh - 0.5
 
 
+# Those that need a trained source model; an unknown from_model is refused in tests/api/test_jobs.py.
 REFUSALS = [
-    ({"from_model": "ft:nope"}, 404, "from_model"),
     ({"from_model": "{source}", "method": {"type": "ia3"}}, 400, "method.type"),
     ({"from_model": "{source}", "method": {"type": "lora", "lora": {"hyperparameters": {"r": 4}}}}, 400,
      "method.lora.hyperparameters.r"),

@@ -1,45 +1,49 @@
-"""Property-based fuzzing of the whole API from its own OpenAPI document (schemathesis), bounded and
-deterministic, with every check schemathesis has: no 5xx; every status code, content type, header and
-body documented and matching its schema; schema-invalid requests refused; schema-valid requests accepted.
+"""Property-based fuzzing of the whole API from its own OpenAPI document (schemathesis), against the real app in
+this process (schemathesis' ASGI transport), bounded and deterministic, with every check schemathesis has: no 5xx;
+every status code, content type, header and body documented and matching its schema; schema-invalid requests
+refused; schema-valid requests accepted.
 
 Each operation gets positive and negative cases, as `schemathesis run` draws them. What no schema can say
 about a request, the generators are taught with schemathesis' own custom formats: a training file
 (format "jsonl") holds JSONL examples, an adapter archive (format "adapter-archive") a real adapter, a
 webhook URL (format "webhook-url") names an address webhooks may be sent to.
-Admin operations are fuzzed with the admin key, the rest with a tenant's key.
+Admin operations are fuzzed with the admin key, the rest with a tenant's key. No worker runs in this tier: jobs and
+evaluations the fuzzer creates stay queued (their messages go to the test broker).
 
-`fuzz()` is also the measuring tool, e.g. 25 examples per operation with seed 90210 against a running stack
-started as tests/conftest.py's `stack` fixture starts one (test keys, the tiny model):
-    python -c "from pathlib import Path; from tests.e2e.test_fuzz import *
+`fuzz()` is also the measuring tool, against this app in process (`Served(app)`) or a running stack's URL, e.g.
+25 examples per operation with seed 90210 against a stack started as tests/conftest.py's `stack` fixture starts one
+(test keys, the tiny model):
+    python -c "import tempfile; from pathlib import Path; from tests.api.test_fuzz import *
     from tests.tiny_model import tiny_model_folder
-    teach_generators(adapter_archives(tiny_model_folder(Path('.cache/models'))))
+    teach_generators(adapter_archives(tiny_model_folder(Path('.cache/models')), Path(tempfile.mkdtemp())))
     print(fuzz('http://127.0.0.1:<port>', examples=25, seed=90210))"
 """
 
 from __future__ import annotations
 
-import io
 import json
 import string
-import tempfile
-import zipfile
+import traceback
 from collections import Counter
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import hypothesis
+import pytest
 import schemathesis
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from schemathesis import GenerationMode
-from schemathesis.checks import CHECKS, load_all_checks
+from schemathesis.checks import CHECKS, load_all_checks, not_a_server_error
 from schemathesis.core.failures import Failure, FailureGroup
 
-from tests.conftest import ADMIN_KEY, TEST_KEY, Stack
+from tests.api.adapters_made_with_peft import adapter_archives
+from tests.api.conftest import Api
+from tests.conftest import ADMIN_KEY, TEST_KEY
 
 EXAMPLES_PER_OPERATION = 8
-ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")
 
 
 # ------------------------------------------------------------------ what no schema can say
@@ -68,28 +72,6 @@ def jsonl_datasets(draw: st.DrawFn) -> str:
     return "\n".join(lines) + "\n"
 
 
-def adapter_archives(tiny_model_dir: Path, count: int = 2) -> list[bytes]:
-    """Zips of real LoRA adapters for the test base model (random, non-zero weights), made with PEFT."""
-    import torch
-    from peft import LoraConfig, get_peft_model
-    from transformers import AutoModelForCausalLM
-
-    archives = []
-    for seed in range(count):
-        torch.manual_seed(seed)
-        model = get_peft_model(AutoModelForCausalLM.from_pretrained(tiny_model_dir),
-                               LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"],
-                                          init_lora_weights=False))
-        with tempfile.TemporaryDirectory() as folder:
-            model.save_pretrained(folder)
-            buffer = io.BytesIO()
-            with zipfile.ZipFile(buffer, "w") as zipped:
-                for name in ADAPTER_FILES:
-                    zipped.write(Path(folder) / name, arcname=name)
-        archives.append(buffer.getvalue())
-    return archives
-
-
 def webhook_urls() -> st.SearchStrategy[str]:
     """URLs a webhook endpoint may name: http(s) on an address that is neither loopback, link-local,
     unspecified nor multicast (IP literals: this machine resolves no names)."""
@@ -102,6 +84,7 @@ def webhook_urls() -> st.SearchStrategy[str]:
 
 
 def teach_generators(archives: list[bytes]) -> None:
+    """`archives`: zips of real adapters for the base model (tests/api/adapters_made_with_peft.adapter_archives)."""
     schemathesis.openapi.format("jsonl", jsonl_datasets())
     schemathesis.openapi.format("adapter-archive", st.sampled_from(archives))
     schemathesis.openapi.format("webhook-url", webhook_urls())
@@ -111,6 +94,45 @@ def sends_an_archive(case: Any) -> bool:
     """Positive adapter imports send the archive: the server tells the two loose `files` apart by each part's
     file name, which no generator can set (test_adapter_import covers that way of sending)."""
     return case.operation.label != "POST /v1/adapters" or (isinstance(case.body, dict) and "files" not in case.body)
+
+
+def not_ready_for_want_of_a_worker(case: Any, response: Any) -> bool:
+    """GET /ready's documented 503 when every check passes but the worker's: the right answer where no worker
+    runs, as in this tier (the end-to-end tier, with workers, gets its 200)."""
+    if case.operation.label != "GET /ready" or response.status_code != 503:
+        return False
+    checks = response.json()["checks"]
+    return [name for name, check in checks.items() if not check["ok"]] == ["worker"]
+
+
+# ------------------------------------------------------------------ the app, served
+
+
+@dataclass
+class Served:
+    """The app as a server runs it: an unhandled error is the 500 the client gets (Starlette has sent it), kept
+    here with its traceback rather than raised into the caller, which schemathesis' ASGI transport would do.
+    Its lifespan is not run again: the module's `api` runs the app's."""
+
+    app: Callable[..., Awaitable[None]]
+    errors: list[str] = field(default_factory=list)
+
+    async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            return
+        started = False
+
+        async def watched(message: dict[str, Any]) -> None:
+            nonlocal started
+            started = started or message["type"] == "http.response.start"
+            await send(message)
+
+        try:
+            await self.app(scope, receive, watched)
+        except Exception:
+            self.errors.append(f"{scope['method']} {scope['path']}: {traceback.format_exc()}")
+            if not started:
+                raise
 
 
 # ------------------------------------------------------------------ the run
@@ -125,9 +147,12 @@ class Report:
     failures: Counter[str] = field(default_factory=Counter)  # failing responses per check
     found: Counter[str] = field(default_factory=Counter)  # failing responses per "<operation> <check> <status>"
     examples: dict[str, str] = field(default_factory=dict)  # the same keys → the first failure's message
+    server_errors: list[str] = field(default_factory=list)  # tracebacks of unhandled errors (in process only)
+    not_ready: int = 0  # GET /ready's 503s for want of a worker alone (no 5xx check on them)
 
     def figures(self) -> dict[str, int]:
-        return {"5xx responses": sum(n for status, n in self.statuses.items() if status >= 500),
+        return {"5xx responses": sum(n for status, n in self.statuses.items() if status >= 500) - self.not_ready,
+                "not ready for want of a worker": self.not_ready,
                 "undocumented status codes": self.failures["status_code_conformance"],
                 "schema-valid requests refused": self.failures["positive_data_acceptance"],
                 "response-schema violations": self.failures["response_schema_conformance"]}
@@ -139,18 +164,28 @@ class Report:
                  *(f"{name}: {count}" for name, count in self.figures().items())]
         lines += [f"  {label}: {dict(sorted(counts.items()))}" for label, counts in self.by_operation.items()]
         lines += [f"  {key} (x{self.found[key]}): {text}" for key, text in sorted(self.examples.items())]
+        lines += [f"server error: {error}" for error in self.server_errors[:3]]
         return "\n".join(lines)
 
 
-def fuzz(base_url: str, *, examples: int, seed: int | None = None) -> Report:
-    """Every operation, `examples` cases each (positive and negative), every check on every response.
-    Without a seed the run is derandomised: the same cases every time."""
+def _schema(target: str | Served, key: str) -> Any:
+    config = schemathesis.Config.from_dict({"auth": {"openapi": {"HTTPBearer": {"bearer": key}}}})
+    if isinstance(target, str):
+        return schemathesis.openapi.from_url(f"{target}/openapi.json", config=config)
+    return schemathesis.openapi.from_asgi("/openapi.json", target, config=config)
+
+
+def fuzz(target: str | Served, *, examples: int, seed: int | None = None) -> Report:
+    """Every operation of the app `target` serves (in process) or of a running stack at that base URL, `examples`
+    cases each (positive and negative), every check on every response. Without a seed the run is derandomised:
+    the same cases every time."""
     load_all_checks()
     checks = list(CHECKS.get_all())
     report = Report()
     keys = {"tenant": TEST_KEY, "admin": ADMIN_KEY}
-    schemas = {who: schemathesis.openapi.from_url(f"{base_url}/openapi.json", config=schemathesis.Config.from_dict(
-        {"auth": {"openapi": {"HTTPBearer": {"bearer": key}}}})) for who, key in keys.items()}
+    schemas = {who: _schema(target, key) for who, key in keys.items()}
+    # Over HTTP, the base URL; in process, the ASGI transport reaches the app the schema was loaded from.
+    transport = {"base_url": target} if isinstance(target, str) else {}
     for result in schemas["tenant"].get_all_operations():
         operation = result.ok()
         if operation.path.startswith("/v1/admin/"):
@@ -163,13 +198,18 @@ def fuzz(base_url: str, *, examples: int, seed: int | None = None) -> Report:
         @settings(max_examples=examples, deadline=None, derandomize=seed is None, database=None,
                   suppress_health_check=list(HealthCheck))
         def run(case: Any) -> None:
-            response = case.call(base_url=base_url)
+            response = case.call(**transport)
             report.requests += 1
             report.statuses[response.status_code] += 1
             mode = case.meta.generation.mode.value if case.meta else "explicit"
             report.by_operation.setdefault(case.operation.label, Counter())[f"{mode} {response.status_code}"] += 1
+            excluded = []
+            if not_ready_for_want_of_a_worker(case, response):
+                report.not_ready += 1
+                excluded.append(not_a_server_error)
             try:
-                case.validate_response(response, checks=checks, transport_kwargs={"base_url": base_url})
+                case.validate_response(response, checks=checks, excluded_checks=excluded,
+                                       transport_kwargs=dict(transport))
             except (Failure, FailureGroup) as exc:
                 # Counted, not raised: every case runs, and hypothesis does not shrink towards one failure.
                 for failure in exc.exceptions if isinstance(exc, FailureGroup) else [exc]:
@@ -180,15 +220,18 @@ def fuzz(base_url: str, *, examples: int, seed: int | None = None) -> Report:
                     report.examples.setdefault(key, f"{failure.title}: {failure.message} | {response.text[:300]}")
 
         (hypothesis.seed(seed)(run) if seed is not None else run)()
+    if not isinstance(target, str):
+        report.server_errors = list(target.errors)
     return report
 
 
-def test_every_check_passes_on_every_operation(stack: Stack, tiny_model_dir: Path) -> None:
-    teach_generators(adapter_archives(tiny_model_dir))
-    report = fuzz(stack.base_url, examples=EXAMPLES_PER_OPERATION)
+def test_every_check_passes_on_every_operation(api: Api, tiny_model_dir: Path,
+                                               tmp_path_factory: pytest.TempPathFactory) -> None:
+    teach_generators(adapter_archives(tiny_model_dir, tmp_path_factory.mktemp("archives")))
+    report = fuzz(Served(api.client.app), examples=EXAMPLES_PER_OPERATION)
     print(report)
     assert report.operations >= 20 and report.requests >= report.operations * 4
     # The taught generators reach the happy paths, not only refusals.
     for label in ("POST /v1/files", "POST /v1/adapters"):
         assert report.by_operation[label]["positive 200"] > 0, str(report)
-    assert not report.failures, str(report)
+    assert not report.failures and not report.server_errors, str(report)

@@ -1,74 +1,43 @@
-"""Importing adapters trained elsewhere: accepted in every legitimate shape, served exactly as PEFT
-computes them; pickles, path tricks, links, zip bombs and do-nothing adapters refused."""
+"""Importing adapters trained elsewhere, against the real app in this process: accepted in every legitimate shape,
+served (by the serving engine, in this process) exactly as PEFT computes them; pickles, path tricks, links, zip
+bombs and do-nothing adapters refused."""
 
 from __future__ import annotations
 
 import io
 import json
 import pickle
-import tarfile
 import zipfile
 from pathlib import Path
 from typing import Any
 
-import httpx
 import pytest
 import torch
+from fastapi.testclient import TestClient
 
 from adapters.methods import METHODS
+from tests.api.adapters_made_with_peft import (
+    CONFIG,
+    WEIGHTS,
+    files_of,
+    save_lora,
+    send_archive,
+    send_files,
+    tar_of,
+    zip_of,
+)
 from tests.tiny_model import TINY_MODEL_ID
-
-CONFIG, WEIGHTS = "adapter_config.json", "adapter_model.safetensors"
 
 
 @pytest.fixture(scope="module")
 def peft_adapter(tmp_path_factory: pytest.TempPathFactory, tiny_model_dir: Path) -> Path:
     """A LoRA made with PEFT outside Adaptery: random, non-zero weights (init_lora_weights=False)."""
-    from peft import LoraConfig, get_peft_model
-    from transformers import AutoModelForCausalLM
-
-    torch.manual_seed(0)
-    model = get_peft_model(AutoModelForCausalLM.from_pretrained(tiny_model_dir),
-                           LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "down_proj"],
-                                      init_lora_weights=False))
-    folder = tmp_path_factory.mktemp("outside")
-    model.save_pretrained(folder)
-    return folder
-
-
-def files_of(folder: Path) -> dict[str, bytes]:
-    return {CONFIG: (folder / CONFIG).read_bytes(), WEIGHTS: (folder / WEIGHTS).read_bytes()}
-
-
-def send_files(client: httpx.Client, parts: dict[str, bytes], **form: str) -> httpx.Response:
-    return client.post("/v1/adapters", data=form, files=[("files", (name, data)) for name, data in parts.items()])
-
-
-def zip_of(members: dict[str, bytes]) -> bytes:
-    buffer = io.BytesIO()
-    with zipfile.ZipFile(buffer, "w", zipfile.ZIP_DEFLATED) as zipped:
-        for name, data in members.items():
-            zipped.writestr(name, data)
-    return buffer.getvalue()
-
-
-def tar_of(members: dict[str, bytes], link: str | None = None) -> bytes:
-    buffer = io.BytesIO()
-    with tarfile.open(fileobj=buffer, mode="w:gz") as tar:
-        for name, data in members.items():
-            info = tarfile.TarInfo(name)
-            info.size = len(data)
-            tar.addfile(info, io.BytesIO(data))
-        if link:
-            info = tarfile.TarInfo(link)
-            info.type = tarfile.SYMTYPE
-            info.linkname = "/etc/passwd"
-            tar.addfile(info)
-    return buffer.getvalue()
+    return save_lora(tiny_model_dir, tmp_path_factory.mktemp("outside"),
+                     target_modules=("q_proj", "v_proj", "down_proj"))
 
 
 @pytest.mark.parametrize("name", sorted(METHODS))
-def test_every_method_imports_and_serves_as_peft_computes_it(client: httpx.Client, tiny_model_dir: Path,
+def test_every_method_imports_and_serves_as_peft_computes_it(client: TestClient, tiny_model_dir: Path,
                                                              tiny_tokenizer: Any, tmp_path: Path, name: str) -> None:
     """An adapter of each registered method, made with PEFT outside Adaptery, passes the same gate and is
     served token for token as PEFT computes it."""
@@ -91,10 +60,11 @@ def test_every_method_imports_and_serves_as_peft_computes_it(client: httpx.Clien
     assert response.status_code == 200, response.text
     assert response.json()["method"] == name
     reply = client.post("/v1/chat/completions", json={"model": f"outside-{name}", "max_tokens": 6, "temperature": 0,
-                                                      "messages": [{"role": "user", "content": "Hello"}]}).json()
+                                                      "messages": [{"role": "user", "content": "Hello"}]})
+    assert reply.status_code == 200, reply.text
     reference = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_model_dir), str(tmp_path)).eval()
-    assert greedy_text(reference, tiny_tokenizer, "Hello", reply["usage"]["completion_tokens"]) == \
-        reply["choices"][0]["message"]["content"]
+    assert greedy_text(reference, tiny_tokenizer, "Hello", reply.json()["usage"]["completion_tokens"]) == \
+        reply.json()["choices"][0]["message"]["content"]
 
 
 def greedy_text(model: Any, tokenizer: Any, content: str, n: int) -> str:
@@ -109,7 +79,7 @@ def greedy_text(model: Any, tokenizer: Any, content: str, n: int) -> str:
     return str(tokenizer.decode(sequence[len(ids):], skip_special_tokens=True))
 
 
-def test_import_serve_and_download(client: httpx.Client, peft_adapter: Path, tiny_model_dir: Path,
+def test_import_serve_and_download(client: TestClient, peft_adapter: Path, tiny_model_dir: Path,
                                    tiny_tokenizer: Any) -> None:
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
@@ -121,10 +91,11 @@ def test_import_serve_and_download(client: httpx.Client, peft_adapter: Path, tin
     assert adapter["base_model"] == TINY_MODEL_ID and adapter["job_id"] is None
 
     reply = client.post("/v1/chat/completions", json={"model": "acme-lora-v1", "max_tokens": 6, "temperature": 0,
-                                                      "messages": [{"role": "user", "content": "Hello"}]}).json()
+                                                      "messages": [{"role": "user", "content": "Hello"}]})
+    assert reply.status_code == 200, reply.text
     reference = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_model_dir), str(peft_adapter))
-    assert greedy_text(reference, tiny_tokenizer, "Hello", reply["usage"]["completion_tokens"]) == \
-        reply["choices"][0]["message"]["content"]
+    assert greedy_text(reference, tiny_tokenizer, "Hello", reply.json()["usage"]["completion_tokens"]) == \
+        reply.json()["choices"][0]["message"]["content"]
 
     archive = client.get(f"/v1/adapters/{adapter['id']}/content")
     assert archive.status_code == 200 and archive.headers["content-type"] == "application/zip"
@@ -137,8 +108,8 @@ def test_import_serve_and_download(client: httpx.Client, peft_adapter: Path, tin
 
 
 @pytest.mark.parametrize("packer", [zip_of, tar_of], ids=["zip", "tar.gz"])
-def test_import_from_an_archive(client: httpx.Client, peft_adapter: Path, packer: Any) -> None:
-    response = client.post("/v1/adapters", files={"file": ("adapter.bin-free", packer(files_of(peft_adapter)))})
+def test_import_from_an_archive(client: TestClient, peft_adapter: Path, packer: Any) -> None:
+    response = send_archive(client, packer(files_of(peft_adapter)), "adapter.bin-free")
     assert response.status_code == 200, response.text
     assert response.json()["name"].startswith(f"imported:{TINY_MODEL_ID}:")
 
@@ -153,8 +124,8 @@ class MarkerOnUnpickle:
         return (open, (self.path, "w"))
 
 
-def test_pickles_are_refused_in_every_disguise(client: httpx.Client, peft_adapter: Path, tmp_path: Path) -> None:
-    marker = tmp_path / "unpickled"
+def test_pickles_are_refused_in_every_disguise(client: TestClient, peft_adapter: Path, tmp_path: Path) -> None:
+    marker = tmp_path / "unpickled"  # the app runs in this process: any unpickling of the upload creates it here
     payload = pickle.dumps(MarkerOnUnpickle(str(marker)))
     config = (peft_adapter / CONFIG).read_bytes()
     attempts = [
@@ -162,9 +133,9 @@ def test_pickles_are_refused_in_every_disguise(client: httpx.Client, peft_adapte
         send_files(client, {CONFIG: config, "adapter_model.pt": payload}),
         send_files(client, {CONFIG: config, WEIGHTS: payload}),  # renamed to .safetensors
         send_files(client, {CONFIG: payload, WEIGHTS: (peft_adapter / WEIGHTS).read_bytes()}),
-        client.post("/v1/adapters", files={"file": ("a.zip", zip_of({CONFIG: config, WEIGHTS: payload}))}),
-        client.post("/v1/adapters", files={"file": ("a.zip", zip_of({CONFIG: config, "adapter_model.pkl": payload}))}),
-        client.post("/v1/adapters", files={"file": ("a.pt", payload)}),
+        send_archive(client, zip_of({CONFIG: config, WEIGHTS: payload})),
+        send_archive(client, zip_of({CONFIG: config, "adapter_model.pkl": payload})),
+        send_archive(client, payload, "a.pt"),
     ]
     for response in attempts:
         assert 400 <= response.status_code < 500, response.text
@@ -172,7 +143,7 @@ def test_pickles_are_refused_in_every_disguise(client: httpx.Client, peft_adapte
     assert not marker.exists()
 
 
-def test_paths_links_and_bombs_are_refused(client: httpx.Client, peft_adapter: Path) -> None:
+def test_paths_links_and_bombs_are_refused(client: TestClient, peft_adapter: Path) -> None:
     good = files_of(peft_adapter)
     cases = {
         "parent dir": zip_of({"../" + CONFIG: good[CONFIG], WEIGHTS: good[WEIGHTS]}),
@@ -184,12 +155,12 @@ def test_paths_links_and_bombs_are_refused(client: httpx.Client, peft_adapter: P
         "not an archive": b"plain bytes",
     }
     for case, archive in cases.items():
-        response = client.post("/v1/adapters", files={"file": ("a.zip", archive)})
+        response = send_archive(client, archive, "a.zip")
         assert response.status_code == 400, (case, response.text)
-    # A zip bomb: 100 MB of zeros in about 100 KB, past the 64 MB limit the test server runs with.
+    # A zip bomb: 100 MB of zeros in about 100 KB, past the 64 MB limit the test app runs with.
     bomb = zip_of({CONFIG: good[CONFIG], WEIGHTS: bytes(100 * 1024 * 1024)})
     assert len(bomb) < 1024 * 1024
-    response = client.post("/v1/adapters", files={"file": ("bomb.zip", bomb)})
+    response = send_archive(client, bomb, "bomb.zip")
     assert response.status_code == 413 and response.json()["error"]["code"] == "adapter_too_large"
     traversal_name = send_files(client, {"../../" + CONFIG: good[CONFIG], WEIGHTS: good[WEIGHTS]})
     assert traversal_name.status_code == 400
@@ -197,10 +168,9 @@ def test_paths_links_and_bombs_are_refused(client: httpx.Client, peft_adapter: P
     assert bad_name.status_code == 400 and bad_name.json()["error"]["param"] == "name"
 
 
-def test_adapters_that_do_not_fit_or_do_nothing_are_refused(client: httpx.Client, peft_adapter: Path,
+def test_adapters_that_do_not_fit_or_do_nothing_are_refused(client: TestClient, peft_adapter: Path,
                                                             tiny_model_dir: Path, tmp_path: Path) -> None:
-    from peft import LoraConfig, get_peft_model
-    from transformers import AutoModelForCausalLM
+    from safetensors.torch import load_file, save_file
 
     good = files_of(peft_adapter)
     config = json.loads(good[CONFIG])
@@ -211,20 +181,14 @@ def test_adapters_that_do_not_fit_or_do_nothing_are_refused(client: httpx.Client
     response = send_files(client, {CONFIG: json.dumps({**config, "peft_type": "IA3"}).encode(), WEIGHTS: good[WEIGHTS]})
     assert response.status_code == 422 and "no IA³ vectors" in response.json()["error"]["message"], response.text
     # Weights for a model with other dimensions.
-    other = get_peft_model(AutoModelForCausalLM.from_pretrained(tiny_model_dir), LoraConfig(
-        r=4, target_modules=["q_proj"], init_lora_weights=False))
-    other.save_pretrained(tmp_path / "other")
-    from safetensors.torch import load_file, save_file
-
+    other = save_lora(tiny_model_dir, tmp_path / "other", lora_alpha=8, target_modules=("q_proj",))
     tensors = {k: torch.randn(v.shape[0], v.shape[1] + 3) if "lora_A" in k else v
-               for k, v in load_file(str(tmp_path / "other" / WEIGHTS)).items()}
-    save_file(tensors, str(tmp_path / "other" / WEIGHTS))
-    misfit = send_files(client, files_of(tmp_path / "other"))
-    assert misfit.status_code == 422 and "do not fit" in misfit.json()["error"]["message"]
+               for k, v in load_file(str(other / WEIGHTS)).items()}
+    save_file(tensors, str(other / WEIGHTS))
+    misfit = send_files(client, files_of(other))
+    assert misfit.status_code == 422 and "do not fit" in misfit.json()["error"]["message"], misfit.text
     # A LoRA straight from PEFT's default init has B = 0: it changes nothing, and is refused.
-    zero = get_peft_model(AutoModelForCausalLM.from_pretrained(tiny_model_dir),
-                          LoraConfig(r=4, target_modules=["q_proj"]))
-    zero.save_pretrained(tmp_path / "zero")
-    response = send_files(client, files_of(tmp_path / "zero"))
-    assert response.status_code == 422 and "does not change" in response.json()["error"]["message"]
+    zero = save_lora(tiny_model_dir, tmp_path / "zero", target_modules=("q_proj",), random_weights=False)
+    response = send_files(client, files_of(zero))
+    assert response.status_code == 422 and "does not change" in response.json()["error"]["message"], response.text
     assert send_files(client, {CONFIG: good[CONFIG]}).status_code == 400  # a file missing

@@ -1,0 +1,153 @@
+"""The fast tier's API under test: the real app in this process (FastAPI's TestClient) on a fresh SQLite file, with
+the tiny model registered as the default base model, and one test double: the broker's send (`app.queue._send`),
+which records the messages the app would have sent instead of sending them. Tests assert on those messages; a
+worker never runs here (the end-to-end tier, tests/e2e, runs real workers)."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pytest
+from fastapi.testclient import TestClient
+
+from tests.conftest import ADMIN_KEY, AUTH, TEST_KEY
+from tests.tiny_model import TINY_MODEL_ID
+
+
+@dataclass(frozen=True)
+class Message:
+    """One message the app handed to the broker."""
+
+    task: str
+    object_id: str
+    queue: str
+
+
+@dataclass
+class Broker:
+    """Stands in for `app.queue._send`: keeps each message; `reachable=False` plays a broker that is down."""
+
+    sent: list[Message] = field(default_factory=list)
+    reachable: bool = True
+
+    def __call__(self, task: str, object_id: str, queue: str) -> bool:
+        if not self.reachable:
+            return False
+        self.sent.append(Message(task, object_id, queue))
+        return True
+
+    def take(self) -> list[Message]:
+        """The messages sent since the last take()."""
+        sent, self.sent = self.sent, []
+        return sent
+
+
+@dataclass
+class Api:
+    """The app of one test module and what the tests look at beside it."""
+
+    client: TestClient  # with the local tenant's key
+    data_dir: Path
+    database_url: str
+    broker: Broker
+
+    def as_key(self, key: str | None, *, raise_server_exceptions: bool = True) -> TestClient:
+        """Another client on the same app, with another key (None: no Authorization header). With
+        raise_server_exceptions False, an unhandled error is the 500 an HTTP client would get."""
+        client = TestClient(self.client.app, raise_server_exceptions=raise_server_exceptions)
+        if key is not None:
+            client.headers["Authorization"] = f"Bearer {key}"
+        return client
+
+
+def reset_process_state() -> None:
+    """Forget every per-process cache built from settings (settings, database engine, serving engine), so the next
+    use builds them from the environment as it is now."""
+    from app.db import session as db_session
+    from app.services import inference, tokenizers
+    from app.settings import get_settings
+
+    engine = inference.engine_if_started()
+    if engine is not None:
+        for runtime in engine.runtimes().values():
+            runtime.close()
+    inference._engine = None
+    if db_session.get_engine.cache_info().currsize:
+        db_session.get_engine().dispose()
+    db_session.get_engine.cache_clear()
+    db_session.get_sessionmaker.cache_clear()
+    get_settings.cache_clear()
+    tokenizers._tokenizers.clear()
+    tokenizers.warm_up = tokenizers.WarmUp()
+
+
+@contextlib.contextmanager
+def in_process_api(folder: Path, tiny_model_dir: Path, extra: dict[str, str] | None = None) -> Iterator[Api]:
+    """The real app (role "all") on a fresh, migrated SQLite file in `folder`, started through its lifespan."""
+    from app import queue
+    from app.db.session import migrate_to_head
+    from app.main import create_app
+
+    data_dir = folder / "data"
+    database_url = f"sqlite:///{folder / 'adaptery.db'}"
+    env = {
+        "ADAPTERY_DATA_DIR": str(data_dir),
+        "ADAPTERY_DATABASE_URL": database_url,
+        # Never contacted: the broker's send is the test double below.
+        "ADAPTERY_BROKER_URL": f"sqla+sqlite:///{folder / 'broker.db'}",
+        "ADAPTERY_BASE_MODELS": json.dumps({TINY_MODEL_ID: str(tiny_model_dir)}),
+        "ADAPTERY_DEFAULT_BASE_MODEL": TINY_MODEL_ID,
+        "ADAPTERY_TORCH_THREADS": "1",
+        "ADAPTERY_BOOTSTRAP_KEY": TEST_KEY,
+        "ADAPTERY_ADMIN_KEY": ADMIN_KEY,
+        "ADAPTERY_MAX_ADAPTER_MB": "64",
+        "ADAPTERY_RATE_LIMIT_PER_MINUTE": "0",
+        **(extra or {}),
+    }
+    broker = Broker()
+    with pytest.MonkeyPatch.context() as patch:
+        for name, value in env.items():
+            patch.setenv(name, value)
+        patch.setattr(queue, "_send", broker)
+        reset_process_state()
+        try:
+            migrate_to_head(database_url)
+            with TestClient(create_app(), headers=AUTH) as client:
+                yield Api(client=client, data_dir=data_dir, database_url=database_url, broker=broker)
+        finally:
+            reset_process_state()
+
+
+@pytest.fixture(scope="module")
+def api(tmp_path_factory: pytest.TempPathFactory, tiny_model_dir: Path) -> Iterator[Api]:
+    """The module's app on its own database and data dir."""
+    with in_process_api(tmp_path_factory.mktemp("api"), tiny_model_dir) as running:
+        yield running
+
+
+@pytest.fixture(scope="module")
+def client(api: Api) -> TestClient:
+    return api.client
+
+
+def chat_file(client: TestClient, n: int = 8, start: int = 0) -> str:
+    """A processed fine-tune file of `n` chat examples; its id."""
+    from tests.conftest import chat_lines
+
+    response = client.post("/v1/files", data={"purpose": "fine-tune"},
+                           files={"file": ("train.jsonl", chat_lines(n, start=start).encode())})
+    assert response.status_code == 200, response.text
+    return str(response.json()["id"])
+
+
+def error_of(response: Any) -> dict[str, Any]:
+    """The OpenAI-shaped error of a response (asserting it has that shape)."""
+    body = response.json()
+    assert set(body) == {"error"}, body
+    assert {"message", "type", "param", "code"} <= set(body["error"]), body
+    return dict(body["error"])
