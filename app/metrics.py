@@ -90,7 +90,7 @@ class StateCollector(Collector):
                                       "Requests queued or generating, by adapter id (base: the base model alone)",
                                       labels=["base_model", "adapter"])
         for name, runtime in sorted(engine.runtimes().items()):
-            records = runtime.residencies()
+            records = runtime.adapters.residencies()
             for state in AdapterState:
                 residency.add_metric([name, state.value], sum(r.state == state for r in records))
             pinned.add_metric([name], sum(r.pinned for r in records))

@@ -38,7 +38,7 @@ def grid() -> list[tuple[str, dict[str, Any]]]:
         runs += [(name, {}), (name, {"learning_rate": rate / 3}), (name, {"learning_rate": rate * 3})]
         if name == "lora":
             runs += [(name, {"r": 4}), (name, {"r": 16}), (name, {"lora_dropout": 0.0})]
-        if method.input_offset({"num_virtual_tokens": 1}) or name == "prefix_tuning":
+        if "num_virtual_tokens" in method.resolved.model_fields:
             runs += [(name, {"num_virtual_tokens": 8}), (name, {"num_virtual_tokens": 32})]
     return runs
 
@@ -55,7 +55,7 @@ def run(name: str, extra: dict[str, Any]) -> dict[str, Any]:
     from app.services import base_models
     from app.settings import DEFAULT_BASE_MODEL, Settings
     from workers.training.evaluation import model_metrics
-    from workers.training.loop import BatchMaker, TrainingCallbacks, accelerator_for, train
+    from workers.training.loop import BatchMaker, TrainingCallbacks, TrainingConfig, TrainingRecipe, accelerator_for
 
     settings = Settings()
     path = base_models.local_path(settings, base_models.resolve(settings, DEFAULT_BASE_MODEL))
@@ -76,17 +76,16 @@ def run(name: str, extra: dict[str, Any]) -> dict[str, Any]:
                       epoch_end: bool) -> None:
         if epoch_end:
             scores = model_metrics(model, base_model=base, tokenizer=tokenizer, examples=heldout,
-                                   make=BatchMaker(method, hp, tokenizer.pad_token_id), batch_size=8,
+                                   make=BatchMaker.for_training(method, hp, tokenizer.pad_token_id), batch_size=8,
                                    autocast=autocast)
             epochs.append({"epoch": position.epoch, "exact_match": scores["exact_match"], "loss": scores["loss"]})
 
-    callbacks = TrainingCallbacks(on_metrics=lambda m: None, on_progress=lambda *_: None, should_stop=lambda: None,
-                                  on_checkpoint=on_checkpoint)
+    config = TrainingConfig(method=method, hyperparameters=hp, seed=SEED, pad_id=tokenizer.pad_token_id,
+                            compute_dtype=plan.dtype, log_every_steps=10_000)
     started = time.perf_counter()
-    train(base_model=base, method=method, hyperparameters=hp, seed=SEED, train_examples=train_examples,
-          valid_examples=[], pad_id=tokenizer.pad_token_id, eval_every_steps=0, log_every_steps=10_000,
-          callbacks=callbacks, compute_dtype=plan.dtype)
-    return {"method": name, "setting": extra, "learning_rate": hp["learning_rate"], "epochs": epochs,
+    TrainingRecipe(config, base_model=base, train_examples=train_examples,
+                   callbacks=TrainingCallbacks(on_checkpoint=on_checkpoint)).run()
+    return {"method": name, "setting": extra, "learning_rate": hp.learning_rate, "epochs": epochs,
             "seconds": round(time.perf_counter() - started, 1), "compute_dtype": plan.dtype}
 
 

@@ -319,7 +319,7 @@ def run_engine_workload(runtime: Any, refs: list[Any], requests: list[Request], 
             if delay > 0:
                 time.sleep(delay)
             try:
-                adapter = runtime.ensure_adapter(refs[req.adapter])
+                adapter = runtime.adapters.load(refs[req.adapter])
                 generation = runtime.submit(req.prompt, adapter, engine_params(req.max_tokens)).wait()
             except BaseException as exc:  # reported below; a client must not die silently
                 errors.append(exc)
@@ -370,7 +370,7 @@ def run_engine_sequential(runtime: Any, refs: list[Any], requests: list[Request]
     service, tokens = [], []
     for req in requests:
         started = time.perf_counter()
-        generation = runtime.generate(req.prompt, runtime.ensure_adapter(refs[req.adapter]),
+        generation = runtime.generate(req.prompt, runtime.adapters.load(refs[req.adapter]),
                                       engine_params(req.max_tokens))
         service.append(time.perf_counter() - started)
         tokens.append(len(generation.token_ids))
@@ -383,7 +383,7 @@ def run_engine_sequential(runtime: Any, refs: list[Any], requests: list[Request]
 def routing_kind(runtime: Any, adapters: list[Any]) -> str:
     from adapters.engine.slot_bank import RoutingPlan
 
-    slots = sorted((runtime.slot(a.key) or 0) if a is not None else 0 for a in adapters)
+    slots = sorted((runtime.adapters.slot(a.key) or 0) if a is not None else 0 for a in adapters)
     plan = RoutingPlan.build(slots, torch.device("cpu"), low_rank_slots=runtime.bank.low_rank_slots,
                              scaling_slots=runtime.bank.scaling_slots)
     return "single" if plan.single_slot is not None else "slice" if plan.first_slot is not None else "gather"
@@ -419,7 +419,7 @@ def run(opts: Options) -> tuple[dict[str, Any], str]:
 
         refs = [AdapterRef(key=f"serve-{i}", folder=p, base_model=DEFAULT_BASE_MODEL)
                 for i, p in enumerate(serve_paths)]
-        loaded = [runtime.ensure_adapter(r) for r in refs]
+        loaded = [runtime.adapters.load(r) for r in refs]
         slots = [runtime.activate(a) for a in loaded]  # slots 1..32 in order
         peft = PeftSide(model_peft, serve_paths)
         names = [peft.name(k) for k in range(8)]
@@ -562,7 +562,7 @@ def loading(opts: Options, runtime: Any, peft_model: Any, model_hf: Any, cold_pa
 
         def ours(ref: AdapterRef = ref) -> None:
             started = time.perf_counter()
-            adapter = runtime.ensure_adapter(ref)
+            adapter = runtime.adapters.load(ref)
             slot = runtime.activate(adapter)
             cold.append((time.perf_counter() - started) * 1000)
             disk.append(adapter.load_ms)
@@ -580,7 +580,7 @@ def loading(opts: Options, runtime: Any, peft_model: Any, model_hf: Any, cold_pa
             fn()
     # Warm switch: adapters whose weights are in the cpu tier but lost their slot to the cold ones.
     warm = []
-    for key in [k for k in runtime.in_memory_keys() if runtime.slot(k) is None][: opts.cold_adapters]:
+    for key in [k for k in runtime.adapters.in_memory_keys() if runtime.adapters.slot(k) is None][: opts.cold_adapters]:
         started = time.perf_counter()
         runtime.activate(key)
         warm.append((time.perf_counter() - started) * 1000)
@@ -592,7 +592,8 @@ def loading(opts: Options, runtime: Any, peft_model: Any, model_hf: Any, cold_pa
     info["loading"] = {"cold_ms_all": [round(x, 1) for x in cold], "peft_load_ms_all": [round(x) for x in peft_ms],
                        "cold_samples": len(cold), "warm_samples": len(warm), "peft_samples": len(peft_ms),
                        "peft_adapters_held": held,
-                       "engine_adapters_in_slots": sum(runtime.slot(k) is not None for k in runtime.in_memory_keys()),
+                       "engine_adapters_in_slots": sum(runtime.adapters.slot(k) is not None
+                                                       for k in runtime.adapters.in_memory_keys()),
                        "note": "adapter files were just written, so both sides read them from the OS page cache; "
                                f"peft_load_adapter_ms: into the PeftModel serving the benchmark ({held} adapters "
                                "held), peft_load_adapter_ms_1: into a PeftModel holding one adapter"}
@@ -624,7 +625,7 @@ def render(r: dict[str, Any], info: dict[str, Any], opts: Options) -> str:
         wl_rows.append(["ours one at a time", s["tok_s"], s["latency_p50_s"], s["latency_p99_s"]])
     wl_table = md_table(["serving", "tok/s", "p50 latency s", "p99 latency s"], wl_rows)
     load = md_table(["adapter loading", "ms"], [
-        ["cold: disk → slot, p50 (ensure_adapter + activate)", f"{r['cold_load_ms_p50']:.1f}"],
+        ["cold: disk → slot, p50 (load + activate)", f"{r['cold_load_ms_p50']:.1f}"],
         ["cold p99", f"{r['cold_load_ms_p99']:.1f}"],
         ["  of which disk → cpu tier, p50", f"{r['cold_load_disk_ms_p50']:.1f}"],
         ["warm switch: cpu tier → slot, p50", f"{r['warm_switch_ms_p50']:.2f}"],
@@ -677,7 +678,7 @@ def profile(opts: Options, batch: int) -> None:
         paths, plain = create_adapters(load_base()[1], tmp, batch, opts.seed)
         runtime = BaseRuntime(model, tokenizer, cache_size=max(batch, 8), max_rank=settings.max_lora_rank,
                               max_batch=max(batch, 8))
-        adapters = [runtime.ensure_adapter(AdapterRef(f"p{i}", p, DEFAULT_BASE_MODEL)) for i, p in enumerate(paths)]
+        adapters = [runtime.adapters.load(AdapterRef(f"p{i}", p, DEFAULT_BASE_MODEL)) for i, p in enumerate(paths)]
         for a in adapters:
             runtime.activate(a)
         runtime.close()

@@ -178,7 +178,7 @@ def run_ours(steps: int, batch_size: int, method_name: str, dtype: str | None = 
     from adapters.compute import compute_plan
     from adapters.methods import METHODS
     from app.settings import Settings
-    from workers.training.loop import BatchMaker, TrainingCallbacks, train
+    from workers.training.loop import BatchMaker, TrainingCallbacks, TrainingConfig, TrainingRecipe
 
     path = model_path()
     tokenizer = AutoTokenizer.from_pretrained(path)
@@ -189,20 +189,19 @@ def run_ours(steps: int, batch_size: int, method_name: str, dtype: str | None = 
            **({"learning_rate": LEARNING_RATE, **LORA} if method_name == "lora" else {})}
     hp = method.resolve(raw, n_examples=len(train_examples), settings=Settings(), base_info=base_info(path))
     losses: list[float] = []
-    callbacks = TrainingCallbacks(on_metrics=lambda m: losses.append(m["train_loss"]), on_progress=lambda *_: None,
-                                  should_stop=lambda: None, on_checkpoint=lambda *_: None)
+    callbacks = TrainingCallbacks(on_metrics=lambda m: losses.append(m["train_loss"]))
     base = load_model(path, device="cpu", dtype=compute_dtype)
     if around_training is not None:
         around_training.toggle_collection_dynamic(True, around_training.activities)
     started = time.perf_counter()
-    model, result = train(base_model=base, method=method, hyperparameters=hp, seed=SEED, train_examples=train_examples,
-                          valid_examples=[], pad_id=tokenizer.pad_token_id, eval_every_steps=0, log_every_steps=1,
-                          callbacks=callbacks, compute_dtype=compute_dtype)
+    config = TrainingConfig(method=method, hyperparameters=hp, seed=SEED, pad_id=tokenizer.pad_token_id,
+                            compute_dtype=compute_dtype)
+    model, result = TrainingRecipe(config, base_model=base, train_examples=train_examples, callbacks=callbacks).run()
     seconds = time.perf_counter() - started
     if around_training is not None:
         around_training.toggle_collection_dynamic(False, around_training.activities)
     model.base_model.model.to(torch.float32)  # validation in fp32 for every case
-    valid_loss = validation_loss(model, valid, BatchMaker(method, hp, tokenizer.pad_token_id))
+    valid_loss = validation_loss(model, valid, BatchMaker.for_training(method, hp, tokenizer.pad_token_id))
     return {"seconds": seconds, "real_tokens": result.trained_tokens, "padded_tokens": result.trained_tokens,
             "losses": losses, "valid_loss": valid_loss, "compute_dtype": compute_dtype, "peak_rss_mb": peak_rss_mb()}
 

@@ -84,8 +84,8 @@ def run(evaluation_id: str, *, owner: str, lease: Lease) -> str:
         name = target["model"]
         try:
             if target["adapter_id"] is None:
-                metrics = model_metrics(model, base_model=model, make=BatchMaker(None, {"max_seq_length": max_len},
-                                                                                 pad_id), **common)
+                metrics = model_metrics(model, base_model=model, make=BatchMaker.for_base_model(
+                                            max_len=max_len, pad_id=pad_id), **common)
             else:
                 adapter = adapters[target["adapter_id"]]
                 metrics, model = _adapter_metrics(model, store.fetch_adapter(adapter.id), adapter, max_len=max_len,
@@ -132,7 +132,7 @@ def _adapter_metrics(base: Any, folder: Path, adapter: Adapter, *, max_len: int,
     method = METHODS[adapter.method]
     config = json.loads((folder / ADAPTER_CONFIG).read_text())
     # What the method reads to lay out its batches (virtual tokens in front of the input) is in its config.
-    make = BatchMaker(method, {**config, "max_seq_length": max_len}, pad_id)
+    make = BatchMaker.for_saved_adapter(method, config, max_len=max_len, pad_id=pad_id)
     peft_model = PeftModel.from_pretrained(base, str(folder))
     try:
         metrics = model_metrics(peft_model, base_model=peft_model.get_base_model(), make=make, **common)

@@ -21,12 +21,14 @@ from adapters.base_models import resolve_device
 from adapters.compute import compute_plan
 from adapters.data import EncodedExample, encode_dataset, parse_jsonl
 from adapters.methods import METHODS
+from adapters.methods.base import ResolvedHyperparameters
 from adapters.store import ADAPTER_FILES, ADAPTER_WEIGHTS, ArtifactStore
 from app.db.models import Adapter, AdapterStatus, Checkpoint, FineTuningJob, JobStatus
 from app.db.session import session_scope
 from app.metrics import TRAINING_STEPS, TRAINING_TOKENS
 from app.queue import enqueue_training
 from app.services import base_models, jobs
+from app.services.ids import new_id
 from app.services.job_metrics import CURVES
 from app.settings import get_settings
 from workers import process
@@ -43,8 +45,9 @@ from workers.training.loop import (
     Position,
     TimeLimit,
     TrainingCallbacks,
+    TrainingConfig,
+    TrainingRecipe,
     accelerator_for,
-    train,
     trainable_examples,
 )
 from workers.training.memory import plan_memory
@@ -153,22 +156,23 @@ class JobRunner:
         if resume is not None:
             self._event(f"Resuming from the checkpoint at step {resume.step}.",
                         data={"resumed_from_step": resume.step})
-        hyperparameters = self.job.method[self.method_type]["hyperparameters"]
+        hyperparameters = self.method.stored(self.job.method[self.method_type]["hyperparameters"])
+        config = TrainingConfig(method=self.method, hyperparameters=hyperparameters, seed=self.job.seed,
+                                pad_id=tokenizer.pad_token_id, compute_dtype=plan.dtype,
+                                eval_every_steps=self.settings.eval_every_steps,
+                                log_every_steps=self.settings.log_every_steps,
+                                checkpoint_steps=self.settings.checkpoint_steps,
+                                max_valid_examples=self.settings.validation_examples_per_eval)
         memory = plan_memory(base.config, device=base.device, compute_dtype=plan.dtype,
-                             gradient_checkpointing=hyperparameters.get("gradient_checkpointing", False),
+                             gradient_checkpointing=hyperparameters.gradient_checkpointing,
                              limit_mb=self.settings.training_memory_mb, fraction=self.settings.training_memory_fraction)
-        replicas = self._replicas(spec, base, plan.dtype, hyperparameters, train_examples, tokenizer.pad_token_id,
-                                  resume, memory)
+        replicas = self._replicas(spec, base, config, train_examples, resume, memory)
         try:
             with replicas as parallel:
-                model, result = train(base_model=base, method=self.method, hyperparameters=hyperparameters,
-                                      seed=self.job.seed, train_examples=train_examples, valid_examples=valid_examples,
-                                      pad_id=tokenizer.pad_token_id, eval_every_steps=self.settings.eval_every_steps,
-                                      log_every_steps=self.settings.log_every_steps, callbacks=self.callbacks(),
-                                      checkpoint_steps=self.settings.checkpoint_steps, resume=resume,
-                                      compute_dtype=plan.dtype, initial_weights=self._initial_weights(),
-                                      max_valid_examples=self.settings.validation_examples_per_eval,
-                                      after_step=self.fault.after_step, memory=memory, parallel=parallel)
+                model, result = TrainingRecipe(
+                    config, base_model=base, train_examples=train_examples, valid_examples=valid_examples,
+                    callbacks=self.callbacks(), resume=resume, initial_weights=self._initial_weights(), memory=memory,
+                    parallel=parallel, after_step=self.fault.after_step).run()
         except LeaseLost:
             log.warning("job %s: lease lost to another worker; stopping without writing", self.job_id)
             return "lease_lost"
@@ -183,7 +187,7 @@ class JobRunner:
         self._write_progress()  # the last step's progress is written before the job can succeed
         if result.stopped_early:
             self._event(f"Early stopping: the validation loss did not improve in "
-                        f"{hyperparameters['early_stopping_patience']} validations; the fine-tuned model is the "
+                        f"{hyperparameters.early_stopping_patience} validations; the fine-tuned model is the "
                         f"checkpoint at step {result.kept_step}.", data={"kept_step": result.kept_step})
         report = self._end_report(model, base, tokenizer, valid_examples, hyperparameters, result, plan.dtype)
         self._publish(model, self.final_name)
@@ -195,8 +199,8 @@ class JobRunner:
                 jobs.add_event(session, self.job_id, "The job has successfully completed.")
         return "done"
 
-    def _replicas(self, spec: Any, base: Any, dtype: str, hyperparameters: dict[str, Any],
-                  train_examples: list[EncodedExample], pad_id: int, resume: Any, memory: Any) -> Any:
+    def _replicas(self, spec: Any, base: Any, config: TrainingConfig, train_examples: list[EncodedExample],
+                  resume: Any, memory: Any) -> Any:
         """With ADAPTERY_TRAINING_PROCESSES > 1, the replica processes of a data-parallel job (this process is
         rank 0); otherwise nothing to start."""
         world = self.settings.training_processes
@@ -210,8 +214,7 @@ class JobRunner:
         self._event(f"Data parallel over {world} processes on {where}: each trains its share of every step, "
                     "gradients summed.", data={"training_processes": world, "device_type": device_type})
         return Replicas(ReplicaSpec(model_path=base_models.local_path(self.settings, spec), device_type=device_type,
-                                    compute_dtype=dtype, method=self.method_type, hyperparameters=hyperparameters,
-                                    seed=self.job.seed, train_examples=train_examples, pad_id=pad_id,
+                                    config=config, train_examples=train_examples,
                                     torch_threads=self.settings.torch_threads, resume=resume, memory=memory),
                         world)
 
@@ -243,21 +246,22 @@ class JobRunner:
         return load
 
     def _end_report(self, model: Any, base: Any, tokenizer: Any, valid_examples: list[EncodedExample],
-                    hp: dict[str, Any], result: Any, dtype: str) -> dict[str, Any]:
+                    hp: ResolvedHyperparameters, result: Any, dtype: str) -> dict[str, Any]:
         """The job's result: the last training metrics and, with a validation file, every metric over the whole
         validation set for the fine-tuned model and for the base model on the same examples."""
         report: dict[str, Any] = {"step": result.kept_step, "stopped_early": result.stopped_early}
         report.update({k: v for k, v in result.last_metrics.items() if k.startswith("train_")})
-        valid = trainable_examples(valid_examples, hp["max_seq_length"])
+        valid = trainable_examples(valid_examples, hp.max_seq_length)
         if not valid:
             return report
         autocast = accelerator_for(dtype, next(base.parameters()).device).autocast
-        common = {"base_model": base, "tokenizer": tokenizer, "examples": valid, "batch_size": hp["batch_size"],
+        common = {"base_model": base, "tokenizer": tokenizer, "examples": valid, "batch_size": hp.batch_size,
                   "autocast": autocast, "exact_match_examples": self.settings.exact_match_examples}
         started = time.perf_counter()
-        tuned = model_metrics(model, make=BatchMaker(self.method, hp, tokenizer.pad_token_id), **common)
+        tuned = model_metrics(model, make=BatchMaker.for_training(self.method, hp, tokenizer.pad_token_id), **common)
         with model.disable_adapter():
-            plain = model_metrics(model.get_base_model(), make=BatchMaker(None, hp, tokenizer.pad_token_id),
+            plain = model_metrics(model.get_base_model(), make=BatchMaker.for_base_model(
+                                      max_len=hp.max_seq_length, pad_id=tokenizer.pad_token_id),
                                   **common)
         report.update({"full_valid_loss": tuned["loss"], "full_valid_mean_token_accuracy": tuned["mean_token_accuracy"],
                        "full_valid_exact_match": tuned["exact_match"], "valid_examples": len(valid),
@@ -432,7 +436,7 @@ class JobRunner:
                 shutil.copyfile(source / item, staging / item)
         else:
             checkpoints.save_adapter(source, staging, self.method)
-        adapter_id = jobs.new_id("adapter")
+        adapter_id = new_id("adapter")
         self.store.publish_adapter(staging, adapter_id)
         row = Adapter(id=adapter_id, tenant_id=self.job.tenant_id, name=name, base_model=self.job.model,
                       method=self.method_type, job_id=self.job.id, size_bytes=self.store.adapter_size(adapter_id),

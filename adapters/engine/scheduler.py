@@ -10,9 +10,10 @@ Every forward pass runs on the scheduler thread (`call` hands other work to it):
 thread running torch kernels in the same process gives both thread teams throttled spin-waits, and
 each small kernel then pays a thread wake-up (measured: a decode step 40% slower).
 
-Adapter tiers (residency.py): active (in a slot), cpu (weights loaded), on_disk. Loading from disk
-happens in the caller's thread, so a slow disk never stalls the batch; moving into a slot is an
-in-place copy, made on the scheduler thread between two steps.
+The adapters the runtime serves from are its AdapterCache's (adapter_cache.py: residency, the memory and
+slot tiers, eviction); the scheduler tells it which adapters and slots its requests use. Loading from disk
+happens in the caller's thread, so a slow disk never stalls the batch; moving into a slot is an in-place
+copy, made on the scheduler thread between two steps.
 """
 
 from __future__ import annotations
@@ -21,20 +22,17 @@ import atexit
 import functools
 import logging
 import threading
-import time
 from collections.abc import Callable
 from concurrent.futures import Future
-from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import torch
 
 from adapters import serving_metrics as metrics
-from adapters.engine.adapter_loader import AdapterLoadError, LoadedAdapter, load_adapter
+from adapters.engine.adapter_cache import AdapterCache
+from adapters.engine.adapter_loader import LoadedAdapter
 from adapters.engine.application import kv_prefix_length, prefill_inputs, virtual_token_count
 from adapters.engine.kv_cache import BatchCache
-from adapters.engine.residency import AdapterState, LruTier, Residency, ResidencyBook
 from adapters.engine.sequence import Generation, SamplingParams, Sequence, sample
 from adapters.engine.slot_bank import SlotBank
 
@@ -54,37 +52,20 @@ def on_scheduler_thread(method: Callable[..., Any]) -> Callable[..., Any]:
     return wrapper
 
 
-@dataclass
-class AdapterRef:
-    """Where to find an adapter: a stable key (its id), its folder, and the base model it needs."""
-
-    key: str
-    folder: Path
-    base_model: str
-    method: str | None = None
-
-
 class BaseRuntime:
-    """One loaded base model with its tokenizer, adapter slots, adapter tiers and scheduler thread."""
+    """One loaded base model with its tokenizer, its adapters (`adapters`, an AdapterCache) and the scheduler
+    thread that runs every forward pass: continuous batching over the requests (`submit`)."""
 
     def __init__(self, model: Any, tokenizer: Any, *, cache_size: int, max_rank: int, cpu_cache_size: int = 0,
                  max_batch: int = 32, name: str = ""):
         self.name = name  # the base model's id (the metrics' label)
         self.model = model
         self.tokenizer = tokenizer
-        self.max_rank = max_rank
         self.max_batch = max_batch
         self.device = next(model.parameters()).device
-        self.cache_size = cache_size
-        self.book = ResidencyBook()
-        # The two tiers: weights in memory, and slots. Neither evicts a pinned adapter or one serving a row;
-        # weights stay in memory while their adapter holds a slot.
-        self.in_memory: LruTier[str, LoadedAdapter] = LruTier(
-            max(cpu_cache_size, cache_size), keep=lambda key: key in self.in_slots or self.book.pinned(key))
-        self.in_slots: LruTier[str, int] = LruTier(cache_size, keep=self._slot_busy_or_pinned)
         self.eos_ids = self._eos_ids()
-        self.lock = threading.RLock()  # adapter tiers and residency
-        self.model_lock = threading.Lock()  # one forward pass at a time
+        self.lock = threading.RLock()  # the request queues, and the adapter cache
+        self.model_lock = threading.Lock()  # one forward pass (or slot write) at a time
         self.wakeup = threading.Condition(self.lock)
         self.pending: list[Sequence] = []
         self.active: list[Sequence] = []
@@ -97,6 +78,9 @@ class BaseRuntime:
                     if isinstance(m, torch.nn.Linear) and n != "lm_head"}
         # Allocated on the scheduler thread: filling the slot tensors is this process's first parallel torch work.
         self.bank: SlotBank = self.call(lambda: SlotBank(model, suffixes, n_slots=cache_size))
+        self.adapters = AdapterCache(model=model, bank=self.bank, max_rank=max_rank, cache_size=cache_size,
+                                     cpu_cache_size=cpu_cache_size, rows_in_use=self._rows_in_use, lock=self.lock,
+                                     bank_lock=self.model_lock, name=name)
         # A daemon thread still inside torch when the interpreter exits aborts the process.
         atexit.register(self.close)
 
@@ -111,144 +95,31 @@ class BaseRuntime:
             ids.add(self.tokenizer.eos_token_id)
         return ids
 
-    # ------------------------------------------------------------ residency (what services read and change)
+    # ------------------------------------------------------------ what the adapter cache and services ask
 
-    def residency(self, key: str) -> Residency | None:
+    def _rows_in_use(self) -> list[tuple[str | None, int]]:
+        """(adapter key or None, slot) of every request waiting or running: the adapter cache keeps those."""
         with self.lock:
-            record = self.book.get(key)
-            return Residency(**vars(record)) if record is not None else None
-
-    def residencies(self) -> list[Residency]:
-        with self.lock:
-            return self.book.view()
+            rows = self.active + self.pending
+        return [(s.adapter.key if s.adapter is not None else None, s.slot) for s in rows]
 
     def requests_in_flight(self) -> dict[str, int]:
         """Requests waiting or generating, by adapter key ("base" for the base model alone)."""
-        with self.lock:
-            rows = self.active + self.pending
         counts: dict[str, int] = {}
-        for sequence in rows:
-            key = sequence.adapter.key if sequence.adapter is not None else "base"
-            counts[key] = counts.get(key, 0) + 1
+        for key, _ in self._rows_in_use():
+            counts[key or "base"] = counts.get(key or "base", 0) + 1
         return counts
-
-    def in_memory_keys(self) -> list[str]:
-        """Adapters whose weights are in memory (cpu or active), least recently used first."""
-        with self.lock:
-            return list(self.in_memory)
-
-    def slot(self, key: str) -> int | None:
-        """The slot an active slot-kind adapter occupies, or None."""
-        with self.lock:
-            return self.in_slots.get(key)
-
-    def pin(self, key: str, pinned: bool) -> None:
-        with self.lock:
-            self.book.pin(key, pinned)
-
-    def pinned_count(self) -> int:
-        with self.lock:
-            return sum(r.pinned for r in self.book.records.values())
-
-    # ------------------------------------------------------------ adapter tiers
-
-    def _slot_busy_or_pinned(self, key: str) -> bool:
-        slot = self.in_slots.get(key)
-        busy = {s.slot for s in self.active} | {s.slot for s in self.pending if s.slot}
-        return self.book.pinned(key) or slot in busy
-
-    def ensure_adapter(self, ref: AdapterRef) -> LoadedAdapter:
-        """The adapter's weights in memory (from disk if needed), checked against this base model."""
-        with self.lock:
-            loaded = self.in_memory.get(ref.key)
-            if loaded is not None:
-                self.in_memory.touch(ref.key)
-                self.book.used(ref.key)
-                return loaded
-        try:
-            started = time.perf_counter()
-            loaded = load_adapter(ref.folder, key=ref.key, model_config=self.model.config, max_rank=self.max_rank,
-                                  device=self.device)
-            metrics.ADAPTER_LOAD_SECONDS.labels(self.name).observe(time.perf_counter() - started)
-            metrics.ADAPTER_LOADS.labels(self.name).inc()
-            if loaded.kind.uses_slot:
-                self.bank.check(loaded.weights)
-        except (KeyError, ValueError, OSError) as exc:
-            error = exc if isinstance(exc, AdapterLoadError) else AdapterLoadError(
-                f"adapter {ref.key} could not be loaded: {exc}")
-            with self.lock:
-                self.book.failed(ref.key, method=ref.method, error=str(error))
-            raise error from exc
-        with self.lock:
-            if ref.key not in self.in_memory:
-                self.in_memory.put(ref.key, loaded)
-                self.book.loaded(ref.key, method=ref.method or loaded.method, rank=loaded.rank,
-                                 load_ms=loaded.load_ms, size_bytes=loaded.size_bytes)
-                self._evict_from_memory()
-            self.in_memory.touch(ref.key)
-            self.book.used(ref.key)
-            return self.in_memory.get(ref.key) or loaded
-
-    def _evict_from_memory(self) -> None:
-        for key in self.in_memory.overflow():
-            self.in_memory.pop(key)
-            self.book.move(key, AdapterState.ON_DISK)
-            metrics.ADAPTER_EVICTIONS.labels(self.name, "memory").inc()
 
     @on_scheduler_thread
     def activate(self, adapter: LoadedAdapter | str) -> int:
-        """Make a loaded adapter servable and return its slot (0 for kinds that need none); -1 when every
-        slot is serving a request or pinned right now."""
-        with self.lock:
-            loaded = self.in_memory.get(adapter) if isinstance(adapter, str) else adapter
-            if loaded is None:
-                raise KeyError(f"adapter {adapter} is not loaded")
-            key = loaded.key
-            if key not in self.in_memory:  # its weights left memory while the request waited
-                self.in_memory.put(key, loaded)
-                self.book.move(key, AdapterState.CPU)
-            self.in_memory.touch(key)
-            if not loaded.kind.uses_slot:
-                return 0
-            slot = self.in_slots.get(key)
-            if slot is not None:
-                self.in_slots.touch(key)
-                return slot
-            taken = set(self.in_slots.entries.values())
-            free = [s for s in range(1, self.bank.n_slots) if s not in taken]
-            if not free:
-                victim = self.in_slots.victim()
-                if victim is None:
-                    return -1
-                free = [self.in_slots.pop(victim) or 0]
-                self.book.move(victim, AdapterState.CPU)
-                metrics.ADAPTER_EVICTIONS.labels(self.name, "slot").inc()
-                log.info("adapter %s left its slot", victim)
-            slot = free[0]
-            started = time.perf_counter()
-            with self.model_lock:
-                self.bank.write(slot, loaded.weights)
-            self.in_slots.put(key, slot)
-            self.book.move(key, AdapterState.ACTIVE)
-            log.debug("adapter %s into slot %d in %.2f ms", key, slot, (time.perf_counter() - started) * 1000)
-            self._evict_from_memory()
-            return slot
+        """AdapterCache.activate between two decode steps: its slot (0 for kinds that need none), -1 when every
+        slot is serving a request or pinned."""
+        return self.adapters.activate(adapter)
 
     @on_scheduler_thread
     def unload(self, key: str) -> bool:
-        """Drop an adapter from memory (slot and weights); False if it was not loaded or is in use."""
-        with self.lock:
-            if key not in self.in_memory:
-                return False
-            if any(s.adapter is not None and s.adapter.key == key for s in self.active + self.pending):
-                return False
-            slot = self.in_slots.pop(key)
-            if slot is not None:
-                with self.model_lock:
-                    self.bank.clear(slot)
-            self.in_memory.pop(key)
-            self.book.move(key, AdapterState.ON_DISK)
-            return True
+        """AdapterCache.unload between two decode steps; False if it was not loaded or is in use."""
+        return self.adapters.unload(key)
 
     # ------------------------------------------------------------ requests
 
@@ -280,7 +151,7 @@ class BaseRuntime:
     @torch.inference_mode()
     def logits(self, input_ids: list[int], adapter: LoadedAdapter | None) -> torch.Tensor:
         """Logits at every prompt position of one sequence, outside the batch (tests, import smoke test)."""
-        slot = self.activate(adapter) if adapter is not None else 0
+        slot = self.adapters.activate(adapter) if adapter is not None else 0
         weights = adapter.weights if adapter is not None else None
         inputs = prefill_inputs([input_ids], [weights], model=self.model, device=self.device)
         with self.model_lock, self.bank.route([max(slot, 0)]):
@@ -350,7 +221,7 @@ class BaseRuntime:
                 sequence.finish("cancelled")
                 continue
             if sequence.adapter is not None and sequence.adapter.kind.uses_slot:
-                slot = self.activate(sequence.adapter)
+                slot = self.adapters.activate(sequence.adapter)
                 if slot < 0:
                     continue  # every slot is serving a running request; try again next step
                 sequence.slot = slot

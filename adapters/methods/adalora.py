@@ -20,6 +20,7 @@ from adapters.methods.lora import (
     LORA_CONFIG_KEYS,
     PEFT_PREFIX,
     LoraFamilyHyperparameters,
+    ResolvedLoraFamily,
     check_lora_family_config,
     check_target_modules,
     lora_family_defaults,
@@ -35,11 +36,17 @@ class AdaLoraHyperparameters(LoraFamilyHyperparameters):
     target_r: int | Auto | None = bounded("average rank after budget pruning (at most init_r)", 1, "max_lora_rank")
 
 
+class ResolvedAdaLora(ResolvedLoraFamily):
+    init_r: int
+    target_r: int
+
+
 @register
-class AdaLora(AdapterMethod):
+class AdaLora(AdapterMethod[ResolvedAdaLora]):
     name = "adalora"
     peft_type = "ADALORA"
     hyperparameters = AdaLoraHyperparameters
+    resolved = ResolvedAdaLora
     # Measured (bench/results/defaults.md): 2e-3 reached 14/24 on the shipped task in 3 epochs, 6e-3 24/24.
     default_learning_rate = 6e-3
     # Served as LoRA: the SVD triplets are folded into A/B at load time.
@@ -59,7 +66,7 @@ class AdaLora(AdapterMethod):
         target_r = hp.target_r if given(hp.target_r) else max(1, min(8, init_r))
         return {"init_r": init_r, "target_r": target_r, **lora_family_defaults(hp, base_info, init_r, dropout=0.05)}
 
-    def peft_config(self, hp: dict[str, Any], *, total_steps: int, base_model_path: str | None = None) -> Any:
+    def peft_config(self, hp: ResolvedAdaLora, *, total_steps: int, base_model_path: str | None = None) -> Any:
         from peft import AdaLoraConfig, TaskType
 
         # Budget schedule: warm up on the full rank, prune during the middle, fine-tune at the end.
@@ -67,9 +74,10 @@ class AdaLora(AdapterMethod):
         tfinal = total_steps // 5
         if total_steps - tinit - tfinal < 1:
             tinit, tfinal = 0, 0
-        return AdaLoraConfig(task_type=TaskType.CAUSAL_LM, init_r=hp["init_r"], target_r=hp["target_r"],
-                             lora_alpha=hp["lora_alpha"], lora_dropout=hp["lora_dropout"],
-                             target_modules=hp["target_modules"], total_step=total_steps,
+        return AdaLoraConfig(task_type=TaskType.CAUSAL_LM, init_r=hp.init_r, target_r=hp.target_r,
+                             lora_alpha=hp.lora_alpha,  # type: ignore[arg-type]  # a float works (see lora.py)
+                             lora_dropout=hp.lora_dropout,
+                             target_modules=hp.target_modules, total_step=total_steps,
                              tinit=tinit, tfinal=tfinal, deltaT=max(1, total_steps // 20))
 
     def after_optimizer_step(self, peft_model: Any, step: int) -> None:

@@ -12,13 +12,14 @@ method gets every test.
 from __future__ import annotations
 
 import math
-from typing import Any, ClassVar, Literal
+from typing import Any, ClassVar, Generic, Literal, TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field
 
 from adapters.methods.serving import AdapterLoadError, ServingKind, ServingWeights
 
 Auto = Literal["auto"]
+Scheduler = Literal["linear", "cosine", "constant"]
 
 
 def bounded(description: str, low: float, high: float | str, *, low_open: bool = False) -> Any:
@@ -55,7 +56,7 @@ class TrainingHyperparameters(BaseModel):
                                                 "max_seq_length_limit")
     warmup_ratio: float | Auto | None = bounded("share of steps spent warming up", 0, 0.5)
     weight_decay: float | Auto | None = bounded("AdamW weight decay", 0, 1)
-    lr_scheduler: Literal["linear", "cosine", "constant"] | Auto | None = Field(
+    lr_scheduler: Scheduler | Auto | None = Field(
         default=None, description="how the learning rate falls after warmup: linear (default), cosine or constant")
     early_stopping_patience: int | Auto | None = bounded(
         "stop after this many validations without a lower validation loss and keep the best checkpoint as the "
@@ -63,6 +64,33 @@ class TrainingHyperparameters(BaseModel):
     gradient_checkpointing: bool | Auto | None = Field(
         default=None, description="recompute activations in the backward pass: less memory for long sequences, "
                                   "about a third more compute (default false)")
+
+
+class ResolvedHyperparameters(BaseModel):
+    """The shared hyperparameters with every value decided: what a job stores and its worker trains with.
+    Each method extends it with its own resolved fields (the request-side models above accept "auto" and
+    omissions; these hold the values resolve() chose)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    n_epochs: int
+    batch_size: int
+    learning_rate: float
+    max_steps: int | None
+    max_seq_length: int
+    warmup_ratio: float
+    weight_decay: float
+    lr_scheduler: Scheduler
+    early_stopping_patience: int | None
+    gradient_checkpointing: bool
+
+    def shape(self) -> dict[str, Any]:
+        """The method's own values (rank, target modules, virtual tokens, ...): what an adapter trained further
+        (`from_model`) must keep."""
+        return {k: v for k, v in self.model_dump().items() if k not in ResolvedHyperparameters.model_fields}
+
+
+Resolved = TypeVar("Resolved", bound=ResolvedHyperparameters)
 
 
 class HyperparameterError(ValueError):
@@ -110,14 +138,17 @@ def auto_epochs(n_examples: int) -> int:
 COMMON_CONFIG_KEYS = frozenset({"peft_type", "task_type", "inference_mode"})
 
 
-class AdapterMethod:
-    """One PEFT method. Subclasses set the class attributes and implement peft_config() and serving_weights()."""
+class AdapterMethod(Generic[Resolved]):
+    """One PEFT method. Subclasses set the class attributes and implement peft_config() and serving_weights();
+    `Resolved` is the method's typed resolved hyperparameters (its `resolved` class)."""
 
     name: ClassVar[str]
     # Other names accepted in method.type for this method.
     aliases: ClassVar[tuple[str, ...]] = ()
     peft_type: ClassVar[str]
+    # What a request may send (values or "auto"), and what resolve() makes of it.
     hyperparameters: ClassVar[type[TrainingHyperparameters]] = TrainingHyperparameters
+    resolved: type[Resolved]
     default_learning_rate: ClassVar[float] = 1e-3
     serving_kind: ClassVar[ServingKind]
     # Hyperparameters that resolve to None when not given (they switch something on); max_steps for all.
@@ -140,7 +171,7 @@ class AdapterMethod:
         """Method-specific range checks; raise HyperparameterError naming the field."""
 
     def resolve(self, raw: dict[str, Any] | None, *, n_examples: int, settings: Any,
-                base_info: dict[str, Any]) -> dict[str, Any]:
+                base_info: dict[str, Any]) -> Resolved:
         """Validate client hyperparameters and return every value resolved (stored on the job)."""
         hp = self.hyperparameters.model_validate(raw or {})
         for name, field in type(hp).model_fields.items():
@@ -164,7 +195,11 @@ class AdapterMethod:
             "gradient_checkpointing": bool(hp.gradient_checkpointing) if given(hp.gradient_checkpointing) else False,
         }
         resolved.update(self.method_defaults(hp, settings=settings, base_info=base_info))
-        return resolved
+        return self.resolved.model_validate(resolved)
+
+    def stored(self, values: dict[str, Any]) -> Resolved:
+        """Resolved hyperparameters as a job stored them (`resolve(...).model_dump()`)."""
+        return self.resolved.model_validate(values)
 
     def hyperparameter_schema(self, settings: Any) -> dict[str, Any]:
         """The JSON schema of this method's hyperparameters, with every declared range as minimum /
@@ -180,7 +215,7 @@ class AdapterMethod:
                 prop["maximum"] = high
         return schema
 
-    def peft_config(self, hp: dict[str, Any], *, total_steps: int, base_model_path: str | None = None) -> Any:
+    def peft_config(self, hp: Resolved, *, total_steps: int, base_model_path: str | None = None) -> Any:
         """The PEFT config to train with (`base_model_path`: where the base model's tokenizer can be read)."""
         raise NotImplementedError
 
@@ -195,8 +230,12 @@ class AdapterMethod:
         """A term PEFT adds to the training loss for this method (a tensor), or None."""
         return None
 
-    def input_offset(self, hp: dict[str, Any]) -> int:
+    def input_offset(self, hp: Resolved) -> int:
         """Positions the method puts in front of each example's input tokens (virtual tokens)."""
+        return 0
+
+    def saved_input_offset(self, config: dict[str, Any]) -> int:
+        """input_offset() of an adapter as saved, read from its adapter_config.json."""
         return 0
 
     # ---------------------------------------------------------------- adapters as files
@@ -213,10 +252,10 @@ class AdapterMethod:
         raise NotImplementedError
 
 
-def total_steps(n_examples: int, hp: dict[str, Any]) -> int:
-    steps = math.ceil(n_examples / hp["batch_size"]) * hp["n_epochs"]
-    if hp.get("max_steps"):
-        steps = min(steps, hp["max_steps"])
+def total_steps(n_examples: int, hp: ResolvedHyperparameters) -> int:
+    steps = math.ceil(n_examples / hp.batch_size) * hp.n_epochs
+    if hp.max_steps:
+        steps = min(steps, hp.max_steps)
     return max(1, steps)
 
 
@@ -225,12 +264,14 @@ class DuplicateMethodError(ValueError):
 
 
 # Canonical name → method, in registration order.
-METHODS: dict[str, AdapterMethod] = {}
-_BY_NAME: dict[str, AdapterMethod] = {}  # names and aliases
-_BY_PEFT_TYPE: dict[str, AdapterMethod] = {}
+METHODS: dict[str, AdapterMethod[Any]] = {}
+_BY_NAME: dict[str, AdapterMethod[Any]] = {}  # names and aliases
+_BY_PEFT_TYPE: dict[str, AdapterMethod[Any]] = {}
+
+Method = TypeVar("Method", bound=type[AdapterMethod[Any]])
 
 
-def register(cls: type[AdapterMethod]) -> type[AdapterMethod]:
+def register(cls: Method) -> Method:
     """Add a method to the registry; a name, alias or PEFT type that is already taken is an error."""
     method = cls()
     for name in (cls.name, *cls.aliases):
@@ -247,12 +288,12 @@ def register(cls: type[AdapterMethod]) -> type[AdapterMethod]:
     return cls
 
 
-def method_named(name: str) -> AdapterMethod | None:
+def method_named(name: str) -> AdapterMethod[Any] | None:
     """The method a client names in method.type (its name or an alias)."""
     return _BY_NAME.get(name)
 
 
-def method_for_peft_type(peft_type: Any) -> AdapterMethod | None:
+def method_for_peft_type(peft_type: Any) -> AdapterMethod[Any] | None:
     """The method that serves adapters of this PEFT type (from an adapter_config.json)."""
     return _BY_PEFT_TYPE.get(peft_type) if isinstance(peft_type, str) else None
 
@@ -261,7 +302,7 @@ def accepted_names() -> list[str]:
     return list(_BY_NAME)
 
 
-def for_config(config: dict[str, Any]) -> AdapterMethod:
+def for_config(config: dict[str, Any]) -> AdapterMethod[Any]:
     """The method of a saved adapter's config, or AdapterLoadError listing the PEFT types accepted."""
     method = method_for_peft_type(config.get("peft_type"))
     if method is None:

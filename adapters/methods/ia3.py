@@ -11,7 +11,15 @@ from typing import Any
 
 from pydantic import Field
 
-from adapters.methods.base import AdapterMethod, Auto, HyperparameterError, TrainingHyperparameters, given, register
+from adapters.methods.base import (
+    AdapterMethod,
+    Auto,
+    HyperparameterError,
+    ResolvedHyperparameters,
+    TrainingHyperparameters,
+    given,
+    register,
+)
 from adapters.methods.lora import PEFT_PREFIX, check_target_modules
 from adapters.methods.serving import AdapterLoadError, ChannelScale, ServingKind, ServingWeights
 
@@ -26,11 +34,17 @@ class IA3Hyperparameters(TrainingHyperparameters):
         default=None, description="the targets whose input (not output) is scaled; a subset of target_modules")
 
 
+class ResolvedIA3(ResolvedHyperparameters):
+    target_modules: list[str]
+    feedforward_modules: list[str]
+
+
 @register
-class IA3(AdapterMethod):
+class IA3(AdapterMethod[ResolvedIA3]):
     name = "ia3"
     peft_type = "IA3"
     hyperparameters = IA3Hyperparameters
+    resolved = ResolvedIA3
     # One vector per projection starting at ones: it takes large steps to move.
     default_learning_rate = 1e-2
     serving_kind = ServingKind.SCALING
@@ -60,11 +74,11 @@ class IA3(AdapterMethod):
             [m for m in DEFAULT_FEEDFORWARD if m in targets]
         return {"target_modules": targets, "feedforward_modules": feedforward}
 
-    def peft_config(self, hp: dict[str, Any], *, total_steps: int, base_model_path: str | None = None) -> Any:
+    def peft_config(self, hp: ResolvedIA3, *, total_steps: int, base_model_path: str | None = None) -> Any:
         from peft import IA3Config, TaskType
 
-        return IA3Config(task_type=TaskType.CAUSAL_LM, target_modules=hp["target_modules"],
-                         feedforward_modules=hp["feedforward_modules"])
+        return IA3Config(task_type=TaskType.CAUSAL_LM, target_modules=hp.target_modules,
+                         feedforward_modules=hp.feedforward_modules)
 
     def sanitise_config(self, config: dict[str, Any], *, max_rank: int) -> dict[str, Any]:
         if config.get("modules_to_save"):

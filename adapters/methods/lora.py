@@ -12,6 +12,7 @@ from adapters.methods.base import (
     AdapterMethod,
     Auto,
     HyperparameterError,
+    ResolvedHyperparameters,
     TrainingHyperparameters,
     bounded,
     given,
@@ -37,6 +38,16 @@ class LoraFamilyHyperparameters(TrainingHyperparameters):
 
 class LoraHyperparameters(LoraFamilyHyperparameters):
     r: int | Auto | None = bounded("rank of the update", 1, "max_lora_rank")
+
+
+class ResolvedLoraFamily(ResolvedHyperparameters):
+    lora_alpha: float
+    lora_dropout: float
+    target_modules: list[str]
+
+
+class ResolvedLora(ResolvedLoraFamily):
+    r: int
 
 
 def check_target_modules(value: Any, base_info: dict[str, Any]) -> None:
@@ -90,12 +101,13 @@ def low_rank_weights(factors: dict[str, LoraFactors], max_rank: int) -> ServingW
 
 
 @register
-class Lora(AdapterMethod):
+class Lora(AdapterMethod[ResolvedLora]):
     name = "lora"
     # OpenAI's method type for supervised fine-tuning: trains LoRA, the default method.
     aliases = ("supervised",)
     peft_type = "LORA"
     hyperparameters = LoraHyperparameters
+    resolved = ResolvedLora
     default_learning_rate = 1e-3
     serving_kind = ServingKind.LOW_RANK
     config_keys = LORA_CONFIG_KEYS
@@ -109,11 +121,12 @@ class Lora(AdapterMethod):
         # (bench/results/defaults.md), and its random masks were a quarter of a bf16 training step on CPU.
         return {"r": rank, **lora_family_defaults(hp, base_info, rank, dropout=0.0)}
 
-    def peft_config(self, hp: dict[str, Any], *, total_steps: int, base_model_path: str | None = None) -> Any:
+    def peft_config(self, hp: ResolvedLora, *, total_steps: int, base_model_path: str | None = None) -> Any:
         from peft import LoraConfig, TaskType
 
-        return LoraConfig(task_type=TaskType.CAUSAL_LM, r=hp["r"], lora_alpha=hp["lora_alpha"],
-                          lora_dropout=hp["lora_dropout"], target_modules=hp["target_modules"], bias="none")
+        # PEFT annotates lora_alpha as int; a float is what it computes with (scale = alpha / r), and what we accept.
+        return LoraConfig(task_type=TaskType.CAUSAL_LM, r=hp.r, lora_alpha=hp.lora_alpha,  # type: ignore[arg-type]
+                          lora_dropout=hp.lora_dropout, target_modules=hp.target_modules, bias="none")
 
     def sanitise_config(self, config: dict[str, Any], *, max_rank: int) -> dict[str, Any]:
         check_lora_family_config(config, rank_key="r", max_rank=max_rank)

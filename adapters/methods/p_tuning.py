@@ -11,10 +11,18 @@ from typing import Any, Literal
 
 from pydantic import Field
 
-from adapters.methods.base import AdapterMethod, Auto, TrainingHyperparameters, bounded, given, register
+from adapters.methods.base import (
+    AdapterMethod,
+    Auto,
+    ResolvedHyperparameters,
+    TrainingHyperparameters,
+    bounded,
+    given,
+    register,
+)
 from adapters.methods.prefix_tuning import MAX_VIRTUAL_TOKENS, PROMPT_LEARNING_KEYS, check_virtual_tokens
 from adapters.methods.prompt_tuning import virtual_token_weights
-from adapters.methods.serving import ServingKind, ServingWeights
+from adapters.methods.serving import ServingKind, ServingWeights, config_int
 
 
 class PTuningHyperparameters(TrainingHyperparameters):
@@ -26,11 +34,20 @@ class PTuningHyperparameters(TrainingHyperparameters):
     encoder_dropout: float | Auto | None = bounded("dropout inside the encoder", 0, 0.5)
 
 
+class ResolvedPTuning(ResolvedHyperparameters):
+    num_virtual_tokens: int
+    encoder_reparameterization_type: Literal["mlp", "lstm"]
+    encoder_hidden_size: int
+    encoder_num_layers: int
+    encoder_dropout: float
+
+
 @register
-class PTuning(AdapterMethod):
+class PTuning(AdapterMethod[ResolvedPTuning]):
     name = "p_tuning"
     peft_type = "P_TUNING"
     hyperparameters = PTuningHyperparameters
+    resolved = ResolvedPTuning
     # Measured (bench/results/defaults.md): 3e-3 reached 16/24 on the shipped task in 3 epochs, 9e-3 24/24.
     default_learning_rate = 9e-3
     serving_kind = ServingKind.VIRTUAL_TOKENS
@@ -50,18 +67,21 @@ class PTuning(AdapterMethod):
             "encoder_dropout": hp.encoder_dropout if given(hp.encoder_dropout) else 0.0,
         }
 
-    def peft_config(self, hp: dict[str, Any], *, total_steps: int, base_model_path: str | None = None) -> Any:
+    def peft_config(self, hp: ResolvedPTuning, *, total_steps: int, base_model_path: str | None = None) -> Any:
         from peft import PromptEncoderConfig, PromptEncoderReparameterizationType, TaskType
 
         return PromptEncoderConfig(
-            task_type=TaskType.CAUSAL_LM, num_virtual_tokens=hp["num_virtual_tokens"],
+            task_type=TaskType.CAUSAL_LM, num_virtual_tokens=hp.num_virtual_tokens,
             encoder_reparameterization_type=PromptEncoderReparameterizationType[
-                hp["encoder_reparameterization_type"].upper()],
-            encoder_hidden_size=hp["encoder_hidden_size"], encoder_num_layers=hp["encoder_num_layers"],
-            encoder_dropout=hp["encoder_dropout"])
+                hp.encoder_reparameterization_type.upper()],
+            encoder_hidden_size=hp.encoder_hidden_size, encoder_num_layers=hp.encoder_num_layers,
+            encoder_dropout=hp.encoder_dropout)
 
-    def input_offset(self, hp: dict[str, Any]) -> int:
-        return int(hp["num_virtual_tokens"])
+    def input_offset(self, hp: ResolvedPTuning) -> int:
+        return hp.num_virtual_tokens
+
+    def saved_input_offset(self, config: dict[str, Any]) -> int:
+        return config_int(config, "num_virtual_tokens")
 
     def sanitise_config(self, config: dict[str, Any], *, max_rank: int) -> dict[str, Any]:
         check_virtual_tokens(config)

@@ -4,7 +4,15 @@ from __future__ import annotations
 
 from typing import Any
 
-from adapters.methods.base import AdapterMethod, Auto, TrainingHyperparameters, bounded, given, register
+from adapters.methods.base import (
+    AdapterMethod,
+    Auto,
+    ResolvedHyperparameters,
+    TrainingHyperparameters,
+    bounded,
+    given,
+    register,
+)
 from adapters.methods.serving import AdapterLoadError, ServingKind, ServingWeights, config_int
 
 # Config keys shared by the prompt-learning methods (PEFT's PromptLearningConfig).
@@ -17,11 +25,16 @@ class PrefixTuningHyperparameters(TrainingHyperparameters):
     num_virtual_tokens: int | Auto | None = bounded("prefix length in tokens", 1, MAX_VIRTUAL_TOKENS)
 
 
+class ResolvedPrefixTuning(ResolvedHyperparameters):
+    num_virtual_tokens: int
+
+
 @register
-class PrefixTuning(AdapterMethod):
+class PrefixTuning(AdapterMethod[ResolvedPrefixTuning]):
     name = "prefix_tuning"
     peft_type = "PREFIX_TUNING"
     hyperparameters = PrefixTuningHyperparameters
+    resolved = ResolvedPrefixTuning
     # Prefix vectors start from random values and need a larger step than LoRA's factors.
     default_learning_rate = 1e-2
     serving_kind = ServingKind.KV_PREFIX
@@ -33,10 +46,10 @@ class PrefixTuning(AdapterMethod):
         # 8, not 16: measured over three seeds on the shipped task (README, "How the defaults were chosen").
         return {"num_virtual_tokens": hp.num_virtual_tokens if given(hp.num_virtual_tokens) else 8}
 
-    def peft_config(self, hp: dict[str, Any], *, total_steps: int, base_model_path: str | None = None) -> Any:
+    def peft_config(self, hp: ResolvedPrefixTuning, *, total_steps: int, base_model_path: str | None = None) -> Any:
         from peft import PrefixTuningConfig, TaskType
 
-        return PrefixTuningConfig(task_type=TaskType.CAUSAL_LM, num_virtual_tokens=hp["num_virtual_tokens"])
+        return PrefixTuningConfig(task_type=TaskType.CAUSAL_LM, num_virtual_tokens=hp.num_virtual_tokens)
 
     def sanitise_config(self, config: dict[str, Any], *, max_rank: int) -> dict[str, Any]:
         check_virtual_tokens(config)

@@ -14,6 +14,7 @@ from adapters.methods.base import (
     AdapterMethod,
     Auto,
     HyperparameterError,
+    ResolvedHyperparameters,
     TrainingHyperparameters,
     bounded,
     given,
@@ -34,6 +35,12 @@ class PromptTuningHyperparameters(TrainingHyperparameters):
                                                 description="the text whose token embeddings start the prompt")
 
 
+class ResolvedPromptTuning(ResolvedHyperparameters):
+    num_virtual_tokens: int
+    prompt_tuning_init: Literal["random", "sample_vocab", "text"]
+    prompt_tuning_init_text: str | None
+
+
 def virtual_token_weights(config: dict[str, Any], weights: dict[str, Any], model_config: Any,
                           method: str) -> ServingWeights:
     """prompt_embeddings [num_virtual_tokens, hidden] as the engine's virtual tokens (prompt tuning, P-tuning)."""
@@ -48,10 +55,11 @@ def virtual_token_weights(config: dict[str, Any], weights: dict[str, Any], model
 
 
 @register
-class PromptTuning(AdapterMethod):
+class PromptTuning(AdapterMethod[ResolvedPromptTuning]):
     name = "prompt_tuning"
     peft_type = "PROMPT_TUNING"
     hyperparameters = PromptTuningHyperparameters
+    resolved = ResolvedPromptTuning
     # Soft prompts need much larger steps than weight updates (Lester et al. used 0.3 with Adafactor).
     default_learning_rate = 3e-2
     serving_kind = ServingKind.VIRTUAL_TOKENS
@@ -74,13 +82,13 @@ class PromptTuning(AdapterMethod):
                 "prompt_tuning_init": init,
                 "prompt_tuning_init_text": hp.prompt_tuning_init_text if init == "text" else None}
 
-    def peft_config(self, hp: dict[str, Any], *, total_steps: int, base_model_path: str | None = None) -> Any:
+    def peft_config(self, hp: ResolvedPromptTuning, *, total_steps: int, base_model_path: str | None = None) -> Any:
         from peft import PromptTuningConfig, PromptTuningInit, TaskType
 
-        init = PromptTuningInit[hp["prompt_tuning_init"].upper()]
-        text = {"prompt_tuning_init_text": hp["prompt_tuning_init_text"], "tokenizer_name_or_path": base_model_path} \
-            if init is PromptTuningInit.TEXT else {}
-        return PromptTuningConfig(task_type=TaskType.CAUSAL_LM, num_virtual_tokens=hp["num_virtual_tokens"],
+        init = PromptTuningInit[hp.prompt_tuning_init.upper()]
+        text: dict[str, Any] = {"prompt_tuning_init_text": hp.prompt_tuning_init_text,
+                                "tokenizer_name_or_path": base_model_path} if init is PromptTuningInit.TEXT else {}
+        return PromptTuningConfig(task_type=TaskType.CAUSAL_LM, num_virtual_tokens=hp.num_virtual_tokens,
                                   prompt_tuning_init=init, **text)
 
     def saved_config(self, config: dict[str, Any]) -> dict[str, Any]:
@@ -90,8 +98,11 @@ class PromptTuning(AdapterMethod):
                                                                  "tokenizer_kwargs")}
         return {**cleaned, "prompt_tuning_init": "RANDOM"}
 
-    def input_offset(self, hp: dict[str, Any]) -> int:
-        return int(hp["num_virtual_tokens"])
+    def input_offset(self, hp: ResolvedPromptTuning) -> int:
+        return hp.num_virtual_tokens
+
+    def saved_input_offset(self, config: dict[str, Any]) -> int:
+        return config_int(config, "num_virtual_tokens")
 
     def sanitise_config(self, config: dict[str, Any], *, max_rank: int) -> dict[str, Any]:
         check_virtual_tokens(config)

@@ -8,7 +8,7 @@ from fastapi import APIRouter, File, Form, UploadFile
 from fastapi.responses import Response
 from pydantic.json_schema import SkipJsonSchema
 
-from app.api.deps import SessionDep, SettingsDep, TenantDep
+from app.api.deps import AdapterDep, SessionDep, SettingsDep, TenantDep
 from app.errors import InvalidRequest, TooLarge
 from app.schemas.adapters import AdapterObject
 from app.schemas.common import ListResponse, listed
@@ -83,41 +83,36 @@ def _read(upload: UploadFile, limit: int) -> bytes:
     200: {"description": "A zip of adapter_config.json and adapter_model.safetensors.",
           "content": {"application/zip": {"schema": {"type": "string", "contentMediaType": "application/zip"}}}},
     **errors(401, 404, 429)})
-def download(adapter_id: str, session: SessionDep, settings: SettingsDep, tenant: TenantDep) -> Response:
-    adapter = inference.get_adapter(session, tenant_id=tenant, adapter_id=adapter_id)
+def download(adapter: AdapterDep, settings: SettingsDep) -> Response:
     return Response(adapter_import.archive_of(settings, adapter), media_type="application/zip",
                     headers={"Content-Disposition": f'attachment; filename="{adapter.id}.zip"'})
 
 
 # Pinning and loading bring the adapter into memory: a full slot bank is a 409, an adapter that cannot load a 422.
 @engine_router.post("/{adapter_id:path}/pin", response_model=AdapterObject, responses=errors(401, 404, 409, 422, 429))
-def pin(adapter_id: str, session: SessionDep, settings: SettingsDep, tenant: TenantDep) -> dict[str, Any]:
-    adapter = inference.get_adapter(session, tenant_id=tenant, adapter_id=adapter_id)
+def pin(adapter: AdapterDep, settings: SettingsDep) -> dict[str, Any]:
     inference.pin(settings, adapter, True)
     return inference.adapter_object(adapter)
 
 
 @engine_router.post("/{adapter_id:path}/unpin", response_model=AdapterObject, responses=errors(401, 404, 429))
-def unpin(adapter_id: str, session: SessionDep, settings: SettingsDep, tenant: TenantDep) -> dict[str, Any]:
-    adapter = inference.get_adapter(session, tenant_id=tenant, adapter_id=adapter_id)
+def unpin(adapter: AdapterDep, settings: SettingsDep) -> dict[str, Any]:
     inference.pin(settings, adapter, False)
     return inference.adapter_object(adapter)
 
 
 @engine_router.post("/{adapter_id:path}/load", response_model=AdapterObject, responses=errors(401, 404, 409, 422, 429))
-def load(adapter_id: str, session: SessionDep, settings: SettingsDep, tenant: TenantDep) -> dict[str, Any]:
-    adapter = inference.get_adapter(session, tenant_id=tenant, adapter_id=adapter_id)
+def load(adapter: AdapterDep, settings: SettingsDep) -> dict[str, Any]:
     inference.preload(settings, adapter)
     return inference.adapter_object(adapter)
 
 
 @engine_router.post("/{adapter_id:path}/unload", response_model=AdapterObject, responses=errors(401, 404, 409, 429))
-def unload(adapter_id: str, session: SessionDep, tenant: TenantDep) -> dict[str, Any]:
-    adapter = inference.get_adapter(session, tenant_id=tenant, adapter_id=adapter_id)
+def unload(adapter: AdapterDep) -> dict[str, Any]:
     inference.unload(adapter)
     return inference.adapter_object(adapter)
 
 
 @router.get("/{adapter_id:path}", response_model=AdapterObject, responses=errors(401, 404, 429))
-def get_adapter(adapter_id: str, session: SessionDep, tenant: TenantDep) -> dict[str, Any]:
-    return inference.adapter_object(inference.get_adapter(session, tenant_id=tenant, adapter_id=adapter_id))
+def get_adapter(adapter: AdapterDep) -> dict[str, Any]:
+    return inference.adapter_object(adapter)

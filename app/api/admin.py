@@ -22,7 +22,7 @@ from app.schemas.admin import (
 from app.schemas.common import ListResponse, listed
 from app.schemas.errors import errors
 from app.services import tenants
-from app.services.jobs import storable
+from app.services.ids import storable
 
 router = APIRouter(prefix="/v1/admin", tags=["admin"])
 

@@ -1,4 +1,6 @@
-"""Dependencies shared by the routers: settings, a database session, the calling tenant (by API key)."""
+"""Dependencies shared by the routers: settings, a database session, the calling tenant (by API key), and the
+tenant's object a path names (JobDep, FileDep, AdapterDep, EvaluationDep, WebhookDep): ownership is checked once,
+here, and another tenant's object is a 404 exactly as a missing one is."""
 
 from __future__ import annotations
 
@@ -11,9 +13,10 @@ from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from pydantic.json_schema import SkipJsonSchema
 from sqlalchemy.orm import Session
 
+from app.db.models import Adapter, Evaluation, File, FineTuningJob, WebhookEndpoint
 from app.db.session import get_sessionmaker
 from app.errors import Unauthorized
-from app.services import rate_limit, tenants
+from app.services import datasets, evaluations, inference, jobs, rate_limit, tenants, webhooks
 from app.settings import Settings, get_settings
 
 
@@ -62,6 +65,33 @@ def _admin(settings: SettingsDep, credentials: Credentials) -> None:
 
 TenantDep = Annotated[str, Depends(_tenant)]
 AdminDep = Annotated[None, Depends(_admin)]
+
+
+def _job(fine_tuning_job_id: str, session: SessionDep, tenant: TenantDep) -> FineTuningJob:
+    return jobs.get_job(session, tenant_id=tenant, job_id=fine_tuning_job_id)
+
+
+def _file(file_id: str, session: SessionDep, tenant: TenantDep) -> File:
+    return datasets.get_file(session, tenant_id=tenant, file_id=file_id)
+
+
+def _adapter(adapter_id: str, session: SessionDep, tenant: TenantDep) -> Adapter:
+    return inference.get_adapter(session, tenant_id=tenant, adapter_id=adapter_id)
+
+
+def _evaluation(evaluation_id: str, session: SessionDep, tenant: TenantDep) -> Evaluation:
+    return evaluations.get_evaluation(session, tenant_id=tenant, evaluation_id=evaluation_id)
+
+
+def _webhook(webhook_id: str, session: SessionDep, tenant: TenantDep) -> WebhookEndpoint:
+    return webhooks.get_endpoint(session, tenant_id=tenant, endpoint_id=webhook_id)
+
+
+JobDep = Annotated[FineTuningJob, Depends(_job)]
+FileDep = Annotated[File, Depends(_file)]
+AdapterDep = Annotated[Adapter, Depends(_adapter)]
+EvaluationDep = Annotated[Evaluation, Depends(_evaluation)]
+WebhookDep = Annotated[WebhookEndpoint, Depends(_webhook)]
 
 
 # The idempotency service checks the key's length itself (with its own message); the document says the same.

@@ -8,7 +8,7 @@ from fastapi import APIRouter, Query
 from pydantic.json_schema import SkipJsonSchema
 
 from app import queue
-from app.api.deps import IdempotencyKey, SessionDep, SettingsDep, TenantDep
+from app.api.deps import EvaluationDep, IdempotencyKey, SessionDep, SettingsDep, TenantDep
 from app.schemas.common import PagedList, paged
 from app.schemas.errors import errors
 from app.schemas.evaluations import EvaluationCreate, EvaluationObject, evaluation_object
@@ -43,5 +43,5 @@ def list_evaluations(session: SessionDep, tenant: TenantDep, after: After = None
 
 
 @router.get("/{evaluation_id}", response_model=EvaluationObject, responses=errors(401, 404, 429))
-def get_evaluation(evaluation_id: str, session: SessionDep, tenant: TenantDep) -> dict[str, Any]:
-    return evaluation_object(evaluations.get_evaluation(session, tenant_id=tenant, evaluation_id=evaluation_id))
+def get_evaluation(evaluation: EvaluationDep) -> dict[str, Any]:
+    return evaluation_object(evaluation)

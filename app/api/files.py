@@ -9,7 +9,7 @@ from fastapi.responses import Response
 from pydantic.json_schema import SkipJsonSchema
 
 from adapters.store import ArtifactStore
-from app.api.deps import IdempotencyKey, SessionDep, SettingsDep, TenantDep
+from app.api.deps import FileDep, IdempotencyKey, SessionDep, SettingsDep, TenantDep
 from app.errors import TooLarge
 from app.schemas.common import PagedList, paged
 from app.schemas.errors import errors
@@ -65,16 +65,15 @@ def list_files(session: SessionDep, tenant: TenantDep, purpose: str | SkipJsonSc
 
 
 @router.get("/{file_id}", response_model=FileObject, responses=errors(401, 404, 429))
-def get_file(file_id: str, session: SessionDep, tenant: TenantDep) -> dict[str, Any]:
-    return file_object(datasets.get_file(session, tenant_id=tenant, file_id=file_id))
+def get_file(file: FileDep) -> dict[str, Any]:
+    return file_object(file)
 
 
 @router.get("/{file_id}/content", response_class=Response, responses={
     200: {"description": "The file as uploaded.", "content": {"application/jsonl": {"schema": {"type": "string"}}}},
     **errors(401, 404, 429)})
-def get_file_content(file_id: str, session: SessionDep, settings: SettingsDep, tenant: TenantDep) -> Response:
-    row = datasets.get_file(session, tenant_id=tenant, file_id=file_id)
-    return Response(ArtifactStore.for_settings(settings).read_file(row.id), media_type="application/jsonl")
+def get_file_content(file: FileDep, settings: SettingsDep) -> Response:
+    return Response(ArtifactStore.for_settings(settings).read_file(file.id), media_type="application/jsonl")
 
 
 @router.get("/{file_id}/preview", response_model=FilePreview, responses=errors(400, 401, 404, 429))

@@ -11,7 +11,7 @@ from pydantic.json_schema import SkipJsonSchema
 from sse_starlette.sse import EventSourceResponse
 
 from app import queue
-from app.api.deps import IdempotencyKey, SessionDep, SettingsDep, TenantDep
+from app.api.deps import IdempotencyKey, JobDep, SessionDep, SettingsDep, TenantDep
 from app.errors import InvalidRequest, NotFound
 from app.schemas.common import ListResponse, PagedList, listed, paged
 from app.schemas.errors import errors
@@ -108,25 +108,23 @@ def list_methods(session: SessionDep, settings: SettingsDep, tenant: TenantDep,
 
 
 @router.get("/{fine_tuning_job_id}", response_model=JobObject, responses=errors(401, 404, 429))
-def get_job(fine_tuning_job_id: str, session: SessionDep, tenant: TenantDep) -> dict[str, Any]:
-    return job_object(jobs.get_job(session, tenant_id=tenant, job_id=fine_tuning_job_id))
+def get_job(job: JobDep) -> dict[str, Any]:
+    return job_object(job)
 
 
 @router.post("/{fine_tuning_job_id}/cancel", response_model=JobObject, responses=errors(401, 404, 409, 429))
-def cancel_job(fine_tuning_job_id: str, session: SessionDep, tenant: TenantDep) -> dict[str, Any]:
-    job = jobs.get_job(session, tenant_id=tenant, job_id=fine_tuning_job_id)
+def cancel_job(job: JobDep, session: SessionDep) -> dict[str, Any]:
     return job_object(jobs.request_cancel(session, job))
 
 
 @router.post("/{fine_tuning_job_id}/pause", response_model=JobObject, responses=errors(401, 404, 409, 429))
-def pause_job(fine_tuning_job_id: str, session: SessionDep, tenant: TenantDep) -> dict[str, Any]:
-    job = jobs.get_job(session, tenant_id=tenant, job_id=fine_tuning_job_id)
+def pause_job(job: JobDep, session: SessionDep) -> dict[str, Any]:
     return job_object(jobs.request_pause(session, job))
 
 
 @router.post("/{fine_tuning_job_id}/resume", response_model=JobObject, responses=errors(401, 404, 409, 429))
-def resume_job(fine_tuning_job_id: str, session: SessionDep, tenant: TenantDep) -> dict[str, Any]:
-    job = jobs.resume(session, jobs.get_job(session, tenant_id=tenant, job_id=fine_tuning_job_id))
+def resume_job(job: JobDep, session: SessionDep) -> dict[str, Any]:
+    job = jobs.resume(session, job)
     queue.enqueue_training(job.id)  # if the broker is down, the reaper hands it over when it is back
     return job_object(job)
 
@@ -141,11 +139,10 @@ STREAM_DOC = ("With stream=true: server-sent events, the job's events oldest fir
             responses={**errors(400, 401, 404, 429),
                        200: {"content": {"text/event-stream": {"schema": {"type": "string"}}},
                              "description": STREAM_DOC}})
-def list_events(fine_tuning_job_id: str, session: SessionDep, settings: SettingsDep, tenant: TenantDep,
+def list_events(job: JobDep, session: SessionDep, settings: SettingsDep,
                 after: After = None, limit: Annotated[int, Query(ge=1, le=1000)] = 20,
                 stream: Annotated[bool, Query(description=STREAM_DOC)] = False,
                 last_event_id: Annotated[str | SkipJsonSchema[None], Header(max_length=200)] = None) -> Any:
-    job = jobs.get_job(session, tenant_id=tenant, job_id=fine_tuning_job_id)
     if stream:
         after_seq = event_stream.resume_point(job.id, last_event_id)
         return EventSourceResponse(event_stream.job_events(job.id, after_seq=after_seq,
@@ -157,9 +154,7 @@ def list_events(fine_tuning_job_id: str, session: SessionDep, settings: Settings
 
 @router.get("/{fine_tuning_job_id}/checkpoints", response_model=PagedList[CheckpointObject],
             responses=errors(400, 401, 404, 429))
-def list_checkpoints(fine_tuning_job_id: str, session: SessionDep, tenant: TenantDep, after: After = None,
-                     limit: Limit = 10) -> dict[str, Any]:
-    job = jobs.get_job(session, tenant_id=tenant, job_id=fine_tuning_job_id)
+def list_checkpoints(job: JobDep, session: SessionDep, after: After = None, limit: Limit = 10) -> dict[str, Any]:
     rows = jobs.list_checkpoints(session, job)
     if after:
         ids = [r.id for r in rows]
@@ -170,12 +165,11 @@ def list_checkpoints(fine_tuning_job_id: str, session: SessionDep, tenant: Tenan
 
 
 @router.get("/{fine_tuning_job_id}/metrics", response_model=MetricsSeries, responses=errors(400, 401, 404, 429))
-def job_metrics_series(fine_tuning_job_id: str, session: SessionDep, tenant: TenantDep,
+def job_metrics_series(job: JobDep, session: SessionDep,
                        from_step: Annotated[int, Query(ge=0, description="first step to return")] = 0,
                        to_step: Annotated[Annotated[int, Field(ge=0)] | SkipJsonSchema[None],
                                           Query(description="last step to return")] = None
                        ) -> dict[str, Any]:
     """The job's training curves (what its TensorBoard event files hold), one point per logged step."""
-    job = jobs.get_job(session, tenant_id=tenant, job_id=fine_tuning_job_id)
     points = job_metrics.read(session, job.id, from_step=from_step, to_step=to_step)
     return {"object": "fine_tuning.job.metrics", "fine_tuning_job_id": job.id, "data": points}

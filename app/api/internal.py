@@ -30,7 +30,7 @@ def state(settings: SettingsDep, authorization: str | None = Header(default=None
     in_flight = 0
     engine = engine_if_started()
     for runtime in (engine.runtimes().values() if engine is not None else []):
-        for record in runtime.residencies():
+        for record in runtime.adapters.residencies():
             if str(record.state) != "on_disk":
                 held[record.key] = str(record.state)
             if record.pinned:

@@ -13,7 +13,7 @@ from app.errors import NotFound
 from app.schemas.adapters import ModelObject
 from app.schemas.common import ListResponse, listed
 from app.schemas.errors import errors
-from app.services.jobs import storable
+from app.services.ids import storable
 
 router = APIRouter(prefix="/v1/models", tags=["models"])
 BOOT_TIME = 0

@@ -6,7 +6,7 @@ from typing import Any
 
 from fastapi import APIRouter
 
-from app.api.deps import SessionDep, SettingsDep, TenantDep
+from app.api.deps import SessionDep, SettingsDep, TenantDep, WebhookDep
 from app.schemas.common import ListResponse, listed
 from app.schemas.errors import errors
 from app.schemas.webhooks import DeliveryObject, WebhookCreate, WebhookObject
@@ -28,12 +28,12 @@ def list_webhooks(session: SessionDep, tenant: TenantDep) -> dict[str, Any]:
 
 
 @router.delete("/{webhook_id}", responses=errors(401, 404, 429))
-def delete_webhook(webhook_id: str, session: SessionDep, tenant: TenantDep) -> dict[str, Any]:
-    webhooks.delete_endpoint(session, webhooks.get_endpoint(session, tenant_id=tenant, endpoint_id=webhook_id))
-    return {"id": webhook_id, "object": "webhook_endpoint", "deleted": True}
+def delete_webhook(endpoint: WebhookDep, session: SessionDep) -> dict[str, Any]:
+    endpoint_id = endpoint.id
+    webhooks.delete_endpoint(session, endpoint)
+    return {"id": endpoint_id, "object": "webhook_endpoint", "deleted": True}
 
 
 @router.get("/{webhook_id}/deliveries", response_model=ListResponse[DeliveryObject], responses=errors(401, 404, 429))
-def list_deliveries(webhook_id: str, session: SessionDep, tenant: TenantDep) -> dict[str, Any]:
-    endpoint = webhooks.get_endpoint(session, tenant_id=tenant, endpoint_id=webhook_id)
+def list_deliveries(endpoint: WebhookDep, session: SessionDep) -> dict[str, Any]:
     return listed([webhooks.delivery_object(d) for d in webhooks.list_deliveries(session, endpoint)])

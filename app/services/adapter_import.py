@@ -26,7 +26,7 @@ from sqlalchemy.orm import Session
 from adapters.store import ADAPTER_CONFIG, ADAPTER_FILES, ADAPTER_WEIGHTS, ArtifactStore
 from app.db.models import Adapter, AdapterStatus, now
 from app.errors import Conflict, DomainError, InvalidRequest, NotFound, TooLarge, Unprocessable
-from app.services.jobs import new_id
+from app.services.ids import new_id
 from app.settings import Settings
 
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt", ".joblib")
@@ -168,8 +168,8 @@ def import_adapter(session: Session, *, tenant_id: str, settings: Settings, file
         (staging / ADAPTER_WEIGHTS).write_bytes(files[ADAPTER_WEIGHTS])
         runtime = get_engine(settings).runtime(spec.id)
         try:
-            loaded = runtime.ensure_adapter(AdapterRef(key=adapter_id, folder=staging, base_model=spec.id,
-                                                       method=method))
+            loaded = runtime.adapters.load(AdapterRef(key=adapter_id, folder=staging, base_model=spec.id,
+                                                      method=method))
         except AdapterLoadError as exc:
             raise refuse(f"the adapter does not fit {spec.id}: {exc}", error=Unprocessable) from None
         probe = runtime.tokenizer("The quick brown fox jumps over the lazy dog.", add_special_tokens=False)["input_ids"]

@@ -13,9 +13,9 @@ from sqlalchemy.orm import Session
 from adapters.data import DatasetError, check_lengths, describe_problems, encode_dataset, length_stats, parse_jsonl
 from adapters.store import ArtifactStore
 from app.db.models import File, FileStatus, FineTuningJob, JobStatus, now
-from app.errors import Conflict, InvalidRequest, not_found
+from app.errors import Conflict, DomainError, InvalidRequest, not_found
 from app.services import evaluations, tokenizers
-from app.services.jobs import new_id, storable
+from app.services.ids import new_id, storable
 from app.settings import Settings
 
 PURPOSES = ("fine-tune",)
@@ -63,6 +63,22 @@ def get_file(session: Session, *, tenant_id: str, file_id: str) -> File:
     if row is None or row.tenant_id != tenant_id or row.deleted:
         raise not_found("file", file_id, param="file_id")
     return row
+
+
+def processed_fine_tune_file(session: Session, tenant_id: str, file_id: str, param: str, *,
+                             missing: type[DomainError] = InvalidRequest) -> File:
+    """The tenant's processed fine-tune file; a missing one raises `missing` (400 in a request body, where
+    OpenAI answers 400; 404 where the id is the thing looked up)."""
+    file = session.get(File, file_id) if storable(file_id) else None
+    if file is None or file.tenant_id != tenant_id or file.deleted:
+        raise missing(f"File '{file_id}' does not exist.", param=param, code="invalid_file")
+    if file.purpose != "fine-tune":
+        raise InvalidRequest(f"File '{file_id}' has purpose '{file.purpose}'; fine-tuning needs purpose 'fine-tune'.",
+                             param=param, code="invalid_file")
+    if file.status != FileStatus.processed:
+        raise InvalidRequest(f"File '{file_id}' is not processed (status '{file.status}'); only processed "
+                             "files can be used.", param=param, code="invalid_file")
+    return file
 
 
 def preview_file(session: Session, *, tenant_id: str, settings: Settings, file_id: str,

@@ -15,7 +15,9 @@ from sqlalchemy.orm import Session
 
 from app.db.models import Evaluation, EvaluationStatus, now
 from app.errors import InvalidRequest, NotFound, not_found
-from app.services.jobs import _processed_file, adapter_by_name, new_id, storable
+from app.services import datasets
+from app.services.ids import new_id, storable
+from app.services.inference import adapter_by_name
 from app.services.leases import Leases
 from app.settings import Settings
 
@@ -30,7 +32,7 @@ def create_evaluation(session: Session, *, tenant_id: str, settings: Settings, f
     """Check that every model can be evaluated on the file, then store the evaluation as queued (the caller
     hands it to the broker)."""
     targets = _resolve_models(session, tenant_id=tenant_id, settings=settings, models=models)
-    processed = _processed_file(session, tenant_id, file, "file")
+    processed = datasets.processed_fine_tune_file(session, tenant_id, file, "file")
     evaluation = Evaluation(
         id=new_id("eval"), tenant_id=tenant_id, seq=time.time_ns(), status=EvaluationStatus.queued.value,
         created_at=now(), file=processed.id, base_model=targets[0]["base_model"], models=list(models),

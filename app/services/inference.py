@@ -19,7 +19,7 @@ from sqlalchemy.orm import Session
 
 from app.db.models import Adapter, AdapterStatus
 from app.errors import Conflict, InvalidRequest, NotFound, Unprocessable
-from app.services.jobs import adapter_by_name, new_id, storable
+from app.services.ids import new_id, storable
 from app.settings import Settings
 
 _engine: Any = None
@@ -86,7 +86,7 @@ def load_into_memory(settings: Settings, adapter: Adapter) -> tuple[Any, Any]:
 
     runtime = get_engine(settings).runtime(adapter.base_model)
     try:
-        return runtime, runtime.ensure_adapter(adapter_ref(settings, adapter))
+        return runtime, runtime.adapters.load(adapter_ref(settings, adapter))
     except AdapterLoadError as exc:
         raise Unprocessable(f"The model '{adapter.name}' could not be loaded: {exc}", param="model",
                             code="adapter_load_failed") from None
@@ -230,7 +230,7 @@ def _loaded_runtime(base_model: str) -> Any:
 
 def adapter_object(adapter: Adapter) -> dict[str, Any]:
     runtime = _loaded_runtime(adapter.base_model)
-    residency = runtime.residency(adapter.id) if runtime is not None else None
+    residency = runtime.adapters.residency(adapter.id) if runtime is not None else None
     if residency is None:  # role api: what the inference replicas last reported
         from app.services import routing
 
@@ -252,6 +252,16 @@ def adapter_object_from(adapter: Adapter, residency: Any) -> dict[str, Any]:
         "rank": residency.rank if residency else None,
         "error": residency.error if residency else None,
     }
+
+
+def adapter_by_name(session: Session, *, tenant_id: str, name: str, include_public: bool = False) -> Adapter | None:
+    """The tenant's adapter of that name (or, for using it, a public one); None looks like missing."""
+    if not storable(name):
+        return None
+    adapter = session.scalar(select(Adapter).where(Adapter.name == name, Adapter.status == AdapterStatus.ready))
+    if adapter is None or not (adapter.tenant_id == tenant_id or (include_public and adapter.public)):
+        return None
+    return adapter
 
 
 def get_adapter(session: Session, *, tenant_id: str, adapter_id: str) -> Adapter:
@@ -279,17 +289,16 @@ def preload(settings: Settings, adapter: Adapter) -> None:
 
 def pin(settings: Settings, adapter: Adapter, pinned: bool) -> None:
     if pinned:
-        runtime = get_engine(settings).runtime(adapter.base_model)
-        if runtime.pinned_count() >= runtime.cache_size - 1 and not getattr(runtime.residency(adapter.id), "pinned",
-                                                                            False):
-            raise Conflict(f"At most {runtime.cache_size - 1} adapters may be pinned per base model "
+        cache = get_engine(settings).runtime(adapter.base_model).adapters
+        if cache.pinned_count() >= cache.cache_size - 1 and not getattr(cache.residency(adapter.id), "pinned", False):
+            raise Conflict(f"At most {cache.cache_size - 1} adapters may be pinned per base model "
                            "(one slot stays free for the rest).", code="too_many_pinned")
         preload(settings, adapter)
-        runtime.pin(adapter.id, True)
+        cache.pin(adapter.id, True)
     else:
         runtime = _loaded_runtime(adapter.base_model)
         if runtime is not None:
-            runtime.pin(adapter.id, False)
+            runtime.adapters.pin(adapter.id, False)
 
 
 def unload(adapter: Adapter) -> None:
@@ -298,7 +307,7 @@ def unload(adapter: Adapter) -> None:
         return
     from adapters.engine import AdapterState
 
-    residency = runtime.residency(adapter.id)
+    residency = runtime.adapters.residency(adapter.id)
     if residency is None or residency.state not in (AdapterState.CPU, AdapterState.ACTIVE):
         return
     if residency.pinned:

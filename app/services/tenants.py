@@ -14,7 +14,7 @@ from sqlalchemy.orm import Session
 
 from app.db.models import DEFAULT_TENANT, ApiKey, Tenant, now
 from app.errors import Unauthorized, not_found
-from app.services.jobs import new_id, storable
+from app.services.ids import new_id, storable
 
 KEY_PREFIX = "sk-ady-"
 

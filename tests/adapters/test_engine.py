@@ -22,7 +22,7 @@ from adapters.methods import METHODS, ServingKind
 from tests.budgets import budget
 from tests.conftest import chat_lines
 from workers.training.checkpoints import save_adapter
-from workers.training.loop import TrainingCallbacks, train
+from workers.training.loop import TrainingConfig, TrainingRecipe
 
 BASE_INFO = {"linear_modules": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
              "default_target_modules": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]}
@@ -34,10 +34,6 @@ class _Settings:
     max_seq_length_limit = 4096
 
 
-def quiet_callbacks() -> TrainingCallbacks:
-    return TrainingCallbacks(on_metrics=lambda _: None, on_progress=lambda *_: None, should_stop=lambda: None,
-                             on_checkpoint=lambda *_: None)
-
 
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory: pytest.TempPathFactory, tiny_model_dir: Path, tiny_tokenizer: Any) -> dict[str, Path]:
@@ -47,10 +43,10 @@ def trained(tmp_path_factory: pytest.TempPathFactory, tiny_model_dir: Path, tiny
     for name, method in METHODS.items():
         hp = method.resolve({"learning_rate": 0.05, "n_epochs": 2, "batch_size": 4}, n_examples=8,
                             settings=_Settings(), base_info=BASE_INFO)
-        model, _ = train(base_model=AutoModelForCausalLM.from_pretrained(tiny_model_dir), method=method,
-                         hyperparameters=hp, seed=3, train_examples=examples, valid_examples=[],
-                         pad_id=tiny_tokenizer.pad_token_id, eval_every_steps=0, log_every_steps=1,
-                         callbacks=quiet_callbacks())
+        model, _ = TrainingRecipe(TrainingConfig(method=method, hyperparameters=hp, seed=3,
+                                                 pad_id=tiny_tokenizer.pad_token_id),
+                                  base_model=AutoModelForCausalLM.from_pretrained(tiny_model_dir),
+                                  train_examples=examples).run()
         folder = tmp_path_factory.mktemp(name)
         save_adapter(model, folder, method)
         out[name] = folder
@@ -82,7 +78,7 @@ def prompt_ids(runtime: BaseRuntime) -> list[int]:
 def test_logits_and_greedy_tokens_match_peft(method: str, trained: dict[str, Path], runtime: BaseRuntime,
                                              tiny_model_dir: Path) -> None:
     ids = prompt_ids(runtime)
-    adapter = runtime.ensure_adapter(AdapterRef(key=method, folder=trained[method], base_model="tiny"))
+    adapter = runtime.adapters.load(AdapterRef(key=method, folder=trained[method], base_model="tiny"))
     peft_model = reference(tiny_model_dir, trained[method])
     with torch.no_grad():
         expected = peft_model(input_ids=torch.tensor([ids]), attention_mask=torch.ones(1, len(ids), dtype=torch.long))
@@ -108,7 +104,7 @@ def test_rows_of_one_batch_use_their_own_adapters(trained: dict[str, Path], runt
     ids = prompt_ids(runtime)
     keys: list[str | None] = [None, *SLOT_METHODS, SLOT_METHODS[0]]
     for key in SLOT_METHODS:
-        runtime.ensure_adapter(AdapterRef(key=key, folder=trained[key], base_model="tiny"))
+        runtime.adapters.load(AdapterRef(key=key, folder=trained[key], base_model="tiny"))
     slots = [0 if key is None else runtime.activate(key) for key in keys]
     batch = torch.tensor([ids] * len(keys))
     with torch.no_grad(), runtime.bank.route(slots):
@@ -128,15 +124,15 @@ def test_lru_evicts_and_reloads(trained: dict[str, Path], tiny_model_dir: Path, 
         folder = tmp_path / f"copy{i}"
         shutil.copytree(trained["lora"], folder)
         copies.append(AdapterRef(key=f"a{i}", folder=folder, base_model="tiny"))
-    first = runtime.logits(ids, runtime.ensure_adapter(copies[0]))
-    runtime.ensure_adapter(copies[1])
-    runtime.ensure_adapter(copies[0])  # touch: a1 is now the least recently used
-    runtime.ensure_adapter(copies[2])
-    assert runtime.in_memory_keys() == ["a0", "a2"]
+    first = runtime.logits(ids, runtime.adapters.load(copies[0]))
+    runtime.adapters.load(copies[1])
+    runtime.adapters.load(copies[0])  # touch: a1 is now the least recently used
+    runtime.adapters.load(copies[2])
+    assert runtime.adapters.in_memory_keys() == ["a0", "a2"]
     assert state(runtime, "a1") == AdapterState.ON_DISK and state(runtime, "a0") == AdapterState.ACTIVE
     # Memory holds two: a2 (least recently used, no slot) goes; a0 keeps its place because it holds a slot.
-    reloaded = runtime.ensure_adapter(copies[1])
-    assert runtime.in_memory_keys() == ["a0", "a1"]
+    reloaded = runtime.adapters.load(copies[1])
+    assert runtime.adapters.in_memory_keys() == ["a0", "a1"]
     assert state(runtime, "a2") == AdapterState.ON_DISK
     assert torch.allclose(runtime.logits(ids, reloaded), first, atol=1e-6)
     assert state(runtime, "a1") == AdapterState.ACTIVE
@@ -145,7 +141,7 @@ def test_lru_evicts_and_reloads(trained: dict[str, Path], tiny_model_dir: Path, 
 
 
 def state(runtime: BaseRuntime, key: str) -> AdapterState | None:
-    residency = runtime.residency(key)
+    residency = runtime.adapters.residency(key)
     return residency.state if residency is not None else None
 
 
@@ -194,13 +190,13 @@ def test_load_failures_are_clear_and_leave_the_server_serving(trained: dict[str,
     base_before = runtime.logits(ids, None)
     for case, (folder, fragment) in cases.items():
         with pytest.raises(AdapterLoadError, match=fragment):
-            runtime.ensure_adapter(AdapterRef(key=case, folder=folder, base_model="tiny"))
-        assert case not in runtime.in_memory_keys()
+            runtime.adapters.load(AdapterRef(key=case, folder=folder, base_model="tiny"))
+        assert case not in runtime.adapters.in_memory_keys()
     # Nothing half-attached: the base model's outputs are untouched and a good adapter still loads.
     assert not runtime.bank.low_rank_slots and not runtime.bank.scaling_slots
-    assert all(r.state == AdapterState.FAILED for r in runtime.residencies())
+    assert all(r.state == AdapterState.FAILED for r in runtime.adapters.residencies())
     assert torch.equal(runtime.logits(ids, None), base_before)
-    runtime.ensure_adapter(AdapterRef(key="good", folder=lora, base_model="tiny"))
+    runtime.adapters.load(AdapterRef(key="good", folder=lora, base_model="tiny"))
 
 
 def test_sampling_is_seeded_and_stops(runtime: BaseRuntime) -> None:
@@ -251,7 +247,7 @@ def test_continuous_batch_of_mixed_adapters_matches_peft(trained: dict[str, Path
     for index, name in enumerate(METHODS):  # every method once, and the first two methods twice
         plan.append((name, prompts[index % len(prompts)], 5 + index))
     plan += [(name, prompts[(i + 2) % len(prompts)], 6) for i, name in enumerate(list(METHODS)[:2])]
-    loaded = {key: runtime.ensure_adapter(AdapterRef(key=key, folder=trained[key], base_model="tiny"))
+    loaded = {key: runtime.adapters.load(AdapterRef(key=key, folder=trained[key], base_model="tiny"))
               for key in METHODS}
     sequences = []
     prefill_rows: list[int] = []  # rows of each prefill pass (input longer than one token)
@@ -289,7 +285,7 @@ def test_continuous_batch_of_mixed_adapters_matches_peft(trained: dict[str, Path
 def test_a_request_joins_a_running_batch_and_cancelled_rows_leave(trained: dict[str, Path],
                                                                    runtime: BaseRuntime) -> None:
     ids = prompt_ids(runtime)
-    lora = runtime.ensure_adapter(AdapterRef(key="lora", folder=trained["lora"], base_model="tiny"))
+    lora = runtime.adapters.load(AdapterRef(key="lora", folder=trained["lora"], base_model="tiny"))
     alone = runtime.generate(ids, lora, SamplingParams(max_tokens=30, temperature=0)).token_ids
     # Long enough (60 times the joiner's length, no early stop) to still be running when the joiner ends,
     # however slow this machine or late this thread gets the CPU back.
@@ -335,7 +331,7 @@ def test_torch_work_stays_on_the_scheduler_thread(trained: dict[str, Path], runt
 
     runtime.bank.write = recording_write  # type: ignore[method-assign]
     ids = prompt_ids(runtime)
-    lora = runtime.ensure_adapter(AdapterRef(key="lora", folder=trained["lora"], base_model="tiny"))
+    lora = runtime.adapters.load(AdapterRef(key="lora", folder=trained["lora"], base_model="tiny"))
     caller = threading.Thread(target=lambda: (runtime.activate(lora), runtime.logits(ids, lora),
                                               runtime.generate(ids, lora, SamplingParams(max_tokens=3)),
                                               runtime.unload("lora")))
@@ -352,7 +348,7 @@ def test_slots_grown_during_a_request_can_be_cleared_after_it(trained: dict[str,
     (channel scales) must stay normal tensors, or the next unload outside inference mode fails."""
     ids = prompt_ids(runtime)
     for name in SLOT_METHODS:
-        adapter = runtime.ensure_adapter(AdapterRef(key=name, folder=trained[name], base_model="tiny"))
+        adapter = runtime.adapters.load(AdapterRef(key=name, folder=trained[name], base_model="tiny"))
         runtime.generate(ids, adapter, SamplingParams(max_tokens=2))
     assert runtime.bank.rank > 8, "some slot method should have needed a larger rank than the initial slots"
     for name in SLOT_METHODS:

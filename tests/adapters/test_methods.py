@@ -5,6 +5,7 @@ Every generic test is parametrised over the METHODS registry, so a newly registe
 
 from __future__ import annotations
 
+import json
 import math
 from collections.abc import Iterator
 from typing import Any
@@ -24,7 +25,7 @@ from adapters.methods import (
     register,
     total_steps,
 )
-from adapters.methods.base import TrainingHyperparameters, auto_batch_size
+from adapters.methods.base import ResolvedHyperparameters, TrainingHyperparameters, auto_batch_size
 from app.settings import Settings
 
 LLAMA_MODULES = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
@@ -56,9 +57,15 @@ def method(name: str) -> AdapterMethod:
     return METHODS[name]
 
 
+def resolved(name: str, raw: dict[str, Any] | None = None, *, n_examples: int = 100,
+             settings: Settings | None = None) -> ResolvedHyperparameters:
+    return method(name).resolve(raw, n_examples=n_examples, settings=settings or Settings(), base_info=BASE_INFO)
+
+
 def resolve(name: str, raw: dict[str, Any] | None = None, *, n_examples: int = 100,
             settings: Settings | None = None) -> dict[str, Any]:
-    return method(name).resolve(raw, n_examples=n_examples, settings=settings or Settings(), base_info=BASE_INFO)
+    """The resolved values as a job stores them."""
+    return resolved(name, raw, n_examples=n_examples, settings=settings).model_dump()
 
 
 def own_fields(name: str) -> set[str]:
@@ -93,7 +100,7 @@ def test_registering_a_taken_name_alias_or_peft_type_fails(clash: str) -> None:
 def test_imported_configs_keep_only_the_methods_keys(name: str, settings: Settings) -> None:
     from peft import get_peft_model
 
-    model = get_peft_model(tiny_llama(), method(name).peft_config(resolve(name, {}, settings=settings),
+    model = get_peft_model(tiny_llama(), method(name).peft_config(resolved(name, {}, settings=settings),
                                                                    total_steps=10))
     saved = method(name).saved_config(model.peft_config["default"].to_dict())
     hostile = {**saved, "base_model_name_or_path": "https://example.invalid/model", "auto_mapping": {"x": "y"},
@@ -232,18 +239,30 @@ def test_auto_batch_size_grows_with_dataset_size(name: str, settings: Settings) 
 
 
 @pytest.mark.parametrize("name", ALL_METHODS)
+def test_resolved_values_are_typed_and_round_trip_through_the_stored_form(name: str, settings: Settings) -> None:
+    hp = resolved(name, {}, settings=settings)
+    assert isinstance(hp, method(name).resolved) and isinstance(hp, ResolvedHyperparameters)
+    # What a job stores (JSON) reads back as the same typed values the worker trains with.
+    assert method(name).stored(json.loads(json.dumps(hp.model_dump()))) == hp
+    # The method's own values are its shape (what a continued adapter keeps); the shared ones are not.
+    assert set(hp.shape()) == set(hp.model_dump()) - set(ResolvedHyperparameters.model_fields)
+    with pytest.raises(ValidationError):
+        method(name).stored({**hp.model_dump(), "surprise": 1})
+
+
+@pytest.mark.parametrize("name", ALL_METHODS)
 def test_peft_config_matches_the_method(name: str, settings: Settings) -> None:
     from peft import PeftConfig, TaskType
 
-    resolved = resolve(name, {}, settings=settings)
-    config = method(name).peft_config(resolved, total_steps=10)
+    hp = resolved(name, {}, settings=settings)
+    config = method(name).peft_config(hp, total_steps=10)
     assert isinstance(config, PeftConfig)
     assert str(config.peft_type.value) == method(name).peft_type
     assert config.task_type == TaskType.CAUSAL_LM
-    if "target_modules" in resolved:
-        assert set(config.target_modules) == set(resolved["target_modules"])
+    if "target_modules" in hp.model_fields:
+        assert set(config.target_modules) == set(hp.target_modules)  # type: ignore[attr-defined]
     if name in LORA_FAMILY:
-        assert set(resolved["target_modules"]) == set(BASE_INFO["default_target_modules"])
+        assert set(hp.target_modules) == set(BASE_INFO["default_target_modules"])  # type: ignore[attr-defined]
 
 
 @pytest.mark.usefixtures("one_torch_thread")
@@ -253,7 +272,7 @@ def test_peft_model_trains_only_adapter_weights(name: str, settings: Settings) -
     import torch
     from peft import get_peft_model
 
-    model = get_peft_model(tiny_llama(), method(name).peft_config(resolve(name, {}, settings=settings),
+    model = get_peft_model(tiny_llama(), method(name).peft_config(resolved(name, {}, settings=settings),
                                                                    total_steps=10))
     trainable = {n: p for n, p in model.named_parameters() if p.requires_grad}
     assert trainable
@@ -292,7 +311,7 @@ def test_lora_defaults_and_given_values(settings: Settings) -> None:
                     settings=settings)
     assert (given["r"], given["lora_alpha"], given["lora_dropout"], given["target_modules"]) == (4, 4, 0.0, ["o_proj"])
     assert resolve("lora", {"r": 32}, settings=settings)["lora_alpha"] == 64
-    config = method("lora").peft_config(given, total_steps=10)
+    config = method("lora").peft_config(method("lora").stored(given), total_steps=10)
     assert (config.r, config.lora_alpha, config.lora_dropout, set(config.target_modules)) == (4, 4, 0.0, {"o_proj"})
 
 
@@ -357,7 +376,7 @@ def test_adalora_target_r_above_default_init_r(settings: Settings) -> None:
 
 @pytest.mark.parametrize("steps", [1, 2, 5, 10, 20, 1000])
 def test_adalora_budget_schedule_is_valid_for_any_length(steps: int, settings: Settings) -> None:
-    config = method("adalora").peft_config(resolve("adalora", {}, settings=settings), total_steps=steps)
+    config = method("adalora").peft_config(resolved("adalora", {}, settings=settings), total_steps=steps)
     assert config.total_step == steps
     assert 0 <= config.tinit < steps - config.tfinal
     assert config.deltaT >= 1
@@ -372,8 +391,8 @@ def test_prefix_tuning_virtual_tokens_range(value: int, settings: Settings) -> N
 
 def test_prefix_tuning_values_reach_the_config(settings: Settings) -> None:
     assert resolve("prefix_tuning", {}, settings=settings)["num_virtual_tokens"] == 8
-    resolved = resolve("prefix_tuning", {"num_virtual_tokens": 5}, settings=settings)
-    assert method("prefix_tuning").peft_config(resolved, total_steps=10).num_virtual_tokens == 5
+    hp = resolved("prefix_tuning", {"num_virtual_tokens": 5}, settings=settings)
+    assert method("prefix_tuning").peft_config(hp, total_steps=10).num_virtual_tokens == 5
     assert method("prefix_tuning").serving_kind is ServingKind.KV_PREFIX
 
 
@@ -391,17 +410,17 @@ def test_prefix_tuning_values_reach_the_config(settings: Settings) -> None:
     (0, 4, 3, None, 1),
 ])
 def test_total_steps(n_examples: int, batch_size: int, n_epochs: int, max_steps: int | None, expected: int) -> None:
-    hp = {"batch_size": batch_size, "n_epochs": n_epochs, "max_steps": max_steps}
+    hp = resolved("lora", {"batch_size": batch_size, "n_epochs": n_epochs, "max_steps": max_steps})
     assert total_steps(n_examples, hp) == expected
     if max_steps is None:
-        assert total_steps(n_examples, {"batch_size": batch_size, "n_epochs": n_epochs}) == expected
+        assert total_steps(n_examples, resolved("lora", {"batch_size": batch_size, "n_epochs": n_epochs})) == expected
 
 
 @pytest.mark.parametrize("name", ALL_METHODS)
 def test_total_steps_from_resolved_hyperparameters(name: str, settings: Settings) -> None:
-    resolved = resolve(name, {"n_epochs": 2, "batch_size": 3}, n_examples=10, settings=settings)
-    assert total_steps(10, resolved) == 2 * math.ceil(10 / 3)
-    capped = resolve(name, {"n_epochs": 2, "batch_size": 3, "max_steps": 5}, n_examples=10, settings=settings)
+    hp = resolved(name, {"n_epochs": 2, "batch_size": 3}, n_examples=10, settings=settings)
+    assert total_steps(10, hp) == 2 * math.ceil(10 / 3)
+    capped = resolved(name, {"n_epochs": 2, "batch_size": 3, "max_steps": 5}, n_examples=10, settings=settings)
     assert total_steps(10, capped) == 5
 
 
@@ -418,14 +437,14 @@ def tiny_llama() -> Any:
     return LlamaForCausalLM(config)
 
 
-def train_adalora(hp: dict[str, Any], *, steps: int, call_hook: bool) -> Any:
+def train_adalora(hp: Any, *, steps: int, call_hook: bool) -> Any:
     import torch
     from peft import get_peft_model
 
     adalora = method("adalora")
     model = get_peft_model(tiny_llama(), adalora.peft_config(hp, total_steps=steps))
     model.train()
-    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=hp["learning_rate"])
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=hp.learning_rate)
     generator = torch.Generator().manual_seed(1)
     for step in range(1, steps + 1):
         ids = torch.randint(0, 128, (4, 16), generator=generator)
@@ -443,8 +462,8 @@ def lora_e(model: Any) -> dict[str, Any]:
 
 @pytest.mark.usefixtures("one_torch_thread")
 def test_adalora_reallocates_rank_only_with_the_hook(settings: Settings) -> None:
-    hp = resolve("adalora", {"target_modules": LLAMA_MODULES}, n_examples=80, settings=settings)
-    init_r, target_r = hp["init_r"], hp["target_r"]
+    hp = resolved("adalora", {"target_modules": LLAMA_MODULES}, n_examples=80, settings=settings)
+    init_r, target_r = hp.init_r, hp.target_r
     assert target_r < init_r
     steps = 20
 
@@ -491,7 +510,8 @@ def test_prompt_tuning_init(settings: Settings) -> None:
     with pytest.raises(HyperparameterError) as info:
         resolve("prompt_tuning", {"prompt_tuning_init": "text"}, settings=settings)
     assert info.value.param == "prompt_tuning_init_text"
-    config = method("prompt_tuning").peft_config(text, total_steps=5, base_model_path="/models/base")
+    config = method("prompt_tuning").peft_config(method("prompt_tuning").stored(text), total_steps=5,
+                                                 base_model_path="/models/base")
     assert (config.prompt_tuning_init.value, config.tokenizer_name_or_path) == ("TEXT", "/models/base")
     # What is stored or imported never asks for the init text again (nor keeps a tokenizer path).
     saved = method("prompt_tuning").saved_config(config.to_dict())
@@ -501,7 +521,7 @@ def test_prompt_tuning_init(settings: Settings) -> None:
 def test_p_tuning_encoder(settings: Settings) -> None:
     resolved = resolve("p_tuning", {"encoder_reparameterization_type": "lstm", "encoder_hidden_size": 32},
                        settings=settings)
-    config = method("p_tuning").peft_config(resolved, total_steps=5)
+    config = method("p_tuning").peft_config(method("p_tuning").stored(resolved), total_steps=5)
     assert (config.encoder_reparameterization_type.value, config.encoder_hidden_size) == ("LSTM", 32)
     for field, value in (("encoder_hidden_size", 4), ("encoder_num_layers", 9), ("encoder_dropout", 0.9)):
         with pytest.raises(HyperparameterError) as info:

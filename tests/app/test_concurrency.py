@@ -20,6 +20,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from app.db.models import Evaluation, EvaluationStatus, FineTuningJob, JobStatus, WebhookDelivery, WebhookEndpoint
 from app.services import evaluations, jobs, webhooks
+from app.services.ids import new_id
 
 # End-to-end tier: the racers are separate processes.
 pytestmark = pytest.mark.e2e
@@ -87,7 +88,7 @@ def database_url(engine: Engine) -> str:
 def queued_jobs(session: Session, count: int, status: JobStatus = JobStatus.queued, **values: Any) -> list[str]:
     ids = []
     for _ in range(count):
-        job = FineTuningJob(id=jobs.new_id("ftjob"), tenant_id="default", seq=time.time_ns(), model="tiny",
+        job = FineTuningJob(id=new_id("ftjob"), tenant_id="default", seq=time.time_ns(), model="tiny",
                             status=status.value, training_file="file-x", seed=1,
                             method={"type": "lora", "lora": {"hyperparameters": {}}}, **values)
         session.add(job)

@@ -20,6 +20,7 @@ from sqlalchemy.orm import Session
 
 from app.db.models import FineTuningJob, JobEvent, JobStatus
 from app.services import jobs
+from app.services.ids import new_id
 
 LEASE = 30.0
 MAX_ATTEMPTS = 3
@@ -29,7 +30,7 @@ TERMINAL = [JobStatus.succeeded, JobStatus.failed, JobStatus.cancelled]
 
 
 def make_job(session: Session, status: JobStatus = JobStatus.queued, **values: Any) -> str:
-    job = FineTuningJob(id=jobs.new_id("ftjob"), tenant_id="default", seq=time.time_ns(), model="tiny",
+    job = FineTuningJob(id=new_id("ftjob"), tenant_id="default", seq=time.time_ns(), model="tiny",
                         status=status.value, training_file="file-x", seed=1,
                         method={"type": "lora", "lora": {"hyperparameters": {}}}, **values)
     session.add(job)

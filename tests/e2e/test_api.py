@@ -135,7 +135,7 @@ def test_train_and_serve_each_method(client: httpx.Client, stack: Stack, tiny_mo
     assert sorted(p.name for p in folder.iterdir()) == ["adapter_config.json", "adapter_model.safetensors"]
     runtime = BaseRuntime(AutoModelForCausalLM.from_pretrained(tiny_model_dir), tiny_tokenizer, cache_size=2,
                           max_rank=64)
-    adapter = runtime.ensure_adapter(AdapterRef(key="x", folder=folder, base_model=TINY_MODEL_ID))
+    adapter = runtime.adapters.load(AdapterRef(key="x", folder=folder, base_model=TINY_MODEL_ID))
     prompt = tiny_tokenizer.apply_chat_template([{"role": "user", "content": "Say hi 999"}], tokenize=False,
                                                 add_generation_prompt=True)
     ids = tiny_tokenizer(prompt, add_special_tokens=False)["input_ids"]

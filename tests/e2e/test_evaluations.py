@@ -121,11 +121,12 @@ def reference_metrics(stack: Stack, tiny_model_dir: Path, tokenizer: Any, conten
                 "autocast": accelerator_for(plan.dtype, next(base.parameters()).device).autocast,
                 "exact_match_examples": settings.exact_match_examples}
             if folder is None:
-                found.append(model_metrics(base, make=BatchMaker(None, {"max_seq_length": max_len},
-                                                                 tokenizer.pad_token_id), **common))
+                found.append(model_metrics(base, make=BatchMaker.for_base_model(
+                    max_len=max_len, pad_id=tokenizer.pad_token_id), **common))
                 continue
             config = json.loads((folder / "adapter_config.json").read_text())
-            make = BatchMaker(for_config(config), {**config, "max_seq_length": max_len}, tokenizer.pad_token_id)
+            make = BatchMaker.for_saved_adapter(for_config(config), config, max_len=max_len,
+                                                pad_id=tokenizer.pad_token_id)
             found.append(model_metrics(PeftModel.from_pretrained(base, str(folder)), make=make, **common))
         return found
     finally:

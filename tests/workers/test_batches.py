@@ -65,7 +65,7 @@ def test_loss_and_gradients_equal_the_plain_path(name: str, examples: list[Encod
     plain.backward()
     expected = gradients(model)
 
-    make = BatchMaker(method, hp, tiny_tokenizer.pad_token_id)
+    make = BatchMaker.for_training(method, hp, tiny_tokenizer.pad_token_id)
     if make.packed:
         use_packed_attention(model.base_model.model)
     batch = make(examples)
@@ -111,7 +111,7 @@ def test_gradient_checkpointing_changes_no_loss_or_gradient(name: str, examples:
         if checkpointing:
             base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
             assert base.is_gradient_checkpointing
-        make = BatchMaker(METHODS[name], hp, tiny_tokenizer.pad_token_id)
+        make = BatchMaker.for_training(METHODS[name], hp, tiny_tokenizer.pad_token_id)
         if make.packed:
             use_packed_attention(base)
         torch.manual_seed(1)

@@ -29,7 +29,7 @@ def test_loss_on_cuda_equals_cpu(name: str, examples: list[EncodedExample], tiny
                                  tiny_tokenizer: Any, tmp_path: Path) -> None:
     model, hp = peft_model(name, tiny_model_dir)
     model.eval()
-    make = BatchMaker(METHODS[name], hp, tiny_tokenizer.pad_token_id)
+    make = BatchMaker.for_training(METHODS[name], hp, tiny_tokenizer.pad_token_id)
     if make.packed:
         use_packed_attention(model.get_base_model())
     batch = make(examples)

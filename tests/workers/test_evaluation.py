@@ -50,17 +50,17 @@ def test_metrics_equal_the_plain_computation(name: str | None, examples: list[En
                                              tiny_model_dir: Path, tiny_tokenizer: Any) -> None:
     from transformers import AutoModelForCausalLM
 
+    pad = tiny_tokenizer.pad_token_id
     if name is None:
         model = AutoModelForCausalLM.from_pretrained(tiny_model_dir).eval()
-        base, hp, method = model, {"max_seq_length": 1024}, None
+        base, make = model, BatchMaker.for_base_model(max_len=1024, pad_id=pad)
     else:
         model, hp = peft_model(name, tiny_model_dir)
         model.eval()
-        base, method = model.get_base_model(), METHODS[name]
-    pad = tiny_tokenizer.pad_token_id
+        base, make = model.get_base_model(), BatchMaker.for_training(METHODS[name], hp, pad)
     expected_loss, expected_accuracy = plain_scores(model, examples, pad)
-    metrics = model_metrics(model, base_model=base, tokenizer=tiny_tokenizer, examples=examples,
-                            make=BatchMaker(method, hp, pad), batch_size=3)
+    metrics = model_metrics(model, base_model=base, tokenizer=tiny_tokenizer, examples=examples, make=make,
+                            batch_size=3)
     assert metrics["loss"] == pytest.approx(expected_loss, abs=1e-4)
     assert metrics["mean_token_accuracy"] == pytest.approx(expected_accuracy, abs=1e-6)
     assert metrics["tokens"] == sum(sum(e.loss_mask[1:]) for e in examples)

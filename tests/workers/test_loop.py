@@ -13,7 +13,7 @@ from adapters.methods import METHODS
 from app.settings import Settings
 from tests.workers.conftest import assert_same_weights
 from workers.training import loop
-from workers.training.loop import TrainingCallbacks, epoch_order, train
+from workers.training.loop import TrainingCallbacks, TrainingConfig, TrainingRecipe, epoch_order
 
 
 def test_each_epoch_trains_its_own_shuffle(examples: list[EncodedExample], tiny_model_dir: Path,
@@ -30,12 +30,10 @@ def test_each_epoch_trains_its_own_shuffle(examples: list[EncodedExample], tiny_
         return make_batch(self, chunk)
 
     monkeypatch.setattr(loop.BatchMaker, "__call__", recording)
-    callbacks = TrainingCallbacks(on_metrics=lambda _: None, on_progress=lambda *_: None,
-                                  should_stop=lambda: None, on_checkpoint=lambda *_: None)
-    _, result = train(base_model=load_model(str(tiny_model_dir), device="cpu", dtype="float32"), method=method,
-                      hyperparameters=hp, seed=seed, train_examples=examples, valid_examples=[],
-                      pad_id=tiny_tokenizer.pad_token_id, eval_every_steps=0, log_every_steps=1,
-                      callbacks=callbacks)
+    _, result = TrainingRecipe(TrainingConfig(method=method, hyperparameters=hp, seed=seed,
+                                              pad_id=tiny_tokenizer.pad_token_id),
+                               base_model=load_model(str(tiny_model_dir), device="cpu", dtype="float32"),
+                               train_examples=examples).run()
 
     per_epoch = -(-len(examples) // batch_size)
     assert result.steps == per_epoch * epochs == len(trained)
@@ -60,11 +58,9 @@ def test_every_step_loss_equals_the_plain_trainer_path(examples: list[EncodedExa
     steps = -(-len(examples) // batch_size) * epochs
 
     ours: list[float] = []
-    callbacks = TrainingCallbacks(on_metrics=lambda m: ours.append(m["train_loss"]), on_progress=lambda *_: None,
-                                  should_stop=lambda: None, on_checkpoint=lambda *_: None)
-    train(base_model=load_model(str(tiny_model_dir), device="cpu", dtype="float32"), method=method,
-          hyperparameters=hp, seed=seed, train_examples=examples, valid_examples=[],
-          pad_id=tiny_tokenizer.pad_token_id, eval_every_steps=0, log_every_steps=1, callbacks=callbacks)
+    TrainingRecipe(TrainingConfig(method=method, hyperparameters=hp, seed=seed, pad_id=tiny_tokenizer.pad_token_id),
+                   base_model=load_model(str(tiny_model_dir), device="cpu", dtype="float32"), train_examples=examples,
+                   callbacks=TrainingCallbacks(on_metrics=lambda m: ours.append(m["train_loss"]))).run()
 
     class SameOrder(torch.utils.data.Sampler[int]):
         def __init__(self) -> None:
@@ -97,8 +93,8 @@ def test_every_step_loss_equals_the_plain_trainer_path(examples: list[EncodedExa
     torch.manual_seed(seed)  # LoRA's A matrices start from the same draw as in our loop (seed_everything)
     model = get_peft_model(base, method.peft_config(hp, total_steps=steps))
     args = TrainingArguments(output_dir=str(tiny_model_dir.parent / "trainer-parity"), num_train_epochs=epochs,
-                             per_device_train_batch_size=batch_size, learning_rate=hp["learning_rate"],
-                             lr_scheduler_type="linear", weight_decay=hp["weight_decay"], max_grad_norm=1.0,
+                             per_device_train_batch_size=batch_size, learning_rate=hp.learning_rate,
+                             lr_scheduler_type="linear", weight_decay=hp.weight_decay, max_grad_norm=1.0,
                              logging_steps=1, save_strategy="no", report_to=[], use_cpu=True, seed=seed,
                              remove_unused_columns=False, dataloader_num_workers=0, disable_tqdm=True)
     SameOrderTrainer(model=model, args=args, train_dataset=features, callbacks=[Losses()],
@@ -123,13 +119,11 @@ def test_a_step_split_by_memory_trains_the_same_model(examples: list[EncodedExam
     def run(memory: MemoryPlan | None) -> tuple[list[float], list[str], dict[str, torch.Tensor]]:
         losses: list[float] = []
         messages: list[str] = []
-        callbacks = TrainingCallbacks(on_metrics=lambda m: losses.append(m["train_loss"]),
-                                      on_progress=lambda *_: None, should_stop=lambda: None,
-                                      on_checkpoint=lambda *_: None, on_info=messages.append)
-        model, _ = train(base_model=load_model(str(tiny_model_dir), device="cpu", dtype="float32"), method=method,
-                         hyperparameters=hp, seed=3, train_examples=examples, valid_examples=[],
-                         pad_id=tiny_tokenizer.pad_token_id, eval_every_steps=0, log_every_steps=1,
-                         callbacks=callbacks, memory=memory)
+        callbacks = TrainingCallbacks(on_metrics=lambda m: losses.append(m["train_loss"]), on_info=messages.append)
+        model, _ = TrainingRecipe(TrainingConfig(method=method, hyperparameters=hp, seed=3,
+                                                 pad_id=tiny_tokenizer.pad_token_id),
+                                  base_model=load_model(str(tiny_model_dir), device="cpu", dtype="float32"),
+                                  train_examples=examples, callbacks=callbacks, memory=memory).run()
         return losses, messages, {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
 
     whole, _, whole_weights = run(None)
@@ -138,7 +132,7 @@ def test_a_step_split_by_memory_trains_the_same_model(examples: list[EncodedExam
     assert max(len(small.split(examples[i:i + 4], 4096)) for i in range(0, len(examples), 4)) > 1
     split, messages, split_weights = run(small)
     assert split == pytest.approx(whole, rel=1e-5)
-    assert_same_weights(split_weights, whole_weights, learning_rate=hp["learning_rate"])
+    assert_same_weights(split_weights, whole_weights, learning_rate=hp.learning_rate)
     assert any("run in several passes" in m for m in messages), messages
 
 

@@ -13,7 +13,7 @@ from adapters.data import EncodedExample
 from adapters.methods import METHODS
 from app.settings import Settings
 from tests.workers.conftest import assert_same_weights
-from workers.training.loop import Cancelled, TrainingCallbacks, train
+from workers.training.loop import Cancelled, TrainingCallbacks, TrainingConfig, TrainingRecipe
 from workers.training.memory import MemoryPlan
 from workers.training.parallel import DataParallel, Replicas, ReplicaSpec
 
@@ -25,32 +25,31 @@ SEED = 5
 PARALLEL_METHODS = ["lora", "adalora", "prefix_tuning"]
 
 
-def hyperparameters(name: str, n_examples: int, tiny_model_dir: Path) -> dict[str, Any]:
+def config(name: str, n_examples: int, tiny_model_dir: Path, pad_id: int) -> TrainingConfig:
     raw: dict[str, Any] = {"batch_size": 3, "n_epochs": 2}
     if name in ("lora", "adalora"):
         raw["lora_dropout"] = 0  # dropout draws differ between processes; without it the paths must agree
-    return METHODS[name].resolve(raw, n_examples=n_examples, settings=Settings(),
-                                 base_info=base_info(str(tiny_model_dir)))
+    hp = METHODS[name].resolve(raw, n_examples=n_examples, settings=Settings(),
+                               base_info=base_info(str(tiny_model_dir)))
+    return TrainingConfig(method=METHODS[name], hyperparameters=hp, seed=SEED, pad_id=pad_id)
 
 
 def run(name: str, examples: list[EncodedExample], tiny_model_dir: Path, pad_id: int, *,
         parallel: DataParallel | None = None, memory: MemoryPlan | None = None,
         should_stop: Any = lambda: None) -> tuple[list[float], dict[str, torch.Tensor]]:
     losses: list[float] = []
-    callbacks = TrainingCallbacks(on_metrics=lambda m: losses.append(m["train_loss"]), on_progress=lambda *_: None,
-                                  should_stop=should_stop, on_checkpoint=lambda *_: None)
-    model, _ = train(base_model=load_model(str(tiny_model_dir), device="cpu", dtype="float32"), method=METHODS[name],
-                     hyperparameters=hyperparameters(name, len(examples), tiny_model_dir), seed=SEED,
-                     train_examples=examples, valid_examples=[], pad_id=pad_id, eval_every_steps=0,
-                     log_every_steps=1, callbacks=callbacks, memory=memory, parallel=parallel)
+    callbacks = TrainingCallbacks(on_metrics=lambda m: losses.append(m["train_loss"]), should_stop=should_stop)
+    model, _ = TrainingRecipe(config(name, len(examples), tiny_model_dir, pad_id),
+                              base_model=load_model(str(tiny_model_dir), device="cpu", dtype="float32"),
+                              train_examples=examples, callbacks=callbacks, memory=memory, parallel=parallel).run()
     return losses, {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
 
 
 def spec(name: str, examples: list[EncodedExample], tiny_model_dir: Path, pad_id: int,
          memory: MemoryPlan | None = None) -> ReplicaSpec:
-    return ReplicaSpec(model_path=str(tiny_model_dir), device_type="cpu", compute_dtype="float32", method=name,
-                       hyperparameters=hyperparameters(name, len(examples), tiny_model_dir), seed=SEED,
-                       train_examples=examples, pad_id=pad_id, torch_threads=1, memory=memory)
+    return ReplicaSpec(model_path=str(tiny_model_dir), device_type="cpu",
+                       config=config(name, len(examples), tiny_model_dir, pad_id), train_examples=examples,
+                       torch_threads=1, memory=memory)
 
 
 @pytest.mark.parametrize("name", PARALLEL_METHODS)
@@ -64,7 +63,7 @@ def test_two_processes_train_the_single_process_model(name: str, examples: list[
     assert replicas.exit_codes == [0]
     assert together == pytest.approx(alone, rel=1e-5)
     assert_same_weights(together_weights, alone_weights,
-                        learning_rate=hyperparameters(name, len(examples), tiny_model_dir)["learning_rate"])
+                        learning_rate=config(name, len(examples), tiny_model_dir, pad).hyperparameters.learning_rate)
 
 
 def test_memory_split_and_data_parallel_together(examples: list[EncodedExample], tiny_model_dir: Path,
@@ -78,7 +77,7 @@ def test_memory_split_and_data_parallel_together(examples: list[EncodedExample],
     assert replicas.exit_codes == [0]
     assert together == pytest.approx(alone, rel=1e-5)
     assert_same_weights(together_weights, alone_weights,
-                        learning_rate=hyperparameters("lora", len(examples), tiny_model_dir)["learning_rate"])
+                        learning_rate=config("lora", len(examples), tiny_model_dir, pad).hyperparameters.learning_rate)
 
 
 def test_a_stop_on_rank_0_ends_the_replicas(examples: list[EncodedExample], tiny_model_dir: Path,

@@ -3,6 +3,12 @@
 A plain loop rather than transformers.Trainer, so that method hooks (AdaLoRA's budget allocation),
 cancellation at step boundaries, events and checkpoints are explicit and cheap, and batches waste no
 compute (batches.py: packed rows, logits only where a label is).
+
+One run is a `TrainingRecipe` with a typed `TrainingConfig`: `setup()` builds the adapter, optimiser and
+schedule (or restores them from a checkpoint); `run()` repeats `step()` (one optimiser step, in one or several
+forward/backward passes) with `validate()` and `checkpoint()` where due, and `finish()` reports how it ended.
+The job's runner gives the recipe callbacks to its job row, events and artifact store. A rank > 0 of a
+data-parallel job runs a `ReplicaRecipe`: the same setup and steps, its share of each, and nothing else.
 """
 
 from __future__ import annotations
@@ -10,7 +16,7 @@ from __future__ import annotations
 import math
 import random
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -18,6 +24,7 @@ import torch
 
 from adapters.data import EncodedExample
 from adapters.methods import AdapterMethod, total_steps
+from adapters.methods.base import ResolvedHyperparameters
 from workers.training.batches import (
     PACKED_ATTENTION,
     TrainingBatch,
@@ -51,16 +58,21 @@ class TimeLimit(HandBack):
     """The job reached its soft time limit: checkpoint, then fail with code "timeout"."""
 
 
+def _ignore(*_: Any) -> None:
+    return None
+
+
 @dataclass
 class TrainingCallbacks:
-    """How the loop talks to the outside world (the job row, the event log, the artifact store)."""
+    """How the loop talks to the outside world (the job row, the event log, the artifact store). Each does
+    nothing unless given: a benchmark or a test gives only what it watches."""
 
-    on_metrics: Callable[[dict[str, Any]], None]
-    on_progress: Callable[[int, int, float, float | None], None]
+    on_metrics: Callable[[dict[str, Any]], None] = _ignore
+    on_progress: Callable[[int, int, float, float | None], None] = _ignore
     # None to go on; an exception instance to stop with (Cancelled, LeaseLost, ...), checked every step.
-    should_stop: Callable[[], Exception | None]
+    should_stop: Callable[[], Exception | None] = _ignore
     # (model, optimizer, scheduler, position, metrics, epoch_end): save a checkpoint.
-    on_checkpoint: Callable[..., None]
+    on_checkpoint: Callable[..., None] = _ignore
     on_message: Callable[[str], None] = field(default=lambda _: None)  # a warning
     on_info: Callable[[str], None] = field(default=lambda _: None)
     # (step, tokens it trained): after every optimiser step (metrics counters).
@@ -102,13 +114,28 @@ def trainable_examples(examples: list[EncodedExample], max_len: int) -> list[Enc
 
 
 class BatchMaker:
-    """Turns a list of examples into a TrainingBatch the way the method allows (packed or padded)."""
+    """Turns a list of examples into a TrainingBatch the way a method allows: packed rows, or one example a row
+    padded with `offset` positions in front for the method's virtual tokens."""
 
-    def __init__(self, method: AdapterMethod | None, hp: dict[str, Any], pad_id: int):
-        """`method` None: batches for the base model alone (packed, nothing in front of the input)."""
-        self.packed = method is None or method.packs_examples
-        self.offset = 0 if method is None else method.input_offset(hp)
-        self.max_len, self.pad_id = hp["max_seq_length"], pad_id
+    def __init__(self, *, packed: bool, offset: int, max_len: int, pad_id: int):
+        self.packed, self.offset, self.max_len, self.pad_id = packed, offset, max_len, pad_id
+
+    @classmethod
+    def for_training(cls, method: AdapterMethod[Any], hp: ResolvedHyperparameters, pad_id: int) -> BatchMaker:
+        return cls(packed=method.packs_examples, offset=method.input_offset(hp), max_len=hp.max_seq_length,
+                   pad_id=pad_id)
+
+    @classmethod
+    def for_saved_adapter(cls, method: AdapterMethod[Any], config: dict[str, Any], *, max_len: int,
+                          pad_id: int) -> BatchMaker:
+        """Batches for an adapter as saved (its adapter_config.json says what goes in front of the input)."""
+        return cls(packed=method.packs_examples, offset=method.saved_input_offset(config), max_len=max_len,
+                   pad_id=pad_id)
+
+    @classmethod
+    def for_base_model(cls, *, max_len: int, pad_id: int) -> BatchMaker:
+        """Batches for the base model alone: packed, nothing in front of the input."""
+        return cls(packed=True, offset=0, max_len=max_len, pad_id=pad_id)
 
     @property
     def attention(self) -> str:
@@ -158,204 +185,324 @@ def accelerator_for(compute_dtype: str, device: torch.device) -> Any:
 SCHEDULERS = {"linear": "linear", "cosine": "cosine", "constant": "constant_with_warmup"}
 
 
-def train(*, base_model: Any, method: AdapterMethod, hyperparameters: dict[str, Any], seed: int,
-          train_examples: list[EncodedExample], valid_examples: list[EncodedExample], pad_id: int,
-          eval_every_steps: int, log_every_steps: int, callbacks: TrainingCallbacks, checkpoint_steps: int = 0,
-          resume: Any = None, after_step: Callable[[int], None] | None = None,
-          compute_dtype: str = "float32", initial_weights: Callable[[Any], None] | None = None,
-          max_valid_examples: int | None = None, memory: MemoryPlan | None = None,
-          parallel: DataParallel | None = None) -> tuple[Any, TrainingResult]:
-    """Train a PEFT adapter on `base_model` (modified in place); returns the PeftModel and a summary.
+@dataclass(frozen=True)
+class TrainingConfig:
+    """What decides a training run besides its data: the method, its resolved hyperparameters, the seed, the
+    compute dtype, and how often the run logs, validates and checkpoints."""
 
-    `compute_dtype` "bfloat16" trains under bf16 autocast (the frozen base should be stored in bf16; PEFT
-    keeps adapter weights, and so the optimiser state, in fp32). `resume` (a checkpoints.ResumeState)
-    continues from a checkpoint: same weights, optimiser, scheduler, RNG and data position, so the result
-    matches an uninterrupted run. `initial_weights(model)` loads the adapter weights a new job starts from
-    (`from_model`). Periodic validations score the first `max_valid_examples` validation examples. `memory`
-    splits a step whose examples do not fit at once into several forward/backward passes (memory.py).
-    `parallel`: this process's rank in a data-parallel job (parallel.py); each rank trains its share of a
-    step and the gradients are summed, so the step is the single-process one.
-    """
-    from peft import get_peft_model
-    from transformers import get_scheduler
+    method: AdapterMethod[Any]
+    hyperparameters: ResolvedHyperparameters
+    seed: int
+    pad_id: int
+    # "bfloat16" trains under bf16 autocast (the frozen base should be stored in bf16; PEFT keeps adapter weights,
+    # and so the optimiser state, in fp32).
+    compute_dtype: str = "float32"
+    # 0: about four validations per run (ten with early stopping), and one at the last step.
+    eval_every_steps: int = 0
+    log_every_steps: int = 1
+    # A resumable checkpoint every N steps as well as at each epoch's end; 0: epoch ends only.
+    checkpoint_steps: int = 0
+    # Periodic validations score the first N validation examples (None: all of them).
+    max_valid_examples: int | None = None
 
-    from workers.training import checkpoints
-    from workers.training.evaluation import score
 
-    seed_everything(seed)
-    hp = hyperparameters
-    max_len = hp["max_seq_length"]
-    examples = trainable_examples(train_examples, max_len)
-    if not examples:
-        raise ValueError(f"no example has trainable tokens within max_seq_length={max_len}")
-    if len(examples) < len(train_examples) and resume is None:
-        callbacks.on_message(f"{len(train_examples) - len(examples)} example(s) have no trainable tokens "
-                             f"within max_seq_length={max_len} and were skipped.")
-    valid = trainable_examples(valid_examples, max_len)[:max_valid_examples]
-    steps_total = total_steps(len(examples), hp)
-    if hp.get("gradient_checkpointing"):
-        # Non-reentrant checkpointing needs no input that requires grad, so frozen embeddings are fine.
-        base_model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    model = get_peft_model(base_model, method.peft_config(hp, total_steps=steps_total,
-                                                          base_model_path=getattr(base_model, "name_or_path", None)))
-    if initial_weights is not None and resume is None:
-        initial_weights(model)
-    if compute_dtype != "float32":
-        # Under autocast the adapter's matmuls run in the compute dtype anyway; PEFT's cast of every adapter
-        # input to the fp32 adapter weights would copy each activation (and run dropout on the copy) for nothing.
-        from peft.tuners.tuners_utils import BaseTunerLayer
+@dataclass
+class StepTotals:
+    """One optimiser step's statistics (tensors: no host sync until something reads them)."""
 
-        for module in model.modules():
-            if isinstance(module, BaseTunerLayer):
-                module.cast_input_dtype_enabled = False  # type: ignore[attr-defined]
-    make = BatchMaker(method, hp, pad_id)
-    base_model.set_attn_implementation("sdpa")
-    if make.packed:
-        use_packed_attention(base_model)
-    accelerator = accelerator_for(compute_dtype, next(base_model.parameters()).device)
-    device = next(base_model.parameters()).device
-    params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=hp["learning_rate"], weight_decay=hp["weight_decay"])
-    scheduler = get_scheduler(SCHEDULERS[hp.get("lr_scheduler", "linear")], optimizer,
-                              num_warmup_steps=int(hp["warmup_ratio"] * steps_total), num_training_steps=steps_total)
-    patience = hp.get("early_stopping_patience") if valid else None
-    # Early stopping needs validations often enough to notice a turn: about ten per job by default.
-    eval_every = eval_every_steps or max(1, math.ceil(steps_total / (10 if patience else 4)))
-    batch_size = hp["batch_size"]
-    steps_per_epoch = math.ceil(len(examples) / batch_size)
+    loss: torch.Tensor  # the step's mean loss per labelled token (summed over the ranks of a data-parallel step)
+    correct: torch.Tensor  # labelled tokens predicted right
+    labels: int
+    tokens: int  # tokens this step trained (its examples, cut to max_seq_length)
 
-    def passes(chunk: list[EncodedExample]) -> list[list[EncodedExample]]:
-        """This process's forward/backward passes of a step: its share (data parallel), cut to fit memory."""
-        mine = chunk if parallel is None else parallel.share(chunk, max_len)
-        return [mine] if memory is None else memory.split(mine, max_len)
 
-    if memory is not None and resume is None:
-        order = epoch_order(len(examples), seed, 0)
-        counts = [len(passes([examples[i] for i in order[j:j + batch_size]])) for j in range(0, len(order), batch_size)]
+class TrainingRecipe:
+    """One training run of a PEFT adapter on `base_model` (which it modifies in place): the single process, or
+    rank 0 of a data-parallel job (`parallel`), which alone validates, logs and checkpoints.
+
+    `resume` (a checkpoints.ResumeState) continues from a checkpoint: same weights, optimiser, scheduler, RNG and
+    data position, so the result matches an uninterrupted run. `initial_weights(model)` loads the adapter weights a
+    new job starts from (`from_model`). `memory` splits a step whose examples do not fit at once into several
+    forward/backward passes (memory.py). `after_step(step)` runs after each step (fault injection in tests)."""
+
+    def __init__(self, config: TrainingConfig, *, base_model: Any, train_examples: list[EncodedExample],
+                 valid_examples: list[EncodedExample] | None = None, callbacks: TrainingCallbacks | None = None,
+                 resume: Any = None, initial_weights: Callable[[Any], None] | None = None,
+                 memory: MemoryPlan | None = None, parallel: DataParallel | None = None,
+                 after_step: Callable[[int], None] | None = None):
+        self.config, self.hp = config, config.hyperparameters
+        self.method = config.method
+        self.base_model = base_model
+        self.train_examples, self.valid_examples = train_examples, valid_examples or []
+        self.callbacks = callbacks or TrainingCallbacks()
+        self.resume, self.initial_weights = resume, initial_weights
+        self.memory, self.parallel, self.after_step = memory, parallel, after_step
+        self.stopped_early = False
+        # Per-step values stay tensors (no host sync) until a metrics event or checkpoint reads them.
+        self.last: StepTotals | None = None
+        self.grad_norm: torch.Tensor | None = None
+        self.valid_metrics: dict[str, float] = {}
+
+    @property
+    def leader(self) -> bool:
+        return self.parallel is None or self.parallel.leader
+
+    # ------------------------------------------------------------ setup
+
+    def setup(self) -> None:
+        """Data, the PEFT model, optimiser and schedule; restored from `resume` when given."""
+        from peft import get_peft_model
+        from transformers import get_scheduler
+
+        from workers.training import checkpoints
+
+        hp = self.hp
+        seed_everything(self.config.seed)
+        self.examples = trainable_examples(self.train_examples, hp.max_seq_length)
+        if not self.examples:
+            raise ValueError(f"no example has trainable tokens within max_seq_length={hp.max_seq_length}")
+        if len(self.examples) < len(self.train_examples) and self.resume is None:
+            self.callbacks.on_message(f"{len(self.train_examples) - len(self.examples)} example(s) have no trainable "
+                                      f"tokens within max_seq_length={hp.max_seq_length} and were skipped.")
+        self.valid = trainable_examples(self.valid_examples, hp.max_seq_length)[:self.config.max_valid_examples]
+        self.steps_total = total_steps(len(self.examples), hp)
+        self.steps_per_epoch = math.ceil(len(self.examples) / hp.batch_size)
+        if hp.gradient_checkpointing:
+            # Non-reentrant checkpointing needs no input that requires grad, so frozen embeddings are fine.
+            self.base_model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        self.model = get_peft_model(self.base_model, self.method.peft_config(
+            hp, total_steps=self.steps_total, base_model_path=getattr(self.base_model, "name_or_path", None)))
+        if self.initial_weights is not None and self.resume is None and self.leader:
+            self.initial_weights(self.model)
+        if self.config.compute_dtype != "float32":
+            # Under autocast the adapter's matmuls run in the compute dtype anyway; PEFT's cast of every adapter
+            # input to the fp32 adapter weights would copy each activation (and run dropout on the copy) for nothing.
+            from peft.tuners.tuners_utils import BaseTunerLayer
+
+            for module in self.model.modules():
+                if isinstance(module, BaseTunerLayer):
+                    module.cast_input_dtype_enabled = False  # type: ignore[attr-defined]
+        self.make = BatchMaker.for_training(self.method, hp, self.config.pad_id)
+        self.base_model.set_attn_implementation("sdpa")
+        if self.make.packed:
+            use_packed_attention(self.base_model)
+        self.device = next(self.base_model.parameters()).device
+        self.accelerator = accelerator_for(self.config.compute_dtype, self.device)
+        self.params = [p for p in self.model.parameters() if p.requires_grad]
+        self.optimizer = torch.optim.AdamW(self.params, lr=hp.learning_rate, weight_decay=hp.weight_decay)
+        self.scheduler = get_scheduler(SCHEDULERS[hp.lr_scheduler], self.optimizer,
+                                       num_warmup_steps=int(hp.warmup_ratio * self.steps_total),
+                                       num_training_steps=self.steps_total)
+        self.patience = hp.early_stopping_patience if self.valid else None
+        # Early stopping needs validations often enough to notice a turn: about ten per job by default.
+        self.eval_every = self.config.eval_every_steps or max(1, math.ceil(self.steps_total / (10 if self.patience
+                                                                                                else 4)))
+        if self.memory is not None and self.resume is None:
+            self.callbacks.on_info(self._memory_report(self.memory))
+        self.position = Position(step=0, epoch=0, batch=0, trained_tokens=0)
+        if self.resume is not None:
+            checkpoints.restore(self.resume, model=self.model, optimizer=self.optimizer, scheduler=self.scheduler)
+            self.position = Position(step=self.resume.step, epoch=self.resume.epoch, batch=self.resume.batch,
+                                     trained_tokens=self.resume.trained_tokens, **self.resume.early_stopping)
+        if self.parallel is not None:
+            self.parallel.broadcast_parameters(self.params)  # rank 0 alone loaded `initial_weights`
+        self.model.train()
+
+    def _memory_report(self, memory: MemoryPlan) -> str:
+        order = epoch_order(len(self.examples), self.config.seed, 0)
+        size = self.hp.batch_size
+        counts = [len(self.passes([self.examples[i] for i in order[j:j + size]])) for j in range(0, len(order), size)]
         several = sum(n > 1 for n in counts)
-        callbacks.on_info(f"Memory: {memory.describe()}. "
-                          + (f"{several} of the first epoch's {len(counts)} steps run in several passes "
-                             f"(up to {max(counts)}), their gradients added up." if several
-                             else "Every step runs in one pass."))
-    position = Position(step=0, epoch=0, batch=0, trained_tokens=0)
-    if resume is not None:
-        checkpoints.restore(resume, model=model, optimizer=optimizer, scheduler=scheduler)
-        position = Position(step=resume.step, epoch=resume.epoch, batch=resume.batch,
-                            trained_tokens=resume.trained_tokens, **resume.early_stopping)
-    leader = parallel is None or parallel.leader
-    if parallel is not None:
-        parallel.broadcast_parameters(params)  # rank 0 alone loaded `initial_weights`
+        return f"Memory: {memory.describe()}. " + (
+            f"{several} of the first epoch's {len(counts)} steps run in several passes (up to {max(counts)}), "
+            "their gradients added up." if several else "Every step runs in one pass.")
 
-    model.train()
-    callbacks.on_progress(position.step, steps_total, position.epoch + position.batch / steps_per_epoch, None)
-    callbacks.on_training_start()
-    # Per-step values stay tensors (no host sync) until a metrics event or checkpoint reads them.
-    last_loss: torch.Tensor | None = None
-    last_correct: torch.Tensor | None = None
-    last_labels = 0
-    grad_norm: torch.Tensor | None = None
-    valid_metrics: dict[str, float] = {}
-    stopped_early = False
-    started, started_step = time.monotonic(), position.step
-    logged_at, logged_tokens = started, position.trained_tokens
+    # ------------------------------------------------------------ the schedule and one step
 
-    def checkpoint_metrics() -> dict[str, Any]:
-        values: dict[str, Any] = {"step": position.step}
-        if last_loss is not None:
-            values["train_loss"] = round(float(last_loss), 6)
-            values["train_mean_token_accuracy"] = round(int(last_correct or 0) / max(1, last_labels), 6)
-        values.update(valid_metrics)
+    def schedule(self) -> Iterator[list[EncodedExample]]:
+        """The remaining steps' examples, from the position on: each epoch its own shuffle (epoch_order), so a
+        resumed run recomputes exactly the order it left. The caller's step moves the position."""
+        hp, position = self.hp, self.position
+        while position.epoch < hp.n_epochs and position.step < self.steps_total and not self.stopped_early:
+            epoch = position.epoch
+            order = epoch_order(len(self.examples), self.config.seed, epoch)
+            self.epoch_batches = [order[i:i + hp.batch_size] for i in range(0, len(order), hp.batch_size)]
+            while position.epoch == epoch and position.step < self.steps_total and not self.stopped_early:
+                yield [self.examples[i] for i in self.epoch_batches[position.batch]]
+
+    def passes(self, chunk: list[EncodedExample]) -> list[list[EncodedExample]]:
+        """This process's forward/backward passes of a step: its share (data parallel), cut to fit memory."""
+        max_len = self.hp.max_seq_length
+        mine = chunk if self.parallel is None else self.parallel.share(chunk, max_len)
+        return [mine] if self.memory is None else self.memory.split(mine, max_len)
+
+    def step(self, chunk: list[EncodedExample]) -> StepTotals:
+        """One optimiser step on `chunk`: this process's passes, gradients summed over the ranks, the update."""
+        max_len = self.hp.max_seq_length
+        parts = [self.make(part).to(self.device) for part in self.passes(chunk)]
+        labels = sum(labelled_count(example, max_len) for example in chunk)
+        loss_sum, correct = torch.zeros((), device=self.device), torch.zeros((), device=self.device)
+        for index, batch in enumerate(parts):
+            with self.accelerator.autocast():
+                logits = labelled_logits(self.model, batch)
+                # Summed over the pass and divided by the step's labels: the passes' gradients add up to those of
+                # the whole batch's mean loss.
+                loss = torch.nn.functional.cross_entropy(logits.float(), batch.targets, reduction="sum") / labels
+                extra = self.method.regularisation(self.model) if index == 0 and self.leader else None  # once a step
+                total = loss if extra is None else loss + extra
+            self.accelerator.backward(total)
+            loss_sum += loss.detach()
+            correct += (logits.detach().argmax(-1) == batch.targets).sum()
+        tokens = sum(min(len(example.input_ids), max_len) for example in chunk)
+        self.position.trained_tokens += tokens
+        if self.parallel is not None:
+            loss_sum, correct = self.parallel.sum_gradients(self.params, [loss_sum, correct])
+        self.grad_norm = torch.nn.utils.clip_grad_norm_(self.params, 1.0)
+        self.optimizer.step()
+        self.position.step += 1
+        self.position.batch += 1
+        self.method.after_optimizer_step(self.model, self.position.step)
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return StepTotals(loss=loss_sum, correct=correct, labels=labels, tokens=tokens)
+
+    def end_of_epoch(self) -> bool:
+        """After a step: whether it ended its epoch (the last batch, or the run's last step); if so the position
+        moves to the next epoch's start."""
+        done = self.position.batch == len(self.epoch_batches) or self.position.step == self.steps_total
+        if done:
+            self.position.epoch += 1
+            self.position.batch = 0
+        return done
+
+    # ------------------------------------------------------------ the run
+
+    def run(self) -> tuple[Any, TrainingResult]:
+        """Set up, train every remaining step, and finish; returns the PeftModel and a summary."""
+        self.setup()
+        position = self.position
+        self.callbacks.on_progress(position.step, self.steps_total,
+                                   position.epoch + position.batch / self.steps_per_epoch, None)
+        self.callbacks.on_training_start()
+        self.started, self.started_step = time.monotonic(), position.step
+        self.logged_at, self.logged_tokens = self.started, position.trained_tokens
+        for chunk in self.schedule():
+            self.stop_if_asked()
+            self.last = self.step(chunk)
+            self.callbacks.on_step(position.step, self.last.tokens)
+            trained_at = time.monotonic()
+            validated, new_best = self.validate_if_due()
+            if self.parallel is not None:
+                self.stopped_early = self.parallel.agree(self.stopped_early)  # rank 0 validates
+            self.report(trained_at, validated)
+            epoch_done = self.end_of_epoch()
+            # With early stopping every new best is a checkpoint, so the best weights are always on disk.
+            every = self.config.checkpoint_steps
+            if (epoch_done or self.stopped_early or (every and position.step % every == 0)
+                    or (self.patience is not None and new_best)):
+                self.checkpoint(epoch_done)
+            if self.after_step is not None:
+                self.after_step(position.step)
+        return self.finish()
+
+    def stop_if_asked(self) -> None:
+        """Raise what `should_stop` returns (the ranks agree on it first), checkpointing a hand-back."""
+        stop = self.callbacks.should_stop()
+        if self.parallel is not None:
+            self.parallel.stop_together(stop is not None)
+        if stop is not None:
+            if isinstance(stop, HandBack) and self.position.step > 0:  # Paused and TimeLimit too
+                self.checkpoint(False)
+            raise stop
+
+    def validate_if_due(self) -> tuple[bool, bool]:
+        """Validate when due (every eval_every steps and at the last); (validated, a new best loss)."""
+        step = self.position.step
+        if not self.valid or (step % self.eval_every and step != self.steps_total):
+            return False, False
+        loss = self.validate()
+        position = self.position
+        if position.best_valid_loss is None or loss < position.best_valid_loss:
+            position.best_valid_loss, position.best_step, position.validations_since_best = loss, step, 0
+            return True, True
+        position.validations_since_best += 1
+        self.stopped_early = self.patience is not None and position.validations_since_best >= self.patience
+        return True, False
+
+    def validate(self) -> float:
+        """Loss and token accuracy on the validation examples (the metrics' valid_*); returns the loss."""
+        from workers.training.evaluation import score
+
+        with self.accelerator.autocast():
+            scores = score(self.model, self.valid, make=self.make, batch_size=self.hp.batch_size)
+        self.valid_metrics = {"valid_loss": round(scores.loss, 6),
+                              "valid_mean_token_accuracy": round(scores.mean_token_accuracy, 6)}
+        return scores.loss
+
+    def metrics(self) -> dict[str, Any]:
+        """The latest step's training metrics and the latest validation's (what a checkpoint records)."""
+        values: dict[str, Any] = {"step": self.position.step}
+        if self.last is not None:
+            values["train_loss"] = round(float(self.last.loss), 6)
+            values["train_mean_token_accuracy"] = round(int(self.last.correct) / max(1, self.last.labels), 6)
+        values.update(self.valid_metrics)
         return values
 
-    while position.epoch < hp["n_epochs"] and position.step < steps_total and not stopped_early:
-        order = epoch_order(len(examples), seed, position.epoch)
-        batches = [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
-        while position.batch < len(batches) and position.step < steps_total:
-            stop = callbacks.should_stop()
-            if parallel is not None and parallel.stop_together(stop is not None) and not leader:
+    def report(self, trained_at: float, validated: bool) -> None:
+        """A metrics event when one is due, and the progress (with an estimate of the time left) every step."""
+        position, step = self.position, self.position.step
+        epoch_float = position.epoch + position.batch / self.steps_per_epoch
+        if step % self.config.log_every_steps == 0 or step == self.steps_total or validated or self.stopped_early:
+            # Training throughput since the last metrics event, validation time left out.
+            speed = (position.trained_tokens - self.logged_tokens) / max(1e-9, trained_at - self.logged_at)
+            metrics = self.metrics() | {
+                "epoch": round(epoch_float, 4), "learning_rate": self.scheduler.get_last_lr()[0],
+                "grad_norm": round(float(self.grad_norm if self.grad_norm is not None else 0.0), 6),
+                "total_steps": self.steps_total, "tokens_per_second": round(speed, 1)}
+            if not validated:
+                metrics = {k: v for k, v in metrics.items() if not k.startswith("valid_")}
+            self.callbacks.on_metrics(metrics)
+            self.logged_at, self.logged_tokens = time.monotonic(), position.trained_tokens
+        elapsed = time.monotonic() - self.started
+        self.callbacks.on_progress(step, self.steps_total, epoch_float,
+                                   elapsed / (step - self.started_step) * (self.steps_total - step))
+
+    def checkpoint(self, epoch_end: bool) -> None:
+        self.callbacks.on_checkpoint(self.model, self.optimizer, self.scheduler, self.position, self.metrics(),
+                                     epoch_end)
+
+    def finish(self) -> tuple[Any, TrainingResult]:
+        """The trained model (the best checkpoint's weights after early stopping) and the run's summary."""
+        position, kept = self.position, self.position.step
+        if self.stopped_early and position.best_step is not None and position.best_step != position.step:
+            self.callbacks.restore_weights(self.model, position.best_step)
+            kept = position.best_step
+        return self.model, TrainingResult(
+            steps=position.step, trained_tokens=position.trained_tokens,
+            final_train_loss=None if self.last is None else float(self.last.loss),
+            final_valid_loss=self.valid_metrics.get("valid_loss"), kept_step=kept, stopped_early=self.stopped_early,
+            last_metrics=self.metrics())
+
+
+class ReplicaRecipe(TrainingRecipe):
+    """A rank > 0 of a data-parallel job: the same setup and steps as rank 0, training its share of each step.
+    It validates, logs and checkpoints nothing (rank 0 does), and leaves when rank 0 stops or stops early."""
+
+    def __init__(self, config: TrainingConfig, *, base_model: Any, train_examples: list[EncodedExample],
+                 parallel: DataParallel, resume: Any = None, memory: MemoryPlan | None = None):
+        if parallel.leader:
+            raise ValueError("rank 0 runs the TrainingRecipe, not a replica")
+        super().__init__(config, base_model=base_model, train_examples=train_examples, resume=resume, memory=memory,
+                         parallel=parallel)
+
+    def run(self) -> tuple[Any, TrainingResult]:
+        self.setup()
+        assert self.parallel is not None
+        for chunk in self.schedule():
+            if self.parallel.stop_together(False):
                 raise ReplicaStopped
-            if stop is not None:
-                if isinstance(stop, HandBack) and position.step > 0:  # Paused and TimeLimit too
-                    callbacks.on_checkpoint(model, optimizer, scheduler, position, checkpoint_metrics(), False)
-                raise stop
-            chunk = [examples[i] for i in batches[position.batch]]
-            parts = [make(part).to(device) for part in passes(chunk)]
-            labels = sum(labelled_count(example, max_len) for example in chunk)
-            step_loss, step_correct = torch.zeros((), device=device), torch.zeros((), device=device)
-            for index, batch in enumerate(parts):
-                with accelerator.autocast():
-                    logits = labelled_logits(model, batch)
-                    # Summed over the pass and divided by the step's labels: the passes' gradients add up to
-                    # those of the whole batch's mean loss.
-                    loss = torch.nn.functional.cross_entropy(logits.float(), batch.targets, reduction="sum") / labels
-                    extra = method.regularisation(model) if index == 0 and leader else None  # once per step
-                    total_loss = loss if extra is None else loss + extra
-                accelerator.backward(total_loss)
-                step_loss += loss.detach()
-                step_correct += (logits.detach().argmax(-1) == batch.targets).sum()
-            step_tokens = sum(min(len(example.input_ids), max_len) for example in chunk)
-            position.trained_tokens += step_tokens
-            if parallel is not None:
-                step_loss, step_correct = parallel.sum_gradients(params, [step_loss, step_correct])
-            grad_norm = torch.nn.utils.clip_grad_norm_(params, 1.0)
-            optimizer.step()
-            position.step += 1
-            position.batch += 1
-            method.after_optimizer_step(model, position.step)
-            scheduler.step()
-            optimizer.zero_grad(set_to_none=True)
-            last_loss, last_labels, last_correct = step_loss, labels, step_correct
-            callbacks.on_step(position.step, step_tokens)
-            trained_at = time.monotonic()
-            step = position.step
-            epoch_float = position.epoch + position.batch / steps_per_epoch
-            validated = bool(valid) and (step % eval_every == 0 or step == steps_total)
-            new_best = False
-            if validated:
-                with accelerator.autocast():
-                    scores = score(model, valid, make=make, batch_size=batch_size)
-                valid_metrics = {"valid_loss": round(scores.loss, 6),
-                                 "valid_mean_token_accuracy": round(scores.mean_token_accuracy, 6)}
-                if position.best_valid_loss is None or scores.loss < position.best_valid_loss:
-                    position.best_valid_loss, position.best_step = scores.loss, step
-                    position.validations_since_best, new_best = 0, True
-                else:
-                    position.validations_since_best += 1
-                    stopped_early = patience is not None and position.validations_since_best >= patience
-            if parallel is not None:
-                stopped_early = parallel.agree(stopped_early)  # rank 0 validates
-            if step % log_every_steps == 0 or step == steps_total or validated or stopped_early:
-                # Training throughput since the last metrics event, validation time left out.
-                speed = (position.trained_tokens - logged_tokens) / max(1e-9, trained_at - logged_at)
-                metrics = checkpoint_metrics() | {
-                    "epoch": round(epoch_float, 4), "learning_rate": scheduler.get_last_lr()[0],
-                    "grad_norm": round(float(grad_norm), 6), "total_steps": steps_total,
-                    "tokens_per_second": round(speed, 1)}
-                if not validated:
-                    metrics = {k: v for k, v in metrics.items() if not k.startswith("valid_")}
-                callbacks.on_metrics(metrics)
-                logged_at, logged_tokens = time.monotonic(), position.trained_tokens
-            elapsed = time.monotonic() - started
-            callbacks.on_progress(step, steps_total, epoch_float,
-                                  elapsed / (step - started_step) * (steps_total - step))
-            epoch_done = position.batch == len(batches) or step == steps_total
-            if epoch_done:
-                position.epoch += 1
-                position.batch = 0
-            # With early stopping every new best is a checkpoint, so the best weights are always on disk.
-            if (epoch_done or stopped_early or (checkpoint_steps and step % checkpoint_steps == 0)
-                    or (patience is not None and new_best)):
-                callbacks.on_checkpoint(model, optimizer, scheduler, position, checkpoint_metrics(), epoch_done)
-            if after_step is not None:
-                after_step(step)
-            if stopped_early or epoch_done:
-                break  # an epoch done: the outer loop shuffles the next one
-    kept = position.step
-    if stopped_early and position.best_step is not None and position.best_step != position.step:
-        callbacks.restore_weights(model, position.best_step)
-        kept = position.best_step
-    final_valid = valid_metrics.get("valid_loss")
-    return model, TrainingResult(steps=position.step, trained_tokens=position.trained_tokens,
-                                 final_train_loss=None if last_loss is None else float(last_loss),
-                                 final_valid_loss=final_valid, kept_step=kept, stopped_early=stopped_early,
-                                 last_metrics=checkpoint_metrics())
+            self.last = self.step(chunk)
+            self.stopped_early = self.parallel.agree(False)  # rank 0's decision
+            self.end_of_epoch()
+        return self.model, TrainingResult(steps=self.position.step, trained_tokens=self.position.trained_tokens,
+                                          final_train_loss=None, final_valid_loss=None)

@@ -135,16 +135,13 @@ def leave_group(*, in_step: bool) -> None:
 
 @dataclass
 class ReplicaSpec:
-    """Everything a replica needs to train its share: what rank 0 passes to loop.train, minus callbacks."""
+    """Everything a replica needs to train its share: rank 0's training config and data (no callbacks: a replica
+    reports nothing)."""
 
     model_path: str
     device_type: str  # "cpu" or "cuda"
-    compute_dtype: str
-    method: str
-    hyperparameters: dict[str, Any]
-    seed: int
+    config: Any  # a loop.TrainingConfig
     train_examples: list[EncodedExample]
-    pad_id: int
     torch_threads: int
     resume: Any = None  # a checkpoints.ResumeState
     memory: Any = None  # a memory.MemoryPlan
@@ -220,8 +217,7 @@ def _exit_with_parent() -> None:
 
 def replica_main(spec_path: str, rank: int, world: int, port: int) -> None:
     from adapters.base_models import load_model
-    from adapters.methods import METHODS
-    from workers.training.loop import TrainingCallbacks, train
+    from workers.training.loop import ReplicaRecipe
 
     _exit_with_parent()
     spec: ReplicaSpec = pickle.loads(Path(spec_path).read_bytes())
@@ -229,13 +225,9 @@ def replica_main(spec_path: str, rank: int, world: int, port: int) -> None:
     parallel = join_group(rank, world, port, spec.device_type)
     in_step = False
     try:
-        base = load_model(spec.model_path, device=device_for(rank, spec.device_type), dtype=spec.compute_dtype)
-        callbacks = TrainingCallbacks(on_metrics=lambda _: None, on_progress=lambda *_: None,
-                                      should_stop=lambda: None, on_checkpoint=lambda *_: None)
-        train(base_model=base, method=METHODS[spec.method], hyperparameters=spec.hyperparameters, seed=spec.seed,
-              train_examples=spec.train_examples, valid_examples=[], pad_id=spec.pad_id, eval_every_steps=0,
-              log_every_steps=1 << 30, callbacks=callbacks, resume=spec.resume, compute_dtype=spec.compute_dtype,
-              memory=spec.memory, parallel=parallel)
+        base = load_model(spec.model_path, device=device_for(rank, spec.device_type), dtype=spec.config.compute_dtype)
+        ReplicaRecipe(spec.config, base_model=base, train_examples=spec.train_examples, parallel=parallel,
+                      resume=spec.resume, memory=spec.memory).run()
         in_step = True
     except ReplicaStopped:
         in_step = True
