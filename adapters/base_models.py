@@ -57,11 +57,22 @@ def convert_default_model(target: Path) -> None:
 
 
 def packaged_model_folder(target: Path, *, prepare: bool = True) -> str:
-    """The converted packaged default model at `target`, converting it first when needed."""
-    if not (target / "ADAPTERY_COMPLETE").exists():
-        if not prepare:
-            raise FileNotFoundError(f"base model {target.name} is not prepared; run `adaptery prepare-model`")
-        convert_default_model(target)
+    """The converted packaged default model at `target`, converting it first when needed.
+
+    Several processes may start at once on one model folder (workers of one host, test processes): one converts
+    while the others wait on a lock file beside it, then find it complete. Without the lock a second converter
+    replaced the folder while the first one's caller was reading it."""
+    if (target / "ADAPTERY_COMPLETE").exists():
+        return str(target)
+    if not prepare:
+        raise FileNotFoundError(f"base model {target.name} is not prepared; run `adaptery prepare-model`")
+    import fcntl
+
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with open(target.parent / f".{target.name}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not (target / "ADAPTERY_COMPLETE").exists():
+            convert_default_model(target)
     return str(target)
 
 
