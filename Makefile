@@ -1,5 +1,8 @@
 # Adaptery: `make run` installs into .venv, prepares the default model and starts the service;
-# `make test` installs and runs the whole suite (lint, types, tests).
+# `make test` installs and runs the whole suite. The tiers (docs/tests.md): `make check` is lint, types and the
+# fast tier (in-process, no servers: minutes); `make test` is check plus the end-to-end tier (real PostgreSQL,
+# Redis, Celery workers, uvicorn, a browser, the real model); `make test-sqlite` runs the end-to-end tests whose
+# behaviour depends on the database again on SQLite. CI (.ci/run) runs make test, then make test-sqlite.
 PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
@@ -7,7 +10,12 @@ STAMP := $(VENV)/.installed
 # CPU machines: this pin takes the CPU build; an unpinned torch pulls a multi-GB CUDA build.
 TORCH_SPEC ?= torch==2.13.0
 
-.PHONY: install browser compose run test test-sqlite lint bench soak clean
+# pytest-xdist processes per tier; measured on 2 cores (docs/tests.md): 2 for the fast tier, 3 end to end
+# (its tests mostly wait on servers and workers, so a third process fills the cores).
+FAST_WORKERS ?= 2
+E2E_WORKERS ?= 3
+
+.PHONY: install browser compose run check test test-sqlite lint bench soak clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -26,6 +34,9 @@ lint: install
 	$(BIN)/ruff check .
 	$(BIN)/mypy
 
+check: lint
+	$(BIN)/pytest -m fast -n $(FAST_WORKERS) --dist loadfile --no-loadscope-reorder
+
 # The console's browser tests drive Debian's Chromium through Playwright; nothing downloads a browser.
 browser:
 	@command -v chromium >/dev/null || { [ "$$(id -u)" = 0 ] && { apt-get install -y -q chromium \
@@ -38,13 +49,14 @@ compose:
 		|| { apt-get update -q && apt-get install -y -q docker-compose; }; }; } \
 		|| { echo "The deployment test needs docker-compose: run 'apt-get install -y docker-compose' as root."; exit 1; }
 
-test: lint browser compose
-	$(BIN)/pytest
+test: check browser compose
+	$(BIN)/pytest -m "e2e and not soak" -n $(E2E_WORKERS) --dist loadfile --no-loadscope-reorder
 
-# The end-to-end tests again with every stack on SQLite (the embedded mode's database) instead of PostgreSQL;
-# the unit tests already run on SQLite. CI runs both.
-test-sqlite: install browser compose
-	ADAPTERY_TEST_DATABASE=sqlite $(BIN)/pytest tests/e2e
+# The end-to-end tests whose behaviour depends on the database (leases, races, migrations, event order) again
+# with their stacks on SQLite, the embedded mode's database; the fast tier and the embedded stack already run
+# on SQLite in make test. CI runs both.
+test-sqlite: install
+	ADAPTERY_TEST_DATABASE=sqlite $(BIN)/pytest -m sqlite_e2e -n $(E2E_WORKERS) --dist loadfile --no-loadscope-reorder
 
 soak: install
 	$(BIN)/pytest -m soak -s tests/soak

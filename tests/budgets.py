@@ -64,6 +64,9 @@ STACK_READY = 90.0  # an API and a worker started, until /ready
 API_UP = 60.0  # an API process started, until it answers and has warmed up
 JOB_DONE = 180.0  # a small job on the tiny model, queued to terminal
 HTTP_REQUEST = 120.0  # one request to a test stack
+# A bound on a wait that ends at once unless something is broken (a thread that never runs, an event never sent):
+# long enough for any machine, so it is not scaled and costs no calibration; only a failing test waits this long.
+UNLESS_BROKEN = 120.0
 
 
 if __name__ == "__main__":

@@ -72,6 +72,29 @@ def tiny_tokenizer(tiny_model_dir: Path) -> Any:
     return AutoTokenizer.from_pretrained(tiny_model_dir)
 
 
+# ------------------------------------------------------------------ in-process state
+
+def reset_process_state() -> None:
+    """Forget every per-process cache built from settings (settings, database engine, serving engine), so the next
+    use builds them from the environment as it is now."""
+    from app.db import session as db_session
+    from app.services import inference, tokenizers
+    from app.settings import get_settings
+
+    engine = inference.engine_if_started()
+    if engine is not None:
+        for runtime in engine.runtimes().values():
+            runtime.close()
+    inference._engine = None
+    if db_session.get_engine.cache_info().currsize:
+        db_session.get_engine().dispose()
+    db_session.get_engine.cache_clear()
+    db_session.get_sessionmaker.cache_clear()
+    get_settings.cache_clear()
+    tokenizers._tokenizers.clear()
+    tokenizers.warm_up = tokenizers.WarmUp()
+
+
 # ------------------------------------------------------------------ services
 
 
@@ -183,12 +206,20 @@ def pytest_sessionstart(session: pytest.Session) -> None:
 E2E_FOLDERS = (Path(__file__).parent / "e2e", Path(__file__).parent / "soak")
 
 
+# With pytest-xdist (--dist loadfile --no-loadscope-reorder) modules start in collection order: the longest go
+# first, so a run never ends with one process still in a long module while the others idle (from --durations).
+LONGEST_FIRST = ("test_real_model.py", "test_reliability.py", "test_cli.py", "test_embedded.py",
+                 "test_training_controls.py", "test_topology.py", "test_object_store.py", "test_roles.py")
+
+
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     for item in items:
         if any(item.path.is_relative_to(folder) for folder in E2E_FOLDERS):
             item.add_marker(pytest.mark.e2e)
         if item.get_closest_marker("e2e") is None:
             item.add_marker(pytest.mark.fast)
+    rank = {name: index for index, name in enumerate(LONGEST_FIRST)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable: the rest keep their order
 
 
 def _refuse_to_listen(sock: Any, *args: Any) -> None:

@@ -19,7 +19,7 @@ from transformers import AutoModelForCausalLM
 from adapters.data import encode_dataset, parse_jsonl
 from adapters.engine import AdapterLoadError, AdapterRef, AdapterState, BaseRuntime, SamplingParams
 from adapters.methods import METHODS, ServingKind
-from tests.budgets import budget
+from tests.budgets import UNLESS_BROKEN
 from tests.conftest import chat_lines
 from workers.training.checkpoints import save_adapter
 from workers.training.loop import TrainingConfig, TrainingRecipe
@@ -229,12 +229,12 @@ def scheduler_paused(runtime: BaseRuntime) -> Iterator[None]:
     entered, release = threading.Event(), threading.Event()
     holder = threading.Thread(target=runtime.call, args=(lambda: (entered.set(), release.wait()),))
     holder.start()
-    assert entered.wait(timeout=budget(30))
+    assert entered.wait(timeout=UNLESS_BROKEN)
     try:
         yield
     finally:
         release.set()
-        holder.join(timeout=budget(30))
+        holder.join(timeout=UNLESS_BROKEN)
 
 
 def test_continuous_batch_of_mixed_adapters_matches_peft(trained: dict[str, Path], runtime: BaseRuntime,
@@ -291,14 +291,14 @@ def test_a_request_joins_a_running_batch_and_cancelled_rows_leave(trained: dict[
     # however slow this machine or late this thread gets the CPU back.
     room = runtime.model.config.max_position_embeddings - len(ids)
     long_running = runtime.submit(ids, None, SamplingParams(max_tokens=room, temperature=0, ignore_eos=True))
-    first = long_running.events.get(timeout=budget(30))  # the long request is decoding now
+    first = long_running.events.get(timeout=UNLESS_BROKEN)  # the long request is decoding now
     assert first[0] == "delta"
     joined = runtime.submit(ids, lora, SamplingParams(max_tokens=30, temperature=0))
     assert joined.wait().token_ids == alone  # joined mid-flight, same result as alone
     assert long_running.finish_reason is None, "the long request ended before the joiner: the join was not tested"
     long_running.cancel()
     assert long_running.wait().finish_reason == "cancelled"
-    deadline = time.monotonic() + budget(10)
+    deadline = time.monotonic() + UNLESS_BROKEN
     while runtime.active and time.monotonic() < deadline:
         time.sleep(0.01)
     assert runtime.active == [] and runtime.batch.rows == 0
@@ -336,7 +336,7 @@ def test_torch_work_stays_on_the_scheduler_thread(trained: dict[str, Path], runt
                                               runtime.generate(ids, lora, SamplingParams(max_tokens=3)),
                                               runtime.unload("lora")))
     caller.start()
-    caller.join(timeout=budget(60))
+    caller.join(timeout=UNLESS_BROKEN)
     hook.remove()
     assert not caller.is_alive()
     assert threads == {runtime.scheduler.name}

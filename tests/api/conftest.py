@@ -15,7 +15,7 @@ from typing import Any
 import pytest
 from fastapi.testclient import TestClient
 
-from tests.conftest import ADMIN_KEY, AUTH, TEST_KEY
+from tests.conftest import ADMIN_KEY, AUTH, TEST_KEY, reset_process_state
 from tests.tiny_model import TINY_MODEL_ID
 
 
@@ -63,27 +63,6 @@ class Api:
         if key is not None:
             client.headers["Authorization"] = f"Bearer {key}"
         return client
-
-
-def reset_process_state() -> None:
-    """Forget every per-process cache built from settings (settings, database engine, serving engine), so the next
-    use builds them from the environment as it is now."""
-    from app.db import session as db_session
-    from app.services import inference, tokenizers
-    from app.settings import get_settings
-
-    engine = inference.engine_if_started()
-    if engine is not None:
-        for runtime in engine.runtimes().values():
-            runtime.close()
-    inference._engine = None
-    if db_session.get_engine.cache_info().currsize:
-        db_session.get_engine().dispose()
-    db_session.get_engine.cache_clear()
-    db_session.get_sessionmaker.cache_clear()
-    get_settings.cache_clear()
-    tokenizers._tokenizers.clear()
-    tokenizers.warm_up = tokenizers.WarmUp()
 
 
 @contextlib.contextmanager

@@ -178,6 +178,7 @@ def test_cancel_queued_running_twice_and_finished(client: httpx.Client) -> None:
     assert client.delete(f"/v1/files/{long_file}").status_code == 200
 
 
+@pytest.mark.sqlite_e2e
 def test_concurrent_requests_with_one_idempotency_key_create_one_job(client: httpx.Client,
                                                                     training_file: str) -> None:
     from concurrent.futures import ThreadPoolExecutor

@@ -17,6 +17,9 @@ from tests.conftest import AUTH, Stack, chat_lines, make_stack, upload
 from tests.services import free_port
 from tests.tiny_model import TINY_MODEL_ID
 
+# Run again on SQLite (make test-sqlite): two processes racing on one Idempotency-Key, on each database.
+pytestmark = pytest.mark.sqlite_e2e
+
 
 @pytest.fixture(scope="module")
 def replicas(tmp_path_factory: pytest.TempPathFactory, tiny_model_dir: Path, redis_url: str,

@@ -195,6 +195,7 @@ def test_the_adapter_beats_the_base_model_on_its_training_file(client: httpx.Cli
 # ------------------------------------------------------------------ recovery
 
 
+@pytest.mark.sqlite_e2e
 def test_the_reaper_recovers_unsent_and_orphaned_evaluations(client: httpx.Client, stack: Stack,
                                                               files: dict[str, str]) -> None:
     """One evaluation accepted while the broker was unreachable (never sent), one left running by a worker that

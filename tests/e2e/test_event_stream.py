@@ -9,11 +9,15 @@ import time
 from typing import Any
 
 import httpx
+import pytest
 from httpx_sse import connect_sse
 
 from tests.budgets import budget
 from tests.conftest import Stack, all_events, chat_lines, upload
 from tests.tiny_model import TINY_MODEL_ID
+
+# Run again on SQLite (make test-sqlite): events must commit in id order there too, whatever its locking.
+pytestmark = pytest.mark.sqlite_e2e
 
 
 def start_job(client: httpx.Client, n_examples: int = 24) -> str:

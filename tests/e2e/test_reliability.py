@@ -85,6 +85,7 @@ def resumed_from(client: httpx.Client, job_id: str) -> list[int]:
             if "resumed_from_step" in (e.get("data") or {})]
 
 
+@pytest.mark.sqlite_e2e
 def test_kill_9_mid_training_resumes_and_matches_an_uninterrupted_run(stack: Stack, client: httpx.Client) -> None:
     file_id = upload(client, chat_lines(40)).json()["id"]  # 20 steps, a checkpoint every 5
     stack.start_worker("doomed", env=SLOW_STEPS)
@@ -133,6 +134,7 @@ def test_kill_during_a_checkpoint_write_resumes_from_the_previous_one(stack: Sta
     assert resumed_from(client, job["id"]) == [5]
 
 
+@pytest.mark.sqlite_e2e
 def test_a_duplicate_delivery_is_refused_by_the_lease(stack: Stack, client: httpx.Client) -> None:
     from celery import Celery
 
@@ -185,6 +187,7 @@ def test_a_visibility_timeout_shorter_than_the_job_trains_it_once(stack: Stack, 
     assert steps_trained == list(range(1, steps + 1)), "each step trained exactly once"
 
 
+@pytest.mark.sqlite_e2e
 def test_a_poison_job_fails_after_the_attempt_cap(stack: Stack, client: httpx.Client) -> None:
     file_id = upload(client, chat_lines(8)).json()["id"]
     stack.start_worker("poisoned", env={"ADAPTERY_FAULT_INJECTION": "exit_at_step=1"})

@@ -20,7 +20,7 @@ from app.db import session as db_session
 from app.db.models import FineTuningJob
 from app.services import datasets, jobs, tenants
 from app.settings import Settings, get_settings
-from tests.conftest import MODEL_CACHE, chat_lines
+from tests.conftest import MODEL_CACHE, chat_lines, reset_process_state
 from tests.tiny_model import TINY_MODEL_ID
 
 TENANT = "default"
@@ -28,14 +28,6 @@ TENANT = "default"
 # before, and the cancel/pause check and the progress write at most once a second each, whatever the step time.
 METRICS_EVENT_STATEMENTS = 2
 AT_MOST_EVERY_SECONDS = 1.0
-
-
-def _reset_caches() -> None:
-    if db_session.get_engine.cache_info().currsize:
-        db_session.get_engine().dispose()
-    get_settings.cache_clear()
-    db_session.get_engine.cache_clear()
-    db_session.get_sessionmaker.cache_clear()
 
 
 @pytest.fixture()
@@ -54,12 +46,12 @@ def configure(tmp_path: Path, tiny_model_dir: Path, monkeypatch: pytest.MonkeyPa
         }
         for key, value in env.items():
             monkeypatch.setenv(f"ADAPTERY_{key}", value)
-        _reset_caches()
+        reset_process_state()
         db_session.migrate_to_head()
         return get_settings()
 
     yield apply
-    _reset_caches()
+    reset_process_state()
 
 
 def submit(settings: Settings, n_examples: int) -> str:
