@@ -158,9 +158,10 @@ class AdapterMethod(Generic[Resolved]):
     # Whether several examples may share one training row (packing): false for methods that put something in
     # front of each example's input, which a packed row would give to its first example only.
     packs_examples: ClassVar[bool] = True
-    # Whether a new job can start from this method's saved adapter (`from_model`): false where the saved
-    # adapter is less than training needs (P-tuning keeps the encoder's output, not the encoder).
-    continues_from_saved_adapter: ClassVar[bool] = True
+
+    def learning_rate_default(self, hp: TrainingHyperparameters) -> float:
+        """The learning rate a job gets when it gives none (before learning_rate_multiplier)."""
+        return self.default_learning_rate
 
     def method_defaults(self, hp: TrainingHyperparameters, *, settings: Any, base_info: dict[str, Any]
                         ) -> dict[str, Any]:
@@ -180,7 +181,7 @@ class AdapterMethod(Generic[Resolved]):
                 check_range(name, getattr(hp, name), limits[0], limits[1], low_open=limits[2])
         self.check(hp, settings=settings, base_info=base_info)
         multiplier = hp.learning_rate_multiplier if isinstance(hp.learning_rate_multiplier, float | int) else 1.0
-        learning_rate = hp.learning_rate if given(hp.learning_rate) else self.default_learning_rate * multiplier
+        learning_rate = hp.learning_rate if given(hp.learning_rate) else self.learning_rate_default(hp) * multiplier
         resolved: dict[str, Any] = {
             "n_epochs": hp.n_epochs if given(hp.n_epochs) else auto_epochs(n_examples),
             "batch_size": hp.batch_size if given(hp.batch_size) else auto_batch_size(n_examples),
@@ -222,6 +223,11 @@ class AdapterMethod(Generic[Resolved]):
     def saved_config(self, config: dict[str, Any]) -> dict[str, Any]:
         """The adapter_config.json to store for a trained adapter (PEFT's, cleaned of what must not travel)."""
         return config
+
+    def continues_from_saved_adapter(self, hp: Resolved) -> bool:
+        """Whether a new job can start from an adapter trained with `hp` (`from_model`): false where the saved
+        adapter is less than training needs (a prompt encoder's output, not the encoder)."""
+        return True
 
     def after_optimizer_step(self, peft_model: Any, step: int) -> None:
         """Called after every optimiser step, before gradients are zeroed (AdaLoRA needs this)."""

@@ -52,7 +52,6 @@ class PTuning(AdapterMethod[ResolvedPTuning]):
     default_learning_rate = 9e-3
     serving_kind = ServingKind.VIRTUAL_TOKENS
     # Its prefix or virtual tokens belong in front of every example: one example per training row.
-    continues_from_saved_adapter = False
     packs_examples = False
     config_keys = PROMPT_LEARNING_KEYS | {"encoder_reparameterization_type", "encoder_hidden_size",
                                           "encoder_num_layers", "encoder_dropout"}
@@ -76,6 +75,9 @@ class PTuning(AdapterMethod[ResolvedPTuning]):
                 hp.encoder_reparameterization_type.upper()],
             encoder_hidden_size=hp.encoder_hidden_size, encoder_num_layers=hp.encoder_num_layers,
             encoder_dropout=hp.encoder_dropout)
+
+    def continues_from_saved_adapter(self, hp: ResolvedPTuning) -> bool:
+        return False  # the saved adapter keeps the encoder's output embeddings, not the encoder
 
     def input_offset(self, hp: ResolvedPTuning) -> int:
         return hp.num_virtual_tokens

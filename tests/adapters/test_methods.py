@@ -396,6 +396,29 @@ def test_prefix_tuning_values_reach_the_config(settings: Settings) -> None:
     assert method("prefix_tuning").serving_kind is ServingKind.KV_PREFIX
 
 
+def test_prefix_tuning_trains_through_a_projection_by_default(settings: Settings) -> None:
+    """The paper's reparameterisation is the default, with its own learning rate; the direct prefix is a choice
+    with the larger one it needs. Only a direct prefix can be trained further: the projection is not saved."""
+    from adapters.methods.prefix_tuning import DIRECT_LEARNING_RATE
+
+    prefix = method("prefix_tuning")
+    projected = resolved("prefix_tuning", {}, settings=settings)
+    assert (projected.prefix_projection, projected.encoder_hidden_size) == (True, 512)  # type: ignore[attr-defined]
+    assert projected.learning_rate == pytest.approx(prefix.default_learning_rate)
+    config = prefix.peft_config(projected, total_steps=10)
+    assert (config.prefix_projection, config.encoder_hidden_size) == (True, 512)
+    assert not prefix.continues_from_saved_adapter(projected)
+
+    direct = resolved("prefix_tuning", {"prefix_projection": False}, settings=settings)
+    assert direct.learning_rate == pytest.approx(DIRECT_LEARNING_RATE) != prefix.default_learning_rate
+    assert resolved("prefix_tuning", {"prefix_projection": False, "learning_rate_multiplier": 2},
+                    settings=settings).learning_rate == pytest.approx(2 * DIRECT_LEARNING_RATE)
+    assert prefix.peft_config(direct, total_steps=10).prefix_projection is False
+    assert prefix.continues_from_saved_adapter(direct)
+    assert resolved("prefix_tuning", {"prefix_projection": False, "learning_rate": 3e-3},
+                    settings=settings).learning_rate == pytest.approx(3e-3)
+
+
 # ------------------------------------------------------------------ total_steps
 
 

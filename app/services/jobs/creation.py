@@ -163,12 +163,13 @@ def _continued_hyperparameters(session: Session, source: Adapter, method_type: s
         raise InvalidRequest(f"from_model '{source.name}' is a {source.method} adapter; a job continuing it must "
                              f"use method.type '{source.method}' (or give no method).", param="method.type",
                              code="invalid_method")
-    if method is not None and not method.continues_from_saved_adapter:
-        raise InvalidRequest(f"{method_type} adapters cannot be trained further: the saved adapter keeps the prompt "
-                             "encoder's output, not the encoder.", param="from_model", code="invalid_value")
     source_job = session.get(FineTuningJob, source.job_id)
-    assert source_job is not None
-    shape = method.stored(source_job.method[method_type]["hyperparameters"]).shape() if method is not None else {}
+    assert source_job is not None and method is not None
+    trained_with = method.stored(source_job.method[method_type]["hyperparameters"])
+    if not method.continues_from_saved_adapter(trained_with):
+        raise InvalidRequest(f"from_model '{source.name}' cannot be trained further: its saved adapter keeps the "
+                             "prompt encoder's output, not the encoder.", param="from_model", code="invalid_value")
+    shape = trained_with.shape()
     for key, value in shape.items():
         if raw.get(key) not in (None, "auto") and raw[key] != value:
             raise InvalidRequest(f"{key} is {raw[key]!r}, but from_model '{source.name}' has {key}={value!r}; a "
