@@ -11,6 +11,7 @@ import subprocess
 import sys
 import threading
 import time
+from pathlib import Path
 from typing import Any
 
 import typer
@@ -47,6 +48,31 @@ def migrate() -> None:
 
     migrate_to_head()
     console.print("[green]database schema is up to date[/]")
+
+
+@cli.command("reference")
+def reference(check: bool = typer.Option(False, "--check", help="write nothing; exit 1 naming the pages that differ "
+                                                                 "from what the code renders"),
+              folder: Path | None = typer.Option(None, help="where the pages are (default: docs/reference of this "
+                                                            "checkout)")) -> None:
+    """Generate the reference pages (settings, method hyperparameters) from the code into docs/reference."""
+    from app import reference as pages
+
+    target = folder or pages.DEFAULT_FOLDER
+    if check:
+        stale = pages.stale(target)
+        for name in stale:
+            console.print(f"[red]stale:[/] {target / name}", highlight=False, soft_wrap=True)
+        if stale:
+            console.print(f"regenerate with `{pages.COMMAND}`", highlight=False)
+            raise typer.Exit(1)
+        console.print(f"[green]reference pages are up to date[/] in {target}", highlight=False, soft_wrap=True)
+        return
+    changed = pages.write(target)
+    for name in changed:
+        console.print(f"[green]wrote[/] {target / name}", highlight=False, soft_wrap=True)
+    if not changed:
+        console.print(f"reference pages were up to date in {target}", highlight=False, soft_wrap=True)
 
 
 def _die_with_parent() -> None:

@@ -1,4 +1,7 @@
-"""Adaptery's one Settings object: every knob comes from the environment (prefix ADAPTERY_)."""
+"""Adaptery's one Settings object: every knob comes from the environment (prefix ADAPTERY_).
+
+Each field's description is its documentation: docs/reference/configuration.md is generated from them
+(`adaptery reference`)."""
 
 from __future__ import annotations
 
@@ -15,130 +18,194 @@ DEFAULT_BASE_MODEL = "SmolLM2-135M-Instruct"
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="ADAPTERY_", extra="ignore")
 
-    host: str = "127.0.0.1"
-    # Creates and revokes tenants and keys (/v1/admin). Empty: the admin routes answer 401.
-    admin_key: str = ""
-    # The local tenant's key on first start; empty means a random one, printed and saved in the data dir.
-    bootstrap_key: str = ""
-    port: int = 8000
-    data_dir: Path = Path("data")
-    # Empty means a SQLite file in the data dir.
-    database_url: str = ""
-    # Empty means the embedded broker: kombu's SQLAlchemy transport on a SQLite file, no server needed.
-    broker_url: str = ""
+    host: str = Field(default="127.0.0.1", description="The address `adaptery serve` listens on (0.0.0.0: every "
+                                                       "interface).")
+    admin_key: str = Field(default="", description="The key of the admin routes (/v1/admin), which create and revoke "
+                                                   "tenants and keys. Empty: the admin routes answer 401.")
+    bootstrap_key: str = Field(
+        default="", description="A fixed API key of the local tenant, added to it at every start (tests, scripts). "
+                                "Empty: a random key on first start, printed and saved to <data dir>/bootstrap_key.")
+    port: int = Field(default=8000, description="The port `adaptery serve` listens on.")
+    data_dir: Path = Field(
+        default=Path("data"), description="This host's files: uploaded datasets, checkpoints, adapters, training "
+                                          "curves, the converted default model, the bootstrap key, and the SQLite "
+                                          "database and broker when no URL names others.")
+    database_url: str = Field(default="", description="The database's SQLAlchemy URL, e.g. "
+                                                      "postgresql+psycopg://host/adaptery. Empty: a SQLite file in the "
+                                                      "data dir.")
+    broker_url: str = Field(default="", description="The Celery broker's URL, e.g. redis://host:6379/0. Empty: the "
+                                                    "embedded broker, kombu's SQLAlchemy transport on a SQLite file in "
+                                                    "the data dir, no server needed.")
 
-    default_base_model: str = DEFAULT_BASE_MODEL
-    # Extra base models: {"id": "hub-id-or-local-path"}. The default is always present.
-    base_models: dict[str, str] = Field(default_factory=dict)
-    # Where the packaged default model is converted to; empty means <data dir>/base_models.
-    model_cache_dir: Path | None = None
+    default_base_model: str = Field(
+        default=DEFAULT_BASE_MODEL, description="The base model used where a request names none (the methods "
+                                                "catalogue, adapter imports, dataset tokenisation) and the one "
+                                                "`adaptery prepare-model` prepares.")
+    base_models: dict[str, str] = Field(
+        default_factory=dict, description='Extra base models, {"id": "hub-id-or-local-path"}. The packaged default '
+                                          'is always present.')
+    model_cache_dir: Path | None = Field(
+        default=None, description="Where the packaged default model is converted to; unset: <data dir>/base_models.")
 
-    # On 2-core machines one torch thread per process is often faster than two.
-    torch_threads: int = 1
-    # "auto": the first CUDA GPU when there is one, else the CPU. Or "cpu", "cuda", "cuda:1", ...
-    device: str = "auto"
-    # The dtype training computes in: "auto" (bfloat16 where the hardware does it natively and a probe
-    # measures it faster, float32 otherwise), "float32" or "bfloat16".
-    training_dtype: Literal["auto", "float32", "bfloat16"] = "auto"
-    # Memory a training step's activations may use; a step that needs more runs in several forward/backward
-    # passes whose gradients add up (same result, more time). Default: this share of what the device has
-    # free when the job starts; training_memory_mb, when set, is the budget instead.
-    training_memory_fraction: float = Field(default=0.8, gt=0, le=1)
-    training_memory_mb: int | None = Field(default=None, ge=1)
-    # Processes one job trains in, data parallel: with CUDA one per GPU (cuda:0 .. N-1); on a CPU, gloo
-    # processes sharing its cores (the same path, for testing it; no faster on a CPU).
-    training_processes: int = Field(default=1, ge=1, le=64)
-    # What a training worker declares and takes (app/services/training_queues.py): its device class ("auto":
-    # gpu when the host shows NVIDIA devices) and the base models it trains, comma-separated (empty: all).
-    worker_device_class: Literal["auto", "cpu", "gpu"] = "auto"
-    worker_base_models: str = ""
-    # Where artifacts live for every host: empty, the data dir alone (one host, or a shared volume); or an
-    # S3-compatible bucket, s3://bucket/prefix, with the data dir as each host's working copy (adapters/store.py).
-    artifact_store_url: str = ""
-    # The object store's endpoint for S3-compatible servers other than AWS (MinIO, Ceph, ...).
-    s3_endpoint_url: str | None = None
-    # Adapter slots per base model in a serving process: adapters served in the same batch at once.
-    # The least recently used adapter not serving a request gives up its slot first.
-    adapter_cache_size: int = 16
-    # Adapters whose weights stay in memory (slots included), so re-activating one is a copy, not a load.
-    adapter_cpu_cache_size: int = 128
-    # Sequences decoded together in one forward pass.
-    max_batch_size: int = 32
-    # Load the default base model into the API process at start-up rather than on first request.
-    preload_inference: bool = False
+    torch_threads: int = Field(default=1, description="Torch threads per process (training, evaluation, serving). On "
+                                                      "2-core machines one per process is often faster than two.")
+    device: str = Field(default="auto", description='Where models run: "auto" (the first CUDA GPU when there is '
+                                                    'one, else the CPU), or "cpu", "cuda", "cuda:1", ...')
+    training_dtype: Literal["auto", "float32", "bfloat16"] = Field(
+        default="auto", description='The dtype training and evaluations compute in: "auto" (bfloat16 where the '
+                                    'hardware does it natively, on a CPU only when a probe measures it faster; '
+                                    'float32 otherwise), "float32" or "bfloat16".')
+    training_memory_fraction: float = Field(
+        default=0.8, gt=0, le=1,
+        description="The memory a training step's activations may use, as this share of what the device has free "
+                    "when the job starts. A step that needs more runs as several forward/backward passes whose "
+                    "gradients add up (same result, more time).")
+    training_memory_mb: int | None = Field(
+        default=None, ge=1, description="The activation memory budget in MiB, instead of training_memory_fraction's "
+                                        "share; unset: the share applies.")
+    training_processes: int = Field(
+        default=1, ge=1, le=64,
+        description="Processes one job trains in, data parallel: with CUDA one per GPU (cuda:0 .. N-1); on a CPU, "
+                    "gloo processes sharing its cores (the same path, for testing it; no faster on a CPU).")
 
-    # What this process is (adaptery serve --role): "all" (API, serving engine and console in one process: one
-    # machine), "api" (files, jobs, console; inference forwarded to the inference replicas, torch never
-    # imported) or "inference" (the serving engine behind its own OpenAI-compatible routes).
-    role: Literal["all", "api", "inference"] = "all"
-    # Role api: the inference replicas, a static comma-separated list of base URLs.
-    inference_urls: str = ""
-    # Shared by the API and the inference replicas: authenticates /internal/state and forwarded requests.
-    internal_key: str = ""
-    # Role api: how a replica is chosen. "affinity": one that holds the adapter, else the adapter's owner by
-    # rendezvous hashing with bounded load; "round_robin": in turn, whatever the adapter (for comparison).
-    routing: Literal["affinity", "round_robin"] = "affinity"
-    # Bounded load: a replica with more than this × the mean requests in flight (+1) is passed over.
-    routing_load_factor: float = Field(default=1.25, ge=1.0)
-    # How often the API asks each replica for its state.
-    routing_poll_seconds: float = Field(default=1.0, gt=0)
+    worker_device_class: Literal["auto", "cpu", "gpu"] = Field(
+        default="auto", description='The device class a training worker declares, which picks the job queues it '
+                                    'takes (app/services/training_queues.py). "auto": gpu when the host shows '
+                                    'NVIDIA devices and device is not "cpu", else cpu.')
+    worker_base_models: str = Field(
+        default="", description="The base models a training worker trains, comma-separated. Empty: every "
+                                "registered one.")
+    worker_concurrency: int = Field(
+        default=1, description="Training processes of the Celery worker that `adaptery serve` supervises (role all); "
+                               "`adaptery worker` takes --concurrency instead.")
 
-    max_upload_mb: int = 512
-    # An imported adapter's files, unpacked.
-    max_adapter_mb: int = 2048
-    max_examples_per_file: int = 100_000
-    max_tokens_per_file: int = 50_000_000
-    # Jobs a tenant may have queued, running or paused at once.
-    max_active_jobs_per_tenant: int = 20
-    # Requests per minute per API key (counted in Redis when Redis is the broker); 0 turns it off.
-    rate_limit_per_minute: int = 3000
-    # Longest example (in tokens, chat template applied) a dataset may contain.
-    max_example_tokens: int = 4096
-    max_seq_length_limit: int = 4096
-    max_lora_rank: int = 64
-    max_tokens_limit: int = 4096
+    artifact_store_url: str = Field(
+        default="", description="Where artifacts live for every host. Empty: the data dir alone (one host, or a shared "
+                                "volume); or an S3-compatible bucket, s3://bucket/prefix, with the data dir as each "
+                                "host's working copy (adapters/store.py).")
+    s3_endpoint_url: str | None = Field(
+        default=None, description="The object store's endpoint for S3-compatible servers other than AWS (MinIO, "
+                                  "Ceph, ...); unset for AWS.")
 
-    # Training cadence: a metrics event every N steps, evaluation on the validation file every N steps.
-    log_every_steps: int = 1
-    # Log lines of the API and the workers: "text" or "json" (one object per line, with request id, tenant,
-    # job id), at this level.
-    log_format: Literal["text", "json"] = "text"
-    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
-    # Webhooks: hosts an endpoint may name although they are loopback/link-local/this host (JSON list), how many
-    # attempts a delivery gets, the first retry's delay (doubling after each), each attempt's timeout, and how
-    # often workers look for due deliveries.
-    webhook_allowed_hosts: list[str] = []
-    webhook_max_attempts: int = Field(default=8, ge=1, le=50)
-    webhook_retry_seconds: float = Field(default=10.0, gt=0)
-    webhook_timeout_seconds: float = Field(default=10.0, gt=0)
-    webhook_poll_seconds: float = Field(default=1.0, gt=0)
-    # How often a live event stream (GET …/events?stream=true) looks for new events.
-    event_stream_poll_seconds: float = Field(default=0.5, gt=0, le=10)
-    # A keep-alive comment on every server-sent-event stream (job events, streamed completions) after this long
-    # without an event, so proxies do not close a quiet stream (a long validation, a slow first token).
-    event_stream_ping_seconds: float = Field(default=15.0, gt=0)
-    eval_every_steps: int = 0  # 0: about four evaluations per job (ten with early stopping), plus one at the end
-    # Periodic validations score the first N validation examples; the end report scores all of them.
-    validation_examples_per_eval: int = 256
-    # The end report asks the fine-tuned and the base model for greedy answers to this many validation prompts.
-    exact_match_examples: int = 200
-    worker_concurrency: int = 1
+    adapter_cache_size: int = Field(
+        default=16, description="Adapter slots per base model in a serving process: the adapters one batch can "
+                                "serve at once. The least recently used adapter that is neither pinned nor serving "
+                                "a request gives up its slot first.")
+    adapter_cpu_cache_size: int = Field(
+        default=128, description="Adapters whose weights stay in memory (slots included, so never fewer than "
+                                 "adapter_cache_size): re-activating one is a copy, not a load.")
+    max_batch_size: int = Field(default=32, description="Sequences a serving process decodes together in one forward "
+                                                        "pass, per base model.")
+    preload_inference: bool = Field(
+        default=False, description="Load the default base model into the serving engine at start-up rather than on "
+                                   "the first request (roles all and inference).")
 
-    # Reliability: a worker owns a job through a lease it renews while training; a job whose lease
-    # expired is re-queued (up to max_attempts) and resumes from its latest complete checkpoint.
-    lease_seconds: float = 60.0
-    max_attempts: int = 3
-    # A resumable checkpoint every N optimiser steps (and at each epoch end).
-    checkpoint_steps: int = 100
-    reaper_interval_seconds: float = 10.0
-    # Redis redelivers a message not acknowledged within this long; the lease makes that harmless.
-    broker_visibility_timeout: float = 12 * 3600
-    # A queued job nobody claimed within this long is handed to the broker again (duplicates are harmless).
-    requeue_after_seconds: float = 120.0
-    # Cap on a job's time_limit_seconds (the soft limit); the hard limit adds a grace period to it.
-    max_time_limit_seconds: float = 7 * 24 * 3600
-    # Test-only fault injection for the worker, e.g. "step_delay=0.1,exit_at_step=7". Never set in production.
-    fault_injection: str = ""
+    role: Literal["all", "api", "inference"] = Field(
+        default="all", description='What `adaptery serve` runs (its --role overrides this): "all" (API, serving '
+                                   'engine and console in one process: one machine), "api" (files, jobs, console; '
+                                   'inference forwarded to the inference replicas, torch never imported) or '
+                                   '"inference" (the serving engine behind its own OpenAI-compatible routes).')
+    inference_urls: str = Field(
+        default="", description="Role api: the inference replicas, a static comma-separated list of base URLs "
+                                "(required).")
+    internal_key: str = Field(
+        default="", description="A secret shared by the API and the inference replicas: authenticates /internal/state "
+                                "and forwarded requests (required by roles api and inference).")
+    routing: Literal["affinity", "round_robin"] = Field(
+        default="affinity", description='Role api: how a replica is chosen. "affinity": one that holds the adapter, '
+                                        'else the adapter\'s owner by rendezvous hashing with bounded load; '
+                                        '"round_robin": in turn, whatever the adapter (for comparison).')
+    routing_load_factor: float = Field(
+        default=1.25, ge=1.0, description="Bounded load: a replica with more than this × the mean requests in flight "
+                                          "(+1) is passed over.")
+    routing_poll_seconds: float = Field(default=1.0, gt=0, description="How often the API asks each replica for its "
+                                                                       "state, in seconds.")
+
+    max_upload_mb: int = Field(default=512, description="The largest file an upload (POST /v1/files) may send, in MiB.")
+    max_adapter_mb: int = Field(default=2048, description="The largest imported adapter, its files unpacked, in MiB.")
+    max_examples_per_file: int = Field(default=100_000, description="The most examples a dataset file may hold.")
+    max_tokens_per_file: int = Field(default=50_000_000, description="The most tokens a dataset file may hold, all its "
+                                                                     "examples together (chat template applied).")
+    max_active_jobs_per_tenant: int = Field(default=20, description="Jobs a tenant may have queued, running or paused "
+                                                                    "at once.")
+    rate_limit_per_minute: int = Field(
+        default=3000, description="Requests per minute per API key (counted in Redis when Redis is the broker, else "
+                                  "in each API process); 0 turns it off.")
+    max_example_tokens: int = Field(default=4096, description="The longest example (in tokens, chat template applied) "
+                                                              "a dataset may contain.")
+    max_seq_length_limit: int = Field(
+        default=4096, description="The most a job's max_seq_length hyperparameter may be (its default is at most "
+                                  "this), and the length evaluations cut examples to.")
+    max_lora_rank: int = Field(
+        default=64, description="The highest rank of a low-rank adapter: the rank hyperparameters a job may ask for "
+                                "(r, init_r, target_r) and the rank an imported or served adapter may have.")
+    max_tokens_limit: int = Field(
+        default=4096, description="The most tokens a completion request may ask for (max_tokens); a request that "
+                                  "names none gets at most this many too.")
+
+    log_every_steps: int = Field(default=1, description="A metrics event every N optimiser steps (and at every "
+                                                        "validation and the last step).")
+    eval_every_steps: int = Field(
+        default=0, description="Evaluation on the validation file every N optimiser steps. 0: about four "
+                               "evaluations per job (ten with early stopping), plus one at the end.")
+    validation_examples_per_eval: int = Field(
+        default=256, description="Periodic validations score the first N validation examples; the end report scores "
+                                 "all of them.")
+    exact_match_examples: int = Field(
+        default=200, description="The end report, and an evaluation, ask each model compared for greedy answers to "
+                                 "this many validation prompts.")
+
+    log_format: Literal["text", "json"] = Field(
+        default="text", description='Log lines of the API and the workers: "text" or "json" (one object per line, '
+                                    'with request id, tenant, job id).')
+    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = Field(
+        default="INFO", description="The level of the `adaptery serve` processes' log lines (API, inference "
+                                    "replicas); Celery workers log at INFO.")
+
+    webhook_allowed_hosts: list[str] = Field(
+        default_factory=list, description="Hosts a webhook endpoint may name although they are loopback, "
+                                          "link-local or this host (a JSON list).")
+    webhook_max_attempts: int = Field(default=8, ge=1, le=50, description="Attempts a webhook delivery gets.")
+    webhook_retry_seconds: float = Field(default=10.0, gt=0, description="The delay before a webhook delivery's first "
+                                                                         "retry, in seconds, doubling after each.")
+    webhook_timeout_seconds: float = Field(default=10.0, gt=0, description="Each webhook delivery attempt's timeout, "
+                                                                           "in seconds.")
+    webhook_poll_seconds: float = Field(default=1.0, gt=0, description="How often workers look for due webhook "
+                                                                       "deliveries, in seconds.")
+
+    event_stream_poll_seconds: float = Field(
+        default=0.5, gt=0, le=10, description="How often a live event stream (GET …/events?stream=true) looks for "
+                                              "new events, in seconds.")
+    event_stream_ping_seconds: float = Field(
+        default=15.0, gt=0, description="A keep-alive comment on every server-sent-event stream (job events, streamed "
+                                        "completions) after this many seconds without an event, so proxies do not "
+                                        "close a quiet stream (a long validation, a slow first token).")
+
+    lease_seconds: float = Field(
+        default=60.0, description="A worker owns a job (or evaluation) through a lease of this many seconds, "
+                                  "renewed while it trains; a job whose lease expired is re-queued and resumes from "
+                                  "its latest complete checkpoint.")
+    max_attempts: int = Field(
+        default=3, description="Attempts a job or evaluation gets: one whose lease expired after this many is failed "
+                               "instead of re-queued.")
+    checkpoint_steps: int = Field(
+        default=100, description="A resumable checkpoint every N optimiser steps (and at each epoch end); 0: at epoch "
+                                 "ends only.")
+    reaper_interval_seconds: float = Field(
+        default=10.0, description="How often each worker re-queues jobs and evaluations whose lease expired or that "
+                                  "nobody claimed, and fails jobs past their hard time limit, in seconds.")
+    broker_visibility_timeout: float = Field(
+        default=12 * 3600, description="Redis broker only: a message not acknowledged within this many seconds is "
+                                       "redelivered; the lease makes that harmless.")
+    requeue_after_seconds: float = Field(
+        default=120.0, description="A queued job (or evaluation) nobody claimed within this many seconds is handed to "
+                                   "the broker again (duplicates are harmless).")
+    max_time_limit_seconds: float = Field(
+        default=7 * 24 * 3600, description="The cap on a job's time_limit_seconds (its soft limit); the hard limit "
+                                           "adds a grace period to it.")
+    fault_injection: str = Field(
+        default="", description='Test-only fault injection for the worker, e.g. "step_delay=0.1,exit_at_step=7". '
+                                'Never set in production.')
 
     @property
     def resolved_database_url(self) -> str:
