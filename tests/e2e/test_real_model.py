@@ -40,23 +40,34 @@ def normalise(text: str) -> str:
     return text.strip().strip(".!").upper()
 
 
-def accuracy(client: Any, model: str, heldout: list[dict[str, Any]], instruction: str | None = None
-             ) -> tuple[float, list[str]]:
-    """Greedy answers to every held-out prompt, sent at once (the engine batches them)."""
-    def answer(example: dict[str, Any]) -> str:
-        prompt = [m for m in example["messages"] if m["role"] != "assistant"]
-        if instruction:
-            prompt = [{"role": "system", "content": instruction}, *prompt]
+def answers(client: Any, asks: list[tuple[str, list[dict[str, str]]]]) -> list[str]:
+    """Greedy answers to (model, messages) requests, all sent at once: the engine serves them in mixed batches of
+    up to 32 rows, every row with its own adapter (or none)."""
+    def answer(ask: tuple[str, list[dict[str, str]]]) -> str:
+        model, messages = ask
         reply = client.post("/v1/chat/completions", json={
-            "model": model, "messages": prompt, "max_tokens": 6, "temperature": 0})
+            "model": model, "messages": messages, "max_tokens": 6, "temperature": 0})
         assert reply.status_code == 200, reply.text
         return str(reply.json()["choices"][0]["message"]["content"])
 
-    with ThreadPoolExecutor(max_workers=8) as pool:
-        answers = list(pool.map(answer, heldout))
+    with ThreadPoolExecutor(max_workers=32) as pool:
+        return list(pool.map(answer, asks))
+
+
+def accuracies(client: Any, heldout: list[dict[str, Any]], runs: dict[str, tuple[str, str | None]]
+               ) -> dict[str, tuple[float, list[str]]]:
+    """Held-out accuracy and answers per run; `runs` maps a run's name to (model, system instruction or None)."""
+    prompts = [[m for m in example["messages"] if m["role"] != "assistant"] for example in heldout]
     expected = [example["messages"][-1]["content"] for example in heldout]
-    right = sum(normalise(a) == normalise(e) for a, e in zip(answers, expected, strict=True))
-    return right / len(heldout), answers
+    asks = [(model, [{"role": "system", "content": instruction}, *prompt] if instruction else prompt)
+            for model, instruction in runs.values() for prompt in prompts]
+    replies = answers(client, asks)
+    result = {}
+    for index, name in enumerate(runs):
+        got = replies[index * len(prompts):(index + 1) * len(prompts)]
+        right = sum(normalise(a) == normalise(e) for a, e in zip(got, expected, strict=True))
+        result[name] = (right / len(heldout), got)
+    return result
 
 
 @pytest.fixture(scope="module")
@@ -97,9 +108,12 @@ def test_every_method_on_smollm2_learns_the_shipped_task(real_stack: Stack) -> N
         for name, job in done.items():
             assert job["status"] == "succeeded", f"{name}: {job}\n{real_stack.log_tail('worker0')}"
 
-        base_accuracy, base_answers = accuracy(client, DEFAULT_BASE_MODEL, heldout)
-        instructed_accuracy, instructed_answers = accuracy(client, DEFAULT_BASE_MODEL, heldout, INSTRUCTION)
-        tuned = {name: accuracy(client, job["fine_tuned_model"], heldout) for name, job in done.items()}
+        scored = accuracies(client, heldout, {"base": (DEFAULT_BASE_MODEL, None),
+                                              "instructed": (DEFAULT_BASE_MODEL, INSTRUCTION),
+                                              **{name: (job["fine_tuned_model"], None) for name, job in done.items()}})
+        base_accuracy, base_answers = scored.pop("base")
+        instructed_accuracy, instructed_answers = scored.pop("instructed")
+        tuned = scored
 
     result = {"base_accuracy": base_accuracy, "base_instructed_accuracy": instructed_accuracy,
               "methods": {name: {"accuracy": acc, "learning_rate": done[name]["method"][name]["hyperparameters"][
