@@ -51,7 +51,21 @@ def speed_factor() -> float:
     explicit = os.environ.get("ADAPTERY_TEST_TIME_SCALE")
     if explicit:
         return float(explicit)
-    return max(1.0, calibration_seconds() / REFERENCE_SECONDS)
+    run = os.environ.get("PYTEST_XDIST_TESTRUNUID")
+    if run is None:
+        return max(1.0, calibration_seconds() / REFERENCE_SECONDS)
+    # Under pytest-xdist the processes of one run share one calibration: the first to need it measures while
+    # the others wait on the lock, then read it (each measuring would cost seconds of CPU, several at once).
+    import fcntl
+    import tempfile
+    from pathlib import Path
+
+    shared = Path(tempfile.gettempdir()) / f"adaptery-test-speed-{run}"
+    with open(f"{shared}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not shared.exists():
+            shared.write_text(str(max(1.0, calibration_seconds() / REFERENCE_SECONDS)))
+        return float(shared.read_text())
 
 
 def budget(seconds: float) -> float:
