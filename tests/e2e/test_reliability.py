@@ -141,9 +141,11 @@ def test_a_duplicate_delivery_is_refused_by_the_lease(stack: Stack, client: http
     from app.queue import TRAIN_TASK
     from app.services.training_queues import training_queue
 
-    file_id = upload(client, chat_lines(60)).json()["id"]
     # Both workers consume before the job exists: one takes the job, the other stays idle and so takes the
-    # duplicate at once, while the job runs (30 steps of at least 0.15 s, on any machine).
+    # duplicate at once, while the job runs (at least 60 steps of at least 0.15 s, more on slower machines:
+    # with 30 the job once ended first on a busy 2-core machine, and the duplicate met a finished job).
+    steps = round(budget(60))
+    file_id = upload(client, chat_lines(2 * steps)).json()["id"]
     stack.start_worker("first", env=SLOW_STEPS)
     stack.start_worker("second", env=SLOW_STEPS)
     stack.wait_workers_ready("first", "second")
@@ -154,7 +156,8 @@ def test_a_duplicate_delivery_is_refused_by_the_lease(stack: Stack, client: http
     deadline = time.monotonic() + budget(20)
     while "not claimed" not in logs_of(stack, "first", "second") and time.monotonic() < deadline:
         time.sleep(0.2)
-    assert "not claimed (status running)" in logs_of(stack, "first", "second"), "the duplicate was not refused"
+    refusals = [line for line in logs_of(stack, "first", "second").splitlines() if "not claimed" in line]
+    assert any("not claimed (status running)" in line for line in refusals), f"not refused while running: {refusals}"
     done = wait_for_status(client, job["id"], TERMINAL, timeout=120)
     assert done["status"] == "succeeded"
     started = [e for e in all_events(client, job["id"]) if e["message"].startswith("Fine-tuning job started")]
