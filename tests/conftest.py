@@ -244,10 +244,29 @@ def pytest_runtest_protocol(item: pytest.Item, nextitem: pytest.Item | None) -> 
             services.servers_allowed = True
 
 
+# Under pytest-xdist the factor is measured in a test process; each sends it back to the controlling process,
+# which prints it.
+_factors_from_workers: list[float] = []
+
+
+def pytest_sessionfinish(session: pytest.Session) -> None:
+    workeroutput = getattr(session.config, "workeroutput", None)
+    if workeroutput is not None and budgets.speed_factor.cache_info().currsize:
+        workeroutput["speed_factor"] = budgets.speed_factor()
+
+
+@pytest.hookimpl(optionalhook=True)
+def pytest_testnodedown(node: Any, error: Any) -> None:
+    factor = getattr(node, "workeroutput", {}).get("speed_factor")
+    if factor is not None:
+        _factors_from_workers.append(float(factor))
+
+
 def pytest_terminal_summary(terminalreporter: Any) -> None:
-    if budgets.speed_factor.cache_info().currsize:  # only when some test needed a budget
-        terminalreporter.write_line(f"timing budgets scaled x{budgets.speed_factor():.2f} for this machine "
-                                    "(tests/budgets.py)")
+    factor = (budgets.speed_factor() if budgets.speed_factor.cache_info().currsize  # some test needed a budget
+              else max(_factors_from_workers, default=None))
+    if factor is not None:
+        terminalreporter.write_line(f"timing budgets scaled x{factor:.2f} for this machine (tests/budgets.py)")
 
 
 free_port = services.free_port
