@@ -44,6 +44,16 @@ def calibration_seconds() -> float:
     return time.perf_counter() - started
 
 
+def factor_for_parallel_run(processes: int) -> float:
+    """The factor for a run of `processes` test processes at once (pytest-xdist), measured before they start:
+    this machine's speed, times how many test processes share each core (each runs its own servers and
+    workers, so every wait in one of them stretches by about that much). Measured once the processes run,
+    the calibration would instead see whatever they happened to be doing (x8.2 beside the real-model test's
+    training, x1.3 on the idle 2-core machine), and every budget would inflate by that chance."""
+    cores = len(os.sched_getaffinity(0))  # what `taskset` leaves this run, not the machine's count
+    return max(1.0, calibration_seconds() / REFERENCE_SECONDS) * max(1.0, processes / cores)
+
+
 @lru_cache(maxsize=1)
 def speed_factor() -> float:
     explicit = os.environ.get("ADAPTERY_TEST_TIME_SCALE")
@@ -52,8 +62,9 @@ def speed_factor() -> float:
     run = os.environ.get("PYTEST_XDIST_TESTRUNUID")
     if run is None:
         return max(1.0, calibration_seconds() / REFERENCE_SECONDS)
-    # Under pytest-xdist the processes of one run share one calibration: the first to need it measures while
-    # the others wait on the lock, then read it (each measuring would cost seconds of CPU, several at once).
+    # Under pytest-xdist, tests/conftest.py usually measured before the processes started and set the factor
+    # above. Otherwise the processes of one run share one calibration: the first to need it measures while the
+    # others wait on the lock, then read it (each measuring would cost seconds of CPU, several at once).
     import fcntl
     import tempfile
     from pathlib import Path

@@ -180,6 +180,16 @@ def new_bucket(endpoint: str) -> str:
     return name
 
 
+def pytest_configure(config: pytest.Config) -> None:
+    """The controlling process of a parallel end-to-end run measures the speed factor before its test processes
+    start, and hands it to them (tests/budgets.py says why). The fast tier needs no budget, so it measures
+    nothing; a run of one process measures when a test first needs a budget."""
+    processes = getattr(config.option, "numprocesses", None)
+    if (isinstance(processes, int) and processes > 1 and "PYTEST_XDIST_WORKER" not in os.environ
+            and "e2e" in (config.option.markexpr or "") and "ADAPTERY_TEST_TIME_SCALE" not in os.environ):
+        os.environ["ADAPTERY_TEST_TIME_SCALE"] = f"{budgets.factor_for_parallel_run(processes):.2f}"
+
+
 def pytest_sessionstart(session: pytest.Session) -> None:
     """Without the server binaries the suite cannot run: say so at once, with the command that fixes it."""
     missing = []
