@@ -3,7 +3,7 @@ learned, and each adapter answers held-out prompts correctly where the base mode
 
 All methods train at once on two workers and are evaluated together (the engine batches the held-out
 requests of every model), with the defaults a user gets: only epochs and batch size are set. The
-accuracies are written to .cache/real_model_result.json and printed, for the README.
+accuracies are written to .cache/real_model_result.json and printed, for docs/tests.md.
 """
 
 from __future__ import annotations
@@ -30,7 +30,7 @@ INSTRUCTION = "Classify the sentiment of the review. Answer with exactly one wor
 # Measured: LoRA 24 / 24 where the compute plan picks bf16 (AVX512-BF16 or AMX CPUs), 20 / 24 in float32 on a CPU
 # without native bf16 (AVX2 only), same seed and data; the bar is the lower of the two.
 MIN_DEFAULT_METHOD_ACCURACY = 0.8
-# Every method must learn the task, not only the default one; the README reports each one's figure.
+# Every method must learn the task, not only the default one; docs/tests.md reports each one's figure.
 MIN_METHOD_ACCURACY = 0.6
 MAX_BASE_ACCURACY = 0.30
 WORKERS = 2

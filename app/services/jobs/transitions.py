@@ -88,13 +88,18 @@ def request_cancel(session: Session, job: FineTuningJob) -> FineTuningJob:
                                                       JobStatus.paused}):
         add_event(session, job.id, "Job cancelled before it started.")
     else:
-        session.execute(update(FineTuningJob).where(FineTuningJob.id == job.id,
-                                                    FineTuningJob.status == JobStatus.running.value)
-                        .values(cancel_requested=True))
-        session.commit()
+        _ask_the_running_job(session, job.id, cancel_requested=True)
         add_event(session, job.id, "Cancellation requested; training stops at the next step.")
     session.refresh(job)
     return job
+
+
+def _ask_the_running_job(session: Session, job_id: str, **request: bool) -> None:
+    """Set a request flag the worker reads between steps, only while the job is running."""
+    session.execute(update(FineTuningJob).where(FineTuningJob.id == job_id,
+                                                FineTuningJob.status == JobStatus.running.value)
+                    .values(**request))
+    session.commit()
 
 
 def stop_requests(session: Session, job_id: str) -> tuple[bool, bool]:
@@ -111,10 +116,7 @@ def request_pause(session: Session, job: FineTuningJob) -> FineTuningJob:
     if _transition(session, job.id, {JobStatus.validating_files, JobStatus.queued}, JobStatus.paused):
         add_event(session, job.id, "Job paused before it started.")
     else:
-        session.execute(update(FineTuningJob).where(FineTuningJob.id == job.id,
-                                                    FineTuningJob.status == JobStatus.running.value)
-                        .values(pause_requested=True))
-        session.commit()
+        _ask_the_running_job(session, job.id, pause_requested=True)
         add_event(session, job.id, "Pause requested; training checkpoints and stops at the next step.")
     session.refresh(job)
     return job
