@@ -74,6 +74,9 @@ def browser() -> Iterator[Browser]:
 def page(browser: Browser, stack: Stack) -> Iterator[Page]:
     context = browser.new_context(viewport={"width": 1360, "height": 900}, base_url=stack.base_url)
     context.set_default_timeout(budget(30) * 1000)
+    # expect() has a default of its own (5 s), which the context's does not change: one core was too slow
+    # for the playground's streamed answer to finish within it.
+    expect.set_options(timeout=budget(30) * 1000)
     opened = context.new_page()
     errors: list[str] = []
     opened.on("pageerror", lambda exc: errors.append(str(exc)))

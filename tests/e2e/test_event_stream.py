@@ -38,6 +38,8 @@ def read_stream(client: httpx.Client, job_id: str, *, last_event_id: str | None 
                      headers=headers, timeout=budget(120)) as source:
         assert source.response.status_code == 200
         for sse in source.iter_sse():
+            if not sse.data:  # a keep-alive on a quiet stream (a slow machine's), handed on with the last id
+                continue
             if sse.event == "end":
                 return events, json.loads(sse.data)
             assert sse.event == "fine_tuning.job.event"
