@@ -56,25 +56,12 @@ def factor_for_parallel_run(processes: int) -> float:
 
 @lru_cache(maxsize=1)
 def speed_factor() -> float:
+    """ADAPTERY_TEST_TIME_SCALE when set (by hand, or by tests/conftest.py for the processes of a parallel run),
+    else measured here, once per process."""
     explicit = os.environ.get("ADAPTERY_TEST_TIME_SCALE")
     if explicit:
         return float(explicit)
-    run = os.environ.get("PYTEST_XDIST_TESTRUNUID")
-    if run is None:
-        return max(1.0, calibration_seconds() / REFERENCE_SECONDS)
-    # Under pytest-xdist, tests/conftest.py usually measured before the processes started and set the factor
-    # above. Otherwise the processes of one run share one calibration: the first to need it measures while the
-    # others wait on the lock, then read it (each measuring would cost seconds of CPU, several at once).
-    import fcntl
-    import tempfile
-    from pathlib import Path
-
-    shared = Path(tempfile.gettempdir()) / f"adaptery-test-speed-{run}"
-    with open(f"{shared}.lock", "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
-        if not shared.exists():
-            shared.write_text(str(max(1.0, calibration_seconds() / REFERENCE_SECONDS)))
-        return float(shared.read_text())
+    return max(1.0, calibration_seconds() / REFERENCE_SECONDS)
 
 
 def budget(seconds: float) -> float:

@@ -180,14 +180,20 @@ def new_bucket(endpoint: str) -> str:
     return name
 
 
+# Whether this process measured the speed factor for the processes of a parallel run (and so prints it).
+_measured_for_test_processes = False
+
+
 def pytest_configure(config: pytest.Config) -> None:
-    """The controlling process of a parallel end-to-end run measures the speed factor before its test processes
-    start, and hands it to them (tests/budgets.py says why). The fast tier needs no budget, so it measures
-    nothing; a run of one process measures when a test first needs a budget."""
+    """The controlling process of a parallel run (pytest-xdist) measures the speed factor before its test
+    processes start, and hands it to them (tests/budgets.py says why). `-m fast` (make check) calls no
+    budget, so it measures nothing; a run without xdist measures when a test first needs a budget."""
+    global _measured_for_test_processes
     processes = getattr(config.option, "numprocesses", None)
-    if (isinstance(processes, int) and processes > 1 and "PYTEST_XDIST_WORKER" not in os.environ
-            and "e2e" in (config.option.markexpr or "") and "ADAPTERY_TEST_TIME_SCALE" not in os.environ):
+    if (isinstance(processes, int) and processes > 0 and "PYTEST_XDIST_WORKER" not in os.environ
+            and config.option.markexpr != "fast" and "ADAPTERY_TEST_TIME_SCALE" not in os.environ):
         os.environ["ADAPTERY_TEST_TIME_SCALE"] = f"{budgets.factor_for_parallel_run(processes):.2f}"
+        _measured_for_test_processes = True
 
 
 def pytest_sessionstart(session: pytest.Session) -> None:
@@ -254,29 +260,10 @@ def pytest_runtest_protocol(item: pytest.Item, nextitem: pytest.Item | None) -> 
             services.servers_allowed = True
 
 
-# Under pytest-xdist the factor is measured in a test process; each sends it back to the controlling process,
-# which prints it.
-_factors_from_workers: list[float] = []
-
-
-def pytest_sessionfinish(session: pytest.Session) -> None:
-    workeroutput = getattr(session.config, "workeroutput", None)
-    if workeroutput is not None and budgets.speed_factor.cache_info().currsize:
-        workeroutput["speed_factor"] = budgets.speed_factor()
-
-
-@pytest.hookimpl(optionalhook=True)
-def pytest_testnodedown(node: Any, error: Any) -> None:
-    factor = getattr(node, "workeroutput", {}).get("speed_factor")
-    if factor is not None:
-        _factors_from_workers.append(float(factor))
-
-
 def pytest_terminal_summary(terminalreporter: Any) -> None:
-    factor = (budgets.speed_factor() if budgets.speed_factor.cache_info().currsize  # some test needed a budget
-              else max(_factors_from_workers, default=None))
-    if factor is not None:
-        terminalreporter.write_line(f"timing budgets scaled x{factor:.2f} for this machine (tests/budgets.py)")
+    if _measured_for_test_processes or budgets.speed_factor.cache_info().currsize:  # some test needed a budget
+        terminalreporter.write_line(f"timing budgets scaled x{budgets.speed_factor():.2f} for this machine "
+                                    "(tests/budgets.py)")
 
 
 free_port = services.free_port
