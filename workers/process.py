@@ -1,4 +1,4 @@
-"""The worker process around the jobs: heartbeat and reaper threads, and Celery's process signals (the
+"""The worker process around the jobs: heartbeat, reaper and webhook-delivery threads, and Celery's process signals (the
 training stack imported in each pool process before it takes a job, the warm shutdown that hands jobs back).
 
 Imported by workers.tasks, so Celery's `include=["workers.tasks"]` connects these handlers in every worker.
@@ -104,7 +104,9 @@ def _start_worker_threads(sender: Any = None, **_: Any) -> None:
     owner = f"{hostname}:webhooks"
 
     def deliver() -> None:
-        # Outside the pool processes, so a slow receiver never holds up training.
+        # Outside the pool processes, so a slow receiver never holds up training; each round only claims and hands
+        # deliveries to this process's delivery threads (ADAPTERY_WEBHOOK_DELIVERY_THREADS), so a slow receiver
+        # never holds up the next delivery or this timer either.
         with session_scope() as session:
             webhooks.deliver_due(session, get_settings(), owner=owner)
 

@@ -14,8 +14,9 @@ EventType = Literal["fine_tuning.job.succeeded", "fine_tuning.job.failed", "fine
 class WebhookCreate(Request):
     url: str = Field(min_length=1, max_length=2000, json_schema_extra={"format": "webhook-url"},
                      description="an http(s) URL that receives the events, on a host that is not this service's "
-                                 "own and resolves to no loopback, link-local (metadata), unspecified or multicast "
-                                 "address")
+                                 "own and resolves to no loopback, link-local, unspecified, multicast or cloud "
+                                 "metadata address (IPv4 addresses inside IPv6 ones count as themselves); at most "
+                                 "ADAPTERY_WEBHOOK_MAX_ENDPOINTS_PER_TENANT endpoints per tenant")
     events: list[EventType] | None = Field(default=None, max_length=3,
                                            description="the events to send (default: all three)")
 
