@@ -291,7 +291,7 @@ post_action(adapters, "/v1/adapters", "unpin", "Let an adapter be evicted again.
 
 @adapters.command("import")
 def adapters_import(ctx: typer.Context, path: Path = typer.Argument(..., exists=True,
-                                                                    help="an archive, or a folder with the two files"),
+                                                                    help="a zip, or a folder with the two files"),
                     name: str = typer.Option(None), base_model: str = typer.Option(None)) -> None:
     form = {k: v for k, v in (("name", name), ("base_model", base_model)) if v}
     if path.is_dir():

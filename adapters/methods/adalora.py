@@ -6,14 +6,17 @@ step, and it needs total_step up front; both are handled here, not left to the c
 
 from __future__ import annotations
 
+from collections.abc import Collection
 from typing import Any
 
 from adapters.methods.base import (
     AdapterMethod,
     Auto,
     HyperparameterError,
+    NotInBaseModel,
     bounded,
     given,
+    is_module_name,
     register,
 )
 from adapters.methods.lora import (
@@ -23,6 +26,7 @@ from adapters.methods.lora import (
     ResolvedLoraFamily,
     check_lora_family_config,
     check_target_modules,
+    literal_patterns,
     lora_family_defaults,
     low_rank_weights,
 )
@@ -99,9 +103,33 @@ class AdaLora(AdapterMethod[ResolvedAdaLora]):
                 terms.append(torch.norm(covariance - identity, p="fro"))
         return weight * torch.stack(terms).mean() if terms else None
 
-    def sanitise_config(self, config: dict[str, Any], *, max_rank: int) -> dict[str, Any]:
+    def sanitise_config(self, config: dict[str, Any], *, max_rank: int,
+                        module_names: Collection[str]) -> dict[str, Any]:
         check_lora_family_config(config, rank_key="init_r" if "init_r" in config else "r", max_rank=max_rank)
-        return super().sanitise_config(config, max_rank=max_rank)
+        kept = super().sanitise_config(config, max_rank=max_rank, module_names=module_names)
+        if kept.get("alpha_pattern"):
+            kept["alpha_pattern"] = literal_patterns("alpha_pattern", kept["alpha_pattern"], module_names,
+                                                     max_rank=max_rank)
+        if kept.get("rank_pattern"):
+            kept["rank_pattern"] = self._rank_pattern(kept["rank_pattern"], module_names, max_rank=max_rank)
+        return kept
+
+    @staticmethod
+    def _rank_pattern(pattern: Any, module_names: Collection[str], *, max_rank: int) -> dict[str, Any]:
+        """AdaLoRA's rank_pattern is not LoRA's: the budget's mask per module, keyed by the parameter's full name
+        ("<module>.lora_E"), which PEFT looks up as an attribute path (and also compiles, in a warning's check). A
+        key must be exactly that, the module one of the base model's, compared as strings."""
+        if not isinstance(pattern, dict):
+            raise AdapterLoadError("adapter_config.json: rank_pattern must be an object of parameter names to masks")
+        for key, mask in pattern.items():
+            module = key.removesuffix(".lora_E") if isinstance(key, str) else ""
+            if not is_module_name(key) or module == key or module not in module_names:
+                raise NotInBaseModel(f"adapter_config.json: rank_pattern key {key!r} names no module of the base "
+                                     "model; keys must be '<module name>.lora_E', not regular expressions")
+            if not isinstance(mask, list) or len(mask) > max_rank or not all(isinstance(b, bool) for b in mask):
+                raise AdapterLoadError(f"adapter_config.json: rank_pattern {key!r} must be a list of at most "
+                                       f"{max_rank} true/false values")
+        return pattern
 
     def serving_weights(self, config: dict[str, Any], weights: dict[str, Any], *, model_config: Any,
                         max_rank: int) -> ServingWeights:

@@ -12,6 +12,7 @@ method gets every test.
 from __future__ import annotations
 
 import math
+from collections.abc import Collection
 from typing import Any, ClassVar, Generic, Literal, TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field
@@ -136,6 +137,38 @@ def auto_epochs(n_examples: int) -> int:
 
 # Keys every imported adapter config may carry, whatever its method.
 COMMON_CONFIG_KEYS = frozenset({"peft_type", "task_type", "inference_mode"})
+# The characters of a module name as a config may give it. None repeats, groups or alternates, so PEFT's regex over
+# such a name (it compiles names given as pattern keys) runs in time linear in the module name.
+MODULE_NAME_CHARS = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789_.")
+# PEFT's shorthand for every linear layer but the output head: a keyword it expands, not a regular expression.
+ALL_LINEAR = "all-linear"
+
+
+class NotInBaseModel(AdapterLoadError):
+    """An imported config names something that is no module of the base model (the import answers 422)."""
+
+
+def is_module_name(value: Any) -> bool:
+    """A plain dotted name: no regex syntax but the dots, no empty part."""
+    return isinstance(value, str) and bool(value) and set(value) <= MODULE_NAME_CHARS and "" not in value.split(".")
+
+
+def literal_module_list(field: str, value: Any, module_names: Collection[str]) -> Any:
+    """target_modules or feedforward_modules as PEFT may safely read it. PEFT compares a list's entries with module
+    names as strings, but runs a string as a regular expression (re.fullmatch) against every module name: a string
+    is kept only when it is a module's full name (then as a one-entry list, which PEFT reads as the same module) or
+    PEFT's all-linear keyword, and refused otherwise; a tenant's regex is never run."""
+    if value is None or value == ALL_LINEAR:
+        return value
+    if isinstance(value, str):
+        if not is_module_name(value) or value not in module_names:
+            raise NotInBaseModel(f"adapter_config.json: {field} {value!r} is not the name of a module of the base "
+                                 f"model; give {field} as a list of module names (e.g. [\"q_proj\", \"v_proj\"]), "
+                                 "not regular expressions")
+        return [value]
+    if not isinstance(value, list | tuple | set | frozenset) or not all(isinstance(v, str) for v in value):
+        raise AdapterLoadError(f"adapter_config.json: {field} must be a list of module names")
+    return sorted(value) if isinstance(value, set | frozenset) else list(value)  # a set: PEFT's own, in memory
 
 
 class AdapterMethod(Generic[Resolved]):
@@ -246,10 +279,19 @@ class AdapterMethod(Generic[Resolved]):
 
     # ---------------------------------------------------------------- adapters as files
 
-    def sanitise_config(self, config: dict[str, Any], *, max_rank: int) -> dict[str, Any]:
-        """An imported config reduced to the whitelisted keys, after the method's admission checks
-        (raise AdapterLoadError saying what is accepted)."""
-        return {k: v for k, v in config.items() if k in COMMON_CONFIG_KEYS | self.config_keys}
+    def sanitise_config(self, config: dict[str, Any], *, max_rank: int,
+                        module_names: Collection[str]) -> dict[str, Any]:
+        """An imported config reduced to the whitelisted keys, after the method's admission checks (raise
+        AdapterLoadError saying what is accepted; NotInBaseModel for what names no module of the base model).
+        `module_names`: the base model's module names (named_modules()). Whatever PEFT reads as a regular
+        expression is kept only as literal module names and is checked here by string comparison, never by
+        compiling it: a catastrophic-backtracking pattern would hold the GIL for minutes, in the engine or in PEFT
+        on a worker."""
+        kept = {k: v for k, v in config.items() if k in COMMON_CONFIG_KEYS | self.config_keys}
+        for field in ("target_modules", "feedforward_modules"):
+            if field in kept:
+                kept[field] = literal_module_list(field, kept[field], module_names)
+        return kept
 
     def serving_weights(self, config: dict[str, Any], weights: dict[str, Any], *, model_config: Any,
                         max_rank: int) -> ServingWeights:

@@ -7,6 +7,7 @@ vectors, and rows of other adapters by ones.
 
 from __future__ import annotations
 
+from collections.abc import Collection
 from typing import Any
 
 from pydantic import Field
@@ -80,10 +81,11 @@ class IA3(AdapterMethod[ResolvedIA3]):
         return IA3Config(task_type=TaskType.CAUSAL_LM, target_modules=hp.target_modules,
                          feedforward_modules=hp.feedforward_modules)
 
-    def sanitise_config(self, config: dict[str, Any], *, max_rank: int) -> dict[str, Any]:
+    def sanitise_config(self, config: dict[str, Any], *, max_rank: int,
+                        module_names: Collection[str]) -> dict[str, Any]:
         if config.get("modules_to_save"):
             raise AdapterLoadError("adapters with modules_to_save (full copies of base layers) are not accepted")
-        return super().sanitise_config(config, max_rank=max_rank)
+        return super().sanitise_config(config, max_rank=max_rank, module_names=module_names)
 
     def serving_weights(self, config: dict[str, Any], weights: dict[str, Any], *, model_config: Any,
                         max_rank: int) -> ServingWeights:

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-import re
+from collections.abc import Collection
 from typing import Any
 
 from pydantic import Field
@@ -12,10 +12,12 @@ from adapters.methods.base import (
     AdapterMethod,
     Auto,
     HyperparameterError,
+    NotInBaseModel,
     ResolvedHyperparameters,
     TrainingHyperparameters,
     bounded,
     given,
+    is_module_name,
     register,
 )
 from adapters.methods.serving import AdapterLoadError, LoraFactors, ServingKind, ServingWeights
@@ -83,10 +85,65 @@ def check_lora_family_config(config: dict[str, Any], *, rank_key: str, max_rank:
         raise AdapterLoadError("DoRA adapters (use_dora=true) are not supported")
 
 
+def pattern_modules(key: str, module_names: Collection[str]) -> list[str]:
+    """The modules a pattern key names under PEFT's semantics (get_pattern_key: the module's name is the key or ends
+    with "." + key), compared as strings."""
+    return [m for m in module_names if m == key or m.endswith("." + key)]
+
+
+def escaped(module: str) -> str:
+    # A full module name written so that PEFT's regex over it (`(.*\.)?(key)$`) matches that module alone.
+    return module.replace(".", "\\.")
+
+
+def literal_patterns(field: str, patterns: Any, module_names: Collection[str], *, max_rank: int) -> dict[str, Any]:
+    """alpha_pattern or rank_pattern of an imported LoRA with each key rewritten as the full names of the modules it
+    names, escaped. PEFT compiles every key as a regular expression (get_pattern_key), so a key must be a module's
+    name or a dotted tail of one, checked by string comparison; anything else is refused. Rewritten, PEFT's regex
+    over a key means the one module it names, as the engine reads it (pattern_value). Where several keys name a
+    module, the first wins, as in PEFT."""
+    if not isinstance(patterns, dict):
+        raise AdapterLoadError(f"adapter_config.json: {field} must be an object of module names to values")
+    rewritten: dict[str, Any] = {}
+    for key, value in patterns.items():
+        named = pattern_modules(key, module_names) if is_module_name(key) else []
+        if not named:
+            raise NotInBaseModel(f"adapter_config.json: {field} key {key!r} names no module of the base model; keys "
+                                 "must be module names or their suffixes, not regular expressions")
+        if field == "rank_pattern":
+            if not isinstance(value, int) or isinstance(value, bool) or not 1 <= value <= max_rank:
+                raise AdapterLoadError(f"adapter_config.json: rank_pattern {key!r} is {value!r}; ranks must be "
+                                       f"integers from 1 to {max_rank}")
+        elif not isinstance(value, int | float) or isinstance(value, bool) or not math.isfinite(value):
+            raise AdapterLoadError(f"adapter_config.json: {field} {key!r} is {value!r}; a number is needed")
+        for module in named:
+            rewritten.setdefault(escaped(module), value)
+    return rewritten
+
+
+def stored_patterns(field: str, patterns: Any) -> dict[str, Any]:
+    """A stored config's alpha_pattern or rank_pattern as module names (unescaped) to values, in PEFT's order. An
+    import stores escaped full names (literal_patterns); a key that is anything else (a config stored before imports
+    checked them) is refused rather than compiled or silently ignored."""
+    if not patterns:
+        return {}
+    if not isinstance(patterns, dict):
+        raise AdapterLoadError(f"{field} must be an object of module names to values")
+    names: dict[str, Any] = {}
+    for key, value in patterns.items():
+        name = key.replace("\\.", ".") if isinstance(key, str) else key
+        if not is_module_name(name):
+            raise AdapterLoadError(f"{field} key {key!r} is not a module name; keys must be module names or their "
+                                   "suffixes, not regular expressions")
+        names.setdefault(name, value)
+    return names
+
+
 def pattern_value(patterns: dict[str, Any], module: str, default: Any) -> Any:
-    # PEFT matches pattern keys against the end of the module name.
-    for key, value in (patterns or {}).items():
-        if re.fullmatch(rf"(.*\.)?{key}", module):
+    """A module's value from stored_patterns(): the first name that is the module's or a dotted tail of it (PEFT's
+    get_pattern_key, by string comparison)."""
+    for name, value in patterns.items():
+        if module == name or module.endswith("." + name):
             return value
     return default
 
@@ -128,15 +185,21 @@ class Lora(AdapterMethod[ResolvedLora]):
         return LoraConfig(task_type=TaskType.CAUSAL_LM, r=hp.r, lora_alpha=hp.lora_alpha,  # type: ignore[arg-type]
                           lora_dropout=hp.lora_dropout, target_modules=hp.target_modules, bias="none")
 
-    def sanitise_config(self, config: dict[str, Any], *, max_rank: int) -> dict[str, Any]:
+    def sanitise_config(self, config: dict[str, Any], *, max_rank: int,
+                        module_names: Collection[str]) -> dict[str, Any]:
         check_lora_family_config(config, rank_key="r", max_rank=max_rank)
-        return super().sanitise_config(config, max_rank=max_rank)
+        kept = super().sanitise_config(config, max_rank=max_rank, module_names=module_names)
+        for field in ("alpha_pattern", "rank_pattern"):
+            if kept.get(field):
+                kept[field] = literal_patterns(field, kept[field], module_names, max_rank=max_rank)
+        return kept
 
     def serving_weights(self, config: dict[str, Any], weights: dict[str, Any], *, model_config: Any,
                         max_rank: int) -> ServingWeights:
         if config.get("use_dora"):
             raise AdapterLoadError("DoRA adapters (use_dora=true) are not supported")
         factors: dict[str, LoraFactors] = {}
+        alpha_pattern = stored_patterns("alpha_pattern", config.get("alpha_pattern"))
         for name, a in weights.items():
             if not name.endswith(".lora_A.weight"):
                 continue
@@ -147,7 +210,7 @@ class Lora(AdapterMethod[ResolvedLora]):
             rank = a.shape[0]
             if b.shape[1] != rank:
                 raise AdapterLoadError(f"{module}: lora_A rank {rank} does not match lora_B {tuple(b.shape)}")
-            alpha = pattern_value(config.get("alpha_pattern", {}), module, config.get("lora_alpha", 8))
+            alpha = pattern_value(alpha_pattern, module, config.get("lora_alpha", 8))
             scale = alpha / math.sqrt(rank) if config.get("use_rslora") else alpha / rank
             factors[module] = LoraFactors(a=a.float().contiguous(), b=b.float().contiguous(), scale=float(scale))
         return low_rank_weights(factors, max_rank)

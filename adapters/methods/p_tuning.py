@@ -7,6 +7,7 @@ the encoder's own weights as well, so a resumed job continues training the encod
 
 from __future__ import annotations
 
+from collections.abc import Collection
 from typing import Any, Literal
 
 from pydantic import Field
@@ -85,9 +86,10 @@ class PTuning(AdapterMethod[ResolvedPTuning]):
     def saved_input_offset(self, config: dict[str, Any]) -> int:
         return config_int(config, "num_virtual_tokens")
 
-    def sanitise_config(self, config: dict[str, Any], *, max_rank: int) -> dict[str, Any]:
+    def sanitise_config(self, config: dict[str, Any], *, max_rank: int,
+                        module_names: Collection[str]) -> dict[str, Any]:
         check_virtual_tokens(config)
-        return super().sanitise_config(config, max_rank=max_rank)
+        return super().sanitise_config(config, max_rank=max_rank, module_names=module_names)
 
     def serving_weights(self, config: dict[str, Any], weights: dict[str, Any], *, model_config: Any,
                         max_rank: int) -> ServingWeights:

@@ -9,6 +9,7 @@ continue training it (from_model), since the projection itself is not saved.
 
 from __future__ import annotations
 
+from collections.abc import Collection
 from typing import Any
 
 from pydantic import Field
@@ -81,9 +82,10 @@ class PrefixTuning(AdapterMethod[ResolvedPrefixTuning]):
     def continues_from_saved_adapter(self, hp: ResolvedPrefixTuning) -> bool:
         return not hp.prefix_projection  # the projection's output is saved, not the projection
 
-    def sanitise_config(self, config: dict[str, Any], *, max_rank: int) -> dict[str, Any]:
+    def sanitise_config(self, config: dict[str, Any], *, max_rank: int,
+                        module_names: Collection[str]) -> dict[str, Any]:
         check_virtual_tokens(config)
-        return super().sanitise_config(config, max_rank=max_rank)
+        return super().sanitise_config(config, max_rank=max_rank, module_names=module_names)
 
     def serving_weights(self, config: dict[str, Any], weights: dict[str, Any], *, model_config: Any,
                         max_rank: int) -> ServingWeights:

@@ -6,6 +6,7 @@ every other method.
 
 from __future__ import annotations
 
+from collections.abc import Collection
 from typing import Any, Literal
 
 from pydantic import Field
@@ -104,9 +105,10 @@ class PromptTuning(AdapterMethod[ResolvedPromptTuning]):
     def saved_input_offset(self, config: dict[str, Any]) -> int:
         return config_int(config, "num_virtual_tokens")
 
-    def sanitise_config(self, config: dict[str, Any], *, max_rank: int) -> dict[str, Any]:
+    def sanitise_config(self, config: dict[str, Any], *, max_rank: int,
+                        module_names: Collection[str]) -> dict[str, Any]:
         check_virtual_tokens(config)
-        return self.saved_config(super().sanitise_config(config, max_rank=max_rank))
+        return self.saved_config(super().sanitise_config(config, max_rank=max_rank, module_names=module_names))
 
     def serving_weights(self, config: dict[str, Any], weights: dict[str, Any], *, model_config: Any,
                         max_rank: int) -> ServingWeights:

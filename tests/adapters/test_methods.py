@@ -105,10 +105,87 @@ def test_imported_configs_keep_only_the_methods_keys(name: str, settings: Settin
     saved = method(name).saved_config(model.peft_config["default"].to_dict())
     hostile = {**saved, "base_model_name_or_path": "https://example.invalid/model", "auto_mapping": {"x": "y"},
                "revision": "main", "tokenizer_name_or_path": "/etc"}
-    kept = method(name).sanitise_config(hostile, max_rank=settings.max_lora_rank)
+    kept = method(name).sanitise_config(hostile, max_rank=settings.max_lora_rank, module_names=module_names())
     assert kept["peft_type"] == method(name).peft_type
     assert not {"base_model_name_or_path", "auto_mapping", "revision", "tokenizer_name_or_path"} & set(kept)
     assert set(kept) <= {"peft_type", "task_type", "inference_mode"} | method(name).config_keys
+
+
+def module_names() -> frozenset[str]:
+    return frozenset(n for n, _ in tiny_llama().named_modules() if n)
+
+
+# Keys of adapter_config.json that PEFT compiles as regular expressions and matches against module names, each with
+# a pattern that backtracks for minutes on a module name of about 30 characters.
+SLOW = "(.|.)*X"
+REGEX_KEYS: dict[str, Any] = {"target_modules": SLOW, "feedforward_modules": SLOW, "alpha_pattern": {SLOW: 8},
+                              "rank_pattern": {SLOW: 4}, "layers_pattern": SLOW, "exclude_modules": SLOW,
+                              "modules_to_save": [SLOW], "target_parameters": [SLOW]}
+
+
+@pytest.mark.parametrize("name", ALL_METHODS)
+def test_imported_configs_keep_no_regular_expression(name: str, settings: Settings) -> None:
+    """Every key PEFT would compile is dropped or refused, naming the key: none reaches the engine or PEFT."""
+    from peft import get_peft_model
+
+    from adapters.methods import AdapterLoadError
+
+    model = get_peft_model(tiny_llama(), method(name).peft_config(resolved(name, {}, settings=settings),
+                                                                   total_steps=10))
+    saved = method(name).saved_config(model.peft_config["default"].to_dict())
+    for key, value in REGEX_KEYS.items():
+        try:
+            kept = method(name).sanitise_config({**saved, key: value}, max_rank=settings.max_lora_rank,
+                                                module_names=module_names())
+        except AdapterLoadError as exc:
+            assert key in str(exc), (key, str(exc))
+            continue
+        assert key not in kept or kept[key] in (None, [], {}), (key, kept.get(key))
+
+
+@pytest.mark.parametrize("name", LORA_FAMILY)
+def test_pattern_keys_that_name_modules_are_kept_as_exact_names(name: str, settings: Settings) -> None:
+    """A suffix or a full name is kept, rewritten as the escaped full names it names (PEFT's regex over each then
+    means that module alone); a key that names nothing, or is a regular expression, is refused."""
+    import re
+
+    from adapters.methods.base import NotInBaseModel
+
+    base = {"peft_type": method(name).peft_type, "r": 4, "init_r": 4, "lora_alpha": 8,
+            "target_modules": ["q_proj", "v_proj"]}
+    kept = method(name).sanitise_config({**base, "alpha_pattern": {"layers.1.self_attn.q_proj": 2, "q_proj": 16}},
+                                        max_rank=settings.max_lora_rank, module_names=module_names())
+    assert kept["alpha_pattern"] == {r"model\.layers\.1\.self_attn\.q_proj": 2,
+                                     r"model\.layers\.0\.self_attn\.q_proj": 16}
+    for key in kept["alpha_pattern"]:  # as PEFT's get_pattern_key reads them
+        assert [m for m in module_names() if re.match(rf"(.*\.)?({key})$", m)] == [key.replace("\\", "")]
+    for pattern in ({"q_pro.": 8}, {"(q|v)_proj": 8}, {"": 8}, {".q_proj": 8}):
+        with pytest.raises(NotInBaseModel, match="alpha_pattern key .* not regular expressions"):
+            method(name).sanitise_config({**base, "alpha_pattern": pattern}, max_rank=settings.max_lora_rank,
+                                         module_names=module_names())
+    kept = method(name).sanitise_config({**base, "target_modules": "model.layers.0.mlp.down_proj"},
+                                        max_rank=settings.max_lora_rank, module_names=module_names())
+    assert kept["target_modules"] == ["model.layers.0.mlp.down_proj"]
+
+
+@pytest.mark.usefixtures("one_torch_thread")
+def test_adalora_rank_patterns_as_peft_saves_them_are_kept(settings: Settings, tmp_path: Any) -> None:
+    from adapters.methods import AdapterLoadError
+    from adapters.methods.base import NotInBaseModel
+
+    hp = resolved("adalora", {"target_modules": ["q_proj", "v_proj"]}, n_examples=80, settings=settings)
+    train_adalora(hp, steps=12, call_hook=True).save_pretrained(tmp_path)
+    saved = json.loads((tmp_path / "adapter_config.json").read_text())
+    assert saved["rank_pattern"]
+    kept = method("adalora").sanitise_config(saved, max_rank=settings.max_lora_rank, module_names=module_names())
+    assert kept["rank_pattern"] == saved["rank_pattern"]
+    for key in ("q_proj.lora_E", "model.layers.0.self_attn.q_proj", "model.layers.[01].self_attn.q_proj.lora_E"):
+        with pytest.raises(NotInBaseModel, match="rank_pattern"):
+            method("adalora").sanitise_config({**saved, "rank_pattern": {key: [True]}},
+                                              max_rank=settings.max_lora_rank, module_names=module_names())
+    with pytest.raises(AdapterLoadError, match="rank_pattern"):
+        method("adalora").sanitise_config({**saved, "rank_pattern": {"model.layers.0.self_attn.q_proj.lora_E": 3}},
+                                          max_rank=settings.max_lora_rank, module_names=module_names())
 
 
 # ------------------------------------------------------------------ every method

@@ -1,9 +1,11 @@
 """Adapters for the tiny model made with PEFT outside Adaptery, and the ways a client sends them to
-POST /v1/adapters: loose files, a zip, a tar.gz. Shared by the fast tier's import, security and fuzz tests."""
+POST /v1/adapters: loose files, a zip (and a tar.gz, which is refused). Shared by the fast tier's import, security
+and fuzz tests."""
 
 from __future__ import annotations
 
 import io
+import stat
 import tarfile
 import zipfile
 from pathlib import Path
@@ -32,11 +34,16 @@ def files_of(folder: Path) -> dict[str, bytes]:
     return {CONFIG: (folder / CONFIG).read_bytes(), WEIGHTS: (folder / WEIGHTS).read_bytes()}
 
 
-def zip_of(members: dict[str, bytes]) -> bytes:
+def zip_of(members: dict[str, bytes], link: str | None = None) -> bytes:
+    """A zip of `members`; with `link`, also a symbolic link of that name to /etc/passwd."""
     buffer = io.BytesIO()
     with zipfile.ZipFile(buffer, "w", zipfile.ZIP_DEFLATED) as zipped:
         for name, data in members.items():
             zipped.writestr(name, data)
+        if link:
+            info = zipfile.ZipInfo(link)
+            info.external_attr = (stat.S_IFLNK | 0o777) << 16
+            zipped.writestr(info, "/etc/passwd")
     return buffer.getvalue()
 
 

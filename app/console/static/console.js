@@ -549,7 +549,7 @@ async function adaptersView(main) {
       : h("p", { class: "muted" }, "No adapters yet: train one or import one."));
   }
 
-  const archive = h("input", { type: "file", id: "import-file", accept: ".zip,.tar,.tar.gz,.tgz" });
+  const archive = h("input", { type: "file", id: "import-file", accept: ".zip" });
   const name = h("input", { id: "import-name", placeholder: "optional model name" });
   const importForm = h("form", { id: "import-adapter", onsubmit: async (event) => {
     event.preventDefault();
@@ -563,7 +563,7 @@ async function adaptersView(main) {
       importForm.reset();
       await refresh();
     } catch (error) { showError(box, error); }
-  } }, h("label", {}, "PEFT adapter archive (zip or tar of adapter_config.json and adapter_model.safetensors) ",
+  } }, h("label", {}, "PEFT adapter archive (zip of adapter_config.json and adapter_model.safetensors) ",
     archive), " ", name, " ", h("button", { type: "submit" }, "Import"));
   main.append(h("h2", {}, "Adapters"), box, list, section("Import an adapter", importForm));
   every(4000, refresh);
