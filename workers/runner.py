@@ -29,6 +29,7 @@ from app.metrics import TRAINING_STEPS, TRAINING_TOKENS
 from app.queue import enqueue_training
 from app.services import base_models, jobs
 from app.services.ids import new_id
+from app.services.inference import adapter_by_name
 from app.services.job_metrics import CURVES
 from app.settings import get_settings
 from workers import process
@@ -105,6 +106,14 @@ class Curves:
             self._writer = None
 
 
+class FromModelUnavailable(Exception):
+    """The job's `from_model` is not (or no longer) one of its tenant's ready adapters; `code` and `param` are what
+    the job's error shows (workers/tasks.py records them)."""
+
+    code = "from_model_unavailable"
+    param = "from_model"
+
+
 class JobRunner:
     """Trains one claimed job once. `run()` returns the outcome: done, cancelled, paused, timeout,
     handed_back or lease_lost; an exception means the attempt failed (the Celery task records it)."""
@@ -141,6 +150,7 @@ class JobRunner:
     def _attempt(self) -> str:
         torch.set_num_threads(self.settings.torch_threads)
         self._phase_started = time.perf_counter()
+        source = self._from_model_source()  # before anything is loaded: a refused source fails the job at once
         spec = base_models.resolve(self.settings, self.job.model)
         plan = compute_plan(resolve_device(self.settings.device), self.settings.training_dtype,
                             self.settings.data_dir)
@@ -171,8 +181,8 @@ class JobRunner:
             with replicas as parallel:
                 model, result = TrainingRecipe(
                     config, base_model=base, train_examples=train_examples, valid_examples=valid_examples,
-                    callbacks=self.callbacks(), resume=resume, initial_weights=self._initial_weights(), memory=memory,
-                    parallel=parallel, after_step=self.fault.after_step).run()
+                    callbacks=self.callbacks(), resume=resume, initial_weights=self._initial_weights(source),
+                    memory=memory, parallel=parallel, after_step=self.fault.after_step).run()
         except LeaseLost:
             log.warning("job %s: lease lost to another worker; stopping without writing", self.job_id)
             return "lease_lost"
@@ -225,14 +235,25 @@ class JobRunner:
                                  on_training_start=self.on_training_start,
                                  restore_weights=self.restore_weights)
 
-    def _initial_weights(self) -> Any:
-        """Loads the adapter named by the job's `from_model` into the new adapter (None without one)."""
+    def _from_model_source(self) -> Adapter | None:
+        """The adapter the job's `from_model` names, resolved again now as the API did when the job was made: the
+        job's own tenant's, by name (names are per tenant). Since then it may have been deleted, or the job may
+        predate that rule and name another tenant's public adapter, whose weights it must never be given."""
         if not self.job.from_model:
             return None
         with session_scope() as session:
-            source = session.scalar(select(Adapter).where(Adapter.name == self.job.from_model))
+            source = adapter_by_name(session, tenant_id=self.job.tenant_id, name=self.job.from_model)
+            if source is not None:
+                session.expunge(source)
         if source is None:
-            raise RuntimeError(f"from_model {self.job.from_model!r} no longer exists")
+            raise FromModelUnavailable(f"from_model '{self.job.from_model}' is not one of this tenant's fine-tuned "
+                                       "models or checkpoints (any more); a job continues only its own tenant's.")
+        return source
+
+    def _initial_weights(self, source: Adapter | None) -> Any:
+        """Loads the `from_model` adapter into the new adapter (None without one)."""
+        if source is None:
+            return None
         folder = self.store.fetch_adapter(source.id)
 
         def load(model: Any) -> None:
@@ -424,9 +445,12 @@ class JobRunner:
         self._phase_started = time.perf_counter()
 
     def _publish(self, source: Any, name: str) -> Adapter:
-        """A servable adapter from a model (or a checkpoint folder), unless one of that name exists."""
+        """A servable adapter from a model (or a checkpoint folder), unless the job's tenant has one of that name
+        (a second attempt publishing again). Only its own tenant's: names are per tenant, and taking another
+        tenant's adapter of the same name would give this job's result that tenant's weights."""
         with session_scope() as session:
-            existing = session.scalar(select(Adapter).where(Adapter.name == name))
+            existing = session.scalar(select(Adapter).where(Adapter.tenant_id == self.job.tenant_id,
+                                                            Adapter.name == name))
             if existing is not None:
                 session.expunge(existing)
                 return existing

@@ -13,10 +13,11 @@ from app.errors import NotFound
 from app.schemas.adapters import ModelObject
 from app.schemas.common import ListResponse, listed
 from app.schemas.errors import errors
-from app.services.ids import storable
+from app.services.inference import adapter_by_name
 
 router = APIRouter(prefix="/v1/models", tags=["models"])
 BOOT_TIME = 0
+PUBLIC_OWNER = "public"  # owned_by of another tenant's public adapter
 
 
 def _base_objects(settings: Any) -> list[dict[str, Any]]:
@@ -26,7 +27,12 @@ def _base_objects(settings: Any) -> list[dict[str, Any]]:
             for model_id in base_models.registry(settings)]
 
 
-def _adapter_object(adapter: Adapter) -> dict[str, Any]:
+def _adapter_object(adapter: Adapter, tenant: str) -> dict[str, Any]:
+    if adapter.tenant_id != tenant:
+        # Another tenant's public adapter: its id is the only name it has for the caller (names are per tenant),
+        # and nothing of its owner (tenant, job) shows.
+        return {"id": adapter.id, "object": "model", "created": adapter.created_at, "owned_by": PUBLIC_OWNER,
+                "parent": adapter.base_model, "method": adapter.method, "job_id": None}
     return {"id": adapter.name, "object": "model", "created": adapter.created_at, "owned_by": adapter.tenant_id,
             "parent": adapter.base_model, "method": adapter.method, "job_id": adapter.job_id}
 
@@ -36,7 +42,7 @@ def list_models(session: SessionDep, settings: SettingsDep, tenant: TenantDep) -
     adapters = session.scalars(select(Adapter).where((Adapter.tenant_id == tenant) | Adapter.public,
                                                      Adapter.status == AdapterStatus.ready)
                                .order_by(Adapter.created_at, Adapter.name))
-    return listed(_base_objects(settings) + [_adapter_object(a) for a in adapters])
+    return listed(_base_objects(settings) + [_adapter_object(a, tenant) for a in adapters])
 
 
 @router.get("/{model_id:path}", response_model=ModelObject, responses=errors(401, 404, 429))
@@ -44,11 +50,7 @@ def get_model(model_id: str, session: SessionDep, settings: SettingsDep, tenant:
     for obj in _base_objects(settings):
         if obj["id"] == model_id:
             return obj
-    adapter = None
-    if storable(model_id):
-        adapter = session.scalar(select(Adapter).where(Adapter.name == model_id,
-                                                       (Adapter.tenant_id == tenant) | Adapter.public,
-                                                       Adapter.status == AdapterStatus.ready))
+    adapter = adapter_by_name(session, tenant_id=tenant, name=model_id, include_public=True)
     if adapter is None:
         raise NotFound(f"The model '{model_id}' does not exist.", param="model", code="model_not_found")
-    return _adapter_object(adapter)
+    return _adapter_object(adapter, tenant)

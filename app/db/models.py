@@ -10,7 +10,19 @@ import enum
 import time
 from typing import Any
 
-from sqlalchemy import JSON, BigInteger, Boolean, Float, ForeignKey, Index, Integer, String, Text, false
+from sqlalchemy import (
+    JSON,
+    BigInteger,
+    Boolean,
+    Float,
+    ForeignKey,
+    Index,
+    Integer,
+    String,
+    Text,
+    UniqueConstraint,
+    false,
+)
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
 DEFAULT_TENANT = "default"
@@ -184,11 +196,14 @@ class Adapter(Base):
     """A servable adapter: a job's final result, one of its checkpoints, or (later) an import."""
 
     __tablename__ = "adapters"
+    # Names are each tenant's own: another tenant's name is neither taken nor an oracle of what exists. Another
+    # tenant's public adapter is addressed by its id (app/services/inference.py, adapter_by_name).
+    __table_args__ = (UniqueConstraint("tenant_id", "name", name="uq_adapters_tenant_id_name"),)
 
     id: Mapped[str] = mapped_column(String(64), primary_key=True)
     tenant_id: Mapped[str] = mapped_column(String(64), index=True, default=DEFAULT_TENANT)
-    # The public model name clients pass as `model` (ft:...).
-    name: Mapped[str] = mapped_column(String(255), unique=True)
+    # The model name its tenant passes as `model` (ft:... for the service's, a client-chosen one for an import).
+    name: Mapped[str] = mapped_column(String(255))
     base_model: Mapped[str] = mapped_column(String(255))
     method: Mapped[str] = mapped_column(String(32))
     job_id: Mapped[str | None] = mapped_column(String(64), nullable=True)

@@ -28,7 +28,8 @@ class ModelObject(BaseModel):
     id: str
     object: Literal["model"] = "model"
     created: int
-    owned_by: str = Field(description="system for base models, else the owning tenant")
+    owned_by: str = Field(description="system for base models, your tenant id for your fine-tuned models, public "
+                                      "for another tenant's public adapter (whose id is its model name)")
     parent: str | None = Field(description="the base model of a fine-tuned model")
     method: str | None = Field(default=None, description="fine-tuned models: the fine-tuning method")
-    job_id: str | None = Field(default=None, description="fine-tuned models: the job that trained it")
+    job_id: str | None = Field(default=None, description="your fine-tuned models: the job that trained it")

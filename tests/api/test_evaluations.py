@@ -206,11 +206,11 @@ def test_another_tenant_sees_and_uses_nothing(api: Api, client: TestClient, admi
         assert got.status_code == expected.status_code and got.status_code in (400, 404)
         assert error_of(got)["param"] == error_of(expected)["param"]
     assert api.broker.take() == []
-    # A public adapter may be evaluated by everyone.
+    # A public adapter may be evaluated by everyone, by its id (names are per tenant).
     adapter_id = next(a["id"] for a in client.get("/v1/adapters").json()["data"] if a["name"] == weights)
     assert admin.post(f"/v1/admin/adapters/{adapter_id}/visibility", json={"public": True}).status_code == 200
     try:
-        accepted = evaluate(tenant_b, {"file": b_file, "models": [TINY_MODEL_ID, weights]})
+        accepted = evaluate(tenant_b, {"file": b_file, "models": [TINY_MODEL_ID, adapter_id]})
     finally:
         assert admin.post(f"/v1/admin/adapters/{adapter_id}/visibility", json={"public": False}).status_code == 200
     assert accepted.status_code == 200, accepted.text
@@ -219,5 +219,5 @@ def test_another_tenant_sees_and_uses_nothing(api: Api, client: TestClient, admi
     assert [e["id"] for e in tenant_b.get("/v1/evaluations").json()["data"]] == [accepted.json()["id"]]
     assert accepted.json()["id"] not in evaluation_ids(client)
     # Private again: B may not name it any more.
-    refused = evaluate(tenant_b, {"file": b_file, "models": [TINY_MODEL_ID, weights]})
+    refused = evaluate(tenant_b, {"file": b_file, "models": [TINY_MODEL_ID, adapter_id]})
     assert refused.status_code == 404 and error_of(refused)["param"] == "models[1]"

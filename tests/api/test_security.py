@@ -173,12 +173,16 @@ def test_admin_can_make_an_adapter_public(api: Api, admin: TestClient, tenant_b:
     assert b.post("/v1/chat/completions", json=chat).status_code == 404
     marked = admin.post(f"/v1/admin/adapters/{owned_by_a['adapter_id']}/visibility", json={"public": True})
     assert marked.status_code == 200 and marked.json()["public"] is True
-    answered = b.post("/v1/chat/completions", json=chat)
+    # Names are per tenant: B addresses A's public adapter by its id, which /v1/models lists as its model id.
+    assert b.post("/v1/chat/completions", json=chat).status_code == 404
+    by_id = {**chat, "model": owned_by_a["adapter_id"]}
+    answered = b.post("/v1/chat/completions", json=by_id)
     assert answered.status_code == 200, answered.text
-    assert answered.json()["model"] == model
-    assert model in [m["id"] for m in b.get("/v1/models").json()["data"]]
+    assert answered.json()["model"] == owned_by_a["adapter_id"]
+    listed = [m["id"] for m in b.get("/v1/models").json()["data"]]
+    assert owned_by_a["adapter_id"] in listed and model not in listed
     # Using is shared; managing and downloading stay with the owner.
     assert b.get(f"/v1/adapters/{owned_by_a['adapter_id']}/content").status_code == 404
     assert b.post(f"/v1/adapters/{owned_by_a['adapter_id']}/pin").status_code == 404
     admin.post(f"/v1/admin/adapters/{owned_by_a['adapter_id']}/visibility", json={"public": False})
-    assert b.post("/v1/chat/completions", json=chat).status_code == 404
+    assert b.post("/v1/chat/completions", json=by_id).status_code == 404

@@ -16,6 +16,7 @@ from typing import Any
 import pytest
 from sqlalchemy import event
 
+from adapters.store import ArtifactStore
 from app.db import session as db_session
 from app.db.models import FineTuningJob
 from app.services import datasets, jobs, tenants
@@ -58,8 +59,12 @@ def submit(settings: Settings, n_examples: int) -> str:
     """A queued LoRA job of n_examples steps (batch size 1, one epoch), made through the service functions."""
     with db_session.session_scope() as session:
         tenants.create_tenant(session, name="tests", tenant_id=TENANT)
-        file = datasets.create_file(session, tenant_id=TENANT, settings=settings, filename="train.jsonl",
-                                    purpose="fine-tune", content=chat_lines(n_examples).encode())
+        content = chat_lines(n_examples).encode()
+        with ArtifactStore.for_settings(settings).new_upload() as (path, handle):
+            handle.write(content)
+            handle.flush()
+            file = datasets.create_file(session, tenant_id=TENANT, settings=settings, filename="train.jsonl",
+                                        purpose="fine-tune", upload=path, size=len(content))
         job = jobs.create_job(session, tenant_id=TENANT, settings=settings, model=TINY_MODEL_ID,
                               training_file=file.id, validation_file=None, suffix=None, seed=3, metadata=None,
                               method_type="lora", raw_hyperparameters={"n_epochs": 1, "batch_size": 1},
@@ -204,3 +209,55 @@ def test_a_pause_is_seen_within_about_a_second_and_progress_shows_where_it_stopp
     with db_session.session_scope() as session:
         checkpoints = jobs.list_checkpoints(session, job)
     assert [c.step_number for c in checkpoints] == [len(trained)]
+
+
+def test_a_job_whose_from_model_is_not_its_tenants_fails_before_training(configure: Callable[..., Settings]) -> None:
+    """The worker resolves `from_model` again at run time, within the job's own tenant: a job whose source is not
+    (or no longer) one of its tenant's ready adapters fails naming from_model, and never loads another tenant's
+    weights (a public adapter is for inference; continuing it would export it)."""
+    from sqlalchemy import select
+
+    from app.db.models import Adapter
+
+    settings = configure()
+    trained = submit(settings, 2)
+    assert run_task(trained) == "done"
+    name = job_row(trained).fine_tuned_model
+    with db_session.session_scope() as session:  # the model becomes another tenant's, made public by the admin
+        tenants.create_tenant(session, name="other", tenant_id="other")
+        source = session.scalar(select(Adapter).where(Adapter.name == name))
+        assert source is not None
+        source.tenant_id, source.public = "other", True
+    # A job of this tenant that names it (made before the rule, or its own source since deleted).
+    with db_session.session_scope() as session:
+        job_id = jobs.create_job(session, tenant_id=TENANT, settings=settings, model=TINY_MODEL_ID,
+                                 training_file=job_row(trained).training_file, validation_file=None, suffix=None,
+                                 seed=3, metadata=None, method_type="lora", raw_hyperparameters={"n_epochs": 1},
+                                 hyperparameter_param="method.lora.hyperparameters").id
+        job = session.get(FineTuningJob, job_id)
+        assert job is not None
+        job.from_model = name
+    assert run_task(job_id) == "failed"
+    job = job_row(job_id)
+    assert (job.status, job.error_code, job.error_param) == ("failed", "from_model_unavailable", "from_model")
+    assert f"from_model '{name}'" in (job.error_message or "") and job.progress_step == 0
+
+
+def test_publishing_reuses_only_the_jobs_own_tenants_adapter(configure: Callable[..., Settings]) -> None:
+    """Names are per tenant: another tenant's adapter under the job's fine-tuned model name is not this job's
+    result (it used to be reused, giving the job that tenant's weights and its tenant a model it cannot see)."""
+    from sqlalchemy import select
+
+    from app.db.models import Adapter
+
+    settings = configure()
+    job_id = submit(settings, 2)
+    name = jobs.fine_tuned_model_name(TINY_MODEL_ID, None, job_id)
+    with db_session.session_scope() as session:
+        tenants.create_tenant(session, name="other", tenant_id="other")
+        session.add(Adapter(id="adapter-others", tenant_id="other", name=name, base_model=TINY_MODEL_ID,
+                            method="lora", job_id=None, status="ready"))
+    assert run_task(job_id) == "done"
+    with db_session.session_scope() as session:
+        owners = {a.tenant_id: a.id for a in session.scalars(select(Adapter).where(Adapter.name == name))}
+    assert owners.keys() == {"other", TENANT} and owners["other"] == "adapter-others"
