@@ -120,20 +120,26 @@ class ParsedDataset:
     line_numbers: list[int] = field(default_factory=list)
 
 
-def parse_jsonl(raw: bytes, *, max_examples: int) -> ParsedDataset:
-    """Parse and check a whole JSONL file; raise DatasetError naming every bad line (first 20 shown)."""
-    try:
-        text = raw.decode("utf-8")
-    except UnicodeDecodeError as exc:
-        line = raw[: exc.start].count(b"\n") + 1
-        raise DatasetError([(line, f"not valid UTF-8 (byte offset {exc.start}); files must be UTF-8 JSONL")]) from None
-    if text.startswith("\ufeff"):
-        text = text[1:]
+def parse_jsonl(raw: bytes | Iterable[bytes], *, max_examples: int) -> ParsedDataset:
+    """Parse and check a whole JSONL file, given whole or as its lines (a binary file object: the API validates an
+    upload from its temporary file, never holding all its bytes); raise DatasetError naming every bad line (first
+    20 shown)."""
+    # Split on b"\n" only (as iterating a binary file does): str.splitlines() would also break inside JSON strings
+    # at U+2028 and friends.
+    lines = (line + b"\n" for line in raw.split(b"\n")) if isinstance(raw, bytes) else raw
     problems: list[tuple[int, str]] = []
     records: list[tuple[int, dict[str, Any]]] = []
-    # Split on "\n" only: str.splitlines() would also break inside JSON strings at U+2028 and friends.
-    for number, text_line in enumerate(text.split("\n"), start=1):
-        text_line = text_line.removesuffix("\r")
+    offset = 0
+    for number, raw_line in enumerate(lines, start=1):
+        try:
+            text_line = raw_line.decode("utf-8")
+        except UnicodeDecodeError as exc:
+            raise DatasetError([(number, f"not valid UTF-8 (byte offset {offset + exc.start}); files must be UTF-8 "
+                                         "JSONL")]) from None
+        offset += len(raw_line)
+        if number == 1:
+            text_line = text_line.removeprefix("\ufeff")
+        text_line = text_line.removesuffix("\n").removesuffix("\r")
         if not text_line.strip():
             continue
         try:

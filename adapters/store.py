@@ -14,13 +14,15 @@ adapters are kept as safetensors plus a JSON config only (nothing here is ever u
 from __future__ import annotations
 
 import base64
+import contextlib
 import hashlib
 import os
 import re
 import shutil
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
 ADAPTER_CONFIG = "adapter_config.json"
@@ -174,6 +176,30 @@ class ArtifactStore:
         except BaseException:
             Path(tmp).unlink(missing_ok=True)
             raise
+        if self.remote is not None:
+            self.remote.put(f"files/{path.name}", path)
+        return path
+
+    @contextlib.contextmanager
+    def new_upload(self) -> Iterator[tuple[Path, IO[bytes]]]:
+        """A temporary file beside the stored files, to stream an upload into (so it is never whole in memory) and
+        then publish with `publish_file` (a rename on the same filesystem); removed on exit unless published."""
+        folder = self.root / "files"
+        folder.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=folder, prefix=".upload-")
+        path = Path(tmp)
+        try:
+            with os.fdopen(fd, "w+b") as handle:
+                yield path, handle
+        finally:
+            path.unlink(missing_ok=True)
+
+    def publish_file(self, file_id: str, upload: Path) -> Path:
+        """Store a file written by `new_upload` under `file_id`, atomically as `write_file` does."""
+        path = self.file_path(file_id)
+        with upload.open("rb") as handle:
+            os.fsync(handle.fileno())
+        os.replace(upload, path)
         if self.remote is not None:
             self.remote.put(f"files/{path.name}", path)
         return path

@@ -1,11 +1,16 @@
 """The Celery application, configured from Settings, and the functions that send messages to the broker
 (`enqueue_training`, `enqueue_evaluation`). Messages carry ids only, as JSON; the database row is the truth
 about a job or an evaluation. Each goes to the queue of its base model and device class
-(app/services/training_queues.py), so only a worker that serves both takes it."""
+(app/services/training_queues.py), so only a worker that serves both takes it.
+
+Sends are fair across tenants: a tenant's rows beyond its in-flight count (ADAPTERY_MAX_IN_FLIGHT_PER_TENANT) are
+held in the database and sent as its earlier ones end (`send_held_training`, `send_held_evaluations`); why this
+design, and what it keeps of the reliability guarantees, is in app/services/leases.py's docstring."""
 
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 
 from celery import Celery
 from sqlalchemy import select
@@ -79,30 +84,77 @@ def _send(task: str, object_id: str, queue: str) -> bool:
 
 
 def enqueue_training(job_id: str) -> bool:
-    """Hand a queued job to the training workers; False when the broker cannot be reached.
+    """Hand a queued job to the training workers, unless its tenant already has its share in flight (then it is
+    held, queued in the database, and sent when one of the tenant's jobs ends); False only when the broker cannot
+    be reached.
 
     A job that was not handed over stays queued in the database, and every worker's reaper re-sends
     queued jobs nobody claimed (an outbox in all but name), so an outage delays work but never loses it.
     Duplicates are harmless: a worker must win the job's lease before it trains.
     """
-    with session_scope() as session:
-        model, device_class = session.execute(select(FineTuningJob.model, FineTuningJob.device_class)
-                                              .where(FineTuningJob.id == job_id)).one()
-    if not _send(TRAIN_TASK, job_id, training_queue(model, device_class)):
-        return False
-    with session_scope() as session:
-        jobs.mark_enqueued(session, job_id)
-    return True
+    return _hand_over_job(job_id) != UNREACHABLE
 
 
 def enqueue_evaluation(evaluation_id: str) -> bool:
-    """Hand a queued evaluation to the workers; False when the broker cannot be reached (it stays queued and
-    the reaper re-sends it, as for jobs; a worker must win its lease before it runs)."""
+    """Hand a queued evaluation to the workers, held as a job is past the tenant's in-flight count; False when the
+    broker cannot be reached (it stays queued and the reaper re-sends it, as for jobs; a worker must win its lease
+    before it runs)."""
+    return _hand_over_evaluation(evaluation_id) != UNREACHABLE
+
+
+SENT, HELD, UNREACHABLE = "sent", "held", "unreachable"
+
+
+def _hand_over_job(job_id: str) -> str:
     with session_scope() as session:
+        # Marked sent before the send, so that two processes never both send a held job; undone if it fails.
+        if not jobs.reserve_send(session, job_id, limit=get_settings().max_in_flight_per_tenant):
+            return HELD
+        model, device_class = session.execute(select(FineTuningJob.model, FineTuningJob.device_class)
+                                              .where(FineTuningJob.id == job_id)).one()
+    if not _send(TRAIN_TASK, job_id, training_queue(model, device_class)):
+        with session_scope() as session:
+            jobs.unreserve(session, job_id)
+        return UNREACHABLE
+    return SENT
+
+
+def _hand_over_evaluation(evaluation_id: str) -> str:
+    with session_scope() as session:
+        if not evaluations.reserve_send(session, evaluation_id, limit=get_settings().max_in_flight_per_tenant):
+            return HELD
         base_model = session.scalar(select(Evaluation.base_model).where(Evaluation.id == evaluation_id))
     # Evaluations load models and run them as training does, so the workers serving the base model take them.
     if not _send(EVALUATE_TASK, evaluation_id, training_queue(str(base_model), None)):
-        return False
+        with session_scope() as session:
+            evaluations.unreserve(session, evaluation_id)
+        return UNREACHABLE
+    return SENT
+
+
+def send_held_training(job_id: str) -> list[str]:
+    """One of the jobs in `job_id`'s lane (its tenant, base model and device class) ended or left the queue: send
+    that lane's held jobs, oldest first, while the tenant's in-flight count allows. Returns the ids sent."""
     with session_scope() as session:
-        evaluations.mark_enqueued(session, evaluation_id)
-    return True
+        waiting = jobs.held(session, job_id, limit=get_settings().max_in_flight_per_tenant)
+    return _in_order(waiting, _hand_over_job)
+
+
+def send_held_evaluations(evaluation_id: str) -> list[str]:
+    """As send_held_training, for the evaluations of `evaluation_id`'s tenant and base model."""
+    with session_scope() as session:
+        waiting = evaluations.held(session, evaluation_id, limit=get_settings().max_in_flight_per_tenant)
+    return _in_order(waiting, _hand_over_evaluation)
+
+
+def _in_order(waiting: list[str], hand_over: Callable[[str], str]) -> list[str]:
+    sent = []
+    for row_id in waiting:
+        outcome = hand_over(row_id)
+        if outcome == UNREACHABLE:
+            break  # the reaper sends them when the broker is back
+        if outcome == SENT:
+            sent.append(row_id)
+        # HELD: the lane is full again, or another process took this one; the next may still be free to go
+        # only in the second case, and trying it costs one guarded UPDATE.
+    return sent

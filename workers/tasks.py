@@ -1,5 +1,6 @@
 """The Celery tasks: train(job_id) claims the job by lease → runs it (workers.runner.JobRunner) → records a failure;
-evaluate(evaluation_id) does the same for an evaluation (workers.evaluator).
+evaluate(evaluation_id) does the same for an evaluation (workers.evaluator). When either ends, its tenant's next
+held job or evaluation is sent (fair queues: app/services/leases.py).
 
 Celery imports this module in every worker (`include=["workers.tasks"]`); importing workers.process with it
 connects the worker's heartbeat and reaper threads and its process signals.
@@ -20,7 +21,7 @@ from sqlalchemy import select
 from app import logs
 from app.db.models import FineTuningJob
 from app.db.session import session_scope
-from app.queue import EVALUATE_TASK, TRAIN_TASK, celery_app
+from app.queue import EVALUATE_TASK, TRAIN_TASK, celery_app, send_held_evaluations, send_held_training
 from app.services import evaluations, jobs
 from app.settings import get_settings
 from workers import process  # noqa: F401  (connects the worker's threads and signal handlers)
@@ -38,6 +39,7 @@ def train(self: Any, job_id: str) -> str:
         outcome = _train(job_id, worker=self.request.hostname,
                          queue=(self.request.delivery_info or {}).get("routing_key"))
         log.info("job %s: %s", job_id, outcome)
+        _send_held(send_held_training, job_id)
         return outcome
 
 
@@ -67,7 +69,8 @@ def _train(job_id: str, *, worker: str | None, queue: str | None) -> str:
             log.exception("job %s failed", job_id)
             with session_scope() as session:
                 if jobs.mark_failed(session, job_id, code=getattr(exc, "code", "training_error"),
-                                    message=f"{type(exc).__name__}: {exc}", owner=owner):
+                                    message=f"{type(exc).__name__}: {exc}", param=getattr(exc, "param", None),
+                                    owner=owner):
                     jobs.add_event(session, job_id, f"Fine-tuning job failed: {exc}", level="error",
                                    data={"traceback": traceback.format_exc(limit=5)[-2000:]})
             return "failed"
@@ -79,7 +82,17 @@ def evaluate(self: Any, evaluation_id: str) -> str:
         log.info("evaluation %s: taken", evaluation_id)
         outcome = _evaluate(evaluation_id)
         log.info("evaluation %s: %s", evaluation_id, outcome)
+        _send_held(send_held_evaluations, evaluation_id)
         return outcome
+
+
+def _send_held(send: Any, row_id: str) -> None:
+    """The row ended (or was skipped): its tenant's next held row may go now (app/services/leases.py, fair queues).
+    A failure here only delays that row until the next reaper tick, so it never fails the task."""
+    try:
+        send(row_id)
+    except Exception:
+        log.exception("handing over %s's held successors failed; the reaper will", row_id)
 
 
 def _evaluate(evaluation_id: str) -> str:

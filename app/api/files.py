@@ -1,11 +1,13 @@
-"""/v1/files: upload, list, read, preview and delete dataset files."""
+"""/v1/files: upload, list, read, preview and delete dataset files. Uploads are streamed to a temporary file
+and downloads from the stored one, so no request holds a whole file in memory."""
 
 from __future__ import annotations
 
-from typing import Annotated, Any
+import hashlib
+from typing import IO, Annotated, Any
 
 from fastapi import APIRouter, File, Form, Query, UploadFile
-from fastapi.responses import Response
+from fastapi.responses import FileResponse, Response
 from pydantic.json_schema import SkipJsonSchema
 
 from adapters.store import ArtifactStore
@@ -14,25 +16,29 @@ from app.errors import TooLarge
 from app.schemas.common import PagedList, paged
 from app.schemas.errors import errors
 from app.schemas.files import FileDeleted, FileObject, FilePreview, file_object
-from app.services import datasets, idempotency
+from app.services import datasets, idempotency, quotas
 
 router = APIRouter(prefix="/v1/files", tags=["files"])
 CHUNK = 1 << 20
 
 
-def _read_limited(upload: UploadFile, limit_mb: int) -> bytes:
+def _save_limited(upload: UploadFile, limit_mb: int, target: IO[bytes]) -> tuple[int, str]:
+    """Copy the upload into `target` a chunk at a time (never whole in memory), refusing it past the limit; its
+    size and SHA-256 (for the idempotency key's request hash)."""
     limit = limit_mb * 1024 * 1024
-    too_large = TooLarge(f"The file is larger than the {limit_mb} MB upload limit.", param="file",
-                         code="file_too_large")
+    too_large = TooLarge(f"The file is larger than the {limit_mb} MB upload limit (ADAPTERY_MAX_UPLOAD_MB).",
+                         param="file", code="file_too_large")
     if upload.size is not None and upload.size > limit:
         raise too_large  # known from the spooled upload: refused before reading any of it into memory
-    parts, size = [], 0
+    size, digest = 0, hashlib.sha256()
     while chunk := upload.file.read(CHUNK):
         size += len(chunk)
         if size > limit:
             raise too_large
-        parts.append(chunk)
-    return b"".join(parts)
+        digest.update(chunk)
+        target.write(chunk)
+    target.flush()
+    return size, digest.hexdigest()
 
 
 @router.post("", response_model=FileObject, responses=errors(400, 401, 409, 413, 429))
@@ -42,15 +48,18 @@ def upload_file(session: SessionDep, settings: SettingsDep, tenant: TenantDep,
                     json_schema_extra={"format": "jsonl"})],
                 purpose: Annotated[str, Form(json_schema_extra={"enum": list(datasets.PURPOSES)})],
                 idempotency_key: IdempotencyKey = None) -> Any:
-    content = _read_limited(file, settings.max_upload_mb)
+    # Over the tenant's file quotas: refused by the size the multipart parser already knows, before copying it.
+    quotas.check_file(session, tenant_id=tenant, settings=settings, size=file.size or 0)
+    with ArtifactStore.for_settings(settings).new_upload() as (path, handle):
+        size, digest = _save_limited(file, settings.max_upload_mb, handle)
 
-    def create() -> dict[str, Any]:
-        row = datasets.create_file(session, tenant_id=tenant, settings=settings, filename=file.filename,
-                                   purpose=purpose, content=content)
-        return file_object(row)
+        def create() -> dict[str, Any]:
+            row = datasets.create_file(session, tenant_id=tenant, settings=settings, filename=file.filename,
+                                       purpose=purpose, upload=path, size=size)
+            return file_object(row)
 
-    return idempotency.run_once(session, tenant_id=tenant, key=idempotency_key, create=create,
-                                request_hash=idempotency.body_hash("file", purpose, file.filename, content))
+        return idempotency.run_once(session, tenant_id=tenant, key=idempotency_key, create=create,
+                                    request_hash=idempotency.body_hash("file", purpose, file.filename, digest))
 
 
 # A query parameter is sent or not, never null, hence SkipJsonSchema on the optional ones.
@@ -73,7 +82,8 @@ def get_file(file: FileDep) -> dict[str, Any]:
     200: {"description": "The file as uploaded.", "content": {"application/jsonl": {"schema": {"type": "string"}}}},
     **errors(401, 404, 429)})
 def get_file_content(file: FileDep, settings: SettingsDep) -> Response:
-    return Response(ArtifactStore.for_settings(settings).read_file(file.id), media_type="application/jsonl")
+    # Streamed from disk in chunks: a large file is never read whole into memory.
+    return FileResponse(ArtifactStore.for_settings(settings).local_file(file.id), media_type="application/jsonl")
 
 
 @router.get("/{file_id}/preview", response_model=FilePreview, responses=errors(400, 401, 404, 429))

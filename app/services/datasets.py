@@ -1,10 +1,12 @@
-"""Dataset uploads: check every line, count tokens, and store the file only when all of it is usable."""
+"""Dataset uploads: check every line, count tokens, and store the file only when all of it is usable (and the
+tenant's file quotas allow it). The upload arrives as a temporary file and is read line by line."""
 
 from __future__ import annotations
 
 import json
 import re
 import unicodedata
+from pathlib import Path
 from typing import Any
 
 from sqlalchemy import select
@@ -14,7 +16,7 @@ from adapters.data import DatasetError, check_lengths, describe_problems, encode
 from adapters.store import ArtifactStore
 from app.db.models import File, FileStatus, FineTuningJob, JobStatus, now
 from app.errors import Conflict, DomainError, InvalidRequest, not_found
-from app.services import evaluations, tokenizers
+from app.services import evaluations, quotas, tokenizers
 from app.services.ids import new_id, storable
 from app.settings import Settings
 
@@ -30,12 +32,16 @@ def clean_filename(name: str | None) -> str:
 
 
 def create_file(session: Session, *, tenant_id: str, settings: Settings, filename: str | None, purpose: str,
-                content: bytes) -> File:
+                upload: Path, size: int) -> File:
+    """Validate the upload streamed to `upload` (a temporary file of ArtifactStore.new_upload, `size` bytes), then
+    store it; the file is read line by line, never whole."""
     if purpose not in PURPOSES:
         raise InvalidRequest(f"purpose '{purpose}' is not supported; accepted: {', '.join(PURPOSES)}.",
                              param="purpose", code="invalid_purpose")
+    quotas.check_file(session, tenant_id=tenant_id, settings=settings, size=size)
     try:
-        dataset = parse_jsonl(content, max_examples=settings.max_examples_per_file)
+        with upload.open("rb") as lines:
+            dataset = parse_jsonl(lines, max_examples=settings.max_examples_per_file)
         examples = encode_dataset(tokenizers.default(settings), dataset)
     except DatasetError as exc:
         raise InvalidRequest(f"Invalid training file: {exc}", param="file", code="invalid_file") from None
@@ -49,9 +55,9 @@ def create_file(session: Session, *, tenant_id: str, settings: Settings, filenam
                              "accepted per file.", param="file", code="invalid_file")
     file_id = new_id("file")
     # The bytes are on disk before the row exists, so a crash never leaves a row without its file.
-    ArtifactStore.for_settings(settings).write_file(file_id, content)
+    ArtifactStore.for_settings(settings).publish_file(file_id, upload)
     row = File(id=file_id, tenant_id=tenant_id, filename=clean_filename(filename), purpose=purpose,
-               bytes=len(content), created_at=now(), status=FileStatus.processed.value, format=dataset.format,
+               bytes=size, created_at=now(), status=FileStatus.processed.value, format=dataset.format,
                n_examples=len(examples), n_tokens=total_tokens, stats=length_stats(examples))
     session.add(row)
     session.commit()

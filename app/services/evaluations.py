@@ -31,6 +31,9 @@ def create_evaluation(session: Session, *, tenant_id: str, settings: Settings, f
                       metadata: dict[str, str] | None) -> Evaluation:
     """Check that every model can be evaluated on the file, then store the evaluation as queued (the caller
     hands it to the broker)."""
+    from app.services import quotas
+
+    quotas.check_evaluations(session, tenant_id=tenant_id, settings=settings)
     targets = _resolve_models(session, tenant_id=tenant_id, settings=settings, models=models)
     processed = datasets.processed_fine_tune_file(session, tenant_id, file, "file")
     evaluation = Evaluation(
@@ -51,7 +54,7 @@ def _resolve_models(session: Session, *, tenant_id: str, settings: Settings,
     if not 1 <= len(models) <= MAX_MODELS:
         raise InvalidRequest(f"models must list 1 to {MAX_MODELS} models; got {len(models)}.", param="models",
                              code="invalid_value")
-    accepted = ("a base model id or the name of one of your fine-tuned models or checkpoints "
+    accepted = ("a base model id, the name of one of your fine-tuned models or checkpoints, or a public model's id "
                 "(GET /v1/models lists them)")
     targets: list[dict[str, Any]] = []
     seen: dict[str, int] = {}
@@ -113,10 +116,13 @@ def unfinished_using_file(session: Session, file_id: str) -> str | None:
 
 
 _leases = Leases(Evaluation, queued=EvaluationStatus.queued, running=EvaluationStatus.running,
-                 failed=EvaluationStatus.failed, noun="evaluation")
+                 failed=EvaluationStatus.failed, noun="evaluation", lane=("tenant_id", "base_model"))
 # The lease transitions (app/services/leases.py), as for jobs, under the names workers and tests call.
 _transition = _leases.transition
 mark_enqueued = _leases.mark_enqueued
+reserve_send = _leases.reserve_send
+unreserve = _leases.unreserve
+held = _leases.held
 claim = _leases.claim
 renew_lease = _leases.renew
 

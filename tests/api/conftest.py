@@ -86,6 +86,11 @@ def in_process_api(folder: Path, tiny_model_dir: Path, extra: dict[str, str] | N
         "ADAPTERY_ADMIN_KEY": ADMIN_KEY,
         "ADAPTERY_MAX_ADAPTER_MB": "64",
         "ADAPTERY_RATE_LIMIT_PER_MINUTE": "0",
+        "ADAPTERY_FAILED_AUTH_PER_MINUTE": "0",  # test_request_guard turns it on
+        # No worker ends a job or an evaluation here, and a module's tests share the local tenant: with the
+        # defaults its later jobs would be held unsent and its evaluations refused. test_quotas.py sets them low.
+        "ADAPTERY_MAX_IN_FLIGHT_PER_TENANT": "1000",
+        "ADAPTERY_MAX_ACTIVE_EVALUATIONS_PER_TENANT": "1000",
         **(extra or {}),
     }
     broker = Broker()

@@ -12,6 +12,7 @@ from app.services.jobs.history import add_checkpoint, add_event, list_checkpoint
 from app.services.jobs.reads import get_job, list_jobs
 from app.services.jobs.transitions import (
     claim,
+    held,
     mark_cancelled,
     mark_enqueued,
     mark_failed,
@@ -25,12 +26,14 @@ from app.services.jobs.transitions import (
     renew_lease,
     request_cancel,
     request_pause,
+    reserve_send,
     resume,
     stop_requests,
+    unreserve,
 )
 
 __all__ = ["SIZE_DEPENDENT_HYPERPARAMETERS", "add_checkpoint", "add_event", "claim", "create_job",
-           "fine_tuned_model_name", "get_job", "list_checkpoints", "list_events", "list_jobs", "mark_cancelled",
-           "mark_enqueued", "mark_failed", "mark_paused", "mark_queued", "mark_succeeded", "method_catalogue", "reap",
-           "record_progress", "record_result", "release", "renew_lease", "request_cancel", "request_pause", "resume",
-           "stop_requests"]
+           "fine_tuned_model_name", "get_job", "held", "list_checkpoints", "list_events", "list_jobs",
+           "mark_cancelled", "mark_enqueued", "mark_failed", "mark_paused", "mark_queued", "mark_succeeded",
+           "method_catalogue", "reap", "record_progress", "record_result", "release", "renew_lease", "request_cancel",
+           "request_pause", "reserve_send", "resume", "stop_requests", "unreserve"]

@@ -14,6 +14,7 @@ from sqlalchemy.orm import Session
 from adapters.methods.base import ResolvedHyperparameters
 from app.db.models import Adapter, FineTuningJob, JobStatus, now
 from app.errors import InvalidRequest, LimitReached, NotFound
+from app.services import quotas
 from app.services.datasets import processed_fine_tune_file
 from app.services.ids import new_id
 from app.services.inference import adapter_by_name
@@ -111,13 +112,19 @@ def create_job(session: Session, *, tenant_id: str, settings: Settings, model: s
                                   JobStatus.running.value, JobStatus.paused.value])))
     if (active or 0) >= settings.max_active_jobs_per_tenant:
         raise LimitReached(f"You have {active} unfinished jobs; at most {settings.max_active_jobs_per_tenant} are "
-                           "allowed at once. Wait for one to finish or cancel one.",
+                           "allowed at once (ADAPTERY_MAX_ACTIVE_JOBS_PER_TENANT). Wait for one to finish or "
+                           "cancel one.",
                            code="too_many_active_jobs", retry_after=30)
+    # A job makes adapters (its result, its checkpoints): none starts once the tenant is at its adapter quota.
+    quotas.check_adapters(session, tenant_id=tenant_id, settings=settings)
     if time_limit_seconds is not None and time_limit_seconds > settings.max_time_limit_seconds:
         cap = settings.max_time_limit_seconds
         raise InvalidRequest(f"time_limit_seconds is {time_limit_seconds}; at most {cap:.0f} is allowed.",
                              param="time_limit_seconds", code="invalid_value")
-    soft = time_limit_seconds
+    # No job runs unbounded unless the operator says so: one that asks for no limit gets the default.
+    soft = time_limit_seconds if time_limit_seconds is not None else (
+        min(settings.default_time_limit_seconds, settings.max_time_limit_seconds)
+        if settings.default_time_limit_seconds > 0 else None)
     job = FineTuningJob(
         soft_time_limit=soft, hard_time_limit=None if soft is None else soft + max(60.0, soft * 0.1),
         id=new_id("ftjob"), tenant_id=tenant_id, seq=time.time_ns(), model=spec.id,
@@ -136,12 +143,15 @@ def create_job(session: Session, *, tenant_id: str, settings: Settings, model: s
 
 
 def _source_adapter(session: Session, tenant_id: str, name: str, base_model: str) -> Adapter:
-    """The fine-tuned model or checkpoint a new job starts from: the tenant's own or a public one, trained here,
-    on the same base model."""
-    source = adapter_by_name(session, tenant_id=tenant_id, name=name, include_public=True)
+    """The fine-tuned model or checkpoint a new job starts from: the tenant's own, trained here, on the same base
+    model. Never another tenant's public adapter: public is for inference, and a short job with a tiny learning
+    rate would hand its weights back as the caller's own model, which it may download (the owner's may not be).
+    So it answers exactly as a missing model does; the worker checks again at run time (workers/runner.py)."""
+    source = adapter_by_name(session, tenant_id=tenant_id, name=name)
     if source is None:
-        raise NotFound(f"from_model '{name}' is not a fine-tuned model or checkpoint you can use; list yours with "
-                       "GET /v1/models.", param="from_model", code="model_not_found")
+        raise NotFound(f"from_model '{name}' is not one of your fine-tuned models or checkpoints; a job continues "
+                       "only your own (another tenant's public model can be used for inference, not trained "
+                       "further). Yours: GET /v1/adapters.", param="from_model", code="model_not_found")
     if source.base_model != base_model:
         raise InvalidRequest(f"from_model '{name}' was trained on base model '{source.base_model}', but this job "
                              f"fine-tunes '{base_model}'; a job can only continue an adapter of its own base model.",

@@ -17,10 +17,14 @@ from app.services.jobs.history import add_event
 from app.services.leases import Leases
 
 _leases = Leases(FineTuningJob, queued=JobStatus.queued, running=JobStatus.running, failed=JobStatus.failed,
-                 noun="job", on_transition=webhooks.record_job_outcome)
+                 noun="job", lane=("tenant_id", "model", "device_class"), on_transition=webhooks.record_job_outcome)
 # The lease transitions under this module's names, which workers and tests call.
 _transition = _leases.transition
 mark_enqueued = _leases.mark_enqueued
+# Fair hand-over to the broker (app/services/leases.py's docstring): reserve before a send, undo a failed one.
+reserve_send = _leases.reserve_send
+unreserve = _leases.unreserve
+held = _leases.held
 claim = _leases.claim
 renew_lease = _leases.renew
 
