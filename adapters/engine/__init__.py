@@ -11,8 +11,8 @@ from adapters.engine.adapter_cache import AdapterCache, AdapterRef
 from adapters.engine.adapter_loader import AdapterLoadError, LoadedAdapter
 from adapters.engine.engine import InferenceEngine
 from adapters.engine.residency import AdapterState, Residency
-from adapters.engine.scheduler import BaseRuntime
+from adapters.engine.scheduler import BaseRuntime, SlotUnavailable
 from adapters.engine.sequence import Generation, SamplingParams, Sequence
 
 __all__ = ["AdapterCache", "AdapterLoadError", "AdapterRef", "AdapterState", "BaseRuntime", "Generation",
-           "InferenceEngine", "LoadedAdapter", "Residency", "SamplingParams", "Sequence"]
+           "InferenceEngine", "LoadedAdapter", "Residency", "SamplingParams", "Sequence", "SlotUnavailable"]

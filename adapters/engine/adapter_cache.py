@@ -42,7 +42,8 @@ class AdapterCache:
     (`unload`, or evicted when a tier is full), pinned or not; every change recorded in the residency book."""
 
     def __init__(self, *, model: Any, bank: SlotBank, max_rank: int, cache_size: int, cpu_cache_size: int,
-                 rows_in_use: RowsInUse, lock: threading.RLock, bank_lock: threading.Lock, name: str = ""):
+                 rows_in_use: RowsInUse, lock: threading.RLock, bank_lock: threading.Lock, name: str = "",
+                 cpu_cache_bytes: int | None = None):
         self.model, self.bank, self.max_rank, self.name = model, bank, max_rank, name
         self.device = next(model.parameters()).device
         self.cache_size = cache_size
@@ -50,9 +51,11 @@ class AdapterCache:
         self.lock, self.bank_lock = lock, bank_lock
         self.book = ResidencyBook()
         # Neither tier evicts a pinned adapter or one serving a row; weights stay in memory while their adapter
-        # holds a slot.
+        # holds a slot. The memory tier is bounded in bytes too: a count alone lets large adapters of a big base
+        # model exhaust memory.
         self.in_memory: LruTier[str, LoadedAdapter] = LruTier(
-            max(cpu_cache_size, cache_size), keep=lambda key: key in self.in_slots or self.book.pinned(key))
+            max(cpu_cache_size, cache_size), keep=lambda key: key in self.in_slots or self.book.pinned(key),
+            max_bytes=cpu_cache_bytes, size_of=lambda loaded: loaded.size_bytes)
         self.in_slots: LruTier[str, int] = LruTier(cache_size, keep=self._slot_busy_or_pinned)
 
     # ------------------------------------------------------------ what services read and change
@@ -76,12 +79,16 @@ class AdapterCache:
         with self.lock:
             return self.in_slots.get(key)
 
-    def pin(self, key: str, pinned: bool) -> None:
+    def pin(self, key: str, pinned: bool, owner: str | None = None) -> None:
+        """Pin (or unpin) an adapter; `owner` (a tenant) is whose pin quota it counts against."""
         with self.lock:
-            self.book.pin(key, pinned)
+            self.book.pin(key, pinned, owner)
 
-    def pinned_count(self) -> int:
+    def pinned_count(self, owner: str | None = None) -> int:
+        """Pinned adapters: all of them, or those `owner` pinned."""
         with self.lock:
+            if owner is not None:
+                return self.book.pinned_by(owner)
             return sum(r.pinned for r in self.book.records.values())
 
     # ------------------------------------------------------------ the tiers
@@ -166,6 +173,15 @@ class AdapterCache:
             log.debug("adapter %s into slot %d in %.2f ms", key, slot, (time.perf_counter() - started) * 1000)
             self._evict_from_memory()
             return slot
+
+    def forget(self, key: str) -> bool:
+        """Drop the residency record of an adapter that is not in memory (`unload` it first), so that nothing of it
+        stays behind: for an import that was refused. False if its weights are still in memory."""
+        with self.lock:
+            if key in self.in_memory:
+                return False
+            self.book.forget(key)
+            return True
 
     def unload(self, key: str) -> bool:
         """Drop an adapter from memory (slot and weights); False if it was not loaded or a request uses it. Call

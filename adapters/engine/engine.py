@@ -13,10 +13,12 @@ class InferenceEngine:
     """Base runtimes by base-model id, created on first use."""
 
     def __init__(self, *, load_base: Callable[[str], tuple[Any, Any]], cache_size: int, max_rank: int,
-                 cpu_cache_size: int = 0, max_batch: int = 32):
+                 cpu_cache_size: int = 0, max_batch: int = 32, slot_wait_seconds: float = 30.0,
+                 cpu_cache_bytes: int | None = None):
         self._load_base = load_base
         self._options = {"cache_size": cache_size, "max_rank": max_rank, "cpu_cache_size": cpu_cache_size,
-                         "max_batch": max_batch}
+                         "cpu_cache_bytes": cpu_cache_bytes,
+                         "max_batch": max_batch, "slot_wait_seconds": slot_wait_seconds}
         self._runtimes: dict[str, BaseRuntime] = {}
         self._lock = threading.Lock()
 

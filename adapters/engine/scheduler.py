@@ -6,6 +6,11 @@ sampling parameters and stop conditions, and leaves the batch as soon as it fini
 kind shares the forward pass: slot kinds through the slot bank, virtual tokens as the first embeddings
 of the row's prefill, a KV prefix as the first entries of the row's cache (prefilled alone, then batched).
 
+Admission is fair across tenants: when more requests wait than the batch has rows free, the tenant with the
+fewest requests running goes first (round robin by tenant, first come first served within a tenant), and a
+request whose adapter finds no slot gives up after `slot_wait_seconds` (SlotUnavailable) instead of waiting for as
+long as other requests hold the slots. Both run per admission, never per decode step of a running row.
+
 Every forward pass runs on the scheduler thread (`call` hands other work to it): with OpenMP, a second
 thread running torch kernels in the same process gives both thread teams throttled spin-waits, and
 each small kernel then pays a thread wake-up (measured: a decode step 40% slower).
@@ -22,6 +27,7 @@ import atexit
 import functools
 import logging
 import threading
+import time
 from collections.abc import Callable
 from concurrent.futures import Future
 from typing import Any
@@ -42,6 +48,15 @@ log = logging.getLogger("adaptery.engine")
 PREFILL_TOKENS = 8192
 
 
+class SlotUnavailable(RuntimeError):
+    """No adapter slot came free for a request within the runtime's slot wait: every slot is pinned or serving
+    other requests. Worth retrying later (or on another replica)."""
+
+    def __init__(self, message: str, *, wait_seconds: float):
+        super().__init__(message)
+        self.wait_seconds = wait_seconds
+
+
 def on_scheduler_thread(method: Callable[..., Any]) -> Callable[..., Any]:
     """Run a BaseRuntime method on its scheduler thread, whichever thread calls it (see `call`)."""
 
@@ -57,11 +72,13 @@ class BaseRuntime:
     thread that runs every forward pass: continuous batching over the requests (`submit`)."""
 
     def __init__(self, model: Any, tokenizer: Any, *, cache_size: int, max_rank: int, cpu_cache_size: int = 0,
-                 max_batch: int = 32, name: str = ""):
+                 max_batch: int = 32, slot_wait_seconds: float = 30.0, name: str = "",
+                 cpu_cache_bytes: int | None = None):
         self.name = name  # the base model's id (the metrics' label)
         self.model = model
         self.tokenizer = tokenizer
         self.max_batch = max_batch
+        self.slot_wait_seconds = slot_wait_seconds
         self.device = next(model.parameters()).device
         self.eos_ids = self._eos_ids()
         self.lock = threading.RLock()  # the request queues, and the adapter cache
@@ -79,7 +96,8 @@ class BaseRuntime:
         # Allocated on the scheduler thread: filling the slot tensors is this process's first parallel torch work.
         self.bank: SlotBank = self.call(lambda: SlotBank(model, suffixes, n_slots=cache_size))
         self.adapters = AdapterCache(model=model, bank=self.bank, max_rank=max_rank, cache_size=cache_size,
-                                     cpu_cache_size=cpu_cache_size, rows_in_use=self._rows_in_use, lock=self.lock,
+                                     cpu_cache_size=cpu_cache_size, cpu_cache_bytes=cpu_cache_bytes,
+                                     rows_in_use=self._rows_in_use, lock=self.lock,
                                      bank_lock=self.model_lock, name=name)
         # A daemon thread still inside torch when the interpreter exits aborts the process.
         atexit.register(self.close)
@@ -124,9 +142,10 @@ class BaseRuntime:
     # ------------------------------------------------------------ requests
 
     def submit(self, prompt_ids: list[int], adapter: LoadedAdapter | None, params: SamplingParams, *,
-               record_logits: bool = False) -> Sequence:
+               record_logits: bool = False, tenant: str | None = None) -> Sequence:
+        """Queue a request; `tenant` is whose it is (admission is fair across tenants)."""
         sequence = Sequence(prompt_ids, adapter, params, self.tokenizer, device=self.device,
-                            record_logits=record_logits, base_model=self.name)
+                            record_logits=record_logits, base_model=self.name, tenant=tenant)
         with self.wakeup:
             self.pending.append(sequence)
             self.wakeup.notify()
@@ -202,6 +221,11 @@ class BaseRuntime:
     def _admit(self) -> None:
         with self.lock:
             waiting = list(self.pending)
+        room = self.max_batch - len(self.active)
+        if room <= 0 or not waiting:
+            return
+        if len(waiting) > room:  # who gets the free rows matters only when not everyone fits
+            waiting = self._fair_order(waiting)
         before = len(self.active)
         self._admit_waiting(waiting)
         if len(self.active) != before:
@@ -210,6 +234,23 @@ class BaseRuntime:
             if order != list(range(len(self.active))):
                 self.active = [self.active[i] for i in order]
                 self.batch.keep(order)
+
+    def _fair_order(self, waiting: list[Sequence]) -> list[Sequence]:
+        """The waiting requests in the order to admit them: round robin by tenant, counting the rows each tenant
+        already has running (so a tenant with a full batch of rows comes after one with none), and first come
+        first served within a tenant and between equals. One tenant's burst therefore never delays another
+        tenant's first request by more than one free row."""
+        running: dict[str | None, int] = {}
+        for sequence in self.active:
+            running[sequence.tenant] = running.get(sequence.tenant, 0) + 1
+        queued: dict[str | None, int] = {}
+        ranked = []
+        for arrival, sequence in enumerate(waiting):
+            turn = running.get(sequence.tenant, 0) + queued.get(sequence.tenant, 0)
+            queued[sequence.tenant] = queued.get(sequence.tenant, 0) + 1
+            ranked.append((turn, arrival, sequence))
+        ranked.sort(key=lambda entry: (entry[0], entry[1]))
+        return [sequence for _, _, sequence in ranked]
 
     def _admit_waiting(self, waiting: list[Sequence]) -> None:
         together: list[Sequence] = []  # prefilled in one forward pass
@@ -222,8 +263,9 @@ class BaseRuntime:
                 continue
             if sequence.adapter is not None and sequence.adapter.kind.uses_slot:
                 slot = self.adapters.activate(sequence.adapter)
-                if slot < 0:
-                    continue  # every slot is serving a running request; try again next step
+                if slot < 0:  # every slot is pinned or serving a running request: try again next step, a while
+                    self._refused_a_slot(sequence)
+                    continue
                 sequence.slot = slot
             self._dequeue(sequence)
             if kv_prefix_length(self._weights(sequence)):
@@ -241,6 +283,19 @@ class BaseRuntime:
             group.append(sequence)
         if group:
             self._prefill_group(group)
+
+    def _refused_a_slot(self, sequence: Sequence) -> None:
+        """A request found no slot for its adapter: it keeps waiting for one up to `slot_wait_seconds` (slots free
+        as running rows end), then fails, so a full slot bank is a clear answer rather than a wait without end."""
+        now = time.monotonic()
+        if sequence.slot_refused_at is None:
+            sequence.slot_refused_at = now
+        elif now - sequence.slot_refused_at >= self.slot_wait_seconds:
+            self._dequeue(sequence)
+            key = sequence.adapter.key if sequence.adapter is not None else None
+            sequence.fail(SlotUnavailable(
+                f"no adapter slot came free for adapter {key} within {self.slot_wait_seconds:g} s: every slot is "
+                "pinned or serving other requests", wait_seconds=self.slot_wait_seconds))
 
     @staticmethod
     def _weights(sequence: Sequence) -> Any:

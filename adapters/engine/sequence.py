@@ -43,9 +43,10 @@ class Sequence:
 
     def __init__(self, prompt_ids: list[int], adapter: LoadedAdapter | None, params: SamplingParams,
                  tokenizer: Any, *, device: torch.device | str = "cpu", record_logits: bool = False,
-                 base_model: str = ""):
+                 base_model: str = "", tenant: str | None = None):
         self.id = next(self._ids)
         self.base_model = base_model  # the metrics' label
+        self.tenant = tenant  # whose request: the scheduler admits waiting requests fairly across tenants
         self.submitted_at = time.perf_counter()
         self.last_token_at: float | None = None
         self.prompt_ids = prompt_ids
@@ -57,6 +58,7 @@ class Sequence:
         self.produced: list[int] = []
         self.length = 0  # KV entries for this row (an adapter's prefix or virtual tokens included)
         self.slot = 0
+        self.slot_refused_at: float | None = None  # when the scheduler first found no slot for its adapter
         self.text = ""
         self.sent = 0  # characters of text already streamed
         self.finish_reason: str | None = None

@@ -1,15 +1,18 @@
-"""/v1/admin: tenants and their API keys (admin key only). A key is shown once, when it is created."""
+"""/v1/admin: tenants and their API keys (admin key only). A key is shown once, when it is created. Also what only the
+operator may do to any tenant's adapter: make it public, or unpin it (pins are a per-tenant quota; this frees one)."""
 
 from __future__ import annotations
 
 from typing import Any
 
+import anyio
 from fastapi import APIRouter
 from sqlalchemy import select
 
-from app.api.deps import AdminDep, SessionDep
+from app.api.deps import AdminDep, SessionDep, SettingsDep
 from app.db.models import Adapter, ApiKey, Tenant
 from app.errors import not_found
+from app.schemas.adapters import AdapterObject
 from app.schemas.admin import (
     AdapterVisibility,
     ApiKeyCreated,
@@ -21,7 +24,7 @@ from app.schemas.admin import (
 )
 from app.schemas.common import ListResponse, listed
 from app.schemas.errors import errors
-from app.services import tenants
+from app.services import inference, tenants
 from app.services.ids import storable
 
 router = APIRouter(prefix="/v1/admin", tags=["admin"])
@@ -65,6 +68,21 @@ def set_visibility(adapter_id: str, body: Visibility, session: SessionDep, _: Ad
     adapter.public = body.public
     session.commit()
     return {"id": adapter.id, "object": "adapter", "name": adapter.name, "public": adapter.public}
+
+
+@router.post("/adapters/{adapter_id}/unpin", response_model=AdapterObject, responses=errors(401, 404, 503))
+async def unpin_adapter(adapter_id: str, session: SessionDep, settings: SettingsDep, _: AdminDep) -> dict[str, Any]:
+    """Unpin any tenant's adapter in every serving process (role api: on every inference replica)."""
+    adapter = await anyio.to_thread.run_sync(lambda: session.get(Adapter, adapter_id) if storable(adapter_id) else None)
+    if adapter is None:
+        raise not_found("adapter", adapter_id, param="adapter_id")
+    if settings.role == "api":
+        from app.services import routing
+
+        await routing.get_router().unpin_everywhere(adapter.id)
+    else:
+        inference.unpin_everywhere(adapter.id)
+    return await anyio.to_thread.run_sync(inference.adapter_object, adapter)
 
 
 @router.delete("/keys/{key_id}", response_model=ApiKeyObject, responses=errors(401, 404))

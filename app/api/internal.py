@@ -1,5 +1,6 @@
-"""/internal/state (role inference): what the API's router reads from each replica. Authenticated with the
-shared ADAPTERY_INTERNAL_KEY, left out of the public OpenAPI document."""
+"""/internal/state (role inference): what the API's router reads from each replica, and /internal/adapters/{id}/unpin,
+the admin's unpin on this replica. Authenticated with the shared ADAPTERY_INTERNAL_KEY, left out of the public
+OpenAPI document."""
 
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ from fastapi import APIRouter, Header
 from app.api.deps import SettingsDep
 from app.errors import Unauthorized
 from app.services import tokenizers
-from app.services.inference import engine_if_started
+from app.services.inference import engine_if_started, unpin_everywhere
 
 router = APIRouter(include_in_schema=False)
 
@@ -37,3 +38,9 @@ def state(settings: SettingsDep, authorization: str | None = Header(default=None
                 pinned.append(record.key)
         in_flight += sum(runtime.requests_in_flight().values())
     return {"ready": tokenizers.warm_up.report()["ok"], "held": held, "pinned": pinned, "in_flight": in_flight}
+
+
+@router.post("/internal/adapters/{adapter_id}/unpin")
+def unpin(adapter_id: str, settings: SettingsDep, authorization: str | None = Header(default=None)) -> dict[str, Any]:
+    check_internal_key(settings, authorization)
+    return {"id": adapter_id, "was_pinned": unpin_everywhere(adapter_id)}

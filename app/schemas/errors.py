@@ -33,8 +33,10 @@ _ANSWERS: dict[int, dict[str, Any]] = {
     422: {"description": "Well-formed, but the server cannot use it (an adapter that does not fit the base model)."},
     429: {"description": "Rate limit or quota reached.",
           "headers": {"Retry-After": {**_RETRY_AFTER, "required": True}}},
-    503: {"description": "No inference replica could take the request (role api); retry later.",
+    503: {"description": "Something the request needs cannot take it now (no inference replica answers, in role api; "
+                         "no adapter slot came free within the bounded wait); retry later.",
           "headers": {"Retry-After": {**_RETRY_AFTER, "required": False}}},
+    504: {"description": "The generation did not finish within the server's generation timeout and was ended."},
 }
 
 

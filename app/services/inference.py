@@ -1,4 +1,7 @@
-"""Inference requests: resolve `model` to a base model and maybe an adapter, then run the engine.
+"""Inference requests: resolve `model` to a base model and maybe an adapter, then run the engine; and the
+fairness of serving between tenants: each tenant's concurrent generations and pins are counted here (per serving
+process), every generation has a deadline, and the result is awaited on the event loop, so a request waiting for
+the engine holds no thread of the pool that every sync route shares.
 
 The engine (and torch) is created on the first inference request, so an API process that only
 manages files and jobs starts in about a second.
@@ -7,18 +10,21 @@ manages files and jobs starts in about a second.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
+import queue
 import threading
 import time
 from collections.abc import AsyncIterator, Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
+import anyio
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from app.db.models import Adapter, AdapterStatus
-from app.errors import Conflict, InvalidRequest, NotFound, Unprocessable
+from app.errors import Conflict, InvalidRequest, LimitReached, NotFound, TimedOut, Unavailable, Unprocessable
 from app.services.ids import new_id, storable
 from app.settings import Settings
 
@@ -43,7 +49,9 @@ def get_engine(settings: Settings) -> Any:
 
             _engine = InferenceEngine(load_base=load_base, cache_size=settings.adapter_cache_size,
                                       max_rank=settings.max_lora_rank, cpu_cache_size=settings.adapter_cpu_cache_size,
-                                      max_batch=settings.max_batch_size)
+                                      max_batch=settings.max_batch_size,
+                                      slot_wait_seconds=settings.adapter_slot_wait_seconds,
+                                      cpu_cache_bytes=settings.adapter_cpu_cache_mb * 1024 * 1024)
         return _engine
 
 
@@ -114,7 +122,8 @@ def _check_budget(settings: Settings, runtime: Any, prompt_tokens: int, max_toke
     return wanted
 
 
-def _submit(settings: Settings, target: Target, prompt_ids_fn: Callable[[Any], list[int]], request: Any) -> Any:
+def _submit(settings: Settings, target: Target, prompt_ids_fn: Callable[[Any], list[int]], request: Any,
+            tenant: str | None) -> Any:
     from adapters.engine import SamplingParams
 
     if target.adapter is not None:
@@ -126,7 +135,7 @@ def _submit(settings: Settings, target: Target, prompt_ids_fn: Callable[[Any], l
     budget = _check_budget(settings, runtime, len(prompt_ids), max_tokens)
     params = SamplingParams(max_tokens=budget, temperature=request.temperature, top_p=request.top_p,
                             stop=request.stop_list(), seed=request.seed)
-    return runtime.submit(prompt_ids, adapter, params)
+    return runtime.submit(prompt_ids, adapter, params, tenant=tenant)
 
 
 def _usage(prompt: int, completion: int) -> dict[str, int]:
@@ -159,9 +168,130 @@ def _completion_prompt(request: Any) -> Callable[[Any], list[int]]:
     return prompt_ids
 
 
-def start(settings: Settings, target: Target, request: Any, *, chat: bool) -> Any:
-    """Validate and queue a request; returns the engine Sequence (its .wait() or events give the result)."""
-    return _submit(settings, target, _chat_prompt(request) if chat else _completion_prompt(request), request)
+def start(settings: Settings, target: Target, request: Any, *, chat: bool, tenant: str | None = None) -> Any:
+    """Validate and queue a request; returns the engine Sequence (its .wait() or events give the result). Runs in
+    the caller's thread: loading an adapter from disk and tokenising happen here."""
+    return _submit(settings, target, _chat_prompt(request) if chat else _completion_prompt(request), request, tenant)
+
+
+# ------------------------------------------------------------------ fairness: concurrency, deadlines, awaiting
+
+
+@dataclass
+class _Claim:
+    """One generation request of a tenant, counted from before it is queued until its sequence ends."""
+
+    sequence: Any = None
+    released: bool = False
+
+    def live(self) -> bool:
+        # A cancelled sequence (timed out, client gone) leaves its row at the next step: it no longer counts.
+        return not self.released and (self.sequence is None or (self.sequence.finish_reason is None
+                                                                and not self.sequence.cancelled.is_set()))
+
+
+# Each tenant's generation requests in this process. Pruned at each claim: a finished request drops out however it
+# ended (answered, timed out, the client gone, or a stream whose response never started).
+_claims: dict[str, list[_Claim]] = {}
+_claims_lock = threading.Lock()
+
+
+def _claim(settings: Settings, tenant: str) -> _Claim:
+    limit = settings.max_concurrent_generations_per_tenant
+    with _claims_lock:
+        live = [claim for claim in _claims.get(tenant, []) if claim.live()]
+        if len(live) >= limit:
+            _claims[tenant] = live
+            raise LimitReached(f"This tenant already has {len(live)} generation requests waiting or running; at most "
+                               f"{limit} may run at once (ADAPTERY_MAX_CONCURRENT_GENERATIONS_PER_TENANT). Retry when "
+                               "one has finished.", code="too_many_concurrent_requests", retry_after=1)
+        claim = _Claim()
+        _claims[tenant] = [*live, claim]
+        return claim
+
+
+@dataclass
+class Running:
+    """A queued generation and its deadline; its events are awaited on the event loop, never in a thread."""
+
+    settings: Settings
+    sequence: Any
+    deadline: float  # on the event loop's clock
+    woken: asyncio.Event = field(default_factory=asyncio.Event)
+
+    def __post_init__(self) -> None:
+        loop = asyncio.get_running_loop()
+
+        def notify() -> None:  # called on the scheduler thread, after each event
+            with contextlib.suppress(RuntimeError):  # the loop has closed (its request is gone): nobody waits
+                loop.call_soon_threadsafe(self.woken.set)
+
+        self.sequence.notify = notify
+
+    async def next_event(self) -> tuple[str, Any]:
+        """The sequence's next event; past the deadline the sequence is cancelled (its row is freed at the next
+        step) and TimedOut raised."""
+        loop = asyncio.get_running_loop()
+        while True:
+            try:
+                return self.sequence.events.get_nowait()  # type: ignore[no-any-return]
+            except queue.Empty:
+                pass
+            remaining = self.deadline - loop.time()
+            if remaining <= 0:
+                self.sequence.cancel()
+                timeout = self.settings.generation_timeout_seconds
+                raise TimedOut(f"The generation did not finish within {timeout:g} s "
+                               "(ADAPTERY_GENERATION_TIMEOUT_SECONDS) and was ended; ask for fewer tokens (max_tokens) "
+                               "or retry later.", code="generation_timeout")
+            try:
+                await asyncio.wait_for(self.woken.wait(), remaining)
+            except TimeoutError:
+                continue  # the check above answers
+            self.woken.clear()
+
+    async def first_event(self) -> tuple[str, Any]:
+        """The next event; an engine refusal (no slot came free) becomes its HTTP answer."""
+        event = await self.next_event()
+        if event[0] == "error":
+            raise _engine_error(self.settings, event[1])
+        return event
+
+    async def result(self) -> Any:
+        """The final Generation."""
+        while True:
+            kind, value = await self.first_event()
+            if kind == "done":
+                return value
+
+
+def _engine_error(settings: Settings, error: Exception) -> Exception:
+    from adapters.engine import SlotUnavailable
+
+    if isinstance(error, SlotUnavailable):
+        return Unavailable(f"The model's adapter could not get a slot in the serving engine: every adapter slot is "
+                           f"pinned or serving other requests, and a request waits at most "
+                           f"{settings.adapter_slot_wait_seconds:g} s for one (ADAPTERY_ADAPTER_SLOT_WAIT_SECONDS). "
+                           "Retry later.", param="model", code="no_free_slot", retry_after=1)
+    return error
+
+
+async def begin(settings: Settings, target: Target, request: Any, *, chat: bool, tenant: str,
+                started: float | None = None) -> Running:
+    """Count the request against its tenant's concurrency limit (a 429 over it), queue it (in a worker thread:
+    an adapter may load from disk), and return it with its deadline, `generation_timeout_seconds` after `started`
+    (the event loop's time when the request arrived; now if not given)."""
+    loop = asyncio.get_running_loop()
+    deadline = (started if started is not None else loop.time()) + settings.generation_timeout_seconds
+    claim = _claim(settings, tenant)
+    try:
+        sequence = await anyio.to_thread.run_sync(
+            lambda: start(settings, target, request, chat=chat, tenant=tenant))
+    except BaseException:
+        claim.released = True
+        raise
+    claim.sequence = sequence
+    return Running(settings=settings, sequence=sequence, deadline=deadline)
 
 
 def response_body(target: Target, result: Any, *, chat: bool) -> dict[str, Any]:
@@ -175,11 +305,12 @@ def response_body(target: Target, result: Any, *, chat: bool) -> dict[str, Any]:
             "usage": _usage(result.prompt_tokens, len(result.token_ids))}
 
 
-async def stream_chunks(target: Target, sequence: Any, *, chat: bool, include_usage: bool) -> AsyncIterator[str]:
-    """OpenAI-style SSE data payloads, ending with [DONE]; leaving early (client gone) frees the sequence."""
-    loop = asyncio.get_running_loop()
-    woken = asyncio.Event()
-    sequence.notify = lambda: loop.call_soon_threadsafe(woken.set)
+async def stream_chunks(target: Target, running: Running, first: tuple[str, Any], *, chat: bool,
+                        include_usage: bool) -> AsyncIterator[str]:
+    """OpenAI-style SSE data payloads, starting from the sequence's `first` event and ending with [DONE]; an error
+    (the generation timeout included) ends the stream with an error event; leaving early (client gone) frees the
+    sequence."""
+    sequence = running.sequence
     chunk_id, created = new_id("chatcmpl" if chat else "cmpl"), int(time.time())
     kind = "chat.completion.chunk" if chat else "text_completion"
 
@@ -193,28 +324,35 @@ async def stream_chunks(target: Target, sequence: Any, *, chat: bool, include_us
         return json.dumps({"id": chunk_id, "object": kind, "created": created, "model": target.name,
                            "choices": [choice]})
 
+    def failed(message: str, code: str | None = None) -> str:
+        return json.dumps({"error": {"message": message, "type": "server_error", "param": None, "code": code}})
+
     try:
         if chat:
             yield chunk(None, None, role=True)
+        event: tuple[str, Any] | None = first
         while True:
-            await woken.wait()
-            woken.clear()
-            while not sequence.events.empty():
-                event, value = sequence.events.get_nowait()
-                if event == "delta":
-                    yield chunk(value, None)
-                elif event == "error":
-                    yield json.dumps({"error": {"message": f"generation failed: {value}", "type": "server_error",
-                                                "param": None, "code": None}})
+            if event is None:
+                try:
+                    event = await running.next_event()
+                except TimedOut as exc:
+                    yield failed(exc.message, exc.code)
                     return
-                else:
-                    finish = "stop" if value.finish_reason == "cancelled" else value.finish_reason
-                    yield chunk(None, finish)
-                    if include_usage:
-                        yield json.dumps({"id": chunk_id, "object": kind, "created": created, "model": target.name,
-                                          "choices": [], "usage": _usage(value.prompt_tokens, len(value.token_ids))})
-                    yield "[DONE]"
-                    return
+            name, value = event
+            event = None
+            if name == "delta":
+                yield chunk(value, None)
+            elif name == "error":
+                yield failed(f"generation failed: {value}")
+                return
+            else:
+                finish = "stop" if value.finish_reason == "cancelled" else value.finish_reason
+                yield chunk(None, finish)
+                if include_usage:
+                    yield json.dumps({"id": chunk_id, "object": kind, "created": created, "model": target.name,
+                                      "choices": [], "usage": _usage(value.prompt_tokens, len(value.token_ids))})
+                yield "[DONE]"
+                return
     finally:
         sequence.cancel()  # a no-op when it already finished; frees the row when the client left
 
@@ -255,11 +393,19 @@ def adapter_object_from(adapter: Adapter, residency: Any) -> dict[str, Any]:
 
 
 def adapter_by_name(session: Session, *, tenant_id: str, name: str, include_public: bool = False) -> Adapter | None:
-    """The tenant's adapter of that name (or, for using it, a public one); None looks like missing."""
+    """What `name` (a `model`, `from_model`, ...) means to this tenant: its own adapter of that name, else the
+    adapter with that id if it is the tenant's own or (include_public: for using it) public. None looks like
+    missing. Names are per tenant, so a bare name never reaches another tenant's adapter: two tenants may both
+    publish 'support-bot', and a third addresses each by its id (GET /v1/models lists it so)."""
     if not storable(name):
         return None
-    adapter = session.scalar(select(Adapter).where(Adapter.name == name, Adapter.status == AdapterStatus.ready))
-    if adapter is None or not (adapter.tenant_id == tenant_id or (include_public and adapter.public)):
+    adapter = session.scalar(select(Adapter).where(Adapter.tenant_id == tenant_id, Adapter.name == name,
+                                                   Adapter.status == AdapterStatus.ready))
+    if adapter is not None:
+        return adapter
+    adapter = session.get(Adapter, name)
+    if adapter is None or adapter.status != AdapterStatus.ready or \
+            not (adapter.tenant_id == tenant_id or (include_public and adapter.public)):
         return None
     return adapter
 
@@ -287,18 +433,56 @@ def preload(settings: Settings, adapter: Adapter) -> None:
                        code="no_free_slot", retry_after=1)
 
 
+# Checking a pin against the quotas and recording it happen together, so two pins at once cannot both take the last
+# place; loading the adapter into its slot happens before, outside it.
+_pin_lock = threading.Lock()
+
+
+def _check_pin(settings: Settings, adapter: Adapter) -> bool:
+    """Whether the adapter still needs pinning (False: it is pinned already); raises when a quota refuses it. A pin
+    counts against its adapter's tenant (per serving process, every base model) and against its base model's slots
+    (one stays unpinned for everyone else)."""
+    engine = get_engine(settings)
+    cache = engine.runtime(adapter.base_model).adapters
+    if getattr(cache.residency(adapter.id), "pinned", False):
+        return False
+    limit = settings.max_pinned_adapters_per_tenant
+    mine = sum(runtime.adapters.pinned_count(adapter.tenant_id) for runtime in engine.runtimes().values())
+    if mine >= limit:
+        # Pins do not expire: Retry-After is a hint to come back after unpinning, not a promise.
+        raise LimitReached(f"This tenant has {mine} adapters pinned; at most {limit} may be pinned at once per serving "
+                           "process (ADAPTERY_MAX_PINNED_ADAPTERS_PER_TENANT). Unpin one first.",
+                           code="too_many_pinned_adapters", retry_after=60)
+    if cache.pinned_count() >= cache.cache_size - 1:
+        raise Conflict(f"At most {cache.cache_size - 1} adapters may be pinned per base model "
+                       "(one slot stays free for the rest; ADAPTERY_ADAPTER_CACHE_SIZE).", code="too_many_pinned")
+    return True
+
+
 def pin(settings: Settings, adapter: Adapter, pinned: bool) -> None:
     if pinned:
-        cache = get_engine(settings).runtime(adapter.base_model).adapters
-        if cache.pinned_count() >= cache.cache_size - 1 and not getattr(cache.residency(adapter.id), "pinned", False):
-            raise Conflict(f"At most {cache.cache_size - 1} adapters may be pinned per base model "
-                           "(one slot stays free for the rest).", code="too_many_pinned")
+        if not _check_pin(settings, adapter):
+            return
         preload(settings, adapter)
-        cache.pin(adapter.id, True)
+        with _pin_lock:
+            if _check_pin(settings, adapter):
+                get_engine(settings).runtime(adapter.base_model).adapters.pin(adapter.id, True, adapter.tenant_id)
     else:
         runtime = _loaded_runtime(adapter.base_model)
         if runtime is not None:
             runtime.adapters.pin(adapter.id, False)
+
+
+def unpin_everywhere(adapter_id: str) -> bool:
+    """Unpin an adapter in every runtime of this process (the admin's unpin: it need not be the caller's); whether
+    it was pinned anywhere."""
+    engine = engine_if_started()
+    was_pinned = False
+    for runtime in (engine.runtimes().values() if engine is not None else []):
+        if getattr(runtime.adapters.residency(adapter_id), "pinned", False):
+            runtime.adapters.pin(adapter_id, False)
+            was_pinned = True
+    return was_pinned
 
 
 def unload(adapter: Adapter) -> None:

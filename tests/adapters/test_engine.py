@@ -53,9 +53,9 @@ def trained(tmp_path_factory: pytest.TempPathFactory, tiny_model_dir: Path, tiny
     return out
 
 
-def make_runtime(tiny_model_dir: Path, tokenizer: Any, slots: int) -> BaseRuntime:
+def make_runtime(tiny_model_dir: Path, tokenizer: Any, slots: int, **options: Any) -> BaseRuntime:
     return BaseRuntime(AutoModelForCausalLM.from_pretrained(tiny_model_dir), tokenizer, cache_size=slots,
-                       max_rank=64)
+                       max_rank=64, **options)
 
 
 @pytest.fixture()
@@ -354,3 +354,55 @@ def test_slots_grown_during_a_request_can_be_cleared_after_it(trained: dict[str,
     for name in SLOT_METHODS:
         assert runtime.unload(name), name
         assert state(runtime, name) == AdapterState.ON_DISK
+
+
+def test_a_request_that_cannot_get_a_slot_fails_after_the_bounded_wait(trained: dict[str, Path], tiny_model_dir: Path,
+                                                                       tiny_tokenizer: Any, tmp_path: Path) -> None:
+    """One slot, busy with a running request: a request for another adapter is refused once it has waited
+    `slot_wait_seconds` for a slot (SlotUnavailable), instead of waiting for as long as the other one runs."""
+    from adapters.engine import SlotUnavailable
+
+    runtime = make_runtime(tiny_model_dir, tiny_tokenizer, slots=1, slot_wait_seconds=0.3)
+    try:
+        ids = prompt_ids(runtime)
+        refs = []
+        for i in range(2):
+            shutil.copytree(trained["lora"], tmp_path / f"copy{i}")
+            refs.append(AdapterRef(key=f"a{i}", folder=tmp_path / f"copy{i}", base_model="tiny"))
+        first, second = (runtime.adapters.load(ref) for ref in refs)
+        room = runtime.model.config.max_position_embeddings - len(ids)
+        holder = runtime.submit(ids, first, SamplingParams(max_tokens=room, temperature=0, ignore_eos=True))
+        assert holder.events.get(timeout=UNLESS_BROKEN)[0] == "delta"  # it holds the only slot now
+        started = time.monotonic()
+        waiting = runtime.submit(ids, second, SamplingParams(max_tokens=3))
+        kind, error = waiting.events.get(timeout=UNLESS_BROKEN)
+        assert kind == "error" and isinstance(error, SlotUnavailable), (kind, error)
+        assert "slot" in str(error) and time.monotonic() - started >= 0.3
+        assert holder.finish_reason is None  # the running request was not disturbed
+        assert waiting not in runtime.pending
+        holder.cancel()
+        assert holder.wait().finish_reason == "cancelled"
+    finally:
+        runtime.close()
+
+
+def test_admission_is_fair_across_tenants(tiny_model_dir: Path, tiny_tokenizer: Any) -> None:
+    """Two batch rows, four long requests of tenant A queued before one short request of tenant B: B is admitted
+    with A's first, not behind all of A's (first come, first served would make B wait for A's rows to end)."""
+    fair = make_runtime(tiny_model_dir, tiny_tokenizer, slots=2, max_batch=2)
+    try:
+        ids = prompt_ids(fair)
+        long = SamplingParams(max_tokens=200, temperature=0, ignore_eos=True)
+        with scheduler_paused(fair):
+            a_rows = [fair.submit(ids, None, long, tenant="a") for _ in range(4)]
+            b_row = fair.submit(ids, None, SamplingParams(max_tokens=2, temperature=0, ignore_eos=True),
+                                tenant="b")
+        b_row.wait()
+        # B ran beside A's first row; A's third had to wait for a row of A to end.
+        assert a_rows[0].produced and a_rows[2].last_token_at is None, [len(a.produced) for a in a_rows]
+        for row in a_rows:
+            row.cancel()
+        for row in a_rows:
+            row.wait()
+    finally:
+        fair.close()

@@ -1,11 +1,25 @@
 """The OpenAI inference routes in this process, on the tiny model the app serves itself: refusals name the field,
-and a seeded sample is the same twice."""
+a seeded sample is the same twice, and no tenant can starve another (pin quotas, a bounded wait for an adapter
+slot, a concurrency limit per tenant, a generation timeout, no API thread held while the engine works)."""
 
 from __future__ import annotations
 
+import contextlib
+import json
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import anyio
+import pytest
 from fastapi.testclient import TestClient
 
-from tests.api.conftest import error_of
+from tests.api.adapters_made_with_peft import files_of, save_lora, send_files
+from tests.api.conftest import Api, error_of, in_process_api
+from tests.budgets import UNLESS_BROKEN, budget
+from tests.conftest import ADMIN_KEY
 from tests.tiny_model import TINY_MODEL_ID
 
 
@@ -26,3 +40,187 @@ def test_inference_errors(client: TestClient) -> None:
     assert body["object"] == "text_completion" and 0 < body["usage"]["completion_tokens"] <= 5
     again = client.post("/v1/completions", json=sampled).json()
     assert again["choices"][0]["text"] == body["choices"][0]["text"]  # same seed, same sample
+
+
+# ------------------------------------------------------------------ fairness: pins, slots, concurrency, timeouts
+
+
+@pytest.fixture(scope="module")
+def api(tmp_path_factory: pytest.TempPathFactory, tiny_model_dir: Path) -> Iterator[Api]:
+    """This module's app: three adapter slots per base model (so at most two pinned), at most one pin per tenant,
+    and a short bounded wait for a slot."""
+    with in_process_api(tmp_path_factory.mktemp("inference"), tiny_model_dir, extra={
+            "ADAPTERY_ADAPTER_CACHE_SIZE": "3", "ADAPTERY_MAX_PINNED_ADAPTERS_PER_TENANT": "1",
+            "ADAPTERY_ADAPTER_SLOT_WAIT_SECONDS": "0.5"}) as running:
+        yield running
+
+
+def _tenant(api: Api, name: str) -> TestClient:
+    created = api.as_key(ADMIN_KEY).post("/v1/admin/tenants", json={"name": name})
+    assert created.status_code == 200, created.text
+    return api.as_key(created.json()["api_key"])
+
+
+def _import(client: TestClient, tiny_model_dir: Path, folder: Path, seed: int) -> str:
+    response = send_files(client, files_of(save_lora(tiny_model_dir, folder / f"lora-{seed}", seed=seed)))
+    assert response.status_code == 200, response.text
+    return str(response.json()["id"])
+
+
+def _runtime() -> Any:
+    from app.services.inference import get_engine
+    from app.settings import get_settings
+
+    return get_engine(get_settings()).runtime(TINY_MODEL_ID)
+
+
+@contextlib.contextmanager
+def _scheduler_paused(runtime: Any) -> Iterator[None]:
+    """Hold the engine's scheduler thread between two steps (inside a `call`): every request waits meanwhile."""
+    entered, release = threading.Event(), threading.Event()
+    holder = threading.Thread(target=runtime.call, args=(lambda: (entered.set(), release.wait()),))
+    holder.start()
+    assert entered.wait(timeout=UNLESS_BROKEN)
+    try:
+        yield
+    finally:
+        release.set()
+        holder.join(timeout=UNLESS_BROKEN)
+
+
+def _until(condition: Any, seconds: float) -> bool:
+    deadline = time.monotonic() + seconds
+    while not condition():
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.01)
+    return True
+
+
+def test_pins_are_a_per_tenant_quota_the_admin_can_undo_and_a_slot_wait_is_bounded(
+        api: Api, tiny_model_dir: Path, tmp_path: Path) -> None:
+    """Item 4 of issue 21: one tenant cannot take the slots with pins (a pin beyond its quota is a 429 naming the
+    setting), the admin can unpin anyone's adapter, and a request whose adapter finds no slot answers a 503 with
+    Retry-After after the bounded wait instead of waiting for as long as the slots stay busy."""
+    a, b = _tenant(api, "pins-a"), _tenant(api, "pins-b")
+    a1, a2, a3 = (_import(a, tiny_model_dir, tmp_path, seed) for seed in range(3))
+    b1 = _import(b, tiny_model_dir, tmp_path, 3)
+    assert a.post(f"/v1/adapters/{a1}/pin").json()["pinned"] is True
+    refused = a.post(f"/v1/adapters/{a2}/pin")
+    assert refused.status_code == 429, refused.text
+    error = error_of(refused)
+    assert error["code"] == "too_many_pinned_adapters" and "ADAPTERY_MAX_PINNED_ADAPTERS_PER_TENANT" in \
+        error["message"] and int(refused.headers["retry-after"]) >= 1
+    assert b.post(f"/v1/adapters/{b1}/pin").status_code == 200  # another tenant's quota is its own
+    admin = api.as_key(ADMIN_KEY)
+    unpinned = admin.post(f"/v1/admin/adapters/{a1}/unpin")
+    assert unpinned.status_code == 200, unpinned.text
+    assert unpinned.json()["pinned"] is False and a.get(f"/v1/adapters/{a1}").json()["pinned"] is False
+    assert a.post(f"/v1/adapters/{a2}/unpin").status_code == 200
+    assert admin.post("/v1/admin/adapters/adapter-nope/unpin").status_code == 404
+    assert a.post(f"/v1/adapters/{a2}/pin").status_code == 200  # within its quota again
+
+    # Slots: a2 and b1 pinned, the third busy with a running request of a1: a3 cannot get one.
+    from adapters.engine import SamplingParams
+    from app.db.models import Adapter
+    from app.db.session import get_sessionmaker
+    from app.services.inference import load_into_memory
+    from app.settings import get_settings
+
+    with get_sessionmaker()() as session:
+        row = session.get(Adapter, a1)
+        assert row is not None
+        runtime, loaded = load_into_memory(get_settings(), row)
+    ids = runtime.tokenizer("Once upon a time", add_special_tokens=False)["input_ids"]
+    room = runtime.model.config.max_position_embeddings - len(ids)
+    holder = runtime.submit(ids, loaded, SamplingParams(max_tokens=room, temperature=0, ignore_eos=True))
+    try:
+        assert holder.events.get(timeout=UNLESS_BROKEN)[0] == "delta"
+        for stream in (False, True):
+            waited = a.post("/v1/completions", json={"model": a3, "prompt": "Hi", "max_tokens": 2, "stream": stream})
+            assert waited.status_code == 503, waited.text
+            assert error_of(waited)["code"] == "no_free_slot" and "ADAPTERY_ADAPTER_SLOT_WAIT_SECONDS" in \
+                error_of(waited)["message"] and int(waited.headers["retry-after"]) >= 1
+        assert holder.finish_reason is None
+    finally:
+        holder.cancel()
+        holder.wait()
+    assert a.post("/v1/completions", json={"model": a3, "prompt": "Hi", "max_tokens": 2}).status_code == 200
+    for key, adapter in ((a, a2), (b, b1)):
+        assert key.post(f"/v1/adapters/{adapter}/unpin").status_code == 200
+
+
+def test_waiting_generations_hold_no_api_thread_and_each_tenant_has_a_concurrency_limit(
+        api: Api, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Item 8 of issue 21: requests waiting for the engine are awaited on the event loop (none holds a thread of
+    the pool every sync route shares), and a tenant over its concurrency limit gets a 429 naming the setting at
+    once, while another tenant's request is taken."""
+    from app.settings import get_settings
+
+    monkeypatch.setattr(get_settings(), "max_concurrent_generations_per_tenant", 2)
+    # Every request through the one started client: all run on its event loop, whose thread pool is measured.
+    a, b = ({"Authorization": _tenant(api, name).headers["Authorization"]} for name in ("busy-a", "busy-b"))
+    client = api.client
+    runtime = _runtime()
+    body = {"model": TINY_MODEL_ID, "prompt": "Once upon", "max_tokens": 3}
+    answers: list[Any] = []
+
+    def post(key: dict[str, str]) -> None:
+        answers.append(client.post("/v1/completions", json=body, headers=key))
+
+    with _scheduler_paused(runtime):
+        threads = [threading.Thread(target=post, args=(key,)) for key in (a, a, b)]
+        for thread in threads[:2]:
+            thread.start()
+        assert _until(lambda: len(runtime.pending) == 2, budget(10))
+        limiter = client.portal.call(anyio.to_thread.current_default_thread_limiter)  # type: ignore[union-attr]
+        assert _until(lambda: limiter.borrowed_tokens == 0, budget(5)), "a waiting request holds an API thread"
+        over = client.post("/v1/completions", json=body, headers=a)
+        assert over.status_code == 429, over.text
+        assert error_of(over)["code"] == "too_many_concurrent_requests" and \
+            "ADAPTERY_MAX_CONCURRENT_GENERATIONS_PER_TENANT" in error_of(over)["message"]
+        assert int(over.headers["retry-after"]) >= 1
+        threads[2].start()
+        assert _until(lambda: len(runtime.pending) == 3, budget(10))  # tenant b is not limited by a
+    for thread in threads:
+        thread.join(timeout=UNLESS_BROKEN)
+    assert [r.status_code for r in answers] == [200, 200, 200], [r.text for r in answers]
+    assert client.post("/v1/completions", json=body, headers=a).status_code == 200  # finished ones no longer count
+
+
+def test_a_generation_past_the_timeout_is_ended_with_a_clear_error(api: Api, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Item 8 of issue 21: a request not finished within ADAPTERY_GENERATION_TIMEOUT_SECONDS frees its row and
+    answers a 504 naming the setting; a stream that has started ends with an error event."""
+    from app.settings import get_settings
+
+    monkeypatch.setattr(get_settings(), "generation_timeout_seconds", 0.5)
+    client = api.client
+    runtime = _runtime()
+    body = {"model": TINY_MODEL_ID, "prompt": "Once upon", "max_tokens": 50, "temperature": 0}
+    with _scheduler_paused(runtime):
+        late = client.post("/v1/completions", json=body)
+        assert late.status_code == 504, late.text
+        assert error_of(late)["code"] == "generation_timeout" and \
+            "ADAPTERY_GENERATION_TIMEOUT_SECONDS" in error_of(late)["message"]
+        assert runtime.pending and all(s.cancelled.is_set() for s in runtime.pending)  # its row is given up
+    assert _until(lambda: not runtime.pending and not runtime.active, budget(10))
+
+    # A stream that has started: the prefill answers, then every decode step stalls until the test ends.
+    calls, release = [0], threading.Event()
+
+    def stall(*_: Any) -> None:
+        calls[0] += 1
+        if calls[0] > 1:
+            release.wait(timeout=UNLESS_BROKEN)
+
+    hook = runtime.model.register_forward_pre_hook(stall)
+    try:
+        streamed = client.post("/v1/completions", json={**body, "stream": True})
+    finally:
+        release.set()
+        hook.remove()
+    assert streamed.status_code == 200
+    events = [line.removeprefix("data: ") for line in streamed.text.splitlines() if line.startswith("data: ")]
+    assert json.loads(events[0])["choices"][0]["text"], events  # it had started
+    assert "ADAPTERY_GENERATION_TIMEOUT_SECONDS" in json.loads(events[-1])["error"]["message"], events
+    assert _until(lambda: not runtime.pending and not runtime.active, budget(10))
