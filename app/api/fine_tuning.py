@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from typing import Annotated, Any
 
-from fastapi import APIRouter, Header, Query
+from fastapi import APIRouter, Header, Query, Request
 from pydantic import Field
 from pydantic.json_schema import SkipJsonSchema
 from sse_starlette.sse import EventSourceResponse
@@ -114,12 +114,16 @@ def get_job(job: JobDep) -> dict[str, Any]:
 
 @router.post("/{fine_tuning_job_id}/cancel", response_model=JobObject, responses=errors(401, 404, 409, 429))
 def cancel_job(job: JobDep, session: SessionDep) -> dict[str, Any]:
-    return job_object(jobs.request_cancel(session, job))
+    job = jobs.request_cancel(session, job)
+    queue.send_held_training(job.id)  # a queued job that left frees its tenant's place for a held one
+    return job_object(job)
 
 
 @router.post("/{fine_tuning_job_id}/pause", response_model=JobObject, responses=errors(401, 404, 409, 429))
 def pause_job(job: JobDep, session: SessionDep) -> dict[str, Any]:
-    return job_object(jobs.request_pause(session, job))
+    job = jobs.request_pause(session, job)
+    queue.send_held_training(job.id)
+    return job_object(job)
 
 
 @router.post("/{fine_tuning_job_id}/resume", response_model=JobObject, responses=errors(401, 404, 409, 429))
@@ -139,14 +143,18 @@ STREAM_DOC = ("With stream=true: server-sent events, the job's events oldest fir
             responses={**errors(400, 401, 404, 429),
                        200: {"content": {"text/event-stream": {"schema": {"type": "string"}}},
                              "description": STREAM_DOC}})
-def list_events(job: JobDep, session: SessionDep, settings: SettingsDep,
+def list_events(request: Request, job: JobDep, session: SessionDep, settings: SettingsDep,
                 after: After = None, limit: Annotated[int, Query(ge=1, le=1000)] = 20,
                 stream: Annotated[bool, Query(description=STREAM_DOC)] = False,
                 last_event_id: Annotated[str | SkipJsonSchema[None], Header(max_length=200)] = None) -> Any:
     if stream:
         after_seq = event_stream.resume_point(job.id, last_event_id)
+        # The stream polls with sessions of its own; this one would otherwise keep its pooled connection until
+        # the stream ends (the dependency closes it after the response), and 15 open streams would drain the pool.
+        session.close()
         return EventSourceResponse(event_stream.job_events(job.id, after_seq=after_seq,
-                                                           poll_seconds=settings.event_stream_poll_seconds),
+                                                           poll_seconds=settings.event_stream_poll_seconds,
+                                                           key_hash=request.state.key_hash),
                                    ping=settings.event_stream_ping_seconds)
     rows, has_more = jobs.list_events(session, job, after=after, limit=limit)
     return paged([event_object(r) for r in rows], has_more)
@@ -168,8 +176,12 @@ def list_checkpoints(job: JobDep, session: SessionDep, after: After = None, limi
 def job_metrics_series(job: JobDep, session: SessionDep,
                        from_step: Annotated[int, Query(ge=0, description="first step to return")] = 0,
                        to_step: Annotated[Annotated[int, Field(ge=0)] | SkipJsonSchema[None],
-                                          Query(description="last step to return")] = None
+                                          Query(description="last step to return")] = None,
+                       max_points: Annotated[int, Query(ge=2, le=10_000, description=(
+                           "the most points to return; a longer range is thinned to every k-th step (the answer's "
+                           "stride) and its last"))] = 1000,
                        ) -> dict[str, Any]:
     """The job's training curves (what its TensorBoard event files hold), one point per logged step."""
-    points = job_metrics.read(session, job.id, from_step=from_step, to_step=to_step)
-    return {"object": "fine_tuning.job.metrics", "fine_tuning_job_id": job.id, "data": points}
+    points, stride = job_metrics.downsampled(job_metrics.read(session, job.id, from_step=from_step,
+                                                              to_step=to_step), max_points)
+    return {"object": "fine_tuning.job.metrics", "fine_tuning_job_id": job.id, "data": points, "stride": stride}

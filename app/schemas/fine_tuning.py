@@ -203,6 +203,8 @@ class MetricsSeries(BaseModel):
     fine_tuning_job_id: str
     data: list[MetricsPoint] = Field(description="one point per logged step, in step order; a metric not "
                                                  "logged at a step is null")
+    stride: int = Field(default=1, description="1: every logged step in the range; k > 1: the range had more "
+                                               "than max_points, so every k-th of them is here (and the last)")
 
 
 class MethodObject(BaseModel):

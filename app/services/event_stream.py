@@ -8,7 +8,7 @@ reconnects with the last id it saw (`Last-Event-ID`) gets exactly what follows. 
 events ("The job has successfully completed.", ...) are written just after its status changes, so the
 stream ends with an `end` event once the job is finished and a poll that began FINISH_SETTLE_SECONDS after
 it finished found nothing new. A paused job has not finished: the stream stays open (with keep-alive
-pings) until it resumes and ends.
+pings) until it resumes and ends. Each poll also checks that the stream's key has not been revoked since.
 """
 
 from __future__ import annotations
@@ -21,9 +21,9 @@ from typing import Any
 import anyio
 from sqlalchemy import select
 
-from app.db.models import TERMINAL_JOB_STATUSES, FineTuningJob, JobEvent
+from app.db.models import TERMINAL_JOB_STATUSES, ApiKey, FineTuningJob, JobEvent
 from app.db.session import session_scope
-from app.errors import InvalidRequest
+from app.errors import InvalidRequest, error_body
 from app.schemas.fine_tuning import event_object
 
 PAGE = 500
@@ -44,9 +44,13 @@ def resume_point(job_id: str, last_event_id: str | None) -> int:
     return int(seq)
 
 
-def _poll(job_id: str, after_seq: int) -> tuple[list[JobEvent], str, int | None]:
-    """(events after `after_seq`, oldest first; the job's status and finished_at, read before them)."""
+def _poll(job_id: str, after_seq: int, key_hash: str | None) -> tuple[list[JobEvent], str, int | None] | None:
+    """(events after `after_seq`, oldest first; the job's status and finished_at, read before them); None once
+    the key the stream was opened with has been revoked."""
     with session_scope() as session:
+        if key_hash is not None and session.scalar(select(ApiKey.id).where(
+                ApiKey.key_hash == key_hash, ApiKey.revoked_at.is_(None))) is None:
+            return None
         status, finished_at = session.execute(select(FineTuningJob.status, FineTuningJob.finished_at)
                                               .where(FineTuningJob.id == job_id)).one()
         rows = list(session.scalars(select(JobEvent).where(JobEvent.job_id == job_id, JobEvent.id > after_seq)
@@ -55,12 +59,19 @@ def _poll(job_id: str, after_seq: int) -> tuple[list[JobEvent], str, int | None]
     return rows, str(status), finished_at
 
 
-async def job_events(job_id: str, *, after_seq: int, poll_seconds: float) -> AsyncIterator[dict[str, Any]]:
-    """Server-sent events (sse-starlette's dicts): one per job event, its id the event's id, then `end`."""
+async def job_events(job_id: str, *, after_seq: int, poll_seconds: float,
+                     key_hash: str | None = None) -> AsyncIterator[dict[str, Any]]:
+    """Server-sent events (sse-starlette's dicts): one per job event, its id the event's id, then `end`; or an
+    `error` event and the end once `key_hash`'s key is revoked (an open stream is no exception to a revocation)."""
     cursor = after_seq
     while True:
         polled_at = time.time()
-        rows, status, finished_at = await anyio.to_thread.run_sync(_poll, job_id, cursor)
+        polled = await anyio.to_thread.run_sync(_poll, job_id, cursor, key_hash)
+        if polled is None:
+            yield {"event": "error", "data": json.dumps(error_body("The API key of this stream was revoked.",
+                                                                   "invalid_request_error", None, "invalid_api_key"))}
+            return
+        rows, status, finished_at = polled
         for row in rows:
             cursor = row.id
             yield {"id": row.public_id, "event": "fine_tuning.job.event", "data": json.dumps(event_object(row))}
