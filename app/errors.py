@@ -61,10 +61,14 @@ class Unavailable(DomainError):
     """Something this request needs is down (no inference replica answers); worth retrying later."""
 
 
+class TimedOut(DomainError):
+    """The request ran past its time limit and was ended (a generation longer than the generation timeout)."""
+
+
 # The one mapping from domain errors to HTTP statuses.
 HTTP_STATUS: dict[type[DomainError], int] = {
     InvalidRequest: 400, Unauthorized: 401, NotFound: 404, Conflict: 409, TooLarge: 413, Unprocessable: 422,
-    LimitReached: 429, Unavailable: 503,
+    LimitReached: 429, Unavailable: 503, TimedOut: 504,
 }
 
 
@@ -127,6 +131,8 @@ def install_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(StarletteHTTPException)
     async def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        if isinstance(getattr(exc, "domain_error", None), DomainError):  # one of ours, raised where only an
+            return await _domain_error(request, exc.domain_error)  # type: ignore[attr-defined]  # HTTPException passes
         code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code)
         headers = dict(getattr(exc, "headers", None) or {})
         if exc.status_code == 405:

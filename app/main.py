@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import logging
 import sys
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from typing import Any
 
-from fastapi import FastAPI
+from fastapi import FastAPI, Request, Response
+from fastapi_offline import FastAPIOffline
 
 from app import console, logs, metrics
 from app.api import (
@@ -26,6 +27,7 @@ from app.api import (
 )
 from app.db.session import SchemaOutOfDate, schema_problem
 from app.errors import install_error_handlers
+from app.request_guard import RequestGuard
 from app.services import tokenizers
 from app.settings import get_settings
 
@@ -83,17 +85,39 @@ def bootstrap_tenant(settings: Any) -> None:
     with session_scope() as session:
         key = bootstrap(session, data_dir=settings.data_dir, explicit_key=settings.bootstrap_key)
     if key:
-        log.warning("created the local tenant; its API key (also in %s): %s", settings.data_dir / "bootstrap_key",
-                    key)
+        # The key itself stays out of the log (logs are collected and kept where keys should not be).
+        log.warning("created the local tenant; its API key is in %s (readable by this user only)",
+                    settings.data_dir / "bootstrap_key")
+
+
+DOCUMENTATION_PATHS = ("/docs", "/redoc")
+# What the documentation pages may load: their own scripts and styles (and the inline start-up script FastAPI
+# writes), nothing from another origin.
+DOCUMENTATION_POLICY = ("default-src 'self'; script-src 'self' 'unsafe-inline'; style-src 'self' 'unsafe-inline'; "
+                        "img-src 'self' data:; worker-src 'self' blob:; connect-src 'self'; frame-ancestors 'none'")
+
+
+async def _documentation_policy(request: Request, call_next: Callable[[Request], Awaitable[Response]]) -> Response:
+    response = await call_next(request)
+    if request.url.path in DOCUMENTATION_PATHS:
+        response.headers["Content-Security-Policy"] = DOCUMENTATION_POLICY
+    return response
 
 
 def create_app(role: str | None = None) -> FastAPI:
     """The app of one role (ADAPTERY_ROLE): "all" everything in one process; "api" everything but the serving
     engine, whose routes are forwarded to the inference replicas; "inference" the engine's routes alone."""
     role = role or get_settings().role
-    app = FastAPI(title="Adaptery", version="0.1.0", lifespan=lifespan,
-                  description="Self-hosted parameter-efficient fine-tuning with an OpenAI-shaped API.")
+    # /docs and /redoc with their scripts served from here: the console keeps the key in this origin's storage,
+    # so no script from elsewhere (a CDN) may run on it.
+    app = FastAPIOffline(title="Adaptery", version="0.1.0", lifespan=lifespan, static_url="/docs-assets",
+                         description="Self-hosted parameter-efficient fine-tuning with an OpenAI-shaped API.")
     install_error_handlers(app)
+    # Added first, so it is the innermost: a body's size is counted in the `receive` the app itself calls (an
+    # @app.middleware between them would relay it through a task, turning the refusal into a parse error). Inside
+    # logging and metrics, so a refused request is logged and counted.
+    app.add_middleware(RequestGuard)
+    app.middleware("http")(_documentation_policy)
     app.middleware("http")(metrics.record_http)
     app.middleware("http")(logs.record_request)  # added last, so it runs first: the id covers the rest
     routers = [health.router]

@@ -9,14 +9,20 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field
+from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 DEFAULT_BASE_MODEL = "SmolLM2-135M-Instruct"
+# Operator secrets shorter than this, or made of few distinct characters, are refused at start: such a key can be
+# guessed, and it opens every tenant (the admin key) or the replicas' internal routes (the internal key).
+MIN_SECRET_LENGTH = 16
+MIN_SECRET_DISTINCT = 8
+KNOWN_PLACEHOLDERS = ("change-me", "changeme", "change_me", "secret", "password", "adaptery", "admin", "internal")
 
 
 class Settings(BaseSettings):
-    model_config = SettingsConfigDict(env_prefix="ADAPTERY_", extra="ignore")
+    # hide_input_in_errors: a refused secret is not echoed into the start-up error (and so the log).
+    model_config = SettingsConfigDict(env_prefix="ADAPTERY_", extra="ignore", hide_input_in_errors=True)
 
     host: str = Field(default="127.0.0.1", description="The address `adaptery serve` listens on (0.0.0.0: every "
                                                        "interface).")
@@ -24,8 +30,26 @@ class Settings(BaseSettings):
                                                    "tenants and keys. Empty: the admin routes answer 401.")
     bootstrap_key: str = Field(
         default="", description="A fixed API key of the local tenant, added to it at every start (tests, scripts). "
-                                "Empty: a random key on first start, printed and saved to <data dir>/bootstrap_key.")
+                                "Empty: a random key on first start, saved to <data dir>/bootstrap_key (and shown "
+                                "once when `adaptery serve` runs at a terminal; never written to the log).")
     port: int = Field(default=8000, description="The port `adaptery serve` listens on.")
+
+    @field_validator("admin_key", "bootstrap_key", "internal_key", "metrics_token")
+    @classmethod
+    def _strong_secret(cls, value: str, info: object) -> str:
+        """An operator secret, when set, must not be guessable (the rule is in the error)."""
+        name = "ADAPTERY_" + str(getattr(info, "field_name", "")).upper()
+        if not value:
+            return value
+        stripped = value.lower().removeprefix("sk-ady-").removeprefix("sk-")
+        for word in sorted(KNOWN_PLACEHOLDERS, key=len, reverse=True):
+            stripped = stripped.replace(word, "")
+        placeholder = stripped.strip("-_. 0123456789") == ""
+        if len(value) < MIN_SECRET_LENGTH or len(set(value)) < MIN_SECRET_DISTINCT or placeholder:
+            raise ValueError(f"{name} is too weak: use at least {MIN_SECRET_LENGTH} characters, {MIN_SECRET_DISTINCT} "
+                             "of them different, and not a placeholder such as 'change-me' (e.g. "
+                             "`python -c 'import secrets; print(secrets.token_urlsafe(32))'`)")
+        return value
     data_dir: Path = Field(
         default=Path("data"), description="This host's files: uploaded datasets, checkpoints, adapters, training "
                                           "curves, the converted default model, the bootstrap key, and the SQLite "
@@ -94,8 +118,28 @@ class Settings(BaseSettings):
     adapter_cpu_cache_size: int = Field(
         default=128, description="Adapters whose weights stay in memory (slots included, so never fewer than "
                                  "adapter_cache_size): re-activating one is a copy, not a load.")
+    adapter_cpu_cache_mb: int = Field(
+        default=4096, ge=1, description="The most memory, in MiB, the weights of the adapters kept in memory may take "
+                                        "together (per base model, slots included); the least recently used go first "
+                                        "past it or past adapter_cpu_cache_size.")
     max_batch_size: int = Field(default=32, description="Sequences a serving process decodes together in one forward "
                                                         "pass, per base model.")
+    max_pinned_adapters_per_tenant: int = Field(
+        default=4, ge=0, description="Adapters one tenant may have pinned at once in a serving process (all base "
+                                     "models together), so that no tenant can take the adapter slots every tenant "
+                                     "shares; a pin beyond it is a 429. The admin's unpin (POST "
+                                     "/v1/admin/adapters/{id}/unpin) frees any pin.")
+    adapter_slot_wait_seconds: float = Field(
+        default=30.0, gt=0, description="How long a request waits for an adapter slot when every slot is pinned or "
+                                        "serving other requests; past it the request is a 503 with Retry-After.")
+    max_concurrent_generations_per_tenant: int = Field(
+        default=16, ge=1, description="Generation requests (chat and text completions, streamed or not) one tenant "
+                                      "may have waiting or running at once in a serving process; one more is a 429 "
+                                      "with Retry-After.")
+    generation_timeout_seconds: float = Field(
+        default=600.0, gt=0, description="The longest a generation request may take, queueing included: past it the "
+                                         "request is ended, its batch row freed, and it answers a 504 (a stream that "
+                                         "has started ends with an error event).")
     preload_inference: bool = Field(
         default=False, description="Load the default base model into the serving engine at start-up rather than on "
                                    "the first request (roles all and inference).")
@@ -128,6 +172,33 @@ class Settings(BaseSettings):
                                                                      "examples together (chat template applied).")
     max_active_jobs_per_tenant: int = Field(default=20, description="Jobs a tenant may have queued, running or paused "
                                                                     "at once.")
+    max_in_flight_per_tenant: int = Field(
+        default=2, ge=1, description="Jobs of one tenant handed to the workers of one training queue at once (sent to "
+                                     "the broker or running); the tenant's other queued jobs wait in the database and "
+                                     "are sent, oldest first, as these end, so one tenant's burst never runs before "
+                                     "another tenant's first job. Evaluations are counted the same way, apart.")
+    max_active_evaluations_per_tenant: int = Field(
+        default=4, ge=1, description="Evaluations a tenant may have queued or running at once.")
+    max_files_per_tenant: int = Field(default=1000, ge=1, description="Files a tenant may store (deleted ones do not "
+                                                                      "count).")
+    max_storage_mb_per_tenant: int = Field(
+        default=10240, ge=1, description="The bytes a tenant's stored files may take, all together, in MiB.")
+    max_adapters_per_tenant: int = Field(
+        default=1000, ge=1, description="Adapters a tenant may have (fine-tuned models, their servable checkpoints "
+                                        "and imports); at the limit, imports and new jobs are refused.")
+    metrics_token: str = Field(
+        default="", description="A token Prometheus sends to scrape /metrics (Authorization: Bearer <token>); it (or "
+                                "the admin key) also shows /ready's error text. Empty: /metrics is open, as is usual "
+                                "on an internal network.")
+    failed_auth_per_minute: int = Field(
+        default=60, ge=0, description="Requests with a wrong API key a client address may send per minute; past it, "
+                                      "that address's requests are refused (429) for the rest of the minute before "
+                                      "any lookup. Behind a reverse proxy, let uvicorn read the client address from "
+                                      "its headers (--forwarded-allow-ips). 0 turns it off.")
+    max_request_body_kb: int = Field(
+        default=1024, ge=1, description="The largest request body of a route other than uploads and adapter imports "
+                                        "(their own limits: ADAPTERY_MAX_UPLOAD_MB, ADAPTERY_MAX_ADAPTER_MB), in KiB; "
+                                        "checked before any of it is read.")
     rate_limit_per_minute: int = Field(
         default=3000, description="Requests per minute per API key (counted in Redis when Redis is the broker, else "
                                   "in each API process); 0 turns it off.")
@@ -168,10 +239,23 @@ class Settings(BaseSettings):
     webhook_max_attempts: int = Field(default=8, ge=1, le=50, description="Attempts a webhook delivery gets.")
     webhook_retry_seconds: float = Field(default=10.0, gt=0, description="The delay before a webhook delivery's first "
                                                                          "retry, in seconds, doubling after each.")
-    webhook_timeout_seconds: float = Field(default=10.0, gt=0, description="Each webhook delivery attempt's timeout, "
-                                                                           "in seconds.")
+    webhook_timeout_seconds: float = Field(default=10.0, gt=0, description="A webhook delivery attempt's timeout for "
+                                                                           "each connect, write or read, in seconds.")
+    webhook_attempt_deadline_seconds: float = Field(
+        default=30.0, gt=0, le=300, description="The most one webhook delivery attempt may take in all (resolving, "
+                                                "connecting, sending, waiting for the answer), in seconds: a reply "
+                                                "drip-fed within each read's timeout still ends here.")
     webhook_poll_seconds: float = Field(default=1.0, gt=0, description="How often workers look for due webhook "
                                                                        "deliveries, in seconds.")
+    webhook_delivery_threads: int = Field(
+        default=8, ge=1, le=64, description="Webhook deliveries each worker process sends at once, on threads beside "
+                                            "training, so a slow receiver never delays the next delivery.")
+    webhook_in_flight_per_tenant: int = Field(
+        default=2, ge=1, le=64, description="Webhook deliveries of one tenant in flight at once, over all workers: one "
+                                            "tenant's slow endpoints cannot take every delivery thread.")
+    webhook_max_endpoints_per_tenant: int = Field(
+        default=20, ge=1, le=1000, description="Webhook endpoints a tenant may have; at the limit, creating another is "
+                                               "refused (429) until one is deleted.")
 
     event_stream_poll_seconds: float = Field(
         default=0.5, gt=0, le=10, description="How often a live event stream (GET …/events?stream=true) looks for "
@@ -203,6 +287,10 @@ class Settings(BaseSettings):
     max_time_limit_seconds: float = Field(
         default=7 * 24 * 3600, description="The cap on a job's time_limit_seconds (its soft limit); the hard limit "
                                            "adds a grace period to it.")
+    default_time_limit_seconds: float = Field(
+        default=24 * 3600, ge=0, description="The time limit (soft; the hard limit adds a grace period) of a job that "
+                                             "gives no time_limit_seconds, at most max_time_limit_seconds; 0: such "
+                                             "jobs run unbounded.")
     fault_injection: str = Field(
         default="", description='Test-only fault injection for the worker, e.g. "step_delay=0.1,exit_at_step=7". '
                                 'Never set in production.')

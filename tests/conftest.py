@@ -333,7 +333,8 @@ class Stack:
                 if process.poll() is not None:
                     raise RuntimeError(f"{name} exited with {process.returncode}:\n{self.log_tail(name)}")
             try:
-                last = httpx.get(f"{self.base_url}/ready", timeout=5)
+                # With the admin key, /ready shows why it is not (its error text is the operator's).
+                last = httpx.get(f"{self.base_url}/ready", timeout=5, headers={"Authorization": f"Bearer {ADMIN_KEY}"})
                 if last.status_code == 200:
                     return
             except httpx.HTTPError as exc:
@@ -401,6 +402,7 @@ def stack_env(data_dir: Path, *, database_url: str, broker_url: str, tiny_model_
         "ADAPTERY_ADMIN_KEY": ADMIN_KEY,
         "ADAPTERY_MAX_ADAPTER_MB": "64",
         "ADAPTERY_RATE_LIMIT_PER_MINUTE": "0",  # tests poll hard; test_security turns it on
+        "ADAPTERY_FAILED_AUTH_PER_MINUTE": "0",  # tests/api/test_request_guard.py turns it on
         "PYTHONUNBUFFERED": "1",
     })
     env.update(extra or {})

@@ -5,15 +5,16 @@ from __future__ import annotations
 from typing import Annotated, Any
 
 from fastapi import APIRouter, File, Form, UploadFile
-from fastapi.responses import Response
+from fastapi.responses import FileResponse, Response
 from pydantic.json_schema import SkipJsonSchema
+from starlette.background import BackgroundTask
 
 from app.api.deps import AdapterDep, SessionDep, SettingsDep, TenantDep
 from app.errors import InvalidRequest, TooLarge
 from app.schemas.adapters import AdapterObject
 from app.schemas.common import ListResponse, listed
 from app.schemas.errors import errors
-from app.services import adapter_import, inference
+from app.services import adapter_import, inference, quotas
 
 router = APIRouter(prefix="/v1/adapters", tags=["adapters"])
 # The routes that need the serving engine (import checks an adapter by loading it): in role api they are
@@ -41,7 +42,7 @@ def import_adapter(session: SessionDep, settings: SettingsDep, tenant: TenantDep
                        description="two parts, with the file names adapter_config.json and adapter_model.safetensors",
                        json_schema_extra={"minItems": 2, "maxItems": 2})] = None,
                    file: Annotated[UploadFile | SkipJsonSchema[None], File(
-                       description="a zip or tar (may be compressed) holding those two files",
+                       description="a zip (deflate or stored) holding those two files; tar is not accepted",
                        json_schema_extra={"format": "adapter-archive"})] = None,
                    name: Annotated[str | SkipJsonSchema[None], Form(
                        description="the model name to serve it under (empty or absent: a generated one)",
@@ -50,6 +51,7 @@ def import_adapter(session: SessionDep, settings: SettingsDep, tenant: TenantDep
                        description="the base model it was trained on (default: the server's default)")] = None
                    ) -> dict[str, Any]:
     """Bring a PEFT adapter trained elsewhere (safetensors only; any method the server serves)."""
+    quotas.check_adapters(session, tenant_id=tenant, settings=settings)  # before reading what was sent
     limit = settings.max_adapter_mb * 1024 * 1024
     if bool(files) == bool(file):
         raise InvalidRequest("Send either the two files as repeated 'files' parts or one archive as 'file'.",
@@ -84,8 +86,9 @@ def _read(upload: UploadFile, limit: int) -> bytes:
           "content": {"application/zip": {"schema": {"type": "string", "contentMediaType": "application/zip"}}}},
     **errors(401, 404, 429)})
 def download(adapter: AdapterDep, settings: SettingsDep) -> Response:
-    return Response(adapter_import.archive_of(settings, adapter), media_type="application/zip",
-                    headers={"Content-Disposition": f'attachment; filename="{adapter.id}.zip"'})
+    archive = adapter_import.archive_of(settings, adapter)
+    return FileResponse(archive, media_type="application/zip", filename=f"{adapter.id}.zip",
+                        background=BackgroundTask(archive.unlink, missing_ok=True))
 
 
 # Pinning and loading bring the adapter into memory: a full slot bank is a 409, an adapter that cannot load a 422.

@@ -6,8 +6,9 @@ from __future__ import annotations
 
 import hmac
 from collections.abc import Iterator
-from typing import Annotated
+from typing import Annotated, Any, TypeVar
 
+import anyio
 from fastapi import Depends, Header, Request
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from pydantic.json_schema import SkipJsonSchema
@@ -28,6 +29,8 @@ def _session() -> Iterator[Session]:
         session.close()
 
 
+_Object = TypeVar("_Object")
+
 SettingsDep = Annotated[Settings, Depends(get_settings)]
 SessionDep = Annotated[Session, Depends(_session)]
 
@@ -41,12 +44,45 @@ def _key(credentials: HTTPAuthorizationCredentials | None) -> str:
     return tenants.bearer(f"Bearer {credentials.credentials}" if credentials else None)
 
 
-def _tenant(request: Request, session: SessionDep, settings: SettingsDep, credentials: Credentials) -> str:
-    key = _key(credentials)
-    tenant = tenants.tenant_for_key(session, key)
+def _client_address(scope: Any) -> str:
+    client = scope.get("client")
+    return str(client[0]) if client else "unknown"
+
+
+def _tenant_of_key(key: str, client_address: str, settings: Settings) -> str:
+    """The tenant a key belongs to; a wrong key is a 401, and a client address that keeps sending wrong keys is
+    refused for the rest of the minute (a 429) before any lookup, so keys cannot be guessed at the API's speed."""
+    rate_limit.check_failed_authentication(settings, client_address)
+    # A session of its own, closed at once: the request's session (SessionDep) lives until its response has been
+    # sent, so a lookup there would hold a pooled connection for a whole stream or a long generation.
+    with get_sessionmaker()() as session:
+        tenant = tenants.tenant_for_key(session, key)
     if tenant is None:
+        rate_limit.record_failed_authentication(settings, client_address)
         raise Unauthorized("Incorrect API key provided.", code="invalid_api_key")
+    return tenant
+
+
+async def verify_before_body(scope: Any, authorization: str | None, settings: Settings) -> None:
+    """The key check of a request with a body, run by app/request_guard.py before the body is read. The tenant
+    it finds is kept in the request's state, so `_tenant` does not look it up again."""
+    key = tenants.bearer(authorization)
+    if scope["path"].startswith("/v1/admin/"):
+        _check_admin_key(key, settings, _client_address(scope))
+        return
+    tenant = await anyio.to_thread.run_sync(_tenant_of_key, key, _client_address(scope), settings)
+    scope.setdefault("state", {})["verified_key"] = (tenants.hash_key(key), tenant)
+
+
+def _tenant(request: Request, settings: SettingsDep, credentials: Credentials) -> str:
+    key = _key(credentials)
+    verified = getattr(request.state, "verified_key", None)
+    if verified is not None and hmac.compare_digest(verified[0], tenants.hash_key(key)):
+        tenant = str(verified[1])
+    else:
+        tenant = _tenant_of_key(key, _client_address(request.scope), settings)
     request.state.tenant = tenant  # for the request's log line (app/logs.py)
+    request.state.key_hash = tenants.hash_key(key)  # a long stream checks that its key still stands
     if not _forwarded_by_api(request, settings):  # the API counted it already
         rate_limit.check(settings, tenants.hash_key(key)[:16])
     return tenant
@@ -58,33 +94,48 @@ def _forwarded_by_api(request: Request, settings: Settings) -> bool:
                 and hmac.compare_digest(given.encode(), settings.internal_key.encode()))
 
 
-def _admin(settings: SettingsDep, credentials: Credentials) -> None:
-    if not tenants.is_admin_key(_key(credentials), settings.admin_key):
+def _check_admin_key(key: str, settings: Settings, client_address: str) -> None:
+    rate_limit.check_failed_authentication(settings, client_address)
+    if not tenants.is_admin_key(key, settings.admin_key):
+        rate_limit.record_failed_authentication(settings, client_address)
         raise Unauthorized("This route needs the admin key (ADAPTERY_ADMIN_KEY).", code="invalid_api_key")
+
+
+def _admin(request: Request, settings: SettingsDep, credentials: Credentials) -> None:
+    _check_admin_key(_key(credentials), settings, _client_address(request.scope))
 
 
 TenantDep = Annotated[str, Depends(_tenant)]
 AdminDep = Annotated[None, Depends(_admin)]
 
 
+def _loaded(session: Session, found: _Object) -> _Object:
+    """`found`, with the session's connection back in the pool: the route runs in another thread-pool turn, and a
+    connection held across that wait lets a burst of requests hold the whole pool while waiting for threads that
+    are all blocked waiting for a connection. (Nothing is pending here; expire_on_commit is off, so `found` keeps
+    its loaded attributes.)"""
+    session.commit()
+    return found
+
+
 def _job(fine_tuning_job_id: str, session: SessionDep, tenant: TenantDep) -> FineTuningJob:
-    return jobs.get_job(session, tenant_id=tenant, job_id=fine_tuning_job_id)
+    return _loaded(session, jobs.get_job(session, tenant_id=tenant, job_id=fine_tuning_job_id))
 
 
 def _file(file_id: str, session: SessionDep, tenant: TenantDep) -> File:
-    return datasets.get_file(session, tenant_id=tenant, file_id=file_id)
+    return _loaded(session, datasets.get_file(session, tenant_id=tenant, file_id=file_id))
 
 
 def _adapter(adapter_id: str, session: SessionDep, tenant: TenantDep) -> Adapter:
-    return inference.get_adapter(session, tenant_id=tenant, adapter_id=adapter_id)
+    return _loaded(session, inference.get_adapter(session, tenant_id=tenant, adapter_id=adapter_id))
 
 
 def _evaluation(evaluation_id: str, session: SessionDep, tenant: TenantDep) -> Evaluation:
-    return evaluations.get_evaluation(session, tenant_id=tenant, evaluation_id=evaluation_id)
+    return _loaded(session, evaluations.get_evaluation(session, tenant_id=tenant, evaluation_id=evaluation_id))
 
 
 def _webhook(webhook_id: str, session: SessionDep, tenant: TenantDep) -> WebhookEndpoint:
-    return webhooks.get_endpoint(session, tenant_id=tenant, endpoint_id=webhook_id)
+    return _loaded(session, webhooks.get_endpoint(session, tenant_id=tenant, endpoint_id=webhook_id))
 
 
 JobDep = Annotated[FineTuningJob, Depends(_job)]

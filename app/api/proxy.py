@@ -4,6 +4,7 @@ model (to know which adapter a request is for) and never imports torch."""
 
 from __future__ import annotations
 
+import tempfile
 from typing import Any
 
 import anyio
@@ -19,7 +20,8 @@ from app.schemas.inference import EVENT_STREAM, ChatCompletion, ChatCompletionRe
 from app.services import inference, routing
 
 router = APIRouter()
-ANSWERS = {200: {"content": EVENT_STREAM}, **errors(400, 401, 404, 422, 429, 503)}
+SPOOL_IN_MEMORY = 1 << 20  # a forwarded body larger than this waits on disk
+ANSWERS = {200: {"content": EVENT_STREAM}, **errors(400, 401, 404, 422, 429, 503, 504)}
 
 
 def _adapter_of(tenant: str, settings: Any, model: str) -> str | None:
@@ -48,8 +50,12 @@ async def completions(request: Request, body: CompletionRequest, settings: Setti
 @router.post("/v1/adapters", response_model=AdapterObject, responses=errors(400, 401, 404, 409, 413, 422, 429, 503),
              openapi_extra=IMPORT_BODY, tags=["adapters"])
 async def import_adapter(request: Request, tenant: TenantDep) -> StreamingResponse:
-    """Importing loads the adapter to check it against the base model: a replica does it."""
-    return await routing.get_router().forward(request, "/v1/adapters", await request.body(), None)
+    """Importing loads the adapter to check it against the base model: a replica does it. The body (up to
+    ADAPTERY_MAX_ADAPTER_MB, app/request_guard.py) goes through a temporary file, never whole in memory."""
+    with tempfile.SpooledTemporaryFile(max_size=SPOOL_IN_MEMORY) as spooled:
+        async for chunk in request.stream():
+            await anyio.to_thread.run_sync(spooled.write, chunk)
+        return await routing.get_router().forward(request, "/v1/adapters", spooled, None)
 
 
 async def _residency_action(request: Request, session: Any, tenant: str, adapter_id: str,

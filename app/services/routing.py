@@ -16,10 +16,11 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import json
 import math
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
-from typing import Any
+from typing import IO, Any
 
 import httpx
 from starlette.requests import Request
@@ -32,8 +33,9 @@ FORWARDED_HEADERS = ("authorization", "content-type", "accept", "x-request-id", 
 RETURNED_HEADERS = ("content-type", "retry-after", "www-authenticate", "cache-control", "x-request-id")
 # The header that marks a request as forwarded by an API process (its value: the internal key).
 INTERNAL_HEADER = "x-adaptery-internal-key"
-# Answers that mean "this replica cannot take it now": try the next one (nothing has been streamed).
-RETRY_STATUSES = frozenset({502, 503, 504})
+# Answers that mean "this replica cannot take it now": try the next one (nothing has been streamed). Not 504: a
+# replica answers it when a generation ran past the generation timeout, and another try would double the wait.
+RETRY_STATUSES = frozenset({502, 503})
 # An adapter held by several replicas shows its most available state.
 STATE_ORDER = {"active": 0, "cpu": 1, "failed": 2}
 
@@ -139,7 +141,9 @@ class InferenceRouter:
 
     # ------------------------------------------------------------------ forwarding
 
-    async def forward(self, request: Request, path: str, body: bytes, adapter_id: str | None) -> StreamingResponse:
+    async def forward(self, request: Request, path: str, body: bytes | IO[bytes],
+                      adapter_id: str | None) -> StreamingResponse:
+        """`body`: the bytes, or a file holding them (an import: never whole in memory), read again per replica."""
         headers = {name: request.headers[name] for name in FORWARDED_HEADERS if name in request.headers}
         headers[INTERNAL_HEADER] = self.internal_key
         failures = []
@@ -147,7 +151,8 @@ class InferenceRouter:
             replica.forwarded += 1
             try:
                 upstream = await self.client.send(self.client.build_request(
-                    request.method, f"{replica.url}{path}", content=body, headers=headers,
+                    request.method, f"{replica.url}{path}", headers=headers,
+                    content=body if isinstance(body, bytes) else _file_chunks(body),
                     params=request.query_params), stream=True)
             except httpx.TransportError as exc:
                 replica.forwarded -= 1
@@ -156,9 +161,11 @@ class InferenceRouter:
                 failures.append(f"replica {replica.index}: {replica.error}")
                 continue
             if upstream.status_code in RETRY_STATUSES:
+                reason = await _error_message(upstream)  # e.g. no adapter slot came free there in time
                 await upstream.aclose()
                 replica.forwarded -= 1
-                failures.append(f"replica {replica.index}: HTTP {upstream.status_code}")
+                failures.append(f"replica {replica.index}: HTTP {upstream.status_code}" + (f" ({reason})" if reason
+                                                                                             else ""))
                 continue
             if adapter_id is not None and upstream.status_code < 400:
                 replica.held.setdefault(adapter_id, "active")  # it is loading it now; the next poll confirms
@@ -169,6 +176,23 @@ class InferenceRouter:
         raise Unavailable("No inference replica could take the request: " + ("; ".join(failures) or "none listed"),
                           code="inference_unavailable", retry_after=1)
 
+    async def unpin_everywhere(self, adapter_id: str) -> None:
+        """The admin's unpin on every replica (a pin is per replica); a replica that is down holds no pins."""
+
+        async def unpin(replica: Replica) -> None:
+            try:
+                answer = await self.client.post(f"{replica.url}/internal/adapters/{adapter_id}/unpin", timeout=10.0,
+                                                headers={"Authorization": f"Bearer {self.internal_key}"})
+            except httpx.HTTPError as exc:
+                if replica.up:
+                    raise Unavailable(f"Replica {replica.index} could not be reached to unpin the adapter: {exc}",
+                                      code="inference_unavailable", retry_after=1) from None
+                return
+            if answer.status_code == 200:
+                replica.pinned.discard(adapter_id)  # the next poll confirms
+
+        await asyncio.gather(*(unpin(replica) for replica in self.replicas))
+
     async def _relay(self, upstream: httpx.Response, replica: Replica) -> AsyncIterator[bytes]:
         try:
             async for chunk in upstream.aiter_raw():
@@ -176,6 +200,15 @@ class InferenceRouter:
         finally:
             await upstream.aclose()  # the client left or the answer ended: the replica frees the sequence
             replica.forwarded -= 1
+
+
+async def _error_message(upstream: httpx.Response) -> str:
+    """The error message of a replica's refusal (the error shape), shortened; empty when it has none."""
+    try:
+        body = await upstream.aread()
+        return str(json.loads(body[:8192])["error"]["message"])[:300]
+    except (httpx.HTTPError, ValueError, KeyError, TypeError):
+        return ""
 
 
 _router: InferenceRouter | None = None
@@ -205,3 +238,10 @@ async def stop() -> None:
 
 def residency(adapter_id: str) -> dict[str, Any] | None:
     return _router.residency(adapter_id) if _router is not None else None
+
+
+async def _file_chunks(body: IO[bytes], size: int = 1 << 20) -> AsyncIterator[bytes]:
+    """A file's bytes from its start, a chunk at a time, read off the event loop."""
+    body.seek(0)
+    while chunk := await asyncio.to_thread(body.read, size):
+        yield chunk
