@@ -166,7 +166,7 @@ def serve(with_worker: bool = typer.Option(True, help="also run a Celery worker 
         console.print(f"[bold green]Adaptery[/] inference replica on {base}  ·  OpenAI-compatible: {base}/v1")
     else:
         console.print(f"[bold green]Adaptery[/] console {base}/  ·  API docs {base}/docs  ·  broker: {broker}")
-    if created:
+    if created and console.is_terminal:  # a person at a terminal; never into a collected log (a container's)
         console.print(f"API key of the local tenant (shown once; also in {key_file}): [bold]{created}[/]")
     elif key_file.exists():
         console.print(f"API key of the local tenant: in {key_file}")

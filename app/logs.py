@@ -39,8 +39,22 @@ class ContextFilter(logging.Filter):
         return True
 
 
+def printable(text: str) -> str:
+    """`text` with every non-printable character escaped (a newline as \\n, an escape as \\x1b): a message may
+    carry what a tenant sent (a file name, a model name), and in a text log a newline forges a line and a terminal
+    escape rewrites what an operator sees."""
+    if text.isprintable():
+        return text
+    return "".join(c if c.isprintable() else c.encode("unicode_escape").decode("ascii") for c in text)
+
+
 class TextFormatter(logging.Formatter):
-    """The plain format, with the context in brackets when there is any."""
+    """The plain format, with the context in brackets when there is any; one line per message (a traceback
+    follows on its own lines)."""
+
+    def formatMessage(self, record: logging.LogRecord) -> str:  # noqa: N802 (logging's name)
+        record.message = printable(record.message)
+        return super().formatMessage(record)
 
     def format(self, record: logging.LogRecord) -> str:
         line = super().format(record)

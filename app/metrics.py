@@ -86,17 +86,20 @@ class StateCollector(Collector):
         residency = GaugeMetricFamily("adaptery_adapters", "Adapters this API process has seen, by residency state",
                                       labels=["base_model", "state"])
         pinned = GaugeMetricFamily("adaptery_adapters_pinned", "Pinned adapters", labels=["base_model"])
+        # Totals, not per adapter: an adapter's id is its tenant's, and anyone who can scrape would see them all.
         in_flight = GaugeMetricFamily("adaptery_adapter_requests_in_flight",
-                                      "Requests queued or generating, by adapter id (base: the base model alone)",
-                                      labels=["base_model", "adapter"])
+                                      "Requests queued or generating on an adapter", labels=["base_model"])
+        adapters_busy = GaugeMetricFamily("adaptery_adapters_with_requests",
+                                          "Adapters with requests queued or generating", labels=["base_model"])
         for name, runtime in sorted(engine.runtimes().items()):
             records = runtime.adapters.residencies()
             for state in AdapterState:
                 residency.add_metric([name, state.value], sum(r.state == state for r in records))
             pinned.add_metric([name], sum(r.pinned for r in records))
-            for adapter, count in sorted(runtime.requests_in_flight().items()):
-                in_flight.add_metric([name, adapter], count)
-        yield from (residency, pinned, in_flight)
+            counts = {adapter: n for adapter, n in runtime.requests_in_flight().items() if adapter != "base"}
+            in_flight.add_metric([name], sum(counts.values()))
+            adapters_busy.add_metric([name], sum(n > 0 for n in counts.values()))
+        yield from (residency, pinned, in_flight, adapters_busy)
 
 
 def render() -> Response:

@@ -4,7 +4,9 @@ parser). No Docker engine runs here, so nothing is built or started; what can be
 
 from __future__ import annotations
 
+import os
 import re
+import secrets
 import shutil
 import subprocess
 from pathlib import Path
@@ -21,13 +23,31 @@ pytestmark = pytest.mark.e2e
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def compose_config() -> dict[str, Any]:
+SECRETS = ("POSTGRES_PASSWORD", "MINIO_PASSWORD", "OBJECT_STORE_SECRET", "ADAPTERY_INTERNAL_KEY")
+
+
+def run_compose_config(env_file: Path) -> subprocess.CompletedProcess[str]:
     tool = shutil.which("docker-compose")
     if tool is None:
         raise RuntimeError("docker-compose is not installed: `make test` installs it as root "
                            "(`apt-get install -y docker-compose`)")
-    done = subprocess.run([tool, "--env-file", ".env.example", "config"], cwd=ROOT, capture_output=True,
-                          text=True, timeout=60)
+    # Only the env file speaks: none of these variables may come from the environment the tests run in.
+    environment = {name: value for name, value in os.environ.items() if name not in SECRETS}
+    return subprocess.run([tool, "--env-file", str(env_file), "config"], cwd=ROOT, capture_output=True,
+                          text=True, timeout=60, env=environment)
+
+
+def filled_env_file(folder: Path) -> Path:
+    """.env.example with a fresh random secret in each of its secrets, as its first lines tell an operator to do."""
+    lines = [f"{line}{secrets.token_urlsafe(32)}" if line.split("=")[0] in SECRETS else line
+             for line in (ROOT / ".env.example").read_text().splitlines()]
+    target = folder / ".env"
+    target.write_text("\n".join(lines) + "\n")
+    return target
+
+
+def compose_config(folder: Path) -> dict[str, Any]:
+    done = run_compose_config(filled_env_file(folder))
     assert done.returncode == 0, done.stderr
     parsed = yaml.safe_load(done.stdout)
     assert isinstance(parsed, dict)
@@ -35,8 +55,23 @@ def compose_config() -> dict[str, Any]:
 
 
 @pytest.fixture(scope="module")
-def compose() -> dict[str, Any]:
-    return compose_config()
+def compose(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
+    return compose_config(tmp_path_factory.mktemp("compose"))
+
+
+def test_compose_has_no_default_secrets(tmp_path: Path, compose: dict[str, Any]) -> None:
+    """Every secret must be set: compose refuses the example file as it is, naming what is missing, and no Adaptery
+    service holds the object store's root credentials."""
+    done = run_compose_config(ROOT / ".env.example")
+    assert done.returncode != 0
+    assert any(name in done.stderr for name in SECRETS), done.stderr
+    services = compose["services"]
+    root_password = services["minio"]["environment"]["MINIO_ROOT_PASSWORD"]
+    for name in ("api", "inference-1", "inference-2", "worker", "worker-gpu", "migrate"):
+        environment = services[name]["environment"]
+        assert environment["AWS_ACCESS_KEY_ID"] != services["minio"]["environment"]["MINIO_ROOT_USER"], name
+        assert root_password not in environment.values(), name
+        assert len(environment["ADAPTERY_INTERNAL_KEY"]) >= 32, name
 
 
 def volume_target(volume: str | dict[str, Any]) -> str:

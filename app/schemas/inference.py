@@ -41,7 +41,8 @@ class SamplingFields(Request):
     temperature: float = Field(default=1.0, ge=0, le=2)
     top_p: float = Field(default=1.0, gt=0, le=1)
     stop: str | list[str] | None = None
-    seed: int | None = None
+    # torch's generators take a 64-bit seed, signed or not; a larger one is a 400 here, not a 500 at sampling.
+    seed: int | None = Field(default=None, ge=-(2**63), le=2**64 - 1)
     n: int = Field(default=1, ge=1, le=1, description="only n=1 is supported")
     stream: bool = False
     stream_options: StreamOptions | None = None

@@ -104,3 +104,22 @@ def test_every_example_of_a_step_goes_to_exactly_one_rank(examples: list[Encoded
             tokens = [sum(len(e.input_ids) for e in share) for share in shares]
             longest = max(len(e.input_ids) for e in chunk)
             assert max(tokens) - min(tokens) <= longest  # balanced by tokens, within one example
+
+
+def test_the_group_listens_on_loopback_only(examples: list[EncodedExample], tiny_model_dir: Path,
+                                            tiny_tokenizer: Any) -> None:
+    """A job's ranks meet through a file in its private folder and talk over the loopback interface: nothing of
+    the group listens where another host (or another tenant's code on the network) could connect."""
+    import os
+
+    import psutil
+
+    pad = tiny_tokenizer.pad_token_id
+    replicas = Replicas(spec("lora", examples, tiny_model_dir, pad), world=2)
+    with replicas as parallel:
+        pids = {os.getpid(), *(p.pid for p in replicas.processes)}
+        listening = [c.laddr for c in psutil.net_connections(kind="inet")
+                     if c.status == psutil.CONN_LISTEN and c.pid in pids]
+        run("lora", examples, tiny_model_dir, pad, parallel=parallel)
+    assert replicas.exit_codes == [0]
+    assert all(address.ip in ("127.0.0.1", "::1") for address in listening), listening

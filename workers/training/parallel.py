@@ -16,7 +16,6 @@ from __future__ import annotations
 import datetime
 import os
 import pickle
-import socket
 import subprocess
 import sys
 import tempfile
@@ -111,12 +110,17 @@ def device_for(rank: int, device_type: str) -> str:
     return f"cuda:{rank}" if device_type == "cuda" else "cpu"
 
 
-def join_group(rank: int, world: int, port: int, device_type: str) -> DataParallel:
+def join_group(rank: int, world: int, rendezvous: str, device_type: str) -> DataParallel:
+    """Join the job's group through `rendezvous`, a file in the job's private folder: a TCP rendezvous store
+    would listen on every interface of the host. The ranks' own connections stay on the loopback interface
+    (unless the operator names another), since every rank is on this host."""
     import torch.distributed as dist
 
+    for variable in ("GLOO_SOCKET_IFNAME", "NCCL_SOCKET_IFNAME"):
+        os.environ.setdefault(variable, "lo")
     if device_type == "cuda":
         torch.cuda.set_device(rank)
-    dist.init_process_group("nccl" if device_type == "cuda" else "gloo", init_method=f"tcp://127.0.0.1:{port}",
+    dist.init_process_group("nccl" if device_type == "cuda" else "gloo", init_method=f"file://{rendezvous}",
                             rank=rank, world_size=world, timeout=datetime.timedelta(seconds=TIMEOUT_SECONDS))
     return DataParallel(rank=rank, world=world)
 
@@ -147,12 +151,6 @@ class ReplicaSpec:
     memory: Any = None  # a memory.MemoryPlan
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 class Replicas:
     """`with Replicas(spec, world) as parallel:` starts ranks 1..world-1, joins the group as rank 0, and on
     leaving waits for the replicas (killing any that outlive the job by more than a few seconds)."""
@@ -166,14 +164,14 @@ class Replicas:
         self.folder = tempfile.TemporaryDirectory(prefix="adaptery-replicas-")
         spec_path = Path(self.folder.name) / "spec.pickle"
         spec_path.write_bytes(pickle.dumps(self.spec))
-        port = _free_port()
+        rendezvous = str(Path(self.folder.name) / "rendezvous")
         env = {**os.environ, "ADAPTERY_REPLICA_PARENT": str(os.getpid())}
         for rank in range(1, self.world):
             self.processes.append(subprocess.Popen(
                 [sys.executable, "-m", "workers.training.parallel", str(spec_path), str(rank), str(self.world),
-                 str(port)], env=env))
+                 rendezvous], env=env))
         try:
-            self.parallel = join_group(0, self.world, port, self.spec.device_type)
+            self.parallel = join_group(0, self.world, rendezvous, self.spec.device_type)
         except BaseException:
             self._stop(wait=0)
             raise
@@ -215,14 +213,14 @@ def _exit_with_parent() -> None:
     threading.Thread(target=watch, daemon=True, name="parent-watch").start()
 
 
-def replica_main(spec_path: str, rank: int, world: int, port: int) -> None:
+def replica_main(spec_path: str, rank: int, world: int, rendezvous: str) -> None:
     from adapters.base_models import load_model
     from workers.training.loop import ReplicaRecipe
 
     _exit_with_parent()
     spec: ReplicaSpec = pickle.loads(Path(spec_path).read_bytes())
     torch.set_num_threads(spec.torch_threads)
-    parallel = join_group(rank, world, port, spec.device_type)
+    parallel = join_group(rank, world, rendezvous, spec.device_type)
     in_step = False
     try:
         base = load_model(spec.model_path, device=device_for(rank, spec.device_type), dtype=spec.config.compute_dtype)
@@ -239,7 +237,7 @@ if __name__ == "__main__":
     # Through the package module, not this __main__ copy: the loop raises the package's ReplicaStopped.
     from workers.training.parallel import replica_main as main
 
-    main(sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4]))
+    main(sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), sys.argv[4])
     # The replica has left its group cleanly; end here, before interpreter teardown, where a C++ thread the
     # process group left behind sometimes aborts the process ("terminate called without an active exception",
     # exit -6 about one run in ten) although the job's work is done.
