@@ -5,9 +5,10 @@ worker never runs here (the end-to-end tier, tests/e2e, runs real workers)."""
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import json
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -91,6 +92,8 @@ def in_process_api(folder: Path, tiny_model_dir: Path, extra: dict[str, str] | N
         # defaults its later jobs would be held unsent and its evaluations refused. test_quotas.py sets them low.
         "ADAPTERY_MAX_IN_FLIGHT_PER_TENANT": "1000",
         "ADAPTERY_MAX_ACTIVE_EVALUATIONS_PER_TENANT": "1000",
+        # test_events opens 100 streams of one tenant to measure the pool; the per-tenant cap has its own test.
+        "ADAPTERY_MAX_OPEN_STREAMS_PER_TENANT": "1000",
         **(extra or {}),
     }
     broker = Broker()
@@ -135,3 +138,28 @@ def error_of(response: Any) -> dict[str, Any]:
     assert set(body) == {"error"}, body
     assert {"message", "type", "param", "code"} <= set(body["error"]), body
     return dict(body["error"])
+
+
+def open_event_stream(app: Any, path: str, key: str, *, closing: asyncio.Event,
+                      on_message: Callable[[dict[str, Any]], None]) -> asyncio.Task[None]:
+    """GET `path`?stream=true called straight into the app, in the running event loop (an HTTP client through
+    the TestClient would wait for the end of a stream that may never end): a task that runs until the stream
+    ends, or the client disconnects once `closing` is set. Each message the app sends goes to `on_message`."""
+    scope = {"type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1", "method": "GET", "scheme": "http",
+             "path": path, "raw_path": path.encode(), "query_string": b"stream=true", "root_path": "",
+             "headers": [(b"authorization", f"Bearer {key}".encode()), (b"host", b"testserver")],
+             "client": ("127.0.0.1", 1), "server": ("testserver", 80)}
+    requested = False
+
+    async def receive() -> dict[str, Any]:
+        nonlocal requested
+        if not requested:
+            requested = True
+            return {"type": "http.request", "body": b"", "more_body": False}
+        await closing.wait()
+        return {"type": "http.disconnect"}
+
+    async def send(message: dict[str, Any]) -> None:
+        on_message(message)
+
+    return asyncio.create_task(app(scope, receive, send))

@@ -4,7 +4,6 @@ slot, a concurrency limit per tenant, a generation timeout, no API thread held w
 
 from __future__ import annotations
 
-import contextlib
 import json
 import threading
 import time
@@ -16,6 +15,7 @@ import anyio
 import pytest
 from fastapi.testclient import TestClient
 
+from tests.adapters.test_engine import scheduler_paused
 from tests.api.adapters_made_with_peft import files_of, save_lora, send_files
 from tests.api.conftest import Api, error_of, in_process_api
 from tests.budgets import UNLESS_BROKEN, budget
@@ -72,20 +72,6 @@ def _runtime() -> Any:
     from app.settings import get_settings
 
     return get_engine(get_settings()).runtime(TINY_MODEL_ID)
-
-
-@contextlib.contextmanager
-def _scheduler_paused(runtime: Any) -> Iterator[None]:
-    """Hold the engine's scheduler thread between two steps (inside a `call`): every request waits meanwhile."""
-    entered, release = threading.Event(), threading.Event()
-    holder = threading.Thread(target=runtime.call, args=(lambda: (entered.set(), release.wait()),))
-    holder.start()
-    assert entered.wait(timeout=UNLESS_BROKEN)
-    try:
-        yield
-    finally:
-        release.set()
-        holder.join(timeout=UNLESS_BROKEN)
 
 
 def _until(condition: Any, seconds: float) -> bool:
@@ -168,7 +154,7 @@ def test_waiting_generations_hold_no_api_thread_and_each_tenant_has_a_concurrenc
     def post(key: dict[str, str]) -> None:
         answers.append(client.post("/v1/completions", json=body, headers=key))
 
-    with _scheduler_paused(runtime):
+    with scheduler_paused(runtime):
         threads = [threading.Thread(target=post, args=(key,)) for key in (a, a, b)]
         for thread in threads[:2]:
             thread.start()
@@ -197,7 +183,7 @@ def test_a_generation_past_the_timeout_is_ended_with_a_clear_error(api: Api, mon
     client = api.client
     runtime = _runtime()
     body = {"model": TINY_MODEL_ID, "prompt": "Once upon", "max_tokens": 50, "temperature": 0}
-    with _scheduler_paused(runtime):
+    with scheduler_paused(runtime):
         late = client.post("/v1/completions", json=body)
         assert late.status_code == 504, late.text
         assert error_of(late)["code"] == "generation_timeout" and \

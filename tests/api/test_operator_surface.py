@@ -17,7 +17,7 @@ import pytest
 from fastapi.testclient import TestClient
 from pydantic import ValidationError
 
-from tests.api.conftest import Api, chat_file, error_of, in_process_api
+from tests.api.conftest import Api, chat_file, error_of, in_process_api, open_event_stream
 from tests.conftest import ADMIN_KEY
 from tests.tiny_model import TINY_MODEL_ID
 
@@ -122,28 +122,15 @@ def test_an_open_stream_ends_when_its_key_is_revoked(api: Api) -> None:
     async def stream_until_it_ends() -> bytes:
         received = b""
         first_event = asyncio.Event()
-        requested = False
 
-        async def receive() -> dict[str, Any]:
-            nonlocal requested
-            if not requested:
-                requested = True
-                return {"type": "http.request", "body": b"", "more_body": False}
-            await asyncio.sleep(3600)
-            return {"type": "http.disconnect"}
-
-        async def send(message: dict[str, Any]) -> None:
+        def on_message(message: dict[str, Any]) -> None:
             nonlocal received
             if message["type"] == "http.response.body":
                 received += message.get("body", b"")
                 if b"data:" in received:
                     first_event.set()
 
-        scope = {"type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1", "method": "GET",
-                 "scheme": "http", "path": path, "raw_path": path.encode(), "query_string": b"stream=true",
-                 "root_path": "", "headers": [(b"authorization", f"Bearer {key}".encode()), (b"host", b"t")],
-                 "client": ("127.0.0.1", 1), "server": ("t", 80)}
-        streaming = asyncio.create_task(app(scope, receive, send))  # type: ignore[arg-type]
+        streaming = open_event_stream(app, path, key, closing=asyncio.Event(), on_message=on_message)
         await asyncio.wait_for(first_event.wait(), timeout=30)
         revoked = await asyncio.to_thread(admin.delete, f"/v1/admin/keys/{key_id}")
         assert revoked.status_code == 200, revoked.text
