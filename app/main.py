@@ -50,6 +50,11 @@ async def lifespan(_: FastAPI) -> AsyncIterator[None]:
     bootstrap_tenant(settings)
     check_role(settings)
     tokenizers.start_warm_up(settings)  # off the request path; /ready says when it is done
+    if settings.role != "api":
+        # The engine's decode loop is a Python thread: between its torch calls it holds the GIL, and a request
+        # thread waiting for it waits a whole switch interval each time (5 ms by default). A shorter interval keeps
+        # every other tenant's requests answered promptly while the batch is busy (bench/noisy_neighbour.py).
+        sys.setswitchinterval(SERVING_SWITCH_INTERVAL)
     if settings.preload_inference and settings.role != "api":
         from app.services.inference import get_engine
 
@@ -90,6 +95,7 @@ def bootstrap_tenant(settings: Any) -> None:
                     settings.data_dir / "bootstrap_key")
 
 
+SERVING_SWITCH_INTERVAL = 0.001
 DOCUMENTATION_PATHS = ("/docs", "/redoc")
 # What the documentation pages may load: their own scripts and styles (and the inline start-up script FastAPI
 # writes), nothing from another origin.

@@ -133,9 +133,10 @@ class Settings(BaseSettings):
         default=30.0, gt=0, description="How long a request waits for an adapter slot when every slot is pinned or "
                                         "serving other requests; past it the request is a 503 with Retry-After.")
     max_concurrent_generations_per_tenant: int = Field(
-        default=16, ge=1, description="Generation requests (chat and text completions, streamed or not) one tenant "
-                                      "may have waiting or running at once in a serving process; one more is a 429 "
-                                      "with Retry-After.")
+        default=8, ge=1, description="Generation requests (chat and text completions, streamed or not) one tenant "
+                                     "may have waiting or running at once in a serving process; one more is a 429 "
+                                     "with Retry-After. Each row in the batch slows every other row's steps, so this "
+                                     "is also what one tenant can cost another's latency (docs/serving.md).")
     generation_timeout_seconds: float = Field(
         default=600.0, gt=0, description="The longest a generation request may take, queueing included: past it the "
                                          "request is ended, its batch row freed, and it answers a 504 (a stream that "
@@ -257,6 +258,9 @@ class Settings(BaseSettings):
         default=20, ge=1, le=1000, description="Webhook endpoints a tenant may have; at the limit, creating another is "
                                                "refused (429) until one is deleted.")
 
+    max_open_streams_per_tenant: int = Field(
+        default=20, ge=1, description="Job event streams (GET …/events?stream=true) a tenant may hold open at once "
+                                      "in one API process; past it, 429 too_many_open_streams.")
     event_stream_poll_seconds: float = Field(
         default=0.5, gt=0, le=10, description="How often a live event stream (GET …/events?stream=true) looks for "
                                               "new events, in seconds.")

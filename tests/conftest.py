@@ -78,7 +78,7 @@ def reset_process_state() -> None:
     """Forget every per-process cache built from settings (settings, database engine, serving engine), so the next
     use builds them from the environment as it is now."""
     from app.db import session as db_session
-    from app.services import inference, tokenizers
+    from app.services import inference, tenants, tokenizers
     from app.settings import get_settings
 
     engine = inference.engine_if_started()
@@ -93,6 +93,7 @@ def reset_process_state() -> None:
     get_settings.cache_clear()
     tokenizers._tokenizers.clear()
     tokenizers.warm_up = tokenizers.WarmUp()
+    tenants._known_keys.clear()
 
 
 # ------------------------------------------------------------------ services
@@ -403,6 +404,9 @@ def stack_env(data_dir: Path, *, database_url: str, broker_url: str, tiny_model_
         "ADAPTERY_MAX_ADAPTER_MB": "64",
         "ADAPTERY_RATE_LIMIT_PER_MINUTE": "0",  # tests poll hard; test_security turns it on
         "ADAPTERY_FAILED_AUTH_PER_MINUTE": "0",  # tests/api/test_request_guard.py turns it on
+        # Mixed-batch tests send one tenant's requests to every model at once; the per-tenant limit (default 8)
+        # has its own tests (tests/api/test_inference.py).
+        "ADAPTERY_MAX_CONCURRENT_GENERATIONS_PER_TENANT": "64",
         "PYTHONUNBUFFERED": "1",
     })
     env.update(extra or {})

@@ -55,8 +55,7 @@ def _tenant_of_key(key: str, client_address: str, settings: Settings) -> str:
     rate_limit.check_failed_authentication(settings, client_address)
     # A session of its own, closed at once: the request's session (SessionDep) lives until its response has been
     # sent, so a lookup there would hold a pooled connection for a whole stream or a long generation.
-    with get_sessionmaker()() as session:
-        tenant = tenants.tenant_for_key(session, key)
+    tenant = tenants.cached_tenant_for_key(get_sessionmaker(), key)
     if tenant is None:
         rate_limit.record_failed_authentication(settings, client_address)
         raise Unauthorized("Incorrect API key provided.", code="invalid_api_key")

@@ -3,6 +3,7 @@ what a job may train."""
 
 from __future__ import annotations
 
+import weakref
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Header, Query, Request
@@ -152,10 +153,12 @@ def list_events(request: Request, job: JobDep, session: SessionDep, settings: Se
         # The stream polls with sessions of its own; this one would otherwise keep its pooled connection until
         # the stream ends (the dependency closes it after the response), and 15 open streams would drain the pool.
         session.close()
-        return EventSourceResponse(event_stream.job_events(job.id, after_seq=after_seq,
-                                                           poll_seconds=settings.event_stream_poll_seconds,
-                                                           key_hash=request.state.key_hash),
-                                   ping=settings.event_stream_ping_seconds)
+        release = event_stream.open_streams.take(job.tenant_id, settings.max_open_streams_per_tenant)
+        events = event_stream.counted(event_stream.job_events(job.id, after_seq=after_seq,
+                                                              poll_seconds=settings.event_stream_poll_seconds,
+                                                              key_hash=request.state.key_hash), release)
+        weakref.finalize(events, release)  # a stream dropped before it started never runs its `finally`
+        return EventSourceResponse(events, ping=settings.event_stream_ping_seconds)
     rows, has_more = jobs.list_events(session, job, after=after, limit=limit)
     return paged([event_object(r) for r in rows], has_more)
 

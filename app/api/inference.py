@@ -39,8 +39,13 @@ async def _respond(body: Any, session: Any, settings: Any, tenant: str, *, chat:
         finally:
             session.close()  # generation can take seconds; don't hold a connection meanwhile
 
-    target = await anyio.to_thread.run_sync(resolve)
-    running = await inference.begin(settings, target, body, chat=chat, tenant=tenant, started=started)
+    claim = inference.claim_generation(settings, tenant)  # first: a refused request costs no lookup
+    try:
+        target = await anyio.to_thread.run_sync(resolve)
+    except BaseException:
+        claim.released = True
+        raise
+    running = await inference.begin(settings, target, body, chat=chat, tenant=tenant, started=started, claim=claim)
     try:
         if not body.stream:
             return inference.response_body(target, await running.result(), chat=chat)

@@ -5,6 +5,8 @@ model (to know which adapter a request is for) and never imports torch."""
 from __future__ import annotations
 
 import tempfile
+import weakref
+from collections.abc import AsyncIterable, AsyncIterator
 from typing import Any
 
 import anyio
@@ -31,8 +33,26 @@ def _adapter_of(tenant: str, settings: Any, model: str) -> str | None:
 
 
 async def _generate(request: Request, path: str, model: str, settings: Any, tenant: str) -> StreamingResponse:
-    adapter_id = await anyio.to_thread.run_sync(_adapter_of, tenant, settings, model)
-    return await routing.get_router().forward(request, path, await request.body(), adapter_id)
+    # The tenant's concurrency limit, counted here too (per API process): a tenant's refused flood then stops at
+    # the API and never reaches the replica, whose process runs the decode loop.
+    claim = inference.claim_generation(settings, tenant)
+    try:
+        adapter_id = await anyio.to_thread.run_sync(_adapter_of, tenant, settings, model)
+        response = await routing.get_router().forward(request, path, await request.body(), adapter_id)
+    except BaseException:
+        claim.released = True
+        raise
+    response.body_iterator = _released_at_end(response.body_iterator, claim)
+    weakref.finalize(response, setattr, claim, "released", True)  # a response never sent never ends its body
+    return response
+
+
+async def _released_at_end(body: AsyncIterable[Any], claim: Any) -> AsyncIterator[Any]:
+    try:
+        async for chunk in body:
+            yield chunk
+    finally:
+        claim.released = True
 
 
 @router.post("/v1/chat/completions", response_model=ChatCompletion, responses=ANSWERS, tags=["inference"])

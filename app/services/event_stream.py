@@ -14,20 +14,62 @@ pings) until it resumes and ends. Each poll also checks that the stream's key ha
 from __future__ import annotations
 
 import json
+import threading
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 import anyio
 from sqlalchemy import select
 
-from app.db.models import TERMINAL_JOB_STATUSES, ApiKey, FineTuningJob, JobEvent
+from app.db.models import TERMINAL_JOB_STATUSES, ApiKey, FineTuningJob, JobEvent, JobStatus
 from app.db.session import session_scope
-from app.errors import InvalidRequest, error_body
+from app.errors import InvalidRequest, LimitReached, error_body
 from app.schemas.fine_tuning import event_object
 
 PAGE = 500
 FINISH_SETTLE_SECONDS = 2.0
+IDLE_POLL_SECONDS = 4.0
+WAITING_STATUSES = frozenset({JobStatus.queued, JobStatus.paused})
+
+
+class StreamCount:
+    """Event streams open per tenant in this process, against ADAPTERY_MAX_OPEN_STREAMS_PER_TENANT: each costs a
+    poll every interval, so one tenant's hundred streams would slow every other tenant's requests."""
+
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self.open: dict[str, int] = {}
+
+    def take(self, tenant: str, limit: int) -> Callable[[], None]:
+        """Count one more stream of `tenant` (429 past `limit`); returns its release, which may be called twice."""
+        with self.lock:
+            if self.open.get(tenant, 0) >= limit:
+                raise LimitReached(f"This tenant already has {limit} event streams open in this process "
+                                   "(ADAPTERY_MAX_OPEN_STREAMS_PER_TENANT); close one, or poll the events list.",
+                                   code="too_many_open_streams", retry_after=5)
+            self.open[tenant] = self.open.get(tenant, 0) + 1
+        released = False
+
+        def release() -> None:
+            nonlocal released
+            with self.lock:
+                if not released:
+                    released = True
+                    self.open[tenant] -= 1
+        return release
+
+
+open_streams = StreamCount()
+
+
+async def counted(stream: AsyncIterator[dict[str, Any]], release: Callable[[], None]) -> AsyncIterator[dict[str, Any]]:
+    """`stream`, releasing its place in the count when it ends however it ends."""
+    try:
+        async for item in stream:
+            yield item
+    finally:
+        release()
 
 
 def resume_point(job_id: str, last_event_id: str | None) -> int:
@@ -63,7 +105,7 @@ async def job_events(job_id: str, *, after_seq: int, poll_seconds: float,
                      key_hash: str | None = None) -> AsyncIterator[dict[str, Any]]:
     """Server-sent events (sse-starlette's dicts): one per job event, its id the event's id, then `end`; or an
     `error` event and the end once `key_hash`'s key is revoked (an open stream is no exception to a revocation)."""
-    cursor = after_seq
+    cursor, idle = after_seq, 0
     while True:
         polled_at = time.time()
         polled = await anyio.to_thread.run_sync(_poll, job_id, cursor, key_hash)
@@ -81,4 +123,7 @@ async def job_events(job_id: str, *, after_seq: int, poll_seconds: float,
         if status in TERMINAL_JOB_STATUSES and not rows and settled:
             yield {"event": "end", "data": json.dumps({"id": job_id, "status": status})}
             return
-        await anyio.sleep(poll_seconds)
+        # A queued or paused job writes nothing until someone acts on it: its stream polls less often the longer
+        # it stays so (up to IDLE_POLL_SECONDS), so idle streams cost little; any event brings it back.
+        idle = idle + 1 if not rows and status in WAITING_STATUSES else 0
+        await anyio.sleep(min(poll_seconds * 2 ** idle, max(poll_seconds, IDLE_POLL_SECONDS)))

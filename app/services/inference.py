@@ -177,6 +177,11 @@ def start(settings: Settings, target: Target, request: Any, *, chat: bool, tenan
 # ------------------------------------------------------------------ fairness: concurrency, deadlines, awaiting
 
 
+# Seconds a refused generation is told to wait: clients that honour Retry-After (the OpenAI SDK does) then retry
+# a few times a second at most, rather than as fast as the refusals come back.
+CONCURRENCY_RETRY_AFTER = 2
+
+
 @dataclass
 class _Claim:
     """One generation request of a tenant, counted from before it is queued until its sequence ends."""
@@ -204,7 +209,8 @@ def _claim(settings: Settings, tenant: str) -> _Claim:
             _claims[tenant] = live
             raise LimitReached(f"This tenant already has {len(live)} generation requests waiting or running; at most "
                                f"{limit} may run at once (ADAPTERY_MAX_CONCURRENT_GENERATIONS_PER_TENANT). Retry when "
-                               "one has finished.", code="too_many_concurrent_requests", retry_after=1)
+                               "one has finished.", code="too_many_concurrent_requests",
+                               retry_after=CONCURRENCY_RETRY_AFTER)
         claim = _Claim()
         _claims[tenant] = [*live, claim]
         return claim
@@ -276,14 +282,21 @@ def _engine_error(settings: Settings, error: Exception) -> Exception:
     return error
 
 
+def claim_generation(settings: Settings, tenant: str) -> _Claim:
+    """Count a generation request against its tenant's concurrency limit (a 429 over it). Called before anything
+    else the request costs (resolving its model, tokenising), so that a tenant's refused flood costs little."""
+    return _claim(settings, tenant)
+
+
 async def begin(settings: Settings, target: Target, request: Any, *, chat: bool, tenant: str,
-                started: float | None = None) -> Running:
-    """Count the request against its tenant's concurrency limit (a 429 over it), queue it (in a worker thread:
-    an adapter may load from disk), and return it with its deadline, `generation_timeout_seconds` after `started`
-    (the event loop's time when the request arrived; now if not given)."""
+                started: float | None = None, claim: _Claim | None = None) -> Running:
+    """Count the request against its tenant's concurrency limit (unless `claim` already did; a 429 over it), queue
+    it (in a worker thread: an adapter may load from disk), and return it with its deadline,
+    `generation_timeout_seconds` after `started` (the event loop's time when the request arrived; now if not
+    given)."""
     loop = asyncio.get_running_loop()
     deadline = (started if started is not None else loop.time()) + settings.generation_timeout_seconds
-    claim = _claim(settings, tenant)
+    claim = claim or _claim(settings, tenant)
     try:
         sequence = await anyio.to_thread.run_sync(
             lambda: start(settings, target, request, chat=chat, tenant=tenant))

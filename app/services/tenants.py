@@ -6,6 +6,9 @@ import hashlib
 import hmac
 import os
 import secrets
+import threading
+import time
+from collections.abc import Callable
 from pathlib import Path
 
 from sqlalchemy import select, update
@@ -51,7 +54,36 @@ def revoke_key(session: Session, *, key_id: str) -> ApiKey:
     session.execute(update(ApiKey).where(ApiKey.id == key_id, ApiKey.revoked_at.is_(None)).values(revoked_at=now()))
     session.commit()
     session.refresh(row)
+    with _known_lock:
+        _known_keys.pop(row.key_hash, None)  # at once in this process; other processes within KEY_CACHE_SECONDS
     return row
+
+
+# Keys seen valid in the last KEY_CACHE_SECONDS, by hash: a tenant's every request (a flood of refused ones too)
+# would otherwise cost a database query before anything can refuse it. Only valid keys are kept; a revocation
+# applies at once in the process that made it and within KEY_CACHE_SECONDS in the others.
+KEY_CACHE_SECONDS = 2.0
+KEY_CACHE_SIZE = 10_000
+_known_keys: dict[str, tuple[str, float]] = {}
+_known_lock = threading.Lock()
+
+
+def cached_tenant_for_key(session_factory: Callable[[], Session], key: str) -> str | None:
+    """`tenant_for_key`, answered from the cache of recently valid keys when it can be."""
+    digest = hash_key(key)
+    moment = time.monotonic()
+    with _known_lock:
+        known = _known_keys.get(digest)
+    if known is not None and known[1] > moment:
+        return known[0]
+    with session_factory() as session:
+        tenant = tenant_for_key(session, key)
+    if tenant is not None:
+        with _known_lock:
+            if len(_known_keys) >= KEY_CACHE_SIZE:
+                _known_keys.clear()  # rare (that many keys in two seconds): start again rather than track order
+            _known_keys[digest] = (tenant, moment + KEY_CACHE_SECONDS)
+    return tenant
 
 
 def tenant_for_key(session: Session, key: str) -> str | None:

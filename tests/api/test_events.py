@@ -6,11 +6,12 @@ from __future__ import annotations
 
 import json
 import time
+from typing import Any
 
 import pytest
 from fastapi.testclient import TestClient
 
-from tests.api.conftest import Api, chat_file, error_of
+from tests.api.conftest import Api, chat_file, error_of, open_event_stream
 from tests.tiny_model import TINY_MODEL_ID
 
 
@@ -57,13 +58,6 @@ def test_stream_errors_name_what_is_wrong(api: Api, client: TestClient) -> None:
 N_STREAMS = 100
 
 
-def _stream_scope(path: str, key: str) -> dict[str, object]:
-    return {"type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1", "method": "GET", "scheme": "http",
-            "path": path, "raw_path": path.encode(), "query_string": b"stream=true", "root_path": "",
-            "headers": [(b"authorization", f"Bearer {key}".encode()), (b"host", b"testserver")],
-            "client": ("127.0.0.1", 1), "server": ("testserver", 80)}
-
-
 @pytest.mark.timeout(120)
 def test_open_streams_hold_no_database_connection(api: Api, client: TestClient) -> None:
     """100 event streams stay open on a job that never finishes (queued: no worker runs here) while another request
@@ -85,23 +79,13 @@ def test_open_streams_hold_no_database_connection(api: Api, client: TestClient) 
         statuses: list[int] = []
 
         def stream(index: int) -> asyncio.Task[None]:
-            requested = False
-
-            async def receive() -> dict[str, object]:
-                nonlocal requested
-                if not requested:
-                    requested = True
-                    return {"type": "http.request", "body": b"", "more_body": False}
-                await closing.wait()
-                return {"type": "http.disconnect"}
-
-            async def send(message: dict[str, object]) -> None:
+            def on_message(message: dict[str, Any]) -> None:
                 if message["type"] == "http.response.start":
-                    statuses.append(int(message["status"]))  # type: ignore[call-overload]
-                if message["type"] == "http.response.body" and b"data:" in message.get("body", b""):  # type: ignore[operator]
+                    statuses.append(int(message["status"]))
+                if message["type"] == "http.response.body" and b"data:" in message.get("body", b""):
                     first_events[index].set()
 
-            return asyncio.create_task(app(_stream_scope(path, TEST_KEY), receive, send))  # type: ignore[arg-type]
+            return open_event_stream(app, path, TEST_KEY, closing=closing, on_message=on_message)
 
         tasks = [stream(i) for i in range(N_STREAMS)]
         try:
@@ -124,3 +108,52 @@ def test_open_streams_hold_no_database_connection(api: Api, client: TestClient) 
     assert opened == N_STREAMS
     assert elapsed < 5, f"another request waited {elapsed:.1f} s behind 100 open streams"
     assert held <= 2, f"{held} pooled connections held while 100 streams wait between polls"
+
+
+@pytest.mark.timeout(120)
+def test_a_tenant_has_at_most_its_open_streams(api: Api, client: TestClient, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Past ADAPTERY_MAX_OPEN_STREAMS_PER_TENANT a stream is a 429 naming it; another tenant is not counted, and
+    a closed stream frees its place."""
+    import asyncio
+
+    from app.settings import get_settings
+    from tests.conftest import ADMIN_KEY, TEST_KEY
+
+    monkeypatch.setattr(get_settings(), "max_open_streams_per_tenant", 3)
+    created = client.post("/v1/fine_tuning/jobs", json={"model": TINY_MODEL_ID, "training_file": chat_file(client, 4)})
+    path = f"/v1/fine_tuning/jobs/{created.json()['id']}/events"
+    other_key = api.as_key(ADMIN_KEY).post("/v1/admin/tenants", json={"name": "streams-b"}).json()["api_key"]
+    other = api.as_key(other_key)
+    other_path = ("/v1/fine_tuning/jobs/" + other.post("/v1/fine_tuning/jobs", json={
+        "model": TINY_MODEL_ID, "training_file": chat_file(other, 4)}).json()["id"] + "/events")
+
+    async def scenario() -> tuple[list[int], bytes, int]:
+        closing = asyncio.Event()
+        statuses: list[int] = []
+        refused = b""
+
+        def record(message: dict[str, Any]) -> None:
+            nonlocal refused
+            if message["type"] == "http.response.start":
+                statuses.append(int(message["status"]))
+            elif message["type"] == "http.response.body" and statuses[-1] == 429:
+                refused += message.get("body", b"")
+
+        first = [open_event_stream(client.app, path, TEST_KEY, closing=closing, on_message=record) for _ in range(3)]
+        await asyncio.sleep(1)
+        over = open_event_stream(client.app, path, TEST_KEY, closing=closing, on_message=record)
+        await asyncio.wait_for(over, timeout=30)  # refused: it ends at once
+        elsewhere = open_event_stream(client.app, other_path, other_key, closing=closing, on_message=record)
+        await asyncio.sleep(1)
+        first[0].cancel()  # a client that went away: its place is free again
+        await asyncio.gather(first[0], return_exceptions=True)
+        again = open_event_stream(client.app, path, TEST_KEY, closing=closing, on_message=record)
+        await asyncio.sleep(1)
+        closing.set()
+        await asyncio.gather(*first[1:], elsewhere, again, return_exceptions=True)
+        return statuses, refused, sum(1 for s in statuses if s == 200)
+
+    statuses, refused, opened = asyncio.run(scenario())
+    assert statuses.count(429) == 1 and opened == 5, statuses
+    error = json.loads(refused)["error"]
+    assert error["code"] == "too_many_open_streams" and "ADAPTERY_MAX_OPEN_STREAMS_PER_TENANT" in error["message"]
