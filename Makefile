@@ -69,6 +69,7 @@ bench: install
 	$(BIN)/python -m bench.serving --save
 	$(BIN)/python -m bench.training --save
 	$(BIN)/python -m bench.capacity --save
+	$(BIN)/python -m bench.noisy_neighbour --save
 
 clean:
 	rm -rf $(VENV) .cache .pytest_cache .mypy_cache .ruff_cache
