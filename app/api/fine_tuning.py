@@ -3,7 +3,6 @@ what a job may train."""
 
 from __future__ import annotations
 
-import weakref
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Header, Query, Request
@@ -28,6 +27,7 @@ from app.schemas.fine_tuning import (
     job_object,
 )
 from app.services import event_stream, idempotency, job_metrics, jobs
+from app.services.lifetimes import released_at_end
 
 router = APIRouter(prefix="/v1/fine_tuning/jobs", tags=["fine-tuning"])
 methods_router = APIRouter(tags=["fine-tuning"])
@@ -154,10 +154,9 @@ def list_events(request: Request, job: JobDep, session: SessionDep, settings: Se
         # the stream ends (the dependency closes it after the response), and 15 open streams would drain the pool.
         session.close()
         release = event_stream.open_streams.take(job.tenant_id, settings.max_open_streams_per_tenant)
-        events = event_stream.counted(event_stream.job_events(job.id, after_seq=after_seq,
-                                                              poll_seconds=settings.event_stream_poll_seconds,
-                                                              key_hash=request.state.key_hash), release)
-        weakref.finalize(events, release)  # a stream dropped before it started never runs its `finally`
+        events = released_at_end(event_stream.job_events(job.id, after_seq=after_seq,
+                                                         poll_seconds=settings.event_stream_poll_seconds,
+                                                         key_hash=request.state.key_hash), release)
         return EventSourceResponse(events, ping=settings.event_stream_ping_seconds)
     rows, has_more = jobs.list_events(session, job, after=after, limit=limit)
     return paged([event_object(r) for r in rows], has_more)

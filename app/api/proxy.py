@@ -5,8 +5,6 @@ model (to know which adapter a request is for) and never imports torch."""
 from __future__ import annotations
 
 import tempfile
-import weakref
-from collections.abc import AsyncIterable, AsyncIterator
 from typing import Any
 
 import anyio
@@ -20,6 +18,7 @@ from app.schemas.adapters import AdapterObject
 from app.schemas.errors import errors
 from app.schemas.inference import EVENT_STREAM, ChatCompletion, ChatCompletionRequest, CompletionRequest, TextCompletion
 from app.services import inference, routing
+from app.services.lifetimes import released_at_end
 
 router = APIRouter()
 SPOOL_IN_MEMORY = 1 << 20  # a forwarded body larger than this waits on disk
@@ -42,17 +41,8 @@ async def _generate(request: Request, path: str, model: str, settings: Any, tena
     except BaseException:
         claim.released = True
         raise
-    response.body_iterator = _released_at_end(response.body_iterator, claim)
-    weakref.finalize(response, setattr, claim, "released", True)  # a response never sent never ends its body
+    response.body_iterator = released_at_end(response.body_iterator, claim.release)
     return response
-
-
-async def _released_at_end(body: AsyncIterable[Any], claim: Any) -> AsyncIterator[Any]:
-    try:
-        async for chunk in body:
-            yield chunk
-    finally:
-        claim.released = True
 
 
 @router.post("/v1/chat/completions", response_model=ChatCompletion, responses=ANSWERS, tags=["inference"])

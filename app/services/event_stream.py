@@ -63,15 +63,6 @@ class StreamCount:
 open_streams = StreamCount()
 
 
-async def counted(stream: AsyncIterator[dict[str, Any]], release: Callable[[], None]) -> AsyncIterator[dict[str, Any]]:
-    """`stream`, releasing its place in the count when it ends however it ends."""
-    try:
-        async for item in stream:
-            yield item
-    finally:
-        release()
-
-
 def resume_point(job_id: str, last_event_id: str | None) -> int:
     """The sequence number to continue after: 0 for the whole history, else that of `last_event_id`."""
     if not last_event_id:

@@ -189,6 +189,9 @@ class _Claim:
     sequence: Any = None
     released: bool = False
 
+    def release(self) -> None:
+        self.released = True
+
     def live(self) -> bool:
         # A cancelled sequence (timed out, client gone) leaves its row at the next step: it no longer counts.
         return not self.released and (self.sequence is None or (self.sequence.finish_reason is None

@@ -140,15 +140,20 @@ def error_of(response: Any) -> dict[str, Any]:
     return dict(body["error"])
 
 
+def asgi_scope(method: str, path: str, *, headers: list[tuple[bytes, bytes]], query: bytes = b"",
+               client: str = "127.0.0.1") -> dict[str, Any]:
+    """An HTTP request's ASGI scope, for tests that call the app directly (and see what it reads and sends)."""
+    return {"type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1", "method": method, "scheme": "http",
+            "path": path, "raw_path": path.encode(), "query_string": query, "root_path": "",
+            "headers": [(b"host", b"testserver"), *headers], "client": (client, 1), "server": ("testserver", 80)}
+
+
 def open_event_stream(app: Any, path: str, key: str, *, closing: asyncio.Event,
                       on_message: Callable[[dict[str, Any]], None]) -> asyncio.Task[None]:
     """GET `path`?stream=true called straight into the app, in the running event loop (an HTTP client through
     the TestClient would wait for the end of a stream that may never end): a task that runs until the stream
     ends, or the client disconnects once `closing` is set. Each message the app sends goes to `on_message`."""
-    scope = {"type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1", "method": "GET", "scheme": "http",
-             "path": path, "raw_path": path.encode(), "query_string": b"stream=true", "root_path": "",
-             "headers": [(b"authorization", f"Bearer {key}".encode()), (b"host", b"testserver")],
-             "client": ("127.0.0.1", 1), "server": ("testserver", 80)}
+    scope = asgi_scope("GET", path, headers=[(b"authorization", f"Bearer {key}".encode())], query=b"stream=true")
     requested = False
 
     async def receive() -> dict[str, Any]:

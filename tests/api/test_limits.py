@@ -16,7 +16,7 @@ import anyio
 import pytest
 
 from app.queue import TRAIN_TASK
-from tests.api.conftest import Api, in_process_api
+from tests.api.conftest import Api, asgi_scope, in_process_api
 from tests.conftest import ADMIN_KEY, chat_lines, upload
 from tests.tiny_model import TINY_MODEL_ID
 
@@ -91,11 +91,8 @@ def post_in_chunks(app: Any, path: str, key: str, filename: str,
             f'--{boundary}\r\nContent-Disposition: form-data; name="file"; filename="{filename}"\r\n'
             "Content-Type: application/octet-stream\r\n\r\n").encode()
     chunks = itertools.chain([head], content, [f"\r\n--{boundary}--\r\n".encode()])
-    scope = {"type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1", "method": "POST", "scheme": "http",
-             "path": path, "raw_path": path.encode(), "root_path": "", "query_string": b"",
-             "headers": [(b"host", b"testserver"), (b"authorization", f"Bearer {key}".encode()),
-                         (b"content-type", f"multipart/form-data; boundary={boundary}".encode())],
-             "client": ("testclient", 50000), "server": ("testserver", 80), "state": {}}
+    scope = asgi_scope("POST", path, headers=[(b"authorization", f"Bearer {key}".encode()),
+                                              (b"content-type", f"multipart/form-data; boundary={boundary}".encode())])
     answer: dict[str, Any] = {"body": bytearray()}
 
     async def call() -> None:

@@ -18,7 +18,7 @@ from sqlalchemy.orm import Session
 
 from app.db.models import Adapter, FineTuningJob
 from app.queue import TRAIN_TASK
-from tests.api.conftest import Api, in_process_api
+from tests.api.conftest import Api, asgi_scope, in_process_api
 from tests.api.test_limits import post_in_chunks
 from tests.conftest import ADMIN_KEY, chat_lines, upload
 from tests.tiny_model import TINY_MODEL_ID
@@ -180,10 +180,7 @@ def test_uploads_and_downloads_stream_and_bytes_are_a_quota(api: Api,
 
 def get_in_chunks(app: Any, path: str, key: str) -> list[int]:
     """GET `path` from the ASGI app; the size of each body message it sends (nothing kept)."""
-    scope = {"type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1", "method": "GET", "scheme": "http",
-             "path": path, "raw_path": path.encode(), "root_path": "", "query_string": b"",
-             "headers": [(b"host", b"testserver"), (b"authorization", f"Bearer {key}".encode())],
-             "client": ("testclient", 50000), "server": ("testserver", 80), "state": {}}
+    scope = asgi_scope("GET", path, headers=[(b"authorization", f"Bearer {key}".encode())])
     sizes: list[int] = []
     status: list[int] = []
 

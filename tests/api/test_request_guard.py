@@ -15,7 +15,7 @@ from typing import Any
 
 import pytest
 
-from tests.api.conftest import Api, error_of, in_process_api
+from tests.api.conftest import Api, asgi_scope, error_of, in_process_api
 from tests.conftest import ADMIN_KEY, TEST_KEY
 
 FAILED_AUTH_PER_MINUTE = 5
@@ -52,14 +52,12 @@ def send_raw(api: Api, method: str, path: str, *, key: str | None, content_lengt
     """One request straight into the app: its body is `chunks` pieces of `chunk`, handed over only when asked for.
     From `client`'s address, else from an address of its own (so wrong keys here count towards no throttle)."""
     client = client or f"192.0.2.{next(_addresses)}"
-    headers = [(b"host", b"testserver"), (b"content-type", b"application/json")]
+    headers = [(b"content-type", b"application/json")]
     if key is not None:
         headers.append((b"authorization", f"Bearer {key}".encode()))
     if content_length is not None:
         headers.append((b"content-length", str(content_length).encode()))
-    scope = {"type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1", "method": method, "scheme": "http",
-             "path": path, "raw_path": path.encode(), "query_string": b"", "root_path": "", "headers": headers,
-             "client": (client, 1), "server": ("testserver", 80)}
+    scope = asgi_scope(method, path, headers=headers, client=client)
     sent = Sent()
 
     async def receive() -> dict[str, Any]:
