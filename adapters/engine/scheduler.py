@@ -40,7 +40,7 @@ from adapters.engine.adapter_loader import LoadedAdapter
 from adapters.engine.application import kv_prefix_length, prefill_inputs, virtual_token_count
 from adapters.engine.kv_cache import BatchCache
 from adapters.engine.sequence import Generation, SamplingParams, Sequence, sample
-from adapters.engine.slot_bank import SlotBank
+from adapters.engine.slot_bank import SlotBank, is_projection
 
 log = logging.getLogger("adaptery.engine")
 
@@ -91,8 +91,8 @@ class BaseRuntime:
         self.stopping = False
         self.scheduler = threading.Thread(target=self._run, name="adaptery-scheduler", daemon=True)
         self.scheduler.start()
-        suffixes = {n.rsplit(".", 1)[-1] for n, m in model.named_modules()
-                    if isinstance(m, torch.nn.Linear) and n != "lm_head"}
+        head = model.get_output_embeddings()  # the output head is never an adapter's target
+        suffixes = {n.rsplit(".", 1)[-1] for n, m in model.named_modules() if is_projection(m) and m is not head}
         # Allocated on the scheduler thread: filling the slot tensors is this process's first parallel torch work.
         self.bank: SlotBank = self.call(lambda: SlotBank(model, suffixes, n_slots=cache_size))
         self.adapters = AdapterCache(model=model, bank=self.bank, max_rank=max_rank, cache_size=cache_size,

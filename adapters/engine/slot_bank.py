@@ -1,6 +1,7 @@
 """Adapter slots on the frozen projections: many adapters on one base model, chosen per batch row.
 
-Each hooked nn.Linear keeps preallocated slots. Low-rank adapters (LoRA, AdaLoRA) are stored
+Each hooked projection (an nn.Linear, or GPT-2's Conv1D: the same map with its weight stored [in, out])
+keeps preallocated slots. Low-rank adapters (LoRA, AdaLoRA) are stored
 transposed and contiguous as the matmuls read them, Aᵀ [slots, in, r] and Bᵀ [slots, r, out], with
 the scale folded into B; channel-scaling adapters (IA³) are vectors, [slots, in] for a projection's
 input and [slots, out] for its output (ones in every other slot). Loading an adapter into a slot is an
@@ -18,6 +19,7 @@ from typing import Any
 
 import torch
 from torch import nn
+from transformers.pytorch_utils import Conv1D
 
 from adapters.methods import ChannelScale, LoraFactors, ServingKind, ServingWeights
 
@@ -59,16 +61,30 @@ class RoutingPlan:
         return per_slot.index_select(0, self.slots)
 
 
+def is_projection(module: nn.Module) -> bool:
+    """A module the slot bank can hook: y = x·Wᵀ + b over the last dimension."""
+    return isinstance(module, nn.Linear | Conv1D)
+
+
+def projection_features(module: nn.Module) -> tuple[int, int]:
+    """(in, out) features of a projection; Conv1D stores its weight [in, out]."""
+    if isinstance(module, Conv1D):
+        return int(module.weight.shape[0]), int(module.weight.shape[1])
+    assert isinstance(module, nn.Linear)
+    return module.in_features, module.out_features
+
+
 class SlotLinear:
     """The slot tensors and hooks of one projection."""
 
-    def __init__(self, module: nn.Linear, bank: SlotBank):
+    def __init__(self, module: nn.Module, bank: SlotBank):
         self.module = module
         self.bank = bank
+        self.in_features, self.out_features = projection_features(module)
         # Transposed (x @ a_t, then @ b_t) and contiguous: a batched matmul over strided slices costs twice as much.
-        self.a_t = torch.zeros(bank.n_slots, module.in_features, bank.rank, device=module.weight.device,
+        self.a_t = torch.zeros(bank.n_slots, self.in_features, bank.rank, device=module.weight.device,
                                dtype=module.weight.dtype)
-        self.b_t = torch.zeros(bank.n_slots, bank.rank, module.out_features, device=module.weight.device,
+        self.b_t = torch.zeros(bank.n_slots, bank.rank, self.out_features, device=module.weight.device,
                                dtype=module.weight.dtype)
         # Channel scales are allocated the first time an adapter scales this projection.
         self.in_scale: torch.Tensor | None = None
@@ -88,12 +104,12 @@ class SlotLinear:
         weight = self.module.weight
         if side == "input":
             if self.in_scale is None:
-                self.in_scale = torch.ones(self.bank.n_slots, self.module.in_features, device=weight.device,
+                self.in_scale = torch.ones(self.bank.n_slots, self.in_features, device=weight.device,
                                            dtype=weight.dtype)
                 self.pre_handle = self.module.register_forward_pre_hook(self._pre_hook)
             return self.in_scale
         if self.out_scale is None:
-            self.out_scale = torch.ones(self.bank.n_slots, self.module.out_features, device=weight.device,
+            self.out_scale = torch.ones(self.bank.n_slots, self.out_features, device=weight.device,
                                         dtype=weight.dtype)
         return self.out_scale
 
@@ -140,7 +156,7 @@ class SlotBank:
         self.device = next(model.parameters()).device
         self.modules: dict[str, SlotLinear] = {}
         for name, module in model.named_modules():
-            if isinstance(module, nn.Linear) and name.rsplit(".", 1)[-1] in module_suffixes:
+            if is_projection(module) and name.rsplit(".", 1)[-1] in module_suffixes:
                 self.modules[name] = SlotLinear(module, self)
 
     def check(self, weights: ServingWeights) -> None:
@@ -150,14 +166,14 @@ class SlotBank:
         if missing:
             raise KeyError(f"adapter targets modules the base model does not have: {missing[:5]}")
         for name, factors in weights.low_rank.items():
-            module = self.modules[name].module
-            if factors.a.shape[1] != module.in_features or factors.b.shape[0] != module.out_features:
+            hooked = self.modules[name]
+            if factors.a.shape[1] != hooked.in_features or factors.b.shape[0] != hooked.out_features:
                 raise ValueError(f"adapter weights for {name} have shapes {tuple(factors.a.shape)}/"
                                  f"{tuple(factors.b.shape)}, which do not fit the base projection "
-                                 f"{module.in_features}→{module.out_features}")
+                                 f"{hooked.in_features}→{hooked.out_features}")
         for name, scale in weights.scales.items():
-            module = self.modules[name].module
-            features = module.in_features if scale.side == "input" else module.out_features
+            hooked = self.modules[name]
+            features = hooked.in_features if scale.side == "input" else hooked.out_features
             if scale.vector.shape != (features,):
                 raise ValueError(f"adapter scales for {name}'s {scale.side} have {tuple(scale.vector.shape)} values; "
                                  f"the base projection has {features}")
