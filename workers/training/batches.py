@@ -4,9 +4,10 @@ Methods whose adapter lives in the weights (LoRA, AdaLoRA, IA³) get *packed* ba
 the batch in one row, one after another, position ids restarting at each example, and attention that
 stays inside each example (`packed_attention`, registered with transformers as an attention
 implementation: causal scaled-dot-product attention per example, so no token attends across a
-boundary and no attention is computed for pairs that a mask would throw away). Methods that put
-something in front of the input (prefix tuning's keys and values, the virtual tokens of prompt tuning
-and P-tuning) cannot share one row between examples, so they get right-padded rows as before.
+boundary and no attention is computed for pairs that a mask would throw away; a family's sliding windows
+and soft-capped scores are kept). Methods that put something in front of the input (prefix tuning's keys
+and values, the virtual tokens of prompt tuning and P-tuning) cannot share one row between examples, so
+they get right-padded rows as before.
 
 Either way the language-model head and the loss run only at the positions whose next token carries
 a label (`logits_to_keep`), which in chat data is a few tokens per example; the loss is the same mean
@@ -30,16 +31,48 @@ def packed_attention(module: torch.nn.Module, query: torch.Tensor, key: torch.Te
                      attention_mask: torch.Tensor | None, dropout: float = 0.0, scaling: float | None = None,
                      **kwargs: Any) -> tuple[torch.Tensor, None]:
     """Causal attention within each packed example: `cu_seq_lens_q` holds the examples' boundaries in the
-    row (the keyword transformers' variable-length attention uses). Returns [batch, tokens, heads, dim]."""
+    row (the keyword transformers' variable-length attention uses). Returns [batch, tokens, heads, dim].
+
+    A layer with a sliding window (Mistral, Gemma 2 and 3, Qwen with use_sliding_window) or soft-capped scores
+    (Gemma 2) gets them too, as the family's own attention computes them: SDPA has neither, so those layers compute
+    each example's scores explicitly."""
     bounds = kwargs.get("cu_seq_lens_q")
     if bounds is None:
         raise ValueError("packed attention needs cu_seq_lens_q (the examples' boundaries in the row)")
     gqa = getattr(module, "num_key_value_groups", 1) > 1
-    pieces = [F.scaled_dot_product_attention(query[:, :, start:end], key[:, :, start:end], value[:, :, start:end],
-                                             is_causal=True, scale=scaling, enable_gqa=gqa,
-                                             dropout_p=dropout if module.training else 0.0)
-              for start, end in zip(bounds[:-1].tolist(), bounds[1:].tolist(), strict=True)]
+    window, softcap = kwargs.get("sliding_window"), kwargs.get("softcap")
+    dropout_p = dropout if module.training else 0.0
+    pieces = []
+    for start, end in zip(bounds[:-1].tolist(), bounds[1:].tolist(), strict=True):
+        q, k, v = query[:, :, start:end], key[:, :, start:end], value[:, :, start:end]
+        if (window is None or end - start <= window) and softcap is None:
+            pieces.append(F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scaling, enable_gqa=gqa,
+                                                         dropout_p=dropout_p))
+        else:
+            pieces.append(_explicit_attention(q, k, v, scaling=scaling, window=window, softcap=softcap,
+                                              dropout_p=dropout_p))
     return torch.cat(pieces, dim=2).transpose(1, 2).contiguous(), None
+
+
+def _explicit_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, scaling: float | None,
+                        window: int | None, softcap: float | None, dropout_p: float) -> torch.Tensor:
+    """One example's causal attention as transformers' eager attention computes it: scores scaled, soft-capped
+    (tanh), masked to the causal window (a key at most `window - 1` positions back), softmax in float32."""
+    if k.shape[1] != q.shape[1]:  # grouped queries: each key/value head serves several query heads
+        k = k.repeat_interleave(q.shape[1] // k.shape[1], dim=1)
+        v = v.repeat_interleave(q.shape[1] // v.shape[1], dim=1)
+    scores = (q @ k.transpose(-1, -2)) * (scaling if scaling is not None else q.shape[-1] ** -0.5)
+    if softcap is not None:
+        scores = torch.tanh(scores / softcap) * softcap
+    n = q.shape[2]
+    position = torch.arange(n, device=q.device)
+    distance = position[:, None] - position[None, :]
+    allowed = distance >= 0
+    if window is not None:
+        allowed &= distance < window
+    scores = scores.masked_fill(~allowed, torch.finfo(scores.dtype).min)
+    weights = F.dropout(scores.softmax(dim=-1, dtype=torch.float32).to(q.dtype), p=dropout_p)
+    return weights @ v
 
 
 def register_packed_attention() -> None:
@@ -47,6 +80,13 @@ def register_packed_attention() -> None:
     from transformers import AttentionInterface
 
     AttentionInterface.register(PACKED_ATTENTION, packed_attention)
+
+
+def available(model: Any, implementation: str) -> str:
+    """`implementation`, or eager attention where the family has no SDPA path (Gemma 2: SDPA cannot soft-cap)."""
+    if implementation == "sdpa" and not getattr(model, "_supports_sdpa", True):
+        return "eager"
+    return implementation
 
 
 def use_packed_attention(model: Any) -> None:

@@ -28,6 +28,7 @@ from adapters.methods.base import ResolvedHyperparameters
 from workers.training.batches import (
     PACKED_ATTENTION,
     TrainingBatch,
+    available,
     labelled_count,
     labelled_logits,
     packed_batch,
@@ -283,7 +284,7 @@ class TrainingRecipe:
                 if isinstance(module, BaseTunerLayer):
                     module.cast_input_dtype_enabled = False  # type: ignore[attr-defined]
         self.make = BatchMaker.for_training(self.method, hp, self.config.pad_id)
-        self.base_model.set_attn_implementation("sdpa")
+        self.base_model.set_attn_implementation(available(self.base_model, "sdpa"))
         if self.make.packed:
             use_packed_attention(self.base_model)
         self.device = next(self.base_model.parameters()).device
