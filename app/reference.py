@@ -52,8 +52,10 @@ SETTING_GROUPS = (
 # The base model the hyperparameter defaults are computed for: a Llama-shaped one, as the default SmolLM2 is
 # (adapters/base_models.py base_info() reads this from a checkpoint's headers).
 LLAMA_LINEAR_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
-LLAMA_BASE_INFO: dict[str, Any] = {"linear_modules": sorted(LLAMA_LINEAR_MODULES),
-                                   "default_target_modules": list(LLAMA_LINEAR_MODULES)}
+LLAMA_BASE_INFO: dict[str, Any] = {"linear_modules": sorted(LLAMA_LINEAR_MODULES), "family": "llama",
+                                   "default_target_modules": list(LLAMA_LINEAR_MODULES),
+                                   "scaled_modules": ["k_proj", "v_proj", "down_proj"],
+                                   "scaled_input_modules": ["down_proj"]}
 # Another shape (no k_proj): a default that changes with it depends on the base model.
 OTHER_BASE_INFO: dict[str, Any] = {
     "linear_modules": sorted(m for m in LLAMA_LINEAR_MODULES if m != "k_proj"),

@@ -24,7 +24,8 @@ from adapters.methods.base import (
 from adapters.methods.lora import PEFT_PREFIX, check_target_modules
 from adapters.methods.serving import AdapterLoadError, ChannelScale, ServingKind, ServingWeights
 
-# PEFT's defaults for Llama-style models: scale keys and values, and the input of the feed-forward down projection.
+# Llama's defaults (keys and values, and the input of the feed-forward down projection), for a base_info that does
+# not name its family's (adapters/families.py: each family's keys, values and MLP input).
 DEFAULT_TARGETS = ("k_proj", "v_proj", "down_proj")
 DEFAULT_FEEDFORWARD = ("down_proj",)
 
@@ -63,16 +64,17 @@ class IA3(AdapterMethod[ResolvedIA3]):
 
     @staticmethod
     def _default_targets(base_info: dict[str, Any]) -> list[str]:
-        present = [m for m in DEFAULT_TARGETS if m in base_info["linear_modules"]]
+        wanted = base_info.get("scaled_modules", DEFAULT_TARGETS)
+        present = [m for m in wanted if m in base_info["linear_modules"]]
         if not present:
             raise HyperparameterError("target_modules", f"the base model has none of IA³'s default targets "
-                                                        f"{list(DEFAULT_TARGETS)}; set target_modules")
+                                                        f"{list(wanted)}; set target_modules")
         return present
 
     def method_defaults(self, hp, *, settings, base_info):  # type: ignore[no-untyped-def,override]
         targets = list(hp.target_modules) if given(hp.target_modules) else self._default_targets(base_info)
         feedforward = list(hp.feedforward_modules) if given(hp.feedforward_modules) else \
-            [m for m in DEFAULT_FEEDFORWARD if m in targets]
+            [m for m in base_info.get("scaled_input_modules", DEFAULT_FEEDFORWARD) if m in targets]
         return {"target_modules": targets, "feedforward_modules": feedforward}
 
     def peft_config(self, hp: ResolvedIA3, *, total_steps: int, base_model_path: str | None = None) -> Any:
@@ -89,8 +91,6 @@ class IA3(AdapterMethod[ResolvedIA3]):
 
     def serving_weights(self, config: dict[str, Any], weights: dict[str, Any], *, model_config: Any,
                         max_rank: int) -> ServingWeights:
-        if config.get("fan_in_fan_out"):
-            raise AdapterLoadError("IA³ adapters with fan_in_fan_out=true (Conv1D layers) are not supported")
         feedforward = config.get("feedforward_modules") or []
         if isinstance(feedforward, str):
             feedforward = [feedforward]
@@ -99,7 +99,8 @@ class IA3(AdapterMethod[ResolvedIA3]):
             if not name.endswith(".ia3_l"):
                 continue
             module = name[: -len(".ia3_l")].removeprefix(PEFT_PREFIX)
-            is_feedforward = module.rsplit(".", 1)[-1] in feedforward
+            # PEFT's matching: the module's name is the key or ends with "." + key (GPT-2's "mlp.c_proj").
+            is_feedforward = any(module == key or module.endswith("." + key) for key in feedforward)
             # PEFT stores [1, in_features] for feed-forward targets and [out_features, 1] for the others.
             expected_row = vector.shape[0] == 1 if is_feedforward else vector.dim() == 2 and vector.shape[1] == 1
             if vector.dim() != 2 or not expected_row:
