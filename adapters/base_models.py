@@ -80,13 +80,92 @@ def packaged_model_folder(target: Path, *, prepare: bool = True) -> str:
     return str(target)
 
 
+TOKENIZER_COMPLETE = "ADAPTERY_TOKENIZER_COMPLETE"
+
+
+def convert_default_tokenizer(target: Path) -> None:
+    """The packaged GGUF's tokenizer and config (no weights) into a folder at `target` (atomic: temp dir, rename),
+    with its parameter count in the marker file. transformers reads a GGUF's tokenizer through torch, so a process
+    that must not import torch (the API role) runs this in a child process: `packaged_tokenizer_folder`."""
+    import json
+
+    from gguf import GGUFReader
+    from transformers import AutoConfig, AutoTokenizer
+
+    source = _gguf_source_dir()
+    tokenizer = AutoTokenizer.from_pretrained(source, gguf_file=GGUF_FILE)
+    config = AutoConfig.from_pretrained(source, gguf_file=GGUF_FILE)
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    parameters = sum(int(tensor.n_elements) for tensor in GGUFReader(str(source / GGUF_FILE)).tensors)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=".tokenizer-", dir=target.parent))
+    try:
+        tokenizer.save_pretrained(staging)
+        config.save_pretrained(staging)
+        (staging / TOKENIZER_COMPLETE).write_text(json.dumps({"source": GGUF_FILE, "parameters": parameters}) + "\n")
+        if target.exists():
+            shutil.rmtree(target)
+        staging.rename(target)
+    finally:
+        if staging.exists():
+            shutil.rmtree(staging, ignore_errors=True)
+
+
+def packaged_tokenizer_folder(target: Path, *, prepare: bool = True) -> str:
+    """A folder with the packaged default's tokenizer and config.json at `target`, made first when needed in a child
+    process, so that this one never imports torch (a few seconds, against the full conversion's 20)."""
+    if (target / TOKENIZER_COMPLETE).exists():
+        return str(target)
+    if not prepare:
+        raise FileNotFoundError(f"the tokenizer of {target.name} is not prepared")
+    import fcntl
+    import subprocess
+    import sys
+
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with open(target.parent / f".{target.name}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not (target / TOKENIZER_COMPLETE).exists():
+            code = ("import sys; from pathlib import Path; from adapters.base_models import "
+                    "convert_default_tokenizer; convert_default_tokenizer(Path(sys.argv[1]))")
+            done = subprocess.run([sys.executable, "-c", code, str(target)], capture_output=True, text=True,
+                                  timeout=600, check=False)
+            if done.returncode != 0:
+                raise RuntimeError(f"preparing the default model's tokenizer failed: {done.stderr.strip()[-1000:]}")
+    return str(target)
+
+
+def stored_parameter_count(folder: Path) -> int | None:
+    """The parameter count a tokenizer-only folder of the packaged default records (it holds no weights)."""
+    import json
+
+    marker = folder / TOKENIZER_COMPLETE
+    if not marker.exists():
+        return None
+    count = json.loads(marker.read_text()).get("parameters")
+    return int(count) if isinstance(count, int) else None
+
+
+# What chat uses with a base model whose tokenizer has no chat template: one line per message, "role: content",
+# the assistant's turns ended by the end-of-sequence token (so a model trained on it learns to stop), and
+# "assistant: " as the generation prompt. It renders conversations incrementally, as training's loss masks need.
+DEFAULT_CHAT_TEMPLATE = (
+    "{% for message in messages %}{{ message['role'] + ': ' + message['content'] }}"
+    "{% if message['role'] == 'assistant' %}{{ eos_token }}{% endif %}{{ '\\n' }}{% endfor %}"
+    "{% if add_generation_prompt %}{{ 'assistant: ' }}{% endif %}")
+
+
 def load_tokenizer(path: str) -> Any:
-    """A tokenizer from a folder (or hub id), with a pad token (the end-of-sequence token when it has none)."""
+    """A tokenizer from a folder (or hub id), with a pad token (the end-of-sequence token when it has none) and a
+    chat template (DEFAULT_CHAT_TEMPLATE when it has none)."""
     from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(path)
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
+    if not getattr(tokenizer, "chat_template", None):
+        tokenizer.chat_template = DEFAULT_CHAT_TEMPLATE
     return tokenizer
 
 

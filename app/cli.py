@@ -41,6 +41,18 @@ def prepare_model() -> None:
     console.print(f"[green]base model {spec.id} ready[/] at {path} ({time.monotonic() - started:.1f} s)")
 
 
+def prepare_tokenizer() -> None:
+    """The default base model's tokenizer and config, without its weights (the API role's preparation)."""
+    from app.services import base_models
+    from app.settings import get_settings
+
+    settings = get_settings()
+    spec = base_models.resolve(settings, settings.default_base_model)
+    started = time.monotonic()
+    path = base_models.metadata_path(settings, spec)
+    console.print(f"[green]tokenizer of {spec.id} ready[/] at {path} ({time.monotonic() - started:.1f} s)")
+
+
 @cli.command("migrate")
 def migrate() -> None:
     """Bring the database schema to the latest revision."""
@@ -150,7 +162,10 @@ def serve(with_worker: bool = typer.Option(True, help="also run a Celery worker 
     share_metrics(settings, fresh=True)
     if migrate:
         migrate_to_head()
-    prepare_model()
+    if settings.role == "api":
+        prepare_tokenizer()  # the API role never converts weights (nor imports torch): its tokenizer is all it needs
+    else:
+        prepare_model()
     from app.db.session import session_scope
     from app.services.tenants import bootstrap
 

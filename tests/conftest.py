@@ -78,7 +78,7 @@ def reset_process_state() -> None:
     """Forget every per-process cache built from settings (settings, database engine, serving engine), so the next
     use builds them from the environment as it is now."""
     from app.db import session as db_session
-    from app.services import inference, tenants, tokenizers
+    from app.services import base_models, inference, tenants, tokenizers
     from app.settings import get_settings
 
     engine = inference.engine_if_started()
@@ -94,6 +94,7 @@ def reset_process_state() -> None:
     tokenizers._tokenizers.clear()
     tokenizers.warm_up = tokenizers.WarmUp()
     tenants._known_keys.clear()
+    base_models.forget_registered()
 
 
 # ------------------------------------------------------------------ services

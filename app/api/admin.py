@@ -1,5 +1,6 @@
 """/v1/admin: tenants and their API keys (admin key only). A key is shown once, when it is created. Also what only the
-operator may do to any tenant's adapter: make it public, or unpin it (pins are a per-tenant quota; this frees one)."""
+operator may do to any tenant's adapter: make it public, or unpin it (pins are a per-tenant quota; this frees one);
+and the base models: register one (checked first), list them, remove one registered here."""
 
 from __future__ import annotations
 
@@ -17,6 +18,9 @@ from app.schemas.admin import (
     AdapterVisibility,
     ApiKeyCreated,
     ApiKeyObject,
+    BaseModelCreate,
+    BaseModelDeleted,
+    BaseModelObject,
     TenantCreate,
     TenantCreated,
     TenantObject,
@@ -24,7 +28,7 @@ from app.schemas.admin import (
 )
 from app.schemas.common import ListResponse, listed
 from app.schemas.errors import errors
-from app.services import inference, tenants
+from app.services import base_model_admin, inference, tenants
 from app.services.ids import storable
 
 router = APIRouter(prefix="/v1/admin", tags=["admin"])
@@ -88,3 +92,25 @@ async def unpin_adapter(adapter_id: str, session: SessionDep, settings: Settings
 @router.delete("/keys/{key_id}", response_model=ApiKeyObject, responses=errors(401, 404))
 def revoke_key(key_id: str, session: SessionDep, _: AdminDep) -> dict[str, Any]:
     return _key(tenants.revoke_key(session, key_id=key_id))
+
+
+@router.post("/base_models", response_model=BaseModelObject, responses=errors(400, 401, 409))
+def register_base_model(body: BaseModelCreate, session: SessionDep, settings: SettingsDep,
+                        _: AdminDep) -> dict[str, Any]:
+    """Register a base model from a folder (or a hub id), once its checks pass: architecture, tokenizer, chat
+    template, parameters, context length, dtype and the memory it needs on this host's device. A refusal names the
+    first problem."""
+    return base_model_admin.register(session, settings, model_id=body.id, source=body.source)
+
+
+@router.get("/base_models", response_model=ListResponse[BaseModelObject], responses=errors(401))
+def list_base_models(session: SessionDep, settings: SettingsDep, _: AdminDep) -> dict[str, Any]:
+    """Every base model: the packaged default, ADAPTERY_BASE_MODELS' and those registered here."""
+    return listed(base_model_admin.listing(session, settings))
+
+
+@router.delete("/base_models/{model_id:path}", response_model=BaseModelDeleted, responses=errors(401, 404, 409))
+def remove_base_model(model_id: str, session: SessionDep, settings: SettingsDep, _: AdminDep) -> dict[str, Any]:
+    """Remove a base model registered here (not one the settings declare, nor one jobs or adapters still use)."""
+    base_model_admin.remove(session, settings, model_id=model_id)
+    return {"id": model_id, "object": "base_model", "deleted": True}

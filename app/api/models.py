@@ -21,10 +21,14 @@ PUBLIC_OWNER = "public"  # owned_by of another tenant's public adapter
 
 
 def _base_objects(settings: Any) -> list[dict[str, Any]]:
-    from app.services import base_models
+    from app.services import base_model_admin, base_models
 
-    return [{"id": model_id, "object": "model", "created": BOOT_TIME, "owned_by": "system", "parent": None}
-            for model_id in base_models.registry(settings)]
+    objects = []
+    for model_id, spec in base_models.registry(settings).items():
+        facts = base_model_admin.describe(settings, spec)
+        objects.append({"id": model_id, "object": "model", "created": BOOT_TIME, "owned_by": "system", "parent": None,
+                        **{key: facts[key] for key in ("family", "parameters", "context_length", "methods")}})
+    return objects
 
 
 def _adapter_object(adapter: Adapter, tenant: str) -> dict[str, Any]:

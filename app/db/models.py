@@ -299,3 +299,22 @@ class WebhookDelivery(Base):
     last_error: Mapped[str | None] = mapped_column(Text, nullable=True)
     created_at: Mapped[int] = mapped_column(BigInteger, default=now)
     delivered_at: Mapped[int | None] = mapped_column(BigInteger, nullable=True)
+
+
+class RegisteredBaseModel(Base):
+    """A base model the operator registered over the API (POST /v1/admin/base_models), beside the packaged default
+    and ADAPTERY_BASE_MODELS. What its checks read from the checkpoint is kept, so listing it reads no file."""
+
+    __tablename__ = "base_models"
+
+    id: Mapped[str] = mapped_column(String(255), primary_key=True)
+    # A folder on the hosts that serve and train it, or a hub id.
+    source: Mapped[str] = mapped_column(Text)
+    family: Mapped[str] = mapped_column(String(64))
+    parameters: Mapped[int] = mapped_column(BigInteger)
+    context_length: Mapped[int] = mapped_column(Integer)
+    # The dtype the checkpoint stores its weights in (what the headers say).
+    stored_dtype: Mapped[str] = mapped_column(String(16))
+    # False: the tokenizer has none, and chat uses the stated default template (adapters/base_models.py).
+    chat_template: Mapped[bool] = mapped_column(Boolean)
+    created_at: Mapped[int] = mapped_column(BigInteger, default=now)

@@ -33,3 +33,9 @@ class ModelObject(BaseModel):
     parent: str | None = Field(description="the base model of a fine-tuned model")
     method: str | None = Field(default=None, description="fine-tuned models: the fine-tuning method")
     job_id: str | None = Field(default=None, description="your fine-tuned models: the job that trained it")
+    # Base models only (null while a base model's files are not on this host); OpenAI's fields above stay as they are.
+    family: str | None = Field(default=None, description="base models: the architecture (transformers' model_type)")
+    parameters: int | None = Field(default=None, description="base models: the parameter count")
+    context_length: int | None = Field(default=None, description="base models: the longest context, in tokens")
+    methods: list[str] | None = Field(default=None, description="base models: the fine-tuning methods it trains "
+                                                                "and serves")

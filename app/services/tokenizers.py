@@ -34,6 +34,15 @@ def for_model(settings: Settings, model_id: str) -> Any:
         return _tokenizers[model_id]
 
 
+def load_unregistered(path: str) -> Any:
+    """A tokenizer from a folder no registered model uses yet (a registration's check), not kept. Loaded under the
+    warm-up's lock: a first import of transformers racing another thread's fails with a half-made module."""
+    from adapters.base_models import load_tokenizer
+
+    with _load_lock:
+        return load_tokenizer(path)
+
+
 def default(settings: Settings) -> Any:
     return for_model(settings, settings.default_base_model)
 

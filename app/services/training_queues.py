@@ -27,17 +27,23 @@ def worker_device_class(settings: Any) -> str:
 
 
 def served_base_models(settings: Any) -> list[str]:
-    """ADAPTERY_WORKER_BASE_MODELS (comma-separated), or every registered base model when empty; an unknown
-    name is an error naming the registered ones."""
+    """ADAPTERY_WORKER_BASE_MODELS (comma-separated), or every registered base model whose weights this host has
+    when empty (a folder registered for other hosts is left to them); an unknown name, or a named one without its
+    weights here, is an error naming the registered ones."""
     from app.services import base_models
 
-    registered = list(base_models.registry(settings))
+    models = base_models.registry(settings)
+    registered = list(models)
     wanted = [name.strip() for name in settings.worker_base_models.split(",") if name.strip()]
     unknown = [name for name in wanted if name not in registered]
     if unknown:
         raise ValueError(f"ADAPTERY_WORKER_BASE_MODELS names {unknown}, which are not registered base models; "
                          f"registered: {', '.join(registered)}")
-    return wanted or registered
+    missing = [name for name in wanted if not base_models.weights_on_this_host(models[name])]
+    if missing:
+        raise ValueError(f"ADAPTERY_WORKER_BASE_MODELS names {missing}, whose folders are not on this host: "
+                         + ", ".join(models[name].source for name in missing))
+    return wanted or [name for name in registered if base_models.weights_on_this_host(models[name])]
 
 
 def worker_queues(settings: Any) -> list[str]:

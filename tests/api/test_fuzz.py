@@ -6,7 +6,8 @@ refused; schema-valid requests accepted.
 Each operation gets positive and negative cases, as `schemathesis run` draws them. What no schema can say
 about a request, the generators are taught with schemathesis' own custom formats: a training file
 (format "jsonl") holds JSONL examples, an adapter archive (format "adapter-archive") a real adapter, a
-webhook URL (format "webhook-url") names an address webhooks may be sent to.
+webhook URL (format "webhook-url") names an address webhooks may be sent to, a base model's source (format
+"base-model-source") a model folder on this host.
 Admin operations are fuzzed with the admin key, the rest with a tenant's key. No worker runs in this tier: jobs and
 evaluations the fuzzer creates stay queued (their messages go to the test broker).
 
@@ -15,7 +16,8 @@ evaluations the fuzzer creates stay queued (their messages go to the test broker
 (test keys, the tiny model):
     python -c "import tempfile; from pathlib import Path; from tests.api.test_fuzz import *
     from tests.tiny_model import tiny_model_folder
-    teach_generators(adapter_archives(tiny_model_folder(Path('.cache/models')), Path(tempfile.mkdtemp())))
+    tiny = tiny_model_folder(Path('.cache/models'))
+    teach_generators(adapter_archives(tiny, Path(tempfile.mkdtemp())), tiny)
     print(fuzz('http://127.0.0.1:<port>', examples=25, seed=90210))"
 """
 
@@ -83,11 +85,13 @@ def webhook_urls() -> st.SearchStrategy[str]:
                      st.integers(1, 65535), st.text(string.ascii_lowercase + "/-", max_size=20))
 
 
-def teach_generators(archives: list[bytes]) -> None:
-    """`archives`: zips of real adapters for the base model (tests/api/adapters_made_with_peft.adapter_archives)."""
+def teach_generators(archives: list[bytes], model_folder: Path) -> None:
+    """`archives`: zips of real adapters for the base model (tests/api/adapters_made_with_peft.adapter_archives);
+    `model_folder`: a base model's folder on this host, what a base-model registration names."""
     schemathesis.openapi.format("jsonl", jsonl_datasets())
     schemathesis.openapi.format("adapter-archive", st.sampled_from(archives))
     schemathesis.openapi.format("webhook-url", webhook_urls())
+    schemathesis.openapi.format("base-model-source", st.just(str(model_folder)))
 
 
 def sends_an_archive(case: Any) -> bool:
@@ -227,7 +231,7 @@ def fuzz(target: str | Served, *, examples: int, seed: int | None = None) -> Rep
 
 def test_every_check_passes_on_every_operation(api: Api, tiny_model_dir: Path,
                                                tmp_path_factory: pytest.TempPathFactory) -> None:
-    teach_generators(adapter_archives(tiny_model_dir, tmp_path_factory.mktemp("archives")))
+    teach_generators(adapter_archives(tiny_model_dir, tmp_path_factory.mktemp("archives")), tiny_model_dir)
     report = fuzz(Served(api.client.app), examples=EXAMPLES_PER_OPERATION)
     print(report)
     assert report.operations >= 20 and report.requests >= report.operations * 4
