@@ -436,6 +436,13 @@ function rangeText(schema) {
   return ` (${schema.exclusiveMinimum !== undefined ? "more than " : ""}${low} to ${schema.maximum})`;
 }
 
+// A base model as the forms show it: its id, then its family, size and context when the server knows them.
+function baseModelLabel(m) {
+  const size = m.parameters ? `${(m.parameters / 1e6).toFixed(m.parameters < 1e7 ? 1 : 0)}M parameters` : null;
+  const facts = [m.family, size, m.context_length ? `${m.context_length} tokens` : null].filter(Boolean);
+  return facts.length ? `${m.id} (${facts.join(", ")})` : m.id;
+}
+
 async function newJobView(main) {
   const [models, files] = await Promise.all([api.get("/v1/models"), api.get("/v1/files", { limit: 100 })]);
   const box = alertBox("job-error");
@@ -444,7 +451,7 @@ async function newJobView(main) {
   const fileOptions = (empty) => [empty ? h("option", { value: "" }, empty) : null,
     processed.map((f) => h("option", { value: f.id }, `${f.filename} (${f.n_examples} examples) ${f.id}`))];
   const model = h("select", { name: "model", id: "job-model" },
-    models.data.filter((m) => m.owned_by === "system").map((m) => h("option", { value: m.id }, m.id)));
+    models.data.filter((m) => m.owned_by === "system").map((m) => h("option", { value: m.id }, baseModelLabel(m))));
   const training = h("select", { name: "training_file", id: "job-training-file", required: true },
     fileOptions(processed.length ? null : "upload a file first"));
   const validation = h("select", { name: "validation_file", id: "job-validation-file" }, fileOptions("none"));
@@ -575,6 +582,7 @@ async function playgroundView(main, query) {
   const listed = (await api.get("/v1/models")).data;
   const models = listed.map((m) => m.id);
   const parent = Object.fromEntries(listed.map((m) => [m.id, m.parent]));
+  const byId = Object.fromEntries(listed.filter((m) => m.owned_by === "system").map((m) => [m.id, m]));
   const wanted = (query.get("models") || "").split(",").filter(Boolean);
   // The first column is the base model the asked-for adapters share, so the comparison is like for like.
   const base = wanted.map((m) => parent[m]).find(Boolean) || wanted.find((m) => m in parent && !parent[m])
@@ -583,7 +591,7 @@ async function playgroundView(main, query) {
   const columns = [0, 1, 2].map((i) => {
     const select = h("select", { id: `model-${i}`, "data-column": i },
       i ? h("option", { value: "" }, "(none)") : null, [...new Set([...models, ...wanted])].map((m) =>
-        h("option", { value: m, selected: m === initial[i] }, m)));
+        h("option", { value: m, selected: m === initial[i] }, byId[m] ? baseModelLabel(byId[m]) : m)));
     return { select, history: [], log: h("div", { class: "transcript", id: `transcript-${i}` }) };
   });
   const prompt = h("textarea", { id: "prompt", rows: 3, placeholder: "Ask all selected models the same thing" });
