@@ -24,17 +24,19 @@ def virtual_token_count(weights: ServingWeights | None) -> int:
     return weights.num_virtual_tokens if weights is not None and weights.kind is ServingKind.VIRTUAL_TOKENS else 0
 
 
-def kv_prefix_cache(weights: ServingWeights | None, device: torch.device) -> DynamicCache:
+def kv_prefix_cache(weights: ServingWeights | None, device: torch.device, dtype: torch.dtype) -> DynamicCache:
     """A cache holding the adapter's prefix keys/values (empty for every other kind).
 
     Every layer keeps all its keys and values, sliding-window layers too (the model's mask applies the window): the
     running batch's cache (kv_cache.py) grows each row in place and needs every layer's entries to line up with the
-    row's mask. A cache built from the config would keep only the last window of a sliding layer."""
+    row's mask. A cache built from the config would keep only the last window of a sliding layer. The keys and
+    values take the model's dtype (a bf16 model on a GPU): attention needs its query, keys and values in one."""
     cache = DynamicCache()
     if weights is not None and weights.kind is ServingKind.KV_PREFIX:
         positions = torch.arange(weights.num_virtual_tokens, device=device)
         for layer, (k, v) in enumerate(weights.kv_prefix):
-            cache.update(k.unsqueeze(0), v.unsqueeze(0), layer, cache_kwargs={"cache_position": positions})
+            cache.update(k.unsqueeze(0).to(dtype), v.unsqueeze(0).to(dtype), layer,
+                         cache_kwargs={"cache_position": positions})
     return cache
 
 
@@ -65,7 +67,7 @@ def prefill_inputs(prompts: list[list[int]], adapters: list[ServingWeights | Non
         mask[row, :prefix] = 1
     ids, mask = ids.to(device), mask.to(device)
     kwargs: dict[str, Any] = {"attention_mask": mask, "position_ids": (mask.cumsum(-1) - 1).clamp(min=0)[:, prefix:],
-                              "past_key_values": kv_prefix_cache(adapters[0], device)}
+                              "past_key_values": kv_prefix_cache(adapters[0], device, model.dtype)}
     if any(virtual):
         embeds = model.get_input_embeddings()(ids)
         for row, (prompt, count, weights) in enumerate(zip(prompts, virtual, adapters, strict=True)):

@@ -83,9 +83,9 @@ class SlotLinear:
         self.in_features, self.out_features = projection_features(module)
         # Transposed (x @ a_t, then @ b_t) and contiguous: a batched matmul over strided slices costs twice as much.
         self.a_t = torch.zeros(bank.n_slots, self.in_features, bank.rank, device=module.weight.device,
-                               dtype=module.weight.dtype)
+                               dtype=bank.dtype)
         self.b_t = torch.zeros(bank.n_slots, bank.rank, self.out_features, device=module.weight.device,
-                               dtype=module.weight.dtype)
+                               dtype=bank.dtype)
         # Channel scales are allocated the first time an adapter scales this projection.
         self.in_scale: torch.Tensor | None = None
         self.out_scale: torch.Tensor | None = None
@@ -105,12 +105,12 @@ class SlotLinear:
         if side == "input":
             if self.in_scale is None:
                 self.in_scale = torch.ones(self.bank.n_slots, self.in_features, device=weight.device,
-                                           dtype=weight.dtype)
+                                           dtype=self.bank.dtype)
                 self.pre_handle = self.module.register_forward_pre_hook(self._pre_hook)
             return self.in_scale
         if self.out_scale is None:
             self.out_scale = torch.ones(self.bank.n_slots, self.out_features, device=weight.device,
-                                        dtype=weight.dtype)
+                                        dtype=self.bank.dtype)
         return self.out_scale
 
     def reset(self, slot: int) -> None:
@@ -154,6 +154,8 @@ class SlotBank:
         self.low_rank_slots: set[int] = set()
         self.scaling_slots: set[int] = set()
         self.device = next(model.parameters()).device
+        # The dtype activations flow in: the embeddings' (a quantised projection's weight is int8/uint8).
+        self.dtype = model.get_input_embeddings().weight.dtype  # type: ignore[operator]
         self.modules: dict[str, SlotLinear] = {}
         for name, module in model.named_modules():
             if is_projection(module) and name.rsplit(".", 1)[-1] in module_suffixes:
