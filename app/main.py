@@ -49,6 +49,7 @@ async def lifespan(_: FastAPI) -> AsyncIterator[None]:
         raise SchemaOutOfDate(problem)
     bootstrap_tenant(settings)
     check_role(settings)
+    check_declared_base_models(settings)
     tokenizers.start_warm_up(settings)  # off the request path; /ready says when it is done
     if settings.role != "api":
         # The engine's decode loop is a Python thread: between its torch calls it holds the GIL, and a request
@@ -81,6 +82,29 @@ def check_role(settings: Any) -> None:
         message = f"ADAPTERY_ROLE={settings.role} needs " + " and ".join(missing) + "."
         log.critical(message)
         raise RuntimeError(message)
+
+
+def check_declared_base_models(settings: Any) -> None:
+    """ADAPTERY_BASE_MODELS is where those models are registered: refuse to start with one of a family the engine
+    cannot serve, naming the model and what is missing, rather than answer its first chat with an error. Folders
+    only (config.json, no weights read); a hub id not downloaded yet is checked by the worker that loads it."""
+    import json
+    from pathlib import Path
+
+    from adapters.families import unsupported_reason
+
+    for model_id, source in settings.base_models.items():
+        config = Path(source) / "config.json"
+        if not config.is_file():
+            continue
+        try:
+            reason = unsupported_reason(json.loads(config.read_text()))
+        except (OSError, ValueError) as exc:
+            reason = f"its config.json cannot be read: {exc}"
+        if reason:
+            message = f"ADAPTERY_BASE_MODELS names {model_id!r} ({source}), which cannot be served: {reason}"
+            log.critical(message)
+            raise RuntimeError(message)
 
 
 def bootstrap_tenant(settings: Any) -> None:

@@ -79,6 +79,15 @@ class Settings(BaseSettings):
         default="auto", description='The dtype training and evaluations compute in: "auto" (bfloat16 where the '
                                     'hardware does it natively, on a CPU only when a probe measures it faster; '
                                     'float32 otherwise), "float32" or "bfloat16".')
+    serving_dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
+        default="auto", description='The dtype the serving engine holds base weights and adapters in: "auto" '
+                                    '(bfloat16 on a CUDA GPU that has it, float16 on one that has not, float32 on a '
+                                    'CPU, where the engine matches PEFT to 1e-4), or one of the three.')
+    base_model_quantization: dict[str, Literal["8bit", "4bit"]] = Field(
+        default_factory=dict, description='Base models loaded with their projection weights quantised by '
+                                          'bitsandbytes (CUDA only; the package is installed separately), '
+                                          '{"model-id": "4bit"} (NF4, QLoRA) or "8bit". Adapters train and serve '
+                                          'on top in the compute dtype.')
     training_memory_fraction: float = Field(
         default=0.8, gt=0, le=1,
         description="The memory a training step's activations may use, as this share of what the device has free "

@@ -9,9 +9,7 @@ import glob
 import json
 import math
 import re
-import shutil
 import struct
-import subprocess
 import threading
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,7 +18,9 @@ from typing import Any
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
+from adapters import model_memory
 from adapters.families import family_name, unsupported_reason
+from adapters.model_memory import BYTES_PER_PARAMETER, HEADROOM
 from app.db.models import TERMINAL_JOB_STATUSES, Adapter, AdapterStatus, FineTuningJob, RegisteredBaseModel
 from app.errors import Conflict, InvalidRequest, NotFound
 from app.services import base_models
@@ -28,7 +28,6 @@ from app.settings import Settings
 
 GIB = 1024**3
 # Bytes per parameter in the dtype the engine holds a base model in.
-DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
 # safetensors' dtype names, as the dtype a checkpoint stores its weights in.
 STORED_DTYPES = {"F32": "float32", "BF16": "bfloat16", "F16": "float16", "F64": "float64", "I8": "int8",
                  "U8": "uint8", "F8_E4M3": "float8_e4m3fn", "F8_E5M2": "float8_e5m2"}
@@ -212,29 +211,12 @@ def serving_dtype(settings: Settings, device: str) -> str:
     return "bfloat16" if device.startswith("cuda") else "float32"
 
 
-def free_bytes(device: str) -> int:
-    """Memory free on `device` now: the GPU's, asked of nvidia-smi (this process never imports torch), or the host's
-    available memory."""
-    if device.startswith("cuda") and shutil.which("nvidia-smi"):
-        index = device.split(":", 1)[1] if ":" in device else "0"
-        try:
-            out = subprocess.run(["nvidia-smi", f"--id={index}", "--query-gpu=memory.free",
-                                  "--format=csv,noheader,nounits"], capture_output=True, text=True, timeout=10,
-                                 check=True).stdout
-            return int(out.strip().splitlines()[0]) * 1024 * 1024
-        except (OSError, subprocess.SubprocessError, ValueError, IndexError):
-            pass
-    import psutil
-
-    return int(psutil.virtual_memory().available)
-
-
 def memory_needed(settings: Settings, parameters: int) -> dict[str, Any]:
     """The weights' bytes at the serving dtype on this host's device, against what it has free."""
     device = host_device(settings)
     dtype = serving_dtype(settings, device)
-    return {"device": device, "dtype": dtype, "needed_bytes": parameters * DTYPE_BYTES.get(dtype, 4),
-            "free_bytes": free_bytes(device)}
+    return {"device": device, "dtype": dtype, "needed_bytes": int(parameters * BYTES_PER_PARAMETER.get(dtype, 4)),
+            "free_bytes": model_memory.free_bytes(device)}
 
 
 def _gib(value: int) -> str:
@@ -324,9 +306,10 @@ def register(session: Session, settings: Settings, *, model_id: str, source: str
         raise Conflict(f"A base model named '{model_id}' already exists.", param="id", code="base_model_exists")
     checkpoint = inspect_source(source)
     memory = memory_needed(settings, checkpoint.parameters)
-    if memory["needed_bytes"] > memory["free_bytes"]:
+    if memory["needed_bytes"] * HEADROOM > memory["free_bytes"]:  # the same rule as loading (model_memory)
         raise _refuse(f"the model does not fit this host's {memory['device']}: it needs "
-                      f"{_gib(memory['needed_bytes'])} in {memory['dtype']}, {_gib(memory['free_bytes'])} free")
+                      f"{_gib(memory['needed_bytes'])} in {memory['dtype']} (plus {HEADROOM - 1:.0%} for the KV "
+                      f"cache, adapters and activations), {_gib(memory['free_bytes'])} free")
     row = RegisteredBaseModel(id=model_id, source=source, family=checkpoint.family,
                               parameters=checkpoint.parameters, context_length=checkpoint.context_length,
                               stored_dtype=checkpoint.stored_dtype, chat_template=checkpoint.chat_template)

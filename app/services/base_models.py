@@ -145,7 +145,8 @@ def load_tokenizer(settings: Settings, spec: BaseModelSpec) -> Any:
 
 
 def load_model(settings: Settings, spec: BaseModelSpec, *, dtype: str = "float32") -> Any:
-    return core.load_model(local_path(settings, spec), device=settings.device, dtype=dtype)
+    return core.load_model(local_path(settings, spec), device=settings.device, dtype=dtype,
+                           quantization=settings.base_model_quantization.get(spec.id))
 
 
 def base_info(settings: Settings, spec: BaseModelSpec) -> dict[str, Any]:

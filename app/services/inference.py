@@ -38,6 +38,8 @@ def get_engine(settings: Settings) -> Any:
         if _engine is None:
             import torch
 
+            from adapters.base_models import resolve_device
+            from adapters.compute import serving_dtype
             from adapters.engine import InferenceEngine
             from app.services import base_models
 
@@ -45,7 +47,9 @@ def get_engine(settings: Settings) -> Any:
 
             def load_base(model_id: str) -> tuple[Any, Any]:
                 spec = base_models.resolve(settings, model_id)
-                return base_models.load_model(settings, spec), base_models.load_tokenizer(settings, spec)
+                dtype = serving_dtype(resolve_device(settings.device), settings.serving_dtype)
+                return (base_models.load_model(settings, spec, dtype=dtype),
+                        base_models.load_tokenizer(settings, spec))
 
             _engine = InferenceEngine(load_base=load_base, cache_size=settings.adapter_cache_size,
                                       max_rank=settings.max_lora_rank, cpu_cache_size=settings.adapter_cpu_cache_size,

@@ -18,7 +18,7 @@ from typing import Any
 import pytest
 from fastapi.testclient import TestClient
 
-from tests.api.conftest import Api, chat_file, error_of
+from tests.api.conftest import Api, chat_file, error_of, in_process_api
 from tests.conftest import ADMIN_KEY, ROOT
 from tests.tiny_model import TINY_MODEL_ID
 
@@ -168,9 +168,8 @@ def test_each_check_refuses_naming_the_first_problem(admin: TestClient, tiny_mod
 
 def test_a_model_that_does_not_fit_is_refused_with_both_figures(admin: TestClient, tiny_model_dir: Path, tmp_path: Path,
                                                                 monkeypatch: pytest.MonkeyPatch) -> None:
-    from app.services import base_model_admin
 
-    monkeypatch.setattr(base_model_admin, "free_bytes", lambda device: 1024)
+    monkeypatch.setattr("adapters.model_memory.free_bytes", lambda device: 1024)
     response = register(admin, "too-big", copy_model(tiny_model_dir, tmp_path / "big"))
     assert response.status_code == 400
     message = error_of(response)["message"]
@@ -292,3 +291,15 @@ def test_the_api_role_never_imports_torch_nor_converts_weights(tmp_path: Path, t
     assert report["registered"] == 200
     assert "SmolLM2-135M-Instruct.tokenizer" in report["cache"]  # the tokenizer alone
     assert "SmolLM2-135M-Instruct" not in report["cache"]  # no converted weights
+
+
+def test_a_declared_base_model_of_an_unsupported_family_stops_the_start(tmp_path: Path, tiny_model_dir: Path) -> None:
+    """ADAPTERY_BASE_MODELS is registration too: a family the engine cannot serve is refused when the service
+    starts, naming the model and the reason, not at its first chat."""
+    folder = tmp_path / "a-mamba"
+    folder.mkdir()
+    (folder / "config.json").write_text(json.dumps({"model_type": "mamba", "hidden_size": 64}))
+    declared = {TINY_MODEL_ID: str(tiny_model_dir), "a-mamba": str(folder)}
+    with pytest.raises(RuntimeError, match=r"ADAPTERY_BASE_MODELS names 'a-mamba' .* cannot be served: .*mamba"), \
+            in_process_api(tmp_path, tiny_model_dir, {"ADAPTERY_BASE_MODELS": json.dumps(declared)}):
+        pass
