@@ -15,7 +15,7 @@ TORCH_SPEC ?= torch==2.13.0
 FAST_WORKERS ?= 2
 E2E_WORKERS ?= 3
 
-.PHONY: install browser compose run check test test-sqlite lint bench soak clean
+.PHONY: install browser compose run check test test-sqlite lint bench soak gpu-check clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -70,6 +70,13 @@ bench: install
 	$(BIN)/python -m bench.training --save
 	$(BIN)/python -m bench.capacity --save
 	$(BIN)/python -m bench.noisy_neighbour --save
+
+# On a machine with a CUDA GPU: LoRA training and mixed-adapter serving on a 0.5B-shaped model, ours beside the plain
+# Hugging Face / PEFT way (bench/gpu_check.py; figures in docs/benchmarks.md). QUANT=4bit adds the QLoRA run (needs
+# bitsandbytes, not installed by `make install`).
+gpu-check: install
+	$(BIN)/python -m bench.gpu_check --save
+	@if [ -n "$(QUANT)" ]; then $(BIN)/python -m bench.gpu_check --quantization $(QUANT) --save; fi
 
 clean:
 	rm -rf $(VENV) .cache .pytest_cache .mypy_cache .ruff_cache
