@@ -36,6 +36,7 @@ from workers import process
 from workers.faults import FaultInjector
 from workers.lease import Lease
 from workers.training import checkpoints
+from workers.training.batches import available
 from workers.training.evaluation import model_metrics
 from workers.training.loop import (
     BatchMaker,
@@ -160,6 +161,7 @@ class JobRunner:
         tokenizer = base_models.load_tokenizer(self.settings, spec)
         base = base_models.load_model(self.settings, spec, dtype=plan.dtype)
         self._phase_done("load_base_model", f"Loaded base model {self.job.model} ({plan.dtype})")
+        self._batching_event(base)
         train_examples, valid_examples = self._tokenise(tokenizer)
         self.store.fetch_checkpoint(self.job_id)  # another host may have trained this job until it stopped
         resume = checkpoints.latest(self.checkpoint_root)
@@ -432,6 +434,17 @@ class JobRunner:
         with session_scope() as session:
             jobs.record_progress(session, self.job_id, step=step, total_steps=total, epoch=epoch, eta_seconds=eta)
         self._unwritten_progress = None
+
+    def _batching_event(self, base: Any) -> None:
+        """How this job's examples become batches, and the attention that runs them (a family without SDPA, such
+        as Gemma 2 whose soft-capping SDPA cannot do, trains with its own eager attention, which costs more)."""
+        attention = available(base, "sdpa")
+        packed = self.method.packs_examples
+        rows = ("packed rows (several examples a row, each attending only to itself)" if packed else
+                "one example a row, padded (the method puts its virtual tokens in front of each example)")
+        why = "" if attention == "sdpa" else f" (the {base.config.model_type} family has no SDPA attention)"
+        self._event(f"Batches: {rows}; attention: {attention}{why}.",
+                    data={"packed": packed, "attention": attention})
 
     def _event(self, text: str, **kwargs: Any) -> None:
         with session_scope() as session:

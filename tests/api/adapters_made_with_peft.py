@@ -77,3 +77,17 @@ def send_files(client: Any, parts: dict[str, bytes], **form: str) -> Any:
 def send_archive(client: Any, archive: bytes, filename: str = "adapter.zip") -> Any:
     """POST /v1/adapters with one archive (the `file` part)."""
     return client.post("/v1/adapters", files={"file": (filename, archive)})
+
+
+def greedy_text(model: Any, tokenizer: Any, content: str, n: int) -> str:
+    """The model's greedy continuation of a one-message chat, by a full forward pass per token."""
+    import torch
+
+    prompt = tokenizer.apply_chat_template([{"role": "user", "content": content}], tokenize=False,
+                                           add_generation_prompt=True)
+    ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
+    sequence = list(ids)
+    with torch.no_grad():
+        for _ in range(n):
+            sequence.append(int(model(input_ids=torch.tensor([sequence])).logits[0, -1].argmax()))
+    return str(tokenizer.decode(sequence[len(ids):], skip_special_tokens=True))

@@ -22,6 +22,7 @@ from tests.api.adapters_made_with_peft import (
     CONFIG,
     WEIGHTS,
     files_of,
+    greedy_text,
     save_lora,
     send_archive,
     send_files,
@@ -67,18 +68,6 @@ def test_every_method_imports_and_serves_as_peft_computes_it(client: TestClient,
     reference = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_model_dir), str(tmp_path)).eval()
     assert greedy_text(reference, tiny_tokenizer, "Hello", reply.json()["usage"]["completion_tokens"]) == \
         reply.json()["choices"][0]["message"]["content"]
-
-
-def greedy_text(model: Any, tokenizer: Any, content: str, n: int) -> str:
-    """The model's greedy continuation of a one-message chat, by a full forward pass per token."""
-    prompt = tokenizer.apply_chat_template([{"role": "user", "content": content}], tokenize=False,
-                                           add_generation_prompt=True)
-    ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
-    sequence = list(ids)
-    with torch.no_grad():
-        for _ in range(n):
-            sequence.append(int(model(input_ids=torch.tensor([sequence])).logits[0, -1].argmax()))
-    return str(tokenizer.decode(sequence[len(ids):], skip_special_tokens=True))
 
 
 def test_import_serve_and_download(client: TestClient, peft_adapter: Path, tiny_model_dir: Path,
