@@ -288,6 +288,9 @@ class Settings(BaseSettings):
     checkpoint_steps: int = Field(
         default=100, description="A resumable checkpoint every N optimiser steps (and at each epoch end); 0: at epoch "
                                  "ends only.")
+    worker_queue_refresh_seconds: float = Field(
+        default=10.0, gt=0, description="How often a training worker looks for base models registered since it "
+                                        "started (over the admin API) and starts consuming their queues.")
     reaper_interval_seconds: float = Field(
         default=10.0, description="How often each worker re-queues jobs and evaluations whose lease expired or that "
                                   "nobody claimed, and fails jobs past their hard time limit, in seconds.")

@@ -81,6 +81,28 @@ def _consume_training_queues(sender: Any = None, instance: Any = None, **_: Any)
     log.info("%s consumes %s", sender, ", ".join(names))
 
 
+def _queue_refresher(consumer: Any) -> Callable[[], None]:
+    """A base model registered over the admin API after this worker started gets its queues consumed here too (when
+    this host has its weights), without a restart. Celery's consumer adds a queue in its own thread: call_soon."""
+    from app.services.training_queues import worker_queues
+
+    consumed = set(consumer.app.amqp.queues.consume_from or ())
+
+    def refresh() -> None:
+        try:
+            wanted = worker_queues(get_settings())
+        except ValueError as exc:  # a named model was removed: keep consuming what this worker has
+            log.warning("base models not refreshed: %s", exc)
+            return
+        for name in wanted:
+            if name not in consumed:
+                consumed.add(name)
+                consumer.call_soon(consumer.add_task_queue, name)
+                log.info("now consumes %s (a base model registered since this worker started)", name)
+
+    return refresh
+
+
 @worker_init.connect
 def _refuse_an_out_of_date_schema(**_: Any) -> None:
     from app.db.session import schema_problem
@@ -100,6 +122,7 @@ def _start_worker_threads(sender: Any = None, **_: Any) -> None:
             session.merge(WorkerHeartbeat(hostname=hostname, last_seen=time.time(), pid=os.getpid()))
 
     _every(HEARTBEAT_SECONDS, beat, "adaptery-heartbeat")
+    _every(get_settings().worker_queue_refresh_seconds, _queue_refresher(sender), "adaptery-queues")
     _every(get_settings().reaper_interval_seconds, reap_once, "adaptery-reaper")
     owner = f"{hostname}:webhooks"
 

@@ -16,7 +16,17 @@ import pytest
 
 from tests.api.adapters_made_with_peft import files_of, greedy_text
 from tests.budgets import JOB_DONE, budget
-from tests.conftest import AUTH, MODEL_CACHE, Stack, all_events, chat_lines, running_stack, upload
+from tests.conftest import (
+    ADMIN_KEY,
+    AUTH,
+    MODEL_CACHE,
+    Stack,
+    all_events,
+    chat_lines,
+    running_stack,
+    upload,
+    wait_for_status,
+)
 from tests.families import FAMILIES, build_family_model
 from tests.tiny_model import TINY_MODEL_ID
 
@@ -37,7 +47,8 @@ def families_stack(tmp_path_factory: pytest.TempPathFactory, tiny_model_dir: Pat
                    redis_url: str, database_url: str) -> Iterator[Stack]:
     declared = {TINY_MODEL_ID: str(tiny_model_dir), **{model_id(f): str(p) for f, p in family_folders.items()}}
     with running_stack(tmp_path_factory.mktemp("families"), database_url=database_url, broker_url=redis_url,
-                       tiny_model_dir=tiny_model_dir, extra={"ADAPTERY_BASE_MODELS": json.dumps(declared)}) as stack:
+                       tiny_model_dir=tiny_model_dir, extra={"ADAPTERY_BASE_MODELS": json.dumps(declared),
+                                                             "ADAPTERY_WORKER_QUEUE_REFRESH_SECONDS": "1"}) as stack:
         yield stack
 
 
@@ -133,3 +144,19 @@ def test_method_defaults_follow_each_familys_structure(api: httpx.Client) -> Non
         assert sorted(defaults["lora"]["target_modules"]) == sorted(lora_targets), (family, defaults["lora"])
         assert sorted(defaults["ia3"]["target_modules"]) == sorted(ia3_targets), (family, defaults["ia3"])
         assert defaults["ia3"]["feedforward_modules"] == ia3_feedforward, (family, defaults["ia3"])
+
+
+def test_a_model_registered_while_the_worker_runs_is_trained_without_a_restart(
+        api: httpx.Client, families_stack: Stack, family_folders: dict[str, Path]) -> None:
+    registered = api.post("/v1/admin/base_models", headers={"Authorization": f"Bearer {ADMIN_KEY}"},
+                          json={"id": "registered-later", "source": str(family_folders["olmo2"])})
+    assert registered.status_code == 200, registered.text
+    file_id = upload(api, chat_lines(8)).json()["id"]
+    job = api.post("/v1/fine_tuning/jobs", json={"model": "registered-later", "training_file": file_id,
+                                                 "hyperparameters": {"n_epochs": 1, "batch_size": 4}})
+    assert job.status_code == 200, job.text
+    # The worker looks for new base models every second here (ADAPTERY_WORKER_QUEUE_REFRESH_SECONDS) and starts
+    # consuming the new model's queue; before, the job waited until the worker was restarted.
+    finished = wait_for_status(api, job.json()["id"], {"succeeded", "failed", "cancelled"})
+    assert finished["status"] == "succeeded", finished.get("error")
+    assert "now consumes train." in families_stack.log_tail("worker", 200_000)
