@@ -11,6 +11,7 @@ from __future__ import annotations
 import importlib.util
 import shutil
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -47,12 +48,22 @@ def convert_default_model(target: Path) -> None:
     model.is_quantized = False  # type: ignore[assignment]
     if hasattr(model.config, "quantization_config"):
         del model.config.quantization_config
-    target.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=".convert-", dir=target.parent))
-    try:
+
+    def write(staging: Path) -> None:
         model.save_pretrained(staging)
         tokenizer.save_pretrained(staging)
         (staging / "ADAPTERY_COMPLETE").write_text("converted from " + GGUF_FILE + "\n")
+
+    _write_folder_atomically(target, write)
+
+
+def _write_folder_atomically(target: Path, write: Callable[[Path], None]) -> None:
+    """`write` fills a temporary folder beside `target`, which then replaces `target` in one rename: a reader never
+    sees a half-written model."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=target.parent))
+    try:
+        write(staging)
         if target.exists():
             shutil.rmtree(target)
         staging.rename(target)
@@ -61,24 +72,28 @@ def convert_default_model(target: Path) -> None:
             shutil.rmtree(staging, ignore_errors=True)
 
 
-def packaged_model_folder(target: Path, *, prepare: bool = True) -> str:
-    """The converted packaged default model at `target`, converting it first when needed.
+def made_once(target: Path, marker: str, make: Callable[[Path], None]) -> str:
+    """`target`, made by `make(target)` unless its `marker` file shows it complete.
 
-    Several processes may start at once on one model folder (workers of one host, test processes): one converts
-    while the others wait on a lock file beside it, then find it complete. Without the lock a second converter
-    replaced the folder while the first one's caller was reading it."""
-    if (target / "ADAPTERY_COMPLETE").exists():
-        return str(target)
-    if not prepare:
-        raise FileNotFoundError(f"base model {target.name} is not prepared; run `adaptery prepare-model`")
+    Several processes may start at once on one folder (workers of one host, test processes): one makes it while the
+    others wait on a lock file beside it, then find it complete. Without the lock a second converter replaced the
+    folder while the first one's caller was reading it."""
     import fcntl
 
-    target.parent.mkdir(parents=True, exist_ok=True)
-    with open(target.parent / f".{target.name}.lock", "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
-        if not (target / "ADAPTERY_COMPLETE").exists():
-            convert_default_model(target)
+    if not (target / marker).exists():
+        target.parent.mkdir(parents=True, exist_ok=True)
+        with open(target.parent / f".{target.name}.lock", "w") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            if not (target / marker).exists():
+                make(target)
     return str(target)
+
+
+def packaged_model_folder(target: Path, *, prepare: bool = True) -> str:
+    """The converted packaged default model at `target`, converting it first when needed."""
+    if not prepare and not (target / "ADAPTERY_COMPLETE").exists():
+        raise FileNotFoundError(f"base model {target.name} is not prepared; run `adaptery prepare-model`")
+    return made_once(target, "ADAPTERY_COMPLETE", convert_default_model)
 
 
 TOKENIZER_COMPLETE = "ADAPTERY_TOKENIZER_COMPLETE"
@@ -99,42 +114,33 @@ def convert_default_tokenizer(target: Path) -> None:
     if hasattr(config, "quantization_config"):
         del config.quantization_config
     parameters = sum(int(tensor.n_elements) for tensor in GGUFReader(str(source / GGUF_FILE)).tensors)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=".tokenizer-", dir=target.parent))
-    try:
+
+    def write(staging: Path) -> None:
         tokenizer.save_pretrained(staging)
         config.save_pretrained(staging)
         (staging / TOKENIZER_COMPLETE).write_text(json.dumps({"source": GGUF_FILE, "parameters": parameters}) + "\n")
-        if target.exists():
-            shutil.rmtree(target)
-        staging.rename(target)
-    finally:
-        if staging.exists():
-            shutil.rmtree(staging, ignore_errors=True)
+
+    _write_folder_atomically(target, write)
 
 
 def packaged_tokenizer_folder(target: Path, *, prepare: bool = True) -> str:
     """A folder with the packaged default's tokenizer and config.json at `target`, made first when needed in a child
     process, so that this one never imports torch (a few seconds, against the full conversion's 20)."""
-    if (target / TOKENIZER_COMPLETE).exists():
-        return str(target)
-    if not prepare:
+    if not prepare and not (target / TOKENIZER_COMPLETE).exists():
         raise FileNotFoundError(f"the tokenizer of {target.name} is not prepared")
-    import fcntl
+    return made_once(target, TOKENIZER_COMPLETE, _convert_tokenizer_in_a_child)
+
+
+def _convert_tokenizer_in_a_child(target: Path) -> None:
     import subprocess
     import sys
 
-    target.parent.mkdir(parents=True, exist_ok=True)
-    with open(target.parent / f".{target.name}.lock", "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
-        if not (target / TOKENIZER_COMPLETE).exists():
-            code = ("import sys; from pathlib import Path; from adapters.base_models import "
-                    "convert_default_tokenizer; convert_default_tokenizer(Path(sys.argv[1]))")
-            done = subprocess.run([sys.executable, "-c", code, str(target)], capture_output=True, text=True,
-                                  timeout=600, check=False)
-            if done.returncode != 0:
-                raise RuntimeError(f"preparing the default model's tokenizer failed: {done.stderr.strip()[-1000:]}")
-    return str(target)
+    code = ("import sys; from pathlib import Path; from adapters.base_models import "
+            "convert_default_tokenizer; convert_default_tokenizer(Path(sys.argv[1]))")
+    done = subprocess.run([sys.executable, "-c", code, str(target)], capture_output=True, text=True, timeout=600,
+                          check=False)
+    if done.returncode != 0:
+        raise RuntimeError(f"preparing the default model's tokenizer failed: {done.stderr.strip()[-1000:]}")
 
 
 def stored_parameter_count(folder: Path) -> int | None:

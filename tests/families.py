@@ -15,6 +15,8 @@ import json
 from pathlib import Path
 from typing import Any
 
+from tests.tiny_model import build_random_model
+
 # The shape every family shares; the per-family options below override or extend it.
 COMMON: dict[str, Any] = {"max_position_embeddings": 512, "initializer_range": 64 ** -0.5}
 LLAMA_SHAPE: dict[str, Any] = {"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2,
@@ -52,31 +54,6 @@ def family_folder(cache: Path, family: str) -> Path:
 
 def build_family_model(cache: Path, family: str, tokenizer_source: str, seed: int = 0) -> Path:
     """The tiny model of `family`, built once into `cache`; processes building it at once take turns on a lock."""
-    import fcntl
-    import shutil
-
-    target = family_folder(cache, family)
-    if (target / "config.json").exists():
-        return target
-    target.parent.mkdir(parents=True, exist_ok=True)
-    with open(target.parent / f".{target.name}.lock", "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
-        if (target / "config.json").exists():
-            return target
-        import torch
-        import transformers
-        from transformers import AutoModelForCausalLM, AutoTokenizer
-
-        tokenizer = AutoTokenizer.from_pretrained(tokenizer_source)
-        class_name, options = FAMILIES[family]
-        config = getattr(transformers, class_name)(
-            vocab_size=len(tokenizer), bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
-            pad_token_id=tokenizer.pad_token_id, **COMMON, **options)
-        torch.manual_seed(seed)
-        model = AutoModelForCausalLM.from_config(config)
-        tmp = target.with_name(target.name + ".tmp")
-        shutil.rmtree(tmp, ignore_errors=True)  # what an interrupted build left
-        model.save_pretrained(tmp)
-        tokenizer.save_pretrained(tmp)
-        tmp.rename(target)
-    return target
+    class_name, options = FAMILIES[family]
+    return build_random_model(family_folder(cache, family), tokenizer_source, class_name, {**COMMON, **options},
+                              seed=seed)

@@ -30,29 +30,36 @@ def tiny_model_folder(cache: Path) -> Path:
 
 
 def build_tiny_model(target: Path, tokenizer_source: str, seed: int = 0) -> Path:
-    """The tiny model at `target`, built once; test processes running at once (pytest-xdist) take turns on a
-    lock file, and the later ones find it built."""
-    import fcntl
-    import shutil
+    """The tiny model at `target`, built once (see build_random_model)."""
+    return build_random_model(target, tokenizer_source, "LlamaConfig", TINY_CONFIG, seed=seed,
+                              model_class="LlamaForCausalLM")
 
-    if (target / "config.json").exists():
-        return target
-    target.parent.mkdir(parents=True, exist_ok=True)
-    with open(target.parent / f".{target.name}.lock", "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
-        if (target / "config.json").exists():
-            return target
+
+def build_random_model(target: Path, tokenizer_source: str, config_class: str, options: dict[str, Any], *,
+                       seed: int = 0, model_class: str | None = None) -> Path:
+    """A randomly initialised model of transformers' `config_class` with `options` (`model_class`, or the causal
+    LM class transformers picks for the config) and SmolLM2's tokenizer, at `target`, built once: test processes
+    running at once (pytest-xdist) take turns on a lock file, and the later ones find it built."""
+    from adapters.base_models import made_once
+
+    def build(folder: Path) -> None:
+        import shutil
+
         import torch
-        from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+        import transformers
 
-        tokenizer = AutoTokenizer.from_pretrained(tokenizer_source)
+        tokenizer = transformers.AutoTokenizer.from_pretrained(tokenizer_source)
         torch.manual_seed(seed)
-        config = LlamaConfig(vocab_size=len(tokenizer), bos_token_id=tokenizer.bos_token_id,
-                             eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id, **TINY_CONFIG)
-        model = LlamaForCausalLM(config)
-        tmp = target.with_name(target.name + ".tmp")
+        config = getattr(transformers, config_class)(
+            vocab_size=len(tokenizer), bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+            pad_token_id=tokenizer.pad_token_id, **options)
+        model = (getattr(transformers, model_class)(config) if model_class
+                 else transformers.AutoModelForCausalLM.from_config(config))
+        tmp = folder.with_name(folder.name + ".tmp")
         shutil.rmtree(tmp, ignore_errors=True)  # what an interrupted build left
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
-        tmp.rename(target)
+        tmp.rename(folder)
+
+    made_once(target, "config.json", build)
     return target
