@@ -89,7 +89,7 @@ def run(evaluation_id: str, *, owner: str, lease: Lease) -> str:
             else:
                 adapter = adapters[target["adapter_id"]]
                 metrics, model = _adapter_metrics(model, store.fetch_adapter(adapter.id), adapter, max_len=max_len,
-                                                  pad_id=pad_id, common=common)
+                                                  pad_id=pad_id, max_rank=settings.max_lora_rank, common=common)
         except Exception as exc:
             raise EvaluationFailed("evaluation_error", f"models[{index}] '{name}': {type(exc).__name__}: "
                                                        f"{exc}") from exc
@@ -120,20 +120,24 @@ def _load_rows(evaluation_id: str) -> tuple[Evaluation, dict[str, Adapter]]:
     return evaluation, adapters
 
 
-def _adapter_metrics(base: Any, folder: Path, adapter: Adapter, *, max_len: int, pad_id: int,
+def _adapter_metrics(base: Any, folder: Path, adapter: Adapter, *, max_len: int, pad_id: int, max_rank: int,
                      common: dict[str, Any]) -> tuple[dict[str, Any], Any]:
     """The metrics of `base` with the adapter applied, and the base model without it again.
 
     PEFT applies the adapter the way it was trained and saved (for P-tuning that is the prompt encoder's
     saved output embeddings); removing it restores the base model exactly, so one loaded base model serves
     every adapter of the evaluation in turn."""
-    from peft import PeftModel
+    from peft import PeftConfig, PeftModel
 
     method = METHODS[adapter.method]
     config = json.loads((folder / ADAPTER_CONFIG).read_text())
+    # PEFT reads the config the method admits, never the stored file as it is: an adapter imported before imports
+    # were checked may hold a tenant's regular expression, which PEFT would run over the module names.
+    admitted = method.sanitise_config(config, max_rank=max_rank,
+                                      module_names=frozenset(n for n, _ in base.named_modules() if n))
     # What the method reads to lay out its batches (virtual tokens in front of the input) is in its config.
     make = BatchMaker.for_saved_adapter(method, config, max_len=max_len, pad_id=pad_id)
-    peft_model = PeftModel.from_pretrained(base, str(folder))
+    peft_model = PeftModel.from_pretrained(base, str(folder), config=PeftConfig.from_peft_type(**admitted))
     try:
         metrics = model_metrics(peft_model, base_model=peft_model.get_base_model(), make=make, **common)
     finally:

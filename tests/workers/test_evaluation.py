@@ -78,3 +78,36 @@ def test_prompt_and_answer_splits_before_the_last_trained_run() -> None:
     example = EncodedExample(input_ids=[1, 2, 3, 4, 5, 6, 7], loss_mask=[0, 1, 1, 0, 0, 1, 1])
     assert prompt_and_answer(example) == ([1, 2, 3, 4, 5], [6, 7])
     assert prompt_and_answer(EncodedExample(input_ids=[1, 2], loss_mask=[1, 1])) is None
+
+
+@pytest.mark.parametrize("name", sorted(METHODS))
+def test_the_evaluator_hands_peft_only_the_admitted_config(name: str, examples: list[EncodedExample],
+                                                           tiny_model_dir: Path, tiny_tokenizer: Any,
+                                                           tmp_path: Path) -> None:
+    """A stored adapter is scored through the config its method admits. One stored before imports were checked,
+    with a regular expression where PEFT takes one, is refused naming the field, and the expression never runs
+    (this one backtracks for hours on a module name)."""
+    import json
+    from types import SimpleNamespace
+
+    from transformers import AutoModelForCausalLM
+
+    from workers.evaluator import _adapter_metrics
+    from workers.training.checkpoints import save_adapter
+
+    model, hp = peft_model(name, tiny_model_dir)
+    save_adapter(model, tmp_path / "stored", METHODS[name])
+    base = AutoModelForCausalLM.from_pretrained(tiny_model_dir).eval()
+    common = {"tokenizer": tiny_tokenizer, "examples": examples, "batch_size": 3, "autocast": None}
+    metrics, base = _adapter_metrics(base, tmp_path / "stored", SimpleNamespace(method=name), max_len=1024,
+                                     pad_id=tiny_tokenizer.pad_token_id, max_rank=64, common=common)
+    expected_loss, _ = plain_scores(model.eval(), examples, tiny_tokenizer.pad_token_id)
+    assert metrics["loss"] == pytest.approx(expected_loss, abs=1e-4)
+    config_file = tmp_path / "stored" / "adapter_config.json"
+    config = json.loads(config_file.read_text())
+    if "target_modules" not in config:
+        return  # prompt methods take no module patterns
+    config_file.write_text(json.dumps({**config, "target_modules": "(.*q_?)*_proj$"}))
+    with pytest.raises(ValueError, match="target_modules"):
+        _adapter_metrics(base, tmp_path / "stored", SimpleNamespace(method=name), max_len=1024,
+                         pad_id=tiny_tokenizer.pad_token_id, max_rank=64, common=common)
