@@ -57,6 +57,8 @@ class AdapterCache:
             max(cpu_cache_size, cache_size), keep=lambda key: key in self.in_slots or self.book.pinned(key),
             max_bytes=cpu_cache_bytes, size_of=lambda loaded: loaded.size_bytes)
         self.in_slots: LruTier[str, int] = LruTier(cache_size, keep=self._slot_busy_or_pinned)
+        # Deleted adapters a request was still using: dropped as soon as none does (swept at each activation).
+        self.doomed: set[str] = set()
 
     # ------------------------------------------------------------ what services read and change
 
@@ -136,10 +138,30 @@ class AdapterCache:
             self.book.move(key, AdapterState.ON_DISK)
             metrics.ADAPTER_EVICTIONS.labels(self.name, "memory").inc()
 
+    def drop(self, key: str) -> bool:
+        """The adapter was deleted: unpin it and drop its slot, weights and record now, or, while a request still
+        uses it, as soon as none does (requests in flight finish on it). True if nothing of it is left. Call it
+        between two forward passes (the scheduler's thread)."""
+        with self.lock:
+            self.doomed.add(key)
+            self._sweep_doomed()
+            return key not in self.doomed
+
+    def _sweep_doomed(self) -> None:
+        if not self.doomed:
+            return
+        in_use = {used for used, _ in self.rows_in_use()}
+        for key in list(self.doomed - in_use):
+            self.book.pin(key, False)
+            self.unload(key)
+            self.book.forget(key)
+            self.doomed.discard(key)
+
     def activate(self, adapter: LoadedAdapter | str) -> int:
         """Make a loaded adapter servable and return its slot (0 for kinds that need none); -1 when every slot is
         serving a request or pinned right now. Call it between two forward passes (the scheduler's thread)."""
         with self.lock:
+            self._sweep_doomed()
             loaded = self.in_memory.get(adapter) if isinstance(adapter, str) else adapter
             if loaded is None:
                 raise KeyError(f"adapter {adapter} is not loaded")

@@ -44,3 +44,14 @@ def state(settings: SettingsDep, authorization: str | None = Header(default=None
 def unpin(adapter_id: str, settings: SettingsDep, authorization: str | None = Header(default=None)) -> dict[str, Any]:
     check_internal_key(settings, authorization)
     return {"id": adapter_id, "was_pinned": unpin_everywhere(adapter_id)}
+
+
+@router.post("/internal/adapters/{adapter_id}/drop")
+def drop(adapter_id: str, settings: SettingsDep, authorization: str | None = Header(default=None)) -> dict[str, Any]:
+    """A deleted adapter leaves this replica (when the requests using it end)."""
+    from app.services.adapter_lifecycle import drop_everywhere
+
+    check_internal_key(settings, authorization)
+    drop_everywhere([adapter_id])
+    return {"id": adapter_id, "dropped": True}
+

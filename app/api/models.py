@@ -4,13 +4,14 @@ from __future__ import annotations
 
 from typing import Any
 
-from fastapi import APIRouter
+import anyio
+from fastapi import APIRouter, Query
 from sqlalchemy import select
 
 from app.api.deps import SessionDep, SettingsDep, TenantDep
 from app.db.models import Adapter, AdapterStatus
 from app.errors import NotFound
-from app.schemas.adapters import ModelObject
+from app.schemas.adapters import ModelDeleted, ModelObject
 from app.schemas.common import ListResponse, listed
 from app.schemas.errors import errors
 from app.services.inference import adapter_by_name
@@ -58,3 +59,25 @@ def get_model(model_id: str, session: SessionDep, settings: SettingsDep, tenant:
     if adapter is None:
         raise NotFound(f"The model '{model_id}' does not exist.", param="model", code="model_not_found")
     return _adapter_object(adapter, tenant)
+
+
+@router.delete("/{model_id:path}", response_model=ModelDeleted, responses=errors(400, 401, 404, 409, 429))
+async def delete_model(model_id: str, session: SessionDep, settings: SettingsDep, tenant: TenantDep,
+                       keep_checkpoints: bool = Query(default=False, description="keep the job's checkpoints when its "
+                                                                                  "final model is deleted")
+                       ) -> dict[str, Any]:
+    """Delete one of your fine-tuned models or imported adapters (OpenAI's shape). Requests already running on it
+    finish; new ones get 404. Its job's checkpoints go with a job's final model unless keep_checkpoints; refused
+    (409) while a job that has not ended continues from it."""
+    from app.services import adapter_lifecycle
+
+    deleted = await anyio.to_thread.run_sync(lambda: adapter_lifecycle.delete_model(
+        session, settings, tenant_id=tenant, model=model_id, keep_checkpoints=keep_checkpoints))
+    if settings.role == "api":
+        from app.services import routing
+
+        await routing.get_router().drop_everywhere(deleted)
+    else:
+        await anyio.to_thread.run_sync(adapter_lifecycle.drop_everywhere, deleted)
+    return adapter_lifecycle.deleted_object(model_id)
+

@@ -24,6 +24,12 @@ class AdapterObject(BaseModel):
     error: str | None = Field(description="why loading failed (state failed)")
 
 
+class ModelDeleted(BaseModel):
+    id: str
+    object: Literal["model"] = "model"
+    deleted: bool
+
+
 class ModelObject(BaseModel):
     id: str
     object: Literal["model"] = "model"

@@ -17,6 +17,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import json
+import logging
 import math
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
@@ -27,6 +28,8 @@ from starlette.requests import Request
 from starlette.responses import StreamingResponse
 
 from app.errors import Unavailable
+
+log = logging.getLogger("adaptery")
 
 # What a forwarded request carries over, and what comes back from the replica.
 FORWARDED_HEADERS = ("authorization", "content-type", "accept", "x-request-id", "idempotency-key")
@@ -192,6 +195,19 @@ class InferenceRouter:
                 replica.pinned.discard(adapter_id)  # the next poll confirms
 
         await asyncio.gather(*(unpin(replica) for replica in self.replicas))
+
+    async def drop_everywhere(self, adapter_ids: list[str]) -> None:
+        """Deleted adapters leave every replica; a replica that is down holds nothing of them in memory, and its
+        requests cannot reach them (the database says deleted)."""
+
+        async def drop(replica: Replica, adapter_id: str) -> None:
+            try:
+                await self.client.post(f"{replica.url}/internal/adapters/{adapter_id}/drop", timeout=10.0,
+                                       headers={"Authorization": f"Bearer {self.internal_key}"})
+            except httpx.HTTPError as exc:
+                log.warning("replica %s did not drop deleted adapter %s: %s", replica.index, adapter_id, exc)
+
+        await asyncio.gather(*(drop(r, a) for r in self.replicas for a in adapter_ids))
 
     async def _relay(self, upstream: httpx.Response, replica: Replica) -> AsyncIterator[bytes]:
         try:
