@@ -277,6 +277,49 @@ def models_list(ctx: typer.Context) -> None:
     show(ctx, api(ctx).call("GET", "/v1/models"), ["id", "owned_by", "created"])
 
 
+@models.command("delete")
+def models_delete(ctx: typer.Context, model: str,
+                  keep_checkpoints: bool = typer.Option(False, help="keep a job's checkpoints with its final model")
+                  ) -> None:
+    """Delete one of your fine-tuned models or imports (requests running on it finish)."""
+    show(ctx, api(ctx).call("DELETE", f"/v1/models/{model}", params={"keep_checkpoints": keep_checkpoints}))
+
+
+aliases = typer.Typer(help="Aliases: stable model names your applications call, promoted and rolled back.",
+                      no_args_is_help=True)
+
+
+@aliases.command("list")
+def aliases_list(ctx: typer.Context) -> None:
+    show(ctx, api(ctx).call("GET", "/v1/aliases"), ["id", "model", "updated_at"])
+
+
+@aliases.command("set")
+def aliases_set(ctx: typer.Context, alias: str, model: str) -> None:
+    """Point ALIAS (created if new) at MODEL, one of your fine-tuned models, checkpoints or imports."""
+    show(ctx, api(ctx).call("PUT", f"/v1/aliases/{alias}", json={"model": model}))
+
+
+@aliases.command("rollback")
+def aliases_rollback(ctx: typer.Context, alias: str) -> None:
+    """Point ALIAS back at what it pointed to before its latest change."""
+    show(ctx, api(ctx).call("POST", f"/v1/aliases/{alias}/rollback"))
+
+
+@aliases.command("history")
+def aliases_history(ctx: typer.Context, alias: str) -> None:
+    """Every change of ALIAS, oldest first."""
+    found = api(ctx).call("GET", f"/v1/aliases/{alias}")
+    show(ctx, found if api(ctx).as_json else {"data": found["history"]},
+         ["created_at", "action", "model", "adapter_id"])
+
+
+@aliases.command("delete")
+def aliases_delete(ctx: typer.Context, alias: str) -> None:
+    """Remove ALIAS (the model it points to stays)."""
+    show(ctx, api(ctx).call("DELETE", f"/v1/aliases/{alias}"))
+
+
 adapters = typer.Typer(help="Adapters: residency, pinning, import and download.", no_args_is_help=True)
 
 
@@ -397,6 +440,7 @@ def register(cli: typer.Typer) -> None:
     cli.add_typer(files, name="files")
     cli.add_typer(jobs, name="jobs")
     cli.add_typer(models, name="models")
+    cli.add_typer(aliases, name="aliases")
     cli.add_typer(adapters, name="adapters")
     cli.add_typer(evals, name="eval")
     cli.command("chat")(chat)

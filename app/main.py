@@ -15,6 +15,7 @@ from app import console, logs, metrics
 from app.api import (
     adapters,
     admin,
+    aliases,
     evaluations,
     files,
     fine_tuning,
@@ -156,7 +157,7 @@ def create_app(role: str | None = None) -> FastAPI:
     routers += [proxy.router] if role == "api" else [inference.router, adapters.engine_router]
     routers += [models.router, adapters.router]
     if role in ("all", "api"):
-        routers += [webhooks.router, admin.router]
+        routers += [webhooks.router, admin.router, aliases.router]
     if role == "inference":
         routers.append(internal.router)
     for router in routers:

@@ -318,3 +318,30 @@ class RegisteredBaseModel(Base):
     # False: the tokenizer has none, and chat uses the stated default template (adapters/base_models.py).
     chat_template: Mapped[bool] = mapped_column(Boolean)
     created_at: Mapped[int] = mapped_column(BigInteger, default=now)
+
+
+class ModelAlias(Base):
+    """A tenant's stable model name (e.g. `support-bot`) for one of its adapters at a time: what applications call,
+    so that promoting another version or rolling back changes no client. Resolved per request, so requests in
+    flight finish on the version they started with."""
+
+    __tablename__ = "model_aliases"
+
+    tenant_id: Mapped[str] = mapped_column(String(64), primary_key=True)
+    name: Mapped[str] = mapped_column(String(255), primary_key=True)
+    adapter_id: Mapped[str] = mapped_column(String(64))
+    updated_at: Mapped[int] = mapped_column(BigInteger, default=now)
+
+
+class AliasPromotion(Base):
+    """Each change of an alias, oldest first: what it pointed to before and after (the history a rollback reads)."""
+
+    __tablename__ = "alias_promotions"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    tenant_id: Mapped[str] = mapped_column(String(64), index=True)
+    alias: Mapped[str] = mapped_column(String(255))
+    adapter_id: Mapped[str] = mapped_column(String(64))
+    previous_adapter_id: Mapped[str | None] = mapped_column(String(64), nullable=True)
+    action: Mapped[str] = mapped_column(String(16))  # promote | rollback
+    created_at: Mapped[int] = mapped_column(BigInteger, default=now)

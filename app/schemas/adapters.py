@@ -6,6 +6,8 @@ from typing import Literal
 
 from pydantic import BaseModel, Field
 
+from app.schemas.common import Request
+
 
 class AdapterObject(BaseModel):
     id: str
@@ -45,3 +47,25 @@ class ModelObject(BaseModel):
     context_length: int | None = Field(default=None, description="base models: the longest context, in tokens")
     methods: list[str] | None = Field(default=None, description="base models: the fine-tuning methods it trains "
                                                                 "and serves")
+
+
+class AliasPromote(Request):
+    model: str = Field(description="one of your fine-tuned models, checkpoints or imports (by name or id)",
+                       min_length=1, max_length=255)
+
+
+class AliasChange(BaseModel):
+    action: Literal["promote", "rollback"]
+    model: str | None = Field(description="the model it pointed to after the change (null: deleted since)")
+    adapter_id: str
+    previous_adapter_id: str | None
+    created_at: int
+
+
+class AliasObject(BaseModel):
+    id: str = Field(description="the alias: pass it as `model` to chat and completions")
+    object: Literal["model.alias"] = "model.alias"
+    model: str | None = Field(description="the model it points to now")
+    adapter_id: str
+    updated_at: int
+    history: list[AliasChange] | None = Field(default=None, description="every change, oldest first (GET one)")

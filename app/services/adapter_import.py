@@ -32,7 +32,7 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from adapters.store import ADAPTER_CONFIG, ADAPTER_FILES, ADAPTER_WEIGHTS, ArtifactStore
-from app.db.models import Adapter, AdapterStatus, now
+from app.db.models import Adapter, AdapterStatus, ModelAlias, now
 from app.errors import Conflict, DomainError, InvalidRequest, NotFound, TooLarge, Unprocessable
 from app.services.ids import new_id
 from app.settings import Settings
@@ -248,7 +248,8 @@ def _name_taken(session: Session, settings: Settings, tenant_id: str, name: str)
 
     # Names are per tenant: another tenant's adapter of this name neither blocks it nor shows that it exists.
     return session.scalar(select(Adapter.id).where(Adapter.tenant_id == tenant_id, Adapter.name == name)) \
-        is not None or name in base_models.registry(settings)
+        is not None or name in base_models.registry(settings) or \
+        session.get(ModelAlias, (tenant_id, name)) is not None
 
 
 def archive_of(settings: Settings, adapter: Adapter) -> Path:

@@ -32,9 +32,13 @@ def delete_model(session: Session, settings: Settings, *, tenant_id: str, model:
     if model in base_models.registry(settings) or model in base_models.DEFAULT_ALIASES:
         raise InvalidRequest(f"'{model}' is a base model; base models are removed by the operator "
                              "(DELETE /v1/admin/base_models/{id}).", param="model", code="base_model")
-    adapter = adapter_by_name(session, tenant_id=tenant_id, name=model)
+    adapter = adapter_by_name(session, tenant_id=tenant_id, name=model, aliases=False)
     if adapter is None:  # another tenant's (public or not) looks missing, as everywhere
-        raise NotFound(f"The model '{model}' does not exist or is not yours to delete.", param="model",
+        from app.services.aliases import target_of
+
+        hint = " (it is an alias: DELETE /v1/aliases/{alias})" if target_of(session, tenant_id=tenant_id,
+                                                                             name=model) else ""
+        raise NotFound(f"The model '{model}' does not exist or is not yours to delete{hint}.", param="model",
                        code="model_not_found")
     doomed = [adapter]
     if not keep_checkpoints and adapter.job_id is not None:
@@ -44,6 +48,13 @@ def delete_model(session: Session, settings: Settings, *, tenant_id: str, model:
                 Adapter.job_id == adapter.job_id, Adapter.id != adapter.id, Adapter.tenant_id == tenant_id,
                 Adapter.status == AdapterStatus.ready)).all()
     names = [a.name for a in doomed]
+    from app.services.aliases import aliases_of
+
+    pointing = [alias for row in doomed for alias in aliases_of(session, tenant_id=tenant_id, adapter_id=row.id)]
+    if pointing:
+        raise Conflict(f"The model '{model}' (or a checkpoint deleted with it) is what alias(es) "
+                       f"{', '.join(pointing)} point to; promote another model to them or delete them first.",
+                       param="model", code="model_in_use")
     building = session.scalars(select(FineTuningJob.id).where(
         FineTuningJob.tenant_id == tenant_id, FineTuningJob.from_model.in_(names),
         FineTuningJob.status.not_in([s.value for s in TERMINAL_JOB_STATUSES]))).all()

@@ -412,17 +412,25 @@ def adapter_object_from(adapter: Adapter, residency: Any) -> dict[str, Any]:
     }
 
 
-def adapter_by_name(session: Session, *, tenant_id: str, name: str, include_public: bool = False) -> Adapter | None:
-    """What `name` (a `model`, `from_model`, ...) means to this tenant: its own adapter of that name, else the
-    adapter with that id if it is the tenant's own or (include_public: for using it) public. None looks like
-    missing. Names are per tenant, so a bare name never reaches another tenant's adapter: two tenants may both
-    publish 'support-bot', and a third addresses each by its id (GET /v1/models lists it so)."""
+def adapter_by_name(session: Session, *, tenant_id: str, name: str, include_public: bool = False,
+                    aliases: bool = True) -> Adapter | None:
+    """What `name` (a `model`, `from_model`, ...) means to this tenant: its own adapter of that name, else (with
+    `aliases`) the adapter its alias of that name points to now (app/services/aliases.py), else the adapter with
+    that id if it is the tenant's own or (include_public: for using it) public. None looks like missing. Names are
+    per tenant, so a bare name never reaches another tenant's adapter: two tenants may both publish 'support-bot',
+    and a third addresses each by its id (GET /v1/models lists it so)."""
     if not storable(name):
         return None
     adapter = session.scalar(select(Adapter).where(Adapter.tenant_id == tenant_id, Adapter.name == name,
                                                    Adapter.status == AdapterStatus.ready))
     if adapter is not None:
         return adapter
+    if aliases:
+        from app.services.aliases import target_of
+
+        adapter = target_of(session, tenant_id=tenant_id, name=name)
+        if adapter is not None:
+            return adapter
     adapter = session.get(Adapter, name)
     if adapter is None or adapter.status != AdapterStatus.ready or \
             not (adapter.tenant_id == tenant_id or (include_public and adapter.public)):
