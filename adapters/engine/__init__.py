@@ -12,7 +12,8 @@ from adapters.engine.adapter_loader import AdapterLoadError, LoadedAdapter
 from adapters.engine.engine import InferenceEngine
 from adapters.engine.residency import AdapterState, Residency
 from adapters.engine.scheduler import BaseRuntime, SlotUnavailable
-from adapters.engine.sequence import Generation, SamplingParams, Sequence
+from adapters.engine.sequence import Generation, SamplingParams, Sequence, TokenLogprob, token_text
 
 __all__ = ["AdapterCache", "AdapterLoadError", "AdapterRef", "AdapterState", "BaseRuntime", "Generation",
-           "InferenceEngine", "LoadedAdapter", "Residency", "SamplingParams", "Sequence", "SlotUnavailable"]
+           "InferenceEngine", "LoadedAdapter", "Residency", "SamplingParams", "Sequence", "SlotUnavailable",
+           "TokenLogprob", "token_text"]

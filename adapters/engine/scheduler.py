@@ -39,7 +39,7 @@ from adapters.engine.adapter_cache import AdapterCache
 from adapters.engine.adapter_loader import LoadedAdapter
 from adapters.engine.application import kv_prefix_length, prefill_inputs, virtual_token_count
 from adapters.engine.kv_cache import BatchCache
-from adapters.engine.sequence import Generation, SamplingParams, Sequence, sample
+from adapters.engine.sequence import Generation, SamplingParams, Sequence
 from adapters.engine.slot_bank import SlotBank, is_projection
 
 log = logging.getLogger("adaptery.engine")
@@ -144,12 +144,18 @@ class BaseRuntime:
     def submit(self, prompt_ids: list[int], adapter: LoadedAdapter | None, params: SamplingParams, *,
                record_logits: bool = False, tenant: str | None = None) -> Sequence:
         """Queue a request; `tenant` is whose it is (admission is fair across tenants)."""
-        sequence = Sequence(prompt_ids, adapter, params, self.tokenizer, device=self.device,
-                            record_logits=record_logits, base_model=self.name, tenant=tenant)
+        return self.submit_choices(prompt_ids, adapter, [params], record_logits=record_logits, tenant=tenant)[0]
+
+    def submit_choices(self, prompt_ids: list[int], adapter: LoadedAdapter | None, params: list[SamplingParams], *,
+                       record_logits: bool = False, tenant: str | None = None) -> list[Sequence]:
+        """Queue one sequence per entry of `params` for the same prompt (a request's `n` choices). They are queued
+        together, so they are admitted in one prefill pass that computes the shared prompt once."""
+        sequences = [Sequence(prompt_ids, adapter, one, self.tokenizer, device=self.device,
+                              record_logits=record_logits, base_model=self.name, tenant=tenant) for one in params]
         with self.wakeup:
-            self.pending.append(sequence)
+            self.pending.extend(sequences)
             self.wakeup.notify()
-        return sequence
+        return sequences
 
     def generate(self, input_ids: list[int], adapter: LoadedAdapter | None, params: SamplingParams) -> Generation:
         return self.submit(input_ids, adapter, params).wait()
@@ -326,29 +332,38 @@ class BaseRuntime:
     @torch.inference_mode()
     def _prefill(self, group: list[Sequence]) -> None:
         """Run the prompts of `group` through the model in one left-padded pass (a KV-prefix request always
-        comes alone), sample each row's first token and add the rows still going to the batch."""
+        comes alone), sample each row's first token and add the rows still going to the batch. Rows with the same
+        prompt and adapter (a request's n choices) are computed once: their KV rows are copies of that one's."""
         metrics.PROMPT_TOKENS.labels(self.name).inc(sum(len(s.prompt_ids) for s in group))
-        inputs = prefill_inputs([s.prompt_ids for s in group], [self._weights(s) for s in group], model=self.model,
-                                device=self.device)
+        firsts: dict[tuple[Any, ...], int] = {}
+        source = []  # each sequence's row in the forward pass
+        for sequence in group:
+            key = (tuple(sequence.prompt_ids), sequence.adapter.key if sequence.adapter is not None else None,
+                   sequence.slot)
+            source.append(firsts.setdefault(key, len(firsts)))
+        computed = [group[source.index(row)] for row in range(len(firsts))]
+        inputs = prefill_inputs([s.prompt_ids for s in computed], [self._weights(s) for s in computed],
+                                model=self.model, device=self.device)
         record = any(s.logits is not None for s in group)
-        with self.model_lock, self.bank.route([s.slot for s in group]):
+        with self.model_lock, self.bank.route([s.slot for s in computed]):
             # Only the last position's logits are needed to sample; the lm_head over every prompt
             # position would cost as much as the rest of a short prompt's prefill.
             out = self.model(**inputs.model_kwargs, use_cache=True, logits_to_keep=0 if record else 1)
         keep = []
-        for row, sequence in enumerate(group):
+        for index, sequence in enumerate(group):
+            row = source[index]
             if sequence.logits is not None:
                 sequence.logits.append(out.logits[row, inputs.width - len(sequence.prompt_ids):].clone())
             sequence.length = int(inputs.mask[row].sum())
-            sequence.accept(sample(out.logits[row, -1], sequence.params, sequence.generator), self.eos_ids)
+            sequence.accept(sequence.pick(out.logits[row, -1]), self.eos_ids)
             if sequence.finish_reason is None:
-                keep.append(row)
+                keep.append(index)
         if not keep:
             return
         layers = out.past_key_values.layers
-        index = torch.tensor(keep, device=self.device)
-        self.batch.add([layer.keys.index_select(0, index) for layer in layers],
-                       [layer.values.index_select(0, index) for layer in layers], inputs.mask.index_select(0, index))
+        rows = torch.tensor([source[i] for i in keep], device=self.device)
+        self.batch.add([layer.keys.index_select(0, rows) for layer in layers],
+                       [layer.values.index_select(0, rows) for layer in layers], inputs.mask.index_select(0, rows))
         self.active.extend(group[i] for i in keep)
 
     @torch.inference_mode()
@@ -374,7 +389,7 @@ class BaseRuntime:
             if sequence.cancelled.is_set():
                 sequence.finish("cancelled")
             else:
-                sequence.accept(sample(out.logits[row, -1], sequence.params, sequence.generator), self.eos_ids)
+                sequence.accept(sequence.pick(out.logits[row, -1]), self.eos_ids)
             if sequence.finish_reason is None:
                 keep.append(row)
         if len(keep) < len(rows):

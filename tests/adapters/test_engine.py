@@ -406,3 +406,102 @@ def test_admission_is_fair_across_tenants(tiny_model_dir: Path, tiny_tokenizer: 
             row.wait()
     finally:
         fair.close()
+
+
+# ------------------------------------------------------------------ sampling fields (issue 23, item 1)
+
+
+def test_logprobs_are_the_log_softmax_of_peft_logits_for_an_adapter(trained: dict[str, Path], runtime: BaseRuntime,
+                                                                     tiny_model_dir: Path) -> None:
+    """Each generated token's logprob, and its alternatives, are the log-softmax of the logits the engine chose it
+    from, which equal PEFT's for the adapter: prefill step and decode steps alike."""
+    ids = prompt_ids(runtime)
+    lora = runtime.adapters.load(AdapterRef(key="lora", folder=trained["lora"], base_model="tiny"))
+    result = runtime.generate(ids, lora, SamplingParams(max_tokens=5, temperature=0, logprobs=3, ignore_eos=True))
+    assert result.logprobs is not None and len(result.logprobs) == len(result.token_ids) == 5
+    tokens, logits = peft_greedy(reference(tiny_model_dir, trained["lora"]), ids, 5)
+    assert result.token_ids == tokens
+    for entry, step in zip(result.logprobs, logits, strict=True):
+        expected = torch.log_softmax(step.float(), dim=-1)
+        assert abs(entry.logprob - float(expected[entry.token])) < 1e-4
+        values, top = torch.topk(expected, 3)
+        assert [token for token, _ in entry.top] == top.tolist()
+        assert torch.allclose(torch.tensor([lp for _, lp in entry.top]), values, atol=1e-4)
+        assert entry.top[0][0] == entry.token  # greedy: the chosen token is the most likely
+
+
+def test_penalties_and_logit_bias_adjust_a_step_as_computed_by_hand(runtime: BaseRuntime) -> None:
+    from adapters.engine import Sequence
+
+    params = SamplingParams(presence_penalty=0.5, frequency_penalty=0.25, repetition_penalty=2.0,
+                            logit_bias={7: 100.0, 9: -3.0}, temperature=0, logprobs=0)
+    sequence = Sequence([1, 2], None, params, runtime.tokenizer)
+    sequence.produced = [3, 3, 4]
+    logits = torch.linspace(-5, 5, 16)
+    expected = logits.clone()
+    for token in (1, 2, 3, 4):  # the repetition penalty: prompt and generated tokens
+        expected[token] = expected[token] / 2 if expected[token] > 0 else expected[token] * 2
+    expected[3] -= 0.25 * 2 + 0.5
+    expected[4] -= 0.25 * 1 + 0.5
+    expected[7] += 100
+    expected[9] -= 3
+    assert torch.allclose(sequence.adjusted_logits(logits), expected)
+    assert torch.equal(logits, torch.linspace(-5, 5, 16))  # the step's logits are left alone
+    assert sequence.pick(logits) == 7  # the bias decides, and the logprob is that of the adjusted logits
+    sequence.accept(7, set())
+    assert sequence.logprobs is not None
+    assert abs(sequence.logprobs[0].logprob - float(torch.log_softmax(expected, -1)[7])) < 1e-6
+    following = sequence.adjusted_logits(logits)  # 7 now counts as generated: penalised like 4
+    assert logits[7] < 0 and abs(float(following[7]) - (float(logits[7]) * 2 - 0.25 - 0.5 + 100)) < 1e-5
+
+
+def test_logit_bias_forces_a_token_when_sampling(runtime: BaseRuntime) -> None:
+    ids = prompt_ids(runtime)
+    forced = runtime.tokenizer(" story", add_special_tokens=False)["input_ids"][0]
+    result = runtime.generate(ids, None, SamplingParams(max_tokens=6, temperature=1.0, seed=1,
+                                                        logit_bias={forced: 100.0}))
+    assert result.token_ids == [forced] * 6
+
+
+def test_n_choices_share_one_prefill_and_seeds_hold_in_any_batch_company(trained: dict[str, Path],
+                                                                         runtime: BaseRuntime) -> None:
+    """A request's n choices are prefilled as one row (their KV rows are copies), and a seeded sample gives the same
+    tokens alone and in a batch with other requests (another adapter, other prompts)."""
+    ids = prompt_ids(runtime)
+    lora = runtime.adapters.load(AdapterRef(key="lora", folder=trained["lora"], base_model="tiny"))
+    greedy = runtime.generate(ids, lora, SamplingParams(max_tokens=8, temperature=0)).token_ids
+    seeded = SamplingParams(max_tokens=8, temperature=1.0, seed=42)
+    alone = runtime.generate(ids, lora, seeded).token_ids
+    rows: list[int] = []
+
+    def record(_module: Any, _args: Any, kwargs: dict[str, Any]) -> None:
+        if kwargs["input_ids"].shape[1] > 1:
+            rows.append(kwargs["input_ids"].shape[0])
+
+    hook = runtime.model.register_forward_pre_hook(record, with_kwargs=True)
+    try:
+        with scheduler_paused(runtime):  # everything below is admitted in one prefill pass
+            company = [runtime.submit(runtime.tokenizer(text, add_special_tokens=False)["input_ids"], adapter,
+                                      SamplingParams(max_tokens=10, temperature=0.9, seed=index))
+                       for index, (text, adapter) in enumerate([("Hi there", None), ("One two three", lora)])]
+            choices = runtime.submit_choices(ids, lora, [SamplingParams(max_tokens=8, temperature=0)] * 3)
+            again = runtime.submit(ids, lora, seeded)
+        results = [choice.wait().token_ids for choice in choices]
+        assert again.wait().token_ids == alone
+        for other in company:
+            other.wait()
+    finally:
+        hook.remove()
+    assert results == [greedy] * 3
+    assert rows[0] == 3, rows  # two company prompts, and one row for the 3 choices and the seeded request
+
+
+def test_token_bytes_rebuild_text_split_inside_a_character(tiny_tokenizer: Any) -> None:
+    """OpenAI's `bytes`: a token holding part of a character (an emoji split in two) gives its own bytes, so the
+    tokens' bytes joined are the text's."""
+    from adapters.engine import token_text
+
+    text = "héllo “quoted” 😀"
+    parts = [token_text(tiny_tokenizer, token) for token in tiny_tokenizer(text, add_special_tokens=False)["input_ids"]]
+    assert any("\ufffd" in part for part, _ in parts)  # the emoji is split across tokens
+    assert bytes(byte for _, raw in parts for byte in raw).decode() == text
