@@ -220,6 +220,10 @@ class Settings(BaseSettings):
     max_lora_rank: int = Field(
         default=64, description="The highest rank of a low-rank adapter: the rank hyperparameters a job may ask for "
                                 "(r, init_r, target_r) and the rank an imported or served adapter may have.")
+    max_choices_per_request: int = Field(
+        default=8, ge=1, description="The most choices (n) one chat or completion request may ask for. Each choice is "
+                                     "a row in the batch and counts as one generation against "
+                                     "max_concurrent_generations_per_tenant.")
     max_tokens_limit: int = Field(
         default=4096, description="The most tokens a completion request may ask for (max_tokens); a request that "
                                   "names none gets at most this many too.")

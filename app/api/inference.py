@@ -39,7 +39,7 @@ async def _respond(body: Any, session: Any, settings: Any, tenant: str, *, chat:
         finally:
             session.close()  # generation can take seconds; don't hold a connection meanwhile
 
-    claim = inference.claim_generation(settings, tenant)  # first: a refused request costs no lookup
+    claim = inference.claim_generation(settings, tenant, body.n)  # first: a refused request costs no lookup
     try:
         target = await anyio.to_thread.run_sync(resolve)
     except BaseException:
@@ -48,12 +48,12 @@ async def _respond(body: Any, session: Any, settings: Any, tenant: str, *, chat:
     running = await inference.begin(settings, target, body, chat=chat, tenant=tenant, started=started, claim=claim)
     try:
         if not body.stream:
-            return inference.response_body(target, await running.result(), chat=chat)
+            return inference.response_body(target, await running.result(), chat=chat, tokenizer=running.tokenizer)
         # The first event decides the status: a refusal before any token (no slot, the timeout) is an error
         # answer, not a stream that starts and then fails.
         first = await running.first_event()
     except BaseException:
-        running.sequence.cancel()  # a no-op when it finished; else (an error, this task cancelled) frees its row
+        running.cancel()  # a no-op when it finished; else (an error, this task cancelled) frees its row
         raise
     include_usage = bool(body.stream_options and body.stream_options.include_usage)
     return EventSourceResponse(inference.stream_chunks(target, running, first, chat=chat, include_usage=include_usage),

@@ -31,10 +31,11 @@ def _adapter_of(tenant: str, settings: Any, model: str) -> str | None:
         return target.adapter.id if target.adapter is not None else None
 
 
-async def _generate(request: Request, path: str, model: str, settings: Any, tenant: str) -> StreamingResponse:
+async def _generate(request: Request, path: str, model: str, settings: Any, tenant: str,
+                    n: int) -> StreamingResponse:
     # The tenant's concurrency limit, counted here too (per API process): a tenant's refused flood then stops at
     # the API and never reaches the replica, whose process runs the decode loop.
-    claim = inference.claim_generation(settings, tenant)
+    claim = inference.claim_generation(settings, tenant, n)
     try:
         adapter_id = await anyio.to_thread.run_sync(_adapter_of, tenant, settings, model)
         response = await routing.get_router().forward(request, path, await request.body(), adapter_id)
@@ -48,13 +49,13 @@ async def _generate(request: Request, path: str, model: str, settings: Any, tena
 @router.post("/v1/chat/completions", response_model=ChatCompletion, responses=ANSWERS, tags=["inference"])
 async def chat_completions(request: Request, body: ChatCompletionRequest, settings: SettingsDep,
                            tenant: TenantDep) -> StreamingResponse:
-    return await _generate(request, "/v1/chat/completions", body.model, settings, tenant)
+    return await _generate(request, "/v1/chat/completions", body.model, settings, tenant, body.n)
 
 
 @router.post("/v1/completions", response_model=TextCompletion, responses=ANSWERS, tags=["inference"])
 async def completions(request: Request, body: CompletionRequest, settings: SettingsDep,
                       tenant: TenantDep) -> StreamingResponse:
-    return await _generate(request, "/v1/completions", body.model, settings, tenant)
+    return await _generate(request, "/v1/completions", body.model, settings, tenant, body.n)
 
 
 @router.post("/v1/adapters", response_model=AdapterObject, responses=errors(400, 401, 404, 409, 413, 422, 429, 503),

@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationInfo, field_validator
 
 from app.schemas.common import Request
 
@@ -35,6 +35,30 @@ class StreamOptions(BaseModel):
     include_usage: bool = False
 
 
+# OpenAI's limits on logit_bias: a step applies every entry, so their number is capped.
+MAX_LOGIT_BIAS_ENTRIES = 300
+
+
+def _logit_bias(value: dict[str, float] | None) -> dict[str, float] | None:
+    if value is None:
+        return value
+    if len(value) > MAX_LOGIT_BIAS_ENTRIES:
+        raise ValueError(f"at most {MAX_LOGIT_BIAS_ENTRIES} entries")
+    for key, bias in value.items():
+        if not key.isascii() or not key.isdigit() or len(key) > 9:
+            raise ValueError(f"keys are token ids as strings, such as \"50256\"; got {key!r}")
+        if not -100 <= bias <= 100:
+            raise ValueError(f"values are between -100 and 100; got {bias} for token {key}")
+    return value
+
+
+LogitBias = Annotated[dict[str, float] | None, AfterValidator(_logit_bias), Field(
+    default=None, description="token id (as a string) -> a bias from -100 to 100 added to its logit before sampling "
+                              f"(at most {MAX_LOGIT_BIAS_ENTRIES} entries)",
+    json_schema_extra={"maxProperties": MAX_LOGIT_BIAS_ENTRIES, "propertyNames": {"pattern": "^[0-9]{1,9}$"},
+                       "additionalProperties": {"type": "number", "minimum": -100, "maximum": 100}})]
+
+
 class SamplingFields(Request):
     model: str = Field(min_length=1, max_length=255)
     max_tokens: int | None = Field(default=None, ge=1)
@@ -43,10 +67,21 @@ class SamplingFields(Request):
     stop: str | list[str] | None = None
     # torch's generators take a 64-bit seed, signed or not; a larger one is a 400 here, not a 500 at sampling.
     seed: int | None = Field(default=None, ge=-(2**63), le=2**64 - 1)
-    n: int = Field(default=1, ge=1, le=1, description="only n=1 is supported")
+    n: int = Field(default=1, ge=1, le=128, description="choices to generate for the prompt (at most "
+                                                         "ADAPTERY_MAX_CHOICES_PER_REQUEST)")
+    presence_penalty: float | None = Field(default=None, ge=-2, le=2)
+    frequency_penalty: float | None = Field(default=None, ge=-2, le=2)
+    repetition_penalty: float | None = Field(
+        default=None, gt=0, le=10, description="as transformers and vLLM: a prompt or generated token's positive "
+                                               "logit is divided by it, a negative one multiplied (1: off)")
+    logit_bias: LogitBias
     stream: bool = False
     stream_options: StreamOptions | None = None
     user: str | None = None
+
+    def engine_logprobs(self) -> int | None:
+        """How many alternatives per token the engine reports (None: no logprobs)."""
+        return None
 
     def stop_list(self) -> list[str]:
         if self.stop is None:
@@ -57,6 +92,18 @@ class SamplingFields(Request):
 class ChatCompletionRequest(SamplingFields):
     messages: list[ChatMessage] = Field(min_length=1)
     max_completion_tokens: int | None = Field(default=None, ge=1)
+    logprobs: bool | None = None
+    top_logprobs: int | None = Field(default=None, ge=0, le=20, description="alternatives per token (needs logprobs)")
+
+    @field_validator("top_logprobs")
+    @classmethod
+    def _needs_logprobs(cls, value: int | None, info: ValidationInfo) -> int | None:
+        if value and not info.data.get("logprobs"):
+            raise ValueError("top_logprobs needs logprobs: true")
+        return value
+
+    def engine_logprobs(self) -> int | None:
+        return (self.top_logprobs or 0) if self.logprobs else None
 
 
 def _one_prompt(schema: dict[str, Any]) -> None:
@@ -68,12 +115,47 @@ def _one_prompt(schema: dict[str, Any]) -> None:
 class CompletionRequest(SamplingFields):
     prompt: str | list[str] = Field(json_schema_extra=_one_prompt,
                                     description="one prompt: a string, or a list of exactly one string")
+    logprobs: int | None = Field(default=None, ge=0, le=5, description="report each token's logprob and this many "
+                                                                       "alternatives")
+    best_of: int | None = Field(default=None, ge=1, description="not supported beyond best_of = n")
+
+    @field_validator("best_of")
+    @classmethod
+    def _no_best_of(cls, value: int | None, info: ValidationInfo) -> int | None:
+        if value is not None and value != info.data.get("n", 1):
+            raise ValueError("best_of is not supported (generating best_of choices server-side and returning the "
+                             "n best); ask for n choices instead")
+        return value
+
+    def engine_logprobs(self) -> int | None:
+        return self.logprobs
 
 
 class Usage(BaseModel):
     prompt_tokens: int
     completion_tokens: int
     total_tokens: int
+
+
+class TopLogprob(BaseModel):
+    token: str
+    logprob: float
+    bytes: list[int] | None
+
+
+class ChatTokenLogprob(TopLogprob):
+    top_logprobs: list[TopLogprob]
+
+
+class ChatLogprobs(BaseModel):
+    content: list[ChatTokenLogprob] | None
+
+
+class CompletionLogprobs(BaseModel):
+    tokens: list[str]
+    token_logprobs: list[float]
+    top_logprobs: list[dict[str, float]] | None
+    text_offset: list[int] = Field(description="each token's offset in the choice's text")
 
 
 class AssistantMessage(BaseModel):
@@ -85,7 +167,7 @@ class ChatChoice(BaseModel):
     index: int
     message: AssistantMessage
     finish_reason: str = Field(description="stop or length")
-    logprobs: None
+    logprobs: ChatLogprobs | None
 
 
 class ChatCompletion(BaseModel):
@@ -101,7 +183,7 @@ class TextChoice(BaseModel):
     index: int
     text: str
     finish_reason: str = Field(description="stop or length")
-    logprobs: None
+    logprobs: CompletionLogprobs | None
 
 
 class TextCompletion(BaseModel):

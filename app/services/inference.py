@@ -126,10 +126,31 @@ def _check_budget(settings: Settings, runtime: Any, prompt_tokens: int, max_toke
     return wanted
 
 
+def _choice_seed(seed: int | None, index: int) -> int | None:
+    """Choice `index`'s seed: the request's for the first (so n=1 samples as before), then values derived from it
+    deterministically, so a seeded request with n > 1 gives the same choices every time."""
+    if seed is None or index == 0:
+        return seed
+    return (seed + index * 0x9E3779B97F4A7C15) % 2**64
+
+
+def _logit_bias(runtime: Any, request: Any) -> dict[int, float]:
+    if not request.logit_bias:
+        return {}
+    vocab = int(runtime.model.config.vocab_size)
+    bias = {int(key): value for key, value in request.logit_bias.items()}
+    outside = [key for key in bias if key >= vocab]
+    if outside:
+        raise InvalidRequest(f"logit_bias names token {outside[0]}, but this model's vocabulary has {vocab} tokens "
+                             f"(ids 0 to {vocab - 1}).", param="logit_bias", code="invalid_value")
+    return bias
+
+
 def _submit(settings: Settings, target: Target, prompt_ids_fn: Callable[[Any], list[int]], request: Any,
-            tenant: str | None) -> Any:
+            tenant: str | None) -> list[Any]:
     from adapters.engine import SamplingParams
 
+    check_choices(settings, request.n)
     if target.adapter is not None:
         runtime, adapter = load_into_memory(settings, target.adapter)
     else:
@@ -137,9 +158,15 @@ def _submit(settings: Settings, target: Target, prompt_ids_fn: Callable[[Any], l
     prompt_ids = prompt_ids_fn(runtime.tokenizer)
     max_tokens = getattr(request, "max_completion_tokens", None) or request.max_tokens
     budget = _check_budget(settings, runtime, len(prompt_ids), max_tokens)
-    params = SamplingParams(max_tokens=budget, temperature=request.temperature, top_p=request.top_p,
-                            stop=request.stop_list(), seed=request.seed)
-    return runtime.submit(prompt_ids, adapter, params, tenant=tenant)
+    bias = _logit_bias(runtime, request)
+    params = [SamplingParams(max_tokens=budget, temperature=request.temperature, top_p=request.top_p,
+                             stop=request.stop_list(), seed=_choice_seed(request.seed, index),
+                             presence_penalty=request.presence_penalty or 0.0,
+                             frequency_penalty=request.frequency_penalty or 0.0,
+                             repetition_penalty=request.repetition_penalty or 1.0, logit_bias=bias,
+                             logprobs=request.engine_logprobs())
+              for index in range(request.n)]
+    return runtime.submit_choices(prompt_ids, adapter, params, tenant=tenant)  # type: ignore[no-any-return]
 
 
 def _usage(prompt: int, completion: int) -> dict[str, int]:
@@ -172,8 +199,9 @@ def _completion_prompt(request: Any) -> Callable[[Any], list[int]]:
     return prompt_ids
 
 
-def start(settings: Settings, target: Target, request: Any, *, chat: bool, tenant: str | None = None) -> Any:
-    """Validate and queue a request; returns the engine Sequence (its .wait() or events give the result). Runs in
+def start(settings: Settings, target: Target, request: Any, *, chat: bool, tenant: str | None = None) -> list[Any]:
+    """Validate and queue a request; returns its engine Sequences, one per choice (their .wait() or events give the
+    results). Runs in
     the caller's thread: loading an adapter from disk and tokenising happen here."""
     return _submit(settings, target, _chat_prompt(request) if chat else _completion_prompt(request), request, tenant)
 
@@ -190,7 +218,8 @@ CONCURRENCY_RETRY_AFTER = 2
 class _Claim:
     """One generation request of a tenant, counted from before it is queued until its sequence ends."""
 
-    sequence: Any = None
+    weight: int = 1  # its choices (n): each is a row in the batch
+    sequences: list[Any] | None = None
     released: bool = False
 
     def release(self) -> None:
@@ -198,8 +227,8 @@ class _Claim:
 
     def live(self) -> bool:
         # A cancelled sequence (timed out, client gone) leaves its row at the next step: it no longer counts.
-        return not self.released and (self.sequence is None or (self.sequence.finish_reason is None
-                                                                and not self.sequence.cancelled.is_set()))
+        return not self.released and (self.sequences is None or any(
+            s.finish_reason is None and not s.cancelled.is_set() for s in self.sequences))
 
 
 # Each tenant's generation requests in this process. Pruned at each claim: a finished request drops out however it
@@ -208,27 +237,43 @@ _claims: dict[str, list[_Claim]] = {}
 _claims_lock = threading.Lock()
 
 
-def _claim(settings: Settings, tenant: str) -> _Claim:
+def check_choices(settings: Settings, n: int) -> None:
+    """n above max_choices_per_request, or above the tenant concurrency limit (such a request could never run), is
+    a 400 naming `n`. Checked with the model's other limits (max_tokens), after the model is resolved."""
+    most = min(settings.max_concurrent_generations_per_tenant, settings.max_choices_per_request)
+    if n > most:
+        setting = ("ADAPTERY_MAX_CHOICES_PER_REQUEST" if most == settings.max_choices_per_request
+                   else "ADAPTERY_MAX_CONCURRENT_GENERATIONS_PER_TENANT")
+        raise InvalidRequest(f"n is {n}; this server generates at most {most} choices per request ({setting}).",
+                             param="n", code="invalid_value")
+
+
+def _claim(settings: Settings, tenant: str, n: int = 1) -> _Claim:
+    """Each of a request's n choices counts as one generation against the tenant's limit (an n above the limit
+    counts as the limit here, and is refused by `check_choices`)."""
     limit = settings.max_concurrent_generations_per_tenant
+    n = min(n, limit)
     with _claims_lock:
         live = [claim for claim in _claims.get(tenant, []) if claim.live()]
-        if len(live) >= limit:
+        running = sum(claim.weight for claim in live)
+        if running + n > limit:
             _claims[tenant] = live
-            raise LimitReached(f"This tenant already has {len(live)} generation requests waiting or running; at most "
-                               f"{limit} may run at once (ADAPTERY_MAX_CONCURRENT_GENERATIONS_PER_TENANT). Retry when "
-                               "one has finished.", code="too_many_concurrent_requests",
-                               retry_after=CONCURRENCY_RETRY_AFTER)
-        claim = _Claim()
+            raise LimitReached(f"This tenant already has {running} generations waiting or running (each choice of n "
+                               f"counts); at most {limit} may run at once "
+                               "(ADAPTERY_MAX_CONCURRENT_GENERATIONS_PER_TENANT). Retry when one has finished.",
+                               code="too_many_concurrent_requests", retry_after=CONCURRENCY_RETRY_AFTER)
+        claim = _Claim(weight=n)
         _claims[tenant] = [*live, claim]
         return claim
 
 
 @dataclass
 class Running:
-    """A queued generation and its deadline; its events are awaited on the event loop, never in a thread."""
+    """A queued generation (one sequence per choice) and its deadline; its events are awaited on the event loop,
+    never in a thread."""
 
     settings: Settings
-    sequence: Any
+    sequences: list[Any]
     deadline: float  # on the event loop's clock
     woken: asyncio.Event = field(default_factory=asyncio.Event)
 
@@ -239,20 +284,32 @@ class Running:
             with contextlib.suppress(RuntimeError):  # the loop has closed (its request is gone): nobody waits
                 loop.call_soon_threadsafe(self.woken.set)
 
-        self.sequence.notify = notify
+        for sequence in self.sequences:
+            sequence.notify = notify
 
-    async def next_event(self) -> tuple[str, Any]:
-        """The sequence's next event; past the deadline the sequence is cancelled (its row is freed at the next
-        step) and TimedOut raised."""
+    @property
+    def tokenizer(self) -> Any:
+        return self.sequences[0].tokenizer
+
+    def cancel(self) -> None:
+        """Free every choice's row at the next step (a no-op for those that finished)."""
+        for sequence in self.sequences:
+            sequence.cancel()
+
+    async def next_event(self) -> tuple[int, str, Any]:
+        """The next event of any choice, as (choice index, kind, value); past the deadline every choice is
+        cancelled (its row is freed at the next step) and TimedOut raised."""
         loop = asyncio.get_running_loop()
         while True:
-            try:
-                return self.sequence.events.get_nowait()  # type: ignore[no-any-return]
-            except queue.Empty:
-                pass
+            for index, sequence in enumerate(self.sequences):
+                try:
+                    kind, value = sequence.events.get_nowait()
+                    return index, kind, value
+                except queue.Empty:
+                    pass
             remaining = self.deadline - loop.time()
             if remaining <= 0:
-                self.sequence.cancel()
+                self.cancel()
                 timeout = self.settings.generation_timeout_seconds
                 raise TimedOut(f"The generation did not finish within {timeout:g} s "
                                "(ADAPTERY_GENERATION_TIMEOUT_SECONDS) and was ended; ask for fewer tokens (max_tokens) "
@@ -263,19 +320,21 @@ class Running:
                 continue  # the check above answers
             self.woken.clear()
 
-    async def first_event(self) -> tuple[str, Any]:
+    async def first_event(self) -> tuple[int, str, Any]:
         """The next event; an engine refusal (no slot came free) becomes its HTTP answer."""
         event = await self.next_event()
-        if event[0] == "error":
-            raise _engine_error(self.settings, event[1])
+        if event[1] == "error":
+            raise _engine_error(self.settings, event[2])
         return event
 
-    async def result(self) -> Any:
-        """The final Generation."""
-        while True:
-            kind, value = await self.first_event()
+    async def result(self) -> list[Any]:
+        """Every choice's final Generation, in choice order."""
+        results: list[Any] = [None] * len(self.sequences)
+        while any(result is None for result in results):
+            index, kind, value = await self.first_event()
             if kind == "done":
-                return value
+                results[index] = value
+        return results
 
 
 def _engine_error(settings: Settings, error: Exception) -> Exception:
@@ -289,10 +348,11 @@ def _engine_error(settings: Settings, error: Exception) -> Exception:
     return error
 
 
-def claim_generation(settings: Settings, tenant: str) -> _Claim:
-    """Count a generation request against its tenant's concurrency limit (a 429 over it). Called before anything
-    else the request costs (resolving its model, tokenising), so that a tenant's refused flood costs little."""
-    return _claim(settings, tenant)
+def claim_generation(settings: Settings, tenant: str, n: int = 1) -> _Claim:
+    """Count a generation request of n choices against its tenant's concurrency limit (a 429 over it). Called
+    before anything else the request costs (resolving its model, tokenising), so that a tenant's refused flood costs
+    little."""
+    return _claim(settings, tenant, n)
 
 
 async def begin(settings: Settings, target: Target, request: Any, *, chat: bool, tenant: str,
@@ -303,44 +363,97 @@ async def begin(settings: Settings, target: Target, request: Any, *, chat: bool,
     given)."""
     loop = asyncio.get_running_loop()
     deadline = (started if started is not None else loop.time()) + settings.generation_timeout_seconds
-    claim = claim or _claim(settings, tenant)
+    claim = claim or _claim(settings, tenant, request.n)
     try:
-        sequence = await anyio.to_thread.run_sync(
+        sequences = await anyio.to_thread.run_sync(
             lambda: start(settings, target, request, chat=chat, tenant=tenant))
     except BaseException:
         claim.released = True
         raise
-    claim.sequence = sequence
-    return Running(settings=settings, sequence=sequence, deadline=deadline)
+    claim.sequences = sequences
+    return Running(settings=settings, sequences=sequences, deadline=deadline)
 
 
-def response_body(target: Target, result: Any, *, chat: bool) -> dict[str, Any]:
-    if chat:
-        choice: dict[str, Any] = {"index": 0, "message": {"role": "assistant", "content": result.text},
-                                  "finish_reason": result.finish_reason, "logprobs": None}
-    else:
-        choice = {"index": 0, "text": result.text, "finish_reason": result.finish_reason, "logprobs": None}
+def _token_text(tokenizer: Any, token: int) -> tuple[str, list[int]]:
+    from adapters.engine import token_text
+
+    return token_text(tokenizer, token)  # type: ignore[no-any-return]
+
+
+def chat_logprobs(tokenizer: Any, entries: list[Any]) -> dict[str, Any]:
+    """Chat's `logprobs`: {content: [{token, logprob, bytes, top_logprobs: [...]}]}."""
+    def one(token: int, logprob: float) -> dict[str, Any]:
+        text, raw = _token_text(tokenizer, token)
+        return {"token": text, "logprob": logprob, "bytes": raw}
+
+    return {"content": [{**one(entry.token, entry.logprob),
+                         "top_logprobs": [one(token, logprob) for token, logprob in entry.top]}
+                        for entry in entries]}
+
+
+def completion_logprobs(tokenizer: Any, entries: list[Any], offset: int = 0) -> dict[str, Any]:
+    """Completions' `logprobs`: {tokens, token_logprobs, top_logprobs, text_offset}; offsets count from `offset`
+    (the characters of the choice's text before these tokens)."""
+    tokens, offsets = [], []
+    for entry in entries:
+        text = _token_text(tokenizer, entry.token)[0]
+        tokens.append(text)
+        offsets.append(offset)
+        offset += len(text)
+    return {"tokens": tokens, "token_logprobs": [entry.logprob for entry in entries],
+            "top_logprobs": [{_token_text(tokenizer, token)[0]: logprob for token, logprob in entry.top}
+                             for entry in entries],
+            "text_offset": offsets}
+
+
+def _logprobs(tokenizer: Any, entries: list[Any] | None, *, chat: bool, offset: int = 0) -> dict[str, Any] | None:
+    if entries is None:
+        return None
+    return chat_logprobs(tokenizer, entries) if chat else completion_logprobs(tokenizer, entries, offset)
+
+
+def _usage_of(results: list[Any]) -> dict[str, int]:
+    # The prompt is counted once (its prefill is shared), the completion tokens of every choice.
+    return _usage(results[0].prompt_tokens, sum(len(result.token_ids) for result in results))
+
+
+def response_body(target: Target, results: list[Any], *, chat: bool, tokenizer: Any = None) -> dict[str, Any]:
+    choices: list[dict[str, Any]] = []
+    for index, result in enumerate(results):
+        logprobs = _logprobs(tokenizer, result.logprobs, chat=chat)
+        if chat:
+            choices.append({"index": index, "message": {"role": "assistant", "content": result.text},
+                            "finish_reason": result.finish_reason, "logprobs": logprobs})
+        else:
+            choices.append({"index": index, "text": result.text, "finish_reason": result.finish_reason,
+                            "logprobs": logprobs})
     return {"id": new_id("chatcmpl" if chat else "cmpl"), "object": "chat.completion" if chat else "text_completion",
-            "created": int(time.time()), "model": target.name, "choices": [choice],
-            "usage": _usage(result.prompt_tokens, len(result.token_ids))}
+            "created": int(time.time()), "model": target.name, "choices": choices, "usage": _usage_of(results)}
 
 
-async def stream_chunks(target: Target, running: Running, first: tuple[str, Any], *, chat: bool,
+async def stream_chunks(target: Target, running: Running, first: tuple[int, str, Any], *, chat: bool,
                         include_usage: bool) -> AsyncIterator[str]:
-    """OpenAI-style SSE data payloads, starting from the sequence's `first` event and ending with [DONE]; an error
-    (the generation timeout included) ends the stream with an error event; leaving early (client gone) frees the
-    sequence."""
-    sequence = running.sequence
+    """OpenAI-style SSE data payloads, starting from the `first` event and ending with [DONE] once every choice has
+    finished; each chunk carries one choice's text (and, when asked for, the logprobs of the tokens that made it).
+    An error (the generation timeout included) ends the stream with an error event; leaving early (client gone)
+    frees the sequences."""
+    tokenizer = running.tokenizer
     chunk_id, created = new_id("chatcmpl" if chat else "cmpl"), int(time.time())
     kind = "chat.completion.chunk" if chat else "text_completion"
+    choices = len(running.sequences)
+    pending: list[list[Any]] = [[] for _ in range(choices)]  # logprobs waiting for their text
+    offsets = [0] * choices  # characters of each choice's text sent (completions' text_offset)
+    results: list[Any] = [None] * choices
 
-    def chunk(delta: str | None, finish: str | None, role: bool = False) -> str:
+    def chunk(index: int, delta: str | None, finish: str | None, role: bool = False,
+              entries: list[Any] | None = None) -> str:
+        logprobs = _logprobs(tokenizer, entries, chat=chat, offset=offsets[index]) if entries else None
         if chat:
             body: dict[str, Any] = {"role": "assistant", "content": ""} if role else (
                 {"content": delta} if delta is not None else {})
-            choice: dict[str, Any] = {"index": 0, "delta": body, "finish_reason": finish, "logprobs": None}
+            choice: dict[str, Any] = {"index": index, "delta": body, "finish_reason": finish, "logprobs": logprobs}
         else:
-            choice = {"index": 0, "text": delta or "", "finish_reason": finish, "logprobs": None}
+            choice = {"index": index, "text": delta or "", "finish_reason": finish, "logprobs": logprobs}
         return json.dumps({"id": chunk_id, "object": kind, "created": created, "model": target.name,
                            "choices": [choice]})
 
@@ -349,8 +462,9 @@ async def stream_chunks(target: Target, running: Running, first: tuple[str, Any]
 
     try:
         if chat:
-            yield chunk(None, None, role=True)
-        event: tuple[str, Any] | None = first
+            for index in range(choices):
+                yield chunk(index, None, None, role=True)
+        event: tuple[int, str, Any] | None = first
         while True:
             if event is None:
                 try:
@@ -358,23 +472,31 @@ async def stream_chunks(target: Target, running: Running, first: tuple[str, Any]
                 except TimedOut as exc:
                     yield failed(exc.message, exc.code)
                     return
-            name, value = event
+            index, name, value = event
             event = None
-            if name == "delta":
-                yield chunk(value, None)
+            if name == "logprobs":
+                pending[index].extend(value)
+            elif name == "delta":
+                yield chunk(index, value, None, entries=pending[index])
+                offsets[index] += len(value)
+                pending[index] = []
             elif name == "error":
                 yield failed(f"generation failed: {value}")
                 return
-            else:
+            elif name == "done":
+                results[index] = value
                 finish = "stop" if value.finish_reason == "cancelled" else value.finish_reason
-                yield chunk(None, finish)
-                if include_usage:
-                    yield json.dumps({"id": chunk_id, "object": kind, "created": created, "model": target.name,
-                                      "choices": [], "usage": _usage(value.prompt_tokens, len(value.token_ids))})
-                yield "[DONE]"
-                return
+                # Tokens whose text never went out (cut by a stop string) still have their logprobs sent.
+                remaining = value.logprobs[running.sequences[index].logprobs_sent:] if value.logprobs else None
+                yield chunk(index, None, finish, entries=remaining)
+                if all(result is not None for result in results):
+                    if include_usage:
+                        yield json.dumps({"id": chunk_id, "object": kind, "created": created, "model": target.name,
+                                          "choices": [], "usage": _usage_of(results)})
+                    yield "[DONE]"
+                    return
     finally:
-        sequence.cancel()  # a no-op when it already finished; frees the row when the client left
+        running.cancel()  # a no-op for choices that finished; frees the rows when the client left
 
 
 # ------------------------------------------------------------------ adapter residency

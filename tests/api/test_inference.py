@@ -210,3 +210,174 @@ def test_a_generation_past_the_timeout_is_ended_with_a_clear_error(api: Api, mon
     assert json.loads(events[0])["choices"][0]["text"], events  # it had started
     assert "ADAPTERY_GENERATION_TIMEOUT_SECONDS" in json.loads(events[-1])["error"]["message"], events
     assert _until(lambda: not runtime.pending and not runtime.active, budget(10))
+
+
+# ------------------------------------------------------------------ sampling and output fields (issue 23, item 1)
+
+
+def test_sampling_fields_out_of_range_are_a_400_naming_the_field(client: TestClient) -> None:
+    chat = {"model": TINY_MODEL_ID, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}
+    text = {"model": TINY_MODEL_ID, "prompt": "hi", "max_tokens": 2}
+    refused = [
+        ("/v1/chat/completions", {**chat, "n": 0}, "n"),
+        ("/v1/chat/completions", {**chat, "n": 9}, "n"),  # above ADAPTERY_MAX_CHOICES_PER_REQUEST (8)
+        ("/v1/completions", {**text, "best_of": 3}, "best_of"),
+        ("/v1/chat/completions", {**chat, "top_logprobs": 21, "logprobs": True}, "top_logprobs"),
+        ("/v1/chat/completions", {**chat, "top_logprobs": 2}, "top_logprobs"),  # without logprobs: true
+        ("/v1/completions", {**text, "logprobs": 6}, "logprobs"),
+        ("/v1/chat/completions", {**chat, "presence_penalty": 2.5}, "presence_penalty"),
+        ("/v1/completions", {**text, "frequency_penalty": -3}, "frequency_penalty"),
+        ("/v1/completions", {**text, "repetition_penalty": 0}, "repetition_penalty"),
+        ("/v1/completions", {**text, "logit_bias": {"5": 101}}, "logit_bias"),
+        ("/v1/completions", {**text, "logit_bias": {"hello": 1}}, "logit_bias"),
+        ("/v1/completions", {**text, "logit_bias": {str(i): 1 for i in range(301)}}, "logit_bias"),
+        ("/v1/completions", {**text, "logit_bias": {"99999999": 1}}, "logit_bias"),  # outside the vocabulary
+    ]
+    for path, body, field in refused:
+        answer = client.post(path, json=body)
+        assert answer.status_code == 400 and error_of(answer)["param"] == field, (field, answer.text)
+    # What ordinary clients send by default, spelt out, is taken.
+    defaults = {"n": 1, "presence_penalty": 0, "frequency_penalty": 0, "logit_bias": None, "logprobs": False,
+                "top_logprobs": None, "user": "someone", "stream_options": None}
+    assert client.post("/v1/chat/completions", json={**chat, **defaults}).status_code == 200
+    assert client.post("/v1/completions", json={**text, "best_of": 1, "logprobs": None}).status_code == 200
+
+
+def test_n_choices_logprobs_and_usage(client: TestClient) -> None:
+    """n=3: three choices with their index; usage counts the prompt once and every choice's tokens. Chat's and
+    completions' logprobs have OpenAI's shapes, with one entry per generated token; a seeded request with n > 1 is
+    the same twice, and its choices differ from each other."""
+    chat = {"model": TINY_MODEL_ID, "messages": [{"role": "user", "content": "Tell me a story"}], "max_tokens": 6,
+            "n": 3, "seed": 5, "logprobs": True, "top_logprobs": 2}
+    answer = client.post("/v1/chat/completions", json=chat)
+    assert answer.status_code == 200, answer.text
+    body = answer.json()
+    assert [choice["index"] for choice in body["choices"]] == [0, 1, 2]
+    single = client.post("/v1/chat/completions", json={**chat, "n": 1}).json()
+    assert body["usage"]["prompt_tokens"] == single["usage"]["prompt_tokens"]
+    tokens = [len(choice["logprobs"]["content"]) for choice in body["choices"]]
+    assert body["usage"]["completion_tokens"] == sum(tokens) and body["usage"]["total_tokens"] == \
+        body["usage"]["prompt_tokens"] + sum(tokens)
+    assert body["choices"][0]["message"] == single["choices"][0]["message"]  # choice 0 keeps the request's seed
+    assert len({choice["message"]["content"] for choice in body["choices"]}) > 1
+    assert [c["message"] for c in client.post("/v1/chat/completions", json=chat).json()["choices"]] == \
+        [c["message"] for c in body["choices"]]
+    entry = body["choices"][0]["logprobs"]["content"][0]
+    assert set(entry) == {"token", "logprob", "bytes", "top_logprobs"} and entry["logprob"] <= 0
+    assert len(entry["top_logprobs"]) == 2 and set(entry["top_logprobs"][0]) == {"token", "logprob", "bytes"}
+
+    text = client.post("/v1/completions", json={"model": TINY_MODEL_ID, "prompt": "Once upon", "max_tokens": 5,
+                                                "temperature": 0, "logprobs": 2}).json()
+    logprobs = text["choices"][0]["logprobs"]
+    count = text["usage"]["completion_tokens"]
+    assert len(logprobs["tokens"]) == len(logprobs["token_logprobs"]) == len(logprobs["top_logprobs"]) == count
+    assert all(len(top) <= 2 for top in logprobs["top_logprobs"])
+    assert logprobs["text_offset"] == sorted(logprobs["text_offset"]) and logprobs["text_offset"][0] == 0
+    # greedy: the chosen token is the most likely one
+    assert all(abs(lp - max(top.values())) < 1e-6 for lp, top in zip(logprobs["token_logprobs"],
+                                                                         logprobs["top_logprobs"], strict=True))
+
+
+def test_logit_bias_forces_a_token_and_streams_carry_logprobs_and_usage_for_every_choice(client: TestClient) -> None:
+    from app.services.inference import get_engine
+    from app.settings import get_settings
+
+    tokenizer = get_engine(get_settings()).runtime(TINY_MODEL_ID).tokenizer
+    forced = tokenizer(" story", add_special_tokens=False)["input_ids"][0]
+    body = {"model": TINY_MODEL_ID, "prompt": "Once upon", "max_tokens": 4, "seed": 2, "n": 2, "logprobs": 0,
+            "logit_bias": {str(forced): 100}, "presence_penalty": 1.5, "frequency_penalty": 0.5}
+    answer = client.post("/v1/completions", json=body)
+    assert answer.status_code == 200, answer.text
+    for choice in answer.json()["choices"]:
+        assert choice["text"] == tokenizer.decode([forced] * 4)  # +100 wins over any penalty in range
+        assert choice["logprobs"]["top_logprobs"] == [{}] * 4
+
+    streamed = client.post("/v1/completions", json={**body, "logit_bias": None, "stream": True,
+                                                    "stream_options": {"include_usage": True}})
+    events = [json.loads(line[6:]) for line in streamed.text.splitlines()
+              if line.startswith("data: ") and line != "data: [DONE]"]
+    texts, counts, finished = ["", ""], [0, 0], [None, None]
+    for event in events:
+        for choice in event["choices"]:
+            texts[choice["index"]] += choice["text"]
+            counts[choice["index"]] += len((choice["logprobs"] or {}).get("tokens", []))
+            finished[choice["index"]] = choice["finish_reason"] or finished[choice["index"]]
+    usage = events[-1]["usage"]
+    assert events[-1]["choices"] == [] and usage["completion_tokens"] == sum(counts) > 0
+    assert None not in finished
+    plain = client.post("/v1/completions", json={**body, "logit_bias": None}).json()
+    assert texts == [choice["text"] for choice in plain["choices"]]  # the same seed streamed or not
+
+
+def test_choices_count_against_the_tenant_concurrency_limit() -> None:
+    """Each choice of n is a generation against the tenant's limit: n above the limit is a 400 naming n, and a
+    request whose n does not fit beside the tenant's running ones is a 429."""
+    from app.errors import InvalidRequest, LimitReached
+    from app.services import inference
+    from app.settings import Settings
+
+    settings = Settings(max_concurrent_generations_per_tenant=4, max_choices_per_request=8)
+    with pytest.raises(InvalidRequest) as over:
+        inference.check_choices(settings, 5)
+    assert over.value.param == "n" and "ADAPTERY_MAX_CONCURRENT_GENERATIONS_PER_TENANT" in over.value.message
+    inference.check_choices(settings, 4)
+    first = inference.claim_generation(settings, "choices-tenant", 3)
+    with pytest.raises(LimitReached):
+        inference.claim_generation(settings, "choices-tenant", 2)
+    inference.claim_generation(settings, "choices-tenant", 1).release()
+    first.release()
+    inference.claim_generation(settings, "choices-tenant", 4).release()
+
+
+def test_the_openai_sdk_reads_choices_logprobs_and_usage_from_a_mixed_batch(api: Api, client: TestClient,
+                                                                            tiny_model_dir: Path,
+                                                                            tmp_path: Path) -> None:
+    """The unchanged openai SDK (over the in-process app) parses n choices, both logprobs shapes and streamed usage,
+    for an adapter and the base model in one batch with different sampling fields; seeded answers are the same as
+    when each ran alone."""
+    openai = pytest.importorskip("openai")
+    key = client.headers["Authorization"].removeprefix("Bearer ")
+    sdk = openai.OpenAI(base_url="http://testserver/v1", api_key=key, http_client=client, max_retries=0)
+    adapter = _import(client, tiny_model_dir, tmp_path, 7)
+    messages = [{"role": "user", "content": "Say hi"}]
+
+    def chat() -> Any:
+        return sdk.chat.completions.create(model=adapter, messages=messages, max_tokens=5, n=2, seed=4,  # type: ignore
+                                           logprobs=True, top_logprobs=3, presence_penalty=0.5)
+
+    def text() -> Any:
+        return sdk.completions.create(model=TINY_MODEL_ID, prompt="Once upon", max_tokens=5, seed=9, logprobs=2,
+                                      frequency_penalty=1.0, logit_bias={"5": -100})
+
+    alone = (chat(), text())
+    answers: list[Any] = [None, None]
+
+    def run(index: int) -> None:
+        answers[index] = (chat, text)[index]()
+
+    runtime = _runtime()
+    with scheduler_paused(runtime):
+        threads = [threading.Thread(target=run, args=(index,)) for index in range(2)]
+        for thread in threads:
+            thread.start()
+        assert _until(lambda: len(runtime.pending) == 3, budget(10))  # two choices and one completion
+    for thread in threads:
+        thread.join(timeout=UNLESS_BROKEN)
+    mixed_chat, mixed_text = answers
+    assert [c.message.content for c in mixed_chat.choices] == [c.message.content for c in alone[0].choices]
+    assert mixed_text.choices[0].text == alone[1].choices[0].text
+    assert [c.index for c in mixed_chat.choices] == [0, 1]
+    first = mixed_chat.choices[0].logprobs.content[0]
+    assert first.logprob <= 0 and len(first.top_logprobs) == 3 and isinstance(first.bytes, list)
+    assert mixed_chat.usage.completion_tokens == sum(len(c.logprobs.content) for c in mixed_chat.choices)
+    assert len(mixed_text.choices[0].logprobs.tokens) == mixed_text.usage.completion_tokens
+    streamed = sdk.chat.completions.create(model=adapter, messages=messages, max_tokens=5, n=2, seed=4,  # type: ignore
+                                           logprobs=True, presence_penalty=0.5, stream=True,
+                                           stream_options={"include_usage": True})
+    texts, usage = ["", ""], None
+    for chunk in streamed:
+        for choice in chunk.choices:
+            texts[choice.index] += choice.delta.content or ""
+        usage = chunk.usage or usage
+    assert texts == [c.message.content for c in alone[0].choices]
+    assert usage is not None and usage.completion_tokens == alone[0].usage.completion_tokens
