@@ -262,6 +262,28 @@ def test_a_job_from_the_form_draws_live_curves_survives_a_reload_and_chats_besid
                                                           "messages": [{"role": "user", "content": "Say hi 3"}]})
     assert imported.status_code == 200, imported.text
 
+    # An alias promoted to the trained model, then to the import, rolled back, and removed.
+    for target in (model, "console-imported"):
+        page.fill("#alias-name", "console-bot")
+        page.select_option("#alias-model", target)
+        page.click("#promote-alias button[type=submit]")
+        expect(page.locator("#aliases tr[data-alias=console-bot]")).to_contain_text(target)
+    page.locator("#aliases tr[data-alias=console-bot] [data-action=rollback]").click()
+    expect(page.locator("#aliases tr[data-alias=console-bot]")).to_contain_text(model)
+    assert client.get("/v1/aliases/console-bot").json()["model"] == model
+    page.locator("#aliases tr[data-alias=console-bot] [data-action=remove]").click()
+    expect(page.locator("#aliases tr[data-alias=console-bot]")).to_have_count(0)
+    # Delete a model from its row (after the confirmation): it is gone from the list and the API.
+    page.set_input_files("#import-file", str(archive))
+    page.fill("#import-name", "console-doomed")
+    page.click("#import-adapter button[type=submit]")
+    doomed = page.locator("#adapters tr[data-name=console-doomed]")
+    expect(doomed).to_contain_text("lora")
+    page.once("dialog", lambda dialog: dialog.accept())
+    doomed.locator("[data-action=delete]").click()
+    expect(doomed).to_have_count(0)
+    assert client.get("/v1/models/console-doomed").status_code == 404
+
 
 def test_cancel_from_the_job_page(page: Page, client: httpx.Client) -> None:
     training = upload(client, chat_lines(24), "console-cancel.jsonl").json()["id"]

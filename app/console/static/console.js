@@ -552,9 +552,49 @@ async function adaptersView(main) {
         act(a, a.state === "active" ? "unload" : "load"),
         h("button", { "data-action": "download", onclick: () => download(`/v1/adapters/${encodeURIComponent(a.id)}/content`,
           `${a.name.replace(/[^\w.-]+/g, "_")}.zip`).catch((e) => showError(box, e)) }, "download"),
-        h("a", { href: `#/playground?models=${encodeURIComponent(a.name)}` }, "chat")))))
+        h("a", { href: `#/playground?models=${encodeURIComponent(a.name)}` }, "chat"),
+        h("button", { "data-action": "delete", class: "danger", onclick: async () => {
+          if (!confirm(`Delete ${a.name}? Requests running on it finish; then it is gone.`)) return;
+          try {
+            await api.request("DELETE", `/v1/models/${encodeURIComponent(a.name)}`);
+            box.hidden = true;
+            await refresh();
+          } catch (error) { showError(box, error); }
+        } }, "delete")))))
       : h("p", { class: "muted" }, "No adapters yet: train one or import one."));
+    const aliases = await api.get("/v1/aliases");
+    const aliasAct = (alias, label, method, path) => h("button", { "data-action": label, onclick: async () => {
+      try {
+        await api.request(method, path);
+        box.hidden = true;
+        await refresh();
+      } catch (error) { showError(box, error); }
+    } }, label);
+    aliasList.replaceChildren(aliases.data.length ? table(["alias", "points to", "since", ""],
+      aliases.data.map((x) => h("tr", { "data-alias": x.id }, h("td", { class: "mono" }, x.id),
+        h("td", { class: "mono" }, x.model ?? "(deleted)"), h("td", {}, when(x.updated_at)),
+        h("td", { class: "actions" },
+          aliasAct(x, "rollback", "POST", `/v1/aliases/${encodeURIComponent(x.id)}/rollback`),
+          aliasAct(x, "remove", "DELETE", `/v1/aliases/${encodeURIComponent(x.id)}`),
+          h("a", { href: `#/playground?models=${encodeURIComponent(x.id)}` }, "chat")))))
+      : h("p", { class: "muted" }, "No aliases: an alias is the name an application calls, pointed at one model."));
+    const chosen = aliasModel.value;  // a refresh keeps what the user picked
+    aliasModel.replaceChildren(...adapters.data.map((a) => h("option", { value: a.name }, a.name)));
+    if (adapters.data.some((a) => a.name === chosen)) aliasModel.value = chosen;
   }
+
+  const aliasList = h("div", { id: "aliases" });
+  const aliasName = h("input", { id: "alias-name", placeholder: "alias, e.g. support-bot", required: true });
+  const aliasModel = h("select", { id: "alias-model" });
+  const aliasForm = h("form", { id: "promote-alias", onsubmit: async (event) => {
+    event.preventDefault();
+    try {
+      await api.request("PUT", `/v1/aliases/${encodeURIComponent(aliasName.value.trim())}`,
+        { json: { model: aliasModel.value } });
+      box.hidden = true;
+      await refresh();
+    } catch (error) { showError(box, error); }
+  } }, aliasName, " → ", aliasModel, " ", h("button", { type: "submit" }, "Promote"));
 
   const archive = h("input", { type: "file", id: "import-file", accept: ".zip" });
   const name = h("input", { id: "import-name", placeholder: "optional model name" });
@@ -572,7 +612,8 @@ async function adaptersView(main) {
     } catch (error) { showError(box, error); }
   } }, h("label", {}, "PEFT adapter archive (zip of adapter_config.json and adapter_model.safetensors) ",
     archive), " ", name, " ", h("button", { type: "submit" }, "Import"));
-  main.append(h("h2", {}, "Adapters"), box, list, section("Import an adapter", importForm));
+  main.append(h("h2", {}, "Adapters"), box, list, section("Aliases", aliasList, aliasForm),
+    section("Import an adapter", importForm));
   every(4000, refresh);
 }
 
