@@ -120,7 +120,7 @@ def rollback(session: Session, *, tenant_id: str, alias: str) -> ModelAlias:
 def get_alias(session: Session, *, tenant_id: str, alias: str) -> ModelAlias:
     found = session.get(ModelAlias, (tenant_id, alias)) if storable(alias) else None
     if found is None:
-        raise NotFound(f"No alias named '{alias}'.", param="alias", code="alias_not_found")
+        raise NotFound(f"No alias named '{alias}'.", param="alias", code="not_found")
     session.refresh(found)
     return found
 

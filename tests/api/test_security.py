@@ -61,12 +61,14 @@ def owned_by_a(api: Api, client: TestClient, tmp_path_factory: pytest.TempPathFa
     assert evaluation.status_code == 200, evaluation.text
     webhook = client.post("/v1/webhooks", json={"url": "http://10.1.2.3:9/hook"})
     assert webhook.status_code == 200, webhook.text
+    alias = client.put("/v1/aliases/a-alias", json={"model": adapter["name"]})
+    assert alias.status_code == 200, alias.text
     # Both queued objects were handed to the broker (and stay queued: no worker takes them in this tier).
     assert [(m.task, m.object_id) for m in api.broker.take()] == [
         (TRAIN_TASK, job_id), (EVALUATE_TASK, evaluation.json()["id"])]
     return {"file_id": file_id, "fine_tuning_job_id": job_id, "adapter_id": adapter["id"],
             "model_id": adapter["name"], "event_id": events[0]["id"], "evaluation_id": evaluation.json()["id"],
-            "webhook_id": webhook.json()["id"]}
+            "webhook_id": webhook.json()["id"], "alias": alias.json()["id"]}
 
 
 def test_keys_are_required_and_checked(api: Api) -> None:
@@ -110,6 +112,8 @@ def _fill(path: str, ids: dict[str, str]) -> str:
 
 
 def _body(method: str, path: str, ids: dict[str, str]) -> dict[str, Any] | None:
+    if method == "PUT" and path == "/v1/aliases/{alias}":
+        return {"model": ids["model_id"]}  # B pointing A's alias at A's model
     if method != "POST":
         return None
     if path == "/v1/fine_tuning/jobs":
