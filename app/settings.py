@@ -193,6 +193,9 @@ class Settings(BaseSettings):
                                                                       "count).")
     max_storage_mb_per_tenant: int = Field(
         default=10240, ge=1, description="The bytes a tenant's stored files may take, all together, in MiB.")
+    max_aliases_per_tenant: int = Field(
+        default=100, ge=1, description="Model aliases a tenant may have (each keeps the history of its last "
+                                       "ALIAS_HISTORY changes).")
     max_adapters_per_tenant: int = Field(
         default=1000, ge=1, description="Adapters a tenant may have (fine-tuned models, their servable checkpoints "
                                         "and imports); at the limit, imports and new jobs are refused.")

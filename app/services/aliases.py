@@ -8,17 +8,20 @@ from __future__ import annotations
 import re
 from typing import Any
 
-from sqlalchemy import select, update
+from sqlalchemy import delete, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from app.db.models import Adapter, AdapterStatus, AliasPromotion, ModelAlias, now
 from app.errors import Conflict, InvalidRequest, NotFound
+from app.services import quotas
 from app.services.ids import storable
 
 # As an import's name (app/services/adapter_import.py): letters, digits, '.', '_', ':' and '-'.
 ALIAS_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:-]{0,99}$")
 FINE_TUNED_PREFIX = "ft:"
+# The changes of an alias kept in its history (the latest ones).
+ALIAS_HISTORY = 100
 
 
 def target_of(session: Session, *, tenant_id: str, name: str) -> Adapter | None:
@@ -70,6 +73,7 @@ def promote(session: Session, settings: Any, *, tenant_id: str, alias: str, mode
     previous = current.adapter_id if current is not None else None
     if current is None:
         _check_name(session, settings, tenant_id, alias)
+        quotas.check_aliases(session, tenant_id=tenant_id, settings=settings)
         session.add(ModelAlias(tenant_id=tenant_id, name=alias, adapter_id=adapter.id, updated_at=now()))
     elif not session.execute(update(ModelAlias).where(  # guarded: the history's `previous` is what was replaced
             ModelAlias.tenant_id == tenant_id, ModelAlias.name == alias, ModelAlias.adapter_id == previous)
@@ -78,12 +82,23 @@ def promote(session: Session, settings: Any, *, tenant_id: str, alias: str, mode
         raise _changed(alias)
     session.add(AliasPromotion(tenant_id=tenant_id, alias=alias, adapter_id=adapter.id,
                                previous_adapter_id=previous, action="promote", created_at=now()))
+    _trim_history(session, tenant_id, alias)
     try:
         session.commit()
     except IntegrityError:  # another request created the alias first
         session.rollback()
         raise _changed(alias) from None
     return get_alias(session, tenant_id=tenant_id, alias=alias)
+
+
+def _trim_history(session: Session, tenant_id: str, alias: str) -> None:
+    """Keep an alias's last ALIAS_HISTORY changes: a tenant promoting in a loop grows no table without end."""
+    session.flush()
+    older = session.scalars(select(AliasPromotion.id).where(AliasPromotion.tenant_id == tenant_id,
+                                                            AliasPromotion.alias == alias)
+                            .order_by(AliasPromotion.id.desc()).offset(ALIAS_HISTORY)).all()
+    if older:
+        session.execute(delete(AliasPromotion).where(AliasPromotion.id.in_(older)))
 
 
 def _changed(alias: str) -> Conflict:
@@ -113,6 +128,7 @@ def rollback(session: Session, *, tenant_id: str, alias: str) -> ModelAlias:
         raise _changed(alias)
     session.add(AliasPromotion(tenant_id=tenant_id, alias=alias, adapter_id=target.id,
                                previous_adapter_id=current.adapter_id, action="rollback", created_at=now()))
+    _trim_history(session, tenant_id, alias)
     session.commit()
     return get_alias(session, tenant_id=tenant_id, alias=alias)
 

@@ -13,7 +13,7 @@ from __future__ import annotations
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
-from app.db.models import Adapter, AdapterStatus, Evaluation, EvaluationStatus, File
+from app.db.models import Adapter, AdapterStatus, Evaluation, EvaluationStatus, File, ModelAlias
 from app.errors import LimitReached
 from app.settings import Settings
 
@@ -44,6 +44,15 @@ def check_adapters(session: Session, *, tenant_id: str, settings: Settings, para
         raise LimitReached(f"You have {count} adapters (fine-tuned models, checkpoints and imports); at most "
                            f"{settings.max_adapters_per_tenant} are allowed (ADAPTERY_MAX_ADAPTERS_PER_TENANT). "
                            "Delete one first.", param=param, code="too_many_adapters", retry_after=60)
+
+
+def check_aliases(session: Session, *, tenant_id: str, settings: Settings) -> None:
+    """Refuse a new alias when the tenant is at its alias quota (changing one it has is always allowed)."""
+    count = session.scalar(select(func.count()).select_from(ModelAlias).where(ModelAlias.tenant_id == tenant_id)) or 0
+    if count >= settings.max_aliases_per_tenant:
+        raise LimitReached(f"You have {count} aliases; at most {settings.max_aliases_per_tenant} are allowed "
+                           "(ADAPTERY_MAX_ALIASES_PER_TENANT). Delete one first.", param="alias",
+                           code="too_many_aliases", retry_after=60)
 
 
 def check_evaluations(session: Session, *, tenant_id: str, settings: Settings) -> None:

@@ -122,3 +122,28 @@ def test_the_cli_sets_rolls_back_and_lists_aliases(client: TestClient, versions:
     refused = CliRunner().invoke(cli, ["models", "delete", TINY_MODEL_ID])
     # The API's error, with the field it names (the `adaptery` entry point prints it as one line and exits 1).
     assert isinstance(refused.exception, client_cli.ClientError) and "(field: model)" in str(refused.exception)
+
+
+def test_aliases_and_their_history_are_bounded(tmp_path: Path, tiny_model_dir: Path,
+                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    from app.services import aliases
+    from tests.api.conftest import in_process_api
+
+    monkeypatch.setattr(aliases, "ALIAS_HISTORY", 3)
+    with in_process_api(tmp_path, tiny_model_dir, {"ADAPTERY_MAX_ALIASES_PER_TENANT": "2"}) as small:
+        c = small.client
+        names = []
+        for seed in (1, 2):
+            name = f"m{seed}"
+            assert send_files(c, files_of(save_lora(tiny_model_dir, tmp_path / name, seed=seed)),
+                              name=name).status_code == 200
+            names.append(name)
+        for alias in ("a1", "a2"):
+            assert c.put(f"/v1/aliases/{alias}", json={"model": names[0]}).status_code == 200
+        third = c.put("/v1/aliases/a3", json={"model": names[0]})
+        assert third.status_code == 429 and error_of(third)["code"] == "too_many_aliases", third.text
+        for step in range(5):  # changing an alias it has is always allowed; its history keeps the last 3
+            assert c.put("/v1/aliases/a1", json={"model": names[step % 2]}).status_code == 200
+        history = c.get("/v1/aliases/a1").json()["history"]
+        assert len(history) == 3 and [h["model"] for h in history] == [names[0], names[1], names[0]]
+        assert c.post("/v1/aliases/a1/rollback").json()["model"] == names[1]
