@@ -89,8 +89,25 @@ class SamplingFields(Request):
         return [self.stop] if isinstance(self.stop, str) else list(self.stop)[:4]
 
 
+class ResponseFormat(Request):
+    """OpenAI's response_format: "text" (the default) is what every answer is; JSON output by constrained decoding
+    ("json_object", "json_schema") is not built yet and is refused naming the field rather than ignored."""
+
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: dict[str, Any] | None = None
+
+    @field_validator("type")
+    @classmethod
+    def _text_only(cls, value: str) -> str:
+        if value != "text":
+            raise ValueError(f"response_format type {value!r} is not supported yet (no constrained decoding); "
+                             "only 'text' is")
+        return value
+
+
 class ChatCompletionRequest(SamplingFields):
     messages: list[ChatMessage] = Field(min_length=1)
+    response_format: ResponseFormat | None = Field(default=None, description='only {"type": "text"} (the default)')
     max_completion_tokens: int | None = Field(default=None, ge=1)
     logprobs: bool | None = None
     top_logprobs: int | None = Field(default=None, ge=0, le=20, description="alternatives per token (needs logprobs)")
