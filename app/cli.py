@@ -31,26 +31,23 @@ def worker_command(concurrency: int) -> list[str]:
 @cli.command("prepare-model")
 def prepare_model() -> None:
     """Convert the packaged default base model to safetensors in the data dir (once)."""
-    from app.services import base_models
-    from app.settings import get_settings
-
-    settings = get_settings()
-    spec = base_models.resolve(settings, settings.default_base_model)
-    started = time.monotonic()
-    path = base_models.local_path(settings, spec)
-    console.print(f"[green]base model {spec.id} ready[/] at {path} ({time.monotonic() - started:.1f} s)")
+    _prepare_default("base model", weights=True)
 
 
 def prepare_tokenizer() -> None:
     """The default base model's tokenizer and config, without its weights (the API role's preparation)."""
+    _prepare_default("tokenizer of", weights=False)
+
+
+def _prepare_default(what: str, *, weights: bool) -> None:
     from app.services import base_models
     from app.settings import get_settings
 
     settings = get_settings()
     spec = base_models.resolve(settings, settings.default_base_model)
     started = time.monotonic()
-    path = base_models.metadata_path(settings, spec)
-    console.print(f"[green]tokenizer of {spec.id} ready[/] at {path} ({time.monotonic() - started:.1f} s)")
+    path = base_models.local_path(settings, spec) if weights else base_models.metadata_path(settings, spec)
+    console.print(f"[green]{what} {spec.id} ready[/] at {path} ({time.monotonic() - started:.1f} s)")
 
 
 @cli.command("migrate")
