@@ -25,11 +25,13 @@ the script, not a measurement). Prints a table, then one JSON line; --save write
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import random
 import shutil
 import tempfile
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -81,6 +83,31 @@ def build_model(folder: Path, shape: str, tokenizer_path: str, dtype: str) -> in
 
 
 # ---------------------------------------------------------------- training
+
+
+@contextlib.contextmanager
+def profiled(name: str, enabled: bool, device: str, steps: int) -> Iterator[None]:
+    """With --profile: torch.profiler around one path's training; the top operations by device time (self CPU time
+    on a CPU) go to bench/results/gpu_check_profile_<name>.txt, with the kernels launched per step, which says
+    whether a path is bound by launches rather than by arithmetic."""
+    if not enabled:
+        yield
+        return
+    import torch
+    from torch.profiler import ProfilerActivity, profile
+
+    on_gpu = device.startswith("cuda")
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if on_gpu else [])
+    with profile(activities=activities) as prof:
+        yield
+    synchronize(device)
+    events = prof.key_averages()
+    kernels = sum(e.count for e in events if on_gpu and e.device_type == torch.autograd.DeviceType.CUDA)
+    table = events.table(sort_by="self_device_time_total" if on_gpu else "self_cpu_time_total", row_limit=25)
+    text = f"{name}: {steps} steps, {kernels / max(steps, 1):.0f} device kernels per step\n\n{table}\n"
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    (RESULTS / f"gpu_check_profile_{name}.txt").write_text(text)
+    log(f"profile of {name}: {kernels / max(steps, 1):.0f} device kernels per step")
 
 
 def train_ours(path: str, device: str, dtype: str, quantization: str | None, steps: int, batch_size: int
@@ -352,6 +379,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--max-tokens", type=int, default=64)
     parser.add_argument("--prompt-len", type=int, default=64)
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--profile", action="store_true",
+                        help="profile each training path (bench/results/gpu_check_profile_*.txt)")
     parser.add_argument("--parts", default="training,serving", help="what to measure: training, serving or both")
     parser.add_argument("--tokenizer", help="a folder with SmolLM2's tokenizer (default: the packaged model's)")
     parser.add_argument("--save", action="store_true", help="write bench/results/gpu_check*")
@@ -376,7 +405,8 @@ def main(argv: list[str] | None = None) -> None:
         training: dict[str, Any] = {}
         serving: dict[str, Any] = {"tok_s": {}, "check": {}}
         for name, fn in (("ours", train_ours), ("hf_peft", train_hf)) if "training" in a.parts else ():
-            training[name] = fn(path, a.device, dtype, a.quantization, a.steps, a.batch_size)
+            with profiled(name, a.profile, a.device, a.steps):
+                training[name] = fn(path, a.device, dtype, a.quantization, a.steps, a.batch_size)
             log(f"training {name}: {training[name]['tok_s']:.0f} tokens/s in {training[name]['seconds']:.1f}s")
         if "serving" in a.parts:
             serving = serve(path, a.device, dtype, a.quantization, folder / "adapters", a.max_tokens, a.prompt_len,
