@@ -37,6 +37,10 @@ class Unauthorized(DomainError):
     """No API key, or one that is not valid for this route."""
 
 
+class Forbidden(DomainError):
+    """The caller may see the object but not do this to it (a tenant deleting a base model, the operator's)."""
+
+
 class NotFound(DomainError):
     """The object does not exist for this caller (another tenant's objects look the same)."""
 
@@ -67,8 +71,8 @@ class TimedOut(DomainError):
 
 # The one mapping from domain errors to HTTP statuses.
 HTTP_STATUS: dict[type[DomainError], int] = {
-    InvalidRequest: 400, Unauthorized: 401, NotFound: 404, Conflict: 409, TooLarge: 413, Unprocessable: 422,
-    LimitReached: 429, Unavailable: 503, TimedOut: 504,
+    InvalidRequest: 400, Unauthorized: 401, Forbidden: 403, NotFound: 404, Conflict: 409, TooLarge: 413,
+    Unprocessable: 422, LimitReached: 429, Unavailable: 503, TimedOut: 504,
 }
 
 

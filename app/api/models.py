@@ -61,7 +61,7 @@ def get_model(model_id: str, session: SessionDep, settings: SettingsDep, tenant:
     return _adapter_object(adapter, tenant)
 
 
-@router.delete("/{model_id:path}", response_model=ModelDeleted, responses=errors(400, 401, 404, 409, 429))
+@router.delete("/{model_id:path}", response_model=ModelDeleted, responses=errors(400, 401, 403, 404, 409, 429))
 async def delete_model(model_id: str, session: SessionDep, settings: SettingsDep, tenant: TenantDep,
                        keep_checkpoints: bool = Query(default=False, description="keep the job's checkpoints when its "
                                                                                   "final model is deleted")

@@ -26,6 +26,7 @@ _ANSWERS: dict[int, dict[str, Any]] = {
     400: {"description": "The request is malformed or names something unusable; `param` names the field."},
     401: {"description": "No API key, or one that is not valid for this route.",
           "headers": {"WWW-Authenticate": {"description": "Bearer", "required": True, "schema": {"type": "string"}}}},
+    403: {"description": "The caller may not do this to the object (only the operator may)."},
     404: {"description": "No such object for this caller."},
     409: {"description": "The object's state does not allow this now.",
           "headers": {"Retry-After": {**_RETRY_AFTER, "required": False}}},

@@ -93,7 +93,8 @@ class ResponseFormat(Request):
     """OpenAI's response_format: "text" (the default) is what every answer is; JSON output by constrained decoding
     ("json_object", "json_schema") is not built yet and is refused naming the field rather than ignored."""
 
-    type: Literal["text", "json_object", "json_schema"]
+    # The document offers what is built ("text"); the other two are named here so their refusal says why.
+    type: Literal["text", "json_object", "json_schema"] = Field(json_schema_extra={"enum": ["text"]})
     json_schema: dict[str, Any] | None = None
 
     @field_validator("type")

@@ -12,7 +12,7 @@ from sqlalchemy.orm import Session
 
 from adapters.store import ArtifactStore
 from app.db.models import TERMINAL_JOB_STATUSES, Adapter, AdapterStatus, FineTuningJob
-from app.errors import Conflict, InvalidRequest, NotFound
+from app.errors import Conflict, Forbidden, NotFound
 from app.services import base_models
 from app.services.inference import adapter_by_name
 from app.settings import Settings
@@ -30,8 +30,8 @@ def delete_model(session: Session, settings: Settings, *, tenant_id: str, model:
     """Mark the tenant's model (and, for a job's final model, the job's checkpoints unless kept) deleted; return the
     adapter ids deleted, for the serving processes to drop. Its stored files go after the commit."""
     if model in base_models.registry(settings) or model in base_models.DEFAULT_ALIASES:
-        raise InvalidRequest(f"'{model}' is a base model; base models are removed by the operator "
-                             "(DELETE /v1/admin/base_models/{id}).", param="model", code="base_model")
+        raise Forbidden(f"'{model}' is a base model; base models are removed by the operator "
+                        "(DELETE /v1/admin/base_models/{id}).", param="model", code="base_model")
     adapter = adapter_by_name(session, tenant_id=tenant_id, name=model, aliases=False)
     if adapter is None:  # another tenant's (public or not) looks missing, as everywhere
         from app.services.aliases import target_of
