@@ -213,19 +213,25 @@ class Service:
         log_file = open(self.workdir / "serve.log", "ab")  # noqa: SIM115 (open for the process's life)
         self.process = subprocess.Popen([sys.executable, "-m", "app.cli", "serve"], cwd=ROOT, env=self.env,
                                         stdout=log_file, stderr=subprocess.STDOUT)
+        # Up, and its worker consuming (webhooks and evaluations need it).
+        self.wait_ready({"serve": self.process}, lambda checks: bool(checks.get("worker", {}).get("ok")),
+                        self.workdir / "serve.log")
+
+    def wait_ready(self, processes: dict[str, subprocess.Popen[bytes]], ready: Callable[[dict[str, Any]], bool],
+                   logs: Path) -> None:
+        """Poll /ready until `ready(checks)` holds (300 s at most), failing at once if a process exits."""
         deadline = time.monotonic() + 300
-        while True:  # up, and its worker consuming (webhooks and evaluations need it)
-            if self.process.poll() is not None:
-                raise RuntimeError(f"adaptery serve exited with {self.process.returncode}; see "
-                                   f"{self.workdir / 'serve.log'}")
+        while True:
+            for name, process in processes.items():
+                if process.poll() is not None:
+                    raise RuntimeError(f"the {name} process exited with {process.returncode}; see {logs}")
             try:
-                ready = httpx.get(f"{self.url}/ready", timeout=5).json()
-                if ready.get("checks", {}).get("worker", {}).get("ok"):
+                if ready(httpx.get(f"{self.url}/ready", timeout=5).json().get("checks", {})):
                     break
             except (httpx.HTTPError, ValueError):
                 pass
             if time.monotonic() > deadline:
-                raise TimeoutError(f"the service did not become ready; see {self.workdir / 'serve.log'}")
+                raise TimeoutError(f"the service did not become ready; see {logs}")
             time.sleep(0.5)
         self.remember()
 
@@ -554,21 +560,11 @@ class TieredService(Service):
         self.others["worker"] = self._spawn("worker", ["worker"], {})
         self.process = self._spawn("serve", ["serve", "--role", "api", "--no-migrate"], {
             "ADAPTERY_INFERENCE_URLS": f"http://127.0.0.1:{self.replica_port}"})
-        deadline = time.monotonic() + 300
-        while True:  # up, its worker consuming and its replica seen
-            for name, process in [("api", self.process), *self.others.items()]:
-                if process.poll() is not None:
-                    raise RuntimeError(f"the {name} process exited with {process.returncode}; see {self.workdir}")
-            try:
-                checks = httpx.get(f"{self.url}/ready", timeout=5).json().get("checks", {})
-                if checks.get("worker", {}).get("ok") and checks.get("inference", {}).get("up") == 1:
-                    break
-            except (httpx.HTTPError, ValueError):
-                pass
-            if time.monotonic() > deadline:
-                raise TimeoutError(f"the tiers did not become ready; see the logs in {self.workdir}")
-            time.sleep(0.5)
-        self.remember()
+        assert self.process is not None
+        # Up, its worker consuming and its replica seen.
+        self.wait_ready({"api": self.process, **self.others},
+                        lambda checks: bool(checks.get("worker", {}).get("ok"))
+                        and checks.get("inference", {}).get("up") == 1, self.workdir)
 
     def remember(self) -> None:
         super().remember()
