@@ -3,7 +3,9 @@ the memory the device has free: a model that does not fit is refused before load
 
 from __future__ import annotations
 
+import json
 import math
+import struct
 import subprocess
 import sys
 from pathlib import Path
@@ -21,16 +23,30 @@ class ModelTooLarge(MemoryError):
     """A base model that does not fit in the free memory of the device it is to load on."""
 
 
+# A safetensors header larger than this is refused rather than read (a real one is a few hundred KiB).
+MAX_HEADER_BYTES = 100 * 1024 * 1024
+
+
+def safetensors_header(file: Path) -> dict[str, Any]:
+    """A safetensors file's header: each tensor's dtype and shape (the file's first bytes; no tensor read)."""
+    with open(file, "rb") as handle:
+        prefix = handle.read(8)
+        if len(prefix) != 8:
+            raise ValueError("shorter than a safetensors header")
+        (size,) = struct.unpack("<Q", prefix)
+        if size > MAX_HEADER_BYTES:
+            raise ValueError(f"its header claims {size} bytes")
+        header = json.loads(handle.read(size))
+    if not isinstance(header, dict):
+        raise ValueError("its header is not a JSON object")
+    header.pop("__metadata__", None)
+    return header
+
+
 def tensor_shapes(path: str | Path) -> dict[str, list[int]]:
     """Every tensor's shape in a model folder's safetensors files, by name (headers only)."""
-    from safetensors import safe_open
-
-    shapes: dict[str, list[int]] = {}
-    for file in sorted(Path(path).glob("*.safetensors")):
-        with safe_open(str(file), framework="numpy") as handle:
-            for name in handle.keys():  # noqa: SIM118 (safe_open is not iterable)
-                shapes[name] = list(handle.get_slice(name).get_shape())
-    return shapes
+    return {name: [int(d) for d in tensor["shape"]] for file in sorted(Path(path).glob("*.safetensors"))
+            for name, tensor in safetensors_header(file).items()}
 
 
 def parameter_count(path: str | Path) -> int:

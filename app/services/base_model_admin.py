@@ -9,7 +9,6 @@ import glob
 import json
 import math
 import re
-import struct
 import threading
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,7 +19,7 @@ from sqlalchemy.orm import Session
 
 from adapters import model_memory
 from adapters.families import family_name, unsupported_reason
-from adapters.model_memory import BYTES_PER_PARAMETER, HEADROOM
+from adapters.model_memory import BYTES_PER_PARAMETER, HEADROOM, safetensors_header
 from app.db.models import TERMINAL_JOB_STATUSES, Adapter, AdapterStatus, FineTuningJob, RegisteredBaseModel
 from app.errors import Conflict, InvalidRequest, NotFound
 from app.services import base_models
@@ -35,8 +34,6 @@ STORED_DTYPES = {"F32": "float32", "BF16": "bfloat16", "F16": "float16", "F64": 
 CONTEXT_KEYS = ("max_position_embeddings", "n_positions", "max_sequence_length", "seq_length", "n_ctx")
 # Any one of these is a tokenizer transformers can load without the model (tokenizer.json: fast; the rest: slow).
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json")
-# A safetensors header larger than this is not a header (the format's own limit is 100 MB).
-MAX_HEADER_BYTES = 100 * 1024 * 1024
 HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 # The small files a hub model's checks read; its weights are never downloaded to register it.
 HUB_PATTERNS = ["config.json", "tokenizer.json", "tokenizer.model", "tokenizer_config.json", "vocab.json",
@@ -59,22 +56,6 @@ def _refuse(message: str) -> InvalidRequest:
 
 
 # ------------------------------------------------------------------ reading a checkpoint (no torch, no weights)
-
-
-def safetensors_header(file: Path) -> dict[str, Any]:
-    """A safetensors file's header: each tensor's dtype and shape (the file's first bytes; no tensor read)."""
-    with open(file, "rb") as handle:
-        prefix = handle.read(8)
-        if len(prefix) != 8:
-            raise ValueError("shorter than a safetensors header")
-        (size,) = struct.unpack("<Q", prefix)
-        if size > MAX_HEADER_BYTES:
-            raise ValueError(f"its header claims {size} bytes")
-        header = json.loads(handle.read(size))
-    if not isinstance(header, dict):
-        raise ValueError("its header is not a JSON object")
-    header.pop("__metadata__", None)
-    return header
 
 
 def weights_in_headers(folder: Path) -> tuple[int, str]:
