@@ -17,6 +17,7 @@ import torch
 
 from adapters import serving_metrics as metrics
 from adapters.engine.adapter_loader import LoadedAdapter
+from adapters.engine.grammar import OutputGrammar
 
 
 @dataclass
@@ -38,6 +39,9 @@ class SamplingParams:
     logprobs: int | None = None
     # Benchmarks: always produce max_tokens (as vLLM's ignore_eos), so compared runs do the same work.
     ignore_eos: bool = False
+    # Structured output (response_format): only tokens that keep the text valid JSON of the schema; the row ends
+    # when the document is complete.
+    grammar: OutputGrammar | None = None
 
     def adjusts_logits(self) -> bool:
         return bool(self.presence_penalty or self.frequency_penalty or self.repetition_penalty != 1.0
@@ -100,6 +104,7 @@ class Sequence:
         self._counts: torch.Tensor | None = None  # generated tokens, per vocabulary id (the OpenAI penalties)
         self._seen: torch.Tensor | None = None  # prompt and generated tokens (the repetition penalty)
         self._bias: tuple[torch.Tensor, torch.Tensor] | None = None
+        self.matcher = params.grammar.matcher() if params.grammar is not None else None
 
     def cancel(self) -> None:
         self.cancelled.set()
@@ -136,8 +141,15 @@ class Sequence:
 
     def pick(self, logits: torch.Tensor) -> int:
         """Choose the next token from this row's last-position logits (penalties, bias, temperature, top_p), and
-        note its logprob when asked for."""
+        note its logprob when asked for. With a grammar, only the tokens it allows can be chosen, and the logprobs
+        are over those."""
         logits = self.adjusted_logits(logits)
+        if self.matcher is not None:
+            try:
+                logits = self.matcher.mask(logits)
+            except RuntimeError as exc:  # the grammar broke (never by the model's choice): this row alone ends
+                self.fail(exc)
+                return 0
         token = sample(logits, self.params, self.generator)
         if self.logprobs is not None:
             self._chosen = token_logprob(logits, token, self.params.logprobs or 0)
@@ -145,8 +157,12 @@ class Sequence:
 
     def accept(self, token: int, eos_ids: set[int]) -> None:
         """Record a sampled token, decide whether the sequence is done, and stream the new text."""
+        if self.finish_reason is not None:  # failed while picking
+            return
         self._time_token()
         chosen, self._chosen = self._chosen, None
+        if self.matcher is not None:
+            self.matcher.consume(token)
         if token in eos_ids and not self.params.ignore_eos:
             self.finish("stop")
             return
@@ -165,6 +181,9 @@ class Sequence:
                 self.text = self.text[:cut]
                 self.finish("stop")
                 return
+        if self.matcher is not None and self.matcher.complete():
+            self.finish("stop")
+            return
         if len(self.produced) >= self.params.max_tokens:
             self.finish("length")
             return
@@ -273,7 +292,8 @@ def token_logprob(logits: torch.Tensor, token: int, top: int) -> TokenLogprob:
     alternatives: list[tuple[int, float]] = []
     if top > 0:
         values, ids = torch.topk(logprobs, min(top, logprobs.shape[-1]))
-        alternatives = list(zip(ids.tolist(), values.tolist(), strict=True))
+        # A token masked out (a grammar, a -100 bias) is no alternative: it could not have been chosen.
+        alternatives = [(i, v) for i, v in zip(ids.tolist(), values.tolist(), strict=True) if v != float("-inf")]
     return TokenLogprob(token=token, logprob=float(logprobs[token]), top=alternatives)
 
 
