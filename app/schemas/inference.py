@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationInfo, field_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
 
 from app.schemas.common import Request
 
@@ -89,26 +89,49 @@ class SamplingFields(Request):
         return [self.stop] if isinstance(self.stop, str) else list(self.stop)[:4]
 
 
+class JsonSchemaFormat(Request):
+    """OpenAI's `response_format.json_schema`: a named JSON Schema the answer must satisfy."""
+
+    model_config = ConfigDict(extra="forbid", populate_by_name=True)
+
+    name: str = Field(min_length=1, max_length=64, pattern="^[A-Za-z0-9_-]+$",
+                      description="letters, digits, underscores and dashes, at most 64")
+    description: str | None = None
+    schema_: dict[str, Any] | None = Field(
+        default=None, alias="schema", description="a JSON Schema object; absent: any JSON object. The regex "
+                                                  "keywords (pattern, patternProperties) are refused")
+    strict: bool | None = Field(default=None, description="accepted for compatibility: the answer is always "
+                                                          "constrained to the schema, strict or not")
+
+
 class ResponseFormat(Request):
-    """OpenAI's response_format: "text" (the default) is what every answer is; JSON output by constrained decoding
-    ("json_object", "json_schema") is not built yet and is refused naming the field rather than ignored."""
+    """OpenAI's response_format: "text" (the default), "json_object" (any JSON object) or "json_schema" (a JSON
+    document valid against the given schema), the last two by constrained decoding in the engine."""
 
-    # The document offers what is built ("text"); the other two are named here so their refusal says why.
-    type: Literal["text", "json_object", "json_schema"] = Field(json_schema_extra={"enum": ["text"]})
-    json_schema: dict[str, Any] | None = None
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: JsonSchemaFormat | None = Field(default=None, description='with type "json_schema" (required '
+                                                                           'there), and only then')
 
-    @field_validator("type")
-    @classmethod
-    def _text_only(cls, value: str) -> str:
-        if value != "text":
-            raise ValueError(f"response_format type {value!r} is not supported yet (no constrained decoding); "
-                             "only 'text' is")
-        return value
+    @model_validator(mode="after")
+    def _schema_with_its_type(self) -> ResponseFormat:
+        if self.type == "json_schema" and self.json_schema is None:
+            raise ValueError('type "json_schema" needs json_schema: {"name": ..., "schema": {...}}')
+        if self.type != "json_schema" and self.json_schema is not None:
+            raise ValueError(f'json_schema is given only with type "json_schema", not {self.type!r}')
+        return self
+
+    def constraint(self) -> tuple[bool, dict[str, Any] | None]:
+        """(whether the answer is JSON, its schema: None for any JSON object)."""
+        if self.type == "text":
+            return False, None
+        return True, self.json_schema.schema_ if self.json_schema is not None else None
 
 
 class ChatCompletionRequest(SamplingFields):
     messages: list[ChatMessage] = Field(min_length=1)
-    response_format: ResponseFormat | None = Field(default=None, description='only {"type": "text"} (the default)')
+    response_format: ResponseFormat | None = Field(
+        default=None, description='{"type": "text"} (the default), {"type": "json_object"}, or {"type": "json_schema", '
+                                  '"json_schema": {"name": ..., "schema": {...}, "strict": true}}')
     max_completion_tokens: int | None = Field(default=None, ge=1)
     logprobs: bool | None = None
     top_logprobs: int | None = Field(default=None, ge=0, le=20, description="alternatives per token (needs logprobs)")

@@ -146,6 +146,24 @@ def _logit_bias(runtime: Any, request: Any) -> dict[int, float]:
     return bias
 
 
+def _output_grammar(runtime: Any, request: Any) -> Any:
+    """The grammar a JSON response_format constrains each choice to (None: free text); a schema the engine cannot
+    use is a 400 naming it."""
+    response_format = getattr(request, "response_format", None)
+    if response_format is None:
+        return None
+    is_json, schema = response_format.constraint()
+    if not is_json:
+        return None
+    from adapters.engine.grammar import SchemaError, json_grammar
+
+    try:
+        return json_grammar(runtime.tokenizer, int(runtime.model.config.vocab_size), sorted(runtime.eos_ids), schema)
+    except SchemaError as exc:
+        param = "response_format.json_schema.schema" if schema is not None else "response_format"
+        raise InvalidRequest(f"{param}: {exc}", param=param, code="invalid_schema") from None
+
+
 def _submit(settings: Settings, target: Target, prompt_ids_fn: Callable[[Any], list[int]], request: Any,
             tenant: str | None) -> list[Any]:
     from adapters.engine import SamplingParams
@@ -159,12 +177,13 @@ def _submit(settings: Settings, target: Target, prompt_ids_fn: Callable[[Any], l
     max_tokens = getattr(request, "max_completion_tokens", None) or request.max_tokens
     budget = _check_budget(settings, runtime, len(prompt_ids), max_tokens)
     bias = _logit_bias(runtime, request)
+    grammar = _output_grammar(runtime, request)
     params = [SamplingParams(max_tokens=budget, temperature=request.temperature, top_p=request.top_p,
                              stop=request.stop_list(), seed=_choice_seed(request.seed, index),
                              presence_penalty=request.presence_penalty or 0.0,
                              frequency_penalty=request.frequency_penalty or 0.0,
                              repetition_penalty=request.repetition_penalty or 1.0, logit_bias=bias,
-                             logprobs=request.engine_logprobs())
+                             logprobs=request.engine_logprobs(), grammar=grammar)
               for index in range(request.n)]
     return runtime.submit_choices(prompt_ids, adapter, params, tenant=tenant)  # type: ignore[no-any-return]
 
