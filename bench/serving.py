@@ -230,15 +230,20 @@ class PeftSide:
 # ---------------------------------------------------------------- one batch, three ways
 
 
-def engine_params(max_tokens: int) -> Any:
+def engine_params(max_tokens: int, grammar: Any = None) -> Any:
     from adapters.engine import SamplingParams
 
-    return SamplingParams(max_tokens=max_tokens, temperature=0.0, ignore_eos=True)
+    return SamplingParams(max_tokens=max_tokens, temperature=0.0, ignore_eos=True, grammar=grammar)
 
 
-def engine_batch(runtime: Any, prompts: list[list[int]], adapters: list[Any], max_tokens: int
+# Structured output's cost: every row constrained to a JSON string that cannot end within the run (so every row
+# makes all its tokens, as in the unconstrained case), the lexer walking the whole vocabulary at each step.
+JSON_CASE_SCHEMA = {"type": "string", "minLength": 100000}
+
+
+def engine_batch(runtime: Any, prompts: list[list[int]], adapters: list[Any], max_tokens: int, grammar: Any = None
                  ) -> tuple[int, float, list[list[int]]]:
-    params = engine_params(max_tokens)
+    params = engine_params(max_tokens, grammar)
     started = time.perf_counter()
     # Submitted under the scheduler's lock: every row is admitted at the same step boundary.
     with runtime.wakeup:
@@ -439,6 +444,9 @@ def run(opts: Options) -> tuple[dict[str, Any], str]:
         "mixed8_over_base": ratio(results["mixed8_tok_s"], results["base_tok_s"]),
         "mixed32_over_base32": ratio(results["mixed32_tok_s"], results["base32_tok_s"]),
         "mixed8_over_peft_mixed8": ratio(results["mixed8_tok_s"], results["peft_mixed8_tok_s"]),
+        "mixed8_json_over_mixed8": ratio(results["mixed8_json_tok_s"], results["mixed8_tok_s"]),
+        # What the mask adds to each row's token: the batch's step time difference, per row.
+        "json_mask_ms_per_token": 1000 * (1 / results["mixed8_json_tok_s"] - 1 / results["mixed8_tok_s"]),
         "peft_load_over_cold_load": ratio(results["peft_load_adapter_ms"], results["cold_load_ms_p50"]),
         "workload_over_sequential": ratio(results["workload_tok_s"], results["sequential_tok_s"]),
     })
@@ -462,12 +470,17 @@ def run(opts: Options) -> tuple[dict[str, Any], str]:
 
 def throughput(opts: Options, runtime: Any, model_hf: Any, peft_model: Any, loaded: list[Any], names: list[str],
                prompts: list[list[int]], pad_id: int, eos_id: int) -> tuple[dict[str, Any], dict[str, Any]]:
+    from adapters.engine.grammar import json_grammar
+
     p8, p32 = prompts[:8], prompts[:32]
+    grammar = json_grammar(runtime.tokenizer, int(runtime.model.config.vocab_size), sorted(runtime.eos_ids),
+                           JSON_CASE_SCHEMA)
     gather = loaded[0:16:2]  # slots 1,3,..,15: not consecutive, so each projection gathers its slots
     cases: dict[str, Callable[[int], tuple[int, float, list[list[int]]]]] = {
         "base": lambda n: engine_batch(runtime, p8, [None] * 8, n),
         "single_adapter": lambda n: engine_batch(runtime, p8, [loaded[0]] * 8, n),
         "mixed8": lambda n: engine_batch(runtime, p8, loaded[:8], n),
+        "mixed8_json": lambda n: engine_batch(runtime, p8, loaded[:8], n, grammar),
         # On the engine's thread too (idle meanwhile): the same conditions for both sides.
         "peft_base": lambda n: runtime.call(lambda: hf_batch(model_hf, p8, n, pad_id, eos_id)),
         "peft_mixed8": lambda n: runtime.call(
@@ -614,7 +627,8 @@ def render(r: dict[str, Any], info: dict[str, Any], opts: Options) -> str:
     thr = md_table(["case", "batch", "tok/s (median)", "runs"], [
         [k, "32" if k.endswith("32") else "8", r[f"{k}_tok_s"],
          " ".join(f"{x:.0f}" for x in info["tok_s_all"][k])]
-        for k in ("base", "single_adapter", "mixed8", "mixed8_gather", "peft_base", "peft_mixed8", "base32",
+        for k in ("base", "single_adapter", "mixed8", "mixed8_json", "mixed8_gather", "peft_base", "peft_mixed8",
+                  "base32",
                   "mixed32") if k in info["tok_s_all"]])
     wl_rows = [["ours: continuous batching", wl["engine"]["tok_s"], wl["engine"]["latency_p50_s"],
                 wl["engine"]["latency_p99_s"]],
@@ -638,6 +652,9 @@ def render(r: dict[str, Any], info: dict[str, Any], opts: Options) -> str:
         ["mixed8 / base", f"{r['mixed8_over_base']:.2f}", "≥ 0.90", t["mixed8/base>=0.90"]],
         ["mixed32 / base32", f"{r['mixed32_over_base32']:.2f}", "≥ 0.85", t["mixed32/base32>=0.85"]],
         ["mixed8 / peft_mixed8", f"{r['mixed8_over_peft_mixed8']:.2f}", "≥ 2", t["mixed8/peft_mixed8>=2"]],
+        ["mixed8_json / mixed8 (every row constrained by a JSON schema)", f"{r['mixed8_json_over_mixed8']:.2f}", "",
+         ""],
+        ["structured output: ms added per token and row", f"{r['json_mask_ms_per_token']:.3f}", "", ""],
         ["peft_load / cold_load (p50)", f"{r['peft_load_over_cold_load']:.1f}", "≥ 10", t["peft_load/cold_load>=10"]],
         ["peft_load (1 held) / cold_load (p50)", f"{ratio(r['peft_load_adapter_ms_1'], r['cold_load_ms_p50']):.1f}",
          "", ""],
