@@ -36,7 +36,12 @@ JSON_OPTIONS: Any = {"whitespace_flexible": False, "item_separator": ", ", "key_
 
 
 class SchemaError(ValueError):
-    """A schema the server does not accept; the message names where in the schema and why."""
+    """A schema the server does not accept; the message names where in the schema and why, `index` which tool's
+    (for tool calls)."""
+
+    def __init__(self, message: str, index: int | None = None):
+        super().__init__(message)
+        self.index = index
 
 
 def refused_keyword(schema: Any, path: str = "schema", depth: int = 0) -> str | None:
@@ -104,6 +109,18 @@ class OutputGrammar:
         return OutputMatcher(matcher, self.vocab_size)
 
 
+def _checked(grammar: str, tokenizer: Any, vocab_size: int, eos_ids: list[int]) -> OutputGrammar:
+    import llguidance
+
+    llg_tokenizer = _llg_tokenizer(tokenizer, vocab_size, eos_ids)
+    is_error, messages = llguidance.LLMatcher.validate_grammar_with_warnings(grammar, llg_tokenizer)
+    if is_error:
+        raise SchemaError(f"schema cannot be used: {messages[0] if messages else 'invalid'}")
+    compiled = OutputGrammar(grammar=grammar, llg_tokenizer=llg_tokenizer, vocab_size=vocab_size)
+    compiled.matcher()  # a grammar that cannot start fails here, with the request, never in a running batch
+    return compiled
+
+
 def json_grammar(tokenizer: Any, vocab_size: int, eos_ids: list[int], schema: dict[str, Any] | None) -> OutputGrammar:
     """The grammar of JSON documents valid against `schema` (None: any JSON object), checked against the tokenizer
     before any row uses it; SchemaError says what is wrong."""
@@ -118,13 +135,35 @@ def json_grammar(tokenizer: Any, vocab_size: int, eos_ids: list[int], schema: di
         grammar = llguidance.LLMatcher.grammar_from_json_schema(json.dumps(schema), overrides=JSON_OPTIONS)
     except (ValueError, TypeError) as exc:
         raise SchemaError(f"schema is not a JSON Schema object: {exc}") from None
-    llg_tokenizer = _llg_tokenizer(tokenizer, vocab_size, eos_ids)
-    is_error, messages = llguidance.LLMatcher.validate_grammar_with_warnings(grammar, llg_tokenizer)
-    if is_error:
-        raise SchemaError(f"schema cannot be used: {messages[0] if messages else 'invalid'}")
-    compiled = OutputGrammar(grammar=grammar, llg_tokenizer=llg_tokenizer, vocab_size=vocab_size)
-    compiled.matcher()  # a grammar that cannot start fails here, with the request, never in a running batch
-    return compiled
+    return _checked(grammar, tokenizer, vocab_size, eos_ids)
+
+
+def tool_call_grammar(tokenizer: Any, vocab_size: int, eos_ids: list[int],
+                      functions: list[tuple[str, dict[str, Any] | None]], *, parallel: bool) -> OutputGrammar:
+    """The grammar of an answer that is only tool calls (adapters/tool_calls.py's blocks): one call, or several when
+    `parallel`, each of one of `functions` (name, parameters schema; None: any object) with valid arguments."""
+    import llguidance
+
+    from adapters.tool_calls import CALL_CLOSE, CALL_OPEN
+
+    choices = []
+    for index, (name, parameters) in enumerate(functions):
+        refused = refused_keyword(parameters, "parameters")
+        if refused:
+            raise SchemaError(refused, index)
+        choices.append({"type": "object", "additionalProperties": False, "required": ["name", "arguments"],
+                        "properties": {"name": {"const": name},
+                                       "arguments": parameters if parameters else {"type": "object"}}})
+    # Our own options for the embedded JSON (tenants' x-guidance was refused above).
+    call = json.dumps({"anyOf": choices, "x-guidance": JSON_OPTIONS})
+    repeat = ' ("\\n" call)*' if parallel else ""  # parallel calls: one block per line
+    lark = (f"start: call{repeat}\n"
+            f"call: {json.dumps(CALL_OPEN + chr(10))} body {json.dumps(chr(10) + CALL_CLOSE)}\n"
+            f"body: %json {call}\n")
+    try:
+        return _checked(llguidance.LLMatcher.grammar_from_lark(lark), tokenizer, vocab_size, eos_ids)
+    except SchemaError as exc:
+        raise SchemaError(f"{exc} (in the tools' parameters)") from None
 
 
 class OutputMatcher:
