@@ -48,7 +48,8 @@ async def _respond(body: Any, session: Any, settings: Any, tenant: str, *, chat:
     running = await inference.begin(settings, target, body, chat=chat, tenant=tenant, started=started, claim=claim)
     try:
         if not body.stream:
-            return inference.response_body(target, await running.result(), chat=chat, tokenizer=running.tokenizer)
+            return inference.response_body(target, await running.result(), chat=chat, tokenizer=running.tokenizer,
+                                           names=inference.tool_names(body))
         # The first event decides the status: a refusal before any token (no slot, the timeout) is an error
         # answer, not a stream that starts and then fails.
         first = await running.first_event()
@@ -56,7 +57,8 @@ async def _respond(body: Any, session: Any, settings: Any, tenant: str, *, chat:
         running.cancel()  # a no-op when it finished; else (an error, this task cancelled) frees its row
         raise
     include_usage = bool(body.stream_options and body.stream_options.include_usage)
-    return EventSourceResponse(inference.stream_chunks(target, running, first, chat=chat, include_usage=include_usage),
+    return EventSourceResponse(inference.stream_chunks(target, running, first, chat=chat, include_usage=include_usage,
+                                                       names=inference.tool_names(body)),
                                ping=settings.event_stream_ping_seconds)
 
 

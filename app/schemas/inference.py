@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from typing import Annotated, Any, Literal
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
@@ -16,14 +17,58 @@ class TextPart(BaseModel):
     text: str
 
 
+FUNCTION_NAME = Field(min_length=1, max_length=64, pattern="^[A-Za-z0-9_-]+$",
+                      description="letters, digits, underscores and dashes, at most 64")
+
+
+class CalledFunction(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    name: str = FUNCTION_NAME
+    arguments: str = Field(max_length=65536, description="the arguments, a JSON object as text")
+
+
+class ToolCallIn(BaseModel):
+    """A tool call the assistant made, sent back in the conversation."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    id: str = Field(min_length=1, max_length=128)
+    type: Literal["function"]
+    function: CalledFunction
+
+
 class ChatMessage(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    role: Literal["system", "developer", "user", "assistant"]
-    content: str | list[TextPart]
+    role: Literal["system", "developer", "user", "assistant", "tool"]
+    content: str | list[TextPart] | None = Field(default=None, description="required except on an assistant "
+                                                                             "message with tool_calls")
     name: str | None = None
+    tool_calls: list[ToolCallIn] | None = Field(default=None, max_length=128, description="assistant messages only")
+    tool_call_id: str | None = Field(default=None, max_length=128, description="tool messages only (required there)")
+
+    @model_validator(mode="after")
+    def _fields_of_its_role(self) -> ChatMessage:
+        if self.tool_calls is not None and self.role != "assistant":
+            raise ValueError("tool_calls is given only on assistant messages")
+        if (self.tool_call_id is None) != (self.role != "tool"):
+            raise ValueError("a tool message needs tool_call_id, the id of the call it answers; other roles take "
+                             "none")
+        if self.content is None and not (self.role == "assistant" and self.tool_calls):
+            raise ValueError("content is required (it may be null only on an assistant message with tool_calls)")
+        for call in self.tool_calls or []:
+            try:
+                arguments = json.loads(call.function.arguments)
+            except ValueError:
+                arguments = None
+            if not isinstance(arguments, dict):
+                raise ValueError(f"tool_calls: the arguments of call {call.id!r} are not a JSON object")
+        return self
 
     def text(self) -> str:
+        if self.content is None:
+            return ""
         if isinstance(self.content, str):
             return self.content
         return "".join(part.text for part in self.content)
@@ -127,6 +172,29 @@ class ResponseFormat(Request):
         return True, self.json_schema.schema_ if self.json_schema is not None else None
 
 
+class FunctionDefinition(Request):
+    name: str = FUNCTION_NAME
+    description: str | None = Field(default=None, max_length=4096)
+    parameters: dict[str, Any] | None = Field(default=None, description="a JSON Schema object (absent: no "
+                                                                         "arguments); the regex keywords are refused")
+    strict: bool | None = Field(default=None, description="accepted; calls forced by tool_choice are always "
+                                                          "constrained to the parameters")
+
+
+class ToolDefinition(Request):
+    type: Literal["function"]
+    function: FunctionDefinition
+
+
+class FunctionName(Request):
+    name: str = FUNCTION_NAME
+
+
+class NamedToolChoice(Request):
+    type: Literal["function"]
+    function: FunctionName
+
+
 class ChatCompletionRequest(SamplingFields):
     messages: list[ChatMessage] = Field(min_length=1)
     response_format: ResponseFormat | None = Field(
@@ -135,6 +203,52 @@ class ChatCompletionRequest(SamplingFields):
     max_completion_tokens: int | None = Field(default=None, ge=1)
     logprobs: bool | None = None
     top_logprobs: int | None = Field(default=None, ge=0, le=20, description="alternatives per token (needs logprobs)")
+    tools: list[ToolDefinition] | None = Field(default=None, max_length=128, description="functions the model may "
+                                                                                         "call (at most 128)")
+    tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = Field(
+        default=None, validate_default=True,
+        description='"auto" (the default with tools), "none", "required" (at least one call, constrained) or '
+                    '{"type": "function", "function": {"name": ...}} (that call)')
+    parallel_tool_calls: bool | None = Field(default=None, validate_default=True,
+                                             description="several calls in one answer (default true)")
+
+    @field_validator("tools")
+    @classmethod
+    def _names_differ(cls, value: list[ToolDefinition] | None) -> list[ToolDefinition] | None:
+        names = [tool.function.name for tool in value or []]
+        if len(set(names)) != len(names):
+            raise ValueError("two functions have the same name")
+        return value
+
+    @field_validator("tool_choice")
+    @classmethod
+    def _choice_fits_the_tools(cls, value: Any, info: ValidationInfo) -> Any:
+        tools = info.data.get("tools") or []
+        if value in (None, "none"):
+            return value
+        if value != "auto" and not tools:
+            raise ValueError("tool_choice needs tools")
+        if isinstance(value, NamedToolChoice) and value.function.name not in {t.function.name for t in tools}:
+            raise ValueError(f"tool_choice names {value.function.name!r}, which is not one of the tools")
+        return value
+
+    @field_validator("parallel_tool_calls")
+    @classmethod
+    def _one_constraint(cls, value: bool | None, info: ValidationInfo) -> bool | None:
+        response_format = info.data.get("response_format")
+        if info.data.get("tools") and info.data.get("tool_choice") != "none" and response_format is not None \
+                and response_format.type != "text":
+            raise ValueError("response_format json_object / json_schema and tools cannot be combined (checked "
+                             "here, the last tool field); constrain the call with the function's parameters instead")
+        return value
+
+    def tool_mode(self) -> str:
+        """none (no tools offered or tool_choice none), auto, required, or function (one named call)."""
+        if not self.tools or self.tool_choice == "none":
+            return "none"
+        if isinstance(self.tool_choice, NamedToolChoice):
+            return "function"
+        return self.tool_choice or "auto"
 
     @field_validator("top_logprobs")
     @classmethod
@@ -199,15 +313,27 @@ class CompletionLogprobs(BaseModel):
     text_offset: list[int] = Field(description="each token's offset in the choice's text")
 
 
+class CalledFunctionOut(BaseModel):
+    name: str
+    arguments: str
+
+
+class ToolCallOut(BaseModel):
+    id: str
+    type: Literal["function"]
+    function: CalledFunctionOut
+
+
 class AssistantMessage(BaseModel):
     role: Literal["assistant"]
-    content: str
+    content: str | None
+    tool_calls: list[ToolCallOut] | None = None
 
 
 class ChatChoice(BaseModel):
     index: int
     message: AssistantMessage
-    finish_reason: str = Field(description="stop or length")
+    finish_reason: str = Field(description="stop, length or tool_calls")
     logprobs: ChatLogprobs | None
 
 

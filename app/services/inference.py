@@ -13,6 +13,7 @@ import asyncio
 import contextlib
 import json
 import queue
+import secrets
 import threading
 import time
 from collections.abc import AsyncIterator, Callable
@@ -146,9 +147,29 @@ def _logit_bias(runtime: Any, request: Any) -> dict[int, float]:
     return bias
 
 
+def _tool_grammar(runtime: Any, request: Any) -> Any:
+    """tool_choice "required" or a named function: the answer can only be calls (of that function), with arguments
+    valid against its parameters."""
+    from adapters.engine.grammar import SchemaError, tool_call_grammar
+
+    mode = request.tool_mode()
+    tools = request.tools if mode == "required" else [
+        tool for tool in request.tools if tool.function.name == request.tool_choice.function.name]
+    functions = [(tool.function.name, tool.function.parameters) for tool in tools]
+    try:
+        return tool_call_grammar(runtime.tokenizer, int(runtime.model.config.vocab_size), sorted(runtime.eos_ids),
+                                 functions, parallel=mode == "required" and request.parallel_tool_calls is not False)
+    except SchemaError as exc:
+        index = request.tools.index(tools[exc.index]) if exc.index is not None else None
+        param = f"tools[{index}].function.parameters" if index is not None else "tools"
+        raise InvalidRequest(f"{param}: {exc}", param=param, code="invalid_schema") from None
+
+
 def _output_grammar(runtime: Any, request: Any) -> Any:
-    """The grammar a JSON response_format constrains each choice to (None: free text); a schema the engine cannot
-    use is a 400 naming it."""
+    """The grammar a JSON response_format or a forced tool call constrains each choice to (None: free text); a
+    schema the engine cannot use is a 400 naming it."""
+    if getattr(request, "tool_mode", lambda: "none")() in ("required", "function"):
+        return _tool_grammar(runtime, request)
     response_format = getattr(request, "response_format", None)
     if response_format is None:
         return None
@@ -193,14 +214,31 @@ def _usage(prompt: int, completion: int) -> dict[str, int]:
 
 
 def _chat_prompt(request: Any) -> Callable[[Any], list[int]]:
-    messages = [{"role": "system" if m.role == "developer" else m.role, "content": m.text()}
-                for m in request.messages]
+    from adapters.tool_calls import chat_messages, native_tools
+
+    messages = [{"role": "system" if m.role == "developer" else m.role,
+                 "content": m.text() if m.content is not None else None,
+                 "tool_calls": [call.model_dump() for call in m.tool_calls] if m.tool_calls else None,
+                 "tool_call_id": m.tool_call_id} for m in request.messages]
+    # With tool_choice "none" the functions are not offered (the conversation's earlier calls still render).
+    tools = ([tool.model_dump(exclude_none=True) for tool in request.tools]
+             if request.tools and request.tool_mode() != "none" else None)
 
     def prompt_ids(tokenizer: Any) -> list[int]:
-        text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        shaped, template_tools = chat_messages(messages, tools, native=native_tools(tokenizer))
+        extra = {"tools": template_tools} if template_tools else {}
+        text = tokenizer.apply_chat_template(shaped, tokenize=False, add_generation_prompt=True, **extra)
         return tokenizer(text, add_special_tokens=False)["input_ids"]
 
     return prompt_ids
+
+
+def tool_names(request: Any) -> set[str] | None:
+    """The functions whose calls an answer is read for (None: the answer is text only)."""
+    mode = request.tool_mode() if hasattr(request, "tool_mode") else "none"
+    if mode == "none":
+        return None
+    return {tool.function.name for tool in request.tools}
 
 
 def _completion_prompt(request: Any) -> Callable[[Any], list[int]]:
@@ -436,13 +474,37 @@ def _usage_of(results: list[Any]) -> dict[str, int]:
     return _usage(results[0].prompt_tokens, sum(len(result.token_ids) for result in results))
 
 
-def response_body(target: Target, results: list[Any], *, chat: bool, tokenizer: Any = None) -> dict[str, Any]:
+def _tool_call_objects(calls: list[Any]) -> list[dict[str, Any]]:
+    # OpenAI's shape of a call id ("call_" and letters or digits): some clients match on it.
+    return [{"id": f"call_{secrets.token_hex(12)}", "type": "function",
+             "function": {"name": call.name, "arguments": call.arguments}} for call in calls]
+
+
+def _finish(result: Any, called: bool) -> str:
+    return "tool_calls" if called and result.finish_reason == "stop" else str(result.finish_reason)
+
+
+def chat_message(result: Any, names: set[str] | None) -> tuple[dict[str, Any], bool]:
+    """The assistant message of a result (its tool calls read into tool_calls when tools were offered), and whether
+    it called any."""
+    from adapters.tool_calls import parse_tool_calls
+
+    parsed = parse_tool_calls(result.text, names) if names else None
+    if parsed is None:
+        return {"role": "assistant", "content": result.text}, False
+    content, calls = parsed
+    return {"role": "assistant", "content": content, "tool_calls": _tool_call_objects(calls)}, True
+
+
+def response_body(target: Target, results: list[Any], *, chat: bool, tokenizer: Any = None,
+                  names: set[str] | None = None) -> dict[str, Any]:
     choices: list[dict[str, Any]] = []
     for index, result in enumerate(results):
         logprobs = _logprobs(tokenizer, result.logprobs, chat=chat)
         if chat:
-            choices.append({"index": index, "message": {"role": "assistant", "content": result.text},
-                            "finish_reason": result.finish_reason, "logprobs": logprobs})
+            message, called = chat_message(result, names)
+            choices.append({"index": index, "message": message, "finish_reason": _finish(result, called),
+                            "logprobs": logprobs})
         else:
             choices.append({"index": index, "text": result.text, "finish_reason": result.finish_reason,
                             "logprobs": logprobs})
@@ -451,11 +513,15 @@ def response_body(target: Target, results: list[Any], *, chat: bool, tokenizer: 
 
 
 async def stream_chunks(target: Target, running: Running, first: tuple[int, str, Any], *, chat: bool,
-                        include_usage: bool) -> AsyncIterator[str]:
+                        include_usage: bool, names: set[str] | None = None) -> AsyncIterator[str]:
     """OpenAI-style SSE data payloads, starting from the `first` event and ending with [DONE] once every choice has
     finished; each chunk carries one choice's text (and, when asked for, the logprobs of the tokens that made it).
+    With tools (`names`), text from where a tool call may begin is held back, and at the choice's end its calls go
+    out as one `delta.tool_calls` chunk (or the held text as content, when it was no call).
     An error (the generation timeout included) ends the stream with an error event; leaving early (client gone)
     frees the sequences."""
+    from adapters.tool_calls import call_prefix_length, parse_tool_calls
+
     tokenizer = running.tokenizer
     chunk_id, created = new_id("chatcmpl" if chat else "cmpl"), int(time.time())
     kind = "chat.completion.chunk" if chat else "text_completion"
@@ -463,13 +529,16 @@ async def stream_chunks(target: Target, running: Running, first: tuple[int, str,
     pending: list[list[Any]] = [[] for _ in range(choices)]  # logprobs waiting for their text
     offsets = [0] * choices  # characters of each choice's text sent (completions' text_offset)
     results: list[Any] = [None] * choices
+    held = [""] * choices  # text that may be (the start of) a tool call, not sent yet
 
     def chunk(index: int, delta: str | None, finish: str | None, role: bool = False,
-              entries: list[Any] | None = None) -> str:
+              entries: list[Any] | None = None, calls: list[Any] | None = None) -> str:
         logprobs = _logprobs(tokenizer, entries, chat=chat, offset=offsets[index]) if entries else None
         if chat:
             body: dict[str, Any] = {"role": "assistant", "content": ""} if role else (
                 {"content": delta} if delta is not None else {})
+            if calls:
+                body["tool_calls"] = [{"index": number, **call} for number, call in enumerate(calls)]
             choice: dict[str, Any] = {"index": index, "delta": body, "finish_reason": finish, "logprobs": logprobs}
         else:
             choice = {"index": index, "text": delta or "", "finish_reason": finish, "logprobs": logprobs}
@@ -496,18 +565,33 @@ async def stream_chunks(target: Target, running: Running, first: tuple[int, str,
             if name == "logprobs":
                 pending[index].extend(value)
             elif name == "delta":
-                yield chunk(index, value, None, entries=pending[index])
-                offsets[index] += len(value)
-                pending[index] = []
+                if names:
+                    held[index] += value
+                    cut = call_prefix_length(held[index])
+                    value, held[index] = held[index][:cut], held[index][cut:]
+                if value:
+                    yield chunk(index, value, None, entries=pending[index])
+                    offsets[index] += len(value)
+                    pending[index] = []
             elif name == "error":
                 yield failed(f"generation failed: {value}")
                 return
             elif name == "done":
                 results[index] = value
                 finish = "stop" if value.finish_reason == "cancelled" else value.finish_reason
-                # Tokens whose text never went out (cut by a stop string) still have their logprobs sent.
-                remaining = value.logprobs[running.sequences[index].logprobs_sent:] if value.logprobs else None
-                yield chunk(index, None, finish, entries=remaining)
+                # Tokens whose text never went out (cut by a stop string, or held back) still have their logprobs
+                # sent.
+                remaining = pending[index] + (value.logprobs[running.sequences[index].logprobs_sent:]
+                                              if value.logprobs else [])
+                if held[index]:
+                    parsed = parse_tool_calls(held[index], names) if names else None
+                    content, calls = parsed if parsed is not None else (held[index], [])
+                    if calls and finish == "stop":
+                        finish = "tool_calls"
+                    yield chunk(index, content, None, entries=remaining,
+                                calls=_tool_call_objects(calls) if calls else None)
+                    remaining = []
+                yield chunk(index, None, finish, entries=remaining or None)
                 if all(result is not None for result in results):
                     if include_usage:
                         yield json.dumps({"id": chunk_id, "object": kind, "created": created, "model": target.name,

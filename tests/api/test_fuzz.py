@@ -100,13 +100,55 @@ def sends_an_archive(case: Any) -> bool:
     return case.operation.label != "POST /v1/adapters" or (isinstance(case.body, dict) and "files" not in case.body)
 
 
+def _message_fits_its_role(message: Any) -> bool:
+    """A chat message's fields that depend on its role: tool_call_id on tool messages only, tool_calls on assistant
+    messages only (each call's arguments a JSON object as text), content null only beside tool_calls."""
+    if not isinstance(message, dict):
+        return True
+    role = message.get("role")
+    if ("tool_call_id" in message and message["tool_call_id"] is not None) != (role == "tool"):
+        return False
+    calls = message.get("tool_calls")
+    if calls is not None and role != "assistant":
+        return False
+    if message.get("content") is None and not (role == "assistant" and calls):
+        return False
+    for call in calls or []:
+        try:
+            if not isinstance(json.loads(call["function"]["arguments"]), dict):
+                return False
+        except (ValueError, TypeError, KeyError):
+            return False
+    return True
+
+
+def _tool_fields_fit(body: dict[str, Any]) -> bool:
+    """tool_choice other than none/auto needs tools, a named one one of them; the functions' names differ; tools
+    with a JSON response_format are refused."""
+    tools = body.get("tools") or []
+    names = [tool.get("function", {}).get("name") for tool in tools if isinstance(tool, dict)]
+    choice = body.get("tool_choice")
+    if len(set(names)) != len(names):
+        return False
+    if choice not in (None, "none", "auto") and not tools:
+        return False
+    if isinstance(choice, dict) and choice.get("function", {}).get("name") not in names:
+        return False
+    response_format = body.get("response_format")
+    return not (tools and choice != "none" and isinstance(response_format, dict)
+                and response_format.get("type") not in (None, "text"))
+
+
 def keeps_linked_fields(case: Any) -> bool:
-    """OpenAI's rules that link two fields (top_logprobs needs logprobs: true; best_of, if given, equals n here) are
-    not in a form of the request schema the generators follow; positive cases keep to them (test_inference checks
-    the 400 that names each otherwise)."""
+    """OpenAI's rules that link fields (top_logprobs needs logprobs: true; best_of, if given, equals n here; a chat
+    message's fields follow its role; tool_choice names one of the tools) are not in a form of the request schema
+    the generators follow; positive cases keep to them (test_inference and test_tools check the 400 that names each
+    otherwise)."""
     body = case.body if isinstance(case.body, dict) else {}
     if case.operation.label == "POST /v1/chat/completions":
-        return not body.get("top_logprobs") or body.get("logprobs") is True
+        return ((not body.get("top_logprobs") or body.get("logprobs") is True)
+                and all(_message_fits_its_role(m) for m in body.get("messages") or [])
+                and _tool_fields_fit(body))
     if case.operation.label == "POST /v1/completions":
         return body.get("best_of") is None or body.get("best_of") == body.get("n", 1)
     return True
