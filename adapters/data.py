@@ -12,9 +12,12 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any, Literal, Protocol
 
+from adapters.tool_calls import chat_messages, native_tools
+
 FORMATS = ("chat", "completion", "instruction", "text")
 Format = Literal["chat", "completion", "instruction", "text"]
-CHAT_ROLES = ("system", "user", "assistant")
+CHAT_ROLES = ("system", "user", "assistant", "tool")
+MAX_TOOLS = 128
 MAX_REPORTED_PROBLEMS = 20
 
 
@@ -50,7 +53,7 @@ def detect_format(record: dict[str, Any]) -> Format | None:
 
 
 ALLOWED_KEYS: dict[str, set[str]] = {
-    "chat": {"messages"},
+    "chat": {"messages", "tools", "parallel_tool_calls"},
     "completion": {"prompt", "completion"},
     "instruction": {"instruction", "input", "output"},
     "text": {"text"},
@@ -61,38 +64,103 @@ def _nonempty_str(value: Any) -> bool:
     return isinstance(value, str) and value.strip() != ""
 
 
+def _check_tools(tools: Any) -> tuple[str | None, set[str]]:
+    """(the problem with a line's `tools`, or None; the functions' names)."""
+    if not isinstance(tools, list) or len(tools) > MAX_TOOLS:
+        return f"'tools' must be a list of at most {MAX_TOOLS} {{type: function, function: {{name, ...}}}}", set()
+    names: set[str] = set()
+    for i, tool in enumerate(tools):
+        function = tool.get("function") if isinstance(tool, dict) else None
+        if not isinstance(tool, dict) or tool.get("type") != "function" or not isinstance(function, dict):
+            return f"tools[{i}] must be {{\"type\": \"function\", \"function\": {{\"name\": ...}}}}", set()
+        if not _nonempty_str(function.get("name")) or function["name"] in names:
+            return f"tools[{i}].function.name must be a non-empty string, different from the other tools'", set()
+        if "parameters" in function and not isinstance(function["parameters"], dict):
+            return f"tools[{i}].function.parameters must be a JSON Schema object", set()
+        names.add(function["name"])
+    return None, names
+
+
+def _check_tool_calls(calls: Any, where: str, names: set[str] | None) -> str | None:
+    if not isinstance(calls, list) or not calls:
+        return f"{where}.tool_calls must be a non-empty list of calls"
+    for j, call in enumerate(calls):
+        function = call.get("function") if isinstance(call, dict) else None
+        if not isinstance(call, dict) or call.get("type") != "function" or not isinstance(function, dict) \
+                or not _nonempty_str(call.get("id")):
+            return (f"{where}.tool_calls[{j}] must be {{\"id\": ..., \"type\": \"function\", "
+                    "\"function\": {\"name\": ..., \"arguments\": \"{...}\"}}")
+        if not _nonempty_str(function.get("name")) or (names is not None and function["name"] not in names):
+            return f"{where}.tool_calls[{j}].function.name must name one of the line's tools"
+        text = function.get("arguments")
+        try:
+            arguments = json.loads(text) if isinstance(text, str) else None
+        except ValueError:
+            arguments = None
+        if not isinstance(arguments, dict):
+            return f"{where}.tool_calls[{j}].function.arguments must be a JSON object, as a string"
+    return None
+
+
+def _check_chat(record: dict[str, Any]) -> str | None:
+    names: set[str] | None = None
+    if "tools" in record:
+        problem, names = _check_tools(record["tools"])
+        if problem:
+            return problem
+    if "parallel_tool_calls" in record and not isinstance(record["parallel_tool_calls"], bool):
+        return "'parallel_tool_calls' must be true or false"
+    messages = record["messages"]
+    if not isinstance(messages, list) or not messages:
+        return "'messages' must be a non-empty list of {role, content} objects"
+    has_assistant = False
+    for i, message in enumerate(messages):
+        if not isinstance(message, dict):
+            return f"messages[{i}] must be an object with 'role' and 'content'"
+        extra = set(message) - {"role", "content", "weight", "name", "tool_calls", "tool_call_id"}
+        if extra:
+            return f"messages[{i}] has unknown field(s) {sorted(extra)}"
+        role = message.get("role")
+        if role not in CHAT_ROLES:
+            return f"messages[{i}].role is {role!r}; accepted roles: {', '.join(CHAT_ROLES)}"
+        calls = message.get("tool_calls")
+        if calls is not None:
+            if role != "assistant":
+                return f"messages[{i}]: only an assistant message has tool_calls"
+            problem = _check_tool_calls(calls, f"messages[{i}]", names)
+            if problem:
+                return problem
+            if message.get("content") is not None and not isinstance(message["content"], str):
+                return f"messages[{i}].content must be a string (or absent, beside tool_calls)"
+        elif not _nonempty_str(message.get("content")):
+            return f"messages[{i}].content must be a non-empty string"
+        if (role == "tool") != ("tool_call_id" in message):
+            return f"messages[{i}]: tool_call_id is given on tool messages, and only there"
+        if role == "tool":
+            before = messages[i - 1] if i else {}
+            if not _nonempty_str(message.get("tool_call_id")) or not (
+                    before.get("role") == "tool" or (before.get("role") == "assistant" and before.get("tool_calls"))):
+                return f"messages[{i}]: a tool message answers the assistant's tool_calls just before it"
+        weight = message.get("weight", 1)
+        if isinstance(weight, bool) or weight not in (0, 1):
+            return f"messages[{i}].weight must be 0 or 1"
+        if role == "system" and i != 0:
+            return f"messages[{i}]: a system message may only come first"
+        if role == "assistant" and (i == 0 or messages[i - 1].get("role") == "system"):
+            return f"messages[{i}]: an assistant message needs a user message before it"
+        has_assistant = has_assistant or (role == "assistant" and message.get("weight", 1) == 1)
+    if not has_assistant:
+        return "'messages' needs at least one assistant message to learn from"
+    return None
+
+
 def check_record(record: dict[str, Any], fmt: Format) -> str | None:
     """Return a message naming the problem with one example, or None if it is well formed."""
     unknown = set(record) - ALLOWED_KEYS[fmt]
     if unknown:
         return f"unknown field(s) {sorted(unknown)} for the {fmt} format (allowed: {sorted(ALLOWED_KEYS[fmt])})"
     if fmt == "chat":
-        messages = record["messages"]
-        if not isinstance(messages, list) or not messages:
-            return "'messages' must be a non-empty list of {role, content} objects"
-        has_assistant = False
-        for i, message in enumerate(messages):
-            if not isinstance(message, dict):
-                return f"messages[{i}] must be an object with 'role' and 'content'"
-            extra = set(message) - {"role", "content", "weight", "name"}
-            if extra:
-                return f"messages[{i}] has unknown field(s) {sorted(extra)}"
-            role = message.get("role")
-            if role not in CHAT_ROLES:
-                return f"messages[{i}].role is {role!r}; accepted roles: {', '.join(CHAT_ROLES)}"
-            if not _nonempty_str(message.get("content")):
-                return f"messages[{i}].content must be a non-empty string"
-            weight = message.get("weight", 1)
-            if isinstance(weight, bool) or weight not in (0, 1):
-                return f"messages[{i}].weight must be 0 or 1"
-            if role == "system" and i != 0:
-                return f"messages[{i}]: a system message may only come first"
-            if role == "assistant" and (i == 0 or messages[i - 1].get("role") == "system"):
-                return f"messages[{i}]: an assistant message needs a user message before it"
-            has_assistant = has_assistant or (role == "assistant" and message.get("weight", 1) == 1)
-        if not has_assistant:
-            return "'messages' needs at least one assistant message to learn from"
-        return None
+        return _check_chat(record)
     if fmt == "completion":
         if not isinstance(record.get("prompt"), str):
             return "'prompt' must be a string"
@@ -197,9 +265,12 @@ class EncodedExample:
     loss_mask: list[int]
 
 
-def _render(tokenizer: ChatTokenizer, messages: list[dict[str, Any]], generation_prompt: bool) -> str:
-    plain = [{"role": m["role"], "content": m["content"]} for m in messages]
-    return tokenizer.apply_chat_template(plain, tokenize=False, add_generation_prompt=generation_prompt)
+def _render(tokenizer: ChatTokenizer, messages: list[dict[str, Any]], generation_prompt: bool,
+            tools: list[dict[str, Any]] | None = None) -> str:
+    """The conversation as the model sees it, tools and tool calls in the convention serving uses (tool_calls.py)."""
+    plain, template_tools = chat_messages(messages, tools, native=native_tools(tokenizer))
+    extra = {"tools": template_tools} if template_tools else {}
+    return tokenizer.apply_chat_template(plain, tokenize=False, add_generation_prompt=generation_prompt, **extra)
 
 
 def _segments(tokenizer: ChatTokenizer, record: dict[str, Any], fmt: Format) -> list[tuple[str, bool]]:
@@ -216,13 +287,14 @@ def _segments(tokenizer: ChatTokenizer, record: dict[str, Any], fmt: Format) -> 
         messages = [{"role": "user", "content": user}, {"role": "assistant", "content": record["output"]}]
     else:
         messages = record["messages"]
+    tools = record.get("tools") if fmt == "chat" else None
     segments: list[tuple[str, bool]] = []
     rendered = ""
     for i, message in enumerate(messages):
         if message["role"] != "assistant":
             continue
-        prompt = _render(tokenizer, messages[:i], generation_prompt=True)
-        full = _render(tokenizer, messages[: i + 1], generation_prompt=False)
+        prompt = _render(tokenizer, messages[:i], generation_prompt=True, tools=tools)
+        full = _render(tokenizer, messages[: i + 1], generation_prompt=False, tools=tools)
         if not (prompt.startswith(rendered) and full.startswith(prompt)):
             raise ValueError("the model's chat template does not render conversations incrementally")
         segments.append((prompt[len(rendered):], False))

@@ -13,6 +13,7 @@ from adapters.data import (
     DatasetError,
     EncodedExample,
     check_lengths,
+    check_record,
     encode_dataset,
     encode_example,
     length_stats,
@@ -32,6 +33,14 @@ def chat(*turns: tuple[str, str], **extra: Any) -> dict[str, Any]:
 
 
 GOOD_CHAT = chat(("system", "Be brief."), ("user", "Hi"), ("assistant", "Hello!"))
+# OpenAI's fine-tuning format for function calling: a call, its result, and the answer that uses it.
+TOOL_CHAT = {"tools": [{"type": "function", "function": {"name": "get_time", "parameters": {"type": "object"}}}],
+             "parallel_tool_calls": False,
+             "messages": [{"role": "user", "content": "USERQ time?"},
+                          {"role": "assistant", "tool_calls": [{"id": "c1", "type": "function", "function": {
+                              "name": "get_time", "arguments": "{\"zone\": \"UTC\"}"}}]},
+                          {"role": "tool", "tool_call_id": "c1", "content": "TOOLRESULT 12:00"},
+                          {"role": "assistant", "content": "ANSWER noon."}]}
 GOOD_COMPLETION = {"prompt": "2+2=", "completion": "4"}
 GOOD_INSTRUCTION = {"instruction": "Translate to French", "input": "cat", "output": "chat"}
 GOOD_TEXT = {"text": "Some plain text."}
@@ -128,9 +137,28 @@ BAD_FILES = [
                  ["line 2: messages[1]: a system message may only come first"], id="chat-system-not-first"),
     pytest.param(jsonl(GOOD_CHAT, chat(("user", "q"), ("assistant", "a"), id="x1")), [2],
                  ["line 2: unknown field(s) ['id'] for the chat format"], id="chat-unknown-field"),
+    pytest.param(jsonl(GOOD_CHAT, {"messages": [{"role": "user", "content": "q", "function_call": {}},
+                                                {"role": "assistant", "content": "a"}]}), [2],
+                 ["line 2: messages[0] has unknown field(s) ['function_call']"], id="chat-message-unknown-field"),
     pytest.param(jsonl(GOOD_CHAT, {"messages": [{"role": "user", "content": "q", "tool_calls": []},
                                                 {"role": "assistant", "content": "a"}]}), [2],
-                 ["line 2: messages[0] has unknown field(s) ['tool_calls']"], id="chat-message-unknown-field"),
+                 ["line 2: messages[0]: only an assistant message has tool_calls"], id="tool-calls-on-user"),
+    pytest.param(jsonl(GOOD_CHAT, {**TOOL_CHAT, "tools": [{"type": "function", "function": {"name": "other"}}]}), [2],
+                 ["line 2: messages[1].tool_calls[0].function.name must name one of the line's tools"],
+                 id="tool-call-of-an-unknown-function"),
+    pytest.param(jsonl(GOOD_CHAT, {"messages": [TOOL_CHAT["messages"][0], {**TOOL_CHAT["messages"][1], "tool_calls": [
+        {"id": "c1", "type": "function", "function": {"name": "get_time", "arguments": "[]"}}]}]}), [2],
+                 ["line 2: messages[1].tool_calls[0].function.arguments must be a JSON object, as a string"],
+                 id="tool-call-arguments-not-an-object"),
+    pytest.param(jsonl(GOOD_CHAT, {"messages": [{"role": "user", "content": "q"},
+                                                {"role": "tool", "tool_call_id": "c1", "content": "12:00"},
+                                                {"role": "assistant", "content": "a"}]}), [2],
+                 ["line 2: messages[1]: a tool message answers the assistant's tool_calls just before it"],
+                 id="tool-result-without-a-call"),
+    pytest.param(jsonl(GOOD_CHAT, {**TOOL_CHAT, "tools": [{"type": "function", "function": {"name": "get_time"}},
+                                                         {"type": "function", "function": {"name": "get_time"}}]}),
+                 [2], ["line 2: tools[1].function.name must be a non-empty string, different from the other tools'"],
+                 id="tools-with-one-name-twice"),
     pytest.param(jsonl(GOOD_CHAT, {"messages": [{"role": "user", "content": "q"},
                                                 {"role": "assistant", "content": "a", "weight": 2}]}), [2],
                  ["line 2: messages[1].weight must be 0 or 1"], id="chat-weight-2"),
@@ -304,6 +332,18 @@ def test_encode_chat(tokenizer: Any, record: dict[str, Any], trained_answers: li
             assert message["content"] in untrained
     assert "<|im_start|>" not in trained
     assert untrained.count("<|im_start|>assistant\n") == sum(m["role"] == "assistant" for m in messages)
+
+
+def test_encode_chat_with_tools_trains_the_call_not_the_result(tokenizer: Any) -> None:
+    """A line in OpenAI's function-calling format: the call is trained in the convention serving reads back
+    (adapters/tool_calls.py), the tools and the tool's result are context."""
+    assert check_record(TOOL_CHAT, "chat") is None
+    example = encode_example(tokenizer, TOOL_CHAT, "chat")
+    full, trained, untrained = split_text(tokenizer, example)
+    call = '<tool_call>\n{"name": "get_time", "arguments": {"zone": "UTC"}}\n</tool_call>'
+    assert trained_runs(tokenizer, example) == [_assistant_turn(call), _assistant_turn("ANSWER noon.")]
+    assert "TOOLRESULT 12:00" in untrained and "<tool_response>" in untrained and '"name": "get_time"' in untrained
+    assert "TOOLRESULT" not in trained
 
 
 def test_encode_completion(tokenizer: Any) -> None:
