@@ -197,3 +197,54 @@ def test_concurrent_requests_with_one_idempotency_key_create_one_job(client: htt
     after = {j["id"] for j in client.get("/v1/fine_tuning/jobs", params={"limit": 100}).json()["data"]}
     assert len(after - before) == 1
     wait_for_status(client, responses[0].json()["id"], {"succeeded", "failed", "cancelled"})
+
+
+# ------------------------------------------------------------------ tools: fine-tuned to call, then served calling
+
+TOOL = {"type": "function", "function": {"name": "get_weather", "parameters": {
+    "type": "object", "properties": {"city": {"type": "string", "maxLength": 12}}, "required": ["city"],
+    "additionalProperties": False}}}
+
+
+def tool_call_lines(n: int) -> str:
+    """OpenAI's fine-tuning format for function calling: each question answered by a call of get_weather."""
+    import json
+
+    return "\n".join(json.dumps({"tools": [TOOL], "messages": [
+        {"role": "user", "content": f"Weather please {i}"},
+        {"role": "assistant", "tool_calls": [{"id": f"c{i}", "type": "function", "function": {
+            "name": "get_weather", "arguments": '{"city": "Oslo"}'}}]}]}) for i in range(n)) + "\n"
+
+
+def test_a_model_fine_tuned_on_tool_calls_is_served_calling_the_tool(client: httpx.Client, stack: Stack) -> None:
+    """A tool-calling dataset trains like any other. Served with tool_choice auto (nothing forced), the tuned model
+    answers in the call convention it learned; with "required" its call is always well formed and carries the
+    arguments it learned, where the base model's forced call carries noise."""
+    train = upload(client, tool_call_lines(32))
+    assert train.status_code == 200, train.text
+    job = create_job(client, {"model": TINY_MODEL_ID, "training_file": train.json()["id"], "suffix": "tools",
+                              "seed": 7, "method": {"type": "lora", "lora": {
+                                  "hyperparameters": method_hyperparameters("lora")}}}).json()
+    job = wait_for_status(client, job["id"], {"succeeded", "failed", "cancelled"})
+    assert job["status"] == "succeeded", f"{job}\n{stack.log_tail('worker')}"
+    asked = {"messages": [{"role": "user", "content": "Weather please 999"}], "tools": [TOOL], "max_tokens": 60,
+             "temperature": 0}
+
+    def answer(model: str, **fields: Any) -> dict[str, Any]:
+        response = client.post("/v1/chat/completions", json={**asked, "model": model, **fields})
+        assert response.status_code == 200, response.text
+        return dict(response.json()["choices"][0])
+
+    tuned = job["fine_tuned_model"]
+    auto = answer(tuned)
+    # The tiny model may not copy every token of the call exactly (it is then text that starts like one).
+    assert auto["message"]["tool_calls"] or auto["message"]["content"].startswith("<tool_call>\n{"), auto
+    forced = answer(tuned, tool_choice="required")
+    assert forced["finish_reason"] == "tool_calls", forced
+    assert [(c["function"]["name"], c["function"]["arguments"]) for c in forced["message"]["tool_calls"]] == [
+        ("get_weather", '{"city": "Oslo"}')]
+    base = answer(TINY_MODEL_ID, tool_choice="required", parallel_tool_calls=False)  # noise could call on and on
+    assert base["finish_reason"] == "tool_calls", base
+    assert [c["function"]["name"] for c in base["message"]["tool_calls"]] == ["get_weather"]
+    assert base["message"]["tool_calls"][0]["function"]["arguments"] != '{"city": "Oslo"}'
+    assert answer(TINY_MODEL_ID)["message"]["tool_calls"] is None
