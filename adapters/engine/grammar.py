@@ -76,6 +76,26 @@ def refused_keyword(schema: Any, path: str = "schema", depth: int = 0) -> str | 
     return None
 
 
+def closed_objects(schema: Any) -> Any:
+    """`schema` with `additionalProperties: false` on every object schema that does not say (OpenAI's strict mode:
+    an answer holds the declared keys only; a pydantic model's schema leaves it out)."""
+    if isinstance(schema, list):
+        return [closed_objects(item) for item in schema]
+    if not isinstance(schema, dict):
+        return schema
+    closed: dict[str, Any] = {}
+    for key, value in schema.items():
+        if key in DATA_KEYWORDS:
+            closed[key] = value
+        elif key in SCHEMA_MAPS and isinstance(value, dict):
+            closed[key] = {name: closed_objects(sub) for name, sub in value.items()}
+        else:
+            closed[key] = closed_objects(value)
+    if (schema.get("type") == "object" or "properties" in schema) and "additionalProperties" not in schema:
+        closed["additionalProperties"] = False
+    return closed
+
+
 _tokenizers: dict[int, tuple[Any, Any]] = {}
 _tokenizers_lock = threading.Lock()
 
@@ -121,9 +141,11 @@ def _checked(grammar: str, tokenizer: Any, vocab_size: int, eos_ids: list[int]) 
     return compiled
 
 
-def json_grammar(tokenizer: Any, vocab_size: int, eos_ids: list[int], schema: dict[str, Any] | None) -> OutputGrammar:
-    """The grammar of JSON documents valid against `schema` (None: any JSON object), checked against the tokenizer
-    before any row uses it; SchemaError says what is wrong."""
+def json_grammar(tokenizer: Any, vocab_size: int, eos_ids: list[int], schema: dict[str, Any] | None, *,
+                 strict: bool = False) -> OutputGrammar:
+    """The grammar of JSON documents valid against `schema` (None: any JSON object; `strict`: objects hold their
+    declared keys only unless they say otherwise), checked against the tokenizer before any row uses it; SchemaError
+    says what is wrong."""
     import llguidance
 
     if schema is None:
@@ -131,6 +153,8 @@ def json_grammar(tokenizer: Any, vocab_size: int, eos_ids: list[int], schema: di
     refused = refused_keyword(schema)
     if refused:
         raise SchemaError(refused)
+    if strict:
+        schema = closed_objects(schema)
     try:
         grammar = llguidance.LLMatcher.grammar_from_json_schema(json.dumps(schema), overrides=JSON_OPTIONS)
     except (ValueError, TypeError) as exc:

@@ -145,8 +145,9 @@ class JsonSchemaFormat(Request):
     schema_: dict[str, Any] | None = Field(
         default=None, alias="schema", description="a JSON Schema object; absent: any JSON object. The regex "
                                                   "keywords (pattern, patternProperties) are refused")
-    strict: bool | None = Field(default=None, description="accepted for compatibility: the answer is always "
-                                                          "constrained to the schema, strict or not")
+    strict: bool | None = Field(default=None, description="true: as OpenAI's strict mode, an object that does not "
+                                                          "set additionalProperties holds its declared keys only. "
+                                                          "The answer is constrained to the schema either way")
 
 
 class ResponseFormat(Request):
@@ -165,11 +166,13 @@ class ResponseFormat(Request):
             raise ValueError(f'json_schema is given only with type "json_schema", not {self.type!r}')
         return self
 
-    def constraint(self) -> tuple[bool, dict[str, Any] | None]:
-        """(whether the answer is JSON, its schema: None for any JSON object)."""
+    def constraint(self) -> tuple[bool, dict[str, Any] | None, bool]:
+        """(whether the answer is JSON, its schema: None for any JSON object, whether strict)."""
         if self.type == "text":
-            return False, None
-        return True, self.json_schema.schema_ if self.json_schema is not None else None
+            return False, None, False
+        if self.json_schema is None:
+            return True, None, False
+        return True, self.json_schema.schema_, bool(self.json_schema.strict)
 
 
 class FunctionDefinition(Request):

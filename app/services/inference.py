@@ -173,13 +173,14 @@ def _output_grammar(runtime: Any, request: Any) -> Any:
     response_format = getattr(request, "response_format", None)
     if response_format is None:
         return None
-    is_json, schema = response_format.constraint()
+    is_json, schema, strict = response_format.constraint()
     if not is_json:
         return None
     from adapters.engine.grammar import SchemaError, json_grammar
 
     try:
-        return json_grammar(runtime.tokenizer, int(runtime.model.config.vocab_size), sorted(runtime.eos_ids), schema)
+        return json_grammar(runtime.tokenizer, int(runtime.model.config.vocab_size), sorted(runtime.eos_ids), schema,
+                            strict=strict)
     except SchemaError as exc:
         param = "response_format.json_schema.schema" if schema is not None else "response_format"
         raise InvalidRequest(f"{param}: {exc}", param=param, code="invalid_schema") from None

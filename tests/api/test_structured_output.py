@@ -103,6 +103,26 @@ def test_a_streamed_json_schema_answer_is_the_same_document(client: TestClient) 
     assert text == whole["message"]["content"]
 
 
+def test_strict_closes_objects_that_do_not_say_as_openai_does(client: TestClient) -> None:
+    """A pydantic model's schema leaves additionalProperties out; with strict the answer holds the declared keys
+    only, without strict JSON Schema's default (more keys allowed) stands."""
+    schema = {"type": "object", "required": ["label"], "properties": {"label": {"enum": ["POSITIVE", "NEGATIVE"]}}}
+    for seed in range(3):
+        answer = client.post("/v1/chat/completions", json=chat_body({"type": "json_schema", "json_schema": {
+            "name": "verdict", "schema": schema, "strict": True}}, temperature=1.0, seed=seed)).json()
+        assert set(json.loads(answer["choices"][0]["message"]["content"])) == {"label"}, answer
+    from adapters.engine.grammar import closed_objects
+
+    nested = {"type": "object", "properties": {"a": {"type": "object", "properties": {}}, "b": {
+        "type": "object", "additionalProperties": True}}, "$defs": {"c": {"properties": {}}},
+        "enum": [{"properties": 1}]}
+    assert closed_objects(nested) == {
+        "type": "object", "additionalProperties": False, "properties": {
+            "a": {"type": "object", "properties": {}, "additionalProperties": False},
+            "b": {"type": "object", "additionalProperties": True}},
+        "$defs": {"c": {"properties": {}, "additionalProperties": False}}, "enum": [{"properties": 1}]}
+
+
 def test_text_is_the_default_format(client: TestClient) -> None:
     answer = client.post("/v1/chat/completions", json=chat_body({"type": "text"}, max_tokens=2))
     assert answer.status_code == 200, answer.text
