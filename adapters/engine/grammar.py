@@ -175,9 +175,13 @@ def tool_call_grammar(tokenizer: Any, vocab_size: int, eos_ids: list[int],
         refused = refused_keyword(parameters, "parameters")
         if refused:
             raise SchemaError(refused, index)
+        # A function takes its declared parameters: an object that does not say otherwise is closed, as in OpenAI's
+        # strict mode (schemas made from Python functions and pydantic models leave additionalProperties out, and
+        # a model would otherwise be free to add arguments until its token limit).
+        arguments = closed_objects(parameters) if parameters else {"type": "object", "properties": {},
+                                                                     "additionalProperties": False}
         choices.append({"type": "object", "additionalProperties": False, "required": ["name", "arguments"],
-                        "properties": {"name": {"const": name},
-                                       "arguments": parameters if parameters else {"type": "object"}}})
+                        "properties": {"name": {"const": name}, "arguments": arguments}})
     # Our own options for the embedded JSON (tenants' x-guidance was refused above).
     call = json.dumps({"anyOf": choices, "x-guidance": JSON_OPTIONS})
     repeat = ' ("\\n" call)*' if parallel else ""  # parallel calls: one block per line

@@ -57,6 +57,18 @@ def test_required_and_named_calls_are_always_valid(client: TestClient) -> None:
             assert len(valid_calls(choice["message"])) >= 1
 
 
+def test_a_forced_call_takes_the_declared_parameters_only(client: TestClient) -> None:
+    """Parameters made from a Python function or a pydantic model leave additionalProperties out; a forced call's
+    arguments are still the declared ones (a random model would otherwise add keys until max_tokens)."""
+    open_tool = {"type": "function", "function": {"name": "lookup", "parameters": {
+        "type": "object", "required": ["id"], "properties": {"id": {"type": "integer", "minimum": 0, "maximum": 9}}}}}
+    answer = chat(client, tools=[open_tool], tool_choice="required", parallel_tool_calls=False, n=4, temperature=1.0,
+                  seed=6)
+    for choice in answer.json()["choices"]:
+        assert choice["finish_reason"] == "tool_calls", choice
+        assert set(json.loads(choice["message"]["tool_calls"][0]["function"]["arguments"])) == {"id"}
+
+
 def test_auto_and_none_answer_text_when_the_model_calls_nothing(client: TestClient) -> None:
     for choice in ("auto", "none", None):
         answer = chat(client, **({"tool_choice": choice} if choice else {}), max_tokens=8, temperature=0)
