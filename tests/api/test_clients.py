@@ -10,7 +10,7 @@ from typing import Any, Literal
 
 import pytest
 from fastapi.testclient import TestClient
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, ConfigDict, Field
 
 from tests.tiny_model import TINY_MODEL_ID
 
@@ -18,6 +18,10 @@ BASE = "http://testserver/v1"
 
 
 class Verdict(BaseModel):
+    # extra="forbid" makes pydantic's schema say additionalProperties: false; a client that does not send strict (as
+    # instructor's JSON_SCHEMA mode) otherwise allows more keys, and the random model may add them until max_tokens.
+    model_config = ConfigDict(extra="forbid")
+
     label: str = Field(json_schema_extra={"enum": ["POSITIVE", "NEGATIVE"]})
     confidence: int = Field(ge=0, le=100)
 
