@@ -74,10 +74,9 @@ def chat_messages(messages: list[dict[str, Any]], tools: list[dict[str, Any]] | 
             content = f"{content}\n{calls}" if content else calls
         if role == "tool":
             role, content = "user", f"{RESPONSE_OPEN}\n{content}\n{RESPONSE_CLOSE}"
-        if plain and role == "user" and plain[-1]["role"] == "user" and message["role"] == "tool" and \
-                plain[-1]["content"].startswith(RESPONSE_OPEN):
-            plain[-1]["content"] += f"\n{content}"  # parallel results: one turn, as Hermes templates render them
-            continue
+            if plain and plain[-1]["role"] == "user" and plain[-1]["content"].startswith(RESPONSE_OPEN):
+                plain[-1]["content"] += f"\n{content}"  # parallel results: one turn, as Hermes templates render them
+                continue
         plain.append({"role": role, "content": content})
     if tools:
         described = TOOLS_PREAMBLE.format(tools="\n".join(json.dumps(tool, separators=SEPARATORS) for tool in tools))

@@ -125,19 +125,16 @@ class OutputGrammar:
 
         matcher = llguidance.LLMatcher(self.llg_tokenizer, self.grammar, log_level=0)
         if matcher.is_error():
-            raise SchemaError(matcher.get_error())
+            raise SchemaError(f"schema cannot be used: {matcher.get_error()}")
         return OutputMatcher(matcher, self.vocab_size)
 
 
 def _checked(grammar: str, tokenizer: Any, vocab_size: int, eos_ids: list[int]) -> OutputGrammar:
-    import llguidance
-
-    llg_tokenizer = _llg_tokenizer(tokenizer, vocab_size, eos_ids)
-    is_error, messages = llguidance.LLMatcher.validate_grammar_with_warnings(grammar, llg_tokenizer)
-    if is_error:
-        raise SchemaError(f"schema cannot be used: {messages[0] if messages else 'invalid'}")
-    compiled = OutputGrammar(grammar=grammar, llg_tokenizer=llg_tokenizer, vocab_size=vocab_size)
-    compiled.matcher()  # a grammar that cannot start fails here, with the request, never in a running batch
+    compiled = OutputGrammar(grammar=grammar, llg_tokenizer=_llg_tokenizer(tokenizer, vocab_size, eos_ids),
+                             vocab_size=vocab_size)
+    # Building one matcher compiles and checks the grammar (a separate validation pass would compile it twice): a
+    # grammar that cannot start fails here, with the request, never in a running batch.
+    compiled.matcher()
     return compiled
 
 

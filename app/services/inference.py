@@ -147,6 +147,11 @@ def _logit_bias(runtime: Any, request: Any) -> dict[int, float]:
     return bias
 
 
+def _vocabulary(runtime: Any) -> tuple[Any, int, list[int]]:
+    """What a grammar is built against: the runtime's tokenizer, its logits' width and its end tokens."""
+    return runtime.tokenizer, int(runtime.model.config.vocab_size), sorted(runtime.eos_ids)
+
+
 def _tool_grammar(runtime: Any, request: Any) -> Any:
     """tool_choice "required" or a named function: the answer can only be calls (of that function), with arguments
     valid against its parameters."""
@@ -157,8 +162,8 @@ def _tool_grammar(runtime: Any, request: Any) -> Any:
         tool for tool in request.tools if tool.function.name == request.tool_choice.function.name]
     functions = [(tool.function.name, tool.function.parameters) for tool in tools]
     try:
-        return tool_call_grammar(runtime.tokenizer, int(runtime.model.config.vocab_size), sorted(runtime.eos_ids),
-                                 functions, parallel=mode == "required" and request.parallel_tool_calls is not False)
+        return tool_call_grammar(*_vocabulary(runtime), functions,
+                                 parallel=mode == "required" and request.parallel_tool_calls is not False)
     except SchemaError as exc:
         index = request.tools.index(tools[exc.index]) if exc.index is not None else None
         param = f"tools[{index}].function.parameters" if index is not None else "tools"
@@ -179,8 +184,7 @@ def _output_grammar(runtime: Any, request: Any) -> Any:
     from adapters.engine.grammar import SchemaError, json_grammar
 
     try:
-        return json_grammar(runtime.tokenizer, int(runtime.model.config.vocab_size), sorted(runtime.eos_ids), schema,
-                            strict=strict)
+        return json_grammar(*_vocabulary(runtime), schema, strict=strict)
     except SchemaError as exc:
         param = "response_format.json_schema.schema" if schema is not None else "response_format"
         raise InvalidRequest(f"{param}: {exc}", param=param, code="invalid_schema") from None
