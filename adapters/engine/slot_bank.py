@@ -8,6 +8,10 @@ input and [slots, out] for its output (ones in every other slot). Loading an ada
 in-place copy. The base matmul runs once for the whole batch; hooks then scale each row's input or
 output and add each row's low-rank correction with two batched matmuls, whatever the mix of adapters.
 Which slot each row reads is decided once per step (a RoutingPlan) and reused by every projection.
+
+Sibling projections that read the same input (q/k/v, gate/up) keep their A factors side by side in one
+tensor, so the first of them to run makes one matmul for all (fewer, larger kernels: the factors are read
+in one pass) and the others take their slice of its result.
 """
 
 from __future__ import annotations
@@ -61,6 +65,11 @@ class RoutingPlan:
         return per_slot.index_select(0, self.slots)
 
 
+# Projections of one parent module that read the same input in the model families served.
+SHARED_INPUT_SIBLINGS: tuple[frozenset[str], ...] = (
+    frozenset({"q_proj", "k_proj", "v_proj"}), frozenset({"gate_proj", "up_proj"}))
+
+
 def is_projection(module: nn.Module) -> bool:
     """A module the slot bank can hook: y = x·Wᵀ + b over the last dimension."""
     return isinstance(module, nn.Linear | Conv1D)
@@ -74,16 +83,70 @@ def projection_features(module: nn.Module) -> tuple[int, int]:
     return module.in_features, module.out_features
 
 
+class SharedDown:
+    """The A factors of sibling projections that read the same input, side by side: [slots, in, members·r].
+
+    A member that runs with a new input (or a new routing plan) multiplies it by all the factors at once and
+    keeps the product; the siblings that follow with the same input tensor take their slice of it. Should a
+    sibling's input differ (an input scale made it a new tensor), it makes its own product: the result is
+    right whatever the model does, only the saving is lost.
+    """
+
+    def __init__(self, n_members: int, n_slots: int, in_features: int, rank: int, device: torch.device,
+                 dtype: torch.dtype):
+        self.n_members = n_members
+        self.rank = rank
+        self.a_t = torch.zeros(n_slots, in_features, n_members * rank, device=device, dtype=dtype)
+        self._input: torch.Tensor | None = None
+        self._plan: RoutingPlan | None = None
+        self._product: torch.Tensor | None = None
+        self._served = 0
+
+    def member(self, index: int) -> torch.Tensor:
+        """One member's Aᵀ [slots, in, r] (a view)."""
+        return self.a_t[:, :, index * self.rank: (index + 1) * self.rank]
+
+    def grow_rank(self, rank: int) -> None:
+        a_t = self.a_t.new_zeros(self.a_t.shape[0], self.a_t.shape[1], self.n_members * rank)
+        for i in range(self.n_members):
+            a_t[:, :, i * rank: i * rank + self.rank] = self.member(i)
+        self.a_t, self.rank = a_t, rank
+        self.forget()
+
+    def forget(self) -> None:
+        self._input = self._plan = self._product = None
+        self._served = 0
+
+    def down(self, index: int, x: torch.Tensor, plan: RoutingPlan) -> torch.Tensor:
+        """x·Aᵀ of member `index` for the plan's rows: [rows, tokens, r]."""
+        if self.n_members == 1:
+            return self._multiply(x, self.a_t, plan)
+        if x is not self._input or plan is not self._plan:
+            self._input, self._plan, self._served = x, plan, 0
+            self._product = self._multiply(x, self.a_t, plan)
+        assert self._product is not None
+        result = self._product[..., index * self.rank: (index + 1) * self.rank]
+        self._served += 1
+        if self._served == self.n_members:  # every sibling served: keep no activations alive
+            self.forget()
+        return result
+
+    @staticmethod
+    def _multiply(x: torch.Tensor, a_t: torch.Tensor, plan: RoutingPlan) -> torch.Tensor:
+        if plan.single_slot is not None:
+            return x @ a_t[plan.single_slot]
+        return torch.bmm(x, plan.rows_of(a_t, x.shape[0]))
+
+
 class SlotLinear:
     """The slot tensors and hooks of one projection."""
 
-    def __init__(self, module: nn.Module, bank: SlotBank):
+    def __init__(self, module: nn.Module, bank: SlotBank, shared: SharedDown, index: int):
         self.module = module
         self.bank = bank
         self.in_features, self.out_features = projection_features(module)
+        self.shared, self.index = shared, index  # Aᵀ lives in `shared`, beside its siblings'
         # Transposed (x @ a_t, then @ b_t) and contiguous: a batched matmul over strided slices costs twice as much.
-        self.a_t = torch.zeros(bank.n_slots, self.in_features, bank.rank, device=module.weight.device,
-                               dtype=bank.dtype)
         self.b_t = torch.zeros(bank.n_slots, bank.rank, self.out_features, device=module.weight.device,
                                dtype=bank.dtype)
         # Channel scales are allocated the first time an adapter scales this projection.
@@ -92,12 +155,15 @@ class SlotLinear:
         self.handle = module.register_forward_hook(self._hook)
         self.pre_handle: Any = None
 
+    @property
+    def a_t(self) -> torch.Tensor:
+        return self.shared.member(self.index)
+
     def grow_rank(self, rank: int) -> None:
-        a_t = self.a_t.new_zeros(self.a_t.shape[0], self.a_t.shape[1], rank)
+        """Widen Bᵀ to `rank` (the shared Aᵀ grows once per sibling group, in SlotBank)."""
         b_t = self.b_t.new_zeros(self.b_t.shape[0], rank, self.b_t.shape[2])
-        a_t[:, :, : self.a_t.shape[2]] = self.a_t
         b_t[:, : self.b_t.shape[1]] = self.b_t
-        self.a_t, self.b_t = a_t, b_t
+        self.b_t = b_t
 
     def scale_rows(self, side: str) -> torch.Tensor:
         """The [slots, features] scale tensor of one side, allocated (all ones) on first use."""
@@ -136,12 +202,10 @@ class SlotLinear:
             output.mul_(plan.rows_of(self.out_scale, output.shape[0]).unsqueeze(1))
         if not plan.low_rank:
             return output
-        x = args[0]  # [rows, tokens, in]
+        down = self.shared.down(self.index, args[0], plan)  # [rows, tokens, r]
         if plan.single_slot is not None:
-            slot = plan.single_slot
-            return output.add_((x @ self.a_t[slot]) @ self.b_t[slot])
-        a_t, b_t = plan.rows_of(self.a_t, x.shape[0]), plan.rows_of(self.b_t, x.shape[0])
-        return output.baddbmm_(torch.bmm(x, a_t), b_t)
+            return output.add_(down @ self.b_t[plan.single_slot])
+        return output.baddbmm_(down, plan.rows_of(self.b_t, down.shape[0]))
 
 
 class SlotBank:
@@ -157,9 +221,32 @@ class SlotBank:
         # The dtype activations flow in: the embeddings' (a quantised projection's weight is int8/uint8).
         self.dtype = model.get_input_embeddings().weight.dtype  # type: ignore[operator]
         self.modules: dict[str, SlotLinear] = {}
-        for name, module in model.named_modules():
-            if is_projection(module) and name.rsplit(".", 1)[-1] in module_suffixes:
-                self.modules[name] = SlotLinear(module, self)
+        self.shared: list[SharedDown] = []
+        hooked = {name: module for name, module in model.named_modules()
+                  if is_projection(module) and name.rsplit(".", 1)[-1] in module_suffixes}
+        for members in self._sibling_groups(hooked):
+            first = hooked[members[0]]
+            shared = SharedDown(len(members), self.n_slots, projection_features(first)[0], rank,
+                                first.weight.device, self.dtype)
+            self.shared.append(shared)
+            for index, name in enumerate(members):
+                self.modules[name] = SlotLinear(hooked[name], self, shared, index)
+
+    @staticmethod
+    def _sibling_groups(hooked: dict[str, nn.Module]) -> list[list[str]]:
+        """Hooked projections in groups that share their A factors: known siblings of one parent with the
+        same input width and kind; every other projection alone."""
+        groups: dict[tuple[str, int, int, type], list[str]] = {}
+        alone: list[list[str]] = []
+        for name, module in hooked.items():
+            parent, _, suffix = name.rpartition(".")
+            family = next((i for i, s in enumerate(SHARED_INPUT_SIBLINGS) if suffix in s), None)
+            if family is None:
+                alone.append([name])
+            else:
+                key = (parent, family, projection_features(module)[0], type(module))
+                groups.setdefault(key, []).append(name)
+        return [*groups.values(), *alone]
 
     def check(self, weights: ServingWeights) -> None:
         """Raise KeyError/ValueError if these weights do not fit this base model (before any copy)."""
@@ -194,6 +281,8 @@ class SlotBank:
     def _write_low_rank(self, slot: int, factors: dict[str, LoraFactors]) -> None:
         rank = max(f.a.shape[0] for f in factors.values())
         if rank > self.rank:
+            for shared in self.shared:
+                shared.grow_rank(rank)
             for hooked in self.modules.values():
                 hooked.grow_rank(rank)
             self.rank = rank
@@ -233,3 +322,5 @@ class SlotBank:
             yield
         finally:
             self.plan = previous
+            for shared in self.shared:  # a forward pass that stopped half way holds no activations
+                shared.forget()
