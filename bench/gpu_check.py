@@ -246,7 +246,7 @@ def serve(path: str, device: str, dtype: str, quantization: str | None, folder: 
     for adapter in loaded:
         runtime.activate(adapter)
     peft_model = PeftModel.from_pretrained(peft_base, str(paths[0]), adapter_name="a0")
-    for i in range(1, 8):
+    for i in range(1, 32):
         peft_model.load_adapter(str(paths[i]), adapter_name=f"a{i}")
     peft_model.eval()
     log("serving: engine and PEFT ready")
@@ -285,6 +285,7 @@ def serve(path: str, device: str, dtype: str, quantization: str | None, folder: 
 
     p8, p32 = prompts[:8], prompts
     names8 = [f"a{i}" for i in range(8)]
+    names32 = [f"a{i}" for i in range(32)]
     cases = {
         "base8": lambda n: engine(p8, [None] * 8, n),
         "mixed8": lambda n: engine(p8, loaded[:8], n),
@@ -292,6 +293,7 @@ def serve(path: str, device: str, dtype: str, quantization: str | None, folder: 
         "mixed32": lambda n: engine(p32, loaded, n),
         "peft_base8": lambda n: runtime.call(lambda: hf_plain(n)),
         "peft_mixed8": lambda n: runtime.call(lambda: hf(peft_model, p8, n, names8)),
+        "peft_mixed32": lambda n: runtime.call(lambda: hf(peft_model, p32, n, names32)),
     }
 
     for name, fn in cases.items():  # warm-up: allocator, kernel choice, lazy initialisation
@@ -346,7 +348,7 @@ def ratios(training: dict[str, Any], s: dict[str, float]) -> dict[str, float]:
     if s:
         out.update({"mixed8/base8": ratio(s["mixed8"], s["base8"]), "mixed32/base32": ratio(s["mixed32"], s["base32"]),
                     "mixed8/peft_mixed8": ratio(s["mixed8"], s["peft_mixed8"]),
-                    "mixed32/peft_mixed8": ratio(s["mixed32"], s["peft_mixed8"])})
+                    "mixed32/peft_mixed32": ratio(s["mixed32"], s["peft_mixed32"])})
     return out
 
 

@@ -430,7 +430,12 @@ def run(opts: Options) -> tuple[dict[str, Any], str]:
         names = [peft.name(k) for k in range(8)]
         log(f"setup done at {time.perf_counter() - t_start:.1f}s (slots {slots[:3]}..{slots[-1]})")
 
-        results, info = throughput(opts, runtime, model_hf, peft.model, loaded, names, prompts, pad_id, eos_id)
+        # PEFT's mixed batch of 32 on a PeftModel of its own holding those 32, so that the loading figures
+        # still measure loads into the PeftModel that serves the 8-row cases and the workload.
+        peft32 = PeftSide(load_base()[1], serve_paths)
+        results, info = throughput(opts, runtime, model_hf, peft.model, peft32, loaded, names, prompts, pad_id,
+                                   eos_id)
+        del peft32
         log(f"throughput done at {time.perf_counter() - t_start:.1f}s")
         results.update(workload(opts, runtime, refs, peft, stream, pad_id, eos_id, info))
         log(f"workload done at {time.perf_counter() - t_start:.1f}s")
@@ -444,6 +449,7 @@ def run(opts: Options) -> tuple[dict[str, Any], str]:
         "mixed8_over_base": ratio(results["mixed8_tok_s"], results["base_tok_s"]),
         "mixed32_over_base32": ratio(results["mixed32_tok_s"], results["base32_tok_s"]),
         "mixed8_over_peft_mixed8": ratio(results["mixed8_tok_s"], results["peft_mixed8_tok_s"]),
+        "mixed32_over_peft_mixed32": ratio(results["mixed32_tok_s"], results["peft_mixed32_tok_s"]),
         "mixed8_json_over_mixed8": ratio(results["mixed8_json_tok_s"], results["mixed8_tok_s"]),
         # What the mask adds to each row's token: the batch's step time difference, per row.
         "json_mask_ms_per_token": 1000 * (1 / results["mixed8_json_tok_s"] - 1 / results["mixed8_tok_s"]),
@@ -452,8 +458,9 @@ def run(opts: Options) -> tuple[dict[str, Any], str]:
     })
     results["targets_met"] = {
         "mixed8/base>=0.90": results["mixed8_over_base"] >= 0.90,
-        "mixed32/base32>=0.85": results["mixed32_over_base32"] >= 0.85,
+        "mixed32/base32>=0.90": results["mixed32_over_base32"] >= 0.90,
         "mixed8/peft_mixed8>=2": results["mixed8_over_peft_mixed8"] >= 2,
+        "mixed32/peft_mixed32>=5": results["mixed32_over_peft_mixed32"] >= 5,
         "cold_load_p50<=50ms": results["cold_load_ms_p50"] <= 50,
         "peft_load/cold_load>=10": results["peft_load_over_cold_load"] >= 10,
         "workload/sequential>=3": results["workload_over_sequential"] >= 3,
@@ -468,9 +475,12 @@ def run(opts: Options) -> tuple[dict[str, Any], str]:
     return results, render(results, info, opts)
 
 
-def throughput(opts: Options, runtime: Any, model_hf: Any, peft_model: Any, loaded: list[Any], names: list[str],
-               prompts: list[list[int]], pad_id: int, eos_id: int) -> tuple[dict[str, Any], dict[str, Any]]:
+def throughput(opts: Options, runtime: Any, model_hf: Any, peft_model: Any, peft32: PeftSide, loaded: list[Any],
+               names: list[str], prompts: list[list[int]], pad_id: int, eos_id: int
+               ) -> tuple[dict[str, Any], dict[str, Any]]:
     from adapters.engine.grammar import json_grammar
+
+    names32 = [peft32.name(k) for k in range(32)]
 
     p8, p32 = prompts[:8], prompts[:32]
     grammar = json_grammar(runtime.tokenizer, int(runtime.model.config.vocab_size), sorted(runtime.eos_ids),
@@ -487,6 +497,8 @@ def throughput(opts: Options, runtime: Any, model_hf: Any, peft_model: Any, load
             lambda: hf_batch(peft_model, p8, n, pad_id, eos_id, adapter_names=names[:8])),
         "base32": lambda n: engine_batch(runtime, p32, [None] * 32, n),
         "mixed32": lambda n: engine_batch(runtime, p32, loaded[:32], n),
+        "peft_mixed32": lambda n: runtime.call(
+            lambda: hf_batch(peft32.model, p32, n, pad_id, eos_id, adapter_names=names32)),
     }
     if not opts.quick:  # real batches rarely sit in consecutive slots: the gather path
         cases["mixed8_gather"] = lambda n: engine_batch(runtime, p8, gather, n)
@@ -519,6 +531,13 @@ def throughput(opts: Options, runtime: Any, model_hf: Any, peft_model: Any, load
                                             zip(outputs["mixed8"], outputs["peft_mixed8"], strict=True))
     info["base_rows_matching_hf"] = sum(same_prefix(a, b, eos_ids) for a, b in
                                         zip(outputs["base"], outputs["peft_base"], strict=True))
+    info["mixed32_rows_matching_peft"] = sum(same_prefix(a, b, eos_ids) for a, b in
+                                             zip(outputs["mixed32"], outputs["peft_mixed32"], strict=True))
+    # Each repeat runs the cases back to back: the ratio within one repeat, beside the ratio of the medians.
+    info["mixed32_over_base32_per_repeat"] = [round(m / b, 3) for m, b in
+                                              zip(rates["mixed32"], rates["base32"], strict=True)]
+    info["mixed8_over_base_per_repeat"] = [round(m / b, 3) for m, b in
+                                           zip(rates["mixed8"], rates["base"], strict=True)]
     @torch.inference_mode()
     def logit_change() -> float:  # how much the adapters move the logits (PEFT's forward, vs the plain model)
         ids = torch.tensor(p8)
@@ -628,8 +647,7 @@ def render(r: dict[str, Any], info: dict[str, Any], opts: Options) -> str:
         [k, "32" if k.endswith("32") else "8", r[f"{k}_tok_s"],
          " ".join(f"{x:.0f}" for x in info["tok_s_all"][k])]
         for k in ("base", "single_adapter", "mixed8", "mixed8_json", "mixed8_gather", "peft_base", "peft_mixed8",
-                  "base32",
-                  "mixed32") if k in info["tok_s_all"]])
+                  "base32", "mixed32", "peft_mixed32") if k in info["tok_s_all"]])
     wl_rows = [["ours: continuous batching", wl["engine"]["tok_s"], wl["engine"]["latency_p50_s"],
                 wl["engine"]["latency_p99_s"]],
                ["PEFT one at a time (set_adapter)", wl["sequential_peft"]["tok_s"],
@@ -650,8 +668,9 @@ def render(r: dict[str, Any], info: dict[str, Any], opts: Options) -> str:
     t = r["targets_met"]
     ratios = md_table(["ratio", "value", "target", "met"], [
         ["mixed8 / base", f"{r['mixed8_over_base']:.2f}", "≥ 0.90", t["mixed8/base>=0.90"]],
-        ["mixed32 / base32", f"{r['mixed32_over_base32']:.2f}", "≥ 0.85", t["mixed32/base32>=0.85"]],
+        ["mixed32 / base32", f"{r['mixed32_over_base32']:.2f}", "≥ 0.90", t["mixed32/base32>=0.90"]],
         ["mixed8 / peft_mixed8", f"{r['mixed8_over_peft_mixed8']:.2f}", "≥ 2", t["mixed8/peft_mixed8>=2"]],
+        ["mixed32 / peft_mixed32", f"{r['mixed32_over_peft_mixed32']:.2f}", "≥ 5", t["mixed32/peft_mixed32>=5"]],
         ["mixed8_json / mixed8 (every row constrained by a JSON schema)", f"{r['mixed8_json_over_mixed8']:.2f}", "",
          ""],
         ["structured output: ms added per token and row", f"{r['json_mask_ms_per_token']:.3f}", "", ""],
@@ -664,7 +683,10 @@ def render(r: dict[str, Any], info: dict[str, Any], opts: Options) -> str:
               f"adapters move the logits by {info['adapter_rel_logit_change']:.0%} (relative L2); "
               f"mixed8 rows differing from base: {info['mixed8_rows_differing_from_base']}/8; "
               f"mixed8 rows equal to PEFT's (greedy, up to our first EOS): {info['mixed8_rows_matching_peft']}/8; "
-              f"base rows equal to HF's: {info['base_rows_matching_hf']}/8; routing: {info['routing']}.")
+              f"base rows equal to HF's: {info['base_rows_matching_hf']}/8; "
+              f"mixed32 rows equal to PEFT's: {info['mixed32_rows_matching_peft']}/32; "
+              f"mixed8/base per repeat: {info['mixed8_over_base_per_repeat']}, mixed32/base32 per repeat: "
+              f"{info['mixed32_over_base32_per_repeat']}; routing: {info['routing']}.")
     wl_head = (f"Workload: {wl['requests']} requests, Poisson {wl['rate_per_s']}/s over {wl['arrival_span_s']:.1f}s "
                f"(offered ≈ {wl['offered_tok_s']:.0f} tok/s), Zipf α={wl['zipf_alpha']} over {wl['adapters']} "
                f"adapters ({wl['distinct_adapters_used']} used), prompts {wl['prompt_range']} tokens, outputs "
