@@ -182,6 +182,11 @@ class Settings(BaseSettings):
                                                                      "examples together (chat template applied).")
     max_active_jobs_per_tenant: int = Field(default=20, description="Jobs a tenant may have queued, running or paused "
                                                                     "at once.")
+    max_jobs_created_per_minute_per_tenant: int = Field(
+        default=60, ge=0, description="Fine-tuning jobs a tenant may create in any 60 seconds (0: no limit). Every job "
+                                      "is validated, stored, queued and, when it ends, announced to each of the "
+                                      "tenant's webhook endpoints; creating and cancelling jobs in a loop would "
+                                      "otherwise make a burst of writes per job for as long as a tenant likes.")
     max_in_flight_per_tenant: int = Field(
         default=2, ge=1, description="Jobs of one tenant handed to the workers of one training queue at once (sent to "
                                      "the broker or running); the tenant's other queued jobs wait in the database and "

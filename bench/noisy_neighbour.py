@@ -70,7 +70,8 @@ TARGETS = {"models": 2.0, "upload": 2.0, "chat": 3.0, "create job": 2.0}  # p95 
 # The limits that decide what A can take from B; all at their defaults (printed with the results).
 LIMITS = ("max_concurrent_generations_per_tenant", "max_batch_size", "adapter_cache_size",
           "max_pinned_adapters_per_tenant", "adapter_slot_wait_seconds", "max_active_evaluations_per_tenant",
-          "max_in_flight_per_tenant", "max_active_jobs_per_tenant", "webhook_max_endpoints_per_tenant",
+          "max_in_flight_per_tenant", "max_active_jobs_per_tenant", "max_jobs_created_per_minute_per_tenant",
+          "webhook_max_endpoints_per_tenant",
           "webhook_in_flight_per_tenant", "webhook_delivery_threads", "webhook_attempt_deadline_seconds",
           "rate_limit_per_minute", "event_stream_poll_seconds", "torch_threads", "worker_concurrency")
 PROMPTS = ["Write a long story about a lighthouse keeper and the sea.", "Explain how rain forms, step by step.",

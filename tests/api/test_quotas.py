@@ -24,6 +24,7 @@ from tests.conftest import ADMIN_KEY, chat_lines, upload
 from tests.tiny_model import TINY_MODEL_ID
 
 IN_FLIGHT = 2
+CREATIONS_PER_MINUTE = 6
 MB = 2**20
 
 
@@ -36,7 +37,8 @@ def api(tmp_path_factory: pytest.TempPathFactory, tiny_model_dir: Path) -> Itera
             "ADAPTERY_MAX_FILES_PER_TENANT": "3",
             "ADAPTERY_MAX_STORAGE_MB_PER_TENANT": "30",
             "ADAPTERY_MAX_ADAPTERS_PER_TENANT": "2",
-            "ADAPTERY_MAX_UPLOAD_MB": "64"}) as running:
+            "ADAPTERY_MAX_UPLOAD_MB": "64",
+            "ADAPTERY_MAX_JOBS_CREATED_PER_MINUTE_PER_TENANT": str(CREATIONS_PER_MINUTE)}) as running:
         yield running
 
 
@@ -114,6 +116,39 @@ def test_a_job_without_a_time_limit_gets_the_default(api: Api, new_tenant: Calla
     assert unbounded.soft_time_limit == 3600 and unbounded.hard_time_limit is not None
     chosen = job_row(api, create_job(client, file_id, time_limit_seconds=60)["id"])
     assert chosen.soft_time_limit == 60
+
+
+def test_job_creations_per_minute_per_tenant(api: Api, new_tenant: Callable[[], tuple[str, str]]) -> None:
+    """Creating and cancelling jobs in a loop is bounded: past the tenant's creations in the last 60 s a job is
+    refused (nothing stored), another tenant is not, and the window slides."""
+    from sqlalchemy import func, update
+
+    tenant_id, key = new_tenant()
+    client, other = api.as_key(key), api.as_key(new_tenant()[1])
+    file_id = upload(client, chat_lines(4)).json()["id"]
+    for _ in range(CREATIONS_PER_MINUTE):  # each cancelled at once: the active-jobs limit is not what refuses
+        assert client.post(f"/v1/fine_tuning/jobs/{create_job(client, file_id)['id']}/cancel").status_code == 200
+
+    def stored() -> int:
+        with Session(create_engine(api.database_url)) as session:
+            return int(session.scalar(select(func.count()).select_from(FineTuningJob)
+                                      .where(FineTuningJob.tenant_id == tenant_id)) or 0)
+
+    refused = client.post("/v1/fine_tuning/jobs", json={"model": TINY_MODEL_ID, "training_file": file_id})
+    assert refused.status_code == 429, refused.text
+    error = refused.json()["error"]
+    assert error["code"] == "too_many_job_creations"
+    assert "ADAPTERY_MAX_JOBS_CREATED_PER_MINUTE_PER_TENANT" in error["message"]
+    assert 1 <= int(refused.headers["retry-after"]) <= 60
+    assert stored() == CREATIONS_PER_MINUTE
+    create_job(other, upload(other, chat_lines(4)).json()["id"])  # another tenant's first job
+
+    with Session(create_engine(api.database_url)) as session:  # a minute later: the window has moved on
+        session.execute(update(FineTuningJob).where(FineTuningJob.tenant_id == tenant_id)
+                        .values(created_at=FineTuningJob.created_at - 61))
+        session.commit()
+    create_job(client, file_id)
+    assert stored() == CREATIONS_PER_MINUTE + 1
 
 
 def test_active_evaluations_per_tenant(api: Api, new_tenant: Callable[[], tuple[str, str]]) -> None:
