@@ -87,9 +87,9 @@ class SharedDown:
     """The A factors of sibling projections that read the same input, side by side: [slots, in, members·r].
 
     A member that runs with a new input (or a new routing plan) multiplies it by all the factors at once and
-    keeps the product; the siblings that follow with the same input tensor take their slice of it. Should a
-    sibling's input differ (an input scale made it a new tensor), it makes its own product: the result is
-    right whatever the model does, only the saving is lost.
+    keeps the product; the siblings that follow with the same input tensor take their slice of it. A sibling
+    whose input is another tensor (an input scale made a new one) multiplies its own input afresh: the result
+    is right whatever the model does, only the saving is lost.
     """
 
     def __init__(self, n_members: int, n_slots: int, in_features: int, rank: int, device: torch.device,
