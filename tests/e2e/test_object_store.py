@@ -23,7 +23,7 @@ from tests.conftest import (
     upload,
     wait_for_status,
 )
-from tests.e2e.test_reliability import FAST_RECOVERY, SLOW_STEPS, create, resumed_from, wait_step
+from tests.e2e.test_reliability import SLOW_STEPS, create, fast_recovery, resumed_from, wait_step
 
 TERMINAL = {"succeeded", "failed", "cancelled"}
 
@@ -33,7 +33,7 @@ def stack(tmp_path_factory: pytest.TempPathFactory, tiny_model_dir: Path, redis_
           s3_endpoint: str) -> Iterator[Stack]:
     with running_api(tmp_path_factory.mktemp("object-store"), database_url=database_url, broker_url=redis_url,
                      tiny_model_dir=tiny_model_dir,
-                     extra={**FAST_RECOVERY, **S3_CREDENTIALS, "ADAPTERY_S3_ENDPOINT_URL": s3_endpoint,
+                     extra={**fast_recovery(), **S3_CREDENTIALS, "ADAPTERY_S3_ENDPOINT_URL": s3_endpoint,
                             "ADAPTERY_ARTIFACT_STORE_URL": f"s3://{new_bucket(s3_endpoint)}/adaptery"}) as running:
         yield running
 

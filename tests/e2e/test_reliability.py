@@ -30,8 +30,15 @@ from tests.conftest import (
 )
 from tests.tiny_model import TINY_MODEL_ID
 
-FAST_RECOVERY = {"ADAPTERY_LEASE_SECONDS": "3", "ADAPTERY_REAPER_INTERVAL_SECONDS": "0.5",
-                 "ADAPTERY_CHECKPOINT_STEPS": "5", "ADAPTERY_REQUEUE_AFTER_SECONDS": "4"}
+
+def fast_recovery() -> dict[str, str]:
+    """Short leases, so that a lost worker's job is taken over within seconds. The lease scales with this
+    machine's speed: a worker renews it every third of it from a thread, and on one starved core (the slow
+    machine's stand-in) 3 s once passed between two renewals, so a job that never stopped was taken over."""
+    return {"ADAPTERY_LEASE_SECONDS": f"{budget(3):.1f}", "ADAPTERY_REAPER_INTERVAL_SECONDS": "0.5",
+            "ADAPTERY_CHECKPOINT_STEPS": "5", "ADAPTERY_REQUEUE_AFTER_SECONDS": f"{budget(4):.1f}"}
+
+
 SLOW_STEPS = {"ADAPTERY_FAULT_INJECTION": "step_delay=0.15"}
 TERMINAL = {"succeeded", "failed", "cancelled"}
 
@@ -41,7 +48,7 @@ def stack(tmp_path_factory: pytest.TempPathFactory, tiny_model_dir: Path, redis_
           database_url: str) -> Iterator[Stack]:
     """An API with no worker yet; each test starts (and kills) its own workers."""
     with running_api(tmp_path_factory.mktemp("reliability"), database_url=database_url, broker_url=redis_url,
-                     tiny_model_dir=tiny_model_dir, extra=FAST_RECOVERY) as running:
+                     tiny_model_dir=tiny_model_dir, extra=fast_recovery()) as running:
         yield running
 
 
@@ -206,7 +213,7 @@ def test_jobs_survive_a_redis_restart(tmp_path: Path, tiny_model_dir: Path, data
     redis_cmd = ["redis-server", "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"]
     redis = subprocess.Popen(redis_cmd, stdout=subprocess.DEVNULL)
     own = make_stack(tmp_path, database_url=database_url, broker_url=f"redis://127.0.0.1:{port}/0",
-                     tiny_model_dir=tiny_model_dir, extra={**FAST_RECOVERY, **SLOW_STEPS})
+                     tiny_model_dir=tiny_model_dir, extra={**fast_recovery(), **SLOW_STEPS})
     try:
         own.start_api()
         own.start_worker()
