@@ -1,7 +1,7 @@
 """Per-tenant quotas on what a tenant keeps and queues: stored files (count and bytes), adapters, active
-evaluations. Each check runs before the work it guards and refuses with a 429 whose message names the limit and
-the setting that raises it. Quotas only ever refuse new work: nothing already accepted is failed for them (a job
-that publishes a checkpoint past the adapter quota still succeeds).
+evaluations, jobs created in the last 60 seconds. Each check runs before the work it guards and refuses with a
+429 whose message names the limit and the setting that raises it. Quotas only ever refuse new work: nothing
+already accepted is failed for them (a job that publishes a checkpoint past the adapter quota still succeeds).
 
 The counts are read, then the work is done: two requests racing at the limit may both pass, overshooting by
 one each. That is acceptable for a quota meant to stop a hostile tenant from taking everything, and it keeps
@@ -13,7 +13,7 @@ from __future__ import annotations
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
-from app.db.models import Adapter, AdapterStatus, Evaluation, EvaluationStatus, File, ModelAlias
+from app.db.models import Adapter, AdapterStatus, Evaluation, EvaluationStatus, File, FineTuningJob, ModelAlias, now
 from app.errors import LimitReached
 from app.settings import Settings
 
@@ -65,3 +65,20 @@ def check_evaluations(session: Session, *, tenant_id: str, settings: Settings) -
         raise LimitReached(f"You have {active} evaluations queued or running; at most {limit} are allowed at once "
                            "(ADAPTERY_MAX_ACTIVE_EVALUATIONS_PER_TENANT). Wait for one to finish.",
                            code="too_many_active_evaluations", retry_after=30)
+
+
+def check_job_creations(session: Session, *, tenant_id: str, settings: Settings) -> None:
+    """Refuse a job past the tenant's creations in the last 60 seconds (a sliding window over the jobs table, so
+    every API replica sees the same count), with Retry-After until the oldest of them leaves the window."""
+    limit = settings.max_jobs_created_per_minute_per_tenant
+    if limit <= 0:
+        return
+    window_start = now() - 60
+    recent = session.scalars(select(FineTuningJob.created_at).where(
+        FineTuningJob.tenant_id == tenant_id, FineTuningJob.created_at > window_start)
+        .order_by(FineTuningJob.created_at.desc()).limit(limit)).all()
+    if len(recent) >= limit:
+        retry = max(1, int(recent[-1] - window_start))
+        raise LimitReached(f"You created {limit} fine-tuning jobs in the last 60 seconds; at most {limit} are allowed "
+                           "(ADAPTERY_MAX_JOBS_CREATED_PER_MINUTE_PER_TENANT). Retry in "
+                           f"{retry} s.", code="too_many_job_creations", retry_after=retry)

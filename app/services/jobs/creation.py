@@ -64,23 +64,6 @@ def method_catalogue(session: Session, *, tenant_id: str, settings: Settings, mo
     return catalogue
 
 
-def _check_creation_rate(session: Session, tenant_id: str, settings: Settings) -> None:
-    """Refuse a job past the tenant's creations in the last 60 seconds (a sliding window over the jobs table, so
-    every API replica sees the same count), with Retry-After until the oldest of them leaves the window."""
-    limit = settings.max_jobs_created_per_minute_per_tenant
-    if limit <= 0:
-        return
-    window_start = now() - 60
-    recent = session.scalars(select(FineTuningJob.created_at).where(
-        FineTuningJob.tenant_id == tenant_id, FineTuningJob.created_at > window_start)
-        .order_by(FineTuningJob.created_at.desc()).limit(limit)).all()
-    if len(recent) >= limit:
-        retry = max(1, int(recent[-1] - window_start))
-        raise LimitReached(f"You created {limit} fine-tuning jobs in the last 60 seconds; at most {limit} are allowed "
-                           "(ADAPTERY_MAX_JOBS_CREATED_PER_MINUTE_PER_TENANT). Retry in "
-                           f"{retry} s.", code="too_many_job_creations", retry_after=retry)
-
-
 def create_job(session: Session, *, tenant_id: str, settings: Settings, model: str, training_file: str,
                validation_file: str | None, suffix: str | None, seed: int | None,
                metadata: dict[str, str] | None, method_type: str | None, raw_hyperparameters: dict[str, Any],
@@ -92,7 +75,8 @@ def create_job(session: Session, *, tenant_id: str, settings: Settings, model: s
     from adapters.methods import DEFAULT_METHOD, HyperparameterError, accepted_names, method_named
     from app.services import base_models
 
-    _check_creation_rate(session, tenant_id, settings)  # before any validation: a refusal costs one query
+    # Before any validation: a refusal costs one query.
+    quotas.check_job_creations(session, tenant_id=tenant_id, settings=settings)
     spec = _trainable_base_model(settings, model)
     train = processed_fine_tune_file(session, tenant_id, training_file, "training_file")
     if validation_file:
