@@ -27,6 +27,7 @@ from celery.signals import (
 )
 
 from app import logs
+from app.db.fork_guard import database_work
 from app.db.models import WorkerHeartbeat
 from app.db.session import session_scope
 from app.queue import enqueue_evaluation, enqueue_training
@@ -44,7 +45,8 @@ def _every(seconds: float, action: Callable[[], Any], name: str) -> None:
     def loop() -> None:
         while not _stop_threads.is_set():
             try:
-                action()
+                with database_work():  # never while this process forks a training process (app/db/fork_guard.py)
+                    action()
             except Exception:  # a database or broker hiccup must not kill the thread
                 log.exception("%s failed", name)
             _stop_threads.wait(seconds)

@@ -49,6 +49,7 @@ import httpx
 from sqlalchemy import func, or_, select, update
 from sqlalchemy.orm import Session
 
+from app.db.fork_guard import database_work
 from app.db.models import TERMINAL_JOB_STATUSES, FineTuningJob, WebhookDelivery, WebhookEndpoint, now
 from app.errors import InvalidRequest, LimitReached, NotFound
 from app.settings import Settings
@@ -349,7 +350,8 @@ def deliver_due(session: Session, settings: Settings, *, owner: str, pool: Deliv
 def attempt_delivery(bind: Any, settings: Settings, delivery_id: str, *, owner: str) -> None:
     """One claimed attempt, on a delivery thread: no database connection is held while the receiver is waited on."""
     deadline = time.monotonic() + settings.webhook_attempt_deadline_seconds
-    with Session(bind=bind, expire_on_commit=False) as session:
+    # The database parts are marked so the worker never forks a training process in their midst (fork_guard.py).
+    with database_work(), Session(bind=bind, expire_on_commit=False) as session:
         delivery = session.get(WebhookDelivery, delivery_id)
         endpoint = session.get(WebhookEndpoint, delivery.endpoint_id) if delivery is not None else None
         if delivery is None or endpoint is None:
@@ -369,7 +371,7 @@ def attempt_delivery(bind: Any, settings: Settings, delivery_id: str, *, owner: 
         if time.monotonic() >= deadline:
             error = (f"no answer within the attempt's deadline of {settings.webhook_attempt_deadline_seconds:g} s "
                      f"(ADAPTERY_WEBHOOK_ATTEMPT_DEADLINE_SECONDS); {error}")[:500]
-    with Session(bind=bind, expire_on_commit=False) as session:
+    with database_work(), Session(bind=bind, expire_on_commit=False) as session:
         delivery = session.get(WebhookDelivery, delivery_id)
         if delivery is None or delivery.lease_owner != owner:
             return  # deleted meanwhile, or the lease was lost: its new holder records its own attempt

@@ -202,7 +202,10 @@ def test_a_poison_job_fails_after_the_attempt_cap(stack: Stack, client: httpx.Cl
     file_id = upload(client, chat_lines(8)).json()["id"]
     stack.start_worker("poisoned", env={"ADAPTERY_FAULT_INJECTION": "exit_at_step=1"})
     job = create(client, file_id)
-    done = wait_for_status(client, job["id"], TERMINAL, timeout=120)
+    try:
+        done = wait_for_status(client, job["id"], TERMINAL, timeout=120)
+    except TimeoutError as exc:  # say where the worker was: a training process that never took the job hangs here
+        raise TimeoutError(f"{exc}\n{stack.log_tail('poisoned')}") from None
     assert done["status"] == "failed" and done["error"]["code"] == "worker_lost", done
     started = [e for e in all_events(client, job["id"]) if e["message"].startswith("Fine-tuning job started")]
     assert len(started) == 3  # the attempt cap, not a redelivery loop
