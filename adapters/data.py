@@ -8,14 +8,16 @@ from __future__ import annotations
 
 import json
 import math
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
-from typing import Any, Literal, Protocol
+from typing import Any, Literal, Protocol, TypeVar
 
 from adapters.tool_calls import chat_messages, native_tools
 
-FORMATS = ("chat", "completion", "instruction", "text")
-Format = Literal["chat", "completion", "instruction", "text"]
+FORMATS = ("chat", "completion", "instruction", "text", "preference")
+Format = Literal["chat", "completion", "instruction", "text", "preference"]
+# The formats a supervised job (and an evaluation) trains on; "preference" pairs are for preference objectives (DPO).
+SUPERVISED_FORMATS = ("chat", "completion", "instruction", "text")
 CHAT_ROLES = ("system", "user", "assistant", "tool")
 MAX_TOOLS = 128
 MAX_REPORTED_PROBLEMS = 20
@@ -41,6 +43,8 @@ def describe_problems(problems: list[tuple[int, str]]) -> str:
 
 def detect_format(record: dict[str, Any]) -> Format | None:
     keys = set(record)
+    if keys & {"preferred_output", "non_preferred_output"}:
+        return "preference"
     if "messages" in keys:
         return "chat"
     if "prompt" in keys or "completion" in keys:
@@ -49,6 +53,8 @@ def detect_format(record: dict[str, Any]) -> Format | None:
         return "instruction"
     if "text" in keys:
         return "text"
+    if "input" in keys:
+        return "preference"
     return None
 
 
@@ -57,6 +63,8 @@ ALLOWED_KEYS: dict[str, set[str]] = {
     "completion": {"prompt", "completion"},
     "instruction": {"instruction", "input", "output"},
     "text": {"text"},
+    # OpenAI's DPO format: {"input": {"messages", "tools"?}, "preferred_output": [answer], "non_preferred_output": [..]}
+    "preference": {"input", "preferred_output", "non_preferred_output"},
 }
 
 
@@ -102,55 +110,110 @@ def _check_tool_calls(calls: Any, where: str, names: set[str] | None) -> str | N
     return None
 
 
-def _check_chat(record: dict[str, Any]) -> str | None:
+def _check_message(messages: list[Any], i: int, names: set[str] | None, where: str) -> str | None:
+    """The problem with messages[i] (named `where` in the message), or None; weights are checked by the caller."""
+    message = messages[i]
+    if not isinstance(message, dict):
+        return f"{where} must be an object with 'role' and 'content'"
+    extra = set(message) - {"role", "content", "weight", "name", "tool_calls", "tool_call_id"}
+    if extra:
+        return f"{where} has unknown field(s) {sorted(extra)}"
+    role = message.get("role")
+    if role not in CHAT_ROLES:
+        return f"{where}.role is {role!r}; accepted roles: {', '.join(CHAT_ROLES)}"
+    calls = message.get("tool_calls")
+    if calls is not None:
+        if role != "assistant":
+            return f"{where}: only an assistant message has tool_calls"
+        problem = _check_tool_calls(calls, where, names)
+        if problem:
+            return problem
+        if message.get("content") is not None and not isinstance(message["content"], str):
+            return f"{where}.content must be a string (or absent, beside tool_calls)"
+    elif not _nonempty_str(message.get("content")):
+        return f"{where}.content must be a non-empty string"
+    if (role == "tool") != ("tool_call_id" in message):
+        return f"{where}: tool_call_id is given on tool messages, and only there"
+    if role == "tool":
+        before = messages[i - 1] if i else {}
+        if not _nonempty_str(message.get("tool_call_id")) or not (
+                before.get("role") == "tool" or (before.get("role") == "assistant" and before.get("tool_calls"))):
+            return f"{where}: a tool message answers the assistant's tool_calls just before it"
+    if role == "system" and i != 0:
+        return f"{where}: a system message may only come first"
+    if role == "assistant" and (i == 0 or messages[i - 1].get("role") == "system"):
+        return f"{where}: an assistant message needs a user message before it"
+    return None
+
+
+def _check_tool_fields(record: dict[str, Any], where: str) -> tuple[str | None, set[str] | None]:
+    """(the problem with a conversation's `tools` and `parallel_tool_calls`, or None; the tools' names, None
+    without tools)."""
     names: set[str] | None = None
     if "tools" in record:
         problem, names = _check_tools(record["tools"])
         if problem:
-            return problem
+            return f"{where}{problem}", names
     if "parallel_tool_calls" in record and not isinstance(record["parallel_tool_calls"], bool):
-        return "'parallel_tool_calls' must be true or false"
+        return f"{where}'parallel_tool_calls' must be true or false", names
+    return None, names
+
+
+def _check_chat(record: dict[str, Any]) -> str | None:
+    problem, names = _check_tool_fields(record, "")
+    if problem:
+        return problem
     messages = record["messages"]
     if not isinstance(messages, list) or not messages:
         return "'messages' must be a non-empty list of {role, content} objects"
     has_assistant = False
     for i, message in enumerate(messages):
-        if not isinstance(message, dict):
-            return f"messages[{i}] must be an object with 'role' and 'content'"
-        extra = set(message) - {"role", "content", "weight", "name", "tool_calls", "tool_call_id"}
-        if extra:
-            return f"messages[{i}] has unknown field(s) {sorted(extra)}"
-        role = message.get("role")
-        if role not in CHAT_ROLES:
-            return f"messages[{i}].role is {role!r}; accepted roles: {', '.join(CHAT_ROLES)}"
-        calls = message.get("tool_calls")
-        if calls is not None:
-            if role != "assistant":
-                return f"messages[{i}]: only an assistant message has tool_calls"
-            problem = _check_tool_calls(calls, f"messages[{i}]", names)
-            if problem:
-                return problem
-            if message.get("content") is not None and not isinstance(message["content"], str):
-                return f"messages[{i}].content must be a string (or absent, beside tool_calls)"
-        elif not _nonempty_str(message.get("content")):
-            return f"messages[{i}].content must be a non-empty string"
-        if (role == "tool") != ("tool_call_id" in message):
-            return f"messages[{i}]: tool_call_id is given on tool messages, and only there"
-        if role == "tool":
-            before = messages[i - 1] if i else {}
-            if not _nonempty_str(message.get("tool_call_id")) or not (
-                    before.get("role") == "tool" or (before.get("role") == "assistant" and before.get("tool_calls"))):
-                return f"messages[{i}]: a tool message answers the assistant's tool_calls just before it"
+        problem = _check_message(messages, i, names, f"messages[{i}]")
+        if problem:
+            return problem
         weight = message.get("weight", 1)
         if isinstance(weight, bool) or weight not in (0, 1):
             return f"messages[{i}].weight must be 0 or 1"
-        if role == "system" and i != 0:
-            return f"messages[{i}]: a system message may only come first"
-        if role == "assistant" and (i == 0 or messages[i - 1].get("role") == "system"):
-            return f"messages[{i}]: an assistant message needs a user message before it"
-        has_assistant = has_assistant or (role == "assistant" and message.get("weight", 1) == 1)
+        has_assistant = has_assistant or (message["role"] == "assistant" and weight == 1)
     if not has_assistant:
         return "'messages' needs at least one assistant message to learn from"
+    return None
+
+
+def _check_preference(record: dict[str, Any]) -> str | None:
+    """OpenAI's DPO line: a conversation that awaits the assistant's answer, and two answers to it."""
+    prompt = record.get("input")
+    if not isinstance(prompt, dict) or "messages" not in prompt:
+        return "'input' must be an object with 'messages' (and optionally 'tools')"
+    unknown = set(prompt) - {"messages", "tools", "parallel_tool_calls"}
+    if unknown:
+        return f"input has unknown field(s) {sorted(unknown)} (allowed: messages, tools, parallel_tool_calls)"
+    problem, names = _check_tool_fields(prompt, "input.")
+    if problem:
+        return problem
+    messages = prompt["messages"]
+    if not isinstance(messages, list) or not messages:
+        return "input.messages must be a non-empty list of {role, content} objects"
+    for i in range(len(messages)):
+        problem = _check_message(messages, i, names, f"input.messages[{i}]")
+        if problem:
+            return problem
+        if "weight" in messages[i]:
+            return f"input.messages[{i}]: weight belongs to supervised data; a preference line trains its outputs"
+    if messages[-1]["role"] not in ("user", "tool"):
+        return "input.messages must end with a user (or tool) message: the outputs answer it"
+    for key in ("preferred_output", "non_preferred_output"):
+        output = record.get(key)
+        if not isinstance(output, list) or len(output) != 1:
+            return f"'{key}' must be a list of exactly one assistant message"
+        answer = output[0]
+        problem = _check_message([*messages, answer], len(messages), names, f"{key}[0]")
+        if problem:
+            return problem
+        if answer["role"] != "assistant" or "weight" in answer:
+            return f"{key}[0] must be an assistant message ({{\"role\": \"assistant\", ...}}), without weight"
+    if record["preferred_output"] == record["non_preferred_output"]:
+        return "preferred_output and non_preferred_output are the same answer; a pair needs two different ones"
     return None
 
 
@@ -161,6 +224,8 @@ def check_record(record: dict[str, Any], fmt: Format) -> str | None:
         return f"unknown field(s) {sorted(unknown)} for the {fmt} format (allowed: {sorted(ALLOWED_KEYS[fmt])})"
     if fmt == "chat":
         return _check_chat(record)
+    if fmt == "preference":
+        return _check_preference(record)
     if fmt == "completion":
         if not isinstance(record.get("prompt"), str):
             return "'prompt' must be a string"
@@ -229,7 +294,8 @@ def parse_jsonl(raw: bytes | Iterable[bytes], *, max_examples: int) -> ParsedDat
         detected = detect_format(record)
         if detected is None:
             problems.append((number, "unrecognised example: expected 'messages' (chat), 'prompt'+'completion', "
-                                     "'instruction'+'output' or 'text'"))
+                                     "'instruction'+'output', 'text', or 'input'+'preferred_output'+"
+                                     "'non_preferred_output' (preference pairs)"))
             continue
         formats.setdefault(detected, number)
     if len(formats) > 1:
@@ -315,12 +381,43 @@ def encode_example(tokenizer: ChatTokenizer, record: dict[str, Any], fmt: Format
     return EncodedExample(input_ids=input_ids, loss_mask=loss_mask)
 
 
-def encode_dataset(tokenizer: ChatTokenizer, dataset: ParsedDataset) -> list[EncodedExample]:
-    """Encode every record; a record the tokenizer or chat template rejects is a DatasetError for its line."""
+@dataclass
+class PreferencePair:
+    """One preference line encoded: the prompt followed by the preferred answer, and by the other one, each trained
+    on its answer's tokens only."""
+
+    chosen: EncodedExample
+    rejected: EncodedExample
+
+    # The two sequences one after the other: what the pair costs where examples are counted in tokens (memory
+    # plans, data-parallel shares, trained tokens, length checks). Both always go into the same forward pass.
+    @property
+    def input_ids(self) -> list[int]:
+        return self.chosen.input_ids + self.rejected.input_ids
+
+    @property
+    def loss_mask(self) -> list[int]:
+        return self.chosen.loss_mask + self.rejected.loss_mask
+
+
+def encode_pair(tokenizer: ChatTokenizer, record: dict[str, Any]) -> PreferencePair:
+    """A preference line as two conversations that share the prompt: the answers rendered through the chat template
+    as an assistant turn, exactly as a supervised chat example's would be."""
+    prompt = record["input"]
+    conversation = {k: v for k, v in prompt.items() if k != "messages"}
+    return PreferencePair(*(encode_example(tokenizer, {**conversation, "messages": [*prompt["messages"], *answer]},
+                                           "chat")
+                            for answer in (record["preferred_output"], record["non_preferred_output"])))
+
+
+Encoded = TypeVar("Encoded", EncodedExample, PreferencePair)
+
+
+def _encode_each(dataset: ParsedDataset, encode: Callable[[dict[str, Any]], Encoded]) -> list[Encoded]:
     encoded, problems = [], []
     for number, record in zip(dataset.line_numbers, dataset.records, strict=True):
         try:
-            encoded.append(encode_example(tokenizer, record, dataset.format))
+            encoded.append(encode(record))
         except Exception as exc:  # templates raise assorted errors (jinja, ValueError, TypeError)
             problems.append((number, f"cannot be encoded with the model's chat template: {exc}"))
     if problems:
@@ -328,7 +425,29 @@ def encode_dataset(tokenizer: ChatTokenizer, dataset: ParsedDataset) -> list[Enc
     return encoded
 
 
-def length_stats(examples: list[EncodedExample], *, bins: int = 12) -> dict[str, Any]:
+def encode_dataset(tokenizer: ChatTokenizer, dataset: ParsedDataset) -> list[EncodedExample]:
+    """Encode every record of a supervised format; a record the tokenizer or chat template rejects is a
+    DatasetError for its line."""
+    if dataset.format not in SUPERVISED_FORMATS:
+        raise DatasetError([(0, f"a file in the {dataset.format} format holds preference pairs, for a dpo job; "
+                                f"this takes one of {', '.join(SUPERVISED_FORMATS)}")])
+    return _encode_each(dataset, lambda record: encode_example(tokenizer, record, dataset.format))
+
+
+def encode_pairs(tokenizer: ChatTokenizer, dataset: ParsedDataset) -> list[PreferencePair]:
+    """Encode every line of a preference file (DatasetError naming the lines that cannot be)."""
+    if dataset.format != "preference":
+        raise DatasetError([(0, f"a file in the {dataset.format} format has no preference pairs; a dpo job takes "
+                                "lines {\"input\": ..., \"preferred_output\": [..], \"non_preferred_output\": [..]}")])
+    return _encode_each(dataset, lambda record: encode_pair(tokenizer, record))
+
+
+def encode_any(tokenizer: ChatTokenizer, dataset: ParsedDataset) -> list[EncodedExample] | list[PreferencePair]:
+    """What an upload is checked with: supervised examples, or preference pairs for a file of them."""
+    return encode_pairs(tokenizer, dataset) if dataset.format == "preference" else encode_dataset(tokenizer, dataset)
+
+
+def length_stats(examples: list[EncodedExample] | list[PreferencePair], *, bins: int = 12) -> dict[str, Any]:
     """What a person checks before training on a file: example lengths in tokens (range, mean, median, 95th
     percentile and a histogram of equal-width bins from 0) and how many tokens are trained on."""
     lengths = sorted(len(e.input_ids) for e in examples)
@@ -344,7 +463,7 @@ def length_stats(examples: list[EncodedExample], *, bins: int = 12) -> dict[str,
             "length_histogram": {"bin_edges": [i * width for i in range(bins + 1)], "counts": counts}}
 
 
-def check_lengths(examples: Iterable[EncodedExample], line_numbers: Iterable[int], *,
+def check_lengths(examples: Iterable[EncodedExample | PreferencePair], line_numbers: Iterable[int], *,
                   max_tokens: int) -> list[tuple[int, str]]:
     """Line-numbered problems for examples over the token limit."""
     problems = []

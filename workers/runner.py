@@ -19,9 +19,9 @@ from sqlalchemy import select
 
 from adapters.base_models import resolve_device
 from adapters.compute import compute_plan
-from adapters.data import EncodedExample, encode_dataset, parse_jsonl
+from adapters.data import EncodedExample, encode_any, parse_jsonl
 from adapters.methods import METHODS
-from adapters.methods.base import ResolvedHyperparameters
+from adapters.methods.base import PREFERENCE_OBJECTIVES, ResolvedHyperparameters
 from adapters.store import ADAPTER_FILES, ADAPTER_WEIGHTS, ArtifactStore
 from app.db.models import Adapter, AdapterStatus, Checkpoint, FineTuningJob, JobStatus
 from app.db.session import session_scope
@@ -278,6 +278,8 @@ class JobRunner:
         if not valid:
             return report
         autocast = accelerator_for(dtype, next(base.parameters()).device).autocast
+        if hp.objective in PREFERENCE_OBJECTIVES:
+            return report | self._preference_report(model, valid, hp, tokenizer.pad_token_id, autocast)
         common = {"base_model": base, "tokenizer": tokenizer, "examples": valid, "batch_size": hp.batch_size,
                   "autocast": autocast, "exact_match_examples": self.settings.exact_match_examples}
         started = time.perf_counter()
@@ -304,12 +306,42 @@ class JobRunner:
                     data={"phase": "end_report", "seconds": round(seconds, 2), **report})
         return report
 
-    def _tokenise(self, tokenizer: Any) -> tuple[list[EncodedExample], list[EncodedExample]]:
+    def _preference_report(self, model: Any, valid: list[Any], hp: ResolvedHyperparameters, pad_id: int,
+                           autocast: Any) -> dict[str, Any]:
+        """A preference job's figures over the whole validation file: the objective's loss, pairs ranked right and
+        reward margin, and how often the fine-tuned model and the base model give the preferred answer the higher
+        log-probability."""
+        from workers.training.preference import preferred_share, score_pairs
+
+        started = time.perf_counter()
+        make = BatchMaker.for_training(self.method, hp, pad_id)
+        base_make = BatchMaker.for_base_model(max_len=hp.max_seq_length, pad_id=pad_id)
+        with autocast():
+            scores = score_pairs(model, valid, make=make, reference_make=base_make, beta=float(hp.beta or 0.0),
+                                 batch_size=hp.batch_size)
+            tuned = preferred_share(model, valid, make=make, batch_size=hp.batch_size)
+            with model.disable_adapter():
+                plain = preferred_share(model, valid, make=base_make, batch_size=hp.batch_size)
+        report = {"full_valid_loss": round(scores.loss, 6), "full_valid_preference_accuracy": round(scores.accuracy, 6),
+                  "full_valid_reward_margin": round(scores.reward_margin, 6),
+                  "full_valid_chosen_logps": round(scores.chosen_logps, 4),
+                  "full_valid_rejected_logps": round(scores.rejected_logps, 4),
+                  "full_valid_prefers_preferred": round(tuned, 6), "valid_examples": len(valid),
+                  "base_model": {"full_valid_prefers_preferred": round(plain, 6)}}
+        seconds = time.perf_counter() - started
+        self._event(f"Validation ({len(valid)} pairs): {hp.objective} loss {scores.loss:.4f}, reward margin "
+                    f"{scores.reward_margin:.3f}, ranked right {scores.accuracy:.3f}; the preferred answer is the more "
+                    f"likely one for {tuned:.3f} of the pairs (base model {plain:.3f}); evaluated in {seconds:.1f} s.",
+                    data={"phase": "end_report", "seconds": round(seconds, 2), **report})
+        return report
+
+    def _tokenise(self, tokenizer: Any) -> tuple[list[Any], list[Any]]:
+        """The training and validation examples: EncodedExamples, or PreferencePairs from a preference file."""
         limit = self.settings.max_examples_per_file
-        train_examples = encode_dataset(tokenizer, parse_jsonl(self.store.read_file(self.job.training_file),
-                                                               max_examples=limit))
-        valid_examples = (encode_dataset(tokenizer, parse_jsonl(self.store.read_file(self.job.validation_file),
-                                                                max_examples=limit))
+        train_examples = encode_any(tokenizer, parse_jsonl(self.store.read_file(self.job.training_file),
+                                                           max_examples=limit))
+        valid_examples = (encode_any(tokenizer, parse_jsonl(self.store.read_file(self.job.validation_file),
+                                                            max_examples=limit))
                           if self.job.validation_file else [])
         tokens = sum(len(e.input_ids) for e in train_examples + valid_examples)
         self._phase_done("tokenise", f"Tokenised {len(train_examples)} training"

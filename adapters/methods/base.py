@@ -21,6 +21,10 @@ from adapters.methods.serving import AdapterLoadError, ServingKind, ServingWeigh
 
 Auto = Literal["auto"]
 Scheduler = Literal["linear", "cosine", "constant"]
+# What a job trains for: the supervised next-token loss, or a preference objective on pairs (DPO).
+Objective = Literal["supervised", "dpo"]
+PREFERENCE_OBJECTIVES = ("dpo",)
+DEFAULT_BETA = 0.1
 
 
 def bounded(description: str, low: float, high: float | str, *, low_open: bool = False) -> Any:
@@ -65,6 +69,13 @@ class TrainingHyperparameters(BaseModel):
     gradient_checkpointing: bool | Auto | None = Field(
         default=None, description="recompute activations in the backward pass: less memory for long sequences, "
                                   "about a third more compute (default false)")
+    objective: Objective | Auto | None = Field(
+        default=None, description="what training optimises: supervised (the next-token loss on the answers; the "
+                                  "default) or dpo (Direct Preference Optimisation on a file of preference pairs, "
+                                  "against the base model as the reference; method.type 'dpo' sets it)")
+    beta: float | Auto | None = bounded(
+        "dpo: how strongly the model is held to the reference (the base model); smaller lets it move further "
+        "(default 0.1)", 0, 10, low_open=True)
 
 
 class ResolvedHyperparameters(BaseModel):
@@ -84,6 +95,9 @@ class ResolvedHyperparameters(BaseModel):
     lr_scheduler: Scheduler
     early_stopping_patience: int | None
     gradient_checkpointing: bool
+    # Defaults, so a job stored before preference objectives existed reads as the supervised job it was.
+    objective: Objective = "supervised"
+    beta: float | None = None
 
     def shape(self) -> dict[str, Any]:
         """The method's own values (rank, target modules, virtual tokens, ...): what an adapter trained further
@@ -227,9 +241,20 @@ class AdapterMethod(Generic[Resolved]):
             "lr_scheduler": hp.lr_scheduler if given(hp.lr_scheduler) else "linear",
             "early_stopping_patience": hp.early_stopping_patience if given(hp.early_stopping_patience) else None,
             "gradient_checkpointing": bool(hp.gradient_checkpointing) if given(hp.gradient_checkpointing) else False,
+            **self._objective(hp),
         }
         resolved.update(self.method_defaults(hp, settings=settings, base_info=base_info))
         return self.resolved.model_validate(resolved)
+
+    @staticmethod
+    def _objective(hp: TrainingHyperparameters) -> dict[str, Any]:
+        objective = hp.objective if given(hp.objective) else "supervised"
+        if objective not in PREFERENCE_OBJECTIVES:
+            if given(hp.beta):
+                raise HyperparameterError("beta", "beta applies to the dpo objective only (method.type 'dpo', or "
+                                                  "objective 'dpo')")
+            return {"objective": objective, "beta": None}
+        return {"objective": objective, "beta": hp.beta if given(hp.beta) else DEFAULT_BETA}
 
     def stored(self, values: dict[str, Any]) -> Resolved:
         """Resolved hyperparameters as a job stored them (`resolve(...).model_dump()`)."""

@@ -34,11 +34,15 @@ methods_router = APIRouter(tags=["fine-tuning"])
 Limit = Annotated[int, Query(ge=1, le=100)]
 # A query parameter is sent or not, never null (SkipJsonSchema keeps null out of the document).
 After = Annotated[str | SkipJsonSchema[None], Query(description="the last id of the previous page")]
+# OpenAI's method.type for preference tuning: an objective, trained by a PEFT method (the default one or from_model's).
+DPO = "dpo"
 
 
 def _method_and_hyperparameters(body: JobCreate) -> tuple[str | None, dict[str, Any], str]:
     """Map OpenAI's shapes onto ours: legacy top-level hyperparameters or no method → the default method
-    (the registry maps OpenAI's 'supervised' to it too); no method with from_model → from_model's method."""
+    (the registry maps OpenAI's 'supervised' to it too); no method with from_model → from_model's method. OpenAI's
+    'dpo' is the dpo objective on from_model's method (the SFT-then-DPO recipe) or the default method; any method
+    trains for it with its `objective` hyperparameter set to 'dpo'."""
     from adapters.methods import DEFAULT_METHOD
 
     if body.method is None:
@@ -63,7 +67,13 @@ def _method_and_hyperparameters(body: JobCreate) -> tuple[str | None, dict[str, 
     if not isinstance(raw, dict):
         raise InvalidRequest("hyperparameters must be an object.",
                              param=f"method.{body.method.type}.hyperparameters", code="invalid_request")
-    return body.method.type, dict(raw), f"method.{body.method.type}.hyperparameters"
+    param = f"method.{body.method.type}.hyperparameters"
+    if body.method.type == DPO:
+        if raw.get("objective") not in (None, "auto", DPO):
+            raise InvalidRequest(f"method.type 'dpo' trains for the dpo objective; objective is {raw['objective']!r}.",
+                                 param=f"{param}.objective", code="invalid_hyperparameter")
+        return (None if body.from_model else DEFAULT_METHOD), {**raw, "objective": DPO}, param
+    return body.method.type, dict(raw), param
 
 
 @router.post("", response_model=JobObject, responses=errors(400, 401, 404, 409, 429))

@@ -24,9 +24,10 @@ def _method_schema(schema: dict[str, Any]) -> None:
     """One shape per registered method name, so the document says exactly what the server accepts:
     {"type": <name>, <name>?: {"hyperparameters"?: {...}} | null}."""
     variants = []
-    for name in accepted_names():
+    # OpenAI's 'dpo' takes the default method's hyperparameters (objective set to dpo; from_model's method with one).
+    for name, method in [*((n, n) for n in accepted_names()), ("dpo", DEFAULT_METHOD)]:
         section = {"type": "object", "additionalProperties": False, "properties": {
-            "hyperparameters": {"anyOf": [_hyperparameters_schema(name), {"type": "null"}]}}}
+            "hyperparameters": {"anyOf": [_hyperparameters_schema(method), {"type": "null"}]}}}
         variants.append({"type": "object", "title": name, "required": ["type"], "additionalProperties": False,
                          "properties": {"type": {"const": name}, name: {"anyOf": [section, {"type": "null"}]}}})
     description = schema.get("description")
@@ -42,7 +43,8 @@ class MethodSpec(BaseModel):
     model_config = ConfigDict(extra="allow", json_schema_extra=_method_schema)
 
     type: str = Field(description=f"the fine-tuning method: {', '.join(accepted_names())} ('{DEFAULT_METHOD}' "
-                                  "when no method is given)")
+                                  "when no method is given), or dpo: preference tuning (the dpo objective) with "
+                                  f"from_model's method or {DEFAULT_METHOD}")
 
 
 def _job_create_schema(schema: dict[str, Any]) -> None:
@@ -132,7 +134,12 @@ class JobObject(BaseModel):
     result: dict[str, Any] | None = Field(
         default=None, description="succeeded jobs: step kept, stopped_early, train_loss, train_mean_token_accuracy "
                                   "and, with a validation_file, full_valid_loss, full_valid_mean_token_accuracy, "
-                                  "full_valid_exact_match, and base_model: the same for the base model")
+                                  "full_valid_exact_match, and base_model: the same for the base model. dpo jobs: "
+                                  "train_preference_accuracy, train_reward_margin and, with a validation_file, "
+                                  "full_valid_loss, full_valid_preference_accuracy, full_valid_reward_margin, "
+                                  "full_valid_chosen_logps, full_valid_rejected_logps and "
+                                  "full_valid_prefers_preferred (the pairs whose preferred answer is the more likely "
+                                  "one), with base_model's full_valid_prefers_preferred")
 
 
 def job_object(job: FineTuningJob) -> dict[str, Any]:
@@ -163,7 +170,9 @@ class EventObject(BaseModel):
     type: str = Field(description="message or metrics")
     data: dict[str, Any] = Field(description="metrics: step, train_loss, train_mean_token_accuracy, valid_loss, "
                                              "valid_mean_token_accuracy, learning_rate, grad_norm, tokens_per_second, "
-                                             "epoch; start-up phases: phase, seconds")
+                                             "epoch (dpo jobs: train_/valid_preference_accuracy and "
+                                             "train_/valid_reward_margin in place of token accuracy); start-up "
+                                             "phases: phase, seconds")
 
 
 class CheckpointObject(BaseModel):
@@ -196,6 +205,11 @@ class MetricsPoint(BaseModel):
     learning_rate: float | None = None
     grad_norm: float | None = None
     tokens_per_second: float | None = None
+    train_preference_accuracy: float | None = Field(default=None, description="dpo jobs: the step's pairs whose "
+                                                                              "reward margin is positive")
+    train_reward_margin: float | None = Field(default=None, description="dpo jobs: the step's mean reward margin")
+    valid_preference_accuracy: float | None = None
+    valid_reward_margin: float | None = None
 
 
 class MetricsSeries(BaseModel):

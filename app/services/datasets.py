@@ -12,7 +12,7 @@ from typing import Any
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from adapters.data import DatasetError, check_lengths, describe_problems, encode_dataset, length_stats, parse_jsonl
+from adapters.data import DatasetError, check_lengths, describe_problems, encode_any, length_stats, parse_jsonl
 from adapters.store import ArtifactStore
 from app.db.models import File, FileStatus, FineTuningJob, JobStatus, now
 from app.errors import Conflict, DomainError, InvalidRequest, not_found
@@ -42,7 +42,7 @@ def create_file(session: Session, *, tenant_id: str, settings: Settings, filenam
     try:
         with upload.open("rb") as lines:
             dataset = parse_jsonl(lines, max_examples=settings.max_examples_per_file)
-        examples = encode_dataset(tokenizers.default(settings), dataset)
+        examples = encode_any(tokenizers.default(settings), dataset)
     except DatasetError as exc:
         raise InvalidRequest(f"Invalid training file: {exc}", param="file", code="invalid_file") from None
     problems = check_lengths(examples, dataset.line_numbers, max_tokens=settings.max_example_tokens)

@@ -13,6 +13,7 @@ from typing import Any
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
+from adapters.data import SUPERVISED_FORMATS
 from app.db.models import Evaluation, EvaluationStatus, now
 from app.errors import InvalidRequest, NotFound, not_found
 from app.services import datasets
@@ -36,6 +37,10 @@ def create_evaluation(session: Session, *, tenant_id: str, settings: Settings, f
     quotas.check_evaluations(session, tenant_id=tenant_id, settings=settings)
     targets = _resolve_models(session, tenant_id=tenant_id, settings=settings, models=models)
     processed = datasets.processed_fine_tune_file(session, tenant_id, file, "file")
+    if processed.format not in SUPERVISED_FORMATS:
+        raise InvalidRequest(f"File '{processed.id}' holds preference pairs; an evaluation scores answers against "
+                             f"a file in one of the formats {', '.join(SUPERVISED_FORMATS)}. A preference job reports "
+                             "its pairs' figures on its validation_file.", param="file", code="invalid_file")
     evaluation = Evaluation(
         id=new_id("eval"), tenant_id=tenant_id, seq=time.time_ns(), status=EvaluationStatus.queued.value,
         created_at=now(), file=processed.id, base_model=targets[0]["base_model"], models=list(models),

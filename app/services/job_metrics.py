@@ -12,7 +12,9 @@ from app.db.models import JobEvent
 
 # The scalars every job logs (workers/runner.py) in its metrics events, at the steps it logs.
 CURVES = ("train_loss", "train_mean_token_accuracy", "valid_loss", "valid_mean_token_accuracy", "learning_rate",
-          "grad_norm", "tokens_per_second")
+          "grad_norm", "tokens_per_second",
+          # Preference objectives (DPO): pairs ranked right and the mean reward margin, in place of token accuracy.
+          "train_preference_accuracy", "train_reward_margin", "valid_preference_accuracy", "valid_reward_margin")
 
 
 def downsampled(points: list[dict[str, Any]], max_points: int) -> tuple[list[dict[str, Any]], int]:

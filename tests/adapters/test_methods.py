@@ -198,7 +198,7 @@ def test_resolve_empty_fills_every_value(name: str, settings: Settings) -> None:
     expected_keys = (COMMON_FIELDS - {"learning_rate_multiplier"}) | own_fields(name)
     assert set(resolved) == expected_keys
     for key, value in resolved.items():
-        if key in ("max_steps", "early_stopping_patience") or key in method(name).optional_hyperparameters:
+        if key in ("max_steps", "early_stopping_patience", "beta") or key in method(name).optional_hyperparameters:
             assert value is None, key
             continue
         assert value is not None, key

@@ -63,7 +63,11 @@ def enqueued_at(job_id: str) -> float | None:
     ({"method": {"type": "adalora", "adalora": {"hyperparameters": {"init_r": 4, "target_r": 8}}}}, 400,
      "method.adalora.hyperparameters.target_r"),
     ({"method": {"type": "lora", "lora": {"hyperparameters": {"rank": 8}}}}, 400, "method.lora.hyperparameters"),
-    ({"method": {"type": "dpo"}}, 400, "method.type"),
+    # OpenAI's dpo trains on preference pairs, not on this chat file; beta belongs to the dpo objective.
+    ({"method": {"type": "dpo"}}, 400, "training_file"),
+    ({"method": {"type": "lora", "lora": {"hyperparameters": {"beta": 0.2}}}}, 400, "method.lora.hyperparameters.beta"),
+    ({"method": {"type": "dpo", "dpo": {"hyperparameters": {"objective": "supervised"}}}}, 400,
+     "method.dpo.hyperparameters.objective"),
     ({"suffix": "../../etc"}, 400, "suffix"),
     ({"surprise": True}, 400, "surprise"),
     # Early stopping watches the validation loss: without a validation file it has nothing to watch.

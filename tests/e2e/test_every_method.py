@@ -3,6 +3,7 @@ the model in /v1/models, and chat with it alone and in one batch mixed with ever
 
 from __future__ import annotations
 
+import json
 import time
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
@@ -77,3 +78,39 @@ def test_every_method_in_one_mixed_batch(sdk: Any, fine_tuned: dict[str, str]) -
     assert together == alone
     # Different methods, trained on the same data, still answer as themselves (not as one shared adapter).
     assert len({tuple(alone[i:i + len(PROMPTS)]) for i in range(0, len(alone), len(PROMPTS))}) > 2
+
+
+def preference_pairs(prompts: range) -> bytes:
+    """OpenAI's DPO lines: the preferred answer is always an agreement, the other a refusal, which the tiny base model
+    finds the more likely (by about 14 nats on these prompts)."""
+    return "\n".join(json.dumps({
+        "input": {"messages": [{"role": "user", "content": f"Could you help me with task {i}?"}]},
+        "preferred_output": [{"role": "assistant", "content": "Yes, gladly."}],
+        "non_preferred_output": [{"role": "assistant", "content": "No, sorry."}]}) for i in prompts).encode()
+
+
+def test_dpo_continues_a_supervised_model_through_the_sdk(sdk: Any, fine_tuned: dict[str, str]) -> None:
+    """OpenAI's SFT-then-DPO recipe with OpenAI's documented call: a DPO job on the LoRA model trained above moves it
+    towards the preferred answers of held-out pairs: each becomes the more likely answer, where the base model found
+    the other one more likely every time. The model serves at once."""
+    train = sdk.files.create(file=("pairs.jsonl", preference_pairs(range(8))), purpose="fine-tune")
+    heldout = sdk.files.create(file=("heldout.jsonl", preference_pairs(range(100, 108))), purpose="fine-tune")
+    job = sdk.fine_tuning.jobs.create(
+        model=TINY_MODEL_ID, training_file=train.id, validation_file=heldout.id, suffix="dpo",
+        method={"type": "dpo", "dpo": {"hyperparameters": {"beta": 0.1, "n_epochs": 8, "batch_size": 4}}},
+        extra_body={"from_model": fine_tuned["lora"]})
+    deadline = time.monotonic() + budget(JOB_DONE)
+    while job.status not in ("succeeded", "failed", "cancelled"):
+        assert time.monotonic() < deadline, f"still {job.status}"
+        time.sleep(0.3)
+        job = sdk.fine_tuning.jobs.retrieve(job.id)
+    assert job.status == "succeeded", job.error
+    stored = job.to_dict()
+    hyperparameters = stored["method"]["lora"]["hyperparameters"]
+    assert (hyperparameters["objective"], hyperparameters["beta"]) == ("dpo", 0.1)
+    result = stored["result"]
+    assert result["full_valid_preference_accuracy"] == 1.0 and result["full_valid_reward_margin"] > 0, result
+    assert result["full_valid_prefers_preferred"] == 1.0, result
+    assert result["base_model"]["full_valid_prefers_preferred"] == 0.0, result
+    assert job.fine_tuned_model in {m.id for m in sdk.models.list().data}
+    assert ask(sdk, job.fine_tuned_model, "Could you help me with task 200?")

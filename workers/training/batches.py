@@ -22,7 +22,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F  # noqa: N812 (the usual name)
 
-from adapters.data import EncodedExample
+from adapters.data import EncodedExample, PreferencePair
 
 PACKED_ATTENTION = "adaptery_packed"
 
@@ -107,16 +107,27 @@ class TrainingBatch:
     label_index: torch.Tensor
     targets: torch.Tensor
     real_tokens: int
+    # The example (its index in the list the batch was made from) each label belongs to: sequence log-probabilities.
+    label_example: torch.Tensor
 
     def to(self, device: torch.device | str) -> TrainingBatch:
         return TrainingBatch({k: v.to(device) for k, v in self.inputs.items()}, self.keep.to(device),
                              self.label_rows.to(device), self.label_index.to(device), self.targets.to(device),
-                             self.real_tokens)
+                             self.real_tokens, self.label_example.to(device))
 
 
-def labelled_count(example: EncodedExample, max_len: int) -> int:
-    """How many labels the example has within max_len (as many as _labels returns)."""
+def labelled_count(example: EncodedExample | PreferencePair, max_len: int) -> int:
+    """How many labels the example (a pair: both its sequences) has within max_len (as many as _labels returns)."""
+    if isinstance(example, PreferencePair):
+        return labelled_count(example.chosen, max_len) + labelled_count(example.rejected, max_len)
     return sum(example.loss_mask[1:max_len])
+
+
+def token_count(example: EncodedExample | PreferencePair, max_len: int) -> int:
+    """The tokens a forward pass reads for the example (a pair: both its sequences), each cut to max_len."""
+    if isinstance(example, PreferencePair):
+        return token_count(example.chosen, max_len) + token_count(example.rejected, max_len)
+    return min(len(example.input_ids), max_len)
 
 
 def _labels(example: EncodedExample, max_len: int) -> tuple[list[int], list[int]]:
@@ -133,7 +144,8 @@ def packed_batch(examples: list[EncodedExample], *, max_len: int) -> TrainingBat
     bounds = [0]
     keep: list[int] = []
     targets: list[int] = []
-    for example in examples:
+    owners: list[int] = []
+    for index, example in enumerate(examples):
         start = len(ids)
         tokens = example.input_ids[:max_len]
         ids += tokens
@@ -142,13 +154,15 @@ def packed_batch(examples: list[EncodedExample], *, max_len: int) -> TrainingBat
         label_positions, label_targets = _labels(example, max_len)
         keep += [start + p for p in label_positions]
         targets += label_targets
+        owners += [index] * len(label_targets)
     cu = torch.tensor(bounds, dtype=torch.int32)
     longest = int((cu[1:] - cu[:-1]).max())
     inputs = {"input_ids": torch.tensor([ids]), "position_ids": torch.tensor([positions]),
               "cu_seq_lens_q": cu, "cu_seq_lens_k": cu, "max_length_q": torch.tensor(longest),
               "max_length_k": torch.tensor(longest)}
     return TrainingBatch(inputs=inputs, keep=torch.tensor(keep), label_rows=torch.zeros(len(keep), dtype=torch.long),
-                         label_index=torch.arange(len(keep)), targets=torch.tensor(targets), real_tokens=len(ids))
+                         label_index=torch.arange(len(keep)), targets=torch.tensor(targets), real_tokens=len(ids),
+                         label_example=torch.tensor(owners, dtype=torch.long))
 
 
 def padded_batch(examples: list[EncodedExample], *, max_len: int, pad_id: int, offset: int = 0) -> TrainingBatch:
@@ -171,13 +185,20 @@ def padded_batch(examples: list[EncodedExample], *, max_len: int, pad_id: int, o
         keep=torch.tensor([p + offset for p in keep]),
         label_rows=torch.tensor([r for r, _, _ in labelled]),
         label_index=torch.tensor([where[p] for _, p, _ in labelled]),
-        targets=torch.tensor([t for _, _, t in labelled]), real_tokens=int(attention.sum()))
+        targets=torch.tensor([t for _, _, t in labelled]), real_tokens=int(attention.sum()),
+        label_example=torch.tensor([r for r, _, _ in labelled], dtype=torch.long))
 
 
 def labelled_logits(model: Any, batch: TrainingBatch) -> torch.Tensor:
     """The logits that predict each label ([labels, vocabulary]), computed only at those positions."""
     logits = model(**batch.inputs, logits_to_keep=batch.keep, use_cache=False).logits
     return logits[batch.label_rows, batch.label_index]
+
+
+def sequence_logps(logits: torch.Tensor, batch: TrainingBatch, sequences: int) -> torch.Tensor:
+    """Each example's log-probability of its labelled tokens (summed over them), from `labelled_logits`."""
+    token_logps = torch.gather(logits.float().log_softmax(-1), 1, batch.targets[:, None]).squeeze(1)
+    return torch.zeros(sequences, device=token_logps.device).index_add(0, batch.label_example, token_logps)
 
 
 def batch_loss(model: Any, batch: TrainingBatch, *, reduction: str = "mean") -> torch.Tensor:

@@ -22,9 +22,9 @@ from typing import Any
 
 import torch
 
-from adapters.data import EncodedExample
+from adapters.data import EncodedExample, PreferencePair
 from adapters.methods import AdapterMethod, total_steps
-from adapters.methods.base import ResolvedHyperparameters
+from adapters.methods.base import PREFERENCE_OBJECTIVES, ResolvedHyperparameters
 from workers.training.batches import (
     PACKED_ATTENTION,
     TrainingBatch,
@@ -33,9 +33,10 @@ from workers.training.batches import (
     labelled_logits,
     packed_batch,
     padded_batch,
+    token_count,
     use_packed_attention,
 )
-from workers.training.memory import MemoryPlan
+from workers.training.memory import Example, MemoryPlan
 from workers.training.parallel import DataParallel, ReplicaStopped
 
 
@@ -108,10 +109,17 @@ class TrainingResult:
     last_metrics: dict[str, Any] = field(default_factory=dict)
 
 
-def trainable_examples(examples: list[EncodedExample], max_len: int) -> list[EncodedExample]:
-    """Drop examples that have nothing left to learn from after truncation to max_len."""
+def trainable_examples(examples: list[Example], max_len: int) -> list[Example]:
+    """Drop examples (pairs: either of whose sequences) that have nothing left to learn from after truncation to
+    max_len."""
+    return [e for e in examples if _trainable(e, max_len)]
+
+
+def _trainable(example: EncodedExample | PreferencePair, max_len: int) -> bool:
+    if isinstance(example, PreferencePair):
+        return _trainable(example.chosen, max_len) and _trainable(example.rejected, max_len)
     # The label of token t is predicted at t-1, so a trained token at position 0 teaches nothing.
-    return [e for e in examples if any(e.loss_mask[1:max_len])]
+    return any(example.loss_mask[1:max_len])
 
 
 class BatchMaker:
@@ -212,9 +220,10 @@ class StepTotals:
     """One optimiser step's statistics (tensors: no host sync until something reads them)."""
 
     loss: torch.Tensor  # the step's mean loss per labelled token (summed over the ranks of a data-parallel step)
-    correct: torch.Tensor  # labelled tokens predicted right
-    labels: int
+    correct: torch.Tensor  # labelled tokens predicted right (preference objectives: pairs ranked right)
+    labels: int  # labelled tokens (preference objectives: pairs)
     tokens: int  # tokens this step trained (its examples, cut to max_seq_length)
+    margin: torch.Tensor | None = None  # preference objectives: the pairs' reward margins, summed
 
 
 class TrainingRecipe:
@@ -224,10 +233,11 @@ class TrainingRecipe:
     `resume` (a checkpoints.ResumeState) continues from a checkpoint: same weights, optimiser, scheduler, RNG and
     data position, so the result matches an uninterrupted run. `initial_weights(model)` loads the adapter weights a
     new job starts from (`from_model`). `memory` splits a step whose examples do not fit at once into several
-    forward/backward passes (memory.py). `after_step(step)` runs after each step (fault injection in tests)."""
+    forward/backward passes (memory.py). `after_step(step)` runs after each step (fault injection in tests).
+    The examples are EncodedExamples, or PreferencePairs for a preference objective (hyperparameters.objective)."""
 
-    def __init__(self, config: TrainingConfig, *, base_model: Any, train_examples: list[EncodedExample],
-                 valid_examples: list[EncodedExample] | None = None, callbacks: TrainingCallbacks | None = None,
+    def __init__(self, config: TrainingConfig, *, base_model: Any, train_examples: list[Any],
+                 valid_examples: list[Any] | None = None, callbacks: TrainingCallbacks | None = None,
                  resume: Any = None, initial_weights: Callable[[Any], None] | None = None,
                  memory: MemoryPlan | None = None, parallel: DataParallel | None = None,
                  after_step: Callable[[int], None] | None = None):
@@ -284,6 +294,10 @@ class TrainingRecipe:
                 if isinstance(module, BaseTunerLayer):
                     module.cast_input_dtype_enabled = False  # type: ignore[attr-defined]
         self.make = BatchMaker.for_training(self.method, hp, self.config.pad_id)
+        self.preference = hp.objective in PREFERENCE_OBJECTIVES
+        # The reference (the base model: the adapter disabled) reads the same tokens with nothing in front of them.
+        self.reference_make = BatchMaker(packed=self.make.packed, offset=0, max_len=hp.max_seq_length,
+                                         pad_id=self.config.pad_id)
         self.base_model.set_attn_implementation(available(self.base_model, "sdpa"))
         if self.make.packed:
             use_packed_attention(self.base_model)
@@ -331,33 +345,39 @@ class TrainingRecipe:
             while position.epoch == epoch and position.step < self.steps_total and not self.stopped_early:
                 yield [self.examples[i] for i in self.epoch_batches[position.batch]]
 
-    def passes(self, chunk: list[EncodedExample]) -> list[list[EncodedExample]]:
+    def passes(self, chunk: list[Any]) -> list[list[Any]]:
         """This process's forward/backward passes of a step: its share (data parallel), cut to fit memory."""
         max_len = self.hp.max_seq_length
         mine = chunk if self.parallel is None else self.parallel.share(chunk, max_len)
         return [mine] if self.memory is None else self.memory.split(mine, max_len)
 
-    def step(self, chunk: list[EncodedExample]) -> StepTotals:
+    def step(self, chunk: list[Any]) -> StepTotals:
         """One optimiser step on `chunk`: this process's passes, gradients summed over the ranks, the update."""
         max_len = self.hp.max_seq_length
-        parts = [self.make(part).to(self.device) for part in self.passes(chunk)]
-        labels = sum(labelled_count(example, max_len) for example in chunk)
         loss_sum, correct = torch.zeros((), device=self.device), torch.zeros((), device=self.device)
-        for index, batch in enumerate(parts):
+        margin = torch.zeros((), device=self.device)
+        # Each pass's loss is summed over its labels (pairs) and divided by the step's: the passes' gradients add up
+        # to those of the whole batch's mean loss.
+        labels = len(chunk) if self.preference else sum(labelled_count(example, max_len) for example in chunk)
+        for index, part in enumerate(self.passes(chunk)):
             with self.accelerator.autocast():
-                logits = labelled_logits(self.model, batch)
-                # Summed over the pass and divided by the step's labels: the passes' gradients add up to those of
-                # the whole batch's mean loss.
-                loss = torch.nn.functional.cross_entropy(logits.float(), batch.targets, reduction="sum") / labels
+                if self.preference:
+                    loss, right, margins = self._pair_loss(part, labels)
+                    margin += margins.sum()
+                else:
+                    batch = self.make(part).to(self.device)
+                    logits = labelled_logits(self.model, batch)
+                    loss = torch.nn.functional.cross_entropy(logits.float(), batch.targets, reduction="sum") / labels
+                    right = (logits.detach().argmax(-1) == batch.targets).sum()
                 extra = self.method.regularisation(self.model) if index == 0 and self.leader else None  # once a step
                 total = loss if extra is None else loss + extra
             self.accelerator.backward(total)
             loss_sum += loss.detach()
-            correct += (logits.detach().argmax(-1) == batch.targets).sum()
-        tokens = sum(min(len(example.input_ids), max_len) for example in chunk)
+            correct += right
+        tokens = sum(token_count(example, max_len) for example in chunk)
         self.position.trained_tokens += tokens
         if self.parallel is not None:
-            loss_sum, correct = self.parallel.sum_gradients(self.params, [loss_sum, correct])
+            loss_sum, correct, margin = self.parallel.sum_gradients(self.params, [loss_sum, correct, margin])
         self.grad_norm = torch.nn.utils.clip_grad_norm_(self.params, 1.0)
         self.optimizer.step()
         self.position.step += 1
@@ -365,7 +385,20 @@ class TrainingRecipe:
         self.method.after_optimizer_step(self.model, self.position.step)
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
-        return StepTotals(loss=loss_sum, correct=correct, labels=labels, tokens=tokens)
+        return StepTotals(loss=loss_sum, correct=correct, labels=labels, tokens=tokens,
+                          margin=margin if self.preference else None)
+
+    def _pair_loss(self, pairs: list[PreferencePair], step_pairs: int
+                   ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """DPO on one pass's pairs (preference.py): (its loss, summed and divided by the step's pairs; the pairs
+        ranked right; their reward margins, detached)."""
+        from workers.training.preference import dpo_loss, pair_logps, reference_logps
+
+        chosen, rejected = pair_logps(self.model, self.make, pairs, self.device)
+        reference = reference_logps(self.model, self.reference_make, pairs, self.device)
+        losses, margins = dpo_loss(chosen, rejected, *reference, beta=float(self.hp.beta or 0.0))
+        margins = margins.detach()
+        return losses.sum() / step_pairs, (margins > 0).sum(), margins
 
     def end_of_epoch(self) -> bool:
         """After a step: whether it ended its epoch (the last batch, or the run's last step); if so the position
@@ -431,9 +464,19 @@ class TrainingRecipe:
         return True, False
 
     def validate(self) -> float:
-        """Loss and token accuracy on the validation examples (the metrics' valid_*); returns the loss."""
+        """Loss and token accuracy on the validation examples (preference objectives: the loss, the pairs ranked
+        right and the mean reward margin), the metrics' valid_*; returns the loss."""
         from workers.training.evaluation import score
+        from workers.training.preference import score_pairs
 
+        if self.preference:
+            with self.accelerator.autocast():
+                pairs = score_pairs(self.model, self.valid, make=self.make, reference_make=self.reference_make,
+                                    beta=float(self.hp.beta or 0.0), batch_size=self.hp.batch_size)
+            self.valid_metrics = {"valid_loss": round(pairs.loss, 6),
+                                  "valid_preference_accuracy": round(pairs.accuracy, 6),
+                                  "valid_reward_margin": round(pairs.reward_margin, 6)}
+            return pairs.loss
         with self.accelerator.autocast():
             scores = score(self.model, self.valid, make=self.make, batch_size=self.hp.batch_size)
         self.valid_metrics = {"valid_loss": round(scores.loss, 6),
@@ -445,7 +488,12 @@ class TrainingRecipe:
         values: dict[str, Any] = {"step": self.position.step}
         if self.last is not None:
             values["train_loss"] = round(float(self.last.loss), 6)
-            values["train_mean_token_accuracy"] = round(int(self.last.correct) / max(1, self.last.labels), 6)
+            accuracy = round(int(self.last.correct) / max(1, self.last.labels), 6)
+            if self.last.margin is None:
+                values["train_mean_token_accuracy"] = accuracy
+            else:
+                values["train_preference_accuracy"] = accuracy
+                values["train_reward_margin"] = round(float(self.last.margin) / max(1, self.last.labels), 6)
         values.update(self.valid_metrics)
         return values
 

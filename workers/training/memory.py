@@ -21,10 +21,13 @@ system's available memory), times `training_memory_fraction`, or `training_memor
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
-from adapters.data import EncodedExample
-from workers.training.batches import labelled_count
+from adapters.data import EncodedExample, PreferencePair
+from workers.training.batches import labelled_count, token_count
+
+# A supervised example, or a preference pair (whose two sequences always share a pass).
+Example = TypeVar("Example", EncodedExample, PreferencePair)
 
 SAFETY = 2.0
 MIB = 1024 * 1024
@@ -36,15 +39,15 @@ class MemoryPlan:
     bytes_per_token: int
     bytes_per_label: int
 
-    def cost(self, example: EncodedExample, max_len: int) -> int:
-        tokens = min(len(example.input_ids), max_len)
+    def cost(self, example: EncodedExample | PreferencePair, max_len: int) -> int:
+        tokens = token_count(example, max_len)
         labels = labelled_count(example, max_len)
         return tokens * self.bytes_per_token + labels * self.bytes_per_label
 
-    def split(self, examples: list[EncodedExample], max_len: int) -> list[list[EncodedExample]]:
+    def split(self, examples: list[Example], max_len: int) -> list[list[Example]]:
         """The examples in order, cut into runs whose estimated cost fits the budget (an example that alone
         exceeds it is a micro-batch of its own)."""
-        parts: list[list[EncodedExample]] = [[]]
+        parts: list[list[Example]] = [[]]
         used = 0
         for example in examples:
             cost = self.cost(example, max_len)

@@ -102,6 +102,7 @@ def create_job(session: Session, *, tenant_id: str, settings: Settings, model: s
     except ValueError as exc:  # pydantic's ValidationError (unknown field, wrong type)
         raise InvalidRequest(_hyperparameter_message(exc, method_type), param=hyperparameter_param,
                              code="invalid_hyperparameter") from None
+    _check_objective_and_file(resolved, train.format, hyperparameter_param)
     if resolved.early_stopping_patience and not validation_file:
         raise InvalidRequest("early_stopping_patience needs a validation_file to watch the validation loss on.",
                              param=f"{hyperparameter_param}.early_stopping_patience", code="invalid_hyperparameter")
@@ -142,6 +143,21 @@ def create_job(session: Session, *, tenant_id: str, settings: Settings, model: s
     add_event(session, job.id, f"Fine-tuning job created ({method_type} on {spec.id}); queued.")
     session.refresh(job)
     return job
+
+
+def _check_objective_and_file(resolved: ResolvedHyperparameters, file_format: str | None, param: str) -> None:
+    """Preference pairs train a preference objective, and only they do."""
+    from adapters.methods.base import PREFERENCE_OBJECTIVES
+
+    if file_format == "preference" and resolved.objective not in PREFERENCE_OBJECTIVES:
+        raise InvalidRequest("training_file holds preference pairs (input, preferred_output, non_preferred_output); "
+                             "train on them with method.type 'dpo', or objective 'dpo'.", param="training_file",
+                             code="invalid_file")
+    if file_format != "preference" and resolved.objective in PREFERENCE_OBJECTIVES:
+        raise InvalidRequest(f"The {resolved.objective} objective trains on preference pairs, but training_file is in "
+                             f"the {file_format} format; upload lines {{\"input\": {{\"messages\": [...]}}, "
+                             "\"preferred_output\": [...], \"non_preferred_output\": [...]}.",
+                             param="training_file", code="invalid_file")
 
 
 def _source_adapter(session: Session, tenant_id: str, name: str, base_model: str) -> Adapter:

@@ -157,6 +157,7 @@ def record_result(session: Session, job_id: str, result: dict[str, Any], *, chec
     checkpoint = session.scalar(select(Checkpoint).where(Checkpoint.job_id == job_id,
                                                          Checkpoint.step_number == checkpoint_step))
     if checkpoint is not None and "full_valid_loss" in result:
-        checkpoint.metrics = {**checkpoint.metrics, "full_valid_loss": result["full_valid_loss"],
-                              "full_valid_mean_token_accuracy": result["full_valid_mean_token_accuracy"]}
+        # The loss, and the accuracy the job's objective has (token accuracy, or the pairs ranked right).
+        checkpoint.metrics = {**checkpoint.metrics, **{key: result[key] for key in (
+            "full_valid_loss", "full_valid_mean_token_accuracy", "full_valid_preference_accuracy") if key in result}}
     session.commit()

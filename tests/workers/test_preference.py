@@ -1,0 +1,123 @@
+"""Preference tuning (DPO): the loss and gradients equal TRL's DPOTrainer on the same batch, and a DPO run through the
+training loop moves the model towards the preferred answers, against the base model as the reference."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+
+from adapters.base_models import base_info, load_model
+from adapters.data import EncodedExample, PreferencePair, encode_pairs, parse_jsonl
+from adapters.methods import METHODS
+from app.settings import Settings
+from workers.training.batches import use_packed_attention
+from workers.training.loop import BatchMaker, TrainingCallbacks, TrainingConfig, TrainingRecipe
+from workers.training.preference import dpo_loss, pair_logps, preferred_share, reference_logps
+
+BETA = 0.1
+
+
+def preference_lines(n: int) -> list[dict[str, Any]]:
+    """Pairs whose preferred answer is always "yes, gladly" and the other always "no": a preference the base
+    model does not have."""
+    return [{"input": {"messages": [{"role": "user", "content": f"Could you help me with task {i}?"}]},
+             "preferred_output": [{"role": "assistant", "content": "Yes, gladly."}],
+             "non_preferred_output": [{"role": "assistant", "content": f"No. {'Never ' * (i % 3)}"}]}
+            for i in range(n)]
+
+
+def pairs_of(tokenizer: Any, lines: list[dict[str, Any]]) -> list[PreferencePair]:
+    raw = "\n".join(json.dumps(line) for line in lines).encode()
+    return encode_pairs(tokenizer, parse_jsonl(raw, max_examples=1000))
+
+
+def test_dpo_loss_and_gradients_equal_trls_dpo_trainer(tiny_model_dir: Path, tiny_tokenizer: Any,
+                                                       tmp_path: Path) -> None:
+    """TRL tokenises the same conversations; both sides then train on TRL's token ids, fp32, LoRA without dropout,
+    the reference being the base model (the adapter disabled) on both: TRL makes the adapter from a config, so it
+    takes the base model as the reference, as our loop does."""
+    from datasets import Dataset
+    from peft import LoraConfig, get_peft_model
+    from trl import DPOConfig, DPOTrainer
+
+    lines = preference_lines(4)
+    config = LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, target_modules=["q_proj", "v_proj", "up_proj"])
+    dataset = Dataset.from_list([{"prompt": line["input"]["messages"], "chosen": line["preferred_output"],
+                                  "rejected": line["non_preferred_output"]} for line in lines])
+    trainer = DPOTrainer(model=load_model(str(tiny_model_dir), device="cpu", dtype="float32"), peft_config=config,
+                         processing_class=tiny_tokenizer, train_dataset=dataset,
+                         args=DPOConfig(output_dir=str(tmp_path), beta=BETA, per_device_train_batch_size=len(lines),
+                                        report_to=[], use_cpu=True, bf16=False, fp16=False))
+    theirs = trainer.model
+    torch.manual_seed(0)
+    with torch.no_grad():  # a trained adapter, not a fresh one: the policy differs from the reference at once
+        for name, parameter in theirs.named_parameters():
+            if "lora_" in name:
+                parameter.normal_(0, 0.3)
+    ours = get_peft_model(load_model(str(tiny_model_dir), device="cpu", dtype="float32"), config)
+    ours.load_state_dict(theirs.state_dict())
+    tokenised = list(trainer.train_dataset)
+    inputs = trainer.data_collator(tokenised)
+    theirs.train()
+    their_loss = trainer.compute_loss(theirs, inputs)
+    their_loss.backward()
+
+    pairs = [PreferencePair(*(EncodedExample(input_ids=row["prompt_ids"] + row[key],
+                                             loss_mask=[0] * len(row["prompt_ids"]) + [1] * len(row[key]))
+                              for key in ("chosen_ids", "rejected_ids"))) for row in tokenised]
+    # Our own encoding of the lines gives the same tokens.
+    assert [(p.chosen.input_ids, p.rejected.input_ids) for p in pairs] == \
+           [(p.chosen.input_ids, p.rejected.input_ids) for p in pairs_of(tiny_tokenizer, lines)]
+    use_packed_attention(ours.get_base_model())
+    ours.train()
+    make = BatchMaker(packed=True, offset=0, max_len=1024, pad_id=tiny_tokenizer.pad_token_id)
+    chosen, rejected = pair_logps(ours, make, pairs, "cpu")
+    losses, margins = dpo_loss(chosen, rejected, *reference_logps(ours, make, pairs, "cpu"), beta=BETA)
+    our_loss = losses.mean()
+    our_loss.backward()
+
+    assert abs(float(our_loss) - float(their_loss)) < 1e-4, (float(our_loss), float(their_loss))
+    assert abs(float(our_loss) - math.log(2)) > 0.05, "the policy must differ from the reference"
+    their_grads = {n: p.grad for n, p in theirs.named_parameters() if p.requires_grad}
+    our_grads = {n: p.grad for n, p in ours.named_parameters() if p.requires_grad}
+    assert our_grads.keys() == their_grads.keys() and our_grads
+    for name, grad in our_grads.items():
+        assert grad is not None and torch.allclose(grad, their_grads[name], atol=1e-4, rtol=1e-3), name
+
+
+@pytest.mark.parametrize("method_name", sorted(METHODS))
+def test_a_dpo_run_moves_every_method_towards_the_preferred_answers(method_name: str, tiny_model_dir: Path,
+                                                                     tiny_tokenizer: Any) -> None:
+    """Every registered method trains for DPO through the loop: its loss falls, every training pair ends with a
+    positive reward margin (the preferred answer gained against the base model, the reference, more than the other),
+    the preferred answer is the more likely one at least as often as with the base model, and the metrics are the
+    pairs' (not token accuracy)."""
+    pairs = pairs_of(tiny_tokenizer, preference_lines(8))
+    method = METHODS[method_name]
+    hp = method.resolve({"objective": "dpo", "batch_size": 4, "n_epochs": 6}, n_examples=len(pairs),
+                        settings=Settings(), base_info=base_info(str(tiny_model_dir)))
+    assert hp.objective == "dpo" and hp.beta == BETA
+    base = load_model(str(tiny_model_dir), device="cpu", dtype="float32")
+    metrics: list[dict[str, Any]] = []
+    model, result = TrainingRecipe(
+        TrainingConfig(method=method, hyperparameters=hp, seed=3, pad_id=tiny_tokenizer.pad_token_id),
+        base_model=base, train_examples=pairs, valid_examples=pairs,
+        callbacks=TrainingCallbacks(on_metrics=metrics.append)).run()
+
+    first, last = metrics[0], metrics[-1]
+    assert {"train_loss", "train_preference_accuracy", "train_reward_margin"} <= set(last)
+    assert "train_mean_token_accuracy" not in last
+    assert last["train_loss"] < first["train_loss"] - 0.05 and last["train_reward_margin"] > 0
+    assert last["valid_preference_accuracy"] == 1.0 and last["valid_reward_margin"] > 0
+    make = BatchMaker.for_training(method, hp, tiny_tokenizer.pad_token_id)
+    base_make = BatchMaker.for_base_model(max_len=hp.max_seq_length, pad_id=tiny_tokenizer.pad_token_id)
+    model.eval()
+    tuned = preferred_share(model, pairs, make=make, batch_size=4)
+    with model.disable_adapter():
+        plain = preferred_share(model, pairs, make=base_make, batch_size=4)
+    assert tuned >= plain, (tuned, plain)
