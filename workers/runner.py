@@ -317,8 +317,8 @@ class JobRunner:
         make = BatchMaker.for_training(self.method, hp, pad_id)
         base_make = BatchMaker.for_base_model(max_len=hp.max_seq_length, pad_id=pad_id)
         with autocast():
-            scores = score_pairs(model, valid, make=make, reference_make=base_make, beta=float(hp.beta or 0.0),
-                                 batch_size=hp.batch_size)
+            scores = score_pairs(model, valid, objective=hp.objective, make=make, reference_make=base_make,
+                                 beta=float(hp.beta or 0.0), gamma=hp.gamma, batch_size=hp.batch_size)
             tuned = preferred_share(model, valid, make=make, batch_size=hp.batch_size)
             with model.disable_adapter():
                 plain = preferred_share(model, valid, make=base_make, batch_size=hp.batch_size)

@@ -21,10 +21,13 @@ from adapters.methods.serving import AdapterLoadError, ServingKind, ServingWeigh
 
 Auto = Literal["auto"]
 Scheduler = Literal["linear", "cosine", "constant"]
-# What a job trains for: the supervised next-token loss, or a preference objective on pairs (DPO).
-Objective = Literal["supervised", "dpo"]
-PREFERENCE_OBJECTIVES = ("dpo",)
-DEFAULT_BETA = 0.1
+# What a job trains for: the supervised next-token loss, or a preference objective on pairs: DPO (against the base
+# model as the reference), or the reference-free ORPO and SimPO.
+Objective = Literal["supervised", "dpo", "orpo", "simpo"]
+PREFERENCE_OBJECTIVES = ("dpo", "orpo", "simpo")
+# Each objective's beta when none is given: DPO's and ORPO's (λ) from their papers and TRL; SimPO's from its paper.
+DEFAULT_BETA = {"dpo": 0.1, "orpo": 0.1, "simpo": 2.0}
+DEFAULT_SIMPO_GAMMA = 1.0
 
 
 def bounded(description: str, low: float, high: float | str, *, low_open: bool = False) -> Any:
@@ -71,11 +74,14 @@ class TrainingHyperparameters(BaseModel):
                                   "about a third more compute (default false)")
     objective: Objective | Auto | None = Field(
         default=None, description="what training optimises: supervised (the next-token loss on the answers; the "
-                                  "default) or dpo (Direct Preference Optimisation on a file of preference pairs, "
-                                  "against the base model as the reference; method.type 'dpo' sets it)")
+                                  "default), or on a file of preference pairs dpo (Direct Preference Optimisation "
+                                  "against the base model as the reference; method.type 'dpo' sets it), orpo (the "
+                                  "preferred answers' loss plus an odds-ratio term; no reference) or simpo (length-"
+                                  "normalised log-probabilities with a target margin; no reference)")
     beta: float | Auto | None = bounded(
-        "dpo: how strongly the model is held to the reference (the base model); smaller lets it move further "
-        "(default 0.1)", 0, 10, low_open=True)
+        "preference objectives: dpo, how strongly the model is held to the reference (default 0.1); orpo, the "
+        "odds-ratio term's weight λ (default 0.1); simpo, the reward scale (default 2.0)", 0, 10, low_open=True)
+    gamma: float | Auto | None = bounded("simpo: the target reward margin γ (default 1.0)", 0, 10)
 
 
 class ResolvedHyperparameters(BaseModel):
@@ -98,6 +104,7 @@ class ResolvedHyperparameters(BaseModel):
     # Defaults, so a job stored before preference objectives existed reads as the supervised job it was.
     objective: Objective = "supervised"
     beta: float | None = None
+    gamma: float | None = None
 
     def shape(self) -> dict[str, Any]:
         """The method's own values (rank, target modules, virtual tokens, ...): what an adapter trained further
@@ -249,12 +256,16 @@ class AdapterMethod(Generic[Resolved]):
     @staticmethod
     def _objective(hp: TrainingHyperparameters) -> dict[str, Any]:
         objective = hp.objective if given(hp.objective) else "supervised"
+        if objective != "simpo" and given(hp.gamma):
+            raise HyperparameterError("gamma", "gamma applies to the simpo objective only")
         if objective not in PREFERENCE_OBJECTIVES:
             if given(hp.beta):
-                raise HyperparameterError("beta", "beta applies to the dpo objective only (method.type 'dpo', or "
-                                                  "objective 'dpo')")
-            return {"objective": objective, "beta": None}
-        return {"objective": objective, "beta": hp.beta if given(hp.beta) else DEFAULT_BETA}
+                raise HyperparameterError("beta", "beta applies to the preference objectives only (dpo, orpo, "
+                                                  "simpo; method.type 'dpo' sets dpo)")
+            return {"objective": objective, "beta": None, "gamma": None}
+        gamma = (hp.gamma if given(hp.gamma) else DEFAULT_SIMPO_GAMMA) if objective == "simpo" else None
+        return {"objective": objective, "beta": hp.beta if given(hp.beta) else DEFAULT_BETA[objective],
+                "gamma": gamma}
 
     def stored(self, values: dict[str, Any]) -> Resolved:
         """Resolved hyperparameters as a job stored them (`resolve(...).model_dump()`)."""

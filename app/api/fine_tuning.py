@@ -70,7 +70,9 @@ def _method_and_hyperparameters(body: JobCreate) -> tuple[str | None, dict[str, 
     param = f"method.{body.method.type}.hyperparameters"
     if body.method.type == DPO:
         if raw.get("objective") not in (None, "auto", DPO):
-            raise InvalidRequest(f"method.type 'dpo' trains for the dpo objective; objective is {raw['objective']!r}.",
+            raise InvalidRequest(f"method.type 'dpo' trains for the dpo objective; objective is {raw['objective']!r} "
+                                 "(another preference objective goes with a method's type, e.g. {\"type\": "
+                                 "\"lora\", \"lora\": {\"hyperparameters\": {\"objective\": \"simpo\"}}}).",
                                  param=f"{param}.objective", code="invalid_hyperparameter")
         return (None if body.from_model else DEFAULT_METHOD), {**raw, "objective": DPO}, param
     return body.method.type, dict(raw), param

@@ -81,7 +81,16 @@ def test_a_dpo_job_in_openais_shape_trains_the_default_method_for_dpo(api: Api, 
     ia3 = create_job(client, {"model": TINY_MODEL_ID, "training_file": pairs_file,
                               "method": {"type": "ia3", "ia3": {"hyperparameters": {"objective": "dpo"}}}}).json()
     assert ia3["method"]["type"] == "ia3" and ia3["hyperparameters"]["objective"] == "dpo"
-    assert api.broker.take() == trains(job["id"], default["id"], ia3["id"])
+    simpo = create_job(client, {"model": TINY_MODEL_ID, "training_file": pairs_file, "method": {
+        "type": "prompt_tuning", "prompt_tuning": {"hyperparameters": {"objective": "simpo", "gamma": 0.5}}}}).json()
+    assert (simpo["hyperparameters"]["beta"], simpo["hyperparameters"]["gamma"]) == (2.0, 0.5)
+    orpo = create_job(client, {"model": TINY_MODEL_ID, "training_file": pairs_file, "method": {
+        "type": "lora", "lora": {"hyperparameters": {"objective": "orpo"}}}}).json()
+    assert (orpo["hyperparameters"]["beta"], orpo["hyperparameters"]["gamma"]) == (0.1, None)
+    refused = create_job(client, {"model": TINY_MODEL_ID, "training_file": pairs_file, "method": {
+        "type": "dpo", "dpo": {"hyperparameters": {"gamma": 0.5}}}})
+    assert refused.status_code == 400 and error_of(refused)["param"] == "method.dpo.hyperparameters.gamma"
+    assert api.broker.take() == trains(job["id"], default["id"], ia3["id"], simpo["id"], orpo["id"])
     supervised = create_job(client, {"model": TINY_MODEL_ID, "training_file": chat_file(client, 8)}).json()
     assert supervised["hyperparameters"]["objective"] == "supervised" and supervised["hyperparameters"]["beta"] is None
 

@@ -80,13 +80,13 @@ def test_every_method_in_one_mixed_batch(sdk: Any, fine_tuned: dict[str, str]) -
     assert len({tuple(alone[i:i + len(PROMPTS)]) for i in range(0, len(alone), len(PROMPTS))}) > 2
 
 
-def preference_pairs(prompts: range) -> bytes:
+def preference_pairs(prompts: range, answers: tuple[str, str] = ("Yes, gladly.", "No, sorry.")) -> bytes:
     """OpenAI's DPO lines: the preferred answer is always an agreement, the other a refusal, which the tiny base model
-    finds the more likely (by about 14 nats on these prompts)."""
+    finds the more likely (by about 14 nats on these prompts with the default answers)."""
     return "\n".join(json.dumps({
         "input": {"messages": [{"role": "user", "content": f"Could you help me with task {i}?"}]},
-        "preferred_output": [{"role": "assistant", "content": "Yes, gladly."}],
-        "non_preferred_output": [{"role": "assistant", "content": "No, sorry."}]}) for i in prompts).encode()
+        "preferred_output": [{"role": "assistant", "content": answers[0]}],
+        "non_preferred_output": [{"role": "assistant", "content": answers[1]}]}) for i in prompts).encode()
 
 
 def test_dpo_continues_a_supervised_model_through_the_sdk(sdk: Any, fine_tuned: dict[str, str]) -> None:
@@ -114,3 +114,29 @@ def test_dpo_continues_a_supervised_model_through_the_sdk(sdk: Any, fine_tuned: 
     assert result["base_model"]["full_valid_prefers_preferred"] == 0.0, result
     assert job.fine_tuned_model in {m.id for m in sdk.models.list().data}
     assert ask(sdk, job.fine_tuned_model, "Could you help me with task 200?")
+
+
+def test_reference_free_objectives_through_the_sdk(sdk: Any) -> None:
+    """ORPO and SimPO (no reference pass), from the base model, with the method's own type and the objective as a
+    hyperparameter: each makes the preferred answer the likelier one on every held-out pair, where the base model
+    found the other one likelier every time. Both answers have the same number of tokens here: these objectives
+    compare log-probabilities per token, the end report's preferred share compares whole answers."""
+    answers = ("Yes.", "No.")  # the base model prefers "No." on every prompt below, by 0.2 to 0.9 nats
+    train = sdk.files.create(file=("pairs.jsonl", preference_pairs(range(8), answers)), purpose="fine-tune")
+    heldout = sdk.files.create(file=("heldout.jsonl", preference_pairs(range(100, 108), answers)),
+                               purpose="fine-tune")
+    jobs = {objective: sdk.fine_tuning.jobs.create(
+        model=TINY_MODEL_ID, training_file=train.id, validation_file=heldout.id, suffix=objective,
+        method={"type": "lora", "lora": {"hyperparameters": {"objective": objective, "n_epochs": 8, "batch_size": 4}}})
+        for objective in ("orpo", "simpo")}
+    deadline = time.monotonic() + budget(JOB_DONE) * len(jobs)
+    for objective, job in jobs.items():
+        while job.status not in ("succeeded", "failed", "cancelled"):
+            assert time.monotonic() < deadline, f"{objective} still {job.status}"
+            time.sleep(0.3)
+            job = sdk.fine_tuning.jobs.retrieve(job.id)
+        assert job.status == "succeeded", (objective, job.error)
+        result = job.to_dict()["result"]
+        assert result["full_valid_preference_accuracy"] == 1.0, (objective, result)
+        assert result["full_valid_prefers_preferred"] == 1.0, (objective, result)
+        assert result["base_model"]["full_valid_prefers_preferred"] == 0.0, (objective, result)

@@ -17,7 +17,7 @@ from adapters.methods import METHODS
 from app.settings import Settings
 from workers.training.batches import use_packed_attention
 from workers.training.loop import BatchMaker, TrainingCallbacks, TrainingConfig, TrainingRecipe
-from workers.training.preference import dpo_loss, pair_logps, preferred_share, reference_logps
+from workers.training.preference import PairLogps, objective_loss, pair_logps, preferred_share
 
 BETA = 0.1
 
@@ -76,9 +76,9 @@ def test_dpo_loss_and_gradients_equal_trls_dpo_trainer(tiny_model_dir: Path, tin
     use_packed_attention(ours.get_base_model())
     ours.train()
     make = BatchMaker(packed=True, offset=0, max_len=1024, pad_id=tiny_tokenizer.pad_token_id)
-    chosen, rejected = pair_logps(ours, make, pairs, "cpu")
-    losses, margins = dpo_loss(chosen, rejected, *reference_logps(ours, make, pairs, "cpu"), beta=BETA)
-    our_loss = losses.mean()
+    logps = pair_logps(ours, make, pairs, "cpu", reference_make=make)
+    our_loss, _ = objective_loss("dpo", logps, beta=BETA, gamma=None, pairs=len(pairs),
+                                 chosen_tokens=float(logps.chosen_tokens.sum()))
     our_loss.backward()
 
     assert abs(float(our_loss) - float(their_loss)) < 1e-4, (float(our_loss), float(their_loss))
@@ -90,18 +90,48 @@ def test_dpo_loss_and_gradients_equal_trls_dpo_trainer(tiny_model_dir: Path, tin
         assert grad is not None and torch.allclose(grad, their_grads[name], atol=1e-4, rtol=1e-3), name
 
 
+def test_simpo_and_orpo_losses_equal_trls(tiny_tokenizer: Any) -> None:
+    """The reference-free objectives on the same log-probabilities: SimPO equals TRL's CPO loss with loss_type
+    "simpo" (length-normalised log-probabilities), ORPO equals TRL's ORPO loss (the preferred answers' next-token
+    loss minus its odds-ratio term)."""
+    from types import SimpleNamespace
+
+    from trl.experimental.cpo.cpo_trainer import CPOTrainer
+    from trl.experimental.orpo.orpo_trainer import ORPOTrainer
+
+    torch.manual_seed(1)
+    tokens = torch.tensor([3.0, 5.0, 2.0]), torch.tensor([4.0, 1.0, 6.0])
+    logps = PairLogps(chosen=-torch.rand(3) * tokens[0] * 2, rejected=-torch.rand(3) * tokens[1] * 2,
+                      chosen_tokens=tokens[0], rejected_tokens=tokens[1])
+    averages = logps.chosen / tokens[0], logps.rejected / tokens[1]
+    trainer = SimpleNamespace(alpha=0.0, beta=2.0, simpo_gamma=1.0, loss_type="simpo", label_smoothing=0.0,
+                              accelerator=SimpleNamespace(device="cpu"))
+    theirs, _, _ = CPOTrainer.cpo_loss(trainer, *averages)
+    ours, _ = objective_loss("simpo", logps, beta=2.0, gamma=1.0, pairs=3, chosen_tokens=float(tokens[0].sum()))
+    assert torch.allclose(ours, theirs.mean(), atol=1e-6)
+
+    trainer = SimpleNamespace(beta=0.1, accelerator=SimpleNamespace(device="cpu"))
+    ratio_terms, *_ = ORPOTrainer.odds_ratio_loss(trainer, *averages)
+    nll = -logps.chosen.sum() / tokens[0].sum()  # cross-entropy over all the preferred answers' tokens
+    ours, _ = objective_loss("orpo", logps, beta=0.1, gamma=None, pairs=3, chosen_tokens=float(tokens[0].sum()))
+    assert torch.allclose(ours, nll - ratio_terms.mean(), atol=1e-6)
+
+
+@pytest.mark.parametrize("objective", ["dpo", "orpo", "simpo"])
 @pytest.mark.parametrize("method_name", sorted(METHODS))
-def test_a_dpo_run_moves_every_method_towards_the_preferred_answers(method_name: str, tiny_model_dir: Path,
-                                                                     tiny_tokenizer: Any) -> None:
-    """Every registered method trains for DPO through the loop: its loss falls, every training pair ends with a
-    positive reward margin (the preferred answer gained against the base model, the reference, more than the other),
-    the preferred answer is the more likely one at least as often as with the base model, and the metrics are the
-    pairs' (not token accuracy)."""
+def test_a_preference_run_moves_every_method_towards_the_preferred_answers(method_name: str, objective: str,
+                                                                            tiny_model_dir: Path,
+                                                                            tiny_tokenizer: Any) -> None:
+    """Every registered method trains for every preference objective through the loop: its loss falls, every
+    training pair ends with a positive reward margin (DPO: the preferred answer gained against the base model, the
+    reference, more than the other), the preferred answer is the more likely one at least as often as with the base
+    model, and the metrics are the pairs' (not token accuracy)."""
     pairs = pairs_of(tiny_tokenizer, preference_lines(8))
     method = METHODS[method_name]
-    hp = method.resolve({"objective": "dpo", "batch_size": 4, "n_epochs": 6}, n_examples=len(pairs),
+    hp = method.resolve({"objective": objective, "batch_size": 4, "n_epochs": 6}, n_examples=len(pairs),
                         settings=Settings(), base_info=base_info(str(tiny_model_dir)))
-    assert hp.objective == "dpo" and hp.beta == BETA
+    assert hp.objective == objective and hp.beta == {"dpo": BETA, "orpo": 0.1, "simpo": 2.0}[objective]
+    assert hp.gamma == (1.0 if objective == "simpo" else None)
     base = load_model(str(tiny_model_dir), device="cpu", dtype="float32")
     metrics: list[dict[str, Any]] = []
     model, result = TrainingRecipe(

@@ -362,7 +362,7 @@ class TrainingRecipe:
         for index, part in enumerate(self.passes(chunk)):
             with self.accelerator.autocast():
                 if self.preference:
-                    loss, right, margins = self._pair_loss(part, labels)
+                    loss, right, margins = self._pair_loss(part, chunk)
                     margin += margins.sum()
                 else:
                     batch = self.make(part).to(self.device)
@@ -388,17 +388,20 @@ class TrainingRecipe:
         return StepTotals(loss=loss_sum, correct=correct, labels=labels, tokens=tokens,
                           margin=margin if self.preference else None)
 
-    def _pair_loss(self, pairs: list[PreferencePair], step_pairs: int
+    def _pair_loss(self, pairs: list[PreferencePair], step: list[PreferencePair]
                    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """DPO on one pass's pairs (preference.py): (its loss, summed and divided by the step's pairs; the pairs
-        ranked right; their reward margins, detached)."""
-        from workers.training.preference import dpo_loss, pair_logps, reference_logps
+        """One pass's pairs under the job's preference objective (preference.py): (its loss, summed and divided by
+        the step's pairs or labels; the pairs ranked right; their reward margins, detached). Only DPO reads the
+        reference."""
+        from workers.training.preference import REFERENCE_OBJECTIVES, objective_loss, pair_logps
 
-        chosen, rejected = pair_logps(self.model, self.make, pairs, self.device)
-        reference = reference_logps(self.model, self.reference_make, pairs, self.device)
-        losses, margins = dpo_loss(chosen, rejected, *reference, beta=float(self.hp.beta or 0.0))
-        margins = margins.detach()
-        return losses.sum() / step_pairs, (margins > 0).sum(), margins
+        objective = self.hp.objective
+        logps = pair_logps(self.model, self.make, pairs, self.device,
+                           reference_make=self.reference_make if objective in REFERENCE_OBJECTIVES else None)
+        chosen_tokens = sum(labelled_count(pair.chosen, self.hp.max_seq_length) for pair in step)
+        loss, margins = objective_loss(objective, logps, beta=float(self.hp.beta or 0.0), gamma=self.hp.gamma,
+                                       pairs=len(step), chosen_tokens=chosen_tokens)
+        return loss, (margins > 0).sum(), margins
 
     def end_of_epoch(self) -> bool:
         """After a step: whether it ended its epoch (the last batch, or the run's last step); if so the position
@@ -471,8 +474,9 @@ class TrainingRecipe:
 
         if self.preference:
             with self.accelerator.autocast():
-                pairs = score_pairs(self.model, self.valid, make=self.make, reference_make=self.reference_make,
-                                    beta=float(self.hp.beta or 0.0), batch_size=self.hp.batch_size)
+                pairs = score_pairs(self.model, self.valid, objective=self.hp.objective, make=self.make,
+                                    reference_make=self.reference_make, beta=float(self.hp.beta or 0.0),
+                                    gamma=self.hp.gamma, batch_size=self.hp.batch_size)
             self.valid_metrics = {"valid_loss": round(pairs.loss, 6),
                                   "valid_preference_accuracy": round(pairs.accuracy, 6),
                                   "valid_reward_margin": round(pairs.reward_margin, 6)}

@@ -1,18 +1,26 @@
-"""Preference objectives on pairs of answers to one prompt: DPO's loss, the pair statistics a preference job reports,
-and how often a model prefers the preferred answer.
+"""Preference objectives on pairs of answers to one prompt (DPO, ORPO, SimPO): their losses, the pair statistics a
+preference job reports, and how often a model prefers the preferred answer.
 
-A pair's two sequences (prompt + preferred answer, prompt + the other) go into one forward pass through the same
-batches supervised training uses (packed rows where the method allows, logits only where a label is); a sequence's
-log-probability is the sum over its answer's tokens. The reference is the base model: the same PeftModel with its
-adapter disabled (PEFT's `disable_adapter`), under no_grad, so no second copy of the model is held. DPO's loss per
-pair is -log σ(β · ((log π(y_w) - log π_ref(y_w)) - (log π(y_l) - log π_ref(y_l)))), TRL's `sigmoid` loss; the
-quantity inside σ is the pair's reward margin, and a pair is ranked right when it is positive.
+A pair's two sequences (prompt + preferred answer y_w, prompt + the other y_l) go into one forward pass through the
+same batches supervised training uses (packed rows where the method allows, logits only where a label is); a
+sequence's log-probability log π(y) is the sum over its answer's tokens, and |y| its answer's length in tokens.
+
+- DPO (Rafailov et al.; TRL's `sigmoid` loss): -log σ(β · ((log π(y_w) - log π_ref(y_w)) - (log π(y_l) -
+  log π_ref(y_l)))). The reference is the base model: the same PeftModel with its adapter disabled (PEFT's
+  `disable_adapter`), under no_grad, so no second copy of the model is held.
+- SimPO (Meng et al.; TRL's CPO `simpo` loss): -log σ(β · (log π(y_w)/|y_w| - log π(y_l)/|y_l|) - γ); no reference.
+- ORPO (Hong et al.; TRL's ORPO): the preferred answers' next-token loss, minus λ (`beta`) · log σ(log odds(y_w) -
+  log odds(y_l)) with odds(y) = p/(1 - p) of p = exp(log π(y)/|y|); no reference.
+
+A pair's reward margin is β times the difference of the two answers' rewards (DPO: log-ratios to the reference;
+ORPO and SimPO: length-normalised log-probabilities, as TRL reports them); a pair is ranked right when it is
+positive.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from typing import Any
 
 import torch
@@ -22,30 +30,70 @@ from adapters.data import PreferencePair
 from workers.training.batches import TrainingBatch, labelled_logits, sequence_logps
 
 MakeBatch = Callable[[list[Any]], TrainingBatch]
+REFERENCE_OBJECTIVES = ("dpo",)  # the objectives that need the reference pass
 
 
-def pair_logps(model: Any, make: MakeBatch, pairs: list[PreferencePair], device: Any
-               ) -> tuple[torch.Tensor, torch.Tensor]:
-    """(log-probabilities of the preferred answers, of the others), one per pair, in one forward pass."""
+@dataclass
+class PairLogps:
+    """One forward pass's pairs: the answers' summed log-probabilities and lengths (and the reference's)."""
+
+    chosen: torch.Tensor
+    rejected: torch.Tensor
+    chosen_tokens: torch.Tensor
+    rejected_tokens: torch.Tensor
+    ref_chosen: torch.Tensor | None = None
+    ref_rejected: torch.Tensor | None = None
+
+
+def _logps(model: Any, make: MakeBatch, pairs: list[PreferencePair], device: Any
+           ) -> tuple[torch.Tensor, torch.Tensor]:
+    """(summed log-probabilities of every sequence, preferred answers first; their label counts)."""
     sequences = [pair.chosen for pair in pairs] + [pair.rejected for pair in pairs]
     batch = make(sequences).to(device)
     logps = sequence_logps(labelled_logits(model, batch), batch, len(sequences))
-    return logps[:len(pairs)], logps[len(pairs):]
+    tokens = torch.zeros(len(sequences), device=logps.device).index_add(
+        0, batch.label_example, torch.ones(len(batch.label_example), device=logps.device))
+    return logps, tokens
 
 
-def reference_logps(model: Any, make: MakeBatch, pairs: list[PreferencePair], device: Any
-                    ) -> tuple[torch.Tensor, torch.Tensor]:
-    """pair_logps of the base model: the adapter disabled, no gradient. `make` builds batches for the base model
-    (no virtual tokens in front of the input)."""
-    with torch.no_grad(), model.disable_adapter():
-        return pair_logps(model, make, pairs, device)
+def pair_logps(model: Any, make: MakeBatch, pairs: list[PreferencePair], device: Any, *,
+               reference_make: MakeBatch | None = None) -> PairLogps:
+    """The pairs' log-probabilities under `model`; with `reference_make` (batches for the base model: no virtual
+    tokens in front of the input), also under the base model (the adapter disabled, no gradient)."""
+    logps, tokens = _logps(model, make, pairs, device)
+    n = len(pairs)
+    result = PairLogps(chosen=logps[:n], rejected=logps[n:], chosen_tokens=tokens[:n], rejected_tokens=tokens[n:])
+    if reference_make is not None:
+        with torch.no_grad(), model.disable_adapter():
+            reference, _ = _logps(model, reference_make, pairs, device)
+        result.ref_chosen, result.ref_rejected = reference[:n], reference[n:]
+    return result
 
 
-def dpo_loss(chosen: torch.Tensor, rejected: torch.Tensor, ref_chosen: torch.Tensor, ref_rejected: torch.Tensor,
-             *, beta: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """(each pair's loss, each pair's reward margin)."""
-    margins = beta * ((chosen - ref_chosen) - (rejected - ref_rejected))
-    return -F.logsigmoid(margins), margins
+def log1mexp(x: torch.Tensor) -> torch.Tensor:
+    """log(1 - exp(x)) for x < 0, without cancellation on either side of -ln 2."""
+    return torch.where(x < -0.6931471805599453, torch.log1p(-torch.exp(x)), torch.log(-torch.expm1(x)))
+
+
+def objective_loss(objective: str, logps: PairLogps, *, beta: float, gamma: float | None, pairs: int,
+                   chosen_tokens: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """(the objective's loss over these pairs, summed and divided by `pairs` — ORPO's next-token part by
+    `chosen_tokens`, the preferred answers' labels — so that passes add up to the step's mean; each pair's reward
+    margin, detached)."""
+    if objective == "dpo":
+        assert logps.ref_chosen is not None and logps.ref_rejected is not None, "DPO needs the reference pass"
+        margins = beta * ((logps.chosen - logps.ref_chosen) - (logps.rejected - logps.ref_rejected))
+        return -F.logsigmoid(margins).sum() / pairs, margins.detach()
+    chosen = logps.chosen / logps.chosen_tokens.clamp(min=1)
+    rejected = logps.rejected / logps.rejected_tokens.clamp(min=1)
+    margins = beta * (chosen - rejected)
+    if objective == "simpo":
+        return -F.logsigmoid(margins - (gamma or 0.0)).sum() / pairs, margins.detach()
+    if objective == "orpo":
+        log_odds = (chosen - rejected) - (log1mexp(chosen) - log1mexp(rejected))
+        nll = -logps.chosen.sum() / chosen_tokens
+        return nll - beta * F.logsigmoid(log_odds).sum() / pairs, margins.detach()
+    raise ValueError(f"not a preference objective: {objective}")
 
 
 @dataclass
@@ -59,24 +107,23 @@ class PairScores:
     rejected_logps: float
 
 
-def score_pairs(model: Any, pairs: list[PreferencePair], *, make: MakeBatch, reference_make: MakeBatch,
-                beta: float, batch_size: int) -> PairScores:
+def score_pairs(model: Any, pairs: list[PreferencePair], *, objective: str, make: MakeBatch,
+                reference_make: MakeBatch, beta: float, gamma: float | None, batch_size: int) -> PairScores:
+    """The objective's loss over all the pairs (as one batch would have it), the pairs ranked right, the mean
+    margin and log-probabilities."""
     device = next(model.parameters()).device
-    losses, margins, chosen_all, rejected_all = [], [], [], []
+    parts = []
     with torch.no_grad():
         for start in range(0, len(pairs), batch_size):
-            part = pairs[start:start + batch_size]
-            chosen, rejected = pair_logps(model, make, part, device)
-            loss, margin = dpo_loss(chosen, rejected, *reference_logps(model, reference_make, part, device),
-                                    beta=beta)
-            losses.append(loss)
-            margins.append(margin)
-            chosen_all.append(chosen)
-            rejected_all.append(rejected)
-    margin = torch.cat(margins)
-    return PairScores(loss=float(torch.cat(losses).mean()), accuracy=float((margin > 0).float().mean()),
-                      reward_margin=float(margin.mean()), chosen_logps=float(torch.cat(chosen_all).mean()),
-                      rejected_logps=float(torch.cat(rejected_all).mean()))
+            parts.append(pair_logps(model, make, pairs[start:start + batch_size], device,
+                                    reference_make=reference_make if objective in REFERENCE_OBJECTIVES else None))
+    joined = PairLogps(**{f.name: None if getattr(parts[0], f.name) is None
+                          else torch.cat([getattr(part, f.name) for part in parts]) for f in fields(PairLogps)})
+    loss, margins = objective_loss(objective, joined, beta=beta, gamma=gamma, pairs=len(pairs),
+                                   chosen_tokens=float(joined.chosen_tokens.sum()))
+    return PairScores(loss=float(loss), accuracy=float((margins > 0).float().mean()),
+                      reward_margin=float(margins.mean()), chosen_logps=float(joined.chosen.mean()),
+                      rejected_logps=float(joined.rejected.mean()))
 
 
 def preferred_share(model: Any, pairs: list[PreferencePair], *, make: MakeBatch, batch_size: int) -> float:
@@ -87,6 +134,6 @@ def preferred_share(model: Any, pairs: list[PreferencePair], *, make: MakeBatch,
     right = 0
     with torch.no_grad():
         for start in range(0, len(pairs), batch_size):
-            chosen, rejected = pair_logps(model, make, pairs[start:start + batch_size], device)
-            right += int((chosen > rejected).sum())
+            logps = pair_logps(model, make, pairs[start:start + batch_size], device)
+            right += int((logps.chosen > logps.rejected).sum())
     return right / max(1, len(pairs))
