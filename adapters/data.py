@@ -14,8 +14,8 @@ from typing import Any, Literal, Protocol, TypeVar
 
 from adapters.tool_calls import chat_messages, native_tools
 
-FORMATS = ("chat", "completion", "instruction", "text", "preference")
-Format = Literal["chat", "completion", "instruction", "text", "preference"]
+FORMATS = ("chat", "completion", "instruction", "text", "preference", "feedback")
+Format = Literal["chat", "completion", "instruction", "text", "preference", "feedback"]
 # The formats a supervised job (and an evaluation) trains on; "preference" pairs are for preference objectives (DPO).
 SUPERVISED_FORMATS = ("chat", "completion", "instruction", "text")
 CHAT_ROLES = ("system", "user", "assistant", "tool")
@@ -45,6 +45,8 @@ def detect_format(record: dict[str, Any]) -> Format | None:
     keys = set(record)
     if keys & {"preferred_output", "non_preferred_output"}:
         return "preference"
+    if "label" in keys:
+        return "feedback"
     if "messages" in keys:
         return "chat"
     if "prompt" in keys or "completion" in keys:
@@ -65,6 +67,8 @@ ALLOWED_KEYS: dict[str, set[str]] = {
     "text": {"text"},
     # OpenAI's DPO format: {"input": {"messages", "tools"?}, "preferred_output": [answer], "non_preferred_output": [..]}
     "preference": {"input", "preferred_output", "non_preferred_output"},
+    # One answer marked good (true) or bad (false): thumbs up / down, for KTO. Shaped as the preference lines.
+    "feedback": {"input", "output", "label"},
 }
 
 
@@ -180,40 +184,68 @@ def _check_chat(record: dict[str, Any]) -> str | None:
     return None
 
 
-def _check_preference(record: dict[str, Any]) -> str | None:
-    """OpenAI's DPO line: a conversation that awaits the assistant's answer, and two answers to it."""
+def _check_prompt(record: dict[str, Any]) -> tuple[str | None, list[Any], set[str] | None]:
+    """(the problem with a preference or feedback line's `input`, or None; its messages; its tools' names)."""
     prompt = record.get("input")
     if not isinstance(prompt, dict) or "messages" not in prompt:
-        return "'input' must be an object with 'messages' (and optionally 'tools')"
+        return "'input' must be an object with 'messages' (and optionally 'tools')", [], None
     unknown = set(prompt) - {"messages", "tools", "parallel_tool_calls"}
     if unknown:
-        return f"input has unknown field(s) {sorted(unknown)} (allowed: messages, tools, parallel_tool_calls)"
+        return f"input has unknown field(s) {sorted(unknown)} (allowed: messages, tools, parallel_tool_calls)", [], None
     problem, names = _check_tool_fields(prompt, "input.")
     if problem:
-        return problem
+        return problem, [], None
     messages = prompt["messages"]
     if not isinstance(messages, list) or not messages:
-        return "input.messages must be a non-empty list of {role, content} objects"
+        return "input.messages must be a non-empty list of {role, content} objects", [], None
     for i in range(len(messages)):
         problem = _check_message(messages, i, names, f"input.messages[{i}]")
         if problem:
-            return problem
+            return problem, [], None
         if "weight" in messages[i]:
-            return f"input.messages[{i}]: weight belongs to supervised data; a preference line trains its outputs"
+            return f"input.messages[{i}]: weight belongs to supervised data; this line trains its outputs", [], None
     if messages[-1]["role"] not in ("user", "tool"):
-        return "input.messages must end with a user (or tool) message: the outputs answer it"
+        return "input.messages must end with a user (or tool) message: the outputs answer it", [], None
+    return None, messages, names
+
+
+def _check_answer(record: dict[str, Any], key: str, messages: list[Any], names: set[str] | None) -> str | None:
+    output = record.get(key)
+    if not isinstance(output, list) or len(output) != 1:
+        return f"'{key}' must be a list of exactly one assistant message"
+    answer = output[0]
+    problem = _check_message([*messages, answer], len(messages), names, f"{key}[0]")
+    if problem:
+        return problem
+    if answer["role"] != "assistant" or "weight" in answer:
+        return f"{key}[0] must be an assistant message ({{\"role\": \"assistant\", ...}}), without weight"
+    return None
+
+
+def _check_preference(record: dict[str, Any]) -> str | None:
+    """OpenAI's DPO line: a conversation that awaits the assistant's answer, and two answers to it."""
+    problem, messages, names = _check_prompt(record)
+    if problem:
+        return problem
     for key in ("preferred_output", "non_preferred_output"):
-        output = record.get(key)
-        if not isinstance(output, list) or len(output) != 1:
-            return f"'{key}' must be a list of exactly one assistant message"
-        answer = output[0]
-        problem = _check_message([*messages, answer], len(messages), names, f"{key}[0]")
+        problem = _check_answer(record, key, messages, names)
         if problem:
             return problem
-        if answer["role"] != "assistant" or "weight" in answer:
-            return f"{key}[0] must be an assistant message ({{\"role\": \"assistant\", ...}}), without weight"
     if record["preferred_output"] == record["non_preferred_output"]:
         return "preferred_output and non_preferred_output are the same answer; a pair needs two different ones"
+    return None
+
+
+def _check_feedback(record: dict[str, Any]) -> str | None:
+    """A feedback line: a conversation that awaits the assistant's answer, one answer, and whether it is good."""
+    problem, messages, names = _check_prompt(record)
+    if problem:
+        return problem
+    problem = _check_answer(record, "output", messages, names)
+    if problem:
+        return problem
+    if not isinstance(record.get("label"), bool):
+        return "'label' must be true (a good answer) or false (a bad one)"
     return None
 
 
@@ -226,6 +258,8 @@ def check_record(record: dict[str, Any], fmt: Format) -> str | None:
         return _check_chat(record)
     if fmt == "preference":
         return _check_preference(record)
+    if fmt == "feedback":
+        return _check_feedback(record)
     if fmt == "completion":
         if not isinstance(record.get("prompt"), str):
             return "'prompt' must be a string"
@@ -294,8 +328,9 @@ def parse_jsonl(raw: bytes | Iterable[bytes], *, max_examples: int) -> ParsedDat
         detected = detect_format(record)
         if detected is None:
             problems.append((number, "unrecognised example: expected 'messages' (chat), 'prompt'+'completion', "
-                                     "'instruction'+'output', 'text', or 'input'+'preferred_output'+"
-                                     "'non_preferred_output' (preference pairs)"))
+                                     "'instruction'+'output', 'text', 'input'+'preferred_output'+"
+                                     "'non_preferred_output' (preference pairs) or 'input'+'output'+'label' "
+                                     "(feedback)"))
             continue
         formats.setdefault(detected, number)
     if len(formats) > 1:
@@ -410,7 +445,39 @@ def encode_pair(tokenizer: ChatTokenizer, record: dict[str, Any]) -> PreferenceP
                             for answer in (record["preferred_output"], record["non_preferred_output"])))
 
 
-Encoded = TypeVar("Encoded", EncodedExample, PreferencePair)
+@dataclass
+class FeedbackExample:
+    """One feedback line encoded: the prompt and the answer (trained on the answer's tokens), whether the answer is
+    good, and where the answer starts (KTO pairs each prompt with another line's answer to estimate the KL term)."""
+
+    example: EncodedExample
+    desirable: bool
+    prompt_length: int
+
+    @property
+    def input_ids(self) -> list[int]:
+        return self.example.input_ids
+
+    @property
+    def loss_mask(self) -> list[int]:
+        return self.example.loss_mask
+
+    def with_answer_of(self, other: FeedbackExample) -> EncodedExample:
+        """This prompt followed by `other`'s answer: a mismatched sequence (KTO's KL estimate)."""
+        answer = other.example.input_ids[other.prompt_length:]
+        return EncodedExample(input_ids=self.example.input_ids[:self.prompt_length] + answer,
+                              loss_mask=[0] * self.prompt_length + [1] * len(answer))
+
+
+def encode_feedback(tokenizer: ChatTokenizer, record: dict[str, Any]) -> FeedbackExample:
+    prompt = record["input"]
+    conversation = {k: v for k, v in prompt.items() if k != "messages"}
+    example = encode_example(tokenizer, {**conversation, "messages": [*prompt["messages"], *record["output"]]}, "chat")
+    prompt_length = example.loss_mask.index(1) if 1 in example.loss_mask else len(example.loss_mask)
+    return FeedbackExample(example=example, desirable=record["label"], prompt_length=prompt_length)
+
+
+Encoded = TypeVar("Encoded", EncodedExample, PreferencePair, FeedbackExample)
 
 
 def _encode_each(dataset: ParsedDataset, encode: Callable[[dict[str, Any]], Encoded]) -> list[Encoded]:
@@ -429,8 +496,8 @@ def encode_dataset(tokenizer: ChatTokenizer, dataset: ParsedDataset) -> list[Enc
     """Encode every record of a supervised format; a record the tokenizer or chat template rejects is a
     DatasetError for its line."""
     if dataset.format not in SUPERVISED_FORMATS:
-        raise DatasetError([(0, f"a file in the {dataset.format} format holds preference pairs, for a dpo job; "
-                                f"this takes one of {', '.join(SUPERVISED_FORMATS)}")])
+        raise DatasetError([(0, f"a file in the {dataset.format} format is for a preference job; this takes one of "
+                                f"{', '.join(SUPERVISED_FORMATS)}")])
     return _encode_each(dataset, lambda record: encode_example(tokenizer, record, dataset.format))
 
 
@@ -442,12 +509,18 @@ def encode_pairs(tokenizer: ChatTokenizer, dataset: ParsedDataset) -> list[Prefe
     return _encode_each(dataset, lambda record: encode_pair(tokenizer, record))
 
 
-def encode_any(tokenizer: ChatTokenizer, dataset: ParsedDataset) -> list[EncodedExample] | list[PreferencePair]:
-    """What an upload is checked with: supervised examples, or preference pairs for a file of them."""
-    return encode_pairs(tokenizer, dataset) if dataset.format == "preference" else encode_dataset(tokenizer, dataset)
+def encode_any(tokenizer: ChatTokenizer, dataset: ParsedDataset
+               ) -> list[EncodedExample] | list[PreferencePair] | list[FeedbackExample]:
+    """What an upload is checked with: supervised examples, preference pairs or feedback examples, by format."""
+    if dataset.format == "preference":
+        return encode_pairs(tokenizer, dataset)
+    if dataset.format == "feedback":
+        return _encode_each(dataset, lambda record: encode_feedback(tokenizer, record))
+    return encode_dataset(tokenizer, dataset)
 
 
-def length_stats(examples: list[EncodedExample] | list[PreferencePair], *, bins: int = 12) -> dict[str, Any]:
+def length_stats(examples: list[EncodedExample] | list[PreferencePair] | list[FeedbackExample], *,
+                 bins: int = 12) -> dict[str, Any]:
     """What a person checks before training on a file: example lengths in tokens (range, mean, median, 95th
     percentile and a histogram of equal-width bins from 0) and how many tokens are trained on."""
     lengths = sorted(len(e.input_ids) for e in examples)
@@ -463,7 +536,7 @@ def length_stats(examples: list[EncodedExample] | list[PreferencePair], *, bins:
             "length_histogram": {"bin_edges": [i * width for i in range(bins + 1)], "counts": counts}}
 
 
-def check_lengths(examples: Iterable[EncodedExample | PreferencePair], line_numbers: Iterable[int], *,
+def check_lengths(examples: Iterable[EncodedExample | PreferencePair | FeedbackExample], line_numbers: Iterable[int], *,
                   max_tokens: int) -> list[tuple[int, str]]:
     """Line-numbered problems for examples over the token limit."""
     problems = []

@@ -278,6 +278,8 @@ class JobRunner:
         if not valid:
             return report
         autocast = accelerator_for(dtype, next(base.parameters()).device).autocast
+        if hp.objective == "kto":
+            return report | self._feedback_report(model, valid, hp, tokenizer.pad_token_id, autocast)
         if hp.objective in PREFERENCE_OBJECTIVES:
             return report | self._preference_report(model, valid, hp, tokenizer.pad_token_id, autocast)
         common = {"base_model": base, "tokenizer": tokenizer, "examples": valid, "batch_size": hp.batch_size,
@@ -332,6 +334,35 @@ class JobRunner:
         self._event(f"Validation ({len(valid)} pairs): {hp.objective} loss {scores.loss:.4f}, reward margin "
                     f"{scores.reward_margin:.3f}, ranked right {scores.accuracy:.3f}; the preferred answer is the more "
                     f"likely one for {tuned:.3f} of the pairs (base model {plain:.3f}); evaluated in {seconds:.1f} s.",
+                    data={"phase": "end_report", "seconds": round(seconds, 2), **report})
+        return report
+
+    def _feedback_report(self, model: Any, valid: list[Any], hp: ResolvedHyperparameters, pad_id: int,
+                         autocast: Any) -> dict[str, Any]:
+        """A KTO job's figures over the whole validation file: the loss, the examples ranked right, the mean signed
+        reward, and how far the good and the bad answers moved against the base model (mean log-ratios: the good
+        ones should rise above 0, the bad ones fall below)."""
+        from workers.training.preference import score_feedback
+
+        started = time.perf_counter()
+        with autocast():
+            scores = score_feedback(model, valid, make=BatchMaker.for_training(self.method, hp, pad_id),
+                                    reference_make=BatchMaker.for_base_model(max_len=hp.max_seq_length, pad_id=pad_id),
+                                    beta=float(hp.beta or 0.0), batch_size=hp.batch_size)
+
+        def rounded(value: float | None) -> float | None:
+            return None if value is None else round(value, 4)
+
+        report = {"full_valid_loss": round(scores.loss, 6), "full_valid_preference_accuracy": round(scores.accuracy, 6),
+                  "full_valid_reward_margin": round(scores.reward_margin, 6),
+                  "full_valid_desirable_logratio": rounded(scores.desirable_logratio),
+                  "full_valid_undesirable_logratio": rounded(scores.undesirable_logratio),
+                  "valid_examples": len(valid)}
+        seconds = time.perf_counter() - started
+        self._event(f"Validation ({len(valid)} examples): kto loss {scores.loss:.4f}, ranked right "
+                    f"{scores.accuracy:.3f}; log-ratio to the base model of the good answers "
+                    f"{report['full_valid_desirable_logratio']}, of the bad ones "
+                    f"{report['full_valid_undesirable_logratio']}; evaluated in {seconds:.1f} s.",
                     data={"phase": "end_report", "seconds": round(seconds, 2), **report})
         return report
 

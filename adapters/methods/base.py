@@ -21,12 +21,16 @@ from adapters.methods.serving import AdapterLoadError, ServingKind, ServingWeigh
 
 Auto = Literal["auto"]
 Scheduler = Literal["linear", "cosine", "constant"]
-# What a job trains for: the supervised next-token loss, or a preference objective on pairs: DPO (against the base
-# model as the reference), or the reference-free ORPO and SimPO.
-Objective = Literal["supervised", "dpo", "orpo", "simpo"]
-PREFERENCE_OBJECTIVES = ("dpo", "orpo", "simpo")
-# Each objective's beta when none is given: DPO's and ORPO's (λ) from their papers and TRL; SimPO's from its paper.
-DEFAULT_BETA = {"dpo": 0.1, "orpo": 0.1, "simpo": 2.0}
+# What a job trains for: the supervised next-token loss; a preference objective on pairs: DPO (against the base
+# model as the reference), or the reference-free ORPO and SimPO; or KTO on single answers marked good or bad.
+Objective = Literal["supervised", "dpo", "orpo", "simpo", "kto"]
+PAIR_OBJECTIVES = ("dpo", "orpo", "simpo")
+PREFERENCE_OBJECTIVES = (*PAIR_OBJECTIVES, "kto")  # every objective with a beta
+# The file format each objective trains on (the supervised one: any of the supervised formats).
+OBJECTIVE_FORMATS = {"dpo": "preference", "orpo": "preference", "simpo": "preference", "kto": "feedback"}
+# Each objective's beta when none is given: DPO's, ORPO's (λ) and KTO's from their papers and TRL; SimPO's from its
+# paper.
+DEFAULT_BETA = {"dpo": 0.1, "orpo": 0.1, "simpo": 2.0, "kto": 0.1}
 DEFAULT_SIMPO_GAMMA = 1.0
 
 
@@ -74,13 +78,15 @@ class TrainingHyperparameters(BaseModel):
                                   "about a third more compute (default false)")
     objective: Objective | Auto | None = Field(
         default=None, description="what training optimises: supervised (the next-token loss on the answers; the "
-                                  "default), or on a file of preference pairs dpo (Direct Preference Optimisation "
+                                  "default); on a file of preference pairs dpo (Direct Preference Optimisation "
                                   "against the base model as the reference; method.type 'dpo' sets it), orpo (the "
                                   "preferred answers' loss plus an odds-ratio term; no reference) or simpo (length-"
-                                  "normalised log-probabilities with a target margin; no reference)")
+                                  "normalised log-probabilities with a target margin; no reference); on a feedback "
+                                  "file (answers marked good or bad) kto (Kahneman-Tversky Optimisation, against the "
+                                  "base model)")
     beta: float | Auto | None = bounded(
-        "preference objectives: dpo, how strongly the model is held to the reference (default 0.1); orpo, the "
-        "odds-ratio term's weight λ (default 0.1); simpo, the reward scale (default 2.0)", 0, 10, low_open=True)
+        "preference objectives: dpo and kto, how strongly the model is held to the reference (default 0.1); orpo, "
+        "the odds-ratio term's weight λ (default 0.1); simpo, the reward scale (default 2.0)", 0, 10, low_open=True)
     gamma: float | Auto | None = bounded("simpo: the target reward margin γ (default 1.0)", 0, 10)
 
 
@@ -261,7 +267,7 @@ class AdapterMethod(Generic[Resolved]):
         if objective not in PREFERENCE_OBJECTIVES:
             if given(hp.beta):
                 raise HyperparameterError("beta", "beta applies to the preference objectives only (dpo, orpo, "
-                                                  "simpo; method.type 'dpo' sets dpo)")
+                                                  "simpo, kto; method.type 'dpo' sets dpo)")
             return {"objective": objective, "beta": None, "gamma": None}
         gamma = (hp.gamma if given(hp.gamma) else DEFAULT_SIMPO_GAMMA) if objective == "simpo" else None
         return {"objective": objective, "beta": hp.beta if given(hp.beta) else DEFAULT_BETA[objective],

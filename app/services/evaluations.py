@@ -38,9 +38,10 @@ def create_evaluation(session: Session, *, tenant_id: str, settings: Settings, f
     targets = _resolve_models(session, tenant_id=tenant_id, settings=settings, models=models)
     processed = datasets.processed_fine_tune_file(session, tenant_id, file, "file")
     if processed.format not in SUPERVISED_FORMATS:
-        raise InvalidRequest(f"File '{processed.id}' holds preference pairs; an evaluation scores answers against "
-                             f"a file in one of the formats {', '.join(SUPERVISED_FORMATS)}. A preference job reports "
-                             "its pairs' figures on its validation_file.", param="file", code="invalid_file")
+        raise InvalidRequest(f"File '{processed.id}' is in the {processed.format} format, for preference jobs; an "
+                             "evaluation scores answers against a file in one of the formats "
+                             f"{', '.join(SUPERVISED_FORMATS)}. A preference job reports its figures on its "
+                             "validation_file.", param="file", code="invalid_file")
     evaluation = Evaluation(
         id=new_id("eval"), tenant_id=tenant_id, seq=time.time_ns(), status=EvaluationStatus.queued.value,
         created_at=now(), file=processed.id, base_model=targets[0]["base_model"], models=list(models),

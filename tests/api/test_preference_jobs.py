@@ -1,7 +1,7 @@
-"""Preference data and DPO jobs in this process: OpenAI's DPO file format is validated line by line (the line and
-the field named), a DPO job in OpenAI's request shape trains the default method for the dpo objective (any method
-may), and a preference file is refused where a supervised one is needed (and the other way round). No worker runs:
-accepted jobs stay queued and the test checks the message handed to the broker."""
+"""Preference data and preference jobs in this process: OpenAI's DPO file format and the feedback format (KTO) are
+validated line by line (the line and the field named), a DPO job in OpenAI's request shape trains the default method
+for the dpo objective (any method may train any objective), and each objective takes only its own format. No worker
+runs: accepted jobs stay queued and the test checks the message handed to the broker."""
 
 from __future__ import annotations
 
@@ -110,7 +110,7 @@ def test_a_preference_file_is_refused_where_answers_are_needed(api: Api, client:
     assert job_ids(client) == before and api.broker.take() == []
     refused = client.post("/v1/evaluations", json={"file": pairs_file, "models": [TINY_MODEL_ID]})
     assert refused.status_code == 400 and error_of(refused)["param"] == "file", refused.text
-    assert "preference pairs" in error_of(refused)["message"]
+    assert "for preference jobs" in error_of(refused)["message"]
 
 
 def test_the_methods_catalogue_offers_the_objective(client: TestClient) -> None:
@@ -119,3 +119,43 @@ def test_the_methods_catalogue_offers_the_objective(client: TestClient) -> None:
         properties = method["hyperparameters"]["properties"]
         assert "objective" in properties and "beta" in properties, method["id"]
         assert method["defaults"]["objective"] == "supervised"
+
+
+def feedback(i: int, **changes: Any) -> dict[str, Any]:
+    line = {"input": {"messages": [{"role": "user", "content": f"Is {i} even?"}]},
+            "output": [{"role": "assistant", "content": "Yes." if i % 2 == 0 else "Maybe."}], "label": i % 2 == 0}
+    line.update(changes)
+    return line
+
+
+@pytest.mark.parametrize(("bad", "named"), [
+    ({"label": "yes"}, "'label' must be true"),
+    ({"output": [{"role": "assistant", "content": "a"}, {"role": "assistant", "content": "b"}]},
+     "'output' must be a list of exactly one"),
+    ({"input": {"messages": [{"role": "user", "content": "hi"}]}, "extra": 1}, "unknown field(s) ['extra']"),
+])
+def test_a_bad_feedback_line_is_named_with_its_field(client: TestClient, bad: dict[str, Any], named: str) -> None:
+    response = upload(client, [feedback(0), feedback(1, **bad)])
+    assert response.status_code == 400, response.text
+    error = error_of(response)
+    assert "line 2:" in error["message"] and named in error["message"] and "line 1" not in error["message"], error
+
+
+def test_a_kto_job_takes_a_feedback_file_and_no_other(api: Api, client: TestClient, pairs_file: str) -> None:
+    stored = upload(client, [feedback(i) for i in range(10)])
+    assert stored.status_code == 200, stored.text
+    assert (stored.json()["format"], stored.json()["n_examples"]) == ("feedback", 10)
+    file_id = stored.json()["id"]
+    api.broker.take()
+    job = create_job(client, {"model": TINY_MODEL_ID, "training_file": file_id, "method": {
+        "type": "ia3", "ia3": {"hyperparameters": {"objective": "kto", "beta": 0.3}}}})
+    assert job.status_code == 200, job.text
+    assert (job.json()["hyperparameters"]["objective"], job.json()["hyperparameters"]["beta"]) == ("kto", 0.3)
+    assert api.broker.take() == trains(job.json()["id"])
+    for body in ({"method": {"type": "dpo"}},  # dpo trains on pairs
+                 {"method": {"type": "lora", "lora": {"hyperparameters": {"objective": "kto"}}}, "training_file":
+                  pairs_file},  # kto on feedback only
+                 {}):  # a supervised job on feedback
+        response = create_job(client, {"model": TINY_MODEL_ID, "training_file": file_id, **body})
+        assert response.status_code == 400 and error_of(response)["param"] == "training_file", response.text
+    assert api.broker.take() == []

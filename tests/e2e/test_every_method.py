@@ -140,3 +140,29 @@ def test_reference_free_objectives_through_the_sdk(sdk: Any) -> None:
         assert result["full_valid_preference_accuracy"] == 1.0, (objective, result)
         assert result["full_valid_prefers_preferred"] == 1.0, (objective, result)
         assert result["base_model"]["full_valid_prefers_preferred"] == 0.0, (objective, result)
+
+
+def test_kto_on_thumbs_up_and_down_through_the_sdk(sdk: Any) -> None:
+    """KTO on single answers marked good or bad (what a team collects as thumbs up / down), through the SDK with the
+    method's type and objective "kto": on held-out prompts the good answer becomes likelier than under the base
+    model and the bad one less likely."""
+    def lines(prompts: range) -> bytes:
+        return "\n".join(json.dumps({
+            "input": {"messages": [{"role": "user", "content": f"Could you help me with task {i}?"}]},
+            "output": [{"role": "assistant", "content": "Yes, gladly." if i % 2 == 0 else "No, sorry."}],
+            "label": i % 2 == 0}) for i in prompts).encode()
+
+    train = sdk.files.create(file=("thumbs.jsonl", lines(range(8))), purpose="fine-tune")
+    heldout = sdk.files.create(file=("thumbs-heldout.jsonl", lines(range(100, 108))), purpose="fine-tune")
+    job = sdk.fine_tuning.jobs.create(
+        model=TINY_MODEL_ID, training_file=train.id, validation_file=heldout.id, suffix="kto",
+        method={"type": "lora", "lora": {"hyperparameters": {"objective": "kto", "n_epochs": 8, "batch_size": 4}}})
+    deadline = time.monotonic() + budget(JOB_DONE)
+    while job.status not in ("succeeded", "failed", "cancelled"):
+        assert time.monotonic() < deadline, f"still {job.status}"
+        time.sleep(0.3)
+        job = sdk.fine_tuning.jobs.retrieve(job.id)
+    assert job.status == "succeeded", job.error
+    result = job.to_dict()["result"]
+    assert result["full_valid_preference_accuracy"] == 1.0, result
+    assert result["full_valid_desirable_logratio"] > 0 > result["full_valid_undesirable_logratio"], result

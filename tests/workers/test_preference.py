@@ -1,5 +1,6 @@
-"""Preference tuning (DPO): the loss and gradients equal TRL's DPOTrainer on the same batch, and a DPO run through the
-training loop moves the model towards the preferred answers, against the base model as the reference."""
+"""Preference tuning: DPO's and KTO's losses and gradients equal TRL's DPOTrainer and KTOTrainer on the same batch,
+SimPO's and ORPO's losses equal TRL's, and a run of each objective through the training loop moves every method
+towards the preferred (or good) answers."""
 
 from __future__ import annotations
 
@@ -12,12 +13,21 @@ import pytest
 import torch
 
 from adapters.base_models import base_info, load_model
-from adapters.data import EncodedExample, PreferencePair, encode_pairs, parse_jsonl
+from adapters.data import EncodedExample, FeedbackExample, PreferencePair, encode_any, encode_pairs, parse_jsonl
 from adapters.methods import METHODS
 from app.settings import Settings
 from workers.training.batches import use_packed_attention
 from workers.training.loop import BatchMaker, TrainingCallbacks, TrainingConfig, TrainingRecipe
-from workers.training.preference import PairLogps, objective_loss, pair_logps, preferred_share
+from workers.training.preference import (
+    PairLogps,
+    feedback_logps,
+    kto_loss,
+    mismatched,
+    objective_loss,
+    pair_logps,
+    preferred_share,
+    score_feedback,
+)
 
 BETA = 0.1
 
@@ -151,3 +161,102 @@ def test_a_preference_run_moves_every_method_towards_the_preferred_answers(metho
     with model.disable_adapter():
         plain = preferred_share(model, pairs, make=base_make, batch_size=4)
     assert tuned >= plain, (tuned, plain)
+
+
+def feedback_lines(n: int) -> list[dict[str, Any]]:
+    """Answers marked good (the agreement) and bad (the refusal), alternately."""
+    def answer(i: int) -> str:
+        return "Yes, gladly." if i % 2 == 0 else f"No. {'Never ' * (i % 3)}"
+
+    return [{"input": {"messages": [{"role": "user", "content": f"Could you help me with task {i}?"}]},
+             "output": [{"role": "assistant", "content": answer(i)}], "label": i % 2 == 0} for i in range(n)]
+
+
+def feedback_of(tokenizer: Any, lines: list[dict[str, Any]]) -> list[FeedbackExample]:
+    raw = "\n".join(json.dumps(line) for line in lines).encode()
+    examples = encode_any(tokenizer, parse_jsonl(raw, max_examples=1000))
+    assert all(isinstance(e, FeedbackExample) for e in examples)
+    return examples  # type: ignore[return-value]
+
+
+def test_kto_loss_and_gradients_equal_trls_kto_trainer(tiny_model_dir: Path, tiny_tokenizer: Any,
+                                                       tmp_path: Path) -> None:
+    """As for DPO: TRL tokenises, both sides train on its token ids (its mismatched sequences for the KL term
+    included), fp32, LoRA without dropout, the base model as the reference."""
+    from datasets import Dataset
+    from peft import LoraConfig, get_peft_model
+    from trl import KTOConfig, KTOTrainer
+
+    lines = feedback_lines(4)
+    config = LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, target_modules=["q_proj", "v_proj", "up_proj"])
+    dataset = Dataset.from_list([{"prompt": line["input"]["messages"], "completion": line["output"],
+                                  "label": line["label"]} for line in lines])
+    trainer = KTOTrainer(model=load_model(str(tiny_model_dir), device="cpu", dtype="float32"), peft_config=config,
+                         processing_class=tiny_tokenizer, train_dataset=dataset,
+                         args=KTOConfig(output_dir=str(tmp_path), beta=BETA, per_device_train_batch_size=len(lines),
+                                        report_to=[], use_cpu=True, bf16=False, fp16=False))
+    theirs = trainer.model
+    torch.manual_seed(0)
+    with torch.no_grad():
+        for name, parameter in theirs.named_parameters():
+            if "lora_" in name:
+                parameter.normal_(0, 0.3)
+    ours = get_peft_model(load_model(str(tiny_model_dir), device="cpu", dtype="float32"), config)
+    ours.load_state_dict(theirs.state_dict())
+    tokenised = list(trainer.train_dataset)
+    inputs = trainer.data_collator(tokenised)
+    theirs.train()
+    their_loss = trainer.compute_loss(theirs, inputs)
+    their_loss.backward()
+
+    def sequence(prompt: list[int], answer: list[int]) -> EncodedExample:
+        return EncodedExample(input_ids=prompt + answer, loss_mask=[0] * len(prompt) + [1] * len(answer))
+
+    examples = [FeedbackExample(sequence(row["prompt_ids"], row["completion_ids"]), bool(row["label"]),
+                                len(row["prompt_ids"])) for row in tokenised]
+    kl_sequences = [sequence(row["prompt_ids"], row["KL_completion_ids"]) for row in tokenised]
+    # Our own encoding gives the same tokens, and the same mismatched sequences (each prompt, the previous answer).
+    encoded = feedback_of(tiny_tokenizer, lines)
+    assert [e.input_ids for e in examples] == [e.input_ids for e in encoded]
+    assert [s.input_ids for s in kl_sequences] == [s.input_ids for s in mismatched(encoded)]
+    use_packed_attention(ours.get_base_model())
+    ours.train()
+    make = BatchMaker(packed=True, offset=0, max_len=1024, pad_id=tiny_tokenizer.pad_token_id)
+    our_loss, _ = kto_loss(feedback_logps(ours, make, make, examples, "cpu", kl_sequences=kl_sequences), beta=BETA,
+                           examples=len(examples))
+    our_loss.backward()
+
+    assert abs(float(our_loss) - float(their_loss)) < 1e-4, (float(our_loss), float(their_loss))
+    assert abs(float(our_loss) - 0.5) > 0.01, "the policy must differ from the reference"
+    their_grads = {n: p.grad for n, p in theirs.named_parameters() if p.requires_grad}
+    our_grads = {n: p.grad for n, p in ours.named_parameters() if p.requires_grad}
+    assert our_grads.keys() == their_grads.keys() and our_grads
+    for name, grad in our_grads.items():
+        assert grad is not None and torch.allclose(grad, their_grads[name], atol=1e-4, rtol=1e-3), name
+
+
+@pytest.mark.parametrize("method_name", sorted(METHODS))
+def test_a_kto_run_moves_every_method_towards_the_good_answers(method_name: str, tiny_model_dir: Path,
+                                                               tiny_tokenizer: Any) -> None:
+    """Every method trains for KTO through the loop: the loss falls, the good answers become likelier and the bad
+    ones less likely than under the base model, and every validation example is ranked right."""
+    examples = feedback_of(tiny_tokenizer, feedback_lines(8))
+    method = METHODS[method_name]
+    hp = method.resolve({"objective": "kto", "batch_size": 4, "n_epochs": 6}, n_examples=len(examples),
+                        settings=Settings(), base_info=base_info(str(tiny_model_dir)))
+    assert (hp.objective, hp.beta, hp.gamma) == ("kto", BETA, None)
+    metrics: list[dict[str, Any]] = []
+    model, _ = TrainingRecipe(
+        TrainingConfig(method=method, hyperparameters=hp, seed=3, pad_id=tiny_tokenizer.pad_token_id),
+        base_model=load_model(str(tiny_model_dir), device="cpu", dtype="float32"), train_examples=examples,
+        valid_examples=examples, callbacks=TrainingCallbacks(on_metrics=metrics.append)).run()
+    first, last = metrics[0], metrics[-1]
+    assert {"train_loss", "train_preference_accuracy", "train_reward_margin"} <= set(last)
+    assert last["train_loss"] < first["train_loss"] and last["valid_preference_accuracy"] == 1.0, (first, last)
+    model.eval()
+    scores = score_feedback(model, examples, make=BatchMaker.for_training(method, hp, tiny_tokenizer.pad_token_id),
+                            reference_make=BatchMaker.for_base_model(max_len=hp.max_seq_length,
+                                                                     pad_id=tiny_tokenizer.pad_token_id),
+                            beta=BETA, batch_size=4)
+    assert scores.desirable_logratio is not None and scores.desirable_logratio > 0
+    assert scores.undesirable_logratio is not None and scores.undesirable_logratio < 0

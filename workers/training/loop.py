@@ -22,7 +22,7 @@ from typing import Any
 
 import torch
 
-from adapters.data import EncodedExample, PreferencePair
+from adapters.data import EncodedExample, FeedbackExample, PreferencePair
 from adapters.methods import AdapterMethod, total_steps
 from adapters.methods.base import PREFERENCE_OBJECTIVES, ResolvedHyperparameters
 from workers.training.batches import (
@@ -115,7 +115,7 @@ def trainable_examples(examples: list[Example], max_len: int) -> list[Example]:
     return [e for e in examples if _trainable(e, max_len)]
 
 
-def _trainable(example: EncodedExample | PreferencePair, max_len: int) -> bool:
+def _trainable(example: EncodedExample | PreferencePair | FeedbackExample, max_len: int) -> bool:
     if isinstance(example, PreferencePair):
         return _trainable(example.chosen, max_len) and _trainable(example.rejected, max_len)
     # The label of token t is predicted at t-1, so a trained token at position 0 teaches nothing.
@@ -362,7 +362,8 @@ class TrainingRecipe:
         for index, part in enumerate(self.passes(chunk)):
             with self.accelerator.autocast():
                 if self.preference:
-                    loss, right, margins = self._pair_loss(part, chunk)
+                    loss, right, margins = (self._feedback_loss(part, chunk) if self.hp.objective == "kto"
+                                            else self._pair_loss(part, chunk))
                     margin += margins.sum()
                 else:
                     batch = self.make(part).to(self.device)
@@ -402,6 +403,16 @@ class TrainingRecipe:
         loss, margins = objective_loss(objective, logps, beta=float(self.hp.beta or 0.0), gamma=self.hp.gamma,
                                        pairs=len(step), chosen_tokens=chosen_tokens)
         return loss, (margins > 0).sum(), margins
+
+    def _feedback_loss(self, examples: list[FeedbackExample], step: list[FeedbackExample]
+                       ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """KTO on one pass's examples (preference.py): (its loss, summed and divided by the step's examples; the
+        examples ranked right; their signed rewards, detached)."""
+        from workers.training.preference import feedback_logps, kto_loss
+
+        logps = feedback_logps(self.model, self.make, self.reference_make, examples, self.device)
+        loss, signed = kto_loss(logps, beta=float(self.hp.beta or 0.0), examples=len(step))
+        return loss, (signed > 0).sum(), signed
 
     def end_of_epoch(self) -> bool:
         """After a step: whether it ended its epoch (the last batch, or the run's last step); if so the position
@@ -470,8 +481,16 @@ class TrainingRecipe:
         """Loss and token accuracy on the validation examples (preference objectives: the loss, the pairs ranked
         right and the mean reward margin), the metrics' valid_*; returns the loss."""
         from workers.training.evaluation import score
-        from workers.training.preference import score_pairs
+        from workers.training.preference import score_feedback, score_pairs
 
+        if self.hp.objective == "kto":
+            with self.accelerator.autocast():
+                feedback = score_feedback(self.model, self.valid, make=self.make, reference_make=self.reference_make,
+                                          beta=float(self.hp.beta or 0.0), batch_size=self.hp.batch_size)
+            self.valid_metrics = {"valid_loss": round(feedback.loss, 6),
+                                  "valid_preference_accuracy": round(feedback.accuracy, 6),
+                                  "valid_reward_margin": round(feedback.reward_margin, 6)}
+            return feedback.loss
         if self.preference:
             with self.accelerator.autocast():
                 pairs = score_pairs(self.model, self.valid, objective=self.hp.objective, make=self.make,

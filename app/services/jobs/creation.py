@@ -146,17 +146,22 @@ def create_job(session: Session, *, tenant_id: str, settings: Settings, model: s
 
 
 def _check_objective_and_file(resolved: ResolvedHyperparameters, file_format: str | None, param: str) -> None:
-    """Preference pairs train a preference objective, and only they do."""
-    from adapters.methods.base import PREFERENCE_OBJECTIVES
+    """Each objective trains on its own format: preference pairs for dpo, orpo and simpo, feedback for kto, and
+    the supervised formats for the supervised objective."""
+    from adapters.methods.base import OBJECTIVE_FORMATS
 
-    if file_format == "preference" and resolved.objective not in PREFERENCE_OBJECTIVES:
-        raise InvalidRequest("training_file holds preference pairs (input, preferred_output, non_preferred_output); "
-                             "train on them with method.type 'dpo', or objective 'dpo'.", param="training_file",
-                             code="invalid_file")
-    if file_format != "preference" and resolved.objective in PREFERENCE_OBJECTIVES:
-        raise InvalidRequest(f"The {resolved.objective} objective trains on preference pairs, but training_file is in "
-                             f"the {file_format} format; upload lines {{\"input\": {{\"messages\": [...]}}, "
-                             "\"preferred_output\": [...], \"non_preferred_output\": [...]}.",
+    needed = OBJECTIVE_FORMATS.get(resolved.objective)
+    shapes = {"preference": 'lines {"input": {"messages": [...]}, "preferred_output": [...], '
+                            '"non_preferred_output": [...]}',
+              "feedback": 'lines {"input": {"messages": [...]}, "output": [...], "label": true or false}'}
+    if needed is None and file_format in shapes:
+        objectives = [name for name, form in OBJECTIVE_FORMATS.items() if form == file_format]
+        raise InvalidRequest(f"training_file is in the {file_format} format, which trains the "
+                             f"{' or '.join(objectives)} objective; give the method's objective (method.type 'dpo' "
+                             "sets dpo), or upload supervised examples.", param="training_file", code="invalid_file")
+    if needed is not None and file_format != needed:
+        raise InvalidRequest(f"The {resolved.objective} objective trains on a file in the {needed} format, but "
+                             f"training_file is in the {file_format} format; upload {shapes[needed]}.",
                              param="training_file", code="invalid_file")
 
 
