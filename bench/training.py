@@ -49,6 +49,123 @@ def load_examples(tokenizer: Any) -> tuple[list[Any], list[Any]]:
     return [examples[i] for i in order[16:]], valid
 
 
+def loss_logger(losses: list[float]) -> Any:
+    """A Trainer callback that appends every logged training loss to `losses`."""
+    from transformers import TrainerCallback
+
+    class LossLogger(TrainerCallback):
+        def on_log(self, args: Any, state: Any, control: Any, logs: dict[str, float] | None = None,
+                   **kwargs: Any) -> None:
+            if logs and "loss" in logs:
+                losses.append(float(logs["loss"]))
+
+    return LossLogger()
+
+
+def same_order(n: int) -> Any:
+    """A sampler giving our loop's shuffle (epoch_order), so a Trainer trains the same batches in the same order."""
+    import torch
+
+    from workers.training.loop import epoch_order
+
+    class SameOrder(torch.utils.data.Sampler[int]):
+        def __init__(self) -> None:
+            self.epoch = 0
+
+        def __len__(self) -> int:
+            return n
+
+        def set_epoch(self, epoch: int) -> None:
+            # The Trainer says which epoch it is (it may iterate a sampler more than once per epoch).
+            self.epoch = epoch
+
+        def __iter__(self) -> Any:
+            return iter(epoch_order(n, SEED, self.epoch))
+
+    return SameOrder()
+
+
+def load_pairs(tokenizer: Any) -> tuple[list[Any], list[Any], list[dict[str, Any]]]:
+    """Preference pairs from the same dataset, split as load_examples splits it: each question with its own answer
+    preferred and the next line's answer (an answer to another question) not. Returns (training pairs, validation
+    pairs, the training lines in TRL's conversational form)."""
+    from adapters.data import encode_pairs, parse_jsonl
+
+    records = [json.loads(line) for line in DATASET.read_text().splitlines() if line.strip()]
+    answers = [record["messages"][-1] for record in records]
+
+    def other_answer(i: int) -> dict[str, Any]:  # the next line's answer that differs (some questions share one)
+        return next(answers[j % len(answers)] for j in range(i + 1, i + len(answers))
+                    if answers[j % len(answers)]["content"] != answers[i]["content"])
+
+    lines = [{"input": {"messages": record["messages"][:-1]}, "preferred_output": [answers[i]],
+              "non_preferred_output": [other_answer(i)]} for i, record in enumerate(records)]
+    pairs = encode_pairs(tokenizer, parse_jsonl("\n".join(json.dumps(line) for line in lines).encode(),
+                                                max_examples=10_000))
+    order = list(range(len(pairs)))
+    random.Random(11).shuffle(order)
+    trl_lines = [{"prompt": lines[i]["input"]["messages"], "chosen": lines[i]["preferred_output"],
+                  "rejected": lines[i]["non_preferred_output"]} for i in order[16:]]
+    return [pairs[i] for i in order[16:]], [pairs[i] for i in order[:16]], trl_lines
+
+
+def pairs_valid_loss(model: Any, pairs: list[Any], pad_id: int) -> float:
+    """The same measure for every preference case (LoRA): the DPO loss (beta 0.1, the base model as the reference) on
+    the validation pairs, fp32, through our packed batches."""
+    from workers.training.batches import use_packed_attention
+    from workers.training.loop import BatchMaker
+    from workers.training.preference import score_pairs
+
+    model.eval()
+    use_packed_attention(model.get_base_model())
+    make = BatchMaker(packed=True, offset=0, max_len=4096, pad_id=pad_id)
+    return score_pairs(model, pairs, objective="dpo", make=make, reference_make=make, beta=0.1, gamma=None,
+                       batch_size=4).loss
+
+
+def run_trl_dpo(steps: int, batch_size: int) -> dict[str, Any]:
+    """TRL's DPOTrainer with the same LoRA config (TRL makes the adapter, so its reference is the base model with the
+    adapter disabled, as ours), float32, as TRL's docs show it; gradient checkpointing off, as on our path; the same
+    pairs in the same order as ours."""
+    import torch
+    from datasets import Dataset
+    from peft import LoraConfig, TaskType
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from trl import DPOConfig, DPOTrainer
+
+    path = model_path()
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    _, valid, lines = load_pairs(tokenizer)
+    tokens = {"real": 0, "padded": 0}
+    losses: list[float] = []
+
+    class Counted(DPOTrainer):
+        def _get_train_sampler(self, *args: Any, **kwargs: Any) -> Any:
+            return same_order(len(lines))  # the pairs, in the order ours trains them
+
+        def compute_loss(self, model: Any, inputs: dict[str, Any], *args: Any, **kwargs: Any) -> Any:
+            tokens["real"] += int(inputs["attention_mask"].sum())
+            tokens["padded"] += int(inputs["attention_mask"].numel())
+            return super().compute_loss(model, inputs, *args, **kwargs)
+
+    config = LoraConfig(task_type=TaskType.CAUSAL_LM, target_modules=["q_proj", "k_proj", "v_proj", "o_proj",
+                                                                      "gate_proj", "up_proj", "down_proj"],
+                        bias="none", **LORA)
+    args = DPOConfig(output_dir="/tmp/adaptery-bench-trl", per_device_train_batch_size=batch_size, max_steps=steps,
+                     learning_rate=LEARNING_RATE, lr_scheduler_type="linear", logging_steps=1, save_strategy="no",
+                     report_to=[], use_cpu=True, bf16=False, dataloader_num_workers=0, seed=SEED, max_grad_norm=1.0,
+                     beta=0.1, max_length=None, gradient_checkpointing=False)
+    trainer = Counted(model=AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32), args=args,
+                      processing_class=tokenizer, train_dataset=Dataset.from_list(lines), peft_config=config,
+                      callbacks=[loss_logger(losses)])
+    started = time.perf_counter()
+    trainer.train()
+    seconds = time.perf_counter() - started
+    return {"seconds": seconds, "real_tokens": tokens["real"], "padded_tokens": tokens["padded"], "losses": losses,
+            "valid_loss": pairs_valid_loss(trainer.model, valid, tokenizer.pad_token_id), "compute_dtype": "float32",
+            "peak_rss_mb": peak_rss_mb()}
+
+
 def peak_rss_mb() -> float:
     for line in Path("/proc/self/status").read_text().splitlines():
         if line.startswith("VmHWM:"):
@@ -76,12 +193,10 @@ def run_hf(steps: int, batch_size: int, bf16: bool) -> dict[str, Any]:
         AutoTokenizer,
         DataCollatorForSeq2Seq,
         Trainer,
-        TrainerCallback,
         TrainingArguments,
     )
 
     from workers.training.batches import padded_batch
-    from workers.training.loop import epoch_order
 
     path = model_path()
     tokenizer = AutoTokenizer.from_pretrained(path)
@@ -98,12 +213,6 @@ def run_hf(steps: int, batch_size: int, bf16: bool) -> dict[str, Any]:
     tokens = {"real": 0, "padded": 0}
     losses: list[float] = []
 
-    class Count(TrainerCallback):
-        def on_log(self, args: Any, state: Any, control: Any, logs: dict[str, float] | None = None,
-                   **kwargs: Any) -> None:
-            if logs and "loss" in logs:
-                losses.append(float(logs["loss"]))
-
     collator = DataCollatorForSeq2Seq(tokenizer, padding=True, label_pad_token_id=-100)
 
     def collate(batch: list[dict[str, list[int]]]) -> dict[str, Any]:
@@ -113,25 +222,9 @@ def run_hf(steps: int, batch_size: int, bf16: bool) -> dict[str, Any]:
                              max_steps=steps, learning_rate=LEARNING_RATE, lr_scheduler_type="linear",
                              logging_steps=1, save_strategy="no", report_to=[], use_cpu=True, bf16=bf16,
                              dataloader_num_workers=0, remove_unused_columns=False, seed=SEED, max_grad_norm=1.0)
-    class SameOrder(torch.utils.data.Sampler[int]):
-        """Our loop's shuffle (epoch_order), so both paths train the same batches in the same order."""
-
-        def __init__(self, n: int):
-            self.n, self.epoch = n, 0
-
-        def __len__(self) -> int:
-            return self.n
-
-        def set_epoch(self, epoch: int) -> None:
-            # The Trainer says which epoch it is (it may iterate a sampler more than once per epoch).
-            self.epoch = epoch
-
-        def __iter__(self) -> Any:
-            return iter(epoch_order(self.n, SEED, self.epoch))
-
     class SameOrderTrainer(Trainer):
         def _get_train_sampler(self, *args: Any, **kwargs: Any) -> Any:
-            return SameOrder(len(train))
+            return same_order(len(train))
 
         def compute_loss(self, model: Any, inputs: dict[str, Any], *args: Any, **kwargs: Any) -> Any:
             # Counted where a batch is trained (the data loader may fetch batches ahead).
@@ -140,7 +233,7 @@ def run_hf(steps: int, batch_size: int, bf16: bool) -> dict[str, Any]:
             return super().compute_loss(model, inputs, *args, **kwargs)
 
     trainer = SameOrderTrainer(model=model, args=args, train_dataset=features(train), data_collator=collate,
-                               callbacks=[Count()])
+                               callbacks=[loss_logger(losses)])
     started = time.perf_counter()
     trainer.train()
     seconds = time.perf_counter() - started
@@ -168,9 +261,10 @@ def validation_loss(model: Any, examples: list[Any], make: Any) -> float:
 
 
 def run_ours(steps: int, batch_size: int, method_name: str, dtype: str | None = None,
-             around_training: Any = None) -> dict[str, Any]:
-    """The worker's training path (loop.train), in this machine's compute dtype unless `dtype` says.
-    `around_training`: a started torch profiler, recording the training steps only."""
+             around_training: Any = None, objective: str = "supervised") -> dict[str, Any]:
+    """The worker's training path (loop.train), in this machine's compute dtype unless `dtype` says; a preference
+    `objective` trains on load_pairs' pairs. `around_training`: a started torch profiler, recording the training steps
+    only."""
     import torch
     from transformers import AutoTokenizer
 
@@ -182,11 +276,13 @@ def run_ours(steps: int, batch_size: int, method_name: str, dtype: str | None = 
 
     path = model_path()
     tokenizer = AutoTokenizer.from_pretrained(path)
-    train_examples, valid = load_examples(tokenizer)
+    preference = objective != "supervised"
+    train_examples, valid = load_pairs(tokenizer)[:2] if preference else load_examples(tokenizer)
     compute_dtype = dtype or compute_plan("cpu").dtype
     method = METHODS[method_name]
     raw = {"batch_size": batch_size, "max_steps": steps, "n_epochs": 50, "max_seq_length": 4096,
-           **({"learning_rate": LEARNING_RATE, **LORA} if method_name == "lora" else {})}
+           **({"learning_rate": LEARNING_RATE, **LORA} if method_name == "lora" else {}),
+           **({"objective": objective} if preference else {})}
     hp = method.resolve(raw, n_examples=len(train_examples), settings=Settings(), base_info=base_info(path))
     losses: list[float] = []
     callbacks = TrainingCallbacks(on_metrics=lambda m: losses.append(m["train_loss"]))
@@ -201,7 +297,8 @@ def run_ours(steps: int, batch_size: int, method_name: str, dtype: str | None = 
     if around_training is not None:
         around_training.toggle_collection_dynamic(False, around_training.activities)
     model.base_model.model.to(torch.float32)  # validation in fp32 for every case
-    valid_loss = validation_loss(model, valid, BatchMaker.for_training(method, hp, tokenizer.pad_token_id))
+    valid_loss = (pairs_valid_loss(model, valid, tokenizer.pad_token_id) if preference else
+                  validation_loss(model, valid, BatchMaker.for_training(method, hp, tokenizer.pad_token_id)))
     return {"seconds": seconds, "real_tokens": result.trained_tokens, "padded_tokens": result.trained_tokens,
             "losses": losses, "valid_loss": valid_loss, "compute_dtype": compute_dtype, "peak_rss_mb": peak_rss_mb()}
 
@@ -213,6 +310,12 @@ def case_main(case: str, steps: int, batch_size: int) -> None:
     torch.manual_seed(1)
     if case.startswith("hf_"):
         out = run_hf(steps, batch_size, bf16=case == "hf_bf16")
+    elif case == "trl_dpo":
+        out = run_trl_dpo(steps, batch_size)
+    elif case.startswith("ours_lora_") and case.removeprefix("ours_lora_").split("_")[0] in ("dpo", "orpo", "simpo"):
+        objective = case.removeprefix("ours_lora_").split("_")[0]
+        out = run_ours(steps, batch_size, "lora", objective=objective,
+                       dtype="float32" if case.endswith("_fp32") else None)
     elif case.endswith("_fp32"):
         out = run_ours(steps, batch_size, case.removeprefix("ours_").removesuffix("_fp32"), dtype="float32")
     else:
@@ -286,7 +389,7 @@ def effective_gflops(result: dict[str, Any], lengths: Counter[int], n: float, la
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--quick", action="store_true", help="fewer steps (under 5 minutes on 2 cores)")
+    parser.add_argument("--quick", action="store_true", help="fewer steps (3; preference cases 2)")
     parser.add_argument("--save", action="store_true", help="write bench/results/training.json and .md")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--case", help=argparse.SUPPRESS)
@@ -344,7 +447,15 @@ def main() -> None:
     if plan.dtype == "bfloat16" and not args.quick:
         cases.append("hf_bf16")
     methods = ["ours_adalora", "ours_ia3", "ours_prefix_tuning", "ours_prompt_tuning", "ours_p_tuning"]
+    # Preference tuning on pairs made from the same examples: TRL's DPOTrainer beside our DPO and SimPO (no reference
+    # pass); a pair's tokens are both its sequences.
+    preference = ["trl_dpo", "ours_lora_dpo", "ours_lora_simpo"] + (["ours_lora_dpo_fp32"] if plan.dtype != "float32"
+                                                                      else [])
     results = {case: run_case(case, steps, args.batch_size, args.threads) for case in cases + methods}
+    # Half as many pairs a step, so a step holds as many sequences as a supervised one; fewer steps, since TRL's
+    # step takes tens of seconds here.
+    pair_steps, pair_batch = max(2, steps // 4), max(1, args.batch_size // 2)
+    results.update({case: run_case(case, pair_steps, pair_batch, args.threads) for case in preference})
     n, layers, d, _ = model_flops(path)
     mean_share = steps * args.batch_size / len(train)  # each case trains this share of the dataset's examples
     rows = []
@@ -361,6 +472,10 @@ def main() -> None:
     header = ("| case | dtype | real tok/s | real tokens | padding tokens | effective GFLOP/s | of peak | peak RSS MB "
               "| train loss (last quarter) | valid loss |")
     table = "\n".join([header, "|---" * 10 + "|", *rows])
+    table += ("\n\nThe trl_dpo and ours_lora_dpo/simpo cases train on preference pairs made from the same examples, "
+              f"{pair_steps} steps of {pair_batch} pairs (as many sequences a step as the supervised cases); a pair's "
+              "tokens are both its sequences, effective GFLOP/s counts the supervised work per token (not comparable "
+              "for them), and their valid loss is the DPO loss on the validation pairs.")
     hf, ours = results["hf_fp32"], results["ours_lora"]
     summary = {"hf_trainer_tok_s": round(hf["tok_s"], 2), "ours_tok_s": round(ours["tok_s"], 2),
                "speedup": round(ours["tok_s"] / hf["tok_s"], 2), "ours_flop_util": round(ours["flop_util"], 3),
@@ -371,7 +486,16 @@ def main() -> None:
                "peak_gflops": {k: round(v, 1) for k, v in peaks.items()},
                "model_shape_gflops": {k: round(v, 1) for k, v in at_shapes.items()},
                "ours_util_of_shape_peak": round(ours["effective_gflops"] / at_shapes[ours["compute_dtype"]], 3),
-               "steps": steps,
+               "dpo": {"trl_tok_s": round(results["trl_dpo"]["tok_s"], 2),
+                       "ours_tok_s": round(results["ours_lora_dpo"]["tok_s"], 2),
+                       "speedup": round(results["ours_lora_dpo"]["tok_s"] / results["trl_dpo"]["tok_s"], 2),
+                       "ours_simpo_tok_s": round(results["ours_lora_simpo"]["tok_s"], 2),
+                       "ours_fp32_tok_s": round(results.get("ours_lora_dpo_fp32",
+                                                            results["ours_lora_dpo"])["tok_s"], 2),
+                       "ours_dpo_of_sft": round(results["ours_lora_dpo"]["tok_s"] / ours["tok_s"], 3),
+                       "trl_valid_dpo_loss": round(results["trl_dpo"]["valid_loss"], 4),
+                       "ours_valid_dpo_loss": round(results["ours_lora_dpo"]["valid_loss"], 4)},
+               "steps": steps, "preference_steps": pair_steps, "preference_batch_pairs": pair_batch,
                "batch_size": args.batch_size, "threads": args.threads, "quick": args.quick,
                "cases": {c: {k: (round(v, 4) if isinstance(v, float) else v) for k, v in r.items() if k != "losses"}
                          for c, r in results.items()}}

@@ -330,12 +330,10 @@ class JobRunner:
                   "full_valid_rejected_logps": round(scores.rejected_logps, 4),
                   "full_valid_prefers_preferred": round(tuned, 6), "valid_examples": len(valid),
                   "base_model": {"full_valid_prefers_preferred": round(plain, 6)}}
-        seconds = time.perf_counter() - started
-        self._event(f"Validation ({len(valid)} pairs): {hp.objective} loss {scores.loss:.4f}, reward margin "
-                    f"{scores.reward_margin:.3f}, ranked right {scores.accuracy:.3f}; the preferred answer is the more "
-                    f"likely one for {tuned:.3f} of the pairs (base model {plain:.3f}); evaluated in {seconds:.1f} s.",
-                    data={"phase": "end_report", "seconds": round(seconds, 2), **report})
-        return report
+        return self._reported(f"Validation ({len(valid)} pairs): {hp.objective} loss {scores.loss:.4f}, reward margin "
+                              f"{scores.reward_margin:.3f}, ranked right {scores.accuracy:.3f}; the preferred answer "
+                              f"is the more likely one for {tuned:.3f} of the pairs (base model {plain:.3f})", report,
+                              started)
 
     def _feedback_report(self, model: Any, valid: list[Any], hp: ResolvedHyperparameters, pad_id: int,
                          autocast: Any) -> dict[str, Any]:
@@ -358,11 +356,15 @@ class JobRunner:
                   "full_valid_desirable_logratio": rounded(scores.desirable_logratio),
                   "full_valid_undesirable_logratio": rounded(scores.undesirable_logratio),
                   "valid_examples": len(valid)}
+        return self._reported(f"Validation ({len(valid)} examples): kto loss {scores.loss:.4f}, ranked right "
+                              f"{scores.accuracy:.3f}; log-ratio to the base model of the good answers "
+                              f"{report['full_valid_desirable_logratio']}, of the bad ones "
+                              f"{report['full_valid_undesirable_logratio']}", report, started)
+
+    def _reported(self, text: str, report: dict[str, Any], started: float) -> dict[str, Any]:
+        """The end report's event (`text` and how long the evaluation took), and the report."""
         seconds = time.perf_counter() - started
-        self._event(f"Validation ({len(valid)} examples): kto loss {scores.loss:.4f}, ranked right "
-                    f"{scores.accuracy:.3f}; log-ratio to the base model of the good answers "
-                    f"{report['full_valid_desirable_logratio']}, of the bad ones "
-                    f"{report['full_valid_undesirable_logratio']}; evaluated in {seconds:.1f} s.",
+        self._event(f"{text}; evaluated in {seconds:.1f} s.",
                     data={"phase": "end_report", "seconds": round(seconds, 2), **report})
         return report
 

@@ -67,7 +67,7 @@ def enqueued_at(job_id: str) -> float | None:
     ({"method": {"type": "dpo"}}, 400, "training_file"),
     ({"method": {"type": "lora", "lora": {"hyperparameters": {"beta": 0.2}}}}, 400, "method.lora.hyperparameters.beta"),
     ({"method": {"type": "lora", "lora": {"hyperparameters": {"gamma": 1}}}}, 400, "method.lora.hyperparameters.gamma"),
-    ({"method": {"type": "lora", "lora": {"hyperparameters": {"objective": "kto"}}}}, 400,
+    ({"method": {"type": "lora", "lora": {"hyperparameters": {"objective": "ppo"}}}}, 400,
      "method.lora.hyperparameters"),
     ({"method": {"type": "dpo", "dpo": {"hyperparameters": {"objective": "supervised"}}}}, 400,
      "method.dpo.hyperparameters.objective"),

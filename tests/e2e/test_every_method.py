@@ -39,14 +39,20 @@ def fine_tuned(sdk: Any) -> dict[str, str]:
     models = {}
     deadline = time.monotonic() + budget(JOB_DONE) * len(jobs)
     for name, job in jobs.items():
-        while job.status not in ("succeeded", "failed", "cancelled"):
-            assert time.monotonic() < deadline, f"{name} still {job.status}"
-            time.sleep(0.3)
-            job = sdk.fine_tuning.jobs.retrieve(job.id)
+        job = finished(sdk, job, deadline)
         assert job.status == "succeeded", (name, job.error)
         assert job.method.type == name
         models[name] = job.fine_tuned_model
     return models
+
+
+def finished(sdk: Any, job: Any, deadline: float) -> Any:
+    """The job, polled through the SDK until it ends (before `deadline`, a time.monotonic() value)."""
+    while job.status not in ("succeeded", "failed", "cancelled"):
+        assert time.monotonic() < deadline, f"{job.id} still {job.status}"
+        time.sleep(0.3)
+        job = sdk.fine_tuning.jobs.retrieve(job.id)
+    return job
 
 
 def ask(sdk: Any, model: str, prompt: str) -> str:
@@ -99,11 +105,7 @@ def test_dpo_continues_a_supervised_model_through_the_sdk(sdk: Any, fine_tuned: 
         model=TINY_MODEL_ID, training_file=train.id, validation_file=heldout.id, suffix="dpo",
         method={"type": "dpo", "dpo": {"hyperparameters": {"beta": 0.1, "n_epochs": 8, "batch_size": 4}}},
         extra_body={"from_model": fine_tuned["lora"]})
-    deadline = time.monotonic() + budget(JOB_DONE)
-    while job.status not in ("succeeded", "failed", "cancelled"):
-        assert time.monotonic() < deadline, f"still {job.status}"
-        time.sleep(0.3)
-        job = sdk.fine_tuning.jobs.retrieve(job.id)
+    job = finished(sdk, job, time.monotonic() + budget(JOB_DONE))
     assert job.status == "succeeded", job.error
     stored = job.to_dict()
     hyperparameters = stored["method"]["lora"]["hyperparameters"]
@@ -131,10 +133,7 @@ def test_reference_free_objectives_through_the_sdk(sdk: Any) -> None:
         for objective in ("orpo", "simpo")}
     deadline = time.monotonic() + budget(JOB_DONE) * len(jobs)
     for objective, job in jobs.items():
-        while job.status not in ("succeeded", "failed", "cancelled"):
-            assert time.monotonic() < deadline, f"{objective} still {job.status}"
-            time.sleep(0.3)
-            job = sdk.fine_tuning.jobs.retrieve(job.id)
+        job = finished(sdk, job, deadline)
         assert job.status == "succeeded", (objective, job.error)
         result = job.to_dict()["result"]
         assert result["full_valid_preference_accuracy"] == 1.0, (objective, result)
@@ -157,11 +156,7 @@ def test_kto_on_thumbs_up_and_down_through_the_sdk(sdk: Any) -> None:
     job = sdk.fine_tuning.jobs.create(
         model=TINY_MODEL_ID, training_file=train.id, validation_file=heldout.id, suffix="kto",
         method={"type": "lora", "lora": {"hyperparameters": {"objective": "kto", "n_epochs": 8, "batch_size": 4}}})
-    deadline = time.monotonic() + budget(JOB_DONE)
-    while job.status not in ("succeeded", "failed", "cancelled"):
-        assert time.monotonic() < deadline, f"still {job.status}"
-        time.sleep(0.3)
-        job = sdk.fine_tuning.jobs.retrieve(job.id)
+    job = finished(sdk, job, time.monotonic() + budget(JOB_DONE))
     assert job.status == "succeeded", job.error
     result = job.to_dict()["result"]
     assert result["full_valid_preference_accuracy"] == 1.0, result

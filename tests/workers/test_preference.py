@@ -46,58 +46,78 @@ def pairs_of(tokenizer: Any, lines: list[dict[str, Any]]) -> list[PreferencePair
     return encode_pairs(tokenizer, parse_jsonl(raw, max_examples=1000))
 
 
-def test_dpo_loss_and_gradients_equal_trls_dpo_trainer(tiny_model_dir: Path, tiny_tokenizer: Any,
-                                                       tmp_path: Path) -> None:
-    """TRL tokenises the same conversations; both sides then train on TRL's token ids, fp32, LoRA without dropout,
-    the reference being the base model (the adapter disabled) on both: TRL makes the adapter from a config, so it
-    takes the base model as the reference, as our loop does."""
+LORA_TARGETS = ["q_proj", "v_proj", "up_proj"]
+
+
+def trl_twin(trainer_class: Any, config_class: Any, dataset: list[dict[str, Any]], model_dir: Path, tokenizer: Any,
+             folder: Path) -> tuple[Any, Any, list[dict[str, Any]], torch.Tensor]:
+    """TRL's trainer for `dataset` with a LoRA adapter it makes from a config (so its reference is the base model),
+    the adapter's weights drawn at random (a trained adapter: the model differs from the reference at once), and the
+    same adapter on our side. Returns (TRL's trainer, our PeftModel, TRL's tokenised rows, TRL's loss on them, its
+    gradients computed)."""
     from datasets import Dataset
     from peft import LoraConfig, get_peft_model
-    from trl import DPOConfig, DPOTrainer
 
-    lines = preference_lines(4)
-    config = LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, target_modules=["q_proj", "v_proj", "up_proj"])
-    dataset = Dataset.from_list([{"prompt": line["input"]["messages"], "chosen": line["preferred_output"],
-                                  "rejected": line["non_preferred_output"]} for line in lines])
-    trainer = DPOTrainer(model=load_model(str(tiny_model_dir), device="cpu", dtype="float32"), peft_config=config,
-                         processing_class=tiny_tokenizer, train_dataset=dataset,
-                         args=DPOConfig(output_dir=str(tmp_path), beta=BETA, per_device_train_batch_size=len(lines),
-                                        report_to=[], use_cpu=True, bf16=False, fp16=False))
+    config = LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, target_modules=LORA_TARGETS)
+    trainer = trainer_class(model=load_model(str(model_dir), device="cpu", dtype="float32"), peft_config=config,
+                            processing_class=tokenizer, train_dataset=Dataset.from_list(dataset),
+                            args=config_class(output_dir=str(folder), beta=BETA,
+                                              per_device_train_batch_size=len(dataset), report_to=[], use_cpu=True,
+                                              bf16=False, fp16=False))
     theirs = trainer.model
     torch.manual_seed(0)
-    with torch.no_grad():  # a trained adapter, not a fresh one: the policy differs from the reference at once
+    with torch.no_grad():
         for name, parameter in theirs.named_parameters():
             if "lora_" in name:
                 parameter.normal_(0, 0.3)
-    ours = get_peft_model(load_model(str(tiny_model_dir), device="cpu", dtype="float32"), config)
+    ours = get_peft_model(load_model(str(model_dir), device="cpu", dtype="float32"), config)
     ours.load_state_dict(theirs.state_dict())
-    tokenised = list(trainer.train_dataset)
-    inputs = trainer.data_collator(tokenised)
-    theirs.train()
-    their_loss = trainer.compute_loss(theirs, inputs)
-    their_loss.backward()
-
-    pairs = [PreferencePair(*(EncodedExample(input_ids=row["prompt_ids"] + row[key],
-                                             loss_mask=[0] * len(row["prompt_ids"]) + [1] * len(row[key]))
-                              for key in ("chosen_ids", "rejected_ids"))) for row in tokenised]
-    # Our own encoding of the lines gives the same tokens.
-    assert [(p.chosen.input_ids, p.rejected.input_ids) for p in pairs] == \
-           [(p.chosen.input_ids, p.rejected.input_ids) for p in pairs_of(tiny_tokenizer, lines)]
     use_packed_attention(ours.get_base_model())
     ours.train()
-    make = BatchMaker(packed=True, offset=0, max_len=1024, pad_id=tiny_tokenizer.pad_token_id)
-    logps = pair_logps(ours, make, pairs, "cpu", reference_make=make)
-    our_loss, _ = objective_loss("dpo", logps, beta=BETA, gamma=None, pairs=len(pairs),
-                                 chosen_tokens=float(logps.chosen_tokens.sum()))
-    our_loss.backward()
+    rows = list(trainer.train_dataset)
+    theirs.train()
+    their_loss = trainer.compute_loss(theirs, trainer.data_collator(rows))
+    their_loss.backward()
+    return trainer, ours, rows, their_loss
 
+
+def assert_same_loss_and_gradients(ours: Any, theirs: Any, our_loss: torch.Tensor, their_loss: torch.Tensor) -> None:
     assert abs(float(our_loss) - float(their_loss)) < 1e-4, (float(our_loss), float(their_loss))
-    assert abs(float(our_loss) - math.log(2)) > 0.05, "the policy must differ from the reference"
     their_grads = {n: p.grad for n, p in theirs.named_parameters() if p.requires_grad}
     our_grads = {n: p.grad for n, p in ours.named_parameters() if p.requires_grad}
     assert our_grads.keys() == their_grads.keys() and our_grads
     for name, grad in our_grads.items():
         assert grad is not None and torch.allclose(grad, their_grads[name], atol=1e-4, rtol=1e-3), name
+
+
+def sequence(prompt: list[int], answer: list[int]) -> EncodedExample:
+    return EncodedExample(input_ids=prompt + answer, loss_mask=[0] * len(prompt) + [1] * len(answer))
+
+
+def test_dpo_loss_and_gradients_equal_trls_dpo_trainer(tiny_model_dir: Path, tiny_tokenizer: Any,
+                                                       tmp_path: Path) -> None:
+    """TRL tokenises the same conversations; both sides then train on TRL's token ids, fp32, LoRA without dropout,
+    the reference being the base model (the adapter disabled) on both: TRL makes the adapter from a config, so it
+    takes the base model as the reference, as our loop does."""
+    from trl import DPOConfig, DPOTrainer
+
+    lines = preference_lines(4)
+    trainer, ours, rows, their_loss = trl_twin(
+        DPOTrainer, DPOConfig, [{"prompt": line["input"]["messages"], "chosen": line["preferred_output"],
+                                 "rejected": line["non_preferred_output"]} for line in lines],
+        tiny_model_dir, tiny_tokenizer, tmp_path)
+    pairs = [PreferencePair(sequence(row["prompt_ids"], row["chosen_ids"]),
+                            sequence(row["prompt_ids"], row["rejected_ids"])) for row in rows]
+    # Our own encoding of the lines gives the same tokens.
+    assert [(p.chosen.input_ids, p.rejected.input_ids) for p in pairs] == \
+           [(p.chosen.input_ids, p.rejected.input_ids) for p in pairs_of(tiny_tokenizer, lines)]
+    make = BatchMaker(packed=True, offset=0, max_len=1024, pad_id=tiny_tokenizer.pad_token_id)
+    logps = pair_logps(ours, make, pairs, "cpu", reference_make=make)
+    our_loss, _ = objective_loss("dpo", logps, beta=BETA, gamma=None, pairs=len(pairs),
+                                 chosen_tokens=float(logps.chosen_tokens.sum()))
+    our_loss.backward()
+    assert abs(float(our_loss) - math.log(2)) > 0.05, "the policy must differ from the reference"
+    assert_same_loss_and_gradients(ours, trainer.model, our_loss, their_loss)
 
 
 def test_simpo_and_orpo_losses_equal_trls(tiny_tokenizer: Any) -> None:
@@ -183,56 +203,26 @@ def test_kto_loss_and_gradients_equal_trls_kto_trainer(tiny_model_dir: Path, tin
                                                        tmp_path: Path) -> None:
     """As for DPO: TRL tokenises, both sides train on its token ids (its mismatched sequences for the KL term
     included), fp32, LoRA without dropout, the base model as the reference."""
-    from datasets import Dataset
-    from peft import LoraConfig, get_peft_model
     from trl import KTOConfig, KTOTrainer
 
     lines = feedback_lines(4)
-    config = LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, target_modules=["q_proj", "v_proj", "up_proj"])
-    dataset = Dataset.from_list([{"prompt": line["input"]["messages"], "completion": line["output"],
-                                  "label": line["label"]} for line in lines])
-    trainer = KTOTrainer(model=load_model(str(tiny_model_dir), device="cpu", dtype="float32"), peft_config=config,
-                         processing_class=tiny_tokenizer, train_dataset=dataset,
-                         args=KTOConfig(output_dir=str(tmp_path), beta=BETA, per_device_train_batch_size=len(lines),
-                                        report_to=[], use_cpu=True, bf16=False, fp16=False))
-    theirs = trainer.model
-    torch.manual_seed(0)
-    with torch.no_grad():
-        for name, parameter in theirs.named_parameters():
-            if "lora_" in name:
-                parameter.normal_(0, 0.3)
-    ours = get_peft_model(load_model(str(tiny_model_dir), device="cpu", dtype="float32"), config)
-    ours.load_state_dict(theirs.state_dict())
-    tokenised = list(trainer.train_dataset)
-    inputs = trainer.data_collator(tokenised)
-    theirs.train()
-    their_loss = trainer.compute_loss(theirs, inputs)
-    their_loss.backward()
-
-    def sequence(prompt: list[int], answer: list[int]) -> EncodedExample:
-        return EncodedExample(input_ids=prompt + answer, loss_mask=[0] * len(prompt) + [1] * len(answer))
-
+    trainer, ours, rows, their_loss = trl_twin(
+        KTOTrainer, KTOConfig, [{"prompt": line["input"]["messages"], "completion": line["output"],
+                                 "label": line["label"]} for line in lines],
+        tiny_model_dir, tiny_tokenizer, tmp_path)
     examples = [FeedbackExample(sequence(row["prompt_ids"], row["completion_ids"]), bool(row["label"]),
-                                len(row["prompt_ids"])) for row in tokenised]
-    kl_sequences = [sequence(row["prompt_ids"], row["KL_completion_ids"]) for row in tokenised]
+                                len(row["prompt_ids"])) for row in rows]
+    kl_sequences = [sequence(row["prompt_ids"], row["KL_completion_ids"]) for row in rows]
     # Our own encoding gives the same tokens, and the same mismatched sequences (each prompt, the previous answer).
     encoded = feedback_of(tiny_tokenizer, lines)
     assert [e.input_ids for e in examples] == [e.input_ids for e in encoded]
     assert [s.input_ids for s in kl_sequences] == [s.input_ids for s in mismatched(encoded)]
-    use_packed_attention(ours.get_base_model())
-    ours.train()
     make = BatchMaker(packed=True, offset=0, max_len=1024, pad_id=tiny_tokenizer.pad_token_id)
     our_loss, _ = kto_loss(feedback_logps(ours, make, make, examples, "cpu", kl_sequences=kl_sequences), beta=BETA,
                            examples=len(examples))
     our_loss.backward()
-
-    assert abs(float(our_loss) - float(their_loss)) < 1e-4, (float(our_loss), float(their_loss))
     assert abs(float(our_loss) - 0.5) > 0.01, "the policy must differ from the reference"
-    their_grads = {n: p.grad for n, p in theirs.named_parameters() if p.requires_grad}
-    our_grads = {n: p.grad for n, p in ours.named_parameters() if p.requires_grad}
-    assert our_grads.keys() == their_grads.keys() and our_grads
-    for name, grad in our_grads.items():
-        assert grad is not None and torch.allclose(grad, their_grads[name], atol=1e-4, rtol=1e-3), name
+    assert_same_loss_and_gradients(ours, trainer.model, our_loss, their_loss)
 
 
 @pytest.mark.parametrize("method_name", sorted(METHODS))
