@@ -317,7 +317,8 @@ class JobRunner:
 
         started = time.perf_counter()
         make = BatchMaker.for_training(self.method, hp, pad_id)
-        base_make = BatchMaker.for_base_model(max_len=hp.max_seq_length, pad_id=pad_id)
+        # The base model reads the same rows with nothing in front of them (the attention the model is set to).
+        base_make = BatchMaker(packed=make.packed, offset=0, max_len=hp.max_seq_length, pad_id=pad_id)
         with autocast():
             scores = score_pairs(model, valid, objective=hp.objective, make=make, reference_make=base_make,
                                  beta=float(hp.beta or 0.0), gamma=hp.gamma, batch_size=hp.batch_size)
@@ -343,9 +344,10 @@ class JobRunner:
         from workers.training.preference import score_feedback
 
         started = time.perf_counter()
+        make = BatchMaker.for_training(self.method, hp, pad_id)
         with autocast():
-            scores = score_feedback(model, valid, make=BatchMaker.for_training(self.method, hp, pad_id),
-                                    reference_make=BatchMaker.for_base_model(max_len=hp.max_seq_length, pad_id=pad_id),
+            scores = score_feedback(model, valid, make=make, reference_make=BatchMaker(
+                                        packed=make.packed, offset=0, max_len=hp.max_seq_length, pad_id=pad_id),
                                     beta=float(hp.beta or 0.0), batch_size=hp.batch_size)
 
         def rounded(value: float | None) -> float | None:

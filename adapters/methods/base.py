@@ -134,6 +134,8 @@ def given(value: Any) -> bool:
 def check_range(name: str, value: Any, low: float, high: float, *, low_open: bool = False) -> None:
     if not given(value):
         return
+    if isinstance(value, float) and not math.isfinite(value):
+        raise HyperparameterError(name, f"{name} must be a finite number, got {value}")
     bad = value <= low if low_open else value < low
     if bad or value > high:
         opener = "(" if low_open else "["
@@ -256,6 +258,11 @@ class AdapterMethod(Generic[Resolved]):
             "gradient_checkpointing": bool(hp.gradient_checkpointing) if given(hp.gradient_checkpointing) else False,
             **self._objective(hp),
         }
+        if resolved["objective"] == "kto" and resolved["batch_size"] < 2:
+            # KTO's reference point is the batch's mean log-ratio on other examples' answers: one example has none.
+            if given(hp.batch_size):
+                raise HyperparameterError("batch_size", "the kto objective needs a batch_size of at least 2")
+            resolved["batch_size"] = 2
         resolved.update(self.method_defaults(hp, settings=settings, base_info=base_info))
         return self.resolved.model_validate(resolved)
 

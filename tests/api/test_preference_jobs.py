@@ -159,3 +159,29 @@ def test_a_kto_job_takes_a_feedback_file_and_no_other(api: Api, client: TestClie
         response = create_job(client, {"model": TINY_MODEL_ID, "training_file": file_id, **body})
         assert response.status_code == 400 and error_of(response)["param"] == "training_file", response.text
     assert api.broker.take() == []
+
+
+def test_kto_needs_two_examples_a_batch_and_no_value_may_be_nan(api: Api, client: TestClient) -> None:
+    file_id = upload(client, [feedback(i) for i in range(6)]).json()["id"]  # auto: batch_size 1 for 6 lines
+    job = create_job(client, {"model": TINY_MODEL_ID, "training_file": file_id, "method": {
+        "type": "lora", "lora": {"hyperparameters": {"objective": "kto"}}}})
+    assert job.status_code == 200 and job.json()["hyperparameters"]["batch_size"] == 2, job.text
+    refused = create_job(client, {"model": TINY_MODEL_ID, "training_file": file_id, "method": {
+        "type": "lora", "lora": {"hyperparameters": {"objective": "kto", "batch_size": 1}}}})
+    assert refused.status_code == 400 and error_of(refused)["param"] == "method.lora.hyperparameters.batch_size"
+    from adapters.methods import METHODS, HyperparameterError
+    from app.settings import Settings
+
+    for name in ("beta", "gamma", "learning_rate"):
+        raw = {"objective": "simpo", name: float("nan")}
+        with pytest.raises(HyperparameterError) as caught:
+            METHODS["lora"].resolve(raw, n_examples=6, settings=Settings(), base_info=api_base_info())
+        assert caught.value.param == name and "finite" in str(caught.value)
+
+
+def api_base_info() -> dict[str, Any]:
+    from app.services import base_models
+    from app.settings import get_settings
+
+    settings = get_settings()
+    return base_models.base_info(settings, base_models.resolve(settings, TINY_MODEL_ID))

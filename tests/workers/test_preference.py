@@ -250,3 +250,44 @@ def test_a_kto_run_moves_every_method_towards_the_good_answers(method_name: str,
                             beta=BETA, batch_size=4)
     assert scores.desirable_logratio is not None and scores.desirable_logratio > 0
     assert scores.undesirable_logratio is not None and scores.undesirable_logratio < 0
+
+
+def test_orpo_stays_finite_when_an_answer_is_certain() -> None:
+    """An answer the model already gives with probability 1 (mean log-probability 0, which ORPO's own next-token term
+    drives towards) has no odds: the loss and its gradient stay finite, never NaN."""
+    from workers.training.preference import log1mexp
+
+    x = torch.tensor([0.0, -1e-9, -0.5, -3.0], requires_grad=True)
+    values = log1mexp(x)
+    values.sum().backward()
+    assert torch.isfinite(values).all() and x.grad is not None and torch.isfinite(x.grad).all()
+    assert torch.allclose(values[2:], torch.log(1 - torch.exp(x[2:].detach())))
+    chosen = torch.tensor([-1e-9, -2.0], requires_grad=True)
+    logps = PairLogps(chosen=chosen, rejected=torch.tensor([-4.0, -6.0]), chosen_tokens=torch.tensor([1.0, 2.0]),
+                      rejected_tokens=torch.tensor([2.0, 3.0]))
+    loss, _ = objective_loss("orpo", logps, beta=0.1, gamma=None, pairs=2, chosen_tokens=3.0)
+    loss.backward()
+    assert torch.isfinite(loss) and chosen.grad is not None and torch.isfinite(chosen.grad).all()
+
+
+def test_preference_figures_are_measured_without_dropout(tiny_model_dir: Path, tiny_tokenizer: Any) -> None:
+    """Validation and end reports score in eval mode (no dropout), whatever mode training left the model in, and
+    leave it in that mode: the same figures twice."""
+    from peft import LoraConfig, get_peft_model
+
+    model = get_peft_model(load_model(str(tiny_model_dir), device="cpu", dtype="float32"),
+                           LoraConfig(r=4, lora_alpha=8, lora_dropout=0.5, target_modules=LORA_TARGETS,
+                                      init_lora_weights=False))
+    use_packed_attention(model.get_base_model())
+    model.train()
+    pairs = pairs_of(tiny_tokenizer, preference_lines(4))
+    make = BatchMaker(packed=True, offset=0, max_len=1024, pad_id=tiny_tokenizer.pad_token_id)
+    from workers.training.preference import score_pairs
+
+    first, second = (score_pairs(model, pairs, objective="dpo", make=make, reference_make=make, beta=BETA, gamma=None,
+                                 batch_size=2) for _ in range(2))
+    assert first == second and model.training
+    examples = feedback_of(tiny_tokenizer, feedback_lines(4))
+    once, again = (score_feedback(model, examples, make=make, reference_make=make, beta=BETA, batch_size=2)
+                   for _ in range(2))
+    assert once == again and model.training

@@ -25,7 +25,8 @@ when that is positive.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, fields
 from typing import Any
 
@@ -71,9 +72,15 @@ def pair_logps(model: Any, make: MakeBatch, pairs: list[PreferencePair], device:
     return result
 
 
+LN2 = 0.6931471805599453
+
+
 def log1mexp(x: torch.Tensor) -> torch.Tensor:
-    """log(1 - exp(x)) for x < 0, without cancellation on either side of -ln 2."""
-    return torch.where(x < -0.6931471805599453, torch.log1p(-torch.exp(x)), torch.log(-torch.expm1(x)))
+    """log(1 - exp(x)) for x < 0, without cancellation on either side of -ln 2. An answer of probability 1 (x = 0) has
+    no odds, so x is held below -1e-6; each branch gets an input it is finite at, because torch.where differentiates
+    both (an infinite branch not taken still makes a NaN gradient)."""
+    x = x.clamp(max=-1e-6)
+    return torch.where(x < -LN2, torch.log1p(-torch.exp(x.clamp(max=-LN2))), torch.log(-torch.expm1(x.clamp(min=-LN2))))
 
 
 def objective_loss(objective: str, logps: PairLogps, *, beta: float, gamma: float | None, pairs: int,
@@ -97,6 +104,17 @@ def objective_loss(objective: str, logps: PairLogps, *, beta: float, gamma: floa
     raise ValueError(f"not a preference objective: {objective}")
 
 
+@contextmanager
+def evaluating(model: Any) -> Iterator[None]:
+    """The model in eval mode (no dropout) for a measurement, and back in the mode it was in."""
+    was_training = model.training
+    model.eval()
+    try:
+        yield
+    finally:
+        model.train(was_training)
+
+
 @dataclass
 class PairScores:
     """A preference objective's figures over a set of pairs (the validation file's, for instance)."""
@@ -114,7 +132,7 @@ def score_pairs(model: Any, pairs: list[PreferencePair], *, objective: str, make
     margin and log-probabilities."""
     device = next(model.parameters()).device
     parts = []
-    with torch.no_grad():
+    with torch.no_grad(), evaluating(model):
         for start in range(0, len(pairs), batch_size):
             parts.append(pair_logps(model, make, pairs[start:start + batch_size], device,
                                     reference_make=reference_make if objective in REFERENCE_OBJECTIVES else None))
@@ -187,7 +205,7 @@ def score_feedback(model: Any, examples: list[FeedbackExample], *, make: MakeBat
                    beta: float, batch_size: int) -> FeedbackScores:
     device = next(model.parameters()).device
     losses, signed, ratios, desirable = [], [], [], []
-    with torch.no_grad():
+    with torch.no_grad(), evaluating(model):
         for start in range(0, len(examples), batch_size):
             logps = feedback_logps(model, make, reference_make, examples[start:start + batch_size], device)
             loss, rewards = kto_loss(logps, beta=beta, examples=1)
@@ -222,7 +240,7 @@ def preferred_share(model: Any, pairs: list[PreferencePair], *, make: MakeBatch,
     the base model)."""
     device = next(model.parameters()).device
     right = 0
-    with torch.no_grad():
+    with torch.no_grad(), evaluating(model):
         for start in range(0, len(pairs), batch_size):
             logps = pair_logps(model, make, pairs[start:start + batch_size], device)
             right += int((logps.chosen > logps.rejected).sum())
