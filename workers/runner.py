@@ -205,10 +205,10 @@ class JobRunner:
         self._publish(model, self.final_name)
         with session_scope() as session:
             jobs.record_result(session, self.job_id, report, checkpoint_step=result.kept_step)
-            if jobs.mark_succeeded(session, self.job_id, fine_tuned_model=self.final_name,
-                                   trained_tokens=result.trained_tokens, owner=self.owner):
-                jobs.add_event(session, self.job_id, f"New fine-tuned model created: {self.final_name}")
-                jobs.add_event(session, self.job_id, "The job has successfully completed.")
+            jobs.mark_succeeded(session, self.job_id, fine_tuned_model=self.final_name,
+                                trained_tokens=result.trained_tokens, owner=self.owner,
+                                events=(f"New fine-tuned model created: {self.final_name}",
+                                        "The job has successfully completed."))
         return "done"
 
     def _replicas(self, spec: Any, base: Any, config: TrainingConfig, train_examples: list[EncodedExample],

@@ -54,7 +54,8 @@ class Leases(Generic[Row, Status]):
         self.on_transition = on_transition
 
     def transition(self, session: Session, row_id: str, expected: Collection[Status], new: Status, *,
-                   owner: str | None = None, lease_expired_before: float | None = None, **values: Any) -> bool:
+                   owner: str | None = None, lease_expired_before: float | None = None,
+                   then: Callable[[Session], None] | None = None, **values: Any) -> bool:
         """One guarded UPDATE; with `owner`, only the worker holding the row's lease can make it; with
         `lease_expired_before`, only while that lease is still expired (its holder has not renewed it since)."""
         model = self.model
@@ -67,6 +68,8 @@ class Leases(Generic[Row, Status]):
         changed = result.rowcount == 1  # type: ignore[attr-defined]
         if changed and self.on_transition is not None:
             self.on_transition(session, row_id, new.value)
+        if changed and then is not None:  # the caller's writes that must commit with the change (its events)
+            then(session)
         session.commit()
         return bool(changed)
 

@@ -14,12 +14,18 @@ from app.services.ids import new_id, storable
 
 def add_event(session: Session, job_id: str, message: str, *, level: str = "info", type: str = "message",
               data: dict[str, Any] | None = None) -> None:
+    stage_event(session, job_id, message, level=level, type=type, data=data)
+    session.commit()
+
+
+def stage_event(session: Session, job_id: str, message: str, *, level: str = "info", type: str = "message",
+                data: dict[str, Any] | None = None) -> None:
+    """An event in the session's transaction, committed with whatever the caller commits next."""
     # The job row's lock, held until the insert commits: a job's events commit in id order, which the live
     # stream (event_stream.py) relies on to never skip one.
     tenant = session.scalar(select(FineTuningJob.tenant_id).where(FineTuningJob.id == job_id).with_for_update())
     session.add(JobEvent(public_id=new_id("ftevent"), job_id=job_id, tenant_id=tenant or "default",
                          message=message, level=level, type=type, data=data, created_at=now()))
-    session.commit()
 
 
 def list_events(session: Session, job: FineTuningJob, *, after: str | None, limit: int) -> tuple[list[JobEvent], bool]:

@@ -13,7 +13,7 @@ from sqlalchemy.orm import Session
 from app.db.models import TERMINAL_JOB_STATUSES, Checkpoint, FineTuningJob, JobStatus, now
 from app.errors import Conflict
 from app.services import webhooks
-from app.services.jobs.history import add_event
+from app.services.jobs.history import add_event, stage_event
 from app.services.leases import Leases
 
 _leases = Leases(FineTuningJob, queued=JobStatus.queued, running=JobStatus.running, failed=JobStatus.failed,
@@ -39,10 +39,15 @@ def release(session: Session, job_id: str, *, owner: str) -> bool:
 
 
 def mark_succeeded(session: Session, job_id: str, *, fine_tuned_model: str, trained_tokens: int,
-                   owner: str | None = None) -> bool:
+                   owner: str | None = None, events: tuple[str, ...] = ()) -> bool:
+    """running → succeeded; `events` commit in the same transaction, so whoever sees the status sees them too."""
+    def stage(in_transaction: Session) -> None:
+        for message in events:
+            stage_event(in_transaction, job_id, message)
+
     return _transition(session, job_id, {JobStatus.running}, JobStatus.succeeded, owner=owner, finished_at=now(),
                        fine_tuned_model=fine_tuned_model, trained_tokens=trained_tokens, eta_seconds=0.0,
-                       lease_expires_at=None)
+                       lease_expires_at=None, then=stage)
 
 
 def mark_failed(session: Session, job_id: str, *, code: str, message: str, param: str | None = None,
