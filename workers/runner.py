@@ -34,10 +34,11 @@ from app.services.job_metrics import CURVES
 from app.settings import get_settings
 from workers import process
 from workers.faults import FaultInjector
+from workers.grading import grade_answers, graded_items
 from workers.lease import Lease
 from workers.training import checkpoints
 from workers.training.batches import available
-from workers.training.evaluation import model_metrics
+from workers.training.evaluation import answer_conversations, attention, model_metrics
 from workers.training.loop import (
     BatchMaker,
     Cancelled,
@@ -50,7 +51,7 @@ from workers.training.loop import (
     TrainingConfig,
     TrainingRecipe,
     accelerator_for,
-    trainable_examples,
+    has_trained_tokens,
 )
 from workers.training.memory import plan_memory
 from workers.training.parallel import Replicas, ReplicaSpec
@@ -274,7 +275,9 @@ class JobRunner:
         validation set for the fine-tuned model and for the base model on the same examples."""
         report: dict[str, Any] = {"step": result.kept_step, "stopped_early": result.stopped_early}
         report.update({k: v for k, v in result.last_metrics.items() if k.startswith("train_")})
-        valid = trainable_examples(valid_examples, hp.max_seq_length)
+        kept = [(record, example) for record, example in zip(self.valid_records, valid_examples, strict=True)
+                if has_trained_tokens(example, hp.max_seq_length)]
+        valid = [example for _, example in kept]
         if not valid:
             return report
         autocast = accelerator_for(dtype, next(base.parameters()).device).autocast
@@ -285,17 +288,24 @@ class JobRunner:
         common = {"base_model": base, "tokenizer": tokenizer, "examples": valid, "batch_size": hp.batch_size,
                   "autocast": autocast, "exact_match_examples": self.settings.exact_match_examples}
         started = time.perf_counter()
-        tuned = model_metrics(model, make=BatchMaker.for_training(self.method, hp, tokenizer.pad_token_id), **common)
+        answers: tuple[list[str], list[str]] = ([], [])  # the fine-tuned and the base model's, for the graders
+        tuned = model_metrics(model, make=BatchMaker.for_training(self.method, hp, tokenizer.pad_token_id),
+                              answers=answers[0], **common)
         with model.disable_adapter():
             plain = model_metrics(model.get_base_model(), make=BatchMaker.for_base_model(
                                       max_len=hp.max_seq_length, pad_id=tokenizer.pad_token_id),
-                                  **common)
+                                  answers=answers[1], **common)
         report.update({"full_valid_loss": tuned["loss"], "full_valid_mean_token_accuracy": tuned["mean_token_accuracy"],
                        "full_valid_exact_match": tuned["exact_match"], "valid_examples": len(valid),
                        "exact_match_examples": tuned["exact_match_examples"],
                        "base_model": {"full_valid_loss": plain["loss"],
                                       "full_valid_mean_token_accuracy": plain["mean_token_accuracy"],
                                       "full_valid_exact_match": plain["exact_match"]}})
+        if self.job.graders:
+            tuned_grades, plain_grades = self._grades(model, base, tokenizer, [r for r, _ in kept], valid,
+                                                       answers, hp.max_seq_length, autocast)
+            report["grades"] = tuned_grades
+            report["base_model"]["grades"] = plain_grades
         seconds = time.perf_counter() - started
 
         def shown(value: float | None) -> str:
@@ -307,6 +317,20 @@ class JobRunner:
                     f"{shown(plain['exact_match'])}); evaluated in {seconds:.1f} s.",
                     data={"phase": "end_report", "seconds": round(seconds, 2), **report})
         return report
+
+    def _grades(self, model: Any, base: Any, tokenizer: Any, records: list[dict[str, Any]], valid: list[Any],
+                answers: tuple[list[str], list[str]], max_len: int, autocast: Any) -> list[list[dict[str, Any]]]:
+        """The job's graders over the fine-tuned and the base model's answers (a score_model grader scores with
+        the base model: the adapter disabled)."""
+        items = graded_items(records, valid, tokenizer, self.settings.exact_match_examples)
+
+        def with_base_model(_: str, conversations: list[list[dict[str, str]]], max_tokens: int) -> list[str | None]:
+            with model.disable_adapter(), attention(base, "sdpa"):
+                return answer_conversations(model.get_base_model(), tokenizer, conversations,
+                                            max_new_tokens=max_tokens, max_len=max_len, autocast=autocast)
+
+        assert self.job.graders is not None
+        return grade_answers(self.job.graders, items, list(answers), with_base_model)
 
     def _preference_report(self, model: Any, valid: list[Any], hp: ResolvedHyperparameters, pad_id: int,
                            autocast: Any) -> dict[str, Any]:
@@ -375,9 +399,10 @@ class JobRunner:
         limit = self.settings.max_examples_per_file
         train_examples = encode_any(tokenizer, parse_jsonl(self.store.read_file(self.job.training_file),
                                                            max_examples=limit))
-        valid_examples = (encode_any(tokenizer, parse_jsonl(self.store.read_file(self.job.validation_file),
-                                                            max_examples=limit))
-                          if self.job.validation_file else [])
+        valid = parse_jsonl(self.store.read_file(self.job.validation_file), max_examples=limit) \
+            if self.job.validation_file else None
+        valid_examples = encode_any(tokenizer, valid) if valid is not None else []
+        self.valid_records = valid.records if valid is not None else []  # the lines the end report's graders read
         tokens = sum(len(e.input_ids) for e in train_examples + valid_examples)
         self._phase_done("tokenise", f"Tokenised {len(train_examples)} training"
                          + (f" and {len(valid_examples)} validation" if self.job.validation_file else "")

@@ -29,7 +29,8 @@ def create_evaluation(body: EvaluationCreate, session: SessionDep, settings: Set
 
 def _create(body: EvaluationCreate, session: Any, settings: Any, tenant: str) -> dict[str, Any]:
     evaluation = evaluations.create_evaluation(session, tenant_id=tenant, settings=settings, file=body.file,
-                                               models=body.models, metadata=body.metadata)
+                                               models=body.models, metadata=body.metadata,
+                                               graders=[g.model_dump() for g in body.graders or []] or None)
     # If the broker is down it stays queued, and a worker's reaper hands it over when the broker is back.
     queue.enqueue_evaluation(evaluation.id)
     return evaluation_object(evaluation)

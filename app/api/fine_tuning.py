@@ -93,7 +93,8 @@ def _create_job(body: JobCreate, session: Any, settings: Any, tenant: str) -> di
                           suffix=body.suffix, seed=body.seed, metadata=body.metadata, method_type=method_type,
                           raw_hyperparameters=raw, hyperparameter_param=param,
                           time_limit_seconds=body.time_limit_seconds, from_model=body.from_model,
-                          device_class=body.device_class)
+                          device_class=body.device_class,
+                          graders=[g.model_dump() for g in body.graders or []] or None)
     if not queue.enqueue_training(job.id):
         # Accepted all the same: the job is committed as queued and the reaper hands it over later.
         jobs.add_event(session, job.id, "The job queue is unreachable right now; the job stays queued and "

@@ -145,6 +145,8 @@ class FineTuningJob(Base):
     progress_at: Mapped[float | None] = mapped_column(Float, nullable=True)
     # A fine-tuned model or checkpoint (an Adapter name) whose weights this job starts from.
     from_model: Mapped[str | None] = mapped_column(String(255), nullable=True)
+    # Graders for the end report on the validation file (app.schemas.graders shapes, as submitted); null: none.
+    graders: Mapped[list[Any] | None] = mapped_column(JSON, nullable=True)
     # The kind of worker the job asked for ("cpu", "gpu"); null: any worker that serves its base model.
     device_class: Mapped[str | None] = mapped_column(String(16), nullable=True)
     # The end report: final metrics of the fine-tuned model and of the base model on the same examples.
@@ -252,6 +254,9 @@ class Evaluation(Base):
     models: Mapped[list[Any]] = mapped_column(JSON)
     targets: Mapped[list[Any]] = mapped_column(JSON)
     eval_metadata: Mapped[dict[str, Any] | None] = mapped_column("metadata", JSON, nullable=True)
+    # {"graders": [the graders as submitted], "scorers": [{"model", "adapter_id"}, one per score_model grader's
+    # model, resolved when it was accepted]}; null without graders.
+    grading: Mapped[dict[str, Any] | None] = mapped_column(JSON, nullable=True)
     # One entry per model, in the order of `models`: {"model", "loss", "mean_token_accuracy", "tokens", ...}.
     results: Mapped[list[Any] | None] = mapped_column(JSON, nullable=True)
     error_code: Mapped[str | None] = mapped_column(String(64), nullable=True)

@@ -8,6 +8,7 @@ from pydantic import BaseModel, Field
 
 from app.db.models import Evaluation
 from app.schemas.common import Metadata, Request
+from app.schemas.graders import MAX_GRADERS, GradeResult, Graders
 from app.services.evaluations import MAX_MODELS
 
 ModelName = Annotated[str, Field(min_length=1, max_length=255)]
@@ -20,6 +21,9 @@ class EvaluationCreate(Request):
         min_length=1, max_length=MAX_MODELS, json_schema_extra={"uniqueItems": True},
         description=f"1 to {MAX_MODELS} distinct models on one base model: the base model id, fine-tuned models and "
                     "checkpoints (GET /v1/models); results come back in this order")
+    graders: Graders | None = Field(None, max_length=MAX_GRADERS, description=(
+        "graders in OpenAI's shapes (string_check, text_similarity, score_model, multi), each with a distinct name; "
+        "they grade every model's greedy answers to the file's prompts, and each result lists their scores"))
     metadata: Metadata = None
 
 
@@ -32,6 +36,7 @@ class EvaluationResult(BaseModel):
                                                   "token, equals the reference answer; null when no example has a "
                                                   "prompt to answer (text files)")
     exact_match_examples: int = Field(description="examples asked for a greedy answer")
+    grades: list[GradeResult] | None = Field(None, description="one entry per grader, in the order of `graders`")
 
 
 class EvaluationError(BaseModel):
@@ -47,6 +52,7 @@ class EvaluationObject(BaseModel):
     finished_at: int | None
     file: str
     models: list[str]
+    graders: list[dict[str, Any]] | None = Field(description="the graders as they were submitted")
     base_model: str = Field(description="the base model every evaluated model shares")
     results: list[EvaluationResult] | None = Field(description="one entry per model, in the order of `models`, "
                                                                "once the evaluation has succeeded")
@@ -60,5 +66,6 @@ def evaluation_object(evaluation: Evaluation) -> dict[str, Any]:
     return EvaluationObject(
         id=evaluation.id, status=evaluation.status, created_at=evaluation.created_at,
         finished_at=evaluation.finished_at, file=evaluation.file, models=evaluation.models,
+        graders=(evaluation.grading or {}).get("graders"),
         base_model=evaluation.base_model, results=evaluation.results, error=error,
         metadata=evaluation.eval_metadata).model_dump()

@@ -9,9 +9,11 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 from adapters.methods import DEFAULT_METHOD, METHODS, accepted_names, method_named
 from app.db.models import Checkpoint, FineTuningJob, JobEvent
 from app.schemas.common import Metadata, Request
+from app.schemas.graders import Graders
 from app.services.training_queues import training_queue
 
 SUFFIX_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,39}$"
+MAX_JOB_GRADERS = 4
 
 
 def _hyperparameters_schema(name: str) -> dict[str, Any]:
@@ -84,6 +86,12 @@ class JobCreate(Request):
     time_limit_seconds: float | None = Field(default=None, gt=0,
                                              description="at most the server's ADAPTERY_MAX_TIME_LIMIT_SECONDS")
 
+    # Adaptery's own: graders (the shapes of POST /v1/evaluations') for the end report on the validation file.
+    graders: Graders | None = Field(default=None, max_length=MAX_JOB_GRADERS, description=(
+        f"up to {MAX_JOB_GRADERS} graders, as in POST /v1/evaluations, that grade the fine-tuned and the base "
+        "model's answers on the validation_file in the job's end report; a score_model grader scores with the "
+        "job's base model"))
+
     @field_validator("integrations")
     @classmethod
     def _no_integrations(cls, value: list[Any] | None) -> list[Any] | None:
@@ -131,6 +139,7 @@ class JobObject(BaseModel):
     from_model: str | None = None
     device_class: str | None = Field(default=None, description="the worker class asked for (null: any)")
     queue: str = Field(description="the queue the job waits in for a worker: train.<device class or any>.<model>")
+    graders: list[dict[str, Any]] | None = Field(default=None, description="the end report's graders, as submitted")
     result: dict[str, Any] | None = Field(
         default=None, description="succeeded jobs: step kept, stopped_early, train_loss, train_mean_token_accuracy "
                                   "and, with a validation_file, full_valid_loss, full_valid_mean_token_accuracy, "
@@ -156,7 +165,7 @@ def job_object(job: FineTuningJob) -> dict[str, Any]:
         progress=Progress(step=job.progress_step, total_steps=job.progress_total_steps,
                           epoch=job.progress_epoch, eta_seconds=job.eta_seconds),
         user_provided_suffix=job.suffix, organization_id=job.tenant_id, estimated_finish=estimated,
-        from_model=job.from_model, result=job.result, device_class=job.device_class,
+        from_model=job.from_model, result=job.result, device_class=job.device_class, graders=job.graders,
         queue=training_queue(job.model, job.device_class),
     ).model_dump()
 

@@ -29,13 +29,15 @@ MAX_MODELS = 8
 
 
 def create_evaluation(session: Session, *, tenant_id: str, settings: Settings, file: str, models: list[str],
-                      metadata: dict[str, str] | None) -> Evaluation:
+                      metadata: dict[str, str] | None, graders: list[dict[str, Any]] | None = None) -> Evaluation:
     """Check that every model can be evaluated on the file, then store the evaluation as queued (the caller
-    hands it to the broker)."""
+    hands it to the broker). `graders` have been checked for shape; their scoring models are resolved here."""
     from app.services import quotas
 
     quotas.check_evaluations(session, tenant_id=tenant_id, settings=settings)
     targets = _resolve_models(session, tenant_id=tenant_id, settings=settings, models=models)
+    grading = _resolve_scorers(session, tenant_id=tenant_id, settings=settings, graders=graders,
+                               base_model=targets[0]["base_model"]) if graders else None
     processed = datasets.processed_fine_tune_file(session, tenant_id, file, "file")
     if processed.format not in SUPERVISED_FORMATS:
         raise InvalidRequest(f"File '{processed.id}' is in the {processed.format} format, for preference jobs; an "
@@ -45,10 +47,37 @@ def create_evaluation(session: Session, *, tenant_id: str, settings: Settings, f
     evaluation = Evaluation(
         id=new_id("eval"), tenant_id=tenant_id, seq=time.time_ns(), status=EvaluationStatus.queued.value,
         created_at=now(), file=processed.id, base_model=targets[0]["base_model"], models=list(models),
-        targets=[{"model": t["model"], "adapter_id": t["adapter_id"]} for t in targets], eval_metadata=metadata)
+        targets=[{"model": t["model"], "adapter_id": t["adapter_id"]} for t in targets], grading=grading,
+        eval_metadata=metadata)
     session.add(evaluation)
     session.commit()
     return evaluation
+
+
+def _resolve_scorers(session: Session, *, tenant_id: str, settings: Settings, graders: list[dict[str, Any]],
+                     base_model: str) -> dict[str, Any]:
+    """{"graders", "scorers"}: each score_model grader's model resolved as the evaluated models are, and on the
+    same base model (the worker scores with the base model it has loaded)."""
+    from adapters.graders import score_models
+
+    scorers: dict[str, dict[str, Any]] = {}
+    for index, grader in enumerate(graders):
+        inner = "" if grader["type"] == "score_model" else ".graders.{}"
+        for scoring in score_models(grader):
+            name = next((key for key, g in grader.get("graders", {}).items() if g is scoring), "")
+            param = f"graders[{index}]{inner.format(name)}.model"
+            try:
+                target = _resolve_models(session, tenant_id=tenant_id, settings=settings,
+                                         models=[scoring["model"]])[0]
+            except (InvalidRequest, NotFound) as exc:
+                exc.param = param
+                raise
+            if target["base_model"] != base_model:
+                raise InvalidRequest(f"{param} '{scoring['model']}' is on base model '{target['base_model']}'; a "
+                                     f"scoring model must be the evaluation's base model '{base_model}' or "
+                                     "fine-tuned from it.", param=param, code="mixed_base_models")
+            scorers[scoring["model"]] = {"model": scoring["model"], "adapter_id": target["adapter_id"]}
+    return {"graders": graders, "scorers": list(scorers.values())}
 
 
 def _resolve_models(session: Session, *, tenant_id: str, settings: Settings,

@@ -98,7 +98,52 @@ REFUSALS: list[tuple[str, Callable[[Names], dict[str, Any]], int, str, str]] = [
     ("empty model name", lambda n: {"file": n["valid"], "models": [""]}, 400, "models[0]", "invalid_request"),
     ("unknown field", lambda n: {"file": n["valid"], "models": [TINY_MODEL_ID], "surprise": 1}, 400, "surprise",
      "invalid_request"),
+    # Graders: each refusal names the grader's field.
+    ("a template naming neither item nor sample", lambda n: graded(n, {**EXACT, "input": "{{answer}}"}), 400,
+     "graders[0].string_check.input", "invalid_request"),
+    ("a sample field that does not exist", lambda n: graded(n, {**EXACT, "reference": "{{sample.output_json}}"}),
+     400, "graders[0].string_check.reference", "invalid_request"),
+    ("an unknown operation", lambda n: graded(n, {**EXACT, "operation": "regex"}), 400,
+     "graders[0].string_check.operation", "invalid_request"),
+    ("an unknown similarity metric", lambda n: graded(n, {**BLEU, "evaluation_metric": "meteor"}), 400,
+     "graders[0].text_similarity.evaluation_metric", "invalid_request"),
+    ("code in a formula", lambda n: graded(n, {**MULTI, "calculate_output": "__import__('os').getpid()"}), 400,
+     "graders[0].multi", "invalid_request"),
+    ("a formula naming no grader", lambda n: graded(n, {**MULTI, "calculate_output": "exact + judge"}), 400,
+     "graders[0].multi", "invalid_request"),
+    ("a grader named as a function", lambda n: graded(n, {**MULTI, "graders": {"max": EXACT}}), 400,
+     "graders[0].multi", "invalid_request"),
+    ("two graders of one name", lambda n: graded(n, EXACT, EXACT), 400, "graders", "invalid_request"),
+    ("an unknown scoring model", lambda n: graded(n, {**SCORE, "model": "ft:nope"}), 404, "graders[0].model",
+     "model_not_found"),
+    ("a scoring model on another base model", lambda n: graded(n, {**SCORE, "model": "SmolLM2-135M-Instruct"}),
+     400, "graders[0].model", "mixed_base_models"),
+    ("an unknown scoring model in a multi grader", lambda n: graded(n, {**MULTI, "graders": {
+        "exact": EXACT, "judge": {**SCORE, "model": "ft:nope"}}, "calculate_output": "exact + judge"}), 404,
+     "graders[0].graders.judge.model", "model_not_found"),
+    ("a range upside down", lambda n: graded(n, {**SCORE, "range": [1, 0]}), 400, "graders[0].score_model",
+     "invalid_request"),
+    ("sampling with a temperature", lambda n: graded(n, {**SCORE, "sampling_params": {"temperature": 0.7}}), 400,
+     "graders[0].score_model.sampling_params.temperature", "invalid_request"),
+    ("nine graders", lambda n: graded(n, *({**EXACT, "name": f"g{i}"} for i in range(9))), 400, "graders",
+     "invalid_request"),
 ]
+
+EXACT = {"type": "string_check", "name": "exact", "input": "{{sample.output_text}}",
+         "reference": "{{item.reference_answer}}", "operation": "eq"}
+BLEU = {"type": "text_similarity", "name": "bleu", "input": "{{sample.output_text}}",
+        "reference": "{{item.messages[-1].content}}", "evaluation_metric": "bleu", "pass_threshold": 0.3}
+SCORE = {"type": "score_model", "name": "judge", "model": TINY_MODEL_ID, "range": [0, 10], "input": [
+    {"role": "developer", "content": "Score the answer from 0 to 10."},
+    {"role": "user", "content": "Question: {{item.messages[0].content}}\nAnswer: {{sample.output_text}}"}]}
+MULTI = {"type": "multi", "name": "overall", "graders": {"exact": EXACT, "rouge": {**BLEU, "evaluation_metric":
+                                                                                     "rouge_l"}},
+         "calculate_output": "0.5 * exact + 0.5 * rouge"}
+
+
+def graded(names: Names, *graders: dict[str, Any]) -> dict[str, Any]:
+    return {"file": names["valid"], "models": [TINY_MODEL_ID], "graders": list(graders)}
+
 
 # The three refusals of a file say which of its faults it is (a row of the local tenant's, inserted above).
 FILE_FAULTS = {"unknown file": "does not exist", "wrong purpose": "purpose 'assistants'",
@@ -123,6 +168,32 @@ def test_refusals_name_the_field(api: Api, client: TestClient, files: dict[str, 
         assert FILE_FAULTS[case] in error["message"], error
     assert evaluation_ids(client) == before  # nothing stored
     assert api.broker.take() == []  # nothing sent
+
+
+def test_graders_are_stored_as_sent_and_their_scoring_models_resolved(api: Api, client: TestClient,
+                                                                      files: dict[str, str], weights: str) -> None:
+    """Every grader type is accepted and echoed as sent (defaults filled in); a score_model grader may score with
+    a fine-tuned model of the evaluation's base model, which the worker will apply."""
+    from app.db.models import Evaluation
+    from app.db.session import session_scope
+
+    judge = {**SCORE, "model": weights}
+    api.broker.take()
+    response = evaluate(client, {"file": files["valid"], "models": [TINY_MODEL_ID, weights],
+                                 "graders": [EXACT, BLEU, judge, MULTI]})
+    assert response.status_code == 200, response.text
+    evaluation = response.json()
+    assert [g["name"] for g in evaluation["graders"]] == ["exact", "bleu", "judge", "overall"]
+    assert evaluation["graders"][0] == EXACT and evaluation["graders"][3]["graders"]["exact"] == EXACT
+    assert evaluation["graders"][2]["sampling_params"] == {"max_completions_tokens": 16, "temperature": None}
+    assert api.broker.take() == evaluations_sent(evaluation["id"])
+    with session_scope() as session:
+        stored = session.get(Evaluation, evaluation["id"])
+        assert stored is not None and stored.grading is not None
+        scorers = stored.grading["scorers"]
+    assert len(scorers) == 1 and scorers[0]["model"] == weights and scorers[0]["adapter_id"] is not None
+    plain = evaluate(client, {"file": files["valid"], "models": [TINY_MODEL_ID]}).json()
+    assert plain["graders"] is None
 
 
 def test_unknown_ids_and_cursors_are_404(client: TestClient) -> None:
@@ -221,3 +292,32 @@ def test_another_tenant_sees_and_uses_nothing(api: Api, client: TestClient, admi
     # Private again: B may not name it any more.
     refused = evaluate(tenant_b, {"file": b_file, "models": [TINY_MODEL_ID, adapter_id]})
     assert refused.status_code == 404 and error_of(refused)["param"] == "models[1]"
+
+
+def test_a_job_grades_its_end_report_with_the_graders_it_names(api: Api, client: TestClient,
+                                                               files: dict[str, str]) -> None:
+    """A job may name graders for its end report: they are stored and echoed; they need a validation file, a
+    supervised objective, and a score_model grader that scores with the job's base model (the worker holds no
+    other). Each refusal names the field and stores nothing."""
+    from tests.api.test_jobs import create_job, job_ids
+
+    body = {"model": TINY_MODEL_ID, "training_file": files["train"], "validation_file": files["valid"]}
+    api.broker.take()
+    accepted = create_job(client, {**body, "graders": [EXACT, SCORE]})
+    assert accepted.status_code == 200, accepted.text
+    assert [g["name"] for g in accepted.json()["graders"]] == ["exact", "judge"]
+    assert len(api.broker.take()) == 1
+    assert create_job(client, body).json()["graders"] is None
+    api.broker.take()
+    before = job_ids(client)
+    for changes, param in (
+            ({"validation_file": None, "graders": [EXACT]}, "graders"),
+            ({"graders": [{**SCORE, "model": "SmolLM2-135M-Instruct"}]}, "graders[0].model"),
+            ({"graders": [EXACT, {**MULTI, "graders": {"judge": {**SCORE, "model": "ft:nope"}},
+                                  "calculate_output": "judge"}]}, "graders[1].model"),
+            ({"graders": [EXACT, EXACT]}, "graders"),
+            ({"graders": [{**EXACT, "name": f"g{i}"} for i in range(5)]}, "graders"),
+            ({"graders": [{**BLEU, "evaluation_metric": "meteor"}]}, "graders[0].text_similarity.evaluation_metric")):
+        refused = create_job(client, {**body, **changes})
+        assert refused.status_code == 400 and error_of(refused)["param"] == param, refused.text
+    assert job_ids(client) == before and api.broker.take() == []

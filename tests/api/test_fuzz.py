@@ -92,6 +92,12 @@ def teach_generators(archives: list[bytes], model_folder: Path) -> None:
     schemathesis.openapi.format("adapter-archive", st.sampled_from(archives))
     schemathesis.openapi.format("webhook-url", webhook_urls())
     schemathesis.openapi.format("base-model-source", st.just(str(model_folder)))
+    # A grader's template may name {{item.…}} and {{sample.output_text}}; a multi grader's formula is arithmetic
+    # (over numbers here: which names it may use depends on its graders).
+    schemathesis.openapi.format("grader-template", st.one_of(_words(), st.sampled_from([
+        "{{sample.output_text}}", "{{item.reference_answer}}",
+        "Q: {{item.messages[0].content}} A: {{sample.output_text}}"])))
+    schemathesis.openapi.format("grader-formula", st.sampled_from(["1", "0.5 * 0.5 + 0.25", "max(0.2, min(1, 2))"]))
 
 
 def sends_an_archive(case: Any) -> bool:
@@ -139,16 +145,39 @@ def _tool_fields_fit(body: dict[str, Any]) -> bool:
                 and response_format.get("type") not in (None, "text"))
 
 
+def _graders_fit(graders: Any) -> bool:
+    """Graders' rules that link fields: names differ, a score range is [low, high] with low < high, a multi grader's
+    graders are not named as its formula's functions."""
+    from adapters.graders import FORMULA_FUNCTIONS
+
+    if not isinstance(graders, list):
+        return True
+    names = [g.get("name") for g in graders if isinstance(g, dict)]
+    if len(set(names)) != len(names):
+        return False
+    for grader in graders:
+        inner = grader.get("graders") if isinstance(grader, dict) else None
+        for one in [grader, *(inner.values() if isinstance(inner, dict) else [])]:
+            span = one.get("range") if isinstance(one, dict) else None
+            if isinstance(span, list) and len(span) == 2 and not span[0] < span[1]:
+                return False
+        if isinstance(inner, dict) and set(inner) & set(FORMULA_FUNCTIONS):
+            return False
+    return True
+
+
 def keeps_linked_fields(case: Any) -> bool:
     """OpenAI's rules that link fields (top_logprobs needs logprobs: true; best_of, if given, equals n here; a chat
-    message's fields follow its role; tool_choice names one of the tools) are not in a form of the request schema
-    the generators follow; positive cases keep to them (test_inference and test_tools check the 400 that names each
-    otherwise)."""
+    message's fields follow its role; tool_choice names one of the tools; graders' names differ) are not in a form
+    of the request schema the generators follow; positive cases keep to them (test_inference, test_tools and
+    test_evaluations check the 400 that names each otherwise)."""
     body = case.body if isinstance(case.body, dict) else {}
     if case.operation.label == "POST /v1/chat/completions":
         return ((not body.get("top_logprobs") or body.get("logprobs") is True)
                 and all(_message_fits_its_role(m) for m in body.get("messages") or [])
                 and _tool_fields_fit(body))
+    if case.operation.label in ("POST /v1/evaluations", "POST /v1/fine_tuning/jobs"):
+        return _graders_fit(body.get("graders"))
     if case.operation.label == "POST /v1/completions":
         return body.get("best_of") is None or body.get("best_of") == body.get("n", 1)
     return True

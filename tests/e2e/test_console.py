@@ -203,10 +203,13 @@ def test_a_job_from_the_form_draws_live_curves_survives_a_reload_and_chats_besid
     expect(page.locator("#checkpoints tr[data-checkpoint]").first).to_be_visible()
     screenshot(page, "job", tmp_path)
 
-    page.click("#evaluate")  # the fine-tuned model against its base model on the validation file
+    page.select_option("#grader", "rouge_l")
+    page.click("#evaluate")  # the fine-tuned model against its base model on the validation file, with ROUGE-L
     results = page.locator("#evaluation tbody tr")
     expect(results).to_have_count(2, timeout=budget(120) * 1000)
     expect(results.nth(0)).to_contain_text(TINY_MODEL_ID)
+    expect(page.locator("#evaluation thead")).to_contain_text("rouge_l")
+    expect(results.nth(1).locator("td")).to_have_count(6)  # the five metrics and the grader's score
 
     page.reload()  # a reopened page draws the whole history again
     expect(page.locator("#stream-state")).to_have_text("(job finished)")

@@ -60,7 +60,7 @@ def trained(client: httpx.Client, stack: Stack, files: dict[str, str]) -> dict[s
                            "learning_rate": min(0.1, 20 * METHODS[method].default_learning_rate)}
         response = client.post("/v1/fine_tuning/jobs", json={
             "model": TINY_MODEL_ID, "training_file": files["train"], "validation_file": files["valid"], "seed": 3,
-            "method": {"type": method, method: {"hyperparameters": hyperparameters}}})
+            "method": {"type": method, method: {"hyperparameters": hyperparameters}}, "graders": JOB_GRADERS})
         assert response.status_code == 200, response.text
         jobs[method] = response.json()["id"]
     done = {}
@@ -72,6 +72,16 @@ def trained(client: httpx.Client, stack: Stack, files: dict[str, str]) -> dict[s
     return {"jobs": done, "weights": done[DEFAULT_METHOD]["fine_tuned_model"],
             "prompt": done[PROMPT_METHOD]["fine_tuned_model"],
             "checkpoint": checkpoints[-1]["fine_tuned_model_checkpoint"]}
+
+
+# The jobs' end reports grade with these: a string check the end report's exact match must agree with, and a
+# rubric the job's base model scores (with the adapter disabled).
+JOB_GRADERS = [
+    {"type": "string_check", "name": "exact", "operation": "eq", "input": "{{sample.output_text}}",
+     "reference": "{{item.reference_answer}}"},
+    {"type": "score_model", "name": "judge", "model": TINY_MODEL_ID, "range": [0, 9],
+     "sampling_params": {"max_completions_tokens": 3},
+     "input": [{"role": "user", "content": "0-9? {{sample.output_text}}"}]}]
 
 
 def evaluate(client: httpx.Client, body: dict[str, Any], **kwargs: Any) -> httpx.Response:
@@ -166,30 +176,63 @@ def test_models_compared_on_a_validation_file(client: httpx.Client, stack: Stack
     folders = [None, *(adapter_folder(stack, name) for name in models[1:])]
     expected = reference_metrics(stack, tiny_model_dir, tiny_tokenizer, VALID, folders)
     for result, reference in zip(results, expected, strict=True):
-        assert {k: v for k, v in result.items() if k != "model"} == pytest.approx(reference, abs=2e-6), \
-            result["model"]
+        assert result["grades"] is None  # no graders were asked for
+        metrics = {k: v for k, v in result.items() if k not in ("model", "grades")}
+        assert metrics == pytest.approx(reference, abs=2e-6), result["model"]
 
     # Where the jobs report their own end-of-training metrics on this validation file, computed on the model in
     # training memory (for P-tuning: the prompt encoder itself, not its saved output), they agree too (their
     # batches differ in size, so up to rounding in the compute dtype: one token of 42 for the accuracy).
     for method, index in ((DEFAULT_METHOD, 1), (PROMPT_METHOD, 2)):
-        report = trained["jobs"][method].get("result") or {}
-        if "full_valid_loss" not in report:
-            continue
+        report = trained["jobs"][method]["result"]
+        assert [g["name"] for g in trained["jobs"][method]["graders"]] == ["exact", "judge"]
         for mine, theirs in ((results[index], report), (results[0], report["base_model"])):
+            exact, judge = theirs["grades"]
+            assert (exact["name"], exact["examples"], judge["name"], judge["examples"]) == ("exact", 6, "judge", 6)
+            assert exact["score"] == pytest.approx(theirs["full_valid_exact_match"]), method
+            assert 0 <= judge["score"] <= 9, judge
             assert theirs["full_valid_loss"] == pytest.approx(mine["loss"], rel=1e-3), method
             assert theirs["full_valid_mean_token_accuracy"] == pytest.approx(mine["mean_token_accuracy"], abs=0.03)
 
 
 def test_the_adapter_beats_the_base_model_on_its_training_file(client: httpx.Client, files: dict[str, str],
                                                                 trained: dict[str, Any]) -> None:
+    """…and its graders grade the same greedy answers exact match read: a string check of equality scores what
+    exact match does, `ne` the rest; a scoring model (the fine-tuned model itself) answers every sample."""
     models = [trained["weights"], TINY_MODEL_ID]  # results follow the order given, not base first
-    done = wait_for_evaluation(client, evaluate(client, {"file": files["train"], "models": models}).json()["id"])
+    answer = {"input": "{{sample.output_text}}", "reference": "{{item.reference_answer}}"}
+    graders = [
+        {"type": "string_check", "name": "eq", "operation": "eq", **answer},
+        {"type": "string_check", "name": "ne", "operation": "ne", **answer},
+        {"type": "text_similarity", "name": "rouge", "evaluation_metric": "rouge_l", "pass_threshold": 0.5,
+         **answer},
+        {"type": "score_model", "name": "judge", "model": trained["weights"], "range": [0, 9],
+         "sampling_params": {"max_completions_tokens": 4},
+         "input": [{"role": "user", "content": "Rate 0-9: {{item.messages[0].content}} {{sample.output_text}}"}]},
+        {"type": "multi", "name": "overall", "graders": {
+            "bleu": {"type": "text_similarity", "name": "bleu", "evaluation_metric": "bleu", **answer},
+            "exact": {"type": "string_check", "name": "exact", "operation": "eq", **answer}},
+         "calculate_output": "0.5 * bleu + 0.5 * exact"}]
+    created = evaluate(client, {"file": files["train"], "models": models, "graders": graders}).json()
+    done = wait_for_evaluation(client, created["id"])
     assert done["status"] == "succeeded", done
     tuned, base = done["results"]
     assert (tuned["model"], base["model"]) == tuple(models)
     assert tuned["loss"] < base["loss"] and tuned["mean_token_accuracy"] >= base["mean_token_accuracy"]
     assert tuned["tokens"] == base["tokens"] and tuned["exact_match_examples"] == 16
+    assert [g["name"] for g in done["graders"]] == ["eq", "ne", "rouge", "judge", "overall"]
+    for result in (tuned, base):
+        grades = {g["name"]: g for g in result["grades"]}
+        assert all(g["examples"] == 16 for g in grades.values()), grades
+        assert grades["eq"]["score"] == pytest.approx(result["exact_match"]) == grades["eq"]["pass_rate"]
+        assert grades["ne"]["score"] == pytest.approx(1 - result["exact_match"])
+        assert grades["rouge"]["score"] >= grades["eq"]["score"] - 1e-9  # an exact answer has ROUGE-L 1
+        assert 0 <= grades["judge"]["score"] <= 9 and grades["judge"]["pass_rate"] is None
+        assert grades["judge"]["errors"] == 0 or "no number" in grades["judge"]["first_error"]
+        overall = grades["overall"]
+        assert overall["parts"]["exact"] == pytest.approx(result["exact_match"], abs=1e-6)
+        assert overall["score"] == pytest.approx(0.5 * overall["parts"]["bleu"] + 0.5 * overall["parts"]["exact"],
+                                                 abs=1e-5)
 
 
 # ------------------------------------------------------------------ recovery

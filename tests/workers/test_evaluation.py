@@ -111,3 +111,45 @@ def test_the_evaluator_hands_peft_only_the_admitted_config(name: str, examples: 
     with pytest.raises(ValueError, match="target_modules"):
         _adapter_metrics(base, tmp_path / "stored", SimpleNamespace(method=name), max_len=1024,
                          pad_id=tiny_tokenizer.pad_token_id, max_rank=64, common=common)
+
+
+@pytest.mark.parametrize("name", [None, "lora", "prompt_tuning"])
+def test_a_scoring_model_answers_as_it_would_alone(name: str | None, tiny_model_dir: Path, tiny_tokenizer: Any,
+                                                   tmp_path: Path) -> None:
+    """A score_model grader's conversations are answered by its scoring model (the base model, or an adapter
+    applied for the call and removed again) exactly as that model answers each conversation alone; one too long
+    for the server is not asked."""
+    from types import SimpleNamespace
+
+    from transformers import AutoModelForCausalLM
+
+    from workers.evaluator import _Scorer
+    from workers.training.checkpoints import save_adapter
+
+    conversations = [[{"role": "system", "content": "Score from 0 to 9."}, {"role": "user", "content": text}]
+                     for text in ("A fine answer.", "No.", "An answer of some length, to pad the batch.")]
+    reference: Any = AutoModelForCausalLM.from_pretrained(tiny_model_dir).eval()
+    adapters, scorers = {}, [{"model": "base", "adapter_id": None}]
+    if name is not None:
+        reference, _ = peft_model(name, tiny_model_dir)
+        save_adapter(reference, tmp_path / "stored", METHODS[name])
+        reference.eval()
+        adapters = {"ft-1": SimpleNamespace(id="ft-1", method=name)}
+        scorers = [{"model": "judge", "adapter_id": "ft-1"}]
+    store = SimpleNamespace(fetch_adapter=lambda adapter_id: tmp_path / "stored")
+    base = AutoModelForCausalLM.from_pretrained(tiny_model_dir).eval()
+    scorer = _Scorer(base, tiny_tokenizer, adapters, store, scorers=scorers,  # type: ignore[arg-type]
+                     max_rank=64, max_len=1024, autocast=None)
+    given = scorer(scorers[0]["model"], conversations, 6)
+    alone = []
+    for conversation in conversations:
+        text = tiny_tokenizer.apply_chat_template(conversation, tokenize=False, add_generation_prompt=True)
+        prompt = tiny_tokenizer(text, add_special_tokens=False)["input_ids"]
+        example = EncodedExample(input_ids=prompt + [0] * 6, loss_mask=[0] * len(prompt) + [1] * 6)
+        alone += one_by_one_answers(reference, tiny_tokenizer, [example])
+    assert given == alone
+    # The base model is whole again afterwards: a second call with the base answers as the base does.
+    assert not any("lora" in n for n, _ in scorer.model.named_modules())
+    short = _Scorer(scorer.model, tiny_tokenizer, adapters, store, scorers=scorers,  # type: ignore[arg-type]
+                    max_rank=64, max_len=20, autocast=None)
+    assert short(scorers[0]["model"], conversations, 6) == [None, None, None]

@@ -81,7 +81,7 @@ def prompt_and_answer(example: EncodedExample) -> tuple[list[int], list[int]] | 
     return example.input_ids[:start], example.input_ids[start:end]
 
 
-def _answer_text(tokenizer: Any, ids: list[int]) -> str:
+def answer_text(tokenizer: Any, ids: list[int]) -> str:
     """The text up to the first special token (end of turn / end of text), stripped."""
     special = set(tokenizer.all_special_ids)
     kept: list[int] = []
@@ -150,39 +150,66 @@ def greedy_answers(model: Any, tokenizer: Any, prompts: list[list[int]], *, max_
                     out = model.generate(input_ids=input_ids.to(device), attention_mask=mask.to(device),
                                          max_new_tokens=steps, do_sample=False, pad_token_id=pad)
             for row, i in enumerate(chunk):
-                answers[i] = _answer_text(tokenizer, out[row, width:width + max_new_tokens[i]].tolist())
+                answers[i] = answer_text(tokenizer, out[row, width:width + max_new_tokens[i]].tolist())
     finally:
         model.train(was_training)
     return answers
 
 
+def answer_conversations(model: Any, tokenizer: Any, conversations: list[list[dict[str, str]]], *,
+                         max_new_tokens: int, max_len: int, batch_size: int = 8,
+                         autocast: Any = None) -> list[str | None]:
+    """Greedy answers to chat conversations (a score_model grader's rubric), None for one whose prompt and answer
+    would not fit in max_len tokens (it is not asked)."""
+    prompts = [tokenizer(tokenizer.apply_chat_template(c, tokenize=False, add_generation_prompt=True),
+                         add_special_tokens=False)["input_ids"] for c in conversations]
+    asked = [i for i, prompt in enumerate(prompts) if len(prompt) + max_new_tokens <= max_len]
+    answers: list[str | None] = [None] * len(prompts)
+    if asked:
+        given = greedy_answers(model, tokenizer, [prompts[i] for i in asked],
+                               max_new_tokens=[max_new_tokens] * len(asked), batch_size=batch_size, autocast=autocast)
+        for i, text in zip(asked, given, strict=True):
+            answers[i] = text
+    return answers
+
+
+def answerable(examples: list[EncodedExample], max_examples: int | None = None) -> list[int]:
+    """The indexes of the examples asked for a greedy answer: the first `max_examples` that have a prompt."""
+    asked = [i for i, example in enumerate(examples) if prompt_and_answer(example) is not None]
+    return asked if max_examples is None else asked[:max_examples]
+
+
 def exact_match(model: Any, tokenizer: Any, examples: list[EncodedExample], *, batch_size: int = 8,
-                max_examples: int | None = None, autocast: Any = None) -> tuple[float | None, int]:
+                max_examples: int | None = None, autocast: Any = None,
+                answers: list[str] | None = None) -> tuple[float | None, int]:
     """Share of examples whose greedy answer equals the reference answer (text up to the end-of-turn token,
-    stripped), and how many were asked. (None, 0) when no example has a prompt to answer."""
-    pairs = [pair for pair in (prompt_and_answer(e) for e in examples) if pair is not None]
-    if max_examples is not None:
-        pairs = pairs[:max_examples]
+    stripped), and how many were asked. (None, 0) when no example has a prompt to answer. The answers, in the
+    order of answerable(examples, max_examples), are appended to `answers` when it is given (graders read them)."""
+    pairs = [pair for pair in (prompt_and_answer(examples[i]) for i in answerable(examples, max_examples))
+             if pair is not None]
     if not pairs:
         return None, 0
-    answers = greedy_answers(model, tokenizer, [prompt for prompt, _ in pairs],
-                             max_new_tokens=[len(answer) for _, answer in pairs], batch_size=batch_size,
-                             autocast=autocast)
-    right = sum(given == _answer_text(tokenizer, answer) for given, (_, answer) in zip(answers, pairs, strict=True))
+    given = greedy_answers(model, tokenizer, [prompt for prompt, _ in pairs],
+                           max_new_tokens=[len(answer) for _, answer in pairs], batch_size=batch_size,
+                           autocast=autocast)
+    if answers is not None:
+        answers.extend(given)
+    right = sum(text == answer_text(tokenizer, answer) for text, (_, answer) in zip(given, pairs, strict=True))
     return right / len(pairs), len(pairs)
 
 
 def model_metrics(model: Any, *, base_model: Any, tokenizer: Any, examples: list[EncodedExample], make: Any,
-                  batch_size: int, autocast: Any = None, exact_match_examples: int | None = None
-                  ) -> dict[str, Any]:
+                  batch_size: int, autocast: Any = None, exact_match_examples: int | None = None,
+                  answers: list[str] | None = None) -> dict[str, Any]:
     """Every metric of `model` (a PeftModel, or the base model itself) on `examples`: loss and mean token
-    accuracy over the labelled tokens, and exact match of greedy answers. `make` is a loop.BatchMaker
-    (its `attention` is set on `base_model` while scoring; generation runs with SDPA)."""
+    accuracy over the labelled tokens, and exact match of greedy answers (appended to `answers` when it is given).
+    `make` is a loop.BatchMaker (its `attention` is set on `base_model` while scoring; generation runs with
+    SDPA)."""
     with attention(base_model, make.attention):
         scores = score(model, examples, make=make, batch_size=batch_size, autocast=autocast)
     with attention(base_model, "sdpa"):
         matched, asked = exact_match(model, tokenizer, examples, batch_size=batch_size,
-                                     max_examples=exact_match_examples, autocast=autocast)
+                                     max_examples=exact_match_examples, autocast=autocast, answers=answers)
     return {"loss": round(scores.loss, 6), "mean_token_accuracy": round(scores.mean_token_accuracy, 6),
             "tokens": scores.tokens, "exact_match": None if matched is None else round(matched, 6),
             "exact_match_examples": asked}

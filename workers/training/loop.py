@@ -112,12 +112,12 @@ class TrainingResult:
 def trainable_examples(examples: list[Example], max_len: int) -> list[Example]:
     """Drop examples (pairs: either of whose sequences) that have nothing left to learn from after truncation to
     max_len."""
-    return [e for e in examples if _trainable(e, max_len)]
+    return [e for e in examples if has_trained_tokens(e, max_len)]
 
 
-def _trainable(example: EncodedExample | PreferencePair | FeedbackExample, max_len: int) -> bool:
+def has_trained_tokens(example: EncodedExample | PreferencePair | FeedbackExample, max_len: int) -> bool:
     if isinstance(example, PreferencePair):
-        return _trainable(example.chosen, max_len) and _trainable(example.rejected, max_len)
+        return has_trained_tokens(example.chosen, max_len) and has_trained_tokens(example.rejected, max_len)
     # The label of token t is predicted at t-1, so a trained token at position 0 teaches nothing.
     return any(example.loss_mask[1:max_len])
 

@@ -251,28 +251,42 @@ function resultTable(result) {
       : h("p", { class: "muted" }, "Give a validation file to compare with the base model."));
 }
 
+// Graders the console offers beside exact match: each compares the greedy answer with the line's reference answer.
+const ANSWER = { input: "{{sample.output_text}}", reference: "{{item.reference_answer}}" };
+const CONSOLE_GRADERS = {
+  rouge_l: { type: "text_similarity", evaluation_metric: "rouge_l", ...ANSWER },
+  bleu: { type: "text_similarity", evaluation_metric: "bleu", ...ANSWER },
+  fuzzy_match: { type: "text_similarity", evaluation_metric: "fuzzy_match", ...ANSWER },
+  contains: { type: "string_check", operation: "ilike", ...ANSWER },
+};
+
 function evaluationPanel(job) {
   const out = h("div", { id: "evaluation" });
   const file = job.validation_file || job.training_file;
+  const grader = h("select", { id: "grader", "aria-label": "grader" }, h("option", { value: "" }, "exact match only"),
+    ...Object.keys(CONSOLE_GRADERS).map((name) => h("option", { value: name }, `and ${name.replace("_", " ")}`)));
   const run = h("button", { id: "evaluate", onclick: async () => {
     run.disabled = true;
     try {
-      let evaluation = await api.post("/v1/evaluations", { file, models: [job.model, job.fine_tuned_model] });
+      const graders = grader.value ? [{ name: grader.value, ...CONSOLE_GRADERS[grader.value] }] : undefined;
+      let evaluation = await api.post("/v1/evaluations", { file, models: [job.model, job.fine_tuned_model], graders });
       while (!TERMINAL.has(evaluation.status)) {
         out.textContent = `Evaluation ${evaluation.id}: ${evaluation.status}…`;
         await sleep(1500);
         evaluation = await api.get(`/v1/evaluations/${evaluation.id}`);
       }
-      out.replaceChildren(evaluation.results ? table(["model", "loss", "token accuracy", "exact match", "tokens"],
-        evaluation.results.map((r) => h("tr", {}, h("td", { class: "mono" }, r.model), h("td", {}, number(r.loss)),
-          h("td", {}, number(r.mean_token_accuracy)), h("td", {}, number(r.exact_match)), h("td", {}, r.tokens))))
+      const graded = (evaluation.graders || []).map((g) => g.name);
+      out.replaceChildren(evaluation.results ? table(["model", "loss", "token accuracy", "exact match", "tokens",
+        ...graded], evaluation.results.map((r) => h("tr", {}, h("td", { class: "mono" }, r.model),
+          h("td", {}, number(r.loss)), h("td", {}, number(r.mean_token_accuracy)), h("td", {}, number(r.exact_match)),
+          h("td", {}, r.tokens), ...(r.grades || []).map((g) => h("td", {}, number(g.score))))))
         : h("p", {}, evaluation.error ? evaluation.error.message : evaluation.status));
     } catch (error) {
       out.textContent = error.message;
     }
     run.disabled = false;
   } }, `Evaluate against ${job.model} on ${file}`);
-  return job.fine_tuned_model ? h("div", {}, run, out) : h("p", { class: "muted" }, "Available once the job has "
+  return job.fine_tuned_model ? h("div", {}, run, " ", grader, out) : h("p", { class: "muted" }, "Available once the job has "
     + "produced a fine-tuned model.");
 }
 

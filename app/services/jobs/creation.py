@@ -68,7 +68,8 @@ def create_job(session: Session, *, tenant_id: str, settings: Settings, model: s
                validation_file: str | None, suffix: str | None, seed: int | None,
                metadata: dict[str, str] | None, method_type: str | None, raw_hyperparameters: dict[str, Any],
                hyperparameter_param: str, time_limit_seconds: float | None = None,
-               from_model: str | None = None, device_class: str | None = None) -> FineTuningJob:
+               from_model: str | None = None, device_class: str | None = None,
+               graders: list[dict[str, Any]] | None = None) -> FineTuningJob:
     """Validate everything a worker will need, then store the job as queued (caller enqueues it).
 
     `method_type` None: the method of `from_model` (or the default method without one)."""
@@ -106,6 +107,8 @@ def create_job(session: Session, *, tenant_id: str, settings: Settings, model: s
     if resolved.early_stopping_patience and not validation_file:
         raise InvalidRequest("early_stopping_patience needs a validation_file to watch the validation loss on.",
                              param=f"{hyperparameter_param}.early_stopping_patience", code="invalid_hyperparameter")
+    if graders:
+        _check_job_graders(settings, graders, spec.id, validation_file, resolved.objective)
     if source is not None:
         resolved = _continued_hyperparameters(session, source, method_type, raw_hyperparameters, resolved,
                                               hyperparameter_param)
@@ -134,7 +137,7 @@ def create_job(session: Session, *, tenant_id: str, settings: Settings, model: s
         status=JobStatus.validating_files.value, created_at=now(), training_file=train.id,
         validation_file=validation_file, suffix=suffix, seed=seed if seed is not None else secrets.randbelow(2**31),
         method={"type": method_type, method_type: {"hyperparameters": resolved.model_dump()}}, job_metadata=metadata,
-        from_model=source.name if source is not None else None, device_class=device_class,
+        from_model=source.name if source is not None else None, device_class=device_class, graders=graders,
     )
     session.add(job)
     session.commit()
@@ -143,6 +146,32 @@ def create_job(session: Session, *, tenant_id: str, settings: Settings, model: s
     add_event(session, job.id, f"Fine-tuning job created ({method_type} on {spec.id}); queued.")
     session.refresh(job)
     return job
+
+
+def _check_job_graders(settings: Settings, graders: list[dict[str, Any]], base_model: str,
+                       validation_file: str | None, objective: str) -> None:
+    """A job's graders grade its end report: the answers of a supervised job on its validation file, scored by the
+    job's base model where a grader asks a model (the worker holds no other)."""
+    from adapters.graders import score_models
+    from adapters.methods.base import PREFERENCE_OBJECTIVES
+    from app.services import base_models
+
+    if not validation_file:
+        raise InvalidRequest("graders grade the end report's answers on the validation_file; give one.",
+                             param="graders", code="invalid_value")
+    if objective in PREFERENCE_OBJECTIVES:
+        raise InvalidRequest(f"graders grade a supervised job's answers; a {objective} job reports preference "
+                             "figures instead.", param="graders", code="invalid_value")
+    for index, grader in enumerate(graders):
+        for scoring in score_models(grader):
+            try:
+                named = base_models.resolve(settings, scoring["model"]).id
+            except base_models.UnknownBaseModel:
+                named = None
+            if named != base_model:
+                raise InvalidRequest(f"graders[{index}]: a job's score_model grader scores with the job's base model "
+                                     f"'{base_model}', not '{scoring['model']}' (an evaluation may score with any "
+                                     "model on it).", param=f"graders[{index}].model", code="invalid_value")
 
 
 def _check_objective_and_file(resolved: ResolvedHyperparameters, file_format: str | None, param: str) -> None:
