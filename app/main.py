@@ -17,6 +17,7 @@ from app.api import (
     admin,
     aliases,
     evaluations,
+    feedback,
     files,
     fine_tuning,
     health,
@@ -157,7 +158,7 @@ def create_app(role: str | None = None) -> FastAPI:
     routers += [proxy.router] if role == "api" else [inference.router, adapters.engine_router]
     routers += [models.router, adapters.router]
     if role in ("all", "api"):
-        routers += [webhooks.router, admin.router, aliases.router]
+        routers += [webhooks.router, admin.router, aliases.router, feedback.router]
     if role == "inference":
         routers.append(internal.router)
     for router in routers:

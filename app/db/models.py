@@ -350,3 +350,18 @@ class AliasPromotion(Base):
     previous_adapter_id: Mapped[str | None] = mapped_column(String(64), nullable=True)
     action: Mapped[str] = mapped_column(String(16))  # promote | rollback
     created_at: Mapped[int] = mapped_column(BigInteger, default=now)
+
+
+class FeedbackDataset(Base):
+    """A tenant's dataset of preference or feedback lines collected one judgement at a time (the console's
+    playground). Its lines live in an ordinary stored file; each append stores a new file holding every line so far
+    and moves `file_id` to it, guarded by `version`, so a file a job has named never changes under it."""
+
+    __tablename__ = "feedback_datasets"
+
+    tenant_id: Mapped[str] = mapped_column(String(64), primary_key=True)
+    name: Mapped[str] = mapped_column(String(64), primary_key=True)
+    format: Mapped[str] = mapped_column(String(16))
+    file_id: Mapped[str] = mapped_column(String(64))
+    version: Mapped[int] = mapped_column(Integer)
+    updated_at: Mapped[int] = mapped_column(BigInteger)

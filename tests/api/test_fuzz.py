@@ -166,9 +166,22 @@ def _graders_fit(graders: Any) -> bool:
     return True
 
 
+def _lines_fit(lines: Any) -> bool:
+    """A preference or feedback line's linked rules (a system message only first, the conversation ends with the
+    user, two different answers; one format for all lines) are the upload's line checks."""
+    from adapters.data import check_record, detect_format
+
+    if not isinstance(lines, list):
+        return True
+    formats = {detect_format(line) for line in lines if isinstance(line, dict)}
+    return len(formats) <= 1 and all(fmt in ("preference", "feedback") and check_record(line, fmt) is None
+                                     for line in lines if isinstance(line, dict) for fmt in formats)
+
+
 def keeps_linked_fields(case: Any) -> bool:
     """OpenAI's rules that link fields (top_logprobs needs logprobs: true; best_of, if given, equals n here; a chat
-    message's fields follow its role; tool_choice names one of the tools; graders' names differ) are not in a form
+    message's fields follow its role; tool_choice names one of the tools; graders' names differ; feedback lines
+    follow the upload's line rules) are not in a form
     of the request schema the generators follow; positive cases keep to them (test_inference, test_tools and
     test_evaluations check the 400 that names each otherwise)."""
     body = case.body if isinstance(case.body, dict) else {}
@@ -176,6 +189,8 @@ def keeps_linked_fields(case: Any) -> bool:
         return ((not body.get("top_logprobs") or body.get("logprobs") is True)
                 and all(_message_fits_its_role(m) for m in body.get("messages") or [])
                 and _tool_fields_fit(body))
+    if case.operation.label == "POST /v1/feedback":
+        return _lines_fit(body.get("lines"))
     if case.operation.label in ("POST /v1/evaluations", "POST /v1/fine_tuning/jobs"):
         return _graders_fit(body.get("graders"))
     if case.operation.label == "POST /v1/completions":
