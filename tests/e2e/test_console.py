@@ -233,6 +233,19 @@ def test_a_job_from_the_form_draws_live_curves_survives_a_reload_and_chats_besid
         expect(answer).not_to_have_class("turn assistant streaming")
         assert answer.inner_text().strip(), f"column {column} got no answer"
         assert "alert" not in (answer.get_attribute("class") or "")
+    # Judging the answers appends to the tenant's preference datasets: a pair for "better", a line per thumb.
+    page.locator("#transcript-1 [data-judge=better]").click()
+    expect(page.locator("#feedback-status")).to_contain_text("playground-preferences (1 line,")
+    page.locator("#transcript-0 [data-judge=down]").click()
+    expect(page.locator("#feedback-status")).to_contain_text("playground-feedback (1 line,")
+    collected = {d["name"]: d for d in client.get("/v1/feedback").json()["data"]}
+    pair_line = json.loads(client.get(f"/v1/files/{collected['playground-preferences']['file']}/content").text)
+    answers = [page.locator(f"#transcript-{c} .turn.assistant").inner_text().strip() for c in (0, 1)]
+    assert pair_line["input"]["messages"] == [{"role": "user", "content": "Say hi 3"}]
+    assert pair_line["preferred_output"][0]["content"].strip() == answers[1]
+    assert pair_line["non_preferred_output"][0]["content"].strip() == answers[0]
+    thumb = json.loads(client.get(f"/v1/files/{collected['playground-feedback']['file']}/content").text)
+    assert thumb["label"] is False and thumb["output"][0]["content"].strip() == answers[0]
     screenshot(page, "playground", tmp_path)
     adapter = next(a for a in client.get("/v1/adapters").json()["data"] if a["name"] == model)
     assert adapter["last_used_at"] is not None  # the adapter itself answered in its column

@@ -654,8 +654,40 @@ async function playgroundView(main, query) {
   const temperature = h("input", { id: "temperature", type: "number", min: 0, max: 2, step: 0.1, value: 0 });
   const send = h("button", { type: "submit", id: "send" }, "Send");
 
+  const feedbackStatus = h("p", { id: "feedback-status", class: "muted", role: "status" });
+
+  async function judge(dataset, lines) {
+    try {
+      const saved = await api.post("/v1/feedback", { dataset, lines });
+      const count = `${saved.n_examples} line${saved.n_examples === 1 ? "" : "s"}`;
+      feedbackStatus.textContent = `Saved to ${saved.name} (${count}, file ${saved.file}): `
+        + "train on it with a DPO or KTO job.";
+    } catch (error) {
+      feedbackStatus.textContent = error.message;
+    }
+  }
+
+  // Under each answer: thumbs up / down (a feedback line, for KTO) and "better" (a preference line against each other
+  // column's answer to the same prompt, for DPO). The conversation before it is the line's input.
+  function judgeButtons(column, context, text, content) {
+    const answer = [{ role: "assistant", content }];
+    const thumb = (label, sign) => h("button", { type: "button", class: "small", "data-judge": label ? "up" : "down",
+      onclick: () => judge("playground-feedback", [{ input: { messages: context }, output: answer, label }]) }, sign);
+    const better = h("button", { type: "button", class: "small", "data-judge": "better", onclick: () => {
+      const others = columns.filter((c) => c !== column && c.last?.text === text && c.last.content !== content);
+      if (!others.length) {
+        feedbackStatus.textContent = "Another column needs a different answer to this prompt to compare with.";
+        return;
+      }
+      judge("playground-preferences", others.map((c) => ({ input: { messages: context }, preferred_output: answer,
+        non_preferred_output: [{ role: "assistant", content: c.last.content }] })));
+    } }, "better");
+    return h("div", { class: "row judge" }, thumb(true, "good"), thumb(false, "bad"), better);
+  }
+
   async function ask(column, text, signal) {
     const model = column.select.value;
+    const context = [...column.history, { role: "user", content: text }];
     column.history.push({ role: "user", content: text });
     column.log.append(h("div", { class: "turn user" }, text));
     const answer = h("div", { class: "turn assistant streaming" });
@@ -672,6 +704,8 @@ async function playgroundView(main, query) {
         answer.textContent = content;
       }
       column.history.push({ role: "assistant", content });
+      column.last = { text, content };
+      answer.after(judgeButtons(column, context, text, content));
     } catch (error) {
       column.history.pop();
       answer.classList.add("alert");
@@ -696,8 +730,9 @@ async function playgroundView(main, query) {
       send.disabled = false;
     } }, prompt, h("div", { class: "row" }, h("label", {}, "max tokens ", maxTokens),
       h("label", {}, "temperature ", temperature), send,
-      h("button", { type: "button", onclick: () => columns.forEach((c) => { c.history = []; c.log.replaceChildren(); })
-      }, "Clear"))));
+      h("button", { type: "button", onclick: () => columns.forEach((c) => {
+        c.history = []; c.last = undefined; c.log.replaceChildren();
+      }) }, "Clear")), feedbackStatus));
   for (const c of columns) {
     c.select.addEventListener("change", () => { c.history = []; c.log.replaceChildren(); });
   }
