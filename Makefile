@@ -73,6 +73,7 @@ bench: install
 	$(BIN)/python -m bench.training --save
 	$(BIN)/python -m bench.capacity --save
 	$(BIN)/python -m bench.noisy_neighbour --save
+	$(BIN)/python -m bench.quality --save
 
 # On a machine with a CUDA GPU: LoRA training and mixed-adapter serving on a 0.5B-shaped model, ours beside the plain
 # Hugging Face / PEFT way (bench/gpu_check.py; figures in docs/benchmarks.md). QUANT=4bit adds the QLoRA run (needs
