@@ -28,6 +28,12 @@ FORMULA_FUNCTIONS: dict[str, Callable[..., float]] = {
 # graded model's answer.
 SAMPLE_FIELDS = ("output_text",)
 REFERENCE_FIELD = "reference_answer"
+# Bounds on what one sample's grading may cost: a filled-in template, and each text a similarity metric compares
+# (ROUGE-L's longest common subsequence is quadratic). A sample past them is an error, not a long wait.
+MAX_RENDERED_CHARS = 16_000
+MAX_COMPARED_CHARS = 4_000
+# A formula's value past this is an error: a mean of such values could overflow to infinity.
+MAX_FORMULA_VALUE = 1e12
 
 # These two patterns are the project's own, linear in their input; a tenant's text is only ever matched by them.
 _PLACEHOLDER = re.compile(r"\{\{([^{}]{0,200})\}\}")
@@ -71,7 +77,11 @@ def check_template(template: str) -> None:
         raise GraderError("a '{{' opens no placeholder of the form {{item.<field>}} or {{sample.output_text}}")
 
 
-class MissingField(LookupError):
+class Ungradeable(LookupError):
+    """This sample cannot be graded (the message says why); it scores the grader's minimum, counted as an error."""
+
+
+class MissingField(Ungradeable):
     """A template names a field that this line does not have."""
 
 
@@ -93,7 +103,10 @@ def render(template: str, item: dict[str, Any], sample: dict[str, str]) -> str:
         found = _lookup(item if root == "item" else sample, steps, match.group(1))
         return found if isinstance(found, str) else json.dumps(found, ensure_ascii=False)
 
-    return _PLACEHOLDER.sub(value, template)
+    rendered = _PLACEHOLDER.sub(value, template)
+    if len(rendered) > MAX_RENDERED_CHARS:
+        raise Ungradeable(f"a template filled in for this line is longer than {MAX_RENDERED_CHARS} characters")
+    return rendered
 
 
 # ---------------------------------------------------------------- the metrics
@@ -118,6 +131,12 @@ _ROUGE_KEYS = {"rouge_1": "rouge1", "rouge_2": "rouge2", "rouge_l": "rougeL"}
 def text_similarity(metric: str, given: str, reference: str) -> float:
     """Similarity in [0, 1]: fuzzy_match is RapidFuzz's normalised Indel similarity; bleu sacrebleu's sentence
     BLEU / 100; rouge_1 / rouge_2 / rouge_l rouge-score's F-measure."""
+    if max(len(given), len(reference)) > MAX_COMPARED_CHARS:
+        raise Ungradeable(f"a text to compare is longer than {MAX_COMPARED_CHARS} characters")
+    return min(1.0, max(0.0, _similarity(metric, given, reference)))  # sacrebleu may give 1 + 4e-16
+
+
+def _similarity(metric: str, given: str, reference: str) -> float:
     if metric == "fuzzy_match":
         from rapidfuzz import fuzz
 
@@ -210,7 +229,7 @@ def calculate(formula: str, values: dict[str, float]) -> float | None:
         result = _evaluate(_formula_tree(formula, set(values)), values)
     except (ArithmeticError, ValueError, TypeError):
         return None
-    return result if math.isfinite(result) else None
+    return result if math.isfinite(result) and abs(result) <= MAX_FORMULA_VALUE else None
 
 
 # ---------------------------------------------------------------- checking a request's graders
@@ -260,8 +279,8 @@ def score_models(grader: dict[str, Any]) -> list[dict[str, Any]]:
 
 
 def scorer_messages(grader: dict[str, Any], item: dict[str, Any], sample: dict[str, str]) -> list[dict[str, str]]:
-    """A score_model grader's conversation for one sample (MissingField when a template names what the line lacks).
-    OpenAI's `developer` role is given to the scoring model as `system`."""
+    """A score_model grader's conversation for one sample (Ungradeable when a template names what the line lacks,
+    or fills in too long). OpenAI's `developer` role is given to the scoring model as `system`."""
     return [{"role": "system" if m["role"] == "developer" else m["role"],
              "content": render(m["content"], item, sample)} for m in grader["input"]]
 
@@ -299,7 +318,9 @@ def grade(grader: dict[str, Any], item: dict[str, Any], sample: dict[str, str],
         elif grader["type"] == "score_model":
             answer = scorer_answers(grader)
             if answer is None:
-                raise MissingField("a field its input names is missing from this line")
+                raise Ungradeable("the scoring model was not asked: its conversation names a field this line "
+                                  "lacks, its chat template refuses it, or it is longer than the server's "
+                                  "ADAPTERY_MAX_EXAMPLE_TOKENS")
             parsed = parse_score(answer, *grader["range"])
             if parsed is None:
                 low, high = grader["range"]
@@ -315,7 +336,7 @@ def grade(grader: dict[str, Any], item: dict[str, Any], sample: dict[str, str],
                 error = error or "calculate_output is undefined for these scores"
             score = 0.0 if calculated is None else calculated
             return Grade(score, _passed(grader, score), error=error, parts=values)
-    except MissingField as exc:
+    except Ungradeable as exc:
         return Grade(_minimum(grader), _passed(grader, _minimum(grader)), error=str(exc))
     return Grade(score, _passed(grader, score))
 
@@ -326,12 +347,15 @@ def summarise(grader: dict[str, Any], grades: list[Grade]) -> dict[str, Any]:
     count = len(grades)
     passed = [g.passed for g in grades if g.passed is not None]
     summary: dict[str, Any] = {
-        "name": grader["name"], "type": grader["type"],
-        "score": round(sum(g.score for g in grades) / count, 6) if count else None,
+        "name": grader["name"], "type": grader["type"], "score": _mean([g.score for g in grades]),
         "pass_rate": round(sum(passed) / len(passed), 6) if passed else None,
         "examples": count, "errors": sum(g.error is not None for g in grades),
         "first_error": next((g.error for g in grades if g.error), None)}
     if grader["type"] == "multi":
-        summary["parts"] = {name: round(sum((g.parts or {})[name] for g in grades) / count, 6) if count else None
-                            for name in grader["graders"]}
+        summary["parts"] = {name: _mean([(g.parts or {})[name] for g in grades]) for name in grader["graders"]}
     return summary
+
+
+def _mean(scores: list[float]) -> float | None:
+    """The mean, rounded; None for no scores (every score is finite and bounded, so the mean is too)."""
+    return round(math.fsum(scores) / len(scores), 6) if scores else None

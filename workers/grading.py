@@ -6,7 +6,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
-from adapters.graders import MissingField, grade, score_models, scorer_messages, summarise
+from adapters.graders import Ungradeable, grade, score_models, scorer_messages, summarise
 
 # (the scoring model's name, conversations, the tokens each may answer with) → the answers, in order.
 Scorer = Callable[[str, list[list[dict[str, str]]], int], list[str | None]]
@@ -45,7 +45,7 @@ def grade_answers(graders: list[dict[str, Any]], items: list[dict[str, Any]], an
                     try:
                         conversations.append(scorer_messages(scoring, items[k], sample))
                         keys.append((id(scoring), m, k))
-                    except MissingField:
+                    except Ungradeable:
                         scored[(id(scoring), m, k)] = None
             given = scorer(scoring["model"], conversations, scoring["sampling_params"]["max_completions_tokens"])
             scored.update(zip(keys, given, strict=True))

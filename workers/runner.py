@@ -302,10 +302,15 @@ class JobRunner:
                                       "full_valid_mean_token_accuracy": plain["mean_token_accuracy"],
                                       "full_valid_exact_match": plain["exact_match"]}})
         if self.job.graders:
-            tuned_grades, plain_grades = self._grades(model, base, tokenizer, [r for r, _ in kept], valid,
-                                                       answers, hp.max_seq_length, autocast)
-            report["grades"] = tuned_grades
-            report["base_model"]["grades"] = plain_grades
+            try:
+                tuned_grades, plain_grades = self._grades(model, base, tokenizer, [r for r, _ in kept], valid,
+                                                           answers, hp.max_seq_length, autocast)
+            except Exception as exc:  # the graders are the report's: their failure never costs the trained model
+                log.warning("job %s: grading the end report failed", self.job_id, exc_info=True)
+                report["grades_error"] = f"{type(exc).__name__}: {exc}"[:500]
+            else:
+                report["grades"] = tuned_grades
+                report["base_model"]["grades"] = plain_grades
         seconds = time.perf_counter() - started
 
         def shown(value: float | None) -> str:

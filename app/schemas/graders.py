@@ -12,6 +12,7 @@ from app.schemas.common import Request
 
 MAX_GRADERS = 8
 MAX_TEMPLATE_CHARS = 8000
+MAX_SCORE = 1e6  # a score model's range: means of such scores stay finite
 
 
 def _template(value: str) -> str:
@@ -85,9 +86,9 @@ class ScoreModelGrader(_Grader):
     sampling_params: ScoreSampling = Field(default_factory=lambda: ScoreSampling.model_validate({}))
 
     @model_validator(mode="after")
-    def _finite_range(self) -> ScoreModelGrader:
-        if any(value != value or value in (float("inf"), float("-inf")) for value in self.range):
-            raise ValueError("range must hold two finite numbers")
+    def _bounded_range(self) -> ScoreModelGrader:
+        if not all(abs(value) <= MAX_SCORE for value in self.range):  # NaN fails this too
+            raise ValueError(f"range must hold two numbers between -{MAX_SCORE:g} and {MAX_SCORE:g}")
         return self
 
 

@@ -102,9 +102,13 @@ def test_formulas_are_arithmetic_and_nothing_else() -> None:
     multi: dict[str, Any] = {"type": "multi", "name": "m", "graders": {
         "a": {"type": "string_check", "name": "a", "input": "x", "reference": "y", "operation": "eq"}}}
     for code in ("__import__('os').system('true')", "a.real", "[a]", "a if a else 1", "lambda: a", "'a'",
-                 "max", "a(1)", "min(a, key=a)", "b", "True + a", "(" * 300 + "a" + ")" * 300, "a" + "+a" * 300):
+                 "max", "a(1)", "min(a, key=a)", "b", "True + a", "(" * 240 + "a" + ")" * 240, "a" + "+a" * 300):
         with pytest.raises(GraderError):
             check_grader({**multi, "calculate_output": code})
+    # Deep but short formulas are arithmetic like any other; a value past 1e12 is undefined (means stay finite).
+    assert calculate("-" * 450 + "a", {"a": 2.0}) == 2.0
+    assert calculate("abs(" * 90 + "a" + ")" * 90, {"a": -3.0}) == 3.0
+    assert calculate("a * 1e308", {"a": 1.0}) is None and calculate("a * 1e12", {"a": 1.0}) == 1e12
 
 
 def test_grades_and_their_summary() -> None:
@@ -128,3 +132,17 @@ def test_grades_and_their_summary() -> None:
     missing = grade({**exact, "reference": "{{item.completion}}"}, LINE, {"output_text": "x"}, lambda s: None)
     assert (missing.score, missing.passed) == (0.0, False) and "completion" in (missing.error or "")
     assert math.isclose(summarise(exact, []).get("examples"), 0) and summarise(exact, [])["score"] is None
+
+
+def test_a_sample_too_long_to_grade_is_an_error_not_a_wait() -> None:
+    """A template that fills in past 16 000 characters, or a text to compare past 4 000 (ROUGE-L is quadratic), is
+    an error for that sample at once."""
+    long_line = {"text": "word " * 3000}
+    doubled = {"type": "text_similarity", "name": "r", "evaluation_metric": "rouge_l",
+               "input": "{{item}}" * 1000, "reference": "{{item}}"}
+    assert len(doubled["input"]) == 8000  # what the schema's template limit admits
+    for grader in (doubled, {**doubled, "input": "{{item.text}}", "reference": "{{item.text}}"}):
+        graded = grade(grader, long_line, {"output_text": "x"}, lambda s: None)
+        assert graded.score == 0.0 and "longer than" in (graded.error or ""), graded
+    # Identical texts score 1 exactly (sacrebleu alone gives 1 + 4e-16).
+    assert text_similarity("bleu", CAT, CAT) <= 1.0

@@ -156,14 +156,23 @@ def greedy_answers(model: Any, tokenizer: Any, prompts: list[list[int]], *, max_
     return answers
 
 
+def _conversation_ids(tokenizer: Any, conversation: list[dict[str, str]]) -> list[int] | None:
+    """The conversation's prompt tokens, or None where the model's chat template refuses it (some templates have no
+    system role, some insist on alternating turns): a rubric is a tenant's, and one it cannot take is not asked."""
+    try:
+        text = tokenizer.apply_chat_template(conversation, tokenize=False, add_generation_prompt=True)
+    except Exception:  # jinja's TemplateError and the templates' own raise_exception messages
+        return None
+    return list(tokenizer(text, add_special_tokens=False)["input_ids"])
+
+
 def answer_conversations(model: Any, tokenizer: Any, conversations: list[list[dict[str, str]]], *,
                          max_new_tokens: int, max_len: int, batch_size: int = 8,
                          autocast: Any = None) -> list[str | None]:
-    """Greedy answers to chat conversations (a score_model grader's rubric), None for one whose prompt and answer
-    would not fit in max_len tokens (it is not asked)."""
-    prompts = [tokenizer(tokenizer.apply_chat_template(c, tokenize=False, add_generation_prompt=True),
-                         add_special_tokens=False)["input_ids"] for c in conversations]
-    asked = [i for i, prompt in enumerate(prompts) if len(prompt) + max_new_tokens <= max_len]
+    """Greedy answers to chat conversations (a score_model grader's rubric), None for one the chat template refuses
+    or whose prompt and answer would not fit in max_len tokens (it is not asked)."""
+    prompts = [_conversation_ids(tokenizer, c) for c in conversations]
+    asked = [i for i, prompt in enumerate(prompts) if prompt is not None and len(prompt) + max_new_tokens <= max_len]
     answers: list[str | None] = [None] * len(prompts)
     if asked:
         given = greedy_answers(model, tokenizer, [prompts[i] for i in asked],
