@@ -363,5 +363,8 @@ class FeedbackDataset(Base):
     name: Mapped[str] = mapped_column(String(64), primary_key=True)
     format: Mapped[str] = mapped_column(String(16))
     file_id: Mapped[str] = mapped_column(String(64))
+    # The file before it: deleted on the next append (unless a job uses it), not at once, so that a job created
+    # from the dataset's file while an append moves the dataset on still finds it.
+    previous_file_id: Mapped[str | None] = mapped_column(String(64), nullable=True)
     version: Mapped[int] = mapped_column(Integer)
     updated_at: Mapped[int] = mapped_column(BigInteger)

@@ -120,10 +120,12 @@ def delete_file(session: Session, *, tenant_id: str, settings: Settings, file_id
     row = get_file(session, tenant_id=tenant_id, file_id=file_id)
     active = session.scalar(select(FineTuningJob.id).where(
         (FineTuningJob.training_file == file_id) | (FineTuningJob.validation_file == file_id),
-        FineTuningJob.status.in_([JobStatus.validating_files, JobStatus.queued, JobStatus.running])))
+        FineTuningJob.status.in_([JobStatus.validating_files, JobStatus.queued, JobStatus.running,
+                                  JobStatus.paused])))
     if active:
-        raise Conflict(f"File '{file_id}' is used by fine-tuning job '{active}', which has not finished; "
-                       "cancel the job or wait for it first.", param="file_id", code="file_in_use")
+        raise Conflict(f"File '{file_id}' is used by fine-tuning job '{active}', which has not finished (a paused "
+                       "job resumes from it); cancel the job or wait for it first.", param="file_id",
+                       code="file_in_use")
     evaluating = evaluations.unfinished_using_file(session, file_id)
     if evaluating:
         raise Conflict(f"File '{file_id}' is used by evaluation '{evaluating}', which has not finished; wait for it "

@@ -4,7 +4,8 @@
 Stored files never change once stored (a job that named one reads what it named). An append therefore stores a new
 file with every line so far plus the new ones, through the upload path's own checks, and moves the dataset to it
 with a guarded UPDATE on its version; two appends at once cannot both win, and the loser tries again on the
-winner's file. The previous file is deleted unless a job or evaluation still uses it.
+winner's file. A file the dataset has moved past is deleted one append later (unless a job or evaluation that has
+not finished names it), so a job created from the dataset's current file never races with that file's deletion.
 """
 
 from __future__ import annotations
@@ -17,11 +18,11 @@ from sqlalchemy import select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
-from adapters.data import check_record, detect_format
+from adapters.data import DatasetError, check_record, detect_format
 from adapters.store import ArtifactStore
 from app.db.models import FeedbackDataset, File, now
 from app.errors import Conflict, DomainError, InvalidRequest
-from app.services import datasets
+from app.services import datasets, tokenizers
 from app.settings import Settings
 
 COLLECTED_FORMATS = ("preference", "feedback")
@@ -52,6 +53,7 @@ def append(session: Session, *, tenant_id: str, settings: Settings, name: str,
            lines: list[dict[str, Any]]) -> FeedbackDataset:
     """Append the lines to the tenant's dataset `name` (made on its first lines) and return it."""
     fmt = _format_of(lines)
+    _check_lengths(settings, lines, fmt)
     store = ArtifactStore.for_settings(settings)
     for _ in range(ATTEMPTS):
         session.expire_all()  # read the dataset as it is now, not as an earlier attempt saw it
@@ -59,15 +61,17 @@ def append(session: Session, *, tenant_id: str, settings: Settings, name: str,
         if current is not None and current.format != fmt:
             raise InvalidRequest(f"Dataset '{name}' holds {current.format} lines; these are {fmt} lines. Send them "
                                  "to a dataset of their own.", param="lines", code="invalid_line")
-        previous = (current.file_id, current.version) if current is not None else None
+        seen = (current.file_id, current.previous_file_id, current.version) if current is not None else None
+        # A current file its owner deleted (DELETE /v1/files) took the lines with it: the dataset starts over.
+        kept = seen[0] if seen is not None and _stored(session, seen[0]) else None
         try:
-            stored = _store_with(session, store, tenant_id=tenant_id, settings=settings, name=name,
-                                 previous=previous[0] if previous else None, lines=lines)
+            stored = _store_with(session, store, tenant_id=tenant_id, settings=settings, name=name, previous=kept,
+                                 lines=lines)
         except FileNotFoundError:
             continue  # another append moved the dataset on and retired the file read here
-        if _move(session, tenant_id=tenant_id, name=name, fmt=fmt, previous=previous, file_id=stored.id):
-            if previous is not None:
-                _retire(session, tenant_id=tenant_id, settings=settings, file_id=previous[0])
+        if _move(session, tenant_id=tenant_id, name=name, fmt=fmt, seen=seen, file_id=stored.id):
+            if seen is not None and seen[1] is not None:
+                _retire(session, tenant_id=tenant_id, settings=settings, file_id=seen[1])
             dataset = session.get(FeedbackDataset, (tenant_id, name))
             assert dataset is not None
             return dataset
@@ -75,6 +79,27 @@ def append(session: Session, *, tenant_id: str, settings: Settings, name: str,
         datasets.delete_file(session, tenant_id=tenant_id, settings=settings, file_id=stored.id)
     raise Conflict(f"Dataset '{name}' is being appended to by other requests; try again.", param="dataset",
                    code="dataset_busy", retry_after=1)
+
+
+def _stored(session: Session, file_id: str) -> bool:
+    row = session.get(File, file_id)
+    return row is not None and not row.deleted
+
+
+def _check_lengths(settings: Settings, lines: list[dict[str, Any]], fmt: str) -> None:
+    """Each new line within the per-example token limit, named as lines[i] (an upload names its line)."""
+    from adapters.data import ParsedDataset, check_lengths, encode_any
+
+    dataset = ParsedDataset(format=fmt, records=lines, line_numbers=list(range(len(lines))))  # type: ignore[arg-type]
+    try:
+        examples = encode_any(tokenizers.default(settings), dataset)
+    except DatasetError as exc:
+        number, problem = exc.problems[0]
+        raise InvalidRequest(f"lines[{number}]: {problem}", param=f"lines[{number}]", code="invalid_line") from None
+    problems = check_lengths(examples, dataset.line_numbers, max_tokens=settings.max_example_tokens)
+    if problems:
+        number, problem = problems[0]
+        raise InvalidRequest(f"lines[{number}]: {problem}", param=f"lines[{number}]", code="invalid_line")
 
 
 def _store_with(session: Session, store: ArtifactStore, *, tenant_id: str, settings: Settings, name: str,
@@ -99,16 +124,16 @@ def _store_with(session: Session, store: ArtifactStore, *, tenant_id: str, setti
         try:
             return datasets.create_file(session, tenant_id=tenant_id, settings=settings, filename=f"{name}.jsonl",
                                         purpose="fine-tune", upload=path, size=size)
-        except InvalidRequest as exc:  # a whole-file limit (examples, tokens per file): not the new lines' fault
+        except InvalidRequest as exc:  # a whole-file limit (examples, tokens per file): each line passed alone
             raise InvalidRequest(f"Dataset '{name}' cannot take these lines: {exc.message}", param="dataset",
                                  code="dataset_full") from None
 
 
-def _move(session: Session, *, tenant_id: str, name: str, fmt: str, previous: tuple[str, int] | None,
+def _move(session: Session, *, tenant_id: str, name: str, fmt: str, seen: tuple[str, str | None, int] | None,
           file_id: str) -> bool:
-    """Point the dataset at `file_id` if nobody moved it since it was read at (file, version) `previous` (None: it
-    did not exist)."""
-    if previous is None:
+    """Point the dataset at `file_id` if nobody moved it since it was read as (file, previous file, version) `seen`
+    (None: it did not exist); the file it pointed at becomes its previous file, to retire on the next append."""
+    if seen is None:
         session.add(FeedbackDataset(tenant_id=tenant_id, name=name, format=fmt, file_id=file_id, version=1,
                                     updated_at=now()))
         try:
@@ -119,16 +144,16 @@ def _move(session: Session, *, tenant_id: str, name: str, fmt: str, previous: tu
         return True
     result = session.execute(update(FeedbackDataset).where(
         FeedbackDataset.tenant_id == tenant_id, FeedbackDataset.name == name,
-        FeedbackDataset.version == previous[1]).values(file_id=file_id, version=previous[1] + 1,
-                                                         updated_at=now()))
+        FeedbackDataset.version == seen[2]).values(file_id=file_id, previous_file_id=seen[0], version=seen[2] + 1,
+                                                   updated_at=now()))
     session.commit()
     session.expire_all()
     return bool(result.rowcount)  # type: ignore[attr-defined]
 
 
 def _retire(session: Session, *, tenant_id: str, settings: Settings, file_id: str) -> None:
-    """Delete the dataset's previous file, unless a job or evaluation that has not finished uses it (it stays,
-    listed, and its owner may delete it later)."""
+    """Delete a file the dataset moved past, unless a job or evaluation that has not finished uses it (it stays,
+    listed, and its owner may delete it later) or its owner deleted it already."""
     try:
         datasets.delete_file(session, tenant_id=tenant_id, settings=settings, file_id=file_id)
     except DomainError:

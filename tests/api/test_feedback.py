@@ -40,18 +40,72 @@ def test_appends_grow_one_stored_file_a_dpo_job_takes(api: Api, client: TestClie
     grown = append(client, [pair(1), pair(2)], "prefs").json()
     assert (grown["n_examples"], grown["version"]) == (3, 2) and grown["file"] != made["file"]
     assert lines_of(client, grown["file"]) == [pair(0), pair(1), pair(2)]
-    assert client.get(f"/v1/files/{made['file']}").status_code == 404  # retired: nothing used it
+    # The file the dataset moved past stays one append longer: a job created from it meanwhile still finds it.
+    assert lines_of(client, made["file"]) == [pair(0)]
+    third = append(client, [pair(3)], "prefs").json()
+    assert client.get(f"/v1/files/{made['file']}").status_code == 404  # retired now: nothing used it
+    assert lines_of(client, third["file"]) == [pair(i) for i in range(4)]
 
-    # A job names the file; the next append leaves that file as it is and moves the dataset on.
+    # A job names the current file, and is paused: later appends leave that file as it is.
     api.broker.take()
-    job = create_job(client, {"model": TINY_MODEL_ID, "training_file": grown["file"], "method": {"type": "dpo"}})
+    job = create_job(client, {"model": TINY_MODEL_ID, "training_file": third["file"], "method": {"type": "dpo"}})
     assert job.status_code == 200, job.text
     assert len(api.broker.take()) == 1
-    after = append(client, [pair(3)], "prefs").json()
-    assert after["n_examples"] == 4
-    assert lines_of(client, grown["file"]) == [pair(0), pair(1), pair(2)]  # kept for the queued job
+    assert client.post(f"/v1/fine_tuning/jobs/{job.json()['id']}/pause").status_code == 200
+    for i in (4, 5, 6):
+        after = append(client, [pair(i)], "prefs").json()
+    assert after["n_examples"] == 7
+    assert lines_of(client, third["file"]) == [pair(i) for i in range(4)]  # kept for the paused job
     listed = client.get("/v1/feedback").json()["data"]
-    assert {(d["name"], d["file"], d["n_examples"]) for d in listed} >= {("prefs", after["file"], 4)}
+    assert {(d["name"], d["file"], d["n_examples"]) for d in listed} >= {("prefs", after["file"], 7)}
+    api.broker.take()
+
+
+def test_a_retry_with_its_idempotency_key_appends_once(client: TestClient) -> None:
+    key = {"Idempotency-Key": "feedback-click-1"}
+    body = {"dataset": "once", "lines": [pair(0)]}
+    first = client.post("/v1/feedback", json=body, headers=key)
+    again = client.post("/v1/feedback", json=body, headers=key)
+    assert first.status_code == again.status_code == 200 and again.headers.get("idempotent-replayed") == "true"
+    assert again.json() == first.json() and first.json()["n_examples"] == 1
+
+
+def test_a_dataset_whose_file_its_owner_deleted_starts_over(client: TestClient) -> None:
+    made = append(client, [pair(0), pair(1)], "restart").json()
+    assert client.delete(f"/v1/files/{made['file']}").status_code == 200
+    again = append(client, [pair(2)], "restart")
+    assert again.status_code == 200, again.text
+    assert (again.json()["n_examples"], again.json()["version"]) == (1, 2)
+    assert lines_of(client, again.json()["file"]) == [pair(2)]
+
+
+def test_an_append_that_loses_the_race_lands_on_the_winners_file(client: TestClient,
+                                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    """Deterministically: while this append stores its file, another append moves the dataset; this one's move
+    fails the version check, its file is deleted, and it stores its line again after the winner's."""
+    from app.services import feedback as service
+
+    append(client, [pair(0)], "race")
+    store_with = service._store_with
+    interleaved: list[int] = []
+
+    def with_a_rival(*args: Any, **kwargs: Any) -> Any:
+        stored = store_with(*args, **kwargs)
+        if not interleaved:
+            interleaved.append(1)
+            assert append(client, [pair(1)], "race").status_code == 200  # the rival wins
+        return stored
+
+    monkeypatch.setattr(service, "_store_with", with_a_rival)
+    files_before = {f["id"] for f in client.get("/v1/files", params={"limit": 100}).json()["data"]}
+    ours = append(client, [pair(2)], "race")
+    monkeypatch.undo()
+    assert ours.status_code == 200, ours.text
+    assert (ours.json()["n_examples"], ours.json()["version"]) == (3, 3)
+    assert lines_of(client, ours.json()["file"]) == [pair(0), pair(1), pair(2)]
+    listed = {f["id"] for f in client.get("/v1/files", params={"limit": 100}).json()["data"]}
+    # The losing attempt's file is gone: what is new is the rival's file and ours.
+    assert len(listed - files_before) == 2 and ours.json()["file"] in listed
 
 
 def test_thumbs_go_to_a_feedback_dataset_a_kto_job_takes(api: Api, client: TestClient) -> None:
@@ -96,8 +150,8 @@ def test_a_dataset_name_is_checked(client: TestClient) -> None:
 
 
 def test_appends_at_once_all_land(client: TestClient) -> None:
-    """Each append that answers 200 is in the dataset's file, whichever order they won in (a loser retries on the
-    winner's file)."""
+    """Four threads append at once: each append that answers 200 is in the dataset's file, whichever order they won
+    in (whether they raced is up to the scheduler; the test above makes the race happen)."""
     answers: list[int] = []
 
     def one(i: int) -> None:

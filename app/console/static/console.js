@@ -644,7 +644,8 @@ async function playgroundView(main, query) {
     || listed.find((m) => !m.parent)?.id;
   const initial = [base, ...wanted.filter((m) => m !== base)].slice(0, 3);
   const columns = [0, 1, 2].map((i) => {
-    const select = h("select", { id: `model-${i}`, "data-column": i },
+    // Another model in a column: its earlier answer is no longer the one shown, so "better" cannot pair with it.
+    const select = h("select", { id: `model-${i}`, "data-column": i, onchange: () => { columns[i].last = undefined; } },
       i ? h("option", { value: "" }, "(none)") : null, [...new Set([...models, ...wanted])].map((m) =>
         h("option", { value: m, selected: m === initial[i] }, byId[m] ? baseModelLabel(byId[m]) : m)));
     return { select, history: [], log: h("div", { class: "transcript", id: `transcript-${i}` }) };
@@ -656,13 +657,16 @@ async function playgroundView(main, query) {
 
   const feedbackStatus = h("p", { id: "feedback-status", class: "muted", role: "status" });
 
-  async function judge(dataset, lines) {
+  // Each button judges once: it is disabled while its line is sent, and stays so once saved (no double append).
+  async function judge(button, dataset, lines) {
+    button.disabled = true;
     try {
       const saved = await api.post("/v1/feedback", { dataset, lines });
       const count = `${saved.n_examples} line${saved.n_examples === 1 ? "" : "s"}`;
       feedbackStatus.textContent = `Saved to ${saved.name} (${count}, file ${saved.file}): `
         + "train on it with a DPO or KTO job.";
     } catch (error) {
+      button.disabled = false;
       feedbackStatus.textContent = error.message;
     }
   }
@@ -672,14 +676,16 @@ async function playgroundView(main, query) {
   function judgeButtons(column, context, text, content) {
     const answer = [{ role: "assistant", content }];
     const thumb = (label, sign) => h("button", { type: "button", class: "small", "data-judge": label ? "up" : "down",
-      onclick: () => judge("playground-feedback", [{ input: { messages: context }, output: answer, label }]) }, sign);
-    const better = h("button", { type: "button", class: "small", "data-judge": "better", onclick: () => {
+      onclick: (event) => judge(event.currentTarget, "playground-feedback",
+        [{ input: { messages: context }, output: answer, label }]) }, sign);
+    const better = h("button", { type: "button", class: "small", "data-judge": "better", onclick: (event) => {
       const others = columns.filter((c) => c !== column && c.last?.text === text && c.last.content !== content);
       if (!others.length) {
         feedbackStatus.textContent = "Another column needs a different answer to this prompt to compare with.";
         return;
       }
-      judge("playground-preferences", others.map((c) => ({ input: { messages: context }, preferred_output: answer,
+      judge(event.currentTarget, "playground-preferences", others.map((c) => ({ input: { messages: context },
+        preferred_output: answer,
         non_preferred_output: [{ role: "assistant", content: c.last.content }] })));
     } }, "better");
     return h("div", { class: "row judge" }, thumb(true, "good"), thumb(false, "bad"), better);

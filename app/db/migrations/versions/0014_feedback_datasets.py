@@ -23,6 +23,7 @@ def upgrade() -> None:
     sa.Column('name', sa.String(length=64), nullable=False),
     sa.Column('format', sa.String(length=16), nullable=False),
     sa.Column('file_id', sa.String(length=64), nullable=False),
+    sa.Column('previous_file_id', sa.String(length=64), nullable=True),
     sa.Column('version', sa.Integer(), nullable=False),
     sa.Column('updated_at', sa.BigInteger(), nullable=False),
     sa.PrimaryKeyConstraint('tenant_id', 'name'),
