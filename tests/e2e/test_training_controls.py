@@ -121,14 +121,18 @@ def test_curves_as_tensorboard_files_and_json(client: httpx.Client, stack: Stack
 
 
 def test_early_stopping_keeps_the_best_checkpoint(client: httpx.Client, stack: Stack, files: dict[str, str]) -> None:
+    # Room to stop in: the contrary validation loss first falls while the model learns what both files share (the
+    # turn's format), then rises; where it turns depends on the CPU's dtype (step 9 of 30 in bf16 on an AVX-512
+    # EPYC; once, on an AMX Xeon, not before the end of 5 epochs). Ten epochs leave that room, and a job that stops
+    # early costs no more for them.
     job = start(client, training_file=files["train"], validation_file=files["contrary"],
-                method=lora(n_epochs=5, early_stopping_patience=2, learning_rate=0.05))
+                method=lora(n_epochs=10, early_stopping_patience=2, learning_rate=0.05))
     done = wait_for_status(client, job["id"], {"succeeded", "failed"})
     assert done["status"] == "succeeded", done
     result = done["result"]
     validations = [(m["step"], m["valid_loss"]) for m in metric_events(client, job["id"]) if "valid_loss" in m]
     best_step, best_loss = min(validations, key=lambda v: v[1])
-    assert result["stopped_early"] is True and done["progress"]["step"] < 30
+    assert result["stopped_early"] is True and done["progress"]["step"] < done["progress"]["total_steps"]
     assert result["step"] == best_step and validations[-1][0] == done["progress"]["step"]
     # Patience 2: it stopped at the second validation after the best, neither of them better.
     assert validations[-3][0] == best_step
