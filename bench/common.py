@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 import os
 import platform
@@ -82,3 +83,16 @@ def rounded(obj: Any, digits: int = 3) -> Any:
     if isinstance(obj, list | tuple):
         return [rounded(v, digits) for v in obj]
     return obj
+
+
+def report_runs(stem: str, title: str, table: str, results: list[dict[str, Any]], *, seconds: float, processes: int,
+                save: bool) -> None:
+    """Print a grid of runs' table (with how long the runs took, in how many one-thread processes, in which dtype)
+    and, with `save`, write it to bench/results/<stem>.md and the runs to <stem>.json."""
+    text = (f"## {title}\n\n{table}\n\n{len(results)} runs in {seconds:.0f} s, {processes} processes of one torch "
+            f"thread, {results[0]['compute_dtype']}.\n")
+    print(text)
+    if save:
+        RESULTS.mkdir(parents=True, exist_ok=True)
+        (RESULTS / f"{stem}.md").write_text(text)
+        (RESULTS / f"{stem}.json").write_text(json.dumps(results, indent=2))

@@ -14,16 +14,14 @@ learning rate, a third of it and three times it; for LoRA rank 4 and 16 and no d
 from __future__ import annotations
 
 import argparse
-import json
 import time
 from concurrent.futures import ProcessPoolExecutor
-from pathlib import Path
 from typing import Any
 
-ROOT = Path(__file__).resolve().parent.parent
+from bench.common import ROOT, report_runs
+
 TRAIN = ROOT / "examples" / "sentiment_train.jsonl"
 HELDOUT = ROOT / "examples" / "sentiment_heldout.jsonl"
-RESULTS = ROOT / "bench" / "results"
 FIXED = {"n_epochs": 3, "batch_size": 4}
 SEED = 3
 
@@ -111,15 +109,8 @@ def main() -> None:
         rows.append(f"| {r['method']} | {describe(r['setting'])} | {r['learning_rate']:g} | {scores} | {loss:.3f} |")
     table = "\n".join(["| method | run | learning rate | exact match after epoch 1 | 2 | 3 | held-out loss (epoch 3) |",
                        "|---|---|---|---|---|---|---|", *rows])
-    text = (f"## Method defaults on the sentiment task\n\n{table}\n\n{len(results)} runs in "
-            f"{time.perf_counter() - started:.0f} s, {args.processes} processes of one thread, "
-            f"{results[0]['compute_dtype']}.\n")
-    print(text)
-    if args.save:
-        RESULTS.mkdir(parents=True, exist_ok=True)
-        (RESULTS / "defaults.md").write_text(text)
-        (RESULTS / "defaults.json").write_text(json.dumps(results, indent=2))
-
+    report_runs("defaults", "Method defaults on the sentiment task", table, results,
+                seconds=time.perf_counter() - started, processes=args.processes, save=args.save)
 
 if __name__ == "__main__":
     main()

@@ -17,15 +17,13 @@ over processes of one torch thread each.
 from __future__ import annotations
 
 import argparse
-import json
 import time
 from concurrent.futures import ProcessPoolExecutor
-from pathlib import Path
 from typing import Any
 
-ROOT = Path(__file__).resolve().parent.parent
+from bench.common import ROOT, report_runs
+
 EXAMPLES = ROOT / "examples"
-RESULTS = ROOT / "bench" / "results"
 FIXED = {"n_epochs": 3, "batch_size": 4}
 SEED = 3
 ANSWER = {"input": "{{sample.output_text}}", "reference": "{{item.reference_answer}}"}
@@ -179,15 +177,8 @@ def main() -> None:
     started = time.perf_counter()
     with ProcessPoolExecutor(max_workers=args.processes) as pool:
         results = list(pool.map(run, tasks))
-    text = (f"## The seed's tasks: the default model fine-tuned, against the base model\n\n{table(results)}\n\n"
-            f"{len(results)} runs in {time.perf_counter() - started:.0f} s, {args.processes} processes of one torch "
-            f"thread, {results[0]['compute_dtype']}.\n")
-    print(text)
-    if args.save:
-        RESULTS.mkdir(parents=True, exist_ok=True)
-        (RESULTS / "quality.md").write_text(text)
-        (RESULTS / "quality.json").write_text(json.dumps(results, indent=2))
-
+    report_runs("quality", "The seed's tasks: the default model fine-tuned, against the base model", table(results),
+                results, seconds=time.perf_counter() - started, processes=args.processes, save=args.save)
 
 if __name__ == "__main__":
     main()
