@@ -15,6 +15,7 @@ import math
 import re
 from collections.abc import Callable
 from dataclasses import dataclass
+from functools import lru_cache
 from typing import Any
 
 GRADER_TYPES = ("string_check", "text_similarity", "score_model", "multi")
@@ -165,9 +166,11 @@ def parse_score(text: str, low: float, high: float) -> float | None:
 # ---------------------------------------------------------------- multi's formula
 
 
-def _formula_tree(text: str, names: set[str]) -> ast.expr:
+@lru_cache(maxsize=64)
+def _formula_tree(text: str, names: frozenset[str]) -> ast.expr:
     """The formula's syntax tree, checked to hold only numbers, the graders' names, + - * / ** and the functions
-    of FORMULA_FUNCTIONS (GraderError otherwise)."""
+    of FORMULA_FUNCTIONS (GraderError otherwise). Cached: a multi grader computes one formula for every answer of
+    every model, and the tree is only read."""
     if len(text) > MAX_FORMULA_CHARS:
         raise GraderError(f"calculate_output is at most {MAX_FORMULA_CHARS} characters")
     try:
@@ -226,7 +229,7 @@ def _evaluate(node: ast.expr, values: dict[str, float]) -> float:
 def calculate(formula: str, values: dict[str, float]) -> float | None:
     """The formula's value for these scores, or None where it is undefined (division by zero, log of 0, …)."""
     try:
-        result = _evaluate(_formula_tree(formula, set(values)), values)
+        result = _evaluate(_formula_tree(formula, frozenset(values)), values)
     except (ArithmeticError, ValueError, TypeError):
         return None
     return result if math.isfinite(result) and abs(result) <= MAX_FORMULA_VALUE else None
@@ -263,7 +266,7 @@ def check_grader(grader: dict[str, Any]) -> None:
                 check_grader(inner)
             except GraderError as exc:
                 raise GraderError(f"graders.{name}.{exc}") from None
-        _formula_tree(grader["calculate_output"], set(grader["graders"]))
+        _formula_tree(grader["calculate_output"], frozenset(grader["graders"]))
 
 
 def score_models(grader: dict[str, Any]) -> list[dict[str, Any]]:
