@@ -68,7 +68,9 @@ class AdaLora(AdapterMethod[ResolvedAdaLora]):
     def method_defaults(self, hp, *, settings, base_info):  # type: ignore[no-untyped-def,override]
         init_r = hp.init_r if given(hp.init_r) else DEFAULT_INIT_R
         target_r = hp.target_r if given(hp.target_r) else max(1, min(8, init_r))
-        return {"init_r": init_r, "target_r": target_r, **lora_family_defaults(hp, base_info, init_r, dropout=0.05)}
+        # No dropout by default, as LoRA (and PEFT's default): its random masks were a third of a bf16 step on CPU,
+        # and the shipped task learned as well without (bench/results/defaults_adalora.md).
+        return {"init_r": init_r, "target_r": target_r, **lora_family_defaults(hp, base_info, init_r, dropout=0.0)}
 
     def peft_config(self, hp: ResolvedAdaLora, *, total_steps: int, base_model_path: str | None = None) -> Any:
         from peft import AdaLoraConfig, TaskType
@@ -83,6 +85,22 @@ class AdaLora(AdapterMethod[ResolvedAdaLora]):
                              lora_dropout=hp.lora_dropout,
                              target_modules=hp.target_modules, total_step=total_steps,
                              tinit=tinit, tfinal=tfinal, deltaT=max(1, total_steps // 20))
+
+    def before_training(self, peft_model: Any, compute_dtype: str) -> None:
+        """Under bf16 autocast, keep each layer's rank count in the compute dtype. PEFT divides the adapter's
+        output by it; as a one-element fp32 tensor it promotes every (tokens x features) output of every adapted
+        layer to fp32 and back, forward and backward, which made an AdaLoRA step about 1.5x a LoRA step on CPU
+        (measured). The count is a small integer, exact in bf16, and is never saved (PEFT sets it from r)."""
+        import torch
+
+        if compute_dtype == "float32":
+            return
+        dtype = getattr(torch, compute_dtype)
+        for module in peft_model.modules():
+            ranknum = getattr(module, "ranknum", None)
+            if isinstance(ranknum, torch.nn.ParameterDict):
+                for parameter in ranknum.values():
+                    parameter.data = parameter.data.to(dtype)
 
     def after_optimizer_step(self, peft_model: Any, step: int) -> None:
         peft_model.base_model.update_and_allocate(step)

@@ -311,6 +311,9 @@ class AdapterMethod(Generic[Resolved]):
         adapter is less than training needs (a prompt encoder's output, not the encoder)."""
         return True
 
+    def before_training(self, peft_model: Any, compute_dtype: str) -> None:
+        """Called once on the new PEFT model before its first step, with the dtype training computes in."""
+
     def after_optimizer_step(self, peft_model: Any, step: int) -> None:
         """Called after every optimiser step, before gradients are zeroed (AdaLoRA needs this)."""
 

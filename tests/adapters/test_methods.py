@@ -594,6 +594,70 @@ def test_adalora_reallocates_rank_only_with_the_hook(settings: Settings) -> None
     assert all(int((v == 0).sum()) == 0 for v in lora_e(untouched).values())
 
 
+@pytest.mark.usefixtures("one_torch_thread")
+def test_adalora_under_bf16_keeps_its_outputs_in_bf16(settings: Settings) -> None:
+    """before_training keeps the rank count PEFT divides by in the compute dtype: under bf16 autocast no adapted
+    layer's (tokens x features) output is promoted to fp32 and back, forward or backward; the outputs are the same up
+    to bf16 rounding; in fp32 nothing changes, and the count is never saved."""
+    import torch
+    from peft import get_peft_model, get_peft_model_state_dict
+    from peft.tuners.adalora.layer import SVDLinear
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Fp32Divisions(TorchDispatchMode):
+        """Counts divisions by a tensor whose result is an fp32 tensor of (tokens x features) or more (a norm's
+        division by a plain number is the base model's, in fp32 on purpose)."""
+
+        def __init__(self) -> None:
+            super().__init__()
+            self.count = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # type: ignore[no-untyped-def]
+            out = func(*args, **(kwargs or {}))
+            if func.overloadpacket is torch.ops.aten.div and isinstance(args[1], torch.Tensor) and \
+                    out.dtype == torch.float32 and out.numel() >= ids.numel() * 32:
+                self.count += 1
+            return out
+
+    adalora = method("adalora")
+    hp = resolved("adalora", {"target_modules": LLAMA_MODULES}, n_examples=80, settings=settings)
+    ids = torch.randint(0, 128, (2, 12), generator=torch.Generator().manual_seed(3))
+
+    def layer_outputs(compute_dtype: str | None) -> tuple[dict[str, torch.Tensor], Any, int]:
+        torch.manual_seed(0)
+        model = get_peft_model(tiny_llama().to(torch.bfloat16), adalora.peft_config(hp, total_steps=10))
+        with torch.no_grad():  # non-zero B, so the adapters change every output
+            for name, parameter in model.named_parameters():
+                if "lora_B" in name or "lora_E" in name:
+                    parameter.normal_(0, 0.5)
+        if compute_dtype is not None:
+            adalora.before_training(model, compute_dtype)
+        outputs: dict[str, torch.Tensor] = {}
+        for name, module in model.named_modules():
+            if isinstance(module, SVDLinear):
+                module.register_forward_hook(lambda _m, _i, out, name=name: outputs.__setitem__(name, out))
+        with torch.autocast("cpu", dtype=torch.bfloat16), Fp32Divisions() as divisions:
+            model(input_ids=ids, labels=ids).loss.backward()
+        return outputs, model, divisions.count
+
+    peft_outputs, _, peft_fp32_divisions = layer_outputs(None)
+    ours, model, our_fp32_divisions = layer_outputs("bfloat16")
+    assert len(ours) == 2 * len(LLAMA_MODULES)
+    assert peft_fp32_divisions >= len(ours)  # PEFT's own: one per adapted layer at least (forward and backward)
+    assert our_fp32_divisions == 0
+    for name, out in ours.items():
+        torch.testing.assert_close(out, peft_outputs[name], rtol=2e-2, atol=2e-2)
+    assert all(p.grad is not None for n, p in model.named_parameters() if p.requires_grad)
+    ranknums = [p for n, p in model.named_parameters() if "ranknum" in n]
+    assert ranknums and {p.dtype for p in ranknums} == {torch.bfloat16}
+    assert {float(p) for p in ranknums} == {float(hp.init_r)}
+    assert not any("ranknum" in key for key in get_peft_model_state_dict(model))
+
+    fp32 = get_peft_model(tiny_llama(), adalora.peft_config(hp, total_steps=10))
+    adalora.before_training(fp32, "float32")
+    assert {p.dtype for n, p in fp32.named_parameters() if "ranknum" in n} == {torch.float32}
+
+
 # ------------------------------------------------------------------ the prompt-learning methods and IA³
 
 

@@ -293,6 +293,7 @@ class TrainingRecipe:
             for module in self.model.modules():
                 if isinstance(module, BaseTunerLayer):
                     module.cast_input_dtype_enabled = False  # type: ignore[attr-defined]
+        self.method.before_training(self.model, self.config.compute_dtype)
         self.make = BatchMaker.for_training(self.method, hp, self.config.pad_id)
         self.preference = hp.objective in PREFERENCE_OBJECTIVES
         # The reference (the base model: the adapter disabled) reads the same tokens with nothing in front of them.
