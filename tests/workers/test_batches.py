@@ -8,12 +8,21 @@ from typing import Any
 
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from adapters.base_models import base_info
 from adapters.data import EncodedExample
 from adapters.methods import METHODS
 from app.settings import Settings
-from workers.training.batches import batch_loss, packed_batch, padded_batch, use_packed_attention
+from workers.training.batches import (
+    CPU_FP32_ATTENTION_MAX_TOKENS,
+    batch_loss,
+    packed_attention,
+    packed_batch,
+    padded_batch,
+    use_packed_attention,
+    use_sdpa_attention,
+)
 from workers.training.loop import BatchMaker
 
 IGNORE = -100
@@ -68,6 +77,8 @@ def test_loss_and_gradients_equal_the_plain_path(name: str, examples: list[Encod
     make = BatchMaker.for_training(method, hp, tiny_tokenizer.pad_token_id)
     if make.packed:
         use_packed_attention(model.base_model.model)
+    else:
+        use_sdpa_attention(model.base_model.model)
     batch = make(examples)
     ours = batch_loss(model, batch)
     extra = method.regularisation(model)
@@ -83,6 +94,73 @@ def test_loss_and_gradients_equal_the_plain_path(name: str, examples: list[Encod
     assert batch.real_tokens == sum(len(e.input_ids) for e in examples)
     if make.packed:
         assert batch.inputs["input_ids"].shape == (1, batch.real_tokens)
+
+
+class AttentionDtypes(TorchDispatchMode):
+    """Records the query dtype of every scaled-dot-product attention call (forward and backward)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.dtypes: list[torch.dtype] = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # type: ignore[no-untyped-def]
+        if "scaled_dot_product" in func.name():
+            self.dtypes.append(args[0].dtype)
+        return func(*args, **(kwargs or {}))
+
+
+def test_short_examples_attend_in_float32_on_cpu_under_bf16() -> None:
+    """On CPU a bf16 packed example up to CPU_FP32_ATTENTION_MAX_TOKENS long attends in float32 (PyTorch's bf16 flash
+    kernel takes several times as long there); a longer one keeps the bf16 kernel. Each example's output is its own
+    causal attention, as before, only computed in float32 where it is short."""
+    import torch.nn.functional as F  # noqa: N812
+
+    module = torch.nn.Module()
+    module.num_key_value_groups = 3  # type: ignore[assignment]
+    module.eval()
+    lengths = [5, CPU_FP32_ATTENTION_MAX_TOKENS, CPU_FP32_ATTENTION_MAX_TOKENS + 1]
+    bounds = torch.tensor([0, *torch.tensor(lengths).cumsum(0).tolist()])
+    generator = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(1, heads, sum(lengths), 16, generator=generator).bfloat16() for heads in (6, 2, 2))
+    with torch.autocast("cpu", dtype=torch.bfloat16), AttentionDtypes() as seen:
+        out, _ = packed_attention(module, q, k, v, None, cu_seq_lens_q=bounds)
+    assert seen.dtypes == [torch.float32, torch.float32, torch.bfloat16]
+    assert out.dtype == torch.bfloat16 and out.shape == (1, sum(lengths), 6, 16)
+    for start, end in zip(bounds[:-1].tolist(), bounds[1:].tolist(), strict=True):
+        segment = [t[:, :, start:end] for t in (q, k, v)]
+        if end - start <= CPU_FP32_ATTENTION_MAX_TOKENS:
+            segment = [t.float() for t in segment]
+        expected = F.scaled_dot_product_attention(*segment, is_causal=True, enable_gqa=True).bfloat16()
+        torch.testing.assert_close(out[:, start:end], expected.transpose(1, 2), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("name", ["prompt_tuning", "prefix_tuning"])
+def test_padded_rows_attend_in_float32_on_cpu_under_bf16(name: str, examples: list[EncodedExample],
+                                                         tiny_model_dir: Path, tiny_tokenizer: Any,
+                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    """The methods that cannot pack train on padded rows through sdpa_attention: under bf16 autocast on CPU, rows up
+    to CPU_FP32_ATTENTION_MAX_TOKENS keys (virtual tokens included) attend in float32, forward and backward, and the
+    loss is the float32 one up to bf16 rounding; with the limit below the rows' length, the bf16 kernel runs."""
+    from workers.training import batches
+
+    model, hp = peft_model(name, tiny_model_dir)
+    model.eval()
+    batch = BatchMaker.for_training(METHODS[name], hp, tiny_tokenizer.pad_token_id)(examples)
+    use_sdpa_attention(model.base_model.model)
+    float32_loss = float(batch_loss(model, batch))
+
+    def bf16_attention() -> tuple[float, set[torch.dtype]]:
+        with torch.autocast("cpu", dtype=torch.bfloat16), AttentionDtypes() as seen:
+            loss = batch_loss(model, batch)
+            loss.backward()
+        model.zero_grad(set_to_none=True)
+        return float(loss), set(seen.dtypes)
+
+    loss, dtypes = bf16_attention()
+    assert dtypes == {torch.float32}
+    assert abs(loss - float32_loss) < 0.05 * float32_loss
+    monkeypatch.setattr(batches, "CPU_FP32_ATTENTION_MAX_TOKENS", 1)
+    assert bf16_attention()[1] == {torch.bfloat16}
 
 
 def test_only_labelled_positions_reach_the_head(examples: list[EncodedExample]) -> None:

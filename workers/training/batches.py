@@ -25,6 +25,12 @@ import torch.nn.functional as F  # noqa: N812 (the usual name)
 from adapters.data import EncodedExample, PreferencePair
 
 PACKED_ATTENTION = "adaptery_packed"
+# On CPU, PyTorch's flash attention in bf16 takes 2-6x as long as its float32 kernel for a sequence of 16-128
+# tokens, forward and backward (on an AMX Xeon, with the casts counted: bench/results/attention.md), and about as
+# long at 256; chat examples are mostly that short. So an example up to this long attends in float32 on CPU.
+CPU_FP32_ATTENTION_MAX_TOKENS = 256
+# transformers' SDPA attention, with the same float32 rule (sdpa_attention), for rows that are not packed.
+SDPA_ATTENTION = "adaptery_sdpa"
 
 
 def packed_attention(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
@@ -46,12 +52,45 @@ def packed_attention(module: torch.nn.Module, query: torch.Tensor, key: torch.Te
     for start, end in zip(bounds[:-1].tolist(), bounds[1:].tolist(), strict=True):
         q, k, v = query[:, :, start:end], key[:, :, start:end], value[:, :, start:end]
         if (window is None or end - start <= window) and softcap is None:
+            half = half_attention_on_cpu(query, end - start)
+            if half is not None:
+                with torch.autocast("cpu", enabled=False):
+                    pieces.append(F.scaled_dot_product_attention(
+                        q.float(), k.float(), v.float(), is_causal=True, scale=scaling, enable_gqa=gqa,
+                        dropout_p=dropout_p).to(half))
+                continue
             pieces.append(F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scaling, enable_gqa=gqa,
                                                          dropout_p=dropout_p))
         else:
             pieces.append(_explicit_attention(q, k, v, scaling=scaling, window=window, softcap=softcap,
                                               dropout_p=dropout_p))
     return torch.cat(pieces, dim=2).transpose(1, 2).contiguous(), None
+
+
+def half_attention_on_cpu(query: torch.Tensor, keys: int) -> torch.dtype | None:
+    """The half precision that attention over `keys` keys would run in on CPU (the query's own, or autocast's), where
+    it should run in float32 instead (CPU_FP32_ATTENTION_MAX_TOKENS); None where it runs as it is."""
+    if query.device.type != "cpu" or keys > CPU_FP32_ATTENTION_MAX_TOKENS:
+        return None
+    dtype = torch.get_autocast_dtype("cpu") if torch.is_autocast_enabled("cpu") else query.dtype
+    return dtype if dtype in (torch.bfloat16, torch.float16) else None
+
+
+def sdpa_attention(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                   attention_mask: torch.Tensor | None, **kwargs: Any) -> tuple[torch.Tensor, Any]:
+    """transformers' SDPA attention, in float32 where half_attention_on_cpu says: the padded rows of the methods that
+    cannot pack (their virtual tokens and prefixes included in the keys)."""
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    half = half_attention_on_cpu(query, key.shape[2])
+    if half is None:
+        return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
+    if attention_mask is not None and attention_mask.is_floating_point():
+        attention_mask = attention_mask.float()
+    with torch.autocast("cpu", enabled=False):
+        out, weights = sdpa_attention_forward(module, query.float(), key.float(), value.float(), attention_mask,
+                                              **kwargs)
+    return out.to(half), weights
 
 
 def _explicit_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, scaling: float | None,
@@ -80,6 +119,20 @@ def register_packed_attention() -> None:
     from transformers import AttentionInterface
 
     AttentionInterface.register(PACKED_ATTENTION, packed_attention)
+
+
+def use_sdpa_attention(model: Any) -> None:
+    """Switch a transformers model to sdpa_attention (SDPA's own masks), or to eager attention where the family has
+    no SDPA path."""
+    if available(model, "sdpa") != "sdpa":
+        model.set_attn_implementation("eager")
+        return
+    from transformers import AttentionInterface, AttentionMaskInterface
+    from transformers.masking_utils import sdpa_mask
+
+    AttentionInterface.register(SDPA_ATTENTION, sdpa_attention)
+    AttentionMaskInterface.register(SDPA_ATTENTION, sdpa_mask)
+    model.set_attn_implementation(SDPA_ATTENTION)
 
 
 def available(model: Any, implementation: str) -> str:

@@ -28,13 +28,13 @@ from adapters.methods.base import PREFERENCE_OBJECTIVES, ResolvedHyperparameters
 from workers.training.batches import (
     PACKED_ATTENTION,
     TrainingBatch,
-    available,
     labelled_count,
     labelled_logits,
     packed_batch,
     padded_batch,
     token_count,
     use_packed_attention,
+    use_sdpa_attention,
 )
 from workers.training.memory import Example, MemoryPlan
 from workers.training.parallel import DataParallel, ReplicaStopped
@@ -299,9 +299,10 @@ class TrainingRecipe:
         # The reference (the base model: the adapter disabled) reads the same tokens with nothing in front of them.
         self.reference_make = BatchMaker(packed=self.make.packed, offset=0, max_len=hp.max_seq_length,
                                          pad_id=self.config.pad_id)
-        self.base_model.set_attn_implementation(available(self.base_model, "sdpa"))
         if self.make.packed:
             use_packed_attention(self.base_model)
+        else:
+            use_sdpa_attention(self.base_model)
         self.device = next(self.base_model.parameters()).device
         self.accelerator = accelerator_for(self.config.compute_dtype, self.device)
         self.params = [p for p in self.model.parameters() if p.requires_grad]
