@@ -71,6 +71,7 @@ soak: install
 bench: install
 	$(BIN)/python -m bench.serving --save
 	$(BIN)/python -m bench.training --save
+	$(BIN)/python -m bench.attention --save
 	$(BIN)/python -m bench.capacity --save
 	$(BIN)/python -m bench.noisy_neighbour --save
 	$(BIN)/python -m bench.quality --save
