@@ -90,7 +90,7 @@ def report_runs(stem: str, title: str, table: str, results: list[dict[str, Any]]
     """Print a grid of runs' table (with how long the runs took, in how many one-thread processes, in which dtype)
     and, with `save`, write it to bench/results/<stem>.md and the runs to <stem>.json."""
     text = (f"## {title}\n\n{table}\n\n{len(results)} runs in {seconds:.0f} s, {processes} processes of one torch "
-            f"thread, {results[0]['compute_dtype']}.\n")
+            f"thread, {results[0]['compute_dtype']}, on {cpu_model()}.\n")
     print(text)
     if save:
         RESULTS.mkdir(parents=True, exist_ok=True)

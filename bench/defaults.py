@@ -26,6 +26,12 @@ FIXED = {"n_epochs": 3, "batch_size": 4}
 SEED = 3
 
 
+def method_names() -> list[str]:
+    from adapters.methods import METHODS
+
+    return list(METHODS)
+
+
 def grid() -> list[tuple[str, dict[str, Any]]]:
     """(method, hyperparameters beyond FIXED) for every run."""
     from adapters.methods import METHODS
@@ -35,13 +41,15 @@ def grid() -> list[tuple[str, dict[str, Any]]]:
         rate = method.default_learning_rate
         runs += [(name, {}), (name, {"learning_rate": rate / 3}), (name, {"learning_rate": rate * 3})]
         if name == "lora":
-            runs += [(name, {"r": 4}), (name, {"r": 16}), (name, {"lora_dropout": 0.0})]
+            runs += [(name, {"r": 4}), (name, {"r": 16})]
+        if name in ("lora", "adalora"):  # both default to no dropout
+            runs += [(name, {"lora_dropout": 0.05})]
         if "num_virtual_tokens" in method.resolved.model_fields:
             runs += [(name, {"num_virtual_tokens": 8}), (name, {"num_virtual_tokens": 32})]
     return runs
 
 
-def run(name: str, extra: dict[str, Any]) -> dict[str, Any]:
+def run(name: str, extra: dict[str, Any], seed: int = SEED) -> dict[str, Any]:
     """Train one adapter; score it on the held-out set after every epoch."""
     import torch
 
@@ -78,12 +86,12 @@ def run(name: str, extra: dict[str, Any]) -> dict[str, Any]:
                                    autocast=autocast)
             epochs.append({"epoch": position.epoch, "exact_match": scores["exact_match"], "loss": scores["loss"]})
 
-    config = TrainingConfig(method=method, hyperparameters=hp, seed=SEED, pad_id=tokenizer.pad_token_id,
+    config = TrainingConfig(method=method, hyperparameters=hp, seed=seed, pad_id=tokenizer.pad_token_id,
                             compute_dtype=plan.dtype, log_every_steps=10_000)
     started = time.perf_counter()
     TrainingRecipe(config, base_model=base, train_examples=train_examples,
                    callbacks=TrainingCallbacks(on_checkpoint=on_checkpoint)).run()
-    return {"method": name, "setting": extra, "learning_rate": hp.learning_rate, "epochs": epochs,
+    return {"method": name, "setting": extra, "seed": seed, "learning_rate": hp.learning_rate, "epochs": epochs,
             "seconds": round(time.perf_counter() - started, 1), "compute_dtype": plan.dtype}
 
 
@@ -96,8 +104,13 @@ def main() -> None:
     parser.add_argument("--save", action="store_true", help="write bench/results/defaults.json and .md")
     parser.add_argument("--processes", type=int, default=2)
     parser.add_argument("--methods", nargs="*", help="only these methods")
+    parser.add_argument("--seeds", nargs="*", type=int,
+                        help="instead of the grid, each method's defaults at each of these seeds")
     args = parser.parse_args()
-    runs = [r for r in grid() if not args.methods or r[0] in args.methods]
+    if args.seeds:
+        runs = [(name, {}, seed) for name in (args.methods or method_names()) for seed in args.seeds]
+    else:
+        runs = [(name, extra, SEED) for name, extra in grid() if not args.methods or name in args.methods]
     started = time.perf_counter()
     with ProcessPoolExecutor(max_workers=args.processes) as pool:
         results = list(pool.map(run, *zip(*runs, strict=True)))
@@ -106,10 +119,13 @@ def main() -> None:
         by_epoch = {e["epoch"]: e for e in r["epochs"]}
         scores = " | ".join(f"{by_epoch[e]['exact_match'] * 24:.0f}/24" if e in by_epoch else "–" for e in (1, 2, 3))
         loss = by_epoch[3]["loss"] if 3 in by_epoch else float("nan")
-        rows.append(f"| {r['method']} | {describe(r['setting'])} | {r['learning_rate']:g} | {scores} | {loss:.3f} |")
+        run_name = f"defaults, seed {r['seed']}" if args.seeds else describe(r["setting"])
+        rows.append(f"| {r['method']} | {run_name} | {r['learning_rate']:g} | {scores} | {loss:.3f} |")
     table = "\n".join(["| method | run | learning rate | exact match after epoch 1 | 2 | 3 | held-out loss (epoch 3) |",
                        "|---|---|---|---|---|---|---|", *rows])
-    report_runs("defaults", "Method defaults on the sentiment task", table, results,
+    # A run of some methods only is saved beside the whole grid's results, not over them.
+    name = "_".join(["defaults", *(["seeds"] if args.seeds else []), *(args.methods or [])])
+    report_runs(name, "Method defaults on the sentiment task", table, results,
                 seconds=time.perf_counter() - started, processes=args.processes, save=args.save)
 
 if __name__ == "__main__":
