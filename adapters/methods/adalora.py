@@ -68,7 +68,7 @@ class AdaLora(AdapterMethod[ResolvedAdaLora]):
     def method_defaults(self, hp, *, settings, base_info):  # type: ignore[no-untyped-def,override]
         init_r = hp.init_r if given(hp.init_r) else DEFAULT_INIT_R
         target_r = hp.target_r if given(hp.target_r) else max(1, min(8, init_r))
-        # No dropout by default, as LoRA (and PEFT's default): its random masks were a third of a bf16 step on CPU,
+        # No dropout by default, as LoRA (and PEFT's default): its random masks were 17 % of a bf16 step on CPU,
         # and the shipped task learned as well without (bench/results/defaults_adalora.md).
         return {"init_r": init_r, "target_r": target_r, **lora_family_defaults(hp, base_info, init_r, dropout=0.0)}
 
@@ -90,7 +90,8 @@ class AdaLora(AdapterMethod[ResolvedAdaLora]):
         """Under bf16 autocast, keep each layer's rank count in the compute dtype. PEFT divides the adapter's
         output by it; as a one-element fp32 tensor it promotes every (tokens x features) output of every adapted
         layer to fp32 and back, forward and backward, which made an AdaLoRA step about 1.5x a LoRA step on CPU
-        (measured). The count is a small integer, exact in bf16, and is never saved (PEFT sets it from r)."""
+        (measured). The count is a small integer, exact in bf16 up to 256 (a larger rank that bf16 would round keeps
+        its fp32 count), and is never saved (PEFT sets it from r)."""
         import torch
 
         if compute_dtype == "float32":
@@ -100,7 +101,8 @@ class AdaLora(AdapterMethod[ResolvedAdaLora]):
             ranknum = getattr(module, "ranknum", None)
             if isinstance(ranknum, torch.nn.ParameterDict):
                 for parameter in ranknum.values():
-                    parameter.data = parameter.data.to(dtype)
+                    if torch.equal(parameter.data.to(dtype).float(), parameter.data.float()):
+                        parameter.data = parameter.data.to(dtype)
 
     def after_optimizer_step(self, peft_model: Any, step: int) -> None:
         peft_model.base_model.update_and_allocate(step)

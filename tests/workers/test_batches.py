@@ -163,6 +163,34 @@ def test_padded_rows_attend_in_float32_on_cpu_under_bf16(name: str, examples: li
     assert bf16_attention()[1] == {torch.bfloat16}
 
 
+@pytest.mark.parametrize("mask_kind", ["bool", "float"])
+def test_sdpa_attention_in_float32_is_sdpa_on_float32_inputs(mask_kind: str) -> None:
+    """sdpa_attention on bf16 inputs of a short, left-padded batch is transformers' SDPA attention on the same inputs
+    in float32, with the same mask (boolean or additive), cast back to bf16."""
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    from workers.training.batches import sdpa_attention
+
+    module = torch.nn.Module()
+    module.num_key_value_groups = 3  # type: ignore[assignment]
+    module.is_causal = True  # type: ignore[assignment]
+    module.eval()
+    generator = torch.Generator().manual_seed(1)
+    q, k, v = (torch.randn(2, heads, 10, 16, generator=generator).bfloat16() for heads in (6, 2, 2))
+    allowed = torch.ones(10, 10).tril().bool()[None, None].repeat(2, 1, 1, 1)
+    allowed[0, :, :, :4] = False  # row 0: four padding positions in front
+    allowed[0, :, :4, :4] = torch.eye(4, dtype=torch.bool)  # padding rows attend to themselves (no empty softmax)
+    mask = allowed if mask_kind == "bool" else torch.zeros(allowed.shape).masked_fill(~allowed, -1e9).bfloat16()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out, _ = sdpa_attention(module, q, k, v, mask)
+    expected, _ = sdpa_attention_forward(module, q.float(), k.float(), v.float(),
+                                         mask if mask_kind == "bool" else mask.float())
+    assert out.dtype == torch.bfloat16
+    torch.testing.assert_close(out, expected.bfloat16(), rtol=0, atol=0)
+    unmasked, _ = sdpa_attention_forward(module, q.float(), k.float(), v.float(), None)
+    assert not torch.equal(out, unmasked.bfloat16())  # the mask was applied
+
+
 def test_only_labelled_positions_reach_the_head(examples: list[EncodedExample]) -> None:
     packed = packed_batch(examples, max_len=1024)
     labelled = sum(sum(e.loss_mask[1:]) for e in examples)

@@ -157,3 +157,28 @@ def test_the_activation_estimate_follows_dtype_and_checkpointing(tiny_model_dir:
     fp32 = bytes_per_token(config, dtype_bytes=4, gradient_checkpointing=False)
     assert bytes_per_token(config, dtype_bytes=2, gradient_checkpointing=False) * 2 == pytest.approx(fp32, abs=2)
     assert bytes_per_token(config, dtype_bytes=4, gradient_checkpointing=True) < fp32
+
+
+@pytest.mark.parametrize("name", ["lora", "adalora", "prompt_tuning"])
+def test_bf16_training_sets_up_cpu_attention_and_the_methods_hook(name: str, examples: list[EncodedExample],
+                                                                  tiny_model_dir: Path, tiny_tokenizer: Any) -> None:
+    """A bf16 run on CPU trains packed methods with packed attention and the others with sdpa_attention (both attend
+    short sequences in float32), and calls the method's before_training hook (AdaLoRA's rank count in bf16)."""
+    import torch
+
+    from workers.training.batches import PACKED_ATTENTION, SDPA_ATTENTION
+
+    method = METHODS[name]
+    hp = method.resolve({"batch_size": 4, "n_epochs": 1}, n_examples=len(examples), settings=Settings(),
+                        base_info=base_info(str(tiny_model_dir)))
+    config = TrainingConfig(method=method, hyperparameters=hp, seed=1, pad_id=tiny_tokenizer.pad_token_id,
+                            compute_dtype="bfloat16")
+    recipe = TrainingRecipe(config,
+                            base_model=load_model(str(tiny_model_dir), device="cpu", dtype="bfloat16"),
+                            train_examples=examples)
+    recipe.setup()
+    expected = PACKED_ATTENTION if method.packs_examples else SDPA_ATTENTION
+    assert recipe.base_model.config._attn_implementation == expected == recipe.make.attention
+    ranknums = [p for n, p in recipe.model.named_parameters() if "ranknum" in n]
+    assert bool(ranknums) == (name == "adalora")
+    assert all(p.dtype == torch.bfloat16 for p in ranknums)

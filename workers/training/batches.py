@@ -114,38 +114,43 @@ def _explicit_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, sc
     return weights @ v
 
 
-def register_packed_attention() -> None:
-    """Make packed attention known to transformers under PACKED_ATTENTION (idempotent)."""
-    from transformers import AttentionInterface
-
-    AttentionInterface.register(PACKED_ATTENTION, packed_attention)
-
-
-def use_sdpa_attention(model: Any) -> None:
-    """Switch a transformers model to sdpa_attention (SDPA's own masks), or to eager attention where the family has
-    no SDPA path."""
-    if available(model, "sdpa") != "sdpa":
-        model.set_attn_implementation("eager")
-        return
+def register_attention(implementation: str) -> None:
+    """Make PACKED_ATTENTION or SDPA_ATTENTION known to transformers in this process (idempotent; any other name is
+    transformers' own)."""
     from transformers import AttentionInterface, AttentionMaskInterface
     from transformers.masking_utils import sdpa_mask
 
-    AttentionInterface.register(SDPA_ATTENTION, sdpa_attention)
-    AttentionMaskInterface.register(SDPA_ATTENTION, sdpa_mask)
-    model.set_attn_implementation(SDPA_ATTENTION)
+    if implementation == PACKED_ATTENTION:
+        AttentionInterface.register(PACKED_ATTENTION, packed_attention)  # its boundaries are its mask
+    elif implementation == SDPA_ATTENTION:
+        AttentionInterface.register(SDPA_ATTENTION, sdpa_attention)
+        AttentionMaskInterface.register(SDPA_ATTENTION, sdpa_mask)
 
 
 def available(model: Any, implementation: str) -> str:
-    """`implementation`, or eager attention where the family has no SDPA path (Gemma 2: SDPA cannot soft-cap)."""
-    if implementation == "sdpa" and not getattr(model, "_supports_sdpa", True):
+    """`implementation`, or eager attention where it is SDPA and the family has no SDPA path (Gemma 2: SDPA cannot
+    soft-cap)."""
+    if implementation in ("sdpa", SDPA_ATTENTION) and not getattr(model, "_supports_sdpa", True):
         return "eager"
     return implementation
 
 
+def use_attention(model: Any, implementation: str) -> None:
+    """Switch a transformers model to `implementation` (registered first where it is ours), or to eager attention
+    where the family cannot run it."""
+    implementation = available(model, implementation)
+    register_attention(implementation)
+    model.set_attn_implementation(implementation)
+
+
 def use_packed_attention(model: Any) -> None:
     """Switch a transformers model to packed attention."""
-    register_packed_attention()
-    model.set_attn_implementation(PACKED_ATTENTION)
+    use_attention(model, PACKED_ATTENTION)
+
+
+def use_sdpa_attention(model: Any) -> None:
+    """Switch a transformers model to sdpa_attention (SDPA's own masks), or eager where the family has no SDPA."""
+    use_attention(model, SDPA_ATTENTION)
 
 
 @dataclass

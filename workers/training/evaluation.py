@@ -50,15 +50,14 @@ def score(model: Any, examples: list[EncodedExample], *, make: Callable[[list[En
 @contextmanager
 def attention(model: Any, implementation: str) -> Iterator[None]:
     """Run with another attention implementation (generation needs a cached one, not packed training's)."""
-    from workers.training.batches import PACKED_ATTENTION, available, register_packed_attention
+    from workers.training.batches import available, register_attention
 
     implementation = available(model, implementation)
     before = model.config._attn_implementation
     if before == implementation:
         yield
         return
-    if implementation == PACKED_ATTENTION:
-        register_packed_attention()
+    register_attention(implementation)
     model.set_attn_implementation(implementation)
     try:
         yield

@@ -27,6 +27,7 @@ from adapters.methods import AdapterMethod, total_steps
 from adapters.methods.base import PREFERENCE_OBJECTIVES, ResolvedHyperparameters
 from workers.training.batches import (
     PACKED_ATTENTION,
+    SDPA_ATTENTION,
     TrainingBatch,
     labelled_count,
     labelled_logits,
@@ -149,7 +150,7 @@ class BatchMaker:
     @property
     def attention(self) -> str:
         """The attention implementation these batches need."""
-        return PACKED_ATTENTION if self.packed else "sdpa"
+        return PACKED_ATTENTION if self.packed else SDPA_ATTENTION
 
     def __call__(self, examples: list[EncodedExample]) -> TrainingBatch:
         if self.packed:
