@@ -436,7 +436,7 @@ class JobRunner:
     def restore_weights(self, model: Any, step: int) -> None:
         folder = checkpoints.step_folder(self.checkpoint_root, step)
         self.store.fetch_checkpoint(self.job_id, folder.name)
-        checkpoints.load_weights(folder, model)
+        checkpoints.load_weights(folder, model, self.method)
 
     def on_progress(self, step: int, total: int, epoch: float, eta: float | None) -> None:
         self._unwritten_progress = (step, total, epoch, eta)

@@ -104,6 +104,12 @@ class AdaLora(AdapterMethod[ResolvedAdaLora]):
                     if torch.equal(parameter.data.to(dtype).float(), parameter.data.float()):
                         parameter.data = parameter.data.to(dtype)
 
+    def after_loading_checkpoint(self, peft_model: Any, saved_config: dict[str, Any]) -> None:
+        """The rank budget the checkpoint's steps had allocated (None before the first allocation): the final steps
+        mask by it, and saving cuts the adapter to it."""
+        adapter = peft_model.base_model.trainable_adapter_name
+        peft_model.peft_config[adapter].rank_pattern = saved_config.get("rank_pattern")
+
     def after_optimizer_step(self, peft_model: Any, step: int) -> None:
         peft_model.base_model.update_and_allocate(step)
 

@@ -314,6 +314,10 @@ class AdapterMethod(Generic[Resolved]):
     def before_training(self, peft_model: Any, compute_dtype: str) -> None:
         """Called once on the new PEFT model before its first step, with the dtype training computes in."""
 
+    def after_loading_checkpoint(self, peft_model: Any, saved_config: dict[str, Any]) -> None:
+        """Called after a checkpoint's weights are loaded into `peft_model`, with its saved adapter_config.json: what
+        training keeps in the config rather than in weights comes back from there."""
+
     def after_optimizer_step(self, peft_model: Any, step: int) -> None:
         """Called after every optimiser step, before gradients are zeroed (AdaLoRA needs this)."""
 

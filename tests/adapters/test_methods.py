@@ -595,6 +595,41 @@ def test_adalora_reallocates_rank_only_with_the_hook(settings: Settings) -> None
 
 
 @pytest.mark.usefixtures("one_torch_thread")
+def test_an_adalora_checkpoint_with_a_rank_budget_loads_into_a_fresh_model(settings: Settings, tmp_path: Any) -> None:
+    """Once AdaLoRA's budget is allocated its servable adapter is cut to the budget, so a checkpoint (a resumed job,
+    early stopping's best one) loads the weights as training had them and the budget from the saved config: the
+    fresh model then holds the same weights and budget, and saves the same adapter."""
+    import torch
+    from peft import get_peft_model
+    from safetensors.torch import load_file
+
+    from workers.training import checkpoints
+
+    adalora = method("adalora")
+    hp = resolved("adalora", {"target_modules": ["q_proj", "v_proj"]}, n_examples=80, settings=settings)
+    steps = 20
+    trained = train_adalora(hp, steps=steps, call_hook=True)
+    assert trained.peft_config["default"].rank_pattern
+    params = [p for p in trained.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda _: 1.0)
+    folder = checkpoints.save(tmp_path / "checkpoints", model=trained, method=adalora, optimizer=optimizer,
+                              scheduler=scheduler, step=steps, epoch=1, batch=0, trained_tokens=0, metrics={})
+
+    fresh = get_peft_model(tiny_llama(), adalora.peft_config(hp, total_steps=steps))
+    checkpoints.load_weights(folder, fresh, adalora)
+    assert fresh.peft_config["default"].rank_pattern == trained.peft_config["default"].rank_pattern
+    expected = {n: p for n, p in trained.named_parameters() if p.requires_grad}
+    for name, parameter in fresh.named_parameters():
+        if parameter.requires_grad:
+            assert torch.equal(parameter, expected[name]), name
+    trained.save_pretrained(tmp_path / "trained")
+    fresh.save_pretrained(tmp_path / "fresh")
+    saved, again = (load_file(str(tmp_path / d / "adapter_model.safetensors")) for d in ("trained", "fresh"))
+    assert saved.keys() == again.keys() and all(torch.equal(saved[k], again[k]) for k in saved)
+
+
+@pytest.mark.usefixtures("one_torch_thread")
 def test_adalora_under_bf16_keeps_its_outputs_in_bf16(settings: Settings) -> None:
     """before_training keeps the rank count PEFT divides by in the compute dtype: under bf16 autocast no adapted
     layer's (tokens x features) output is promoted to fp32 and back, forward or backward; the outputs are the same up

@@ -127,15 +127,15 @@ def step_folder(folder: Path, step: int) -> Path:
     return folder / f"step-{step:08d}"
 
 
-def load_weights(checkpoint: Path, model: Any) -> dict[str, torch.Tensor]:
-    """Load a checkpoint's trainable tensors (every one, as training had them) into the model; returns all
-    of the checkpoint's state tensors."""
+def load_weights(checkpoint: Path, model: Any, method: Any) -> dict[str, torch.Tensor]:
+    """Load a checkpoint's trainable tensors (every one, as training had them) into the model, and what the method
+    keeps in the adapter's config (AdaLoRA's rank budget); returns all of the checkpoint's state tensors."""
     from peft import set_peft_model_state_dict
 
-    set_peft_model_state_dict(model, load_file(str(checkpoint / ADAPTER_WEIGHTS)))
     tensors = load_file(str(checkpoint / STATE_TENSORS))
     trainable = {k.removeprefix("trainable."): v for k, v in tensors.items() if k.startswith("trainable.")}
     if trainable:
+        # Not the servable adapter file: that can be less than training holds (AdaLoRA's is cut to its budget).
         missing = set(trainable) - {name for name, _ in model.named_parameters()}
         if missing:
             raise ValueError(f"checkpoint {checkpoint.name} has tensors this model lacks: {sorted(missing)[:3]}")
@@ -143,12 +143,16 @@ def load_weights(checkpoint: Path, model: Any) -> dict[str, torch.Tensor]:
             parameters = dict(model.named_parameters())
             for name, value in trainable.items():
                 parameters[name].copy_(value)
+    else:  # a checkpoint written before trainable tensors were kept: its adapter is all there is
+        set_peft_model_state_dict(model, load_file(str(checkpoint / ADAPTER_WEIGHTS)))
+    method.after_loading_checkpoint(model, json.loads((checkpoint / ADAPTER_CONFIG).read_text()))
     return tensors
 
 
-def restore(resume: ResumeState, *, model: Any, optimizer: torch.optim.Optimizer, scheduler: Any) -> None:
+def restore(resume: ResumeState, *, model: Any, method: Any, optimizer: torch.optim.Optimizer,
+            scheduler: Any) -> None:
     """Load adapter weights, optimiser and scheduler state, and the RNG streams of a checkpoint."""
-    tensors = load_weights(resume.folder, model)
+    tensors = load_weights(resume.folder, model, method)
     state = json.loads((resume.folder / STATE_JSON).read_text())
     optimizer_state: dict[str, Any] = {"state": {}, "param_groups": state["optimizer"]["param_groups"]}
     for key, value in tensors.items():

@@ -319,7 +319,8 @@ class TrainingRecipe:
             self.callbacks.on_info(self._memory_report(self.memory))
         self.position = Position(step=0, epoch=0, batch=0, trained_tokens=0)
         if self.resume is not None:
-            checkpoints.restore(self.resume, model=self.model, optimizer=self.optimizer, scheduler=self.scheduler)
+            checkpoints.restore(self.resume, model=self.model, method=self.method, optimizer=self.optimizer,
+                                scheduler=self.scheduler)
             self.position = Position(step=self.resume.step, epoch=self.resume.epoch, batch=self.resume.batch,
                                      trained_tokens=self.resume.trained_tokens, **self.resume.early_stopping)
         if self.parallel is not None:
