@@ -26,12 +26,6 @@ FIXED = {"n_epochs": 3, "batch_size": 4}
 SEED = 3
 
 
-def method_names() -> list[str]:
-    from adapters.methods import METHODS
-
-    return list(METHODS)
-
-
 def grid() -> list[tuple[str, dict[str, Any]]]:
     """(method, hyperparameters beyond FIXED) for every run."""
     from adapters.methods import METHODS
@@ -100,6 +94,8 @@ def describe(setting: dict[str, Any]) -> str:
 
 
 def main() -> None:
+    from adapters.methods import METHODS
+
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--save", action="store_true", help="write bench/results/defaults.json and .md")
     parser.add_argument("--processes", type=int, default=2)
@@ -108,7 +104,7 @@ def main() -> None:
                         help="instead of the grid, each method's defaults at each of these seeds")
     args = parser.parse_args()
     if args.seeds:
-        runs = [(name, {}, seed) for name in (args.methods or method_names()) for seed in args.seeds]
+        runs = [(name, {}, seed) for name in (args.methods or list(METHODS)) for seed in args.seeds]
     else:
         runs = [(name, extra, SEED) for name, extra in grid() if not args.methods or name in args.methods]
     started = time.perf_counter()

@@ -16,12 +16,13 @@ from adapters.methods import METHODS
 from app.settings import Settings
 from workers.training.batches import (
     CPU_FP32_ATTENTION_MAX_TOKENS,
+    SDPA_ATTENTION,
     batch_loss,
     packed_attention,
     packed_batch,
     padded_batch,
+    use_attention,
     use_packed_attention,
-    use_sdpa_attention,
 )
 from workers.training.loop import BatchMaker
 
@@ -75,10 +76,7 @@ def test_loss_and_gradients_equal_the_plain_path(name: str, examples: list[Encod
     expected = gradients(model)
 
     make = BatchMaker.for_training(method, hp, tiny_tokenizer.pad_token_id)
-    if make.packed:
-        use_packed_attention(model.base_model.model)
-    else:
-        use_sdpa_attention(model.base_model.model)
+    use_attention(model.base_model.model, make.attention)
     batch = make(examples)
     ours = batch_loss(model, batch)
     extra = method.regularisation(model)
@@ -146,7 +144,7 @@ def test_padded_rows_attend_in_float32_on_cpu_under_bf16(name: str, examples: li
     model, hp = peft_model(name, tiny_model_dir)
     model.eval()
     batch = BatchMaker.for_training(METHODS[name], hp, tiny_tokenizer.pad_token_id)(examples)
-    use_sdpa_attention(model.base_model.model)
+    use_attention(model.base_model.model, SDPA_ATTENTION)
     float32_loss = float(batch_loss(model, batch))
 
     def bf16_attention() -> tuple[float, set[torch.dtype]]:

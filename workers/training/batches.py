@@ -148,11 +148,6 @@ def use_packed_attention(model: Any) -> None:
     use_attention(model, PACKED_ATTENTION)
 
 
-def use_sdpa_attention(model: Any) -> None:
-    """Switch a transformers model to sdpa_attention (SDPA's own masks), or eager where the family has no SDPA."""
-    use_attention(model, SDPA_ATTENTION)
-
-
 @dataclass
 class TrainingBatch:
     """Model inputs, where the loss is read, and what it should predict there."""

@@ -34,8 +34,7 @@ from workers.training.batches import (
     packed_batch,
     padded_batch,
     token_count,
-    use_packed_attention,
-    use_sdpa_attention,
+    use_attention,
 )
 from workers.training.memory import Example, MemoryPlan
 from workers.training.parallel import DataParallel, ReplicaStopped
@@ -300,10 +299,7 @@ class TrainingRecipe:
         # The reference (the base model: the adapter disabled) reads the same tokens with nothing in front of them.
         self.reference_make = BatchMaker(packed=self.make.packed, offset=0, max_len=hp.max_seq_length,
                                          pad_id=self.config.pad_id)
-        if self.make.packed:
-            use_packed_attention(self.base_model)
-        else:
-            use_sdpa_attention(self.base_model)
+        use_attention(self.base_model, self.make.attention)
         self.device = next(self.base_model.parameters()).device
         self.accelerator = accelerator_for(self.config.compute_dtype, self.device)
         self.params = [p for p in self.model.parameters() if p.requires_grad]
