@@ -107,14 +107,19 @@ def compute_plan(device: str, setting: str = "auto", cache_dir: Path | None = No
     return plan
 
 
-def serving_dtype(device: str, setting: str = "auto") -> str:
+def serving_dtype(device: str, setting: str = "auto", cache_dir: Path | None = None) -> str:
     """The dtype the serving engine holds a base model in: `setting` if it names one; for "auto", bfloat16 on a
-    CUDA device that has it (float16 on one that has not) and float32 on a CPU, where the engine's answers
-    equal PEFT's to 1e-4 and decoding one token per row gains little from bf16."""
+    CUDA device that has it (float16 on one that has not), and on a CPU what training would compute in there
+    (`compute_plan`): bfloat16 where the CPU has it natively and measures it faster, float32 otherwise.
+
+    On a CPU with AMX a decode step of 9 rows of SmolLM2-135M takes 61 ms in bf16 against 118 in float32 (32 rows:
+    76 against 166), while one row costs the same in both: a batch's extra rows come almost free in bf16, which is
+    what keeps one tenant's long generations from slowing another's. Where bf16 is emulated (an AVX2-only CPU) it
+    would be a hundred times slower, so there the engine stays in float32, where it matches PEFT to 1e-4."""
     if setting != "auto":
         return setting
     if not device.startswith("cuda"):
-        return "float32"
+        return compute_plan(device, "auto", cache_dir).dtype
     import torch
 
     return "bfloat16" if torch.cuda.is_bf16_supported() else "float16"

@@ -81,8 +81,9 @@ class Settings(BaseSettings):
                                     'float32 otherwise), "float32" or "bfloat16".')
     serving_dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
         default="auto", description='The dtype the serving engine holds base weights and adapters in: "auto" '
-                                    '(bfloat16 on a CUDA GPU that has it, float16 on one that has not, float32 on a '
-                                    'CPU, where the engine matches PEFT to 1e-4), or one of the three.')
+                                    '(bfloat16 on a CUDA GPU that has it, float16 on one that has not; on a CPU, '
+                                    'bfloat16 where it is native and a probe measures it faster, as for training, '
+                                    'else float32, where the engine matches PEFT to 1e-4), or one of the three.')
     base_model_quantization: dict[str, Literal["8bit", "4bit"]] = Field(
         default_factory=dict, description='Base models loaded with their projection weights quantised by '
                                           'bitsandbytes (CUDA only; the package is installed separately), '

@@ -687,7 +687,8 @@ def run(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
             "limits": limits_in_force(), "webhook_server": f"{hooks.host} (accepts, never answers)",
             "b": b, "b_failures": b_failures, "a_counts": a_counts, "a_notes": a_result["notes"],
             "slow_webhook_connections": hooks.accepted, "webhook_deliveries": deliveries,
-            "phases": phases, "service_log": log_problems(*workdir.glob("*.log")), "wall_s": time.monotonic() - started,
+            "phases": phases, "service_log": log_problems(*workdir.glob("*.log")),
+            "serving_dtype": served_in(*workdir.glob("*.log")), "wall_s": time.monotonic() - started,
             "all_targets_met": all(v["met"] for v in b.values()) and not b_failures}
 
 
@@ -701,6 +702,16 @@ def log_problems(*paths: Path) -> dict[str, Any]:
     flagged = [line for line in lines if "Traceback" in line or line in errors]
     return {"tracebacks": sum("Traceback" in line for line in lines), "error_lines": len(errors),
             "first": [f[:300] for f in flagged[:5]]}
+
+
+def served_in(*paths: Path) -> str:
+    """The dtype the engine held the base model in, from its log line ("auto" decides it by the CPU)."""
+    for path in paths:
+        with contextlib.suppress(OSError):
+            for line in path.read_text(errors="replace").splitlines():
+                if "serving base model" in line and " in " in line:
+                    return line.split("serving base model", 1)[1].split(" in ", 1)[1].split()[0]
+    return "unknown"
 
 
 def webhook_deliveries(url: str, key: str) -> dict[str, int]:
@@ -751,7 +762,8 @@ def render(report: dict[str, Any]) -> str:
         a for a, r in report["b"].items() if not r["met"]) + (" (and B had failures)" if report["b_failures"] else "")
     return (f"## Noisy neighbour ({hw['cpu_model']}, {hw['nproc']} cores, load {hw['loadavg_1m_at_start']} at "
             f"start; torch {hw['torch']})\n\n"
-            f"{report['service']}; model {report['model']}; every limit at its default.\n\n"
+            f"{report['service']}; model {report['model']} served in {report.get('serving_dtype', 'float32')}; "
+            "every limit at its default.\n\n"
             f"Tenant B: {args['rounds']} rounds of models / upload ({SMALL_FILE_LINES}-line JSONL) / chat on its "
             f"adapter ({args['b_max_tokens']} tokens, not streamed) / create job, one request at a time. "
             f"Tenant A under load ({report['phases']['under load']['wall_s']:.0f} s): {args['a_chats']} long chats "

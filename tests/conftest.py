@@ -403,6 +403,9 @@ def stack_env(data_dir: Path, *, database_url: str, broker_url: str, tiny_model_
         "ADAPTERY_DEFAULT_BASE_MODEL": TINY_MODEL_ID,
         "ADAPTERY_PORT": str(port),
         "ADAPTERY_TORCH_THREADS": "1",
+        # The engine is compared with PEFT to 1e-4, which holds in float32; "auto" would serve in bf16 on a
+        # CPU with AMX. Serving in bf16 on the CPU has its own tests (tests/adapters/test_model_memory.py).
+        "ADAPTERY_SERVING_DTYPE": "float32",
         "ADAPTERY_BOOTSTRAP_KEY": TEST_KEY,
         "ADAPTERY_ADMIN_KEY": ADMIN_KEY,
         "ADAPTERY_MAX_ADAPTER_MB": "64",

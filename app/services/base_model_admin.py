@@ -185,7 +185,8 @@ def host_device(settings: Settings) -> str:
 
 def serving_dtype(settings: Settings, device: str) -> str:
     """The dtype the engine holds the model in (adapters/compute.py's rule; on a GPU "auto" is counted as bfloat16,
-    the same bytes as float16)."""
+    the same bytes as float16; on a CPU as float32, the most it may take: whether this CPU serves in bfloat16 is
+    decided by a probe in the serving process, which the API process does not run)."""
     setting = str(getattr(settings, "serving_dtype", "auto"))  # older settings have no serving_dtype: "auto"
     if setting != "auto":
         return setting

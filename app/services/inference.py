@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import logging
 import queue
 import secrets
 import threading
@@ -28,6 +29,8 @@ from app.db.models import Adapter, AdapterStatus
 from app.errors import Conflict, InvalidRequest, LimitReached, NotFound, TimedOut, Unavailable, Unprocessable
 from app.services.ids import new_id, storable
 from app.settings import Settings
+
+log = logging.getLogger(__name__)
 
 _engine: Any = None
 _engine_lock = threading.Lock()
@@ -48,7 +51,9 @@ def get_engine(settings: Settings) -> Any:
 
             def load_base(model_id: str) -> tuple[Any, Any]:
                 spec = base_models.resolve(settings, model_id)
-                dtype = serving_dtype(resolve_device(settings.device), settings.serving_dtype)
+                dtype = serving_dtype(resolve_device(settings.device), settings.serving_dtype, settings.data_dir)
+                log.info("serving base model %s in %s (ADAPTERY_SERVING_DTYPE=%s)", model_id, dtype,
+                         settings.serving_dtype)
                 return (base_models.load_model(settings, spec, dtype=dtype),
                         base_models.load_tokenizer(settings, spec))
 

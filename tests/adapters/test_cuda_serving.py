@@ -18,28 +18,12 @@ from adapters.data import encode_dataset, parse_jsonl
 from adapters.engine import AdapterRef, BaseRuntime
 from adapters.methods import METHODS
 from tests.adapters.test_engine import BASE_INFO, PROMPT, _Settings, trained  # noqa: F401 (a fixture)
+from tests.adapters.test_model_memory import close_in_low_precision, peft_logits
 from tests.conftest import chat_lines
 from workers.training.checkpoints import save_adapter
 from workers.training.loop import TrainingCallbacks, TrainingConfig, TrainingRecipe
 
 pytestmark = [pytest.mark.cuda, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
-
-
-def close_in_low_precision(ours: torch.Tensor, expected: torch.Tensor) -> None:
-    """Two correct implementations in bf16/fp16 round differently: within 3 % of the largest logit, and the
-    same direction (cosine ≥ 0.999)."""
-    ours, expected = ours.float(), expected.float()
-    worst = float((ours - expected).abs().max())
-    assert worst <= 0.03 * float(expected.abs().max()), worst
-    cosine = torch.nn.functional.cosine_similarity(ours.flatten(), expected.flatten(), dim=0)
-    assert float(cosine) >= 0.999, float(cosine)
-
-
-def peft_logits(model: Any, ids: list[int]) -> torch.Tensor:
-    with torch.no_grad():
-        out = model(input_ids=torch.tensor([ids], device="cuda"),
-                    attention_mask=torch.ones(1, len(ids), dtype=torch.long, device="cuda"))
-    return out.logits[0, -len(ids):]  # virtual-token methods also return their virtual positions
 
 
 @pytest.mark.parametrize("method", sorted(METHODS))
@@ -56,7 +40,7 @@ def test_engine_matches_peft_in_the_gpu_serving_dtype(method: str, trained: dict
                                               str(trained[method])).eval()
         ours = runtime.logits(ids, adapter)
         assert ours.device.type == "cuda" and ours.dtype == getattr(torch, dtype)
-        close_in_low_precision(ours, peft_logits(reference, ids))
+        close_in_low_precision(ours, peft_logits(reference, ids, "cuda"))
         assert (ours.float() - runtime.logits(ids, None).float()).abs().max() > 0.05, "the adapter changes nothing"
     finally:
         runtime.close()
@@ -95,7 +79,7 @@ def test_qlora_trains_on_a_4bit_base_and_is_served_on_one(tiny_model_dir: Path, 
             load_model(str(tiny_model_dir), device="cuda", dtype=compute, quantization="4bit"),
             str(tmp_path / "qlora")).eval()
         ours = runtime.logits(ids, adapter)
-        close_in_low_precision(ours, peft_logits(reference, ids))
+        close_in_low_precision(ours, peft_logits(reference, ids, "cuda"))
         assert (ours.float() - runtime.logits(ids, None).float()).abs().max() > 0.05, "the adapter changes nothing"
     finally:
         runtime.close()

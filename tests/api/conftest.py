@@ -83,6 +83,9 @@ def in_process_api(folder: Path, tiny_model_dir: Path, extra: dict[str, str] | N
         "ADAPTERY_BASE_MODELS": json.dumps({TINY_MODEL_ID: str(tiny_model_dir)}),
         "ADAPTERY_DEFAULT_BASE_MODEL": TINY_MODEL_ID,
         "ADAPTERY_TORCH_THREADS": "1",
+        # The engine is compared with PEFT to 1e-4, which holds in float32; "auto" would serve in bf16 on a
+        # CPU with AMX. Serving in bf16 on the CPU has its own tests (tests/adapters/test_model_memory.py).
+        "ADAPTERY_SERVING_DTYPE": "float32",
         "ADAPTERY_BOOTSTRAP_KEY": TEST_KEY,
         "ADAPTERY_ADMIN_KEY": ADMIN_KEY,
         "ADAPTERY_MAX_ADAPTER_MB": "64",
