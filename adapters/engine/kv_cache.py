@@ -1,5 +1,5 @@
-"""The running batch's key/value cache: left-padded rows that grow in place, re-laid out only when rows
-join or leave (transformers' DynamicCache concatenates, copying the whole cache, on every step)."""
+"""The running batch's key/value cache: left-padded rows that grow in place, copied once when rows join or leave
+(transformers' DynamicCache concatenates, copying the whole cache, on every step)."""
 
 from __future__ import annotations
 
@@ -17,44 +17,47 @@ class GrowingLayer(DynamicLayer):
     layer exposes a view of the filled part. Capacity doubles when it runs out.
     """
 
-    def install(self, keys: torch.Tensor, values: torch.Tensor, spare: int) -> None:
+    def adopt(self, keys: torch.Tensor, values: torch.Tensor, length: int) -> None:
+        """Take `keys`/`values` ([rows, kv_heads, capacity, head_dim], the first `length` columns filled) as the
+        layer's buffers, without copying them."""
         self.lazy_initialization(keys, values)
-        self._keys = self._with_room(keys, keys.shape[2] + spare)
-        self._values = self._with_room(values, values.shape[2] + spare)
-        self.keys, self.values = self._keys[:, :, : keys.shape[2]], self._values[:, :, : values.shape[2]]
-
-    @staticmethod
-    def _with_room(t: torch.Tensor, capacity: int) -> torch.Tensor:
-        buffer = t.new_empty(t.shape[0], t.shape[1], capacity, t.shape[3])
-        buffer[:, :, : t.shape[2]].copy_(t)
-        return buffer
+        self._keys, self._values = keys, values
+        self.keys, self.values = keys[:, :, :length], values[:, :, :length]
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args: Any,
                **kwargs: Any) -> tuple[torch.Tensor, torch.Tensor]:
         keys, values = self.keys, self.values
-        assert keys is not None and values is not None, "install() first"
+        assert keys is not None and values is not None, "adopt() first"
         length, new = keys.shape[2], key_states.shape[2]
         if length + new > self._keys.shape[2]:
             capacity = 2 * (length + new)
-            self._keys, self._values = self._with_room(keys, capacity), self._with_room(values, capacity)
+            self._keys, self._values = _with_room(keys, capacity), _with_room(values, capacity)
         self._keys[:, :, length: length + new].copy_(key_states)
         self._values[:, :, length: length + new].copy_(value_states)
         self.keys, self.values = self._keys[:, :, : length + new], self._values[:, :, : length + new]
         return self.keys, self.values
 
 
+def _with_room(t: torch.Tensor, capacity: int) -> torch.Tensor:
+    buffer = t.new_empty(t.shape[0], t.shape[1], capacity, t.shape[3])
+    buffer[:, :, : t.shape[2]].copy_(t)
+    return buffer
+
+
 class BatchCache:
     """The running batch's KV cache: per layer [rows, kv_heads, length, head_dim], left-padded.
 
-    The same cache object serves step after step (the model appends to it in place, see GrowingLayer);
-    it is rebuilt only when rows join or leave.
+    Each layer's tensor is a view of a buffer with `SPARE` columns of room, which the decode steps fill in place
+    (see GrowingLayer). Rows joining or leaving are written once into new buffers, room included: with a long
+    batch of another tenant's rows, each copy of the whole cache costs tens of milliseconds on a CPU, and a short
+    request joins and leaves once each.
     """
 
     SPARE = 64  # columns of room for the next decode steps
 
     def __init__(self, config: Any):
         self.config = config
-        self.keys: list[torch.Tensor] = []
+        self.keys: list[torch.Tensor] = []  # views of the buffers: the filled columns
         self.values: list[torch.Tensor] = []
         self.mask: torch.Tensor | None = None  # [rows, length], 1 for real entries
         self._cache: Any = None
@@ -68,7 +71,7 @@ class BatchCache:
             cache = DynamicCache(config=self.config)
             for index, (k, v) in enumerate(zip(self.keys, self.values, strict=True)):
                 layer = GrowingLayer()
-                layer.install(k, v, self.SPARE)
+                layer.adopt(self._room_of(k), self._room_of(v), k.shape[2])
                 cache.layers[index] = layer
             self._cache = cache
         return self._cache
@@ -87,22 +90,32 @@ class BatchCache:
         new_mask = mask if mask is not None else torch.ones(keys[0].shape[0], new_len, dtype=torch.long,
                                                             device=keys[0].device)
         if self.mask is None:
-            self.keys, self.values, self.mask = list(keys), list(values), new_mask
+            self.keys = [self._laid_out([k], new_len) for k in keys]
+            self.values = [self._laid_out([v], new_len) for v in values]
+            self.mask = new_mask
             return
-        length = self.mask.shape[1]
-        width = max(length, new_len)
-
-        def pad(t: torch.Tensor, to: int) -> torch.Tensor:
-            if t.shape[2] == to:
-                return t
-            return torch.cat([t.new_zeros(t.shape[0], t.shape[1], to - t.shape[2], t.shape[3]), t], dim=2)
+        width = max(self.mask.shape[1], new_len)
+        self.keys = [self._laid_out([old, new], width) for old, new in zip(self.keys, keys, strict=True)]
+        self.values = [self._laid_out([old, new], width) for old, new in zip(self.values, values, strict=True)]
 
         def pad_mask(m: torch.Tensor, to: int) -> torch.Tensor:
             return m if m.shape[1] == to else torch.cat([m.new_zeros(m.shape[0], to - m.shape[1]), m], dim=1)
 
-        self.keys = [torch.cat([pad(a, width), pad(b, width)]) for a, b in zip(self.keys, keys, strict=True)]
-        self.values = [torch.cat([pad(a, width), pad(b, width)]) for a, b in zip(self.values, values, strict=True)]
         self.mask = torch.cat([pad_mask(self.mask, width), pad_mask(new_mask, width)])
+
+    def _laid_out(self, parts: list[torch.Tensor], width: int) -> torch.Tensor:
+        """The rows of `parts`, in order, right-aligned in one new buffer of `width` columns plus room (a view of
+        its first `width` columns); the padding on their left is zeroed (masked out, but it must be finite)."""
+        first = parts[0]
+        buffer = first.new_empty(sum(t.shape[0] for t in parts), first.shape[1], width + self.SPARE, first.shape[3])
+        row = 0
+        for part in parts:
+            pad = width - part.shape[2]
+            if pad:
+                buffer[row: row + part.shape[0], :, :pad].zero_()
+            buffer[row: row + part.shape[0], :, pad:width].copy_(part)
+            row += part.shape[0]
+        return buffer[:, :, :width]
 
     def keep(self, rows: list[int]) -> None:
         """Keep only these rows, and drop leading columns that are padding in every remaining row."""
@@ -116,5 +129,26 @@ class BatchCache:
         used = mask.any(dim=0).nonzero()
         start = int(used[0]) if len(used) else 0
         self.mask = mask[:, start:]
-        self.keys = [k.index_select(0, index)[:, :, start:] for k in self.keys]
-        self.values = [v.index_select(0, index)[:, :, start:] for v in self.values]
+        if rows == list(range(len(rows))) and start == 0:  # the first rows, every column: views, no copy
+            self.keys = [k[: len(rows)] for k in self.keys]
+            self.values = [v[: len(rows)] for v in self.values]
+            return
+        self.keys = [self._rows_of(k[:, :, start:], rows) for k in self.keys]
+        self.values = [self._rows_of(v[:, :, start:], rows) for v in self.values]
+
+    def _rows_of(self, t: torch.Tensor, rows: list[int]) -> torch.Tensor:
+        """Rows `rows` of `t` in a new buffer with room (a view of its filled columns), copied once."""
+        buffer = t.new_empty(len(rows), t.shape[1], t.shape[2] + self.SPARE, t.shape[3])
+        for i, row in enumerate(rows):
+            buffer[i, :, : t.shape[2]].copy_(t[row])
+        return buffer[:, :, : t.shape[2]]
+
+    def _room_of(self, t: torch.Tensor) -> torch.Tensor:
+        """The buffer with room behind `t` when `t` is a view of its first rows and columns (as this class lays
+        them out, and as a decode step leaves them), else a copy of `t` with `SPARE` columns of room."""
+        base = t._base
+        if (base is not None and base.dim() == 4 and t.data_ptr() == base.data_ptr() and t.stride() == base.stride()
+                and t.shape[0] <= base.shape[0] and t.shape[1] == base.shape[1] and t.shape[2] < base.shape[2]
+                and t.shape[3] == base.shape[3]):
+            return base[: t.shape[0]]
+        return _with_room(t, t.shape[2] + self.SPARE)
