@@ -133,6 +133,7 @@ class SharedDown:
 
     @staticmethod
     def _multiply(x: torch.Tensor, a_t: torch.Tensor, plan: RoutingPlan) -> torch.Tensor:
+        x = x.to(a_t.dtype)  # a no-op unless the factors are float32 under a low-precision model (a CPU)
         if plan.single_slot is not None:
             return x @ a_t[plan.single_slot]
         return torch.bmm(x, plan.rows_of(a_t, x.shape[0]))
@@ -148,7 +149,7 @@ class SlotLinear:
         self.shared, self.index = shared, index  # Aᵀ lives in `shared`, beside its siblings'
         # Transposed (x @ a_t, then @ b_t) and contiguous: a batched matmul over strided slices costs twice as much.
         self.b_t = torch.zeros(bank.n_slots, bank.rank, self.out_features, device=module.weight.device,
-                               dtype=bank.dtype)
+                               dtype=bank.factor_dtype)
         # Channel scales are allocated the first time an adapter scales this projection.
         self.in_scale: torch.Tensor | None = None
         self.out_scale: torch.Tensor | None = None
@@ -202,10 +203,12 @@ class SlotLinear:
             output.mul_(plan.rows_of(self.out_scale, output.shape[0]).unsqueeze(1))
         if not plan.low_rank:
             return output
-        down = self.shared.down(self.index, args[0], plan)  # [rows, tokens, r]
+        down = self.shared.down(self.index, args[0], plan)  # [rows, tokens, r], in the factors' dtype
         if plan.single_slot is not None:
             return output.add_(down @ self.b_t[plan.single_slot])
-        return output.baddbmm_(down, plan.rows_of(self.b_t, down.shape[0]))
+        if down.dtype == output.dtype:
+            return output.baddbmm_(down, plan.rows_of(self.b_t, down.shape[0]))
+        return output.add_(torch.bmm(down, plan.rows_of(self.b_t, down.shape[0])))
 
 
 class SlotBank:
@@ -220,6 +223,11 @@ class SlotBank:
         self.device = next(model.parameters()).device
         # The dtype activations flow in: the embeddings' (a quantised projection's weight is int8/uint8).
         self.dtype = model.get_input_embeddings().weight.dtype  # type: ignore[operator]
+        # The low-rank factors' dtype. On a CPU float32, whatever the model's: a bf16 matmul as small as a factor
+        # (8 rows by 576 by rank 8) costs 30-50 us there against 5-13 in float32, so a bf16 model's mixed batch
+        # spent more on its adapters than on the base model. The row's input is cast up once per sibling group and
+        # the correction added back in the model's dtype.
+        self.factor_dtype = torch.float32 if self.device.type == "cpu" else self.dtype
         self.modules: dict[str, SlotLinear] = {}
         self.shared: list[SharedDown] = []
         hooked = {name: module for name, module in model.named_modules()
@@ -227,7 +235,7 @@ class SlotBank:
         for members in self._sibling_groups(hooked):
             first = hooked[members[0]]
             shared = SharedDown(len(members), self.n_slots, projection_features(first)[0], rank,
-                                first.weight.device, self.dtype)
+                                first.weight.device, self.factor_dtype)
             self.shared.append(shared)
             for index, name in enumerate(members):
                 self.modules[name] = SlotLinear(hooked[name], self, shared, index)

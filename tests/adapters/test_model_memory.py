@@ -146,3 +146,33 @@ def test_a_bf16_prefill_computes_the_output_head_as_one_matmul(tiny_model_dir: P
         assert head and all(name != "aten::bmm" for name, _ in head), head
     finally:
         runtime.close()
+
+
+def test_a_bf16_mixed_batch_keeps_its_adapter_factors_in_float32_on_a_cpu(
+        trained: dict[str, Path], tiny_model_dir: Path, tiny_tokenizer: Any) -> None:  # noqa: F811
+    """On a CPU a bf16 model's low-rank factors stay float32 (bf16 matmuls that small cost 3x as much there); the
+    rows of a mixed batch (two low-rank adapters, IA3 and the base model, prefilled in one pass) still give each
+    adapter's PEFT logits on the same bf16 base."""
+    from adapters.engine import SamplingParams
+    from tests.adapters.test_engine import scheduler_paused
+
+    runtime = BaseRuntime(load_model(str(tiny_model_dir), device="cpu", dtype="bfloat16"), tiny_tokenizer,
+                          cache_size=4, max_rank=64)
+    try:
+        assert runtime.bank.factor_dtype == torch.float32 and runtime.bank.dtype == torch.bfloat16
+        keys = ["lora", "adalora", "ia3", None]
+        loaded = {key: runtime.adapters.load(AdapterRef(key=key, folder=trained[key], base_model="tiny"))
+                  for key in keys if key is not None}
+        ids = tiny_tokenizer(PROMPT, add_special_tokens=False)["input_ids"]
+        with scheduler_paused(runtime):  # all four wait, so they are prefilled together
+            sequences = [runtime.submit(ids, loaded.get(key) if key else None,
+                                        SamplingParams(max_tokens=2, temperature=0), record_logits=True)
+                         for key in keys]
+        for key, sequence in zip(keys, sequences, strict=True):
+            sequence.wait()
+            assert sequence.logits is not None
+            base = load_model(str(tiny_model_dir), device="cpu", dtype="bfloat16")
+            reference = PeftModel.from_pretrained(base, str(trained[key])).eval() if key else base
+            close_in_low_precision(sequence.logits[0], peft_logits(reference, ids, "cpu"))
+    finally:
+        runtime.close()
