@@ -1,9 +1,9 @@
 """Serving benchmark: our multi-adapter engine against Hugging Face / PEFT, side by side in one process.
 
-    python -m bench.serving [--quick] [--save] [--threads auto|N] [--profile]
+    python -m bench.serving [--quick] [--save] [--threads auto|N] [--dtype float32|bfloat16|auto] [--profile]
 
-On SmolLM2-135M-Instruct (fp32, CPU or whatever `Settings().device` resolves to) with randomly initialised,
-non-zero rank-8 LoRA adapters on q,k,v,o,gate,up,down (made with peft, saved as safetensors):
+On SmolLM2-135M-Instruct (in `--dtype`, float32 unless asked; CPU or whatever `Settings().device` resolves to)
+with randomly initialised, non-zero rank-8 LoRA adapters on q,k,v,o,gate,up,down (made with peft, saved as safetensors):
 
 1. throughput (output tokens/s, greedy, every row forced to exactly `max_tokens` new tokens):
    base / one adapter / 8 distinct adapters at batch 8, base / 32 distinct adapters at batch 32,
@@ -78,6 +78,7 @@ class Options:
     output_range: tuple[int, int]
     engine_sequential: bool
     seed: int
+    dtype: str  # every model's, ours and the baselines' alike
 
 
 def parse_options(argv: list[str] | None) -> tuple[Options, argparse.Namespace]:
@@ -98,6 +99,9 @@ def parse_options(argv: list[str] | None) -> tuple[Options, argparse.Namespace]:
     p.add_argument("--no-engine-sequential", action="store_true",
                    help="skip the one-at-a-time run on our engine (PEFT one-at-a-time always runs)")
     p.add_argument("--seed", type=int, default=1234)
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "auto"],
+                   help="the dtype of every model, ours and the baselines alike; 'auto': what the service serves "
+                        "in on this machine (ADAPTERY_SERVING_DTYPE=auto: bfloat16 on a CPU with AMX)")
     a = p.parse_args(argv)
     q = a.quick
     opts = Options(
@@ -115,7 +119,7 @@ def parse_options(argv: list[str] | None) -> tuple[Options, argparse.Namespace]:
         prompt_range=(8, 32) if q else (8, 64),
         output_range=(8, 32) if q else (8, 64),
         engine_sequential=not a.no_engine_sequential and not q,
-        seed=a.seed,
+        seed=a.seed, dtype=a.dtype,
     )
     return opts, a
 
@@ -123,13 +127,15 @@ def parse_options(argv: list[str] | None) -> tuple[Options, argparse.Namespace]:
 # ---------------------------------------------------------------- setup
 
 
-def load_base() -> tuple[Any, Any, Any]:
+def load_base(dtype: str = "float32") -> tuple[Any, Any, Any]:
+    from adapters.base_models import resolve_device
+    from adapters.compute import serving_dtype
     from app.services import base_models
     from app.settings import Settings
 
     settings = Settings()
     spec = base_models.resolve(settings, settings.default_base_model)
-    model = base_models.load_model(settings, spec)
+    model = base_models.load_model(settings, spec, dtype=serving_dtype(resolve_device(settings.device), dtype))
     tokenizer = base_models.load_tokenizer(settings, spec)
     return settings, model, tokenizer
 
@@ -402,9 +408,9 @@ def run(opts: Options) -> tuple[dict[str, Any], str]:
     hw = hardware()
     torch.manual_seed(opts.seed)
     rng = random.Random(opts.seed)
-    settings, model_engine, tokenizer = load_base()
-    _, model_hf, _ = load_base()
-    _, model_peft, _ = load_base()
+    settings, model_engine, tokenizer = load_base(opts.dtype)
+    _, model_hf, _ = load_base(opts.dtype)
+    _, model_peft, _ = load_base(opts.dtype)
     pad_id, eos_id = tokenizer.pad_token_id, tokenizer.eos_token_id
     stream = token_stream(tokenizer, opts.seed)
     prompts = make_prompts(stream, 32, opts.prompt_len, rng)
@@ -432,7 +438,7 @@ def run(opts: Options) -> tuple[dict[str, Any], str]:
 
         # PEFT's mixed batch of 32 on a PeftModel of its own holding those 32, so that the loading figures
         # still measure loads into the PeftModel that serves the 8-row cases and the workload.
-        peft32 = PeftSide(load_base()[1], serve_paths)
+        peft32 = PeftSide(load_base(opts.dtype)[1], serve_paths)
         results, info = throughput(opts, runtime, model_hf, peft.model, peft32, loaded, names, prompts, pad_id,
                                    eos_id)
         del peft32
@@ -468,7 +474,7 @@ def run(opts: Options) -> tuple[dict[str, Any], str]:
     results.update({
         "quick": opts.quick, "threads": threads, **thread_timings, "repeats": opts.repeats,
         "max_tokens": opts.max_tokens, "prompt_len": opts.prompt_len, "lora_rank": RANK, "lora_alpha": ALPHA,
-        "target_modules": 7, "dtype": "float32", "device": str(runtime.device),
+        "target_modules": 7, "dtype": str(model_engine.dtype).removeprefix("torch."), "device": str(runtime.device),
         "base_model": DEFAULT_BASE_MODEL, **hw, "total_seconds": time.perf_counter() - t_start,
     })
     results["info"] = info
@@ -639,7 +645,7 @@ def loading(opts: Options, runtime: Any, peft_model: Any, model_hf: Any, cold_pa
 
 def render(r: dict[str, Any], info: dict[str, Any], opts: Options) -> str:
     wl = info["workload"]
-    head = (f"SmolLM2-135M-Instruct fp32 on {r['device']}, {r['nproc']} × {r['cpu_model']}, torch threads "
+    head = (f"SmolLM2-135M-Instruct {r['dtype']} on {r['device']}, {r['nproc']} × {r['cpu_model']}, torch threads "
             f"{r['threads']}; rank-{RANK} LoRA on 7 projections; greedy, {opts.max_tokens} new tokens per row, "
             f"prompts of {opts.prompt_len} tokens; medians of {opts.repeats} interleaved repeats"
             f"{' (--quick)' if opts.quick else ''}.")
@@ -708,13 +714,13 @@ def profile(opts: Options, batch: int) -> None:
     from adapters.engine import AdapterRef, BaseRuntime
     from app.settings import DEFAULT_BASE_MODEL
 
-    settings, model, tokenizer = load_base()
+    settings, model, tokenizer = load_base(opts.dtype)
     torch.set_num_threads(1 if opts.threads == "auto" else int(opts.threads))
     rng = random.Random(opts.seed)
     prompts = make_prompts(token_stream(tokenizer, opts.seed), batch, opts.prompt_len, rng)
     tmp = Path(tempfile.mkdtemp(prefix="adaptery-profile-"))
     try:
-        paths, plain = create_adapters(load_base()[1], tmp, batch, opts.seed)
+        paths, plain = create_adapters(load_base(opts.dtype)[1], tmp, batch, opts.seed)
         runtime = BaseRuntime(model, tokenizer, cache_size=max(batch, 8), max_rank=settings.max_lora_rank,
                               max_batch=max(batch, 8))
         adapters = [runtime.adapters.load(AdapterRef(f"p{i}", p, DEFAULT_BASE_MODEL)) for i, p in enumerate(paths)]
@@ -784,7 +790,8 @@ def reference_steps(plain: Any, paths: list[Path], prompts: list[list[int]]) -> 
     from peft import PeftModel
 
     names = [f"a{i}" for i in range(len(paths))]
-    peft_model = PeftModel.from_pretrained(load_base()[1], str(paths[0]), adapter_name=names[0])
+    dtype = str(plain.dtype).removeprefix("torch.")
+    peft_model = PeftModel.from_pretrained(load_base(dtype)[1], str(paths[0]), adapter_name=names[0])
     for name, path in zip(names[1:], paths[1:], strict=True):
         peft_model.load_adapter(str(path), adapter_name=name)
     ids = torch.tensor(prompts)
