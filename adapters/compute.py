@@ -10,6 +10,7 @@ process and in a small JSON file keyed by CPU model and torch version.
 from __future__ import annotations
 
 import json
+import os
 import platform
 import time
 from dataclasses import asdict, dataclass
@@ -101,9 +102,11 @@ def compute_plan(device: str, setting: str = "auto", cache_dir: Path | None = No
         except (OSError, ValueError, TypeError):  # a damaged cache is only a reason to probe again
             pass
     plan = _probe(device)
-    if cache is not None:
+    if cache is not None:  # written whole, then renamed: a worker and a serving process may probe at once
         cache.parent.mkdir(parents=True, exist_ok=True)
-        cache.write_text(json.dumps({"key": key, "plan": asdict(plan)}))
+        partial = cache.with_name(f"{cache.name}.{os.getpid()}.tmp")
+        partial.write_text(json.dumps({"key": key, "plan": asdict(plan)}))
+        os.replace(partial, cache)
     return plan
 
 

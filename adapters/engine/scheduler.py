@@ -100,7 +100,8 @@ class BaseRuntime:
         self.scheduler = threading.Thread(target=self._run, name="adaptery-scheduler", daemon=True)
         self.scheduler.start()
         head = model.get_output_embeddings()  # the output head is never an adapter's target
-        head.register_forward_pre_hook(_contiguous_input)
+        # Removed in close(): the model may outlive this runtime (tests build several on one model).
+        self._head_hook = head.register_forward_pre_hook(_contiguous_input) if head is not None else None
         suffixes = {n.rsplit(".", 1)[-1] for n, m in model.named_modules() if is_projection(m) and m is not head}
         # Allocated on the scheduler thread: filling the slot tensors is this process's first parallel torch work.
         self.bank: SlotBank = self.call(lambda: SlotBank(model, suffixes, n_slots=cache_size))
@@ -201,6 +202,9 @@ class BaseRuntime:
             self.scheduler.join(timeout=30)
         for sequence in self.pending + self.active:
             sequence.fail(RuntimeError("the serving engine stopped"))
+        if self._head_hook is not None:
+            self._head_hook.remove()
+            self._head_hook = None
         for _fn, future in self.calls:
             future.set_exception(RuntimeError("the serving engine stopped"))
 
