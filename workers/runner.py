@@ -7,6 +7,7 @@ Imports torch (through the training loop): only a pool process, never the Celery
 
 from __future__ import annotations
 
+import json
 import logging
 import shutil
 import time
@@ -22,7 +23,7 @@ from adapters.compute import compute_plan
 from adapters.data import EncodedExample, encode_any, parse_jsonl
 from adapters.methods import METHODS
 from adapters.methods.base import PREFERENCE_OBJECTIVES, ResolvedHyperparameters
-from adapters.store import ADAPTER_FILES, ADAPTER_WEIGHTS, ArtifactStore
+from adapters.store import ADAPTER_CONFIG, ADAPTER_FILES, ADAPTER_WEIGHTS, ArtifactStore
 from app.db.models import Adapter, AdapterStatus, Checkpoint, FineTuningJob, JobStatus
 from app.db.session import session_scope
 from app.metrics import TRAINING_STEPS, TRAINING_TOKENS
@@ -263,7 +264,9 @@ class JobRunner:
             from peft import set_peft_model_state_dict
             from safetensors.torch import load_file
 
-            set_peft_model_state_dict(model, load_file(str(folder / ADAPTER_WEIGHTS)))
+            saved_config = json.loads((folder / ADAPTER_CONFIG).read_text())
+            tensors = self.method.adapter_to_continue(load_file(str(folder / ADAPTER_WEIGHTS)), saved_config)
+            set_peft_model_state_dict(model, tensors)
             self._event(f"Starting from the weights of {self.job.from_model}.",
                         data={"from_model": self.job.from_model})
 

@@ -104,6 +104,32 @@ class AdaLora(AdapterMethod[ResolvedAdaLora]):
                     if torch.equal(parameter.data.to(dtype).float(), parameter.data.float()):
                         parameter.data = parameter.data.to(dtype)
 
+    def adapter_to_continue(self, tensors: dict[str, Any], saved_config: dict[str, Any]) -> dict[str, Any]:
+        """A saved AdaLoRA adapter is cut to its rank budget (PEFT keeps only the ranks `rank_pattern` marks), while
+        a new model holds the full initial rank: each cut factor goes back to its kept ranks, zeros elsewhere, which
+        is the same adapter (a pruned rank's singular value is zero) with room for the new job's budget."""
+        import torch
+
+        out = dict(tensors)
+        for name, kept in (saved_config.get("rank_pattern") or {}).items():
+            mask = torch.tensor(kept, dtype=torch.bool)
+            # PEFT's names: "<module>.lora_E" (the adapter's name already dropped when it saved).
+            prefix = "base_model.model." + name.rsplit(".", 1)[0]
+            for factor, rank_dim in (("lora_E", 0), ("lora_A", 0), ("lora_B", 1)):
+                key = f"{prefix}.{factor}"
+                saved = out.get(key)
+                if saved is None or saved.shape[rank_dim] == len(kept):
+                    continue
+                shape = list(saved.shape)
+                shape[rank_dim] = len(kept)
+                full = saved.new_zeros(shape)
+                if rank_dim == 0:
+                    full[mask] = saved
+                else:
+                    full[:, mask] = saved
+                out[key] = full
+        return out
+
     def after_loading_checkpoint(self, peft_model: Any, saved_config: dict[str, Any]) -> None:
         """The rank budget the checkpoint's steps had allocated (None before the first allocation): the final steps
         mask by it, and saving cuts the adapter to it."""

@@ -314,6 +314,11 @@ class AdapterMethod(Generic[Resolved]):
     def before_training(self, peft_model: Any, compute_dtype: str) -> None:
         """Called once on the new PEFT model before its first step, with the dtype training computes in."""
 
+    def adapter_to_continue(self, tensors: dict[str, Any], saved_config: dict[str, Any]) -> dict[str, Any]:
+        """A saved adapter's tensors (adapter_model.safetensors, with its adapter_config.json) in the shapes a new
+        model of this method holds, for a job that continues it (`from_model`)."""
+        return tensors
+
     def after_loading_checkpoint(self, peft_model: Any, saved_config: dict[str, Any]) -> None:
         """Called after a checkpoint's weights are loaded into `peft_model`, with its saved adapter_config.json: what
         training keeps in the config rather than in weights comes back from there."""

@@ -629,6 +629,41 @@ def test_an_adalora_checkpoint_with_a_rank_budget_loads_into_a_fresh_model(setti
     assert saved.keys() == again.keys() and all(torch.equal(saved[k], again[k]) for k in saved)
 
 
+def test_a_saved_adalora_adapter_cut_to_its_budget_continues_in_a_fresh_model(settings: Settings,
+                                                                             tmp_path: Any) -> None:
+    """A job that continues an AdaLoRA model (`from_model`) starts from its saved adapter, which PEFT cut to the
+    rank budget; a new model holds the full initial rank, so the cut factors go back to their kept ranks (zeros
+    elsewhere): the new model then computes what the saved one did. Loaded as saved, it is a size mismatch."""
+    import json
+
+    import torch
+    from peft import get_peft_model, set_peft_model_state_dict
+    from safetensors.torch import load_file
+
+    adalora = method("adalora")
+    hp = resolved("adalora", {"target_modules": ["q_proj", "v_proj"]}, n_examples=80, settings=settings)
+    steps = 20
+    trained = train_adalora(hp, steps=steps, call_hook=True).eval()
+    pattern = trained.peft_config["default"].rank_pattern
+    assert pattern and any(not all(kept) for kept in pattern.values())  # some ranks were pruned
+    trained.save_pretrained(tmp_path / "saved")
+    tensors = load_file(str(tmp_path / "saved" / "adapter_model.safetensors"))
+    saved_config = json.loads((tmp_path / "saved" / "adapter_config.json").read_text())
+
+    with pytest.raises(RuntimeError, match="size mismatch"):
+        set_peft_model_state_dict(get_peft_model(tiny_llama(), adalora.peft_config(hp, total_steps=steps)), tensors)
+    fresh = get_peft_model(tiny_llama(), adalora.peft_config(hp, total_steps=steps)).eval()
+    set_peft_model_state_dict(fresh, adalora.adapter_to_continue(tensors, saved_config))
+    ids = torch.randint(0, 128, (2, 12), generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        expected, got = trained(input_ids=ids).logits, fresh(input_ids=ids).logits
+        base = trained.get_base_model()
+        with trained.disable_adapter():
+            plain = base(input_ids=ids).logits
+    assert (expected - plain).abs().max() > 1e-3  # the adapter does something
+    assert torch.allclose(got, expected, atol=1e-5), (got - expected).abs().max()
+
+
 @pytest.mark.usefixtures("one_torch_thread")
 def test_adalora_under_bf16_keeps_its_outputs_in_bf16(settings: Settings) -> None:
     """before_training keeps the rank count PEFT divides by in the compute dtype: under bf16 autocast no adapted

@@ -86,6 +86,23 @@ def test_every_method_in_one_mixed_batch(sdk: Any, fine_tuned: dict[str, str]) -
     assert len({tuple(alone[i:i + len(PROMPTS)]) for i in range(0, len(alone), len(PROMPTS))}) > 2
 
 
+def test_an_adalora_model_cut_to_its_rank_budget_continues_through_the_sdk(sdk: Any,
+                                                                          fine_tuned: dict[str, str]) -> None:
+    """A job continues the AdaLoRA model trained above, whose saved adapter PEFT cut to its rank budget (a fresh
+    model holds the full rank: loaded as saved, the job failed at its start with a size mismatch). It starts from
+    those weights, trains, and its model serves at once."""
+    file = sdk.files.create(file=("more.jsonl", chat_lines(8, answer="HELLO WORLD").encode()), purpose="fine-tune")
+    job = sdk.fine_tuning.jobs.create(
+        model=TINY_MODEL_ID, training_file=file.id, suffix="adalora-more",
+        method={"type": "adalora", "adalora": {"hyperparameters": {"n_epochs": 1, "batch_size": 4}}},
+        extra_body={"from_model": fine_tuned["adalora"]})
+    job = finished(sdk, job, time.monotonic() + budget(JOB_DONE))
+    assert job.status == "succeeded", job.error
+    events = [event.message for event in sdk.fine_tuning.jobs.list_events(job.id, limit=100).data]
+    assert any(message.startswith("Starting from the weights of") for message in events), events
+    assert ask(sdk, job.fine_tuned_model, "Hello?")
+
+
 def preference_pairs(prompts: range, answers: tuple[str, str] = ("Yes, gladly.", "No, sorry.")) -> bytes:
     """OpenAI's DPO lines: the preferred answer is always an agreement, the other a refusal, which the tiny base model
     finds the more likely (by about 14 nats on these prompts with the default answers)."""
