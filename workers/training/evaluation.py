@@ -50,15 +50,13 @@ def score(model: Any, examples: list[EncodedExample], *, make: Callable[[list[En
 @contextmanager
 def attention(model: Any, implementation: str) -> Iterator[None]:
     """Run with another attention implementation (generation needs a cached one, not packed training's)."""
-    from workers.training.batches import available, register_attention
+    from workers.training.batches import available, use_attention
 
-    implementation = available(model, implementation)
     before = model.config._attn_implementation
-    if before == implementation:
+    if before == available(model, implementation):
         yield
         return
-    register_attention(implementation)
-    model.set_attn_implementation(implementation)
+    use_attention(model, implementation)
     try:
         yield
     finally:
