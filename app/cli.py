@@ -17,7 +17,7 @@ from typing import Any
 import typer
 from rich.console import Console
 
-from app import client_cli
+from app import client_cli, logs
 
 cli = typer.Typer(help="Adaptery: self-hosted parameter-efficient fine-tuning.", no_args_is_help=True)
 console = Console()
@@ -92,26 +92,29 @@ def _die_with_parent() -> None:
         ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
 
 
-class WorkerSupervisor:
-    """Keeps one Celery worker process running: a worker that crashes (killed, OOM) is started again.
+class Supervisor:
+    """Keeps one child process running (the Celery worker, the serving engine): a child that crashes (killed,
+    OOM) is started again, with the environment it was first given.
 
     A clean exit (status 0, e.g. a warm shutdown after SIGTERM) means someone stopped it on purpose.
     """
 
-    def __init__(self, concurrency: int):
-        self.command = worker_command(concurrency)
+    def __init__(self, name: str, command: list[str], env: dict[str, str] | None = None):
+        self.name = name
+        self.command = command
+        self.env = dict(env if env is not None else os.environ)
         self.process: subprocess.Popen[bytes] | None = None
         self.stopping = threading.Event()
         self.lock = threading.Lock()
 
     def _spawn(self) -> subprocess.Popen[bytes]:
-        # Its own process group: a Ctrl-C or group SIGTERM must reach only the worker's main process
-        # (through stop()); billiard deadlocks if its pool children are signalled directly.
-        return subprocess.Popen(self.command, start_new_session=True, preexec_fn=_die_with_parent)
+        # Its own process group: a Ctrl-C or group SIGTERM must reach only the child's main process
+        # (through stop()); billiard deadlocks if a worker's pool children are signalled directly.
+        return subprocess.Popen(self.command, env=self.env, start_new_session=True, preexec_fn=_die_with_parent)
 
     def start(self) -> None:
         self.process = self._spawn()
-        threading.Thread(target=self._watch, daemon=True, name="worker-supervisor").start()
+        threading.Thread(target=self._watch, daemon=True, name=f"{self.name}-supervisor").start()
 
     def _watch(self) -> None:
         while not self.stopping.wait(2.0):
@@ -119,9 +122,9 @@ class WorkerSupervisor:
                 if self.stopping.is_set() or self.process is None or self.process.poll() is None:
                     continue
                 if self.process.returncode == 0:
-                    console.print("[yellow]worker stopped; not restarting it[/]")
+                    console.print(f"[yellow]{self.name} stopped; not restarting it[/]")
                     return
-                console.print(f"[yellow]worker exited with {self.process.returncode}; starting a new one[/]")
+                console.print(f"[yellow]{self.name} exited with {self.process.returncode}; starting a new one[/]")
                 self.process = self._spawn()
 
     def stop(self) -> None:
@@ -135,26 +138,49 @@ class WorkerSupervisor:
                 self.process.kill()
 
 
+def engine_apart(settings: Any) -> tuple[Supervisor, dict[str, str]]:
+    """Role all with ADAPTERY_INFERENCE_PROCESS: the serving engine as role inference on a free loopback port, and
+    the settings that make this process role api in front of it (a fresh internal key unless one is set)."""
+    import secrets
+    import socket
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    key = settings.internal_key or secrets.token_urlsafe(32)
+    engine_env = {**os.environ, "ADAPTERY_ROLE": "inference", "ADAPTERY_HOST": "127.0.0.1",
+                  "ADAPTERY_PORT": str(port), "ADAPTERY_INTERNAL_KEY": key}
+    command = [sys.executable, "-m", "app.cli", "serve", "--role", "inference", "--no-migrate", "--quiet"]
+    api_env = {"ADAPTERY_ROLE": "api", "ADAPTERY_INFERENCE_URLS": f"http://127.0.0.1:{port}",
+               "ADAPTERY_INTERNAL_KEY": key}
+    return Supervisor("serving engine", command, engine_env), api_env
+
+
 @cli.command("serve")
 def serve(with_worker: bool = typer.Option(True, help="also run a Celery worker process (role all only)"),
           migrate: bool = typer.Option(True, help="bring the schema to head first (replicas: leave it to one "
                                                   "`adaptery migrate`)"),
-          role: str = typer.Option("", help="all (one process: API, engine, console), api (no engine: inference "
-                                            "forwarded to ADAPTERY_INFERENCE_URLS) or inference (the engine); "
-                                            "default ADAPTERY_ROLE, else all")) -> None:
+          role: str = typer.Option("", help="all (API, engine and console on one machine; the engine in a "
+                                            "supervised process of its own unless ADAPTERY_INFERENCE_PROCESS=false), "
+                                            "api (no engine: inference forwarded to ADAPTERY_INFERENCE_URLS) or "
+                                            "inference (the engine); default ADAPTERY_ROLE, else all"),
+          quiet: bool = typer.Option(False, "--quiet", hidden=True,
+                                     help="no banner, no access log (role all's engine: the process in front logs)"),
+          ) -> None:
     """Run the API (and a supervised Celery worker) on the configured host and port."""
     import uvicorn
 
     from app.db.session import migrate_to_head
     from app.settings import get_settings
 
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     if role:
         if role not in ("all", "api", "inference"):
             raise typer.BadParameter("accepted: all, api, inference", param_hint="--role")
         os.environ["ADAPTERY_ROLE"] = role  # read by the app uvicorn imports below
         get_settings.cache_clear()
     settings = get_settings()
+    # The handler the app's own set-up finds and keeps: one line per record, in ADAPTERY_LOG_FORMAT, from the start.
+    logs.configure(settings.log_format, settings.log_level)
     with_worker = with_worker and settings.role == "all"
     share_metrics(settings, fresh=True)
     if migrate:
@@ -162,35 +188,55 @@ def serve(with_worker: bool = typer.Option(True, help="also run a Celery worker 
     if settings.role == "api":
         prepare_tokenizer()  # the API role never converts weights (nor imports torch): its tokenizer is all it needs
     else:
-        prepare_model()
+        prepare_model()  # role all's engine process finds it converted: converted once, here
     from app.db.session import session_scope
     from app.services.tenants import bootstrap
 
     with session_scope() as session:
         created = bootstrap(session, data_dir=settings.data_dir, explicit_key=settings.bootstrap_key)
     key_file = settings.data_dir / "bootstrap_key"
-    supervisor = WorkerSupervisor(settings.worker_concurrency) if with_worker else None
-    if supervisor:
-        supervisor.start()
+    children = [Supervisor("worker", worker_command(settings.worker_concurrency))] if with_worker else []
+    engine_url = ""
+    if settings.role == "all" and settings.inference_process:
+        # The decode loop holds the interpreter lock between its torch calls; in a process of its own, no request
+        # of the API's waits for it (bench/noisy_neighbour.py). This process becomes role api in front of it.
+        engine, api_env = engine_apart(settings)
+        children.append(engine)
+        os.environ.update(api_env)
+        get_settings.cache_clear()
+        engine_url = api_env["ADAPTERY_INFERENCE_URLS"]
+    for child in children:
+        child.start()
+    if not quiet:
+        print_banner(settings, created, key_file, engine_url)
+    # uvicorn re-raises SIGTERM after its shutdown; exiting through SystemExit lets `finally` stop the children.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
+    if quiet:
+        # Role all's engine answers only the process in front of it, which logs every request itself.
+        # (A filter: uvicorn's own logging set-up and the app's both rewire that logger's handlers, not its filters.)
+        logging.getLogger("uvicorn.access").addFilter(lambda _record: False)
+    try:
+        uvicorn.run("app.main:app", host=settings.host, port=settings.port, log_level="info")
+    finally:
+        for child in reversed(children):
+            child.stop()
+
+
+def print_banner(settings: Any, created: str | None, key_file: Path, engine_url: str) -> None:
+    """Where to connect, and the local tenant's key the first time (at a terminal only)."""
     base = f"http://{settings.host}:{settings.port}"
     broker = "embedded (SQLite, no server)" if settings.uses_embedded_broker else settings.resolved_broker_url
     if settings.role == "inference":
         console.print(f"[bold green]Adaptery[/] inference replica on {base}  ·  OpenAI-compatible: {base}/v1")
     else:
-        console.print(f"[bold green]Adaptery[/] console {base}/  ·  API docs {base}/docs  ·  broker: {broker}")
+        console.print(f"[bold green]Adaptery[/] console {base}/  ·  API docs {base}/docs  ·  broker: {broker}"
+                      + (f"  ·  serving engine: a process of its own on {engine_url}" if engine_url else ""))
     if created and console.is_terminal:  # a person at a terminal; never into a collected log (a container's)
         console.print(f"API key of the local tenant (shown once; also in {key_file}): [bold]{created}[/]")
     elif key_file.exists():
         console.print(f"API key of the local tenant: in {key_file}")
     console.print(f"Try: curl -H \"Authorization: Bearer $(cat {key_file})\" {base}/v1/models"
                   if key_file.exists() else f"Send your key as 'Authorization: Bearer <key>' to {base}/v1/...")
-    # uvicorn re-raises SIGTERM after its shutdown; exiting through SystemExit lets `finally` stop the worker.
-    signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
-    try:
-        uvicorn.run("app.main:app", host=settings.host, port=settings.port, log_level="info")
-    finally:
-        if supervisor:
-            supervisor.stop()
 
 
 @cli.command("worker")

@@ -104,12 +104,18 @@ def configure(kind: str, level: str = "INFO") -> None:
         for own in list(library.handlers):
             library.removeHandler(own)
         library.propagate = True
+    # httpx logs every request the service makes at INFO (each replica poll, each forwarded chat, each webhook);
+    # the service's own lines say what matters.
+    logging.getLogger("httpx").setLevel(logging.WARNING)
 
 
 def route_template(request: Any) -> str | None:
     """The matched route's path template (`/v1/fine_tuning/jobs/{fine_tuning_job_id}`), or None: what logs and
     metrics label a request with, so ids never become labels."""
     return getattr(request.scope.get("route"), "path", None)
+
+
+QUIET_ROUTES = frozenset({"/internal/state"})
 
 
 async def record_request(request: Any, call_next: Callable[[Any], Awaitable[Any]]) -> Any:
@@ -130,5 +136,7 @@ async def record_request(request: Any, call_next: Callable[[Any], Awaitable[Any]
         tenant = getattr(request.state, "tenant", None)  # set by authentication (in another thread's context)
         if tenant:
             extra["tenant"] = tenant
-        log.info("%s %s %s", request.method, route or request.url.path, status, extra=extra)
+        # The router's poll of each replica's state (every ADAPTERY_ROUTING_POLL_SECONDS) would fill the log.
+        level = logging.DEBUG if route in QUIET_ROUTES and status == 200 else logging.INFO
+        log.log(level, "%s %s %s", request.method, route or request.url.path, status, extra=extra)
         request_id.reset(token)

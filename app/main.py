@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 import sys
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
@@ -39,6 +40,8 @@ if get_settings().role == "api":
     # The API tier never loads torch. With its sys.modules entry set to None any import of it fails at once
     # (Python's rule), and transformers, finding no torch, keeps to tokenizers, which is all the API uses.
     sys.modules.setdefault("torch", None)  # type: ignore[arg-type]
+    # ... and would say so at import ("PyTorch was not found. Models won't be available"): expected here.
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 
 
 @asynccontextmanager

@@ -157,9 +157,16 @@ class Settings(BaseSettings):
 
     role: Literal["all", "api", "inference"] = Field(
         default="all", description='What `adaptery serve` runs (its --role overrides this): "all" (API, serving '
-                                   'engine and console in one process: one machine), "api" (files, jobs, console; '
-                                   'inference forwarded to the inference replicas, torch never imported) or '
+                                   'engine and console: one machine; see inference_process), "api" (files, jobs, '
+                                   'console; inference forwarded to the inference replicas, torch never imported) or '
                                    '"inference" (the serving engine behind its own OpenAI-compatible routes).')
+    inference_process: bool = Field(
+        default=True, description="Role all under `adaptery serve`: the serving engine runs in a process of its own "
+                                  "(role inference on a free loopback port, supervised and restarted like the worker) "
+                                  "and the served process forwards to it as role api, so that requests never wait "
+                                  "for the decode loop's hold on the Python interpreter lock. false: API and engine "
+                                  "in one process (one interpreter and tokenizer fewer; tenants' requests then slow "
+                                  "each other more).")
     inference_urls: str = Field(
         default="", description="Role api: the inference replicas, a static comma-separated list of base URLs "
                                 "(required).")

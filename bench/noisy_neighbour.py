@@ -1,11 +1,13 @@
 """Noisy neighbour (issue 21): tenant A misbehaves for a bounded time while tenant B does ordinary work; does B
 notice?
 
-The service runs as `make run` runs it: `adaptery serve` (role all: API, serving engine and console in one
-process, SQLite database, the embedded broker, and the supervised training worker, which also sends webhooks and
-runs evaluations), on the default base model (SmolLM2-135M-Instruct) and every per-tenant limit at its default.
-With `--topology tiers`, the same in tiers on this machine: an API process (role api), an inference process
-(role inference) and a worker; the API's threads then share no interpreter lock with the decode loop.
+The service runs as `make run` runs it: `adaptery serve` (role all: API and console, the serving engine in a
+supervised process of its own, SQLite database, the embedded broker, and the supervised training worker, which also
+sends webhooks and runs evaluations), on the default base model (SmolLM2-135M-Instruct) and every per-tenant limit
+at its default. With `--topology one-process`, the same with the engine in the API's process
+(ADAPTERY_INFERENCE_PROCESS=false), whose threads then share the interpreter lock with the decode loop. With
+`--topology tiers`, the tiers started by hand on this machine: an API process (role api), an inference process
+(role inference) and a worker.
 The admin API creates tenants A and B; each imports LoRA adapters made with PEFT (POST /v1/adapters).
 
 Tenant B, one request at a time, each timed, in rounds: list models (GET /v1/models), upload a small file
@@ -173,6 +175,12 @@ class SilentServer:
             conn.close()
 
 
+def command_line(pid: int) -> str:
+    with contextlib.suppress(OSError):
+        return (Path("/proc") / str(pid) / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+    return ""
+
+
 def descendants(pid: int) -> list[int]:
     """Every process below `pid` now (from /proc), so that none outlives the run if its parent dies first."""
     children: dict[int, list[int]] = {}
@@ -192,17 +200,28 @@ def descendants(pid: int) -> list[int]:
     return found
 
 
+SERVICES = {
+    "all": "adaptery serve: role all (API and console in one process, the serving engine in a process of its own), "
+           "SQLite, embedded broker, its supervised worker (concurrency 1)",
+    "one-process": "adaptery serve: role all with ADAPTERY_INFERENCE_PROCESS=false (API + engine in one process), "
+                   "SQLite, embedded broker, its supervised worker (concurrency 1)",
+    "tiers": "tiers on this machine: adaptery serve --role api, adaptery serve --role inference and adaptery worker "
+             "(concurrency 1), SQLite, embedded broker",
+}
+
+
 class Service:
     """`adaptery serve` (role all, with its supervised worker) on a scratch data dir, as `make run` starts it."""
 
-    def __init__(self, workdir: Path, admin_key: str) -> None:
+    def __init__(self, workdir: Path, admin_key: str, *, one_process: bool = False) -> None:
         self.workdir = workdir
         self.port = free_port()
         self.env = {k: v for k, v in os.environ.items() if not k.startswith("ADAPTERY_")}
         self.env.update({
             "ADAPTERY_DATA_DIR": str(workdir / "data"), "ADAPTERY_PORT": str(self.port),
             "ADAPTERY_ADMIN_KEY": admin_key, "ADAPTERY_MODEL_CACHE_DIR": str(ROOT / ".cache" / "models"),
-            "PYTHONUNBUFFERED": "1", "TOKENIZERS_PARALLELISM": "false"})
+            "PYTHONUNBUFFERED": "1", "TOKENIZERS_PARALLELISM": "false",
+            "ADAPTERY_INFERENCE_PROCESS": "false" if one_process else "true"})
         self.process: subprocess.Popen[bytes] | None = None
         self.known: set[int] = set()
 
@@ -585,7 +604,8 @@ def run(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
     started = time.monotonic()
     admin_key = "bench-admin-" + secrets.token_urlsafe(24)
     address = own_address()
-    service = TieredService(workdir, admin_key) if args.topology == "tiers" else Service(workdir, admin_key)
+    service = (TieredService(workdir, admin_key) if args.topology == "tiers"
+               else Service(workdir, admin_key, one_process=args.topology == "one-process"))
     if not address:  # no other interface: the loopback server must be allowed explicitly
         service.env["ADAPTERY_WEBHOOK_ALLOWED_HOSTS"] = '["127.0.0.1"]'
     hooks = SilentServer(address or "127.0.0.1")
@@ -624,8 +644,10 @@ def run(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
                     label = "inference process (the engine)" if name == "inference" else "its worker"
                     out.update({pid: label for pid in [process.pid, *descendants(process.pid)]})
             elif service.process is not None:
-                out[service.process.pid] = "adaptery serve (API + engine)"
-                out.update({pid: "its worker" for pid in descendants(service.process.pid)})
+                apart = args.topology == "all"
+                out[service.process.pid] = "adaptery serve (API)" if apart else "adaptery serve (API + engine)"
+                out.update({pid: "its serving engine" if "--role inference" in command_line(pid) else "its worker"
+                            for pid in descendants(service.process.pid)})
             if a_process is not None and a_process.pid is not None:
                 out[a_process.pid] = "A's client"
             return out
@@ -681,10 +703,7 @@ def run(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
                      "met": bool(p95_ratio <= TARGETS[action]) and failures == 0}
     b_failures = [f for f in tenant_b.failures if f["phase"] != "warm-up"]
     return {"setup": vars(args), "hardware": hardware(), "model": MODEL,
-            "service": ("tiers on this machine: adaptery serve --role api, adaptery serve --role inference and "
-                        "adaptery worker (concurrency 1), SQLite, embedded broker" if args.topology == "tiers" else
-                        "adaptery serve: role all (API + engine in one process), SQLite, embedded broker, "
-                        "its supervised worker (concurrency 1)"),
+            "service": SERVICES[args.topology],
             "limits": limits_in_force(), "webhook_server": f"{hooks.host} (accepts, never answers)",
             "b": b, "b_failures": b_failures, "a_counts": a_counts, "a_notes": a_result["notes"],
             "slow_webhook_connections": hooks.accepted, "webhook_deliveries": deliveries,
@@ -806,9 +825,10 @@ def main() -> None:
     parser.add_argument("--a-load", type=lambda v: [x.strip() for x in v.split(",") if x.strip()],
                         default=list(ACTIVITIES), help=f"A's misbehaviours, comma-separated (default all: "
                                                        f"{','.join(ACTIVITIES)}); one alone shows what it costs B")
-    parser.add_argument("--topology", choices=("all", "tiers"), default="all",
-                        help="all: `adaptery serve` as `make run` starts it (API and engine in one process); tiers: "
-                             "an API process, an inference process and a worker, on this one machine")
+    parser.add_argument("--topology", choices=tuple(SERVICES), default="all",
+                        help="all: `adaptery serve` as `make run` starts it (the engine in a process of its own); "
+                             "one-process: the same with ADAPTERY_INFERENCE_PROCESS=false (API and engine in one "
+                             "process); tiers: an API process, an inference process and a worker started by hand")
     parser.add_argument("--a-ignores-retry-after", action="store_true",
                         help=f"A retries every refusal after {REFUSAL_PAUSE_S} s, whatever its Retry-After said")
     parser.add_argument("--keep-logs", action="store_true", help="keep the scratch folder with the service's logs")
@@ -832,7 +852,7 @@ def main() -> None:
     print(text)
     if args.save:
         RESULTS.mkdir(exist_ok=True)
-        name = "noisy_neighbour" if args.topology == "all" else f"noisy_neighbour_{args.topology}"
+        name = "noisy_neighbour" if args.topology == "all" else f"noisy_neighbour_{args.topology.replace('-', '_')}"
         (RESULTS / f"{name}.json").write_text(json.dumps(rounded(report), indent=2) + "\n")
         (RESULTS / f"{name}.md").write_text(text)
     print(json.dumps(rounded(report)))

@@ -27,6 +27,7 @@ import httpx
 from starlette.requests import Request
 from starlette.responses import StreamingResponse
 
+from app import logs
 from app.errors import Unavailable
 
 log = logging.getLogger("adaptery")
@@ -149,6 +150,8 @@ class InferenceRouter:
         """`body`: the bytes, or a file holding them (an import: never whole in memory), read again per replica."""
         headers = {name: request.headers[name] for name in FORWARDED_HEADERS if name in request.headers}
         headers[INTERNAL_HEADER] = self.internal_key
+        # The replica logs the request under this process's id, so one request's lines share it in both logs.
+        headers["x-request-id"] = logs.request_id.get() or headers.get("x-request-id", "")
         failures = []
         for replica in self.candidates(adapter_id):
             replica.forwarded += 1
