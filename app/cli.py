@@ -92,6 +92,11 @@ def _die_with_parent() -> None:
         ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
 
 
+# A supervised child that exits is started again after RESTART_PAUSE_S; one that lived less than CRASH_LOOP_S waits
+# twice as long as the last time, up to RESTART_PAUSE_MAX_S.
+RESTART_PAUSE_S, CRASH_LOOP_S, RESTART_PAUSE_MAX_S = 2.0, 30.0, 60.0
+
+
 class Supervisor:
     """Keeps one child process running (the Celery worker, the serving engine): a child that crashes (killed,
     OOM) is started again, with the environment it was first given.
@@ -117,15 +122,26 @@ class Supervisor:
         threading.Thread(target=self._watch, daemon=True, name=f"{self.name}-supervisor").start()
 
     def _watch(self) -> None:
-        while not self.stopping.wait(2.0):
+        started, pause = time.monotonic(), RESTART_PAUSE_S
+        while not self.stopping.wait(RESTART_PAUSE_S):
             with self.lock:
                 if self.stopping.is_set() or self.process is None or self.process.poll() is None:
                     continue
                 if self.process.returncode == 0:
                     console.print(f"[yellow]{self.name} stopped; not restarting it[/]")
                     return
-                console.print(f"[yellow]{self.name} exited with {self.process.returncode}; starting a new one[/]")
-                self.process = self._spawn()
+                # A child that cannot start (a setting it refuses, no memory for the model) would otherwise be
+                # restarted every two seconds for ever: one that dies young waits twice as long each time.
+                pause = min(pause * 2, RESTART_PAUSE_MAX_S) if time.monotonic() - started < CRASH_LOOP_S \
+                    else RESTART_PAUSE_S
+                console.print(f"[yellow]{self.name} exited with {self.process.returncode}; starting a new one"
+                              + (f" in {pause:.0f} s" if pause > RESTART_PAUSE_S else "") + "[/]")
+            if pause > RESTART_PAUSE_S and self.stopping.wait(pause - RESTART_PAUSE_S):
+                return
+            with self.lock:
+                if self.stopping.is_set():
+                    return
+                self.process, started = self._spawn(), time.monotonic()
 
     def stop(self) -> None:
         with self.lock:
@@ -138,15 +154,32 @@ class Supervisor:
                 self.process.kill()
 
 
+def loopback_port() -> int:
+    """A free loopback port below the kernel's range for outgoing connections: no connection of this machine's can
+    take it while the engine restarts on it."""
+    import random
+    import socket
+
+    try:
+        low = int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        low = 32768
+    for port in [*random.sample(range(max(1024, low // 2), max(1025, low)), 100), 0]:
+        with socket.socket() as probe:
+            try:
+                probe.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return int(probe.getsockname()[1])
+    raise RuntimeError("no free port on 127.0.0.1")
+
+
 def engine_apart(settings: Any) -> tuple[Supervisor, dict[str, str]]:
     """Role all with ADAPTERY_INFERENCE_PROCESS: the serving engine as role inference on a free loopback port, and
     the settings that make this process role api in front of it (a fresh internal key unless one is set)."""
     import secrets
-    import socket
 
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
+    port = loopback_port()
     key = settings.internal_key or secrets.token_urlsafe(32)
     engine_env = {**os.environ, "ADAPTERY_ROLE": "inference", "ADAPTERY_HOST": "127.0.0.1",
                   "ADAPTERY_PORT": str(port), "ADAPTERY_INTERNAL_KEY": key}
@@ -183,28 +216,30 @@ def serve(with_worker: bool = typer.Option(True, help="also run a Celery worker 
     logs.configure(settings.log_format, settings.log_level)
     with_worker = with_worker and settings.role == "all"
     share_metrics(settings, fresh=True)
+    # The worker's environment as it is: role all (it trains and evaluates).
+    children = [Supervisor("worker", worker_command(settings.worker_concurrency))] if with_worker else []
+    engine_url = ""
+    if settings.role == "all" and settings.inference_process:
+        # The decode loop holds the interpreter lock between its torch calls; in a process of its own, no request
+        # of the API's waits for it (bench/noisy_neighbour.py). This process becomes role api in front of it, from
+        # here on: it never imports torch, and the engine converts the model's weights if they are not yet.
+        engine, api_env = engine_apart(settings)
+        children.append(engine)
+        os.environ.update(api_env)
+        get_settings.cache_clear()
+        engine_url = api_env["ADAPTERY_INFERENCE_URLS"]
     if migrate:
         migrate_to_head()
-    if settings.role == "api":
+    if get_settings().role == "api":
         prepare_tokenizer()  # the API role never converts weights (nor imports torch): its tokenizer is all it needs
     else:
-        prepare_model()  # role all's engine process finds it converted: converted once, here
+        prepare_model()
     from app.db.session import session_scope
     from app.services.tenants import bootstrap
 
     with session_scope() as session:
         created = bootstrap(session, data_dir=settings.data_dir, explicit_key=settings.bootstrap_key)
     key_file = settings.data_dir / "bootstrap_key"
-    children = [Supervisor("worker", worker_command(settings.worker_concurrency))] if with_worker else []
-    engine_url = ""
-    if settings.role == "all" and settings.inference_process:
-        # The decode loop holds the interpreter lock between its torch calls; in a process of its own, no request
-        # of the API's waits for it (bench/noisy_neighbour.py). This process becomes role api in front of it.
-        engine, api_env = engine_apart(settings)
-        children.append(engine)
-        os.environ.update(api_env)
-        get_settings.cache_clear()
-        engine_url = api_env["ADAPTERY_INFERENCE_URLS"]
     for child in children:
         child.start()
     if not quiet:

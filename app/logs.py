@@ -9,6 +9,7 @@ every record, so library loggers (uvicorn, Celery) get them too.
 
 from __future__ import annotations
 
+import hmac
 import logging
 import secrets
 import sys
@@ -105,8 +106,8 @@ def configure(kind: str, level: str = "INFO") -> None:
             library.removeHandler(own)
         library.propagate = True
     # httpx logs every request the service makes at INFO (each replica poll, each forwarded chat, each webhook);
-    # the service's own lines say what matters.
-    logging.getLogger("httpx").setLevel(logging.WARNING)
+    # the service's own lines say what matters. At DEBUG they show.
+    logging.getLogger("httpx").setLevel(logging.NOTSET if root.level <= logging.DEBUG else logging.WARNING)
 
 
 def route_template(request: Any) -> str | None:
@@ -116,12 +117,35 @@ def route_template(request: Any) -> str | None:
 
 
 QUIET_ROUTES = frozenset({"/internal/state"})
+# The API's own key on the requests it forwards to an inference replica (app/services/routing.py).
+INTERNAL_HEADER = "x-adaptery-internal-key"
+
+
+def forwarded_by_api(request: Any, settings: Any) -> bool:
+    """An inference replica's request that the API process forwarded (it carries the shared internal key)."""
+    given = request.headers.get(INTERNAL_HEADER, "")
+    return bool(settings.role == "inference" and settings.internal_key and given
+                and hmac.compare_digest(given.encode(), settings.internal_key.encode()))
+
+
+def from_the_api(request: Any, status: int) -> bool:
+    """On an inference replica, a request the API process forwarded, or its poll of the replica's state (unless
+    refused): the API logs and counts the client's request itself, under the same request id. Never true in another
+    role, so no client can keep its requests out of the log or the metrics."""
+    from app.settings import get_settings
+
+    settings = get_settings()
+    if settings.role != "inference" or status == 401:
+        return False
+    return route_template(request) in QUIET_ROUTES or forwarded_by_api(request, settings)
 
 
 async def record_request(request: Any, call_next: Callable[[Any], Awaitable[Any]]) -> Any:
     """Middleware: a request id for the request's log lines and its response, and one line per request."""
     incoming = request.headers.get("x-request-id", "")
-    rid = incoming if 0 < len(incoming) <= 128 and incoming.isprintable() else f"req-{secrets.token_hex(8)}"
+    # Printable ASCII only: it goes back in a header and on to the replicas (httpx encodes headers as ASCII).
+    rid = (incoming if 0 < len(incoming) <= 128 and incoming.isascii() and incoming.isprintable()
+           else f"req-{secrets.token_hex(8)}")
     token = request_id.set(rid)
     started = time.perf_counter()
     status = 500
@@ -136,7 +160,8 @@ async def record_request(request: Any, call_next: Callable[[Any], Awaitable[Any]
         tenant = getattr(request.state, "tenant", None)  # set by authentication (in another thread's context)
         if tenant:
             extra["tenant"] = tenant
-        # The router's poll of each replica's state (every ADAPTERY_ROUTING_POLL_SECONDS) would fill the log.
-        level = logging.DEBUG if route in QUIET_ROUTES and status == 200 else logging.INFO
+        # Once per request: the API's line; the router's poll of each replica (every ADAPTERY_ROUTING_POLL_SECONDS)
+        # would fill the log.
+        level = logging.DEBUG if from_the_api(request, status) else logging.INFO
         log.log(level, "%s %s %s", request.method, route or request.url.path, status, extra=extra)
         request_id.reset(token)

@@ -6,7 +6,8 @@ Celery worker and its pool processes — writes its counters and histograms to f
 sums them all (prometheus-client's multiprocess mode). Without it, /metrics shows the API process alone.
 Gauges that describe state are not kept by any process but read when /metrics is scraped: jobs and
 evaluations by status and the queue depth from the database (the truth), adapter residency and in-flight
-requests from this process's serving engine. So a killed worker leaves no stale gauge behind.
+requests from this process's serving engine (role api: from the inference replicas' last reported state, summed).
+So a killed worker leaves no stale gauge behind.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from __future__ import annotations
 import os
 import time
 from collections.abc import Awaitable, Callable, Iterator
+from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
 from prometheus_client.core import GaugeMetricFamily
@@ -23,7 +25,7 @@ from sqlalchemy import func, select
 from starlette.requests import Request
 from starlette.responses import Response
 
-from app.logs import route_template
+from app.logs import from_the_api, route_template
 
 if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
     os.makedirs(os.environ["PROMETHEUS_MULTIPROC_DIR"], exist_ok=True)
@@ -47,9 +49,10 @@ async def record_http(request: Request, call_next: Callable[[Request], Awaitable
         status = response.status_code
         return response
     finally:
-        template = route_template(request) or "unmatched"
-        HTTP_REQUESTS.labels(template, request.method, str(status)).inc()
-        HTTP_SECONDS.labels(template, request.method).observe(time.perf_counter() - started)
+        if not from_the_api(request, status):  # counted once, by the API process that took the client's request
+            template = route_template(request) or "unmatched"
+            HTTP_REQUESTS.labels(template, request.method, str(status)).inc()
+            HTTP_SECONDS.labels(template, request.method).observe(time.perf_counter() - started)
 
 
 class StateCollector(Collector):
@@ -79,11 +82,15 @@ class StateCollector(Collector):
         from app.services.inference import engine_if_started
 
         engine = engine_if_started()  # never started by a scrape: the API imports torch only to serve
-        if engine is None:
-            return
-        from adapters.engine.residency import AdapterState
+        if engine is not None:
+            gauges = engine_gauges(engine)
+        else:  # role api: what the inference replicas last reported (empty until the first poll)
+            from app.services import routing
 
-        residency = GaugeMetricFamily("adaptery_adapters", "Adapters this API process has seen, by residency state",
+            gauges = routing.engine_gauges()
+            if not gauges:
+                return
+        residency = GaugeMetricFamily("adaptery_adapters", "Adapters the serving engine has seen, by residency state",
                                       labels=["base_model", "state"])
         pinned = GaugeMetricFamily("adaptery_adapters_pinned", "Pinned adapters", labels=["base_model"])
         # Totals, not per adapter: an adapter's id is its tenant's, and anyone who can scrape would see them all.
@@ -91,15 +98,28 @@ class StateCollector(Collector):
                                       "Requests queued or generating on an adapter", labels=["base_model"])
         adapters_busy = GaugeMetricFamily("adaptery_adapters_with_requests",
                                           "Adapters with requests queued or generating", labels=["base_model"])
-        for name, runtime in sorted(engine.runtimes().items()):
-            records = runtime.adapters.residencies()
-            for state in AdapterState:
-                residency.add_metric([name, state.value], sum(r.state == state for r in records))
-            pinned.add_metric([name], sum(r.pinned for r in records))
-            counts = {adapter: n for adapter, n in runtime.requests_in_flight().items() if adapter != "base"}
-            in_flight.add_metric([name], sum(counts.values()))
-            adapters_busy.add_metric([name], sum(n > 0 for n in counts.values()))
+        for name, values in sorted(gauges.items()):
+            for state, count in sorted(values["adapters"].items()):
+                residency.add_metric([name, state], count)
+            pinned.add_metric([name], values["pinned"])
+            in_flight.add_metric([name], values["in_flight"])
+            adapters_busy.add_metric([name], values["busy"])
         yield from (residency, pinned, in_flight, adapters_busy)
+
+
+def engine_gauges(engine: Any) -> dict[str, dict[str, Any]]:
+    """Per base model served: adapters by residency state, pinned ones, requests in flight on adapters, adapters
+    with requests. Scraped here, or reported to the API's router by an inference replica (/internal/state)."""
+    from adapters.engine.residency import AdapterState
+
+    out = {}
+    for name, runtime in engine.runtimes().items():
+        records = runtime.adapters.residencies()
+        counts = {adapter: n for adapter, n in runtime.requests_in_flight().items() if adapter != "base"}
+        out[name] = {"adapters": {state.value: sum(r.state == state for r in records) for state in AdapterState},
+                     "pinned": sum(r.pinned for r in records), "in_flight": sum(counts.values()),
+                     "busy": sum(n > 0 for n in counts.values())}
+    return out
 
 
 def render() -> Response:

@@ -14,6 +14,7 @@ from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from pydantic.json_schema import SkipJsonSchema
 from sqlalchemy.orm import Session
 
+from app import logs
 from app.db.models import Adapter, Evaluation, File, FineTuningJob, WebhookEndpoint
 from app.db.session import get_sessionmaker
 from app.errors import Unauthorized
@@ -82,15 +83,9 @@ def _tenant(request: Request, settings: SettingsDep, credentials: Credentials) -
         tenant = _tenant_of_key(key, _client_address(request.scope), settings)
     request.state.tenant = tenant  # for the request's log line (app/logs.py)
     request.state.key_hash = tenants.hash_key(key)  # a long stream checks that its key still stands
-    if not _forwarded_by_api(request, settings):  # the API counted it already
+    if not logs.forwarded_by_api(request, settings):  # the API counted it already
         rate_limit.check(settings, tenants.hash_key(key)[:16])
     return tenant
-
-
-def _forwarded_by_api(request: Request, settings: Settings) -> bool:
-    given = request.headers.get("x-adaptery-internal-key", "")
-    return bool(settings.role == "inference" and settings.internal_key and given
-                and hmac.compare_digest(given.encode(), settings.internal_key.encode()))
 
 
 def _check_admin_key(key: str, settings: Settings, client_address: str) -> None:

@@ -11,6 +11,7 @@ from fastapi import APIRouter, Header
 
 from app.api.deps import SettingsDep
 from app.errors import Unauthorized
+from app.metrics import engine_gauges
 from app.services import tokenizers
 from app.services.inference import engine_if_started, unpin_everywhere
 
@@ -28,16 +29,21 @@ def state(settings: SettingsDep, authorization: str | None = Header(default=None
     check_internal_key(settings, authorization)
     held: dict[str, str] = {}
     pinned: list[str] = []
+    # What the API shows of each adapter this replica holds (GET /v1/adapters), as one process would.
+    details: dict[str, dict[str, Any]] = {}
     in_flight = 0
     engine = engine_if_started()
     for runtime in (engine.runtimes().values() if engine is not None else []):
         for record in runtime.adapters.residencies():
             if str(record.state) != "on_disk":
                 held[record.key] = str(record.state)
+                details[record.key] = {"last_used_at": record.last_used_at, "load_ms": record.load_ms,
+                                       "rank": record.rank, "error": record.error}
             if record.pinned:
                 pinned.append(record.key)
         in_flight += sum(runtime.requests_in_flight().values())
-    return {"ready": tokenizers.warm_up.report()["ok"], "held": held, "pinned": pinned, "in_flight": in_flight}
+    return {"ready": tokenizers.warm_up.report()["ok"], "held": held, "pinned": pinned, "details": details,
+            "in_flight": in_flight, "gauges": engine_gauges(engine) if engine is not None else {}}
 
 
 @router.post("/internal/adapters/{adapter_id}/unpin")

@@ -629,7 +629,8 @@ def adapter_object(adapter: Adapter) -> dict[str, Any]:
 
         remote = routing.residency(adapter.id)
         if remote is not None:
-            return {**adapter_object_from(adapter, None), "state": remote["state"], "pinned": remote["pinned"]}
+            return {**adapter_object_from(adapter, None),
+                    **{k: remote.get(k) for k in ("state", "pinned", "last_used_at", "load_ms", "rank", "error")}}
     return adapter_object_from(adapter, residency)
 
 

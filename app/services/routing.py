@@ -36,7 +36,7 @@ log = logging.getLogger("adaptery")
 FORWARDED_HEADERS = ("authorization", "content-type", "accept", "x-request-id", "idempotency-key")
 RETURNED_HEADERS = ("content-type", "retry-after", "www-authenticate", "cache-control", "x-request-id")
 # The header that marks a request as forwarded by an API process (its value: the internal key).
-INTERNAL_HEADER = "x-adaptery-internal-key"
+INTERNAL_HEADER = logs.INTERNAL_HEADER
 # Answers that mean "this replica cannot take it now": try the next one (nothing has been streamed). Not 504: a
 # replica answers it when a generation ran past the generation timeout, and another try would double the wait.
 RETRY_STATUSES = frozenset({502, 503})
@@ -52,6 +52,8 @@ class Replica:
     # Adapter id → its state there ("active", "cpu", "failed"; pinned ones are listed in `pinned`).
     held: dict[str, str] = field(default_factory=dict)
     pinned: set[str] = field(default_factory=set)
+    details: dict[str, dict[str, Any]] = field(default_factory=dict)  # adapter id → last use, load time, rank, error
+    gauges: dict[str, dict[str, Any]] = field(default_factory=dict)  # base model → its engine's gauges (metrics.py)
     reported_in_flight: int = 0
     forwarded: int = 0  # requests this API process has open on it right now
     error: str | None = None
@@ -106,6 +108,8 @@ class InferenceRouter:
             replica.up = answer.status_code == 200 and bool(state.get("ready"))
             replica.held = {str(k): str(v) for k, v in state.get("held", {}).items()}
             replica.pinned = set(state.get("pinned", []))
+            replica.details = dict(state.get("details", {}))
+            replica.gauges = dict(state.get("gauges", {}))
             replica.reported_in_flight = int(state.get("in_flight", 0))
             replica.error = None if replica.up else f"HTTP {answer.status_code}: {answer.text[:200]}"
         except (httpx.HTTPError, ValueError) as exc:
@@ -118,8 +122,26 @@ class InferenceRouter:
         if not states:
             return None
         best = min(states, key=lambda state: STATE_ORDER.get(state, len(STATE_ORDER)))
-        return {"state": best, "pinned": any(adapter_id in r.pinned for r in self.replicas if r.up),
+        holder = next(r for r in self.replicas if r.up and r.held.get(adapter_id) == best)
+        used = [r.details.get(adapter_id, {}).get("last_used_at") for r in self.replicas if r.up]
+        return {**holder.details.get(adapter_id, {}), "state": best,
+                "last_used_at": max((u for u in used if u is not None), default=None),
+                "pinned": any(adapter_id in r.pinned for r in self.replicas if r.up),
                 "replicas": sorted(r.index for r in self.replicas if r.up and adapter_id in r.held)}
+
+    def engine_gauges(self) -> dict[str, dict[str, Any]]:
+        """The up replicas' engine gauges, summed per base model (the shape of metrics.engine_gauges)."""
+        total: dict[str, dict[str, Any]] = {}
+        for replica in self.replicas:
+            if not replica.up:
+                continue
+            for name, values in replica.gauges.items():
+                into = total.setdefault(name, {"adapters": {}, "pinned": 0, "in_flight": 0, "busy": 0})
+                for state, count in values.get("adapters", {}).items():
+                    into["adapters"][state] = into["adapters"].get(state, 0) + int(count)
+                for key in ("pinned", "in_flight", "busy"):
+                    into[key] += int(values.get(key, 0))
+        return total
 
     def report(self) -> dict[str, Any]:
         up = [r for r in self.replicas if r.up]
@@ -257,6 +279,10 @@ async def stop() -> None:
 
 def residency(adapter_id: str) -> dict[str, Any] | None:
     return _router.residency(adapter_id) if _router is not None else None
+
+
+def engine_gauges() -> dict[str, dict[str, Any]]:
+    return _router.engine_gauges() if _router is not None else {}
 
 
 async def _file_chunks(body: IO[bytes], size: int = 1 << 20) -> AsyncIterator[bytes]:

@@ -7,11 +7,13 @@ models (one streamed), and every answer comes from an inference replica that fet
 from __future__ import annotations
 
 import json
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
+from tests.budgets import budget
 from tests.conftest import S3_CREDENTIALS, Stack, chat_lines, make_stack, new_bucket, upload, wait_for_status
 from tests.e2e.test_roles import INTERNAL, uvicorn, wait_replicas_up
 from tests.services import free_port
@@ -82,3 +84,18 @@ def test_upload_train_and_chat_through_the_api_across_every_tier(topology: Stack
             assert fetched, f"inference-{i} served without a local copy?"
         listed = {m["id"] for m in client.get("/v1/models").json()["data"]}
         assert set(models) <= listed
+
+        # The API shows what the replicas hold as one process would: each adapter's residency in full (the
+        # console's columns) and the engine's gauges in /metrics, from the replicas' last reported state.
+        deadline = time.monotonic() + budget(30)
+        while True:
+            shown = {a["name"]: a for a in client.get("/v1/adapters", params={"limit": 100}).json()["data"]}
+            gauge = f'adaptery_adapters{{base_model="{TINY_MODEL_ID}",state="active"}} '
+            active = [float(line.removeprefix(gauge)) for line in client.get("/metrics").text.splitlines()
+                      if line.startswith(gauge)]
+            served = [shown[m] for m in models]
+            if all(a["state"] == "active" and a["last_used_at"] and a["rank"] and a["load_ms"] is not None
+                   for a in served) and active and active[0] >= 2:
+                break
+            assert time.monotonic() < deadline, (served, active)
+            time.sleep(0.3)
