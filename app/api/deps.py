@@ -5,7 +5,7 @@ here, and another tenant's object is a 404 exactly as a missing one is."""
 from __future__ import annotations
 
 import hmac
-from collections.abc import Iterator
+from collections.abc import AsyncIterator
 from typing import Annotated, Any, TypeVar
 
 import anyio
@@ -21,18 +21,29 @@ from app.errors import Unauthorized
 from app.services import datasets, evaluations, inference, jobs, rate_limit, tenants, webhooks
 from app.settings import Settings, get_settings
 
+# The request's dependencies are async where they do no blocking I/O: FastAPI runs a plain `def` dependency in its
+# thread pool, and each such hop hands the interpreter lock to a worker thread and back, which under load cost every
+# request (a tenant's refused retries included) more than its own work (measured: bench/noisy_neighbour.py).
 
-def _session() -> Iterator[Session]:
-    session = get_sessionmaker()()
+
+async def _session() -> AsyncIterator[Session]:
+    session = get_sessionmaker()()  # no I/O: a connection is taken when the route first uses the session
     try:
         yield session
     finally:
-        session.close()
+        if session.in_transaction():  # it holds a connection: give it back (a rollback) off the event loop
+            await anyio.to_thread.run_sync(session.close)
+        else:
+            session.close()
+
+
+async def _settings() -> Settings:
+    return get_settings()
 
 
 _Object = TypeVar("_Object")
 
-SettingsDep = Annotated[Settings, Depends(get_settings)]
+SettingsDep = Annotated[Settings, Depends(_settings)]
 SessionDep = Annotated[Session, Depends(_session)]
 
 
@@ -63,6 +74,14 @@ def _tenant_of_key(key: str, client_address: str, settings: Settings) -> str:
     return tenant
 
 
+async def _tenant_for(key: str, scope: Any, settings: Settings) -> str:
+    """A key found valid in the last seconds is answered here; a lookup goes to a thread."""
+    known = tenants.known_tenant_for_key(key)
+    if known is not None:
+        return known
+    return await anyio.to_thread.run_sync(_tenant_of_key, key, _client_address(scope), settings)
+
+
 async def verify_before_body(scope: Any, authorization: str | None, settings: Settings) -> None:
     """The key check of a request with a body, run by app/request_guard.py before the body is read. The tenant
     it finds is kept in the request's state, so `_tenant` does not look it up again."""
@@ -70,21 +89,24 @@ async def verify_before_body(scope: Any, authorization: str | None, settings: Se
     if scope["path"].startswith("/v1/admin/"):
         _check_admin_key(key, settings, _client_address(scope))
         return
-    tenant = await anyio.to_thread.run_sync(_tenant_of_key, key, _client_address(scope), settings)
+    tenant = await _tenant_for(key, scope, settings)
     scope.setdefault("state", {})["verified_key"] = (tenants.hash_key(key), tenant)
 
 
-def _tenant(request: Request, settings: SettingsDep, credentials: Credentials) -> str:
+async def _tenant(request: Request, settings: SettingsDep, credentials: Credentials) -> str:
     key = _key(credentials)
     verified = getattr(request.state, "verified_key", None)
     if verified is not None and hmac.compare_digest(verified[0], tenants.hash_key(key)):
         tenant = str(verified[1])
     else:
-        tenant = _tenant_of_key(key, _client_address(request.scope), settings)
+        tenant = await _tenant_for(key, request.scope, settings)
     request.state.tenant = tenant  # for the request's log line (app/logs.py)
     request.state.key_hash = tenants.hash_key(key)  # a long stream checks that its key still stands
     if not logs.forwarded_by_api(request, settings):  # the API counted it already
-        rate_limit.check(settings, tenants.hash_key(key)[:16])
+        if rate_limit.counts_in_redis(settings):
+            await anyio.to_thread.run_sync(rate_limit.check, settings, tenants.hash_key(key)[:16])
+        else:
+            rate_limit.check(settings, tenants.hash_key(key)[:16])
     return tenant
 
 

@@ -42,6 +42,11 @@ def _count(settings: Settings, key_id: str, window: int, *, add: int = 1) -> int
         return _local[(key_id, window)]
 
 
+def counts_in_redis(settings: Settings) -> bool:
+    """Whether a check makes a network call (the counts live in the broker's Redis): run it off the event loop."""
+    return settings.rate_limit_per_minute > 0 and settings.resolved_broker_url.startswith(("redis://", "rediss://"))
+
+
 def check(settings: Settings, key_id: str) -> None:
     if settings.rate_limit_per_minute <= 0:
         return

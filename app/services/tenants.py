@@ -68,14 +68,21 @@ _known_keys: dict[str, tuple[str, float]] = {}
 _known_lock = threading.Lock()
 
 
+def known_tenant_for_key(key: str) -> str | None:
+    """The tenant of a key found valid in the last KEY_CACHE_SECONDS, without a lookup (no I/O: an async route may
+    ask before it sends a lookup to a thread)."""
+    with _known_lock:
+        known = _known_keys.get(hash_key(key))
+    return known[0] if known is not None and known[1] > time.monotonic() else None
+
+
 def cached_tenant_for_key(session_factory: Callable[[], Session], key: str) -> str | None:
     """`tenant_for_key`, answered from the cache of recently valid keys when it can be."""
+    known = known_tenant_for_key(key)
+    if known is not None:
+        return known
     digest = hash_key(key)
     moment = time.monotonic()
-    with _known_lock:
-        known = _known_keys.get(digest)
-    if known is not None and known[1] > moment:
-        return known[0]
     with session_factory() as session:
         tenant = tenant_for_key(session, key)
     if tenant is not None:

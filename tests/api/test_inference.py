@@ -174,6 +174,40 @@ def test_waiting_generations_hold_no_api_thread_and_each_tenant_has_a_concurrenc
     assert client.post("/v1/completions", json=body, headers=a).status_code == 200  # finished ones no longer count
 
 
+def test_a_refused_generation_is_answered_without_a_thread_hop(api: Api, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A noisy tenant's requests are mostly refused retries (bench/noisy_neighbour.py: some 70 a second): each is
+    answered on the event loop. A hand-off to the thread pool passes the interpreter lock to a worker thread and
+    back, and five of them per refusal (key check, settings, session, tenant, session close) made every other
+    request of the API wait behind the refusals."""
+    from app.settings import get_settings
+
+    monkeypatch.setattr(get_settings(), "max_concurrent_generations_per_tenant", 1)
+    key = {"Authorization": _tenant(api, "hops").headers["Authorization"]}
+    client, runtime = api.client, _runtime()
+    body = {"model": TINY_MODEL_ID, "prompt": "Once upon", "max_tokens": 2}
+    answers: list[Any] = []
+    with scheduler_paused(runtime):
+        first = threading.Thread(target=lambda: answers.append(client.post("/v1/completions", json=body, headers=key)))
+        first.start()
+        assert _until(lambda: len(runtime.pending) == 1, budget(10))
+        # Its key was seen a moment ago, as a tenant that keeps retrying has (valid keys are kept for 2 seconds).
+        assert client.get("/v1/models", headers=key).status_code == 200
+        hops: list[str] = []
+        real = anyio.to_thread.run_sync
+
+        async def counted(func: Any, *args: Any, **kwargs: Any) -> Any:
+            hops.append(getattr(func, "__qualname__", repr(func)))
+            return await real(func, *args, **kwargs)
+
+        with monkeypatch.context() as patch:
+            patch.setattr(anyio.to_thread, "run_sync", counted)
+            over = client.post("/v1/completions", json=body, headers=key)
+        assert over.status_code == 429 and error_of(over)["code"] == "too_many_concurrent_requests", over.text
+        assert hops == []
+    first.join(timeout=UNLESS_BROKEN)
+    assert [a.status_code for a in answers] == [200]
+
+
 def test_a_generation_past_the_timeout_is_ended_with_a_clear_error(api: Api, monkeypatch: pytest.MonkeyPatch) -> None:
     """Item 8 of issue 21: a request not finished within ADAPTERY_GENERATION_TIMEOUT_SECONDS frees its row and
     answers a 504 naming the setting; a stream that has started ends with an error event."""
