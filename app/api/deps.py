@@ -31,8 +31,10 @@ async def _session() -> AsyncIterator[Session]:
     try:
         yield session
     finally:
-        if session.in_transaction():  # it holds a connection: give it back (a rollback) off the event loop
-            await anyio.to_thread.run_sync(session.close)
+        if session.in_transaction():  # it holds a connection: give it back (a rollback) off the event loop,
+            # on a thread of its own as FastAPI closes a sync dependency: the pool's threads may all be routes
+            # waiting for a connection that only this close would free.
+            await anyio.to_thread.run_sync(session.close, limiter=anyio.CapacityLimiter(1))
         else:
             session.close()
 
@@ -75,7 +77,8 @@ def _tenant_of_key(key: str, client_address: str, settings: Settings) -> str:
 
 
 async def _tenant_for(key: str, scope: Any, settings: Settings) -> str:
-    """A key found valid in the last seconds is answered here; a lookup goes to a thread."""
+    """A key found valid in the last seconds is answered here; a lookup goes to a thread. (A cached key is valid, so
+    it skips the wrong-key limit of its address: that limit is there against guessing.)"""
     known = tenants.known_tenant_for_key(key)
     if known is not None:
         return known

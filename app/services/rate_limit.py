@@ -44,7 +44,9 @@ def _count(settings: Settings, key_id: str, window: int, *, add: int = 1) -> int
 
 def counts_in_redis(settings: Settings) -> bool:
     """Whether a check makes a network call (the counts live in the broker's Redis): run it off the event loop."""
-    return settings.rate_limit_per_minute > 0 and settings.resolved_broker_url.startswith(("redis://", "rediss://"))
+    # broker_url, not resolved_broker_url: unset, it names the embedded broker, and resolving its path is a
+    # file-system call this must not make on the event loop.
+    return settings.rate_limit_per_minute > 0 and settings.broker_url.startswith(("redis://", "rediss://"))
 
 
 def check(settings: Settings, key_id: str) -> None:
