@@ -331,6 +331,10 @@ class TenantB:
         self.model, self.max_tokens = model, max_tokens
         self.data = small_file()
         self.failures: list[dict[str, Any]] = []
+        # B is an ordinary tenant: it keeps under its own job-creation limit (ADAPTERY_MAX_JOBS_CREATED_PER_MINUTE_
+        # PER_TENANT), waiting, untimed, when a fast run's rounds would go over it. Its 429 would be its own doing.
+        self.created: list[float] = []
+        self.creations_per_minute = int(limits_in_force()["max_jobs_created_per_minute_per_tenant"])
 
     def _timed(self, action: str, phase: str, send: Any) -> tuple[float, httpx.Response | None]:
         started = time.perf_counter()
@@ -361,6 +365,7 @@ class TenantB:
         out["chat"] = took if answer is not None and answer.is_success else None
         out["create job"] = None
         if file_id:
+            self._keep_under_the_creation_limit()
             took, answer = self._timed("create job", phase, lambda: self.client.post(
                 "/v1/fine_tuning/jobs", json={"model": MODEL, "training_file": file_id, "seed": n}))
             if answer is not None and answer.is_success:
@@ -369,6 +374,13 @@ class TenantB:
                 self._timed("cancel job (untimed)", phase,
                             lambda: self.client.post(f"/v1/fine_tuning/jobs/{job_id}/cancel"))
         return out
+
+    def _keep_under_the_creation_limit(self) -> None:
+        now = time.monotonic()
+        self.created = [t for t in self.created if now - t < 60.5]
+        if self.creations_per_minute > 0 and len(self.created) >= self.creations_per_minute:
+            time.sleep(60.5 - (now - self.created[0]))
+        self.created.append(time.monotonic())
 
     def close(self) -> None:
         self.client.close()
