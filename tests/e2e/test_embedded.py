@@ -97,14 +97,19 @@ def test_serve_replaces_a_killed_worker_and_the_job_resumes(tmp_path: Path, tiny
         assert "starting a new one" in log_path.read_text()
 
 
+def engine_processes(serve: subprocess.Popen[bytes]) -> list[str]:
+    """The pids of `serve`'s serving-engine children (role inference)."""
+    return subprocess.run(["pgrep", "-P", str(serve.pid), "-f", "role inference"], capture_output=True,
+                          text=True).stdout.split()
+
+
 def test_serve_runs_its_engine_apart_and_replaces_it_when_killed(tmp_path: Path, tiny_model_dir: Path) -> None:
     """`make run`'s engine is a supervised process of its own (role inference behind this one, on loopback): kill -9
     it, and chat answers 503 while it is gone (never a 500, never a hang) and 200 again once it is back."""
     ask = {"model": TINY_MODEL_ID, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 4}
     with serving(tmp_path, tiny_model_dir) as (client, process, log_path):
         assert client.post("/v1/chat/completions", json=ask).status_code == 200
-        engines = subprocess.run(["pgrep", "-P", str(process.pid), "-f", "role inference"], capture_output=True,
-                                 text=True).stdout.split()
+        engines = engine_processes(process)
         assert len(engines) == 1, log_path.read_text()[-3000:]
         os.killpg(int(engines[0]), signal.SIGKILL)
         statuses = []
@@ -115,8 +120,7 @@ def test_serve_runs_its_engine_apart_and_replaces_it_when_killed(tmp_path: Path,
             time.sleep(0.2)
         assert set(statuses) <= {200, 503}, statuses
         assert "serving engine exited with -9; starting a new one" in log_path.read_text()
-        replaced = subprocess.run(["pgrep", "-P", str(process.pid), "-f", "role inference"], capture_output=True,
-                                  text=True).stdout.split()
+        replaced = engine_processes(process)
         assert len(replaced) == 1 and replaced != engines
 
 
@@ -125,5 +129,4 @@ def test_serve_can_keep_its_engine_in_the_api_process(tmp_path: Path, tiny_model
     with serving(tmp_path, tiny_model_dir, {"ADAPTERY_INFERENCE_PROCESS": "false"}) as (client, process, _):
         ask = {"model": TINY_MODEL_ID, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 4}
         assert client.post("/v1/chat/completions", json=ask).status_code == 200
-        assert not subprocess.run(["pgrep", "-P", str(process.pid), "-f", "role inference"],
-                                  capture_output=True, text=True).stdout.split()
+        assert not engine_processes(process)
