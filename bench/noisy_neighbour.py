@@ -22,6 +22,8 @@ untimed, so that B stays under its active-jobs limit and the worker trains nothi
    (more than its pin quota), a burst of evaluations (`--a-eval-senders` senders, no pause between them), and
    webhook endpoints (as many as it may have, and more) pointing at a local server that accepts connections and
    never answers, with jobs created and cancelled in a loop so that deliveries to them are always due.
+   Not in the default load, asked for by name (`--a-load chats,training`): one fine-tuning job of A's, 50 epochs
+   of its file, that trains for the whole phase beside the API and the engine.
    A refusal (429, 503) of A's is expected and counted; A retries a refused request after its Retry-After (at
    least `REFUSAL_PAUSE_S`), as the OpenAI SDK does; with `--a-ignores-retry-after`, after `REFUSAL_PAUSE_S`
    whatever the answer said (a retry storm: the per-key rate limit is then what bounds A).
@@ -66,7 +68,10 @@ DATASET = ROOT / "examples" / "sentiment_train.jsonl"
 SMALL_FILE_LINES = 8
 REFUSAL_PAUSE_S = 0.5  # A retries a refused request (429/503) after this: insistent, but not a busy loop
 STREAM_OPEN_WAIT_S = 60.0  # how long A's streams may take to open before B starts anyway
-ACTIVITIES = ("chats", "streams", "pins", "evaluations", "webhooks")
+ACTIVITIES = ("chats", "streams", "pins", "evaluations", "webhooks", "training")
+# The load; "training" (one long fine-tuning job of A's) is asked for by name, to see what a job that trains
+# beside the API and the engine costs B.
+DEFAULT_ACTIVITIES = ACTIVITIES[:-1]
 B_ACTIONS = ("models", "upload", "chat", "create job")
 TARGETS = {"models": 2.0, "upload": 2.0, "chat": 3.0, "create job": 2.0}  # p95 under load / p95 quiet, at most
 # The limits that decide what A can take from B; all at their defaults (printed with the results).
@@ -531,6 +536,9 @@ async def _tenant_a(config: dict[str, Any], ready: Any, stop: Any) -> tuple[Coun
         tasks += [asyncio.create_task(evaluation_loop()) for _ in range(config["eval_senders"])]
     if "webhooks" in load:
         tasks.append(asyncio.create_task(job_churn_loop()))
+    if "training" in load:  # one job that trains for longer than the run; the worker takes it during A's ramp
+        await send("job create (training)", "POST", "/v1/fine_tuning/jobs", json={
+            "model": MODEL, "training_file": config["file"], "seed": 2, "hyperparameters": {"n_epochs": 50}})
     deadline = time.monotonic() + STREAM_OPEN_WAIT_S
     while open_streams < streams and time.monotonic() < deadline:
         await asyncio.sleep(0.2)
@@ -835,8 +843,9 @@ def main() -> None:
     parser.add_argument("--a-webhooks", type=int, default=25, help="webhook endpoints A asks for")
     parser.add_argument("--a-ramp", type=float, default=5.0, help="seconds of A's load before B's rounds start")
     parser.add_argument("--a-load", type=lambda v: [x.strip() for x in v.split(",") if x.strip()],
-                        default=list(ACTIVITIES), help=f"A's misbehaviours, comma-separated (default all: "
-                                                       f"{','.join(ACTIVITIES)}); one alone shows what it costs B")
+                        default=list(DEFAULT_ACTIVITIES),
+                        help=f"A's misbehaviours, comma-separated (default {','.join(DEFAULT_ACTIVITIES)}; also "
+                             f"training: one long job); one alone shows what it costs B")
     parser.add_argument("--topology", choices=tuple(SERVICES), default="all",
                         help="all: `adaptery serve` as `make run` starts it (the engine in a process of its own); "
                              "one-process: the same with ADAPTERY_INFERENCE_PROCESS=false (API and engine in one "
