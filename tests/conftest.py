@@ -27,10 +27,9 @@ import httpx
 import pytest
 
 from tests import budgets, services
-from tests.tiny_model import TINY_MODEL_ID, build_tiny_model, tiny_model_folder
+from tests.shared_models import MODEL_CACHE, ROOT, default_model, tiny_model, use_the_cache
+from tests.tiny_model import TINY_MODEL_ID
 
-ROOT = Path(__file__).resolve().parent.parent
-MODEL_CACHE = ROOT / ".cache" / "models"
 # The keys every test stack starts with (ADAPTERY_BOOTSTRAP_KEY / ADAPTERY_ADMIN_KEY).
 TEST_KEY = "sk-ady-test-local-tenant-key"
 ADMIN_KEY = "sk-ady-test-admin-key"
@@ -43,7 +42,7 @@ TEST_DATABASE = os.environ.get("ADAPTERY_TEST_DATABASE", "postgresql")
 if TEST_DATABASE not in ("postgresql", "sqlite"):
     raise RuntimeError(f"ADAPTERY_TEST_DATABASE must be postgresql or sqlite, not {TEST_DATABASE!r}")
 
-os.environ["ADAPTERY_MODEL_CACHE_DIR"] = str(MODEL_CACHE)
+use_the_cache()
 
 
 # ------------------------------------------------------------------ models
@@ -52,16 +51,12 @@ os.environ["ADAPTERY_MODEL_CACHE_DIR"] = str(MODEL_CACHE)
 @pytest.fixture(scope="session")
 def default_model_dir() -> Path:
     """SmolLM2-135M-Instruct converted from the packaged GGUF (about 20 s the first time, then cached)."""
-    from app.services import base_models
-    from app.settings import DEFAULT_BASE_MODEL, Settings
-
-    settings = Settings()
-    return Path(base_models.local_path(settings, base_models.resolve(settings, DEFAULT_BASE_MODEL)))
+    return default_model()
 
 
 @pytest.fixture(scope="session")
 def tiny_model_dir(default_model_dir: Path) -> Path:
-    return build_tiny_model(tiny_model_folder(MODEL_CACHE), str(default_model_dir))
+    return tiny_model(default_model_dir)
 
 
 @pytest.fixture(scope="session")
